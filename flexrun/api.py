@@ -1,0 +1,281 @@
+"""The Python API: `LLM(model, ...)` and `llm.generate(prompts, ...)`."""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import FlexrunError, Policy, SamplingParams, parse_size
+from .engine.pipeline import BatchState, Pipeline
+from .engine.sampling import Sampler
+from .engine.trace import Tracer
+from .footprint import check_budget, is_compressible, numel
+from .models.llama import model_for
+from .models.loader import open_checkpoint
+from .storage import TIERS, DiskTier, TieredStore, assign_tiers, split_report
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result. output_ids are the generated ids only (a stop token included)."""
+    index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str          # "stop" or "length"
+
+
+@dataclass
+class RunStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    peak_gpu_bytes: int = 0
+    peak_rss_bytes: int = 0
+    weights_split: dict = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLM:
+    """A model placed on GPU / CPU / disk by a Policy, ready to generate for many prompts."""
+
+    def __init__(self, model: str, device: str | None = None, policy: Policy | str | None = None,
+                 gpu_mem: str | int | None = None, cpu_mem: str | int | None = None,
+                 offload_dir: str | None = None, dtype: str | torch.dtype | None = None,
+                 trace: str | None = None, disk_mem: str | int | None = None):
+        self.device = torch.device(device or default_device())
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
+                               "--device cpu")
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.gpu_mem, self.cpu_mem = parse_size(gpu_mem), parse_size(cpu_mem)
+        self.disk_mem = parse_size(disk_mem)
+        self.ckpt = open_checkpoint(model)
+        self.spec = self.ckpt.spec
+        self.tokenizer = self.ckpt.tokenizer
+        self._policy_arg = policy
+        self.policy = self._initial_policy(policy)
+        self.trace_path = trace
+        self.tracer = Tracer(trace is not None, self.device)
+        self.disk = None
+        self.pipeline = None
+        self.stats = RunStats()
+        try:
+            if offload_dir is not None or _needs_disk(self.policy):
+                if offload_dir is None:
+                    raise FlexrunError("the policy puts data on disk: pass --offload-dir DIR")
+                self.disk = DiskTier(offload_dir)
+            self._check_budget(self.policy, prompt_len=None, gen_len=None)
+            self.weights = TieredStore(self.device, self.disk, self.policy.pin_weights)
+            self._place_weights()
+            self.pipeline = Pipeline(self.spec, model_for(self.spec), self.weights, self.policy,
+                                     self.device, self.dtype, self.disk, self.tracer)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _initial_policy(self, policy) -> Policy:
+        if isinstance(policy, Policy):
+            return policy
+        if policy is None:
+            return Policy()
+        if policy == "auto":
+            from .costmodel import search_for_llm
+            return search_for_llm(self)
+        return Policy.load(policy)
+
+    def _check_budget(self, policy: Policy, prompt_len, gen_len) -> None:
+        check_budget(self.spec, policy, self.device, self.dtype, self.gpu_mem, self.cpu_mem,
+                     self.disk_mem, prompt_len, gen_len)
+
+    def _place_weights(self) -> None:
+        shapes = self.spec.all_shapes()
+        names = list(shapes)
+        sizes = [numel(shapes[n]) for n in names]
+        tiers = assign_tiers(sizes, self.policy.weights_split())
+        tier_of = {n: TIERS[t] for n, t in zip(names, tiers)}
+        self.stats.weights_split = split_report(sizes, tiers)
+        p = self.policy
+
+        def device_for(name: str) -> torch.device:
+            direct = tier_of[name] == "gpu" and not p.compress_weight
+            return self.device if direct else torch.device("cpu")
+        for name, t in self.ckpt.iter_tensors(device_for):
+            t = t.to(self.dtype)
+            if p.compress_weight and is_compressible(name, t.shape):
+                from .quant import compress
+                t = compress(t.to(self.device), p.quant_bits, p.quant_group, dim=-1)
+            self.weights.put(name, t, tier_of[name])
+            del t
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 sampling: SamplingParams | None = None, progress: bool = False
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; results in prompt order."""
+        outs: list[RequestOutput | None] = [None] * len(prompts)
+        for o in self.iter_generate(prompts, max_new_tokens, sampling, progress):
+            outs[o.index] = o
+        return outs  # type: ignore[return-value]
+
+    def iter_generate(self, prompts, max_new_tokens: int = 32,
+                      sampling: SamplingParams | None = None, progress: bool = False,
+                      on_block_done: Callable[[], None] | None = None) -> Iterator[RequestOutput]:
+        """Yield outputs block by block as they finish (longest prompts first)."""
+        if max_new_tokens < 1:
+            raise FlexrunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = sampling or SamplingParams()
+        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
+        longest = max((len(x) for x in ids), default=0)
+        limit = self.spec.max_positions
+        for i, x in enumerate(ids):
+            if len(x) + max_new_tokens > limit:
+                raise FlexrunError(f"prompt {i} has {len(x)} tokens; with max_new_tokens "
+                                   f"{max_new_tokens} it exceeds the model's {limit} positions")
+        self._check_budget(self.policy, longest, max_new_tokens)
+        sampler = Sampler(sampling, self.spec.eos_token_ids)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        bs, block = self.policy.gpu_batch_size, self.policy.block_size
+        bar = _progress(progress, len(ids))
+        for start in range(0, len(order), block):
+            members = order[start:start + block]
+            batches = [self._batch(members[i:i + bs], ids, max_new_tokens)
+                       for i in range(0, len(members), bs)]
+            self._run_block(batches, max_new_tokens, sampler)
+            for b in batches:
+                for row, idx in enumerate(b.indices):
+                    sampler.release(idx)
+                    yield self._output(idx, ids[idx], b.outputs[row], b.done[row])
+            if bar is not None:
+                bar.update(len(members))
+            if on_block_done is not None:
+                on_block_done()
+        if bar is not None:
+            bar.close()
+
+    def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Logits (len, vocab) at every position of each token-id prompt (for scoring)."""
+        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
+        self._check_budget(self.policy, max(len(x) for x in ids), 1)
+        sampler = Sampler(SamplingParams(), [])
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        bs, block = self.policy.gpu_batch_size, self.policy.block_size
+        for start in range(0, len(ids), block):
+            members = list(range(start, min(start + block, len(ids))))
+            batches = [self._batch(members[i:i + bs], ids, 1) for i in range(0, len(members), bs)]
+            for b in batches:
+                b.keep_logits = True
+            self._run_block(batches, 1, sampler)
+            for b in batches:
+                for row, idx in enumerate(b.indices):
+                    out[idx] = b.logits[row, b.prompt_len - len(ids[idx]):]
+        return out  # type: ignore[return-value]
+
+    def _run_block(self, batches: list[BatchState], max_new_tokens: int, sampler) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        marks = []
+        self.pipeline.run_block(batches, max_new_tokens, sampler,
+                                on_step=lambda s: (sync(), marks.append(time.perf_counter())))
+        sync()
+        t1 = time.perf_counter()
+        st = self.stats
+        first = marks[0] if marks else t1
+        st.prefill_s += first - t0
+        st.decode_s += t1 - first
+        st.prompt_tokens += sum(b.ids.numel() for b in batches)
+        st.generated_tokens += sum(len(o) for b in batches for o in b.outputs)
+        if self.device.type == "cuda":
+            st.peak_gpu_bytes = max(st.peak_gpu_bytes, torch.cuda.max_memory_allocated(self.device))
+        st.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _encode(self, p, i: int) -> list[int]:
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise FlexrunError(f"prompt {i} is text but {self.ckpt.source} has no tokenizer: "
+                                   "pass token ids (input_ids) instead")
+            return self.tokenizer.encode(p).ids
+        ids = [int(x) for x in p]
+        bad = [x for x in ids if not 0 <= x < self.spec.vocab_size]
+        if bad:
+            raise FlexrunError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                               f"(0..{self.spec.vocab_size - 1})")
+        if not ids:
+            raise FlexrunError(f"prompt {i} is empty: give at least one token")
+        return ids
+
+    def _batch(self, members: list[int], ids: list[list[int]], gen: int) -> BatchState:
+        P = max(len(ids[i]) for i in members)
+        pad = self.spec.pad_token_id or 0
+        rows = [[pad] * (P - len(ids[i])) + ids[i] for i in members]
+        lens = torch.tensor([len(ids[i]) for i in members])
+        valid = torch.zeros(len(members), P + gen, dtype=torch.bool)
+        valid[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
+        return BatchState(indices=members, ids=torch.tensor(rows).to(self.device),
+                          valid=valid.to(self.device), prompt_len=P,
+                          next_pos=lens.to(self.device), outputs=[[] for _ in members],
+                          done=[False] * len(members))
+
+    def _output(self, idx: int, prompt: list[int], out: list[int], stopped: bool):
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return RequestOutput(idx, prompt, list(out), text, "stop" if stopped else "length")
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release memory and remove this run's offload files."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+        if self.trace_path:
+            self.tracer.save(self.trace_path)
+            self.trace_path = None
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise FlexrunError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32")
+    return table[dtype]
+
+
+def _needs_disk(p: Policy) -> bool:
+    return p.weights_disk > 0 or p.cache_disk > 0 or p.act_disk > 0
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="prompt", desc="generate")

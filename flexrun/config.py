@@ -1,0 +1,150 @@
+"""Configuration objects: Policy, SamplingParams, memory budgets, user-facing errors."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class FlexrunError(Exception):
+    """An error caused by the user's input or environment: printed as one line, exit code 2."""
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+          "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """Parse '16GiB', '1.5GB', '512MiB' or a byte count into bytes (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise FlexrunError(f"cannot read memory size {text!r}: write it like 16GiB, 512MiB or 2GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string in GiB/MiB."""
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f}GiB"
+    return f"{n / 1024**2:.1f}MiB"
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next token. temperature 0 (default) is greedy."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise FlexrunError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise FlexrunError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise FlexrunError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+_TRIPLES = (("weights_gpu", "weights_cpu", "weights_disk"),
+            ("cache_gpu", "cache_cpu", "cache_disk"),
+            ("act_gpu", "act_cpu", "act_disk"))
+
+
+@dataclass
+class Policy:
+    """Where weights, KV cache and activations live (percent per tier) and how the block runs.
+
+    "gpu" means the compute device: on a CPU-only run it is host memory, like "cpu".
+    A block is gpu_batch_size x num_gpu_batches prompts sharing each layer's weight load.
+    """
+    gpu_batch_size: int = 8
+    num_gpu_batches: int = 1
+    weights_gpu: float = 100.0
+    weights_cpu: float = 0.0
+    weights_disk: float = 0.0
+    cache_gpu: float = 100.0
+    cache_cpu: float = 0.0
+    cache_disk: float = 0.0
+    act_gpu: float = 100.0
+    act_cpu: float = 0.0
+    act_disk: float = 0.0
+    overlap: bool = True
+    cpu_attention: bool = False
+    pin_weights: bool = True
+    compress_weight: bool = False
+    compress_cache: bool = False
+    quant_bits: int = 4
+    quant_group: int = 64
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise FlexrunError(f"policy: {name} must be an integer >= 1, got {v!r}")
+        for triple in _TRIPLES:
+            vals = [getattr(self, n) for n in triple]
+            for n, v in zip(triple, vals):
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 100:
+                    raise FlexrunError(f"policy: {n} must be a percentage in 0..100, got {v!r}")
+            if abs(sum(vals) - 100.0) > 1e-6:
+                raise FlexrunError(f"policy: {' + '.join(triple)} must sum to 100, "
+                                   f"got {sum(vals):g}")
+        if self.quant_bits not in (4, 8):
+            raise FlexrunError(f"policy: quant_bits must be 4 or 8, got {self.quant_bits}")
+        if self.quant_group < 1:
+            raise FlexrunError(f"policy: quant_group must be >= 1, got {self.quant_group}")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def weights_split(self) -> tuple[float, float, float]:
+        return (self.weights_gpu, self.weights_cpu, self.weights_disk)
+
+    def cache_split(self) -> tuple[float, float, float]:
+        return (self.cache_gpu, self.cache_cpu, self.cache_disk)
+
+    def act_split(self) -> tuple[float, float, float]:
+        return (self.act_gpu, self.act_cpu, self.act_disk)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"comment", "command", "predicted"})
+        if unknown:
+            raise FlexrunError(f"policy: unknown key(s) {', '.join(unknown)}; "
+                               f"known keys are {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path, **extra) -> None:
+        Path(path).write_text(json.dumps({**extra, **self.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        p = Path(path)
+        if not p.is_file():
+            raise FlexrunError(f"policy file {p} not found: pass an existing JSON file or 'auto'")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise FlexrunError(f"policy file {p} is not valid JSON ({e.msg} at line {e.lineno})")
+        if not isinstance(d, dict):
+            raise FlexrunError(f"policy file {p} must hold a JSON object")
+        return cls.from_dict(d)

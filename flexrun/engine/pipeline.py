@@ -1,0 +1,209 @@
+"""Executes the zig-zag block schedule: overlapped weight loads, KV cache homes, activations.
+
+For each generation step, for each unit (embedding, layers, head), the unit's weights are
+fetched once (the next unit's fetch starts before this one computes: double buffering) and
+applied to every GPU batch of the block in turn.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Policy
+from ..models.spec import ModelSpec
+from ..storage import DiskTier, TieredStore, assign_tiers, map_parts, new_future
+from .attention import attend, decode_mask, prefill_mask
+from .kvcache import KVCache
+from .sampling import Sampler
+from .schedule import next_unit, zigzag
+from .trace import Tracer
+
+
+@dataclass
+class BatchState:
+    """One GPU batch of the block: left-padded prompts and what has been generated."""
+    indices: list[int]                  # global prompt indices
+    ids: torch.Tensor                   # (b, P) prompt ids, left padded
+    valid: torch.Tensor                 # (b, P + gen) bool: real tokens
+    prompt_len: int
+    next_pos: torch.Tensor              # (b,) position of the next token
+    last: torch.Tensor | None = None    # (b, 1) last sampled token
+    hidden: object = None               # activation between units
+    outputs: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+    batch_no: int = 0                   # index within the block (selects KV slots)
+    time: int = 0                       # cache index of the token fed in a decode step
+    keep_logits: bool = False           # keep every prompt position's logits (scoring)
+    logits: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+class Pipeline:
+    def __init__(self, spec: ModelSpec, model, weights: TieredStore, policy: Policy,
+                 device: torch.device, dtype: torch.dtype, disk: DiskTier | None,
+                 tracer: Tracer):
+        self.spec, self.model, self.weights, self.policy = spec, model, weights, policy
+        self.device, self.dtype, self.disk, self.tracer = device, dtype, disk, tracer
+        tiers = ("gpu", "cpu", "disk")
+        per_layer = [1] * spec.num_layers
+        self.cache_tiers = [tiers[t] for t in assign_tiers(per_layer, policy.cache_split())]
+        self.act_tiers = [tiers[t] for t in assign_tiers([1] * spec.num_units, policy.act_split())]
+        self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim)
+        self.cuda = device.type == "cuda"
+        self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
+        if self.cuda:
+            self.compute_stream = torch.cuda.current_stream(device)
+            self.weight_stream = torch.cuda.Stream(device)
+        self.unit_names = [list(spec.unit_shapes(u)) for u in range(spec.num_units)]
+
+    # ---- weights ----------------------------------------------------------------------------
+    def _load_unit(self, u: int) -> tuple[dict, object]:
+        """Fetch unit u's weights to the compute device; returns (weights, ready event)."""
+        with self.tracer.span(f"load w{u}", "io-thread"):
+            host = {n: self.weights.read_host(n, pinned=self.cuda) for n in self.unit_names[u]}
+        if not self.cuda or not self.policy.overlap:
+            return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
+        with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
+            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
+                   for n in host}
+        ev = torch.cuda.Event()
+        ev.record(self.weight_stream)
+        return out, ev
+
+    def _start_load(self, u: int) -> Future:
+        if self.policy.overlap:
+            return self.io.submit(self._load_unit, u)
+        return new_future(None)
+
+    def _wait_load(self, fut: Future, u: int) -> dict:
+        res = fut.result()
+        if res is None:  # no overlap: load now, synchronously
+            res = self._load_unit(u)
+        w, ev = res
+        if ev is not None:
+            self.compute_stream.wait_event(ev)
+        if u == 0 or u == self.spec.num_units - 1:
+            return w
+        prefix = f"layers.{u - 1}."
+        return {n[len(prefix):]: t for n, t in w.items()}
+
+    # ---- activations ------------------------------------------------------------------------
+    def _put_act(self, u: int, h: torch.Tensor):
+        tier = self.act_tiers[u]
+        if tier == "gpu" or (tier == "cpu" and not self.cuda):
+            return h
+        if tier == "cpu":
+            return h.to("cpu")
+        path = self.disk.new_path(f"act-u{u}")
+        self.disk.write(path, h)
+        return (path, tuple(h.shape), h.dtype)
+
+    def _get_act(self, value) -> torch.Tensor:
+        if isinstance(value, tuple):
+            path, shape, dtype = value
+            out = self.disk.read_into(path, torch.empty(shape, dtype=dtype))
+            path.unlink()
+            value = out
+        return value.to(self.device, non_blocking=True)
+
+    # ---- one unit on one batch --------------------------------------------------------------
+    def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
+        h = self._get_act(b.hidden)
+        pos = self._positions(b, prefill)
+        q, k, v = self.model.pre_attn(w, h, pos)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)           # time-major (s, b, kv, hd)
+        rows, total = b.ids.shape[0], b.valid.shape[1]
+        slot = self.kv.slot(layer, b.batch_no, total, rows)
+        if prefill:
+            attn = attend(q, kt, vt, prefill_mask(b.valid[:, :b.prompt_len]))
+            slot.write(kt, vt, 0)
+        else:
+            t0 = b.time
+            valid = b.valid[:, :t0 + 1]
+            host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
+            if slot.tier == "gpu" or host_attn:
+                where = torch.device("cpu") if slot.on_host else self.device
+                slot.write(kt.to(where), vt.to(where), t0)
+                K, V = slot.read(t0 + 1, where)
+                with self.tracer.span(f"attn l{layer}", "cpu-attn" if slot.on_host else "compute"):
+                    attn = attend(q.to(where), K, V, decode_mask(valid.to(where)))
+                attn = attn.to(self.device, non_blocking=True)
+            else:
+                K, V = slot.read(t0, self.device, pinned=self.cuda)
+                attn = attend(q, torch.cat([K, kt]), torch.cat([V, vt]), decode_mask(valid))
+                slot.write(kt, vt, t0)
+        return self.model.post_attn(w, h, attn)
+
+    def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
+        if prefill:
+            v = b.valid[:, :b.prompt_len].long()
+            return (v.cumsum(-1) - 1).clamp(min=0)
+        return b.next_pos[:, None]
+
+    # ---- the block loop ---------------------------------------------------------------------
+    def run_block(self, batches: list[BatchState], max_new_tokens: int, sampler: Sampler,
+                  on_step=None) -> None:
+        """Generate up to max_new_tokens for every batch of the block (zig-zag order)."""
+        U = self.spec.num_units
+        for bn, b in enumerate(batches):
+            b.batch_no, b.time = bn, b.prompt_len
+        pending, w = self._start_load(0), None
+        for task in zigzag(max_new_tokens, U, len(batches)):
+            if task.first_batch:
+                if task.unit == 0 and all(b.finished for b in batches):
+                    break
+                w = self._wait_load(pending, task.unit)
+                nxt = next_unit(task, max_new_tokens, U)
+                pending = self._start_load(nxt) if nxt is not None else new_future((None, None))
+            b = batches[task.batch]
+            if not b.finished:
+                with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}", "compute",
+                                      self.compute_stream if self.cuda else None):
+                    self._unit(w, task.unit, b, task.prefill, sampler)
+            if task.last_batch:
+                w = None
+                if task.unit == U - 1:
+                    for b in batches:
+                        b.time += 0 if task.prefill else 1
+                    if on_step is not None:
+                        on_step(task.step)
+        pending.result()
+
+    def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler) -> None:
+        L = self.spec.num_layers
+        if u == 0:
+            ids = b.ids if prefill else b.last
+            h = self.model.embed(w, ids, self._positions(b, prefill), self.dtype)
+        elif u <= L:
+            h = self._layer(w, u - 1, b, prefill)
+        else:
+            h = self._get_act(b.hidden)
+            if prefill and b.keep_logits:
+                b.logits = self.model.head(w, h).float().cpu()
+            logits = self.model.head(w, h[:, -1])
+            self._sample(b, logits, sampler, prefill)
+            return
+        b.hidden = self._put_act(u, h)
+
+    def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
+        tok = sampler(logits, b.indices)
+        for i, t in enumerate(tok.tolist()):
+            if not b.done[i]:
+                b.outputs[i].append(t)
+                if t in sampler.stop_ids:
+                    b.done[i] = True
+        b.last = tok.to(self.device)[:, None]
+        t = b.prompt_len if prefill else b.time + 1
+        if t < b.valid.shape[1]:
+            b.valid[:, t] = True
+        if not prefill:
+            b.next_pos = b.next_pos + 1
+
+    def close(self) -> None:
+        self.io.shutdown(wait=True)
+        self.kv.close()

@@ -1,0 +1,107 @@
+"""Peak memory of a policy per tier (bytes), and the budget check done before loading."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import FlexrunError, Policy, format_size
+from .models.spec import ModelSpec
+from .storage import TIERS, assign_tiers
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def is_compressible(name: str, shape) -> bool:
+    """Linear-layer weights are compressed; embeddings, norms and biases stay dense."""
+    return (name.startswith("layers.") and name.endswith(".weight") and len(shape) == 2) \
+        or name in ("head.lm_head", "head.project_out")
+
+
+def weight_bytes(name: str, shape, elem: int, policy: Policy) -> int:
+    """Stored bytes of one weight (4-bit packed + fp16 min/scale per group when compressed)."""
+    if policy.compress_weight and is_compressible(name, shape):
+        groups = numel(shape[:-1]) * -(-shape[-1] // policy.quant_group)
+        packed = groups * policy.quant_group * policy.quant_bits // 8
+        return packed + 4 * groups
+    return numel(shape) * elem
+
+
+@dataclass
+class Footprint:
+    """Peak bytes per tier: 'gpu' (compute device), 'cpu' (host) and 'disk'."""
+    weights: dict
+    cache: dict
+    buffers: int        # double-buffered weights + activations + workspace on the device
+    host: int           # host-side staging (pinned reads, CPU attention workspace)
+
+    def total(self, tier: str) -> int:
+        extra = self.buffers if tier == "gpu" else self.host if tier == "cpu" else 0
+        return self.weights[tier] + self.cache[tier] + extra
+
+
+def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,
+              gen_len: int | None) -> Footprint:
+    shapes = spec.all_shapes()
+    names = list(shapes)
+    sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
+    tiers = assign_tiers(sizes, policy.weights_split())
+    weights = {t: 0 for t in TIERS}
+    tier_of = {}
+    for n, s, t in zip(names, sizes, tiers):
+        weights[TIERS[t]] += s
+        tier_of[n] = TIERS[t]
+    size_of = dict(zip(names, sizes))
+    streamed = [sum(size_of[n] for n in spec.unit_shapes(u) if tier_of[n] != "gpu")
+                for u in range(spec.num_units)]
+    dense_unit = max(sum(numel(s) * elem for s in spec.unit_shapes(u).values())
+                     for u in range(1, spec.num_layers + 1)) if policy.compress_weight else 0
+    buffers = 2 * max(streamed) + dense_unit // 4
+    cache = {t: 0 for t in TIERS}
+    host = max(streamed)
+    if prompt_len is not None and gen_len is not None:
+        T = prompt_len + gen_len
+        per_layer = policy.block_size * T * spec.kv_dim * 2 * elem
+        if policy.compress_cache:
+            per_layer = per_layer * policy.quant_bits // (8 * elem) + per_layer // (
+                elem * policy.quant_group) * 4
+        for t in assign_tiers([1] * spec.num_layers, policy.cache_split()):
+            cache[TIERS[t]] += per_layer
+        b = policy.gpu_batch_size
+        act = policy.block_size * prompt_len * spec.hidden_size * elem
+        work = b * prompt_len * max(spec.ffn_dim * 2, 4 * spec.hidden_size) * elem
+        work += b * spec.num_heads * prompt_len * min(prompt_len, 1024) * elem
+        work += b * spec.vocab_size * 4 * 2
+        kv_stream = 0 if policy.cpu_attention else (
+            2 * b * T * spec.kv_dim * 2 * elem if policy.cache_gpu < 100 else 0)
+        buffers += act + work + kv_stream
+        if policy.cpu_attention and policy.cache_gpu < 100:
+            host += b * spec.num_heads * T * 4 * 2
+    return Footprint(weights, cache, buffers, host)
+
+
+def check_budget(spec: ModelSpec, policy: Policy, device: torch.device, dtype: torch.dtype,
+                 gpu_mem: int | None, cpu_mem: int | None, disk_mem: int | None,
+                 prompt_len: int | None, gen_len: int | None) -> Footprint:
+    """Reject a policy whose peak memory exceeds a budget, naming the minimum it needs."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    fp = footprint(spec, policy, elem, prompt_len, gen_len)
+    when = "" if prompt_len is None else f" for prompts of {prompt_len} tokens + {gen_len} new"
+    if device.type == "cuda":
+        checks = [("GPU", fp.total("gpu"), gpu_mem, "--gpu-mem"),
+                  ("CPU", fp.total("cpu"), cpu_mem, "--cpu-mem")]
+    else:  # the compute device is host memory: both tiers count against --cpu-mem
+        checks = [("CPU", fp.total("gpu") + fp.total("cpu"), cpu_mem, "--cpu-mem")]
+    checks.append(("disk", fp.total("disk"), disk_mem, "--disk-mem"))
+    for what, need, budget, flag in checks:
+        if budget is not None and need > budget:
+            raise FlexrunError(
+                f"policy needs {format_size(need)} of {what} memory{when} but {flag} is "
+                f"{format_size(budget)}: raise {flag} to at least {format_size(need)}, move "
+                "weights/cache to a lower tier, or use --policy auto")
+    return fp

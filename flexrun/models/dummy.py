@@ -1,0 +1,82 @@
+"""`dummy:<preset>` models: real shapes, cheap deterministic synthetic weights.
+
+Weights are made directly on the device the storage layer asks for, by tiling a small seeded
+random pattern, so a 30B-175B model appears in seconds without a checkpoint.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..config import FlexrunError
+from .loader import Checkpoint
+from .spec import ModelSpec
+
+_OPT = {  # name: (hidden, layers, heads, ffn)
+    "opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096),
+    "opt-1.3b": (2048, 24, 32, 8192), "opt-2.7b": (2560, 32, 32, 10240),
+    "opt-6.7b": (4096, 32, 32, 16384), "opt-13b": (5120, 40, 40, 20480),
+    "opt-30b": (7168, 48, 56, 28672), "opt-66b": (9216, 64, 72, 36864),
+    "opt-175b": (12288, 96, 96, 49152),
+}
+_LLAMA = {  # name: (hidden, layers, heads, kv_heads, ffn, vocab, rope_theta)
+    "llama-7b": (4096, 32, 32, 32, 11008, 32000, 10000.0),
+    "llama-13b": (5120, 40, 40, 40, 13824, 32000, 10000.0),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0),
+    "llama-70b": (8192, 80, 64, 8, 28672, 32000, 10000.0),
+}
+PRESETS = sorted(_OPT) + sorted(_LLAMA)
+_PATTERN = 1 << 16
+
+
+def dummy_spec(preset: str) -> ModelSpec:
+    if preset in _OPT:
+        h, n, heads, f = _OPT[preset]
+        return ModelSpec(arch="opt", vocab_size=50272, hidden_size=h, num_layers=n,
+                         num_heads=heads, num_kv_heads=heads, head_dim=h // heads, ffn_dim=f,
+                         max_positions=2048, do_layer_norm_before=preset != "opt-350m",
+                         word_embed_proj_dim=512 if preset == "opt-350m" else None,
+                         final_layer_norm=preset != "opt-350m", bos_token_id=2,
+                         eos_token_ids=[2], pad_token_id=1, name=f"dummy:{preset}")
+    if preset in _LLAMA:
+        h, n, heads, kv, f, vocab, theta = _LLAMA[preset]
+        return ModelSpec(arch="llama", vocab_size=vocab, hidden_size=h, num_layers=n,
+                         num_heads=heads, num_kv_heads=kv, head_dim=h // heads, ffn_dim=f,
+                         max_positions=4096, norm_eps=1e-5, rope_theta=theta,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_ids=[2],
+                         name=f"dummy:{preset}")
+    raise FlexrunError(f"unknown dummy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def synthetic_tensor(name: str, shape: tuple[int, ...], device: torch.device,
+                     dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """A deterministic tensor for `name`: ones for norm scales, zeros for biases,
+    otherwise a seeded N(0, 0.02) pattern tiled over the tensor (cheap on any device)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    pattern = (torch.randn(_PATTERN + 1, generator=g) * 0.02).to(dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    n = flat.numel()
+    # a period of _PATTERN + 1 keeps rows of power-of-two width from repeating exactly;
+    # the filled prefix is doubled until the tensor is full (log2 copies)
+    filled = min(n, _PATTERN + 1)
+    flat[:filled].copy_(pattern[:filled])
+    while filled < n:
+        m = min(filled, n - filled)
+        flat[filled:filled + m].copy_(flat[:m])
+        filled += m
+    return out
+
+
+def open_dummy(preset: str) -> Checkpoint:
+    spec = dummy_spec(preset)
+
+    def iter_tensors(device_for):
+        for name, shape in spec.all_shapes().items():
+            yield name, synthetic_tensor(name, shape, device_for(name))
+    return Checkpoint(spec, iter_tensors, tokenizer=None, source=f"dummy:{preset}")

@@ -1,0 +1,236 @@
+"""Open a model: HF checkpoint directory, GGUF file or `dummy:<preset>` -> Checkpoint.
+
+Tensors are read lazily, one at a time (safetensors `safe_open`), and yielded under the
+canonical names of ModelSpec so the storage layer can place each on its tier at once.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import FlexrunError
+from .spec import ModelSpec
+
+TensorIter = Iterator[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class Checkpoint:
+    """A model source: its spec, a lazy tensor iterator and (optionally) a tokenizer."""
+    spec: ModelSpec
+    iter_tensors: Callable[[Callable[[str], torch.device]], TensorIter]
+    tokenizer: object | None = None          # tokenizers.Tokenizer
+    chat_template: str | None = None
+    source: str = ""
+
+
+# ---- config.json -> ModelSpec ---------------------------------------------------------------
+def _eos_list(v) -> list[int]:
+    if v is None:
+        return []
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def _rope_params(cfg: dict) -> tuple[float, dict | None]:
+    """rope_theta and rope_scaling from either the transformers 4.x or 5.x config style."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
+    """Build a ModelSpec from an HF config.json dict (OPT or Llama family)."""
+    mt = cfg.get("model_type", "")
+    try:
+        if mt == "opt":
+            h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+            proj = cfg.get("word_embed_proj_dim") or h
+            pre = cfg.get("do_layer_norm_before", True)
+            return ModelSpec(
+                arch="opt", vocab_size=cfg["vocab_size"], hidden_size=h,
+                num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads,
+                head_dim=h // heads, ffn_dim=cfg["ffn_dim"],
+                max_positions=cfg["max_position_embeddings"], norm_eps=1e-5,
+                do_layer_norm_before=pre, word_embed_proj_dim=proj if proj != h else None,
+                final_layer_norm=pre and not cfg.get("_remove_final_layer_norm", False),
+                tie_word_embeddings=True, bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=_eos_list(cfg.get("eos_token_id")),
+                pad_token_id=cfg.get("pad_token_id"), name=name)
+        if mt in ("llama", "mistral"):
+            h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+            theta, scaling = _rope_params(cfg)
+            return ModelSpec(
+                arch="llama", vocab_size=cfg["vocab_size"], hidden_size=h,
+                num_layers=cfg["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or h // heads, ffn_dim=cfg["intermediate_size"],
+                max_positions=cfg.get("max_position_embeddings", 4096),
+                norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                attention_bias=cfg.get("attention_bias", False),
+                mlp_bias=cfg.get("mlp_bias", False),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=_eos_list(cfg.get("eos_token_id")),
+                pad_token_id=cfg.get("pad_token_id"), name=name)
+    except KeyError as e:
+        raise FlexrunError(f"config of {name or 'model'} lacks key {e.args[0]!r}")
+    arch = (cfg.get("architectures") or [mt or "unknown"])[0]
+    raise FlexrunError(f"unsupported architecture {arch!r} (model_type {mt!r}) in {name}: "
+                       "flexrun runs OPT and Llama-family (llama, mistral) models")
+
+
+# ---- HF names -> canonical names ------------------------------------------------------------
+_OPT_LAYER = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+              "self_attn.out_proj": "o", "self_attn_layer_norm": "attn_norm",
+              "final_layer_norm": "mlp_norm", "fc1": "fc1", "fc2": "fc2"}
+_LLAMA_LAYER = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+                "self_attn.o_proj": "o", "input_layernorm": "attn_norm",
+                "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
+                "mlp.up_proj": "up", "mlp.down_proj": "down"}
+_OPT_TOP = {"decoder.embed_tokens.weight": "embed.tokens",
+            "decoder.embed_positions.weight": "embed.positions",
+            "decoder.project_in.weight": "embed.project_in",
+            "decoder.project_out.weight": "head.project_out",
+            "decoder.final_layer_norm.weight": "head.norm.weight",
+            "decoder.final_layer_norm.bias": "head.norm.bias"}
+_LLAMA_TOP = {"embed_tokens.weight": "embed.tokens", "norm.weight": "head.norm.weight"}
+_LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def canonical_name(arch: str, hf_name: str) -> str | None:
+    """Map an HF state-dict key to flexrun's canonical name (None: not a model weight)."""
+    if hf_name == "lm_head.weight":
+        return "head.lm_head"
+    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    top = _OPT_TOP if arch == "opt" else _LLAMA_TOP
+    if name in top:
+        return top[name]
+    m = _LAYER_RE.fullmatch(name)
+    table = _OPT_LAYER if arch == "opt" else _LLAMA_LAYER
+    if m and m.group(2) in table:
+        return f"layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def filter_and_check(spec: ModelSpec, pairs: TensorIter, source: str) -> TensorIter:
+    """Yield only the tensors the spec needs, checking shapes; fail on any missing one."""
+    want = spec.all_shapes()
+    seen: set[str] = set()
+    for name, t in pairs:
+        if name == "head.lm_head" and spec.tie_word_embeddings:
+            continue
+        if name not in want or name in seen:
+            continue
+        if tuple(t.shape) != want[name]:
+            raise FlexrunError(f"{source}: tensor {name} has shape {tuple(t.shape)} but the "
+                               f"config implies {want[name]}: config and weights do not match")
+        seen.add(name)
+        yield name, t
+    missing = sorted(set(want) - seen)
+    if missing:
+        raise FlexrunError(f"{source}: weight {missing[0]} is missing from the checkpoint "
+                           f"({len(missing)} missing in all)")
+
+
+# ---- HF directory ---------------------------------------------------------------------------
+def _shard_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise FlexrunError(f"{index} is not a valid safetensors index")
+        for f in files:
+            if not (d / f).is_file():
+                raise FlexrunError(f"shard {f} listed in {index.name} is missing from {d}: "
+                                   "copy the complete checkpoint")
+        return [d / f for f in files]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    raise FlexrunError(f"no model.safetensors or model.safetensors.index.json in {d}: "
+                       "flexrun reads safetensors checkpoints (save with safe_serialization=True)")
+
+
+def _iter_safetensors(files: list[Path], arch: str) -> TensorIter:
+    from safetensors import SafetensorError, safe_open
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    name = canonical_name(arch, key)
+                    if name is not None:
+                        yield name, sf.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise FlexrunError(f"cannot read shard {f.name} ({str(e).splitlines()[0]}): the file "
+                               "is corrupt or truncated; copy it again")
+
+
+def open_hf_dir(path: str) -> Checkpoint:
+    d = Path(path)
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise FlexrunError(f"{d} has no config.json: pass an HF checkpoint directory, "
+                           "a .gguf file or dummy:<preset>")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise FlexrunError(f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno})")
+    spec = spec_from_config(cfg, name=d.name)
+    gen_cfg = d / "generation_config.json"
+    if gen_cfg.is_file():
+        extra = _eos_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))
+        spec.eos_token_ids = sorted(set(spec.eos_token_ids) | set(extra))
+    files = _shard_files(d)
+    tokenizer, template = None, None
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        template = json.loads(tc.read_text()).get("chat_template")
+
+    def iter_tensors(device_for):
+        return filter_and_check(spec, _iter_safetensors(files, spec.arch), str(d))
+    return Checkpoint(spec, iter_tensors, tokenizer, template, source=str(d))
+
+
+def open_gguf(path: str) -> Checkpoint:
+    from . import gguf
+    p = Path(path)
+    try:
+        cfg = gguf.gguf_config(p)
+    except ValueError as e:
+        raise FlexrunError(f"{p}: {e}")
+    spec = spec_from_config(cfg, name=p.name)
+    tokenizer = gguf.gguf_tokenizer(p)
+
+    def iter_tensors(device_for):
+        pairs = ((canonical_name("llama", n), t) for n, t in gguf.iter_gguf_tensors(p))
+        return filter_and_check(spec, ((n, t) for n, t in pairs if n), str(p))
+    return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p))
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Open `dummy:<preset>`, a .gguf file or an HF checkpoint directory."""
+    if model.startswith("dummy:"):
+        from .dummy import open_dummy
+        return open_dummy(model[len("dummy:"):])
+    p = Path(model)
+    if not p.exists():
+        raise FlexrunError(f"model {model} not found: pass an HF checkpoint directory, a .gguf "
+                           "file or dummy:<preset> (e.g. dummy:opt-125m)")
+    if p.is_file() and p.suffix == ".gguf":
+        return open_gguf(model)
+    if p.is_file():
+        raise FlexrunError(f"model {model} is a file but not a .gguf: pass a directory or .gguf")
+    return open_hf_dir(model)

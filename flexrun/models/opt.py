@@ -1,0 +1,55 @@
+"""OPT layers as functions of handed-in weights (pre-LN and post-LN/opt-350m shapes)."""
+from __future__ import annotations
+
+import torch
+
+from .common import dense, layer_norm, linear, split_heads
+from .spec import ModelSpec
+
+POSITION_OFFSET = 2  # OPT's learned positions start at index 2
+
+
+class OPTModel:
+    """Math of one OPT unit at a time; weights come in as dicts of tensors."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    def embed(self, w: dict, ids: torch.Tensor, positions: torch.Tensor, dtype) -> torch.Tensor:
+        x = dense(w["embed.tokens"])[ids].to(dtype)
+        if "embed.project_in" in w:
+            x = linear(x, w["embed.project_in"])
+        pos = dense(w["embed.positions"])[positions + POSITION_OFFSET].to(dtype)
+        return x + pos
+
+    def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor):
+        s = self.spec
+        x = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps) \
+            if s.do_layer_norm_before else h
+        q = split_heads(linear(x, w["q.weight"], w["q.bias"]), s.num_heads)
+        k = split_heads(linear(x, w["k.weight"], w["k.bias"]), s.num_kv_heads)
+        v = split_heads(linear(x, w["v.weight"], w["v.bias"]), s.num_kv_heads)
+        return q, k, v
+
+    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        h = h + linear(attn, w["o.weight"], w["o.bias"])
+        if not s.do_layer_norm_before:
+            h = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps)
+        x = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps) \
+            if s.do_layer_norm_before else h
+        x = linear(torch.relu(linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"],
+                   w["fc2.bias"])
+        h = h + x
+        if not s.do_layer_norm_before:
+            h = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps)
+        return h
+
+    def head(self, w: dict, h: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if s.final_layer_norm:
+            h = layer_norm(h, w["head.norm.weight"], w["head.norm.bias"], s.norm_eps)
+        if "head.project_out" in w:
+            h = linear(h, w["head.project_out"])
+        lm = w["embed.tokens"] if s.tie_word_embeddings else w["head.lm_head"]
+        return linear(h, lm)

@@ -1,0 +1,137 @@
+"""ModelSpec: the dimensions of a model and the names/shapes of the weights of each unit.
+
+A model runs as a list of *units*: unit 0 is the input embedding, units 1..L the decoder
+layers, unit L+1 the output head. Each unit owns a set of canonical weight names
+(e.g. "layers.3.q.weight"); a tied lm_head simply names the embedding's tensor again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import FlexrunError
+
+
+@dataclass
+class ModelSpec:
+    arch: str                     # "opt" or "llama"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_positions: int
+    norm_eps: float = 1e-5
+    # OPT
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    final_layer_norm: bool = True
+    # Llama
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("opt", "llama"):
+            raise FlexrunError(f"unsupported architecture {self.arch!r}: flexrun runs OPT and "
+                               "Llama-family models")
+        if self.num_heads % self.num_kv_heads:
+            raise FlexrunError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                               f"num_key_value_heads ({self.num_kv_heads})")
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers + 2
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding (OPT-350m projects it to hidden_size)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    # ---- weight names and shapes per unit -------------------------------------------------
+    def unit_shapes(self, unit: int) -> dict[str, tuple[int, ...]]:
+        """Canonical weight name -> shape for one unit (tied weights appear in both units)."""
+        if unit == 0:
+            return self._embed_shapes()
+        if unit == self.num_layers + 1:
+            return self._head_shapes()
+        return {f"layers.{unit - 1}.{k}": v for k, v in self._layer_shapes().items()}
+
+    def all_shapes(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for u in range(self.num_units):
+            out.update(self.unit_shapes(u))
+        return out
+
+    def _embed_shapes(self) -> dict[str, tuple[int, ...]]:
+        s = {"embed.tokens": (self.vocab_size, self.embed_dim)}
+        if self.arch == "opt":
+            s["embed.positions"] = (self.max_positions + 2, self.hidden_size)
+            if self.embed_dim != self.hidden_size:
+                s["embed.project_in"] = (self.hidden_size, self.embed_dim)
+        return s
+
+    def _head_shapes(self) -> dict[str, tuple[int, ...]]:
+        h, s = self.hidden_size, {}
+        if self.arch == "opt":
+            if self.final_layer_norm:
+                s.update({"head.norm.weight": (h,), "head.norm.bias": (h,)})
+            if self.embed_dim != h:
+                s["head.project_out"] = (self.embed_dim, h)
+        else:
+            s["head.norm.weight"] = (h,)
+        s["head.lm_head" if not self.tie_word_embeddings else "embed.tokens"] = (
+            self.vocab_size, self.embed_dim)
+        return s
+
+    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        h, q, kv, f = self.hidden_size, self.num_heads * self.head_dim, self.kv_dim, self.ffn_dim
+        if self.arch == "opt":
+            return {"attn_norm.weight": (h,), "attn_norm.bias": (h,),
+                    "q.weight": (q, h), "q.bias": (q,), "k.weight": (kv, h), "k.bias": (kv,),
+                    "v.weight": (kv, h), "v.bias": (kv,), "o.weight": (h, q), "o.bias": (h,),
+                    "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
+                    "fc1.weight": (f, h), "fc1.bias": (f,), "fc2.weight": (h, f), "fc2.bias": (h,)}
+        s = {"attn_norm.weight": (h,), "q.weight": (q, h), "k.weight": (kv, h),
+             "v.weight": (kv, h), "o.weight": (h, q), "mlp_norm.weight": (h,),
+             "gate.weight": (f, h), "up.weight": (f, h), "down.weight": (h, f)}
+        if self.attention_bias:
+            s.update({"q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,), "o.bias": (h,)})
+        if self.mlp_bias:
+            s.update({"gate.bias": (f,), "up.bias": (f,), "down.bias": (h,)})
+        return s
+
+    # ---- sizes for the cost model ---------------------------------------------------------
+    def num_params(self) -> int:
+        n = 0
+        for shape in self.all_shapes().values():
+            p = 1
+            for d in shape:
+                p *= d
+            n += p
+        return n
+
+    def layer_params(self) -> int:
+        n = 0
+        for shape in self._layer_shapes().values():
+            p = 1
+            for d in shape:
+                p *= d
+            n += p
+        return n
+
+    def kv_bytes_per_token(self, elem_bytes: int) -> int:
+        """KV cache bytes for one token over all layers."""
+        return 2 * self.num_layers * self.kv_dim * elem_bytes

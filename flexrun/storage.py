@@ -1,0 +1,215 @@
+"""Tensors on tiers: the compute device ("gpu"), host memory ("cpu", pinned when asked) and disk.
+
+A stored value is a torch.Tensor or a quant.Compressed (a dataclass of tensors); both move
+between tiers through `map_tensors`. Disk homes are one file per tensor part, read and
+written by a thread pool in large sequential chunks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import FlexrunError
+
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclasses.dataclass
+class DiskRef:
+    """A tensor part stored on disk."""
+    path: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.tensor([], dtype=self.dtype).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+_PART = (torch.Tensor, DiskRef)
+
+
+def parts(value) -> list:
+    """The tensor (or DiskRef) parts of a value: itself, or the fields of a dataclass."""
+    if isinstance(value, _PART):
+        return [value]
+    return [getattr(value, f.name) for f in dataclasses.fields(value)
+            if isinstance(getattr(value, f.name), _PART)]
+
+
+def map_parts(value, fn: Callable):
+    """Apply fn to a tensor, or to every tensor/DiskRef field of a dataclass (e.g. Compressed)."""
+    if isinstance(value, _PART):
+        return fn(value)
+    changes = {f.name: fn(getattr(value, f.name)) for f in dataclasses.fields(value)
+               if isinstance(getattr(value, f.name), _PART)}
+    return dataclasses.replace(value, **changes)
+
+
+def nbytes(value) -> int:
+    return sum(p.nbytes if isinstance(p, DiskRef) else p.numel() * p.element_size()
+               for p in parts(value))
+
+
+def assign_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[int]:
+    """Give each item (in order) a tier index so that the bytes per tier follow `percents`.
+
+    Error diffusion: each item goes to the tier furthest below its share of the bytes so
+    far, so every prefix (and thus every layer) is split as evenly as item sizes allow and the
+    total is within one item of the target.
+    """
+    assigned = [0.0, 0.0, 0.0]
+    total = 0.0
+    out = []
+    for s in sizes:
+        total += s
+        deficits = [p / 100.0 * total - a if p > 0 else float("-inf")
+                    for p, a in zip(percents, assigned)]
+        t = max(range(3), key=lambda i: deficits[i])
+        assigned[t] += s
+        out.append(t)
+    return out
+
+
+def split_report(sizes: list[int], tiers: list[int]) -> dict[str, float]:
+    """Actual percent of bytes per tier."""
+    total = max(sum(sizes), 1)
+    return {TIERS[t]: round(100.0 * sum(s for s, x in zip(sizes, tiers) if x == t) / total, 2)
+            for t in range(3)}
+
+
+class DiskTier:
+    """One directory of per-tensor files, owned by one run; removed on close()."""
+
+    CHUNK = 64 << 20
+
+    def __init__(self, root: str | Path, workers: int = 4):
+        root = Path(root)
+        if not root.exists():
+            raise FlexrunError(f"offload directory {root} does not exist: create it or pass "
+                               "another --offload-dir")
+        if not os.access(root, os.W_OK):
+            raise FlexrunError(f"offload directory {root} is not writable: pass a writable "
+                               "--offload-dir")
+        self.dir = root / f"flexrun-run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexrun-disk")
+        self._n = 0
+
+    def new_path(self, name: str) -> Path:
+        self._n += 1
+        return self.dir / f"{self._n:06d}-{name.replace('/', '_')}.bin"
+
+    def write(self, path: Path, t: torch.Tensor) -> None:
+        data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
+        try:
+            with open(path, "wb") as f:
+                mv = memoryview(data.reshape(-1))
+                for i in range(0, len(mv), self.CHUNK):
+                    f.write(mv[i:i + self.CHUNK])
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FlexrunError(f"disk full while writing offload files to {self.dir}: free "
+                                   "space or pass a larger --offload-dir") from None
+            raise FlexrunError(f"cannot write offload file {path}: {e.strerror}") from None
+
+    def read_into(self, path: Path, out: torch.Tensor) -> torch.Tensor:
+        mv = memoryview(out.view(torch.uint8).numpy().reshape(-1))
+        with open(path, "rb", buffering=0) as f:
+            pos = 0
+            while pos < len(mv):
+                n = f.readinto(mv[pos:pos + self.CHUNK])
+                if not n:
+                    raise FlexrunError(f"offload file {path} is truncated")
+                pos += n
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        if self.dir.exists():
+            for p in self.dir.iterdir():
+                p.unlink(missing_ok=True)
+            self.dir.rmdir()
+
+
+class TieredStore:
+    """Values (tensors or Compressed) kept on the tier chosen for each, fetched to compute."""
+
+    def __init__(self, device: torch.device, disk: DiskTier | None, pin: bool):
+        self.device = device
+        self.disk = disk
+        self.pin = pin and device.type == "cuda"
+        self.homes: dict[str, tuple[str, object]] = {}
+
+    def put(self, name: str, value, tier: str) -> None:
+        if tier == "gpu":
+            stored = map_parts(value, lambda t: t.to(self.device))
+        elif tier == "cpu":
+            def to_host(t):
+                t = t.to("cpu")
+                return t.pin_memory() if self.pin else t
+            stored = map_parts(value, to_host)
+        else:
+            if self.disk is None:
+                raise FlexrunError("a policy puts data on disk but no --offload-dir is set")
+
+            def to_disk(t):
+                ref = DiskRef(self.disk.new_path(name), tuple(t.shape), t.dtype)
+                self.disk.write(ref.path, t)
+                return ref
+            stored = map_parts(value, to_disk)
+        self.homes[name] = (tier, stored)
+
+    def tier_of(self, name: str) -> str:
+        return self.homes[name][0]
+
+    def read_host(self, name: str, pinned: bool = False):
+        """The value in host memory (disk parts read into fresh, optionally pinned, tensors)."""
+        tier, stored = self.homes[name]
+        if tier != "disk":
+            return stored
+        def load(ref: DiskRef):
+            out = torch.empty(ref.shape, dtype=ref.dtype, pin_memory=pinned)
+            return self.disk.read_into(ref.path, out)
+        return map_parts(stored, load)
+
+    def fetch(self, name: str, stream=None, compute_stream=None, host_value=None):
+        """The value on the compute device. Host->device copies go on `stream` when given;
+        the copies are then marked as used by `compute_stream` for the caching allocator."""
+        tier, stored = self.homes[name]
+        if tier == "gpu":
+            return stored
+        host = host_value if host_value is not None else self.read_host(name)
+        if self.device.type == "cpu":
+            return host
+        if stream is None:
+            return map_parts(host, lambda t: t.to(self.device, non_blocking=True))
+
+        def to_dev(t):
+            d = t.to(self.device, non_blocking=True)
+            d.record_stream(compute_stream)
+            return d
+        with torch.cuda.stream(stream):
+            return map_parts(host, to_dev)
+
+    def bytes_per_tier(self) -> dict[str, int]:
+        out = {t: 0 for t in TIERS}
+        for tier, stored in self.homes.values():
+            out[tier] += nbytes(stored)
+        return out
+
+
+def new_future(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
