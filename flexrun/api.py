@@ -50,7 +50,8 @@ class LLM:
     def __init__(self, model: str, device: str | None = None, policy: Policy | str | None = None,
                  gpu_mem: str | int | None = None, cpu_mem: str | int | None = None,
                  offload_dir: str | None = None, dtype: str | torch.dtype | None = None,
-                 trace: str | None = None, disk_mem: str | int | None = None):
+                 trace: str | None = None, disk_mem: str | int | None = None,
+                 compress_weight: bool = False, compress_cache: bool = False):
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
@@ -61,8 +62,11 @@ class LLM:
         self.ckpt = open_checkpoint(model)
         self.spec = self.ckpt.spec
         self.tokenizer = self.ckpt.tokenizer
-        self._policy_arg = policy
+        self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.policy = self._initial_policy(policy)
+        if compress_weight or compress_cache:
+            self.policy.compress_weight |= compress_weight
+            self.policy.compress_cache |= compress_cache
         self.trace_path = trace
         self.tracer = Tracer(trace is not None, self.device)
         self.disk = None
@@ -129,18 +133,30 @@ class LLM:
 
     def iter_generate(self, prompts, max_new_tokens: int = 32,
                       sampling: SamplingParams | None = None, progress: bool = False,
-                      on_block_done: Callable[[], None] | None = None) -> Iterator[RequestOutput]:
-        """Yield outputs block by block as they finish (longest prompts first)."""
+                      on_block_done: Callable[[], None] | None = None, truncate: bool = False,
+                      names: Sequence | None = None) -> Iterator[RequestOutput]:
+        """Yield outputs block by block as they finish (longest prompts first).
+
+        truncate: drop the start of prompts too long for the model's positions instead of
+        failing; names: how errors refer to prompts (default: their index)."""
         if max_new_tokens < 1:
             raise FlexrunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = sampling or SamplingParams()
-        ids = [self._encode(p, i) for i, p in enumerate(prompts)]
-        longest = max((len(x) for x in ids), default=0)
+        names = list(names) if names is not None else list(range(len(prompts)))
+        ids = [self._encode(p, names[i]) for i, p in enumerate(prompts)]
         limit = self.spec.max_positions
+        if max_new_tokens >= limit:
+            raise FlexrunError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                               f"the model's {limit} positions")
         for i, x in enumerate(ids):
             if len(x) + max_new_tokens > limit:
-                raise FlexrunError(f"prompt {i} has {len(x)} tokens; with max_new_tokens "
-                                   f"{max_new_tokens} it exceeds the model's {limit} positions")
+                if truncate:
+                    ids[i] = x[len(x) + max_new_tokens - limit:]
+                    continue
+                raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
+                                   f"max_new_tokens {max_new_tokens} it exceeds the model's "
+                                   f"{limit} positions: shorten it or pass --truncate left")
+        longest = max((len(x) for x in ids), default=0)
         self._check_budget(self.policy, longest, max_new_tokens)
         sampler = Sampler(sampling, self.spec.eos_token_ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -202,16 +218,17 @@ class LLM:
     def _encode(self, p, i: int) -> list[int]:
         if isinstance(p, str):
             if self.tokenizer is None:
-                raise FlexrunError(f"prompt {i} is text but {self.ckpt.source} has no tokenizer: "
+                raise FlexrunError(f"prompt {i!r} is text but {self.ckpt.source} has no tokenizer: "
                                    "pass token ids (input_ids) instead")
-            return self.tokenizer.encode(p).ids
-        ids = [int(x) for x in p]
+            ids = self.tokenizer.encode(p).ids
+        else:
+            ids = [int(x) for x in p]
         bad = [x for x in ids if not 0 <= x < self.spec.vocab_size]
         if bad:
-            raise FlexrunError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+            raise FlexrunError(f"prompt {i!r} has token id {bad[0]} outside the vocabulary "
                                f"(0..{self.spec.vocab_size - 1})")
         if not ids:
-            raise FlexrunError(f"prompt {i} is empty: give at least one token")
+            raise FlexrunError(f"prompt {i!r} is empty: give at least one token")
         return ids
 
     def _batch(self, members: list[int], ids: list[list[int]], gen: int) -> BatchState:

@@ -1,0 +1,129 @@
+"""The CLI commands' bodies: generate (resumable JSONL job), policy search, eval-ppl."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from .api import LLM
+from .cli import StopFlag, sampling_from_args
+from .config import FlexrunError, Policy
+from .jobs import OutputWriter, finished_ids, read_input
+
+
+class _Stopped(Exception):
+    pass
+
+
+def policy_from_args(args) -> Policy | str | None:
+    """The --policy value with the command-line overrides applied."""
+    pol = args.policy
+    overrides = {k: v for k, v in (("gpu_batch_size", args.gpu_batch_size),
+                                   ("num_gpu_batches", args.num_gpu_batches)) if v is not None}
+    if args.compress_weight:
+        overrides["compress_weight"] = True
+    if args.compress_cache:
+        overrides["compress_cache"] = True
+    if pol == "auto":
+        return "auto"
+    base = Policy.load(pol) if pol else Policy()
+    return Policy.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+
+def open_llm(args, **extra) -> LLM:
+    policy = policy_from_args(args)
+    return LLM(args.model, device=args.device, policy=policy, gpu_mem=args.gpu_mem,
+               cpu_mem=args.cpu_mem, offload_dir=args.offload_dir, dtype=args.dtype,
+               disk_mem=args.disk_mem, compress_weight=args.compress_weight,
+               compress_cache=args.compress_cache, **extra)
+
+
+def generate(args) -> int:
+    items = read_input(args.input)
+    done = finished_ids(args.output)
+    todo = [it for it in items if json.dumps(it.id) not in done]
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if not todo:
+        say(f"flexrun: all {len(items)} ids are already in {args.output}; nothing to do")
+        return 0
+    if done:
+        say(f"flexrun: resuming: {len(items) - len(todo)} of {len(items)} ids already done")
+    llm = open_llm(args, trace=args.trace)
+    writer = OutputWriter(args.output)
+    stop = StopFlag()
+    written = 0
+
+    def after_block():
+        writer.sync()
+        if stop.signum is not None:
+            raise _Stopped
+    try:
+        say(f"flexrun: policy {json.dumps(llm.policy.to_dict())}")
+        outs = llm.iter_generate([it.value for it in todo], args.max_new_tokens,
+                                 sampling_from_args(args), progress=not args.quiet,
+                                 on_block_done=after_block, truncate=args.truncate == "left",
+                                 names=[it.id for it in todo])
+        for o in outs:
+            writer.write({"id": todo[o.index].id, "output_ids": o.output_ids, "text": o.text,
+                          "finish_reason": o.finish_reason})
+            written += 1
+    except _Stopped:
+        name = "SIGINT" if stop.signum == 2 else "SIGTERM"
+        print(f"flexrun: stopped by {name} after {len(items) - len(todo) + written} of "
+              f"{len(items)} ids; rerun the same command to resume", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        stop.restore()
+        writer.close()
+        llm.close()
+    st = llm.stats
+    total = st.prefill_s + st.decode_s
+    say(f"flexrun: {written} outputs written to {args.output}; {st.generated_tokens} tokens in "
+        f"{total:.2f}s ({st.generated_tokens / max(total, 1e-9):.1f} tok/s; prefill "
+        f"{st.prefill_s:.2f}s, decode {st.decode_s:.2f}s)")
+    return 0
+
+
+def policy_search(args) -> int:
+    from .costmodel import search_command
+    return search_command(args)
+
+
+def eval_ppl(args) -> int:
+    """Perplexity over a text with a sliding window (each token scored once)."""
+    path = Path(args.text)
+    if not path.is_file():
+        raise FlexrunError(f"text file {path} not found")
+    if args.stride < 1 or args.window < 2 or args.stride > args.window:
+        raise FlexrunError("need window >= 2 and 1 <= stride <= window")
+    with open_llm(args) as llm:
+        if llm.tokenizer is None:
+            raise FlexrunError(f"{args.model} has no tokenizer: eval-ppl needs text input")
+        ids = llm.tokenizer.encode(path.read_text(encoding="utf-8")).ids
+        nll, count = perplexity_terms(llm, ids, args.window, args.stride)
+    ppl = math.exp(nll / max(count, 1))
+    print(json.dumps({"model": args.model, "text": str(path), "tokens": count,
+                      "window": args.window, "stride": args.stride, "ppl": ppl}))
+    return 0
+
+
+def perplexity_terms(llm: LLM, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Sum of token NLLs and the number of scored tokens, HF-style sliding window."""
+    import torch
+    windows, targets, prev_end = [], [], 0
+    for begin in range(0, max(len(ids) - 1, 1), stride):
+        end = min(begin + window, len(ids))
+        windows.append(ids[begin:end])
+        targets.append(end - prev_end if begin else end - 1)   # tokens scored in this window
+        prev_end = end
+        if end == len(ids):
+            break
+    nll, count = 0.0, 0
+    for w, logits, n in zip(windows, llm.prompt_logits(windows), targets):
+        lp = torch.log_softmax(logits[:-1].double(), -1)
+        tgt = torch.tensor(w[1:])
+        tok_nll = -lp.gather(-1, tgt[:, None])[:, 0]
+        nll += float(tok_nll[-n:].sum())
+        count += n
+    return nll, count

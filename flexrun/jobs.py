@@ -1,0 +1,113 @@
+"""Batch jobs on JSONL files: read and check the input, resume from the output, append safely."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import FlexrunError
+
+
+@dataclass
+class JobItem:
+    id: object
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+
+    @property
+    def value(self):
+        return self.prompt if self.prompt is not None else self.input_ids
+
+
+def read_input(path: str | Path) -> list[JobItem]:
+    """Parse the input JSONL; any bad line is an error naming the line and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise FlexrunError(f"input file {p} not found")
+    items, seen = [], set()
+    with open(p, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FlexrunError(f"{p} line {no}: not valid UTF-8; re-encode the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FlexrunError(f"{p} line {no}: malformed JSON ({e.msg}); each line must be "
+                                   '{"id": ..., "prompt": "..."} or {"id": ..., "input_ids": [...]}')
+            items.append(_item(row, p, no))
+            key = json.dumps(items[-1].id)
+            if key in seen:
+                raise FlexrunError(f"{p} line {no}: duplicate id {items[-1].id!r}; ids must be "
+                                   "unique so a rerun can resume")
+            seen.add(key)
+    if not items:
+        raise FlexrunError(f"input file {p} holds no prompts: write one JSON object per line")
+    return items
+
+
+def _item(row, p: Path, no: int) -> JobItem:
+    if not isinstance(row, dict) or "id" not in row:
+        raise FlexrunError(f'{p} line {no}: each line needs an "id" and a "prompt" or "input_ids"')
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} must be a string")
+        if not row["prompt"]:
+            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} is empty")
+        return JobItem(row["id"], prompt=row["prompt"])
+    ids = row.get("input_ids")
+    if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                            for x in ids):
+        raise FlexrunError(f'{p} line {no}: id {row["id"]!r} needs "prompt" (text) or '
+                           '"input_ids" (a list of integers)')
+    if not ids:
+        raise FlexrunError(f"{p} line {no}: input_ids of id {row['id']!r} is empty")
+    return JobItem(row["id"], input_ids=ids)
+
+
+def finished_ids(path: str | Path) -> set[str]:
+    """Ids already complete in the output; a torn last line (from a kill) is cut off."""
+    p = Path(path)
+    if not p.exists():
+        return set()
+    done = set()
+    with open(p, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):            # partial line from an interrupted write
+            f.truncate(end)
+        for no, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                done.add(json.dumps(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise FlexrunError(f"output file {p} line {no} is not a flexrun result: pass "
+                                   "another --output or remove that file")
+    return done
+
+
+class OutputWriter:
+    """Appends one complete JSON line per result; `sync()` makes them durable."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            raise FlexrunError(f"output directory {self.path.parent} does not exist")
+        self.f = open(self.path, "ab")
+
+    def write(self, row: dict) -> None:
+        self.f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.sync()
+            self.f.close()

@@ -1,0 +1,72 @@
+"""Every placement path gives the resident run's greedy tokens; offload files never linger."""
+import itertools
+
+import pytest
+
+from conftest import ragged_prompts
+from flexrun import LLM, Policy, SamplingParams
+from flexrun.storage import assign_tiers, split_report
+
+PLACES = {"gpu": (100, 0, 0), "cpu": (0, 100, 0), "disk": (0, 0, 100), "split": (30, 40, 30)}
+BATCHES = [(1, 1), (2, 3), (4, 2)]
+NEW = 8
+GREEDY = SamplingParams(ignore_eos=True)
+
+
+def _policy(w, c, a, i: int) -> Policy:
+    bs, nb = BATCHES[i % 3]
+    return Policy(gpu_batch_size=bs, num_gpu_batches=nb,
+                  weights_gpu=w[0], weights_cpu=w[1], weights_disk=w[2],
+                  cache_gpu=c[0], cache_cpu=c[1], cache_disk=c[2],
+                  act_gpu=a[0], act_cpu=a[1], act_disk=a[2],
+                  overlap=(i // 3) % 2 == 0, cpu_attention=(i // 6) % 2 == 0)
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def model_and_ref(request, opt_dir, llama_dir):
+    d = {"opt": opt_dir, "llama": llama_dir}[request.param]
+    prompts = ragged_prompts(7)
+    with LLM(str(d), device="cpu") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
+    return d, prompts, ref
+
+
+COMBOS = list(itertools.product(PLACES, PLACES, PLACES))
+
+
+@pytest.mark.parametrize("i,combo", list(enumerate(COMBOS)), ids=["-".join(c) for c in COMBOS])
+def test_placement_matches_resident(model_and_ref, tmp_path, i, combo):
+    d, prompts, ref = model_and_ref
+    pol = _policy(*(PLACES[x] for x in combo), i)
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
+        outs = llm.generate(prompts, NEW, GREEDY)
+    assert [o.output_ids for o in outs] == ref, pol
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offload_dir_emptied_after_exception(llama_dir, tmp_path):
+    pol = Policy(weights_gpu=0, weights_disk=100, cache_gpu=0, cache_disk=100, gpu_batch_size=2)
+    llm = LLM(str(llama_dir), device="cpu", policy=pol, offload_dir=str(tmp_path))
+    assert any(tmp_path.iterdir())
+    calls = {"n": 0}
+    orig = llm.pipeline._unit
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise RuntimeError("injected failure")
+        return orig(*a, **k)
+    llm.pipeline._unit = boom
+    with pytest.raises(RuntimeError, match="injected"):
+        with llm:
+            llm.generate(ragged_prompts(4), NEW, GREEDY)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_assign_tiers_follows_percentages():
+    sizes = [10, 100, 100, 30] * 25
+    tiers = assign_tiers(sizes, (20, 50, 30))
+    rep = split_report(sizes, tiers)
+    assert abs(rep["gpu"] - 20) <= 100 / sum(sizes) * 100
+    assert abs(rep["cpu"] - 50) <= 100 / sum(sizes) * 100
+    assert tiers.count(0) > 0 and assign_tiers(sizes, (0, 100, 0)) == [1] * len(sizes)
