@@ -124,12 +124,10 @@ def _unpack(c: Compressed) -> torch.Tensor:
         q = torch.stack((c.data & 0x0F, c.data >> 4), dim=-1).view(-1)
     else:
         q = c.data
-    ngroups = c.mins.shape[-2]
     count = c.mins.numel() * c.group_size
-    if q.numel() != count:
+    if q.numel() != count:   # drop the odd trailing nibble
         q = q[:count]
-    return q.view(*c.mins.shape[:-1], c.group_size) if ngroups or count else \
-        q.reshape(*c.mins.shape[:-1], c.group_size)
+    return q.view(*c.mins.shape[:-1], c.group_size)
 
 
 def decompress(c: Compressed, dtype: torch.dtype | None = None) -> torch.Tensor:
