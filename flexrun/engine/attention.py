@@ -1,4 +1,4 @@
-"""Attention over a time-major KV cache, with padding and causal masks."""
+"""Attention with padding and causal masks; q (b, heads, s, hd), k/v (b, kv_heads, T, hd)."""
 from __future__ import annotations
 
 import torch
@@ -21,16 +21,7 @@ def decode_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q: (b, s, heads, hd); k, v: time-major (T, b, kv_heads, hd) -> (b, s, heads*hd).
-
-    Grouped-query attention when kv_heads < heads. fp16 on CPU is computed in fp32."""
-    b, s, nh, hd = q.shape
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.float16:
-        q, k, v = q.float(), k.float(), v.float()
-    qh = q.transpose(1, 2)                       # (b, heads, s, hd)
-    kh = k.permute(1, 2, 0, 3)                   # (b, kv, T, hd)
-    vh = v.permute(1, 2, 0, 3)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
-                                         enable_gqa=kh.shape[1] != nh)
-    return out.transpose(1, 2).reshape(b, s, nh * hd).to(dtype)
+    """Grouped-query attention when kv_heads < heads -> (b, s, heads*hd)."""
+    b, nh, s, hd = q.shape
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != nh)
+    return out.transpose(1, 2).reshape(b, s, nh * hd)

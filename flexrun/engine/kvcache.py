@@ -1,8 +1,10 @@
-"""KV cache homes: one slot per (layer, GPU batch), time-major (T, batch, kv_heads, head_dim).
+"""KV cache homes: one slot per (layer, GPU batch).
 
-A slot lives on the compute device ("gpu"), in host memory ("cpu", pinned for a CUDA run)
-or on disk (one file, written and read at byte offsets: time-major keeps every prefix and
-every appended step contiguous).
+Slots read and write in attention layout (b, kv_heads, T, hd). Where the cache is used in
+place (compute device, or host memory with CPU attention) it is stored batch-major, so each
+head's keys are contiguous for attention; where prefixes are shipped (host memory to GPU,
+disk) it is stored time-major (T, b, kv_heads, hd), so every prefix and every appended step
+is one contiguous range.
 """
 from __future__ import annotations
 
@@ -14,50 +16,67 @@ from ..storage import DiskTier
 
 
 class KVSlot:
-    def __init__(self, tier: str, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                 device: torch.device, disk: DiskTier | None, name: str):
-        self.tier, self.shape, self.dtype, self.device = tier, shape, dtype, device
-        self.row_bytes = shape[1] * shape[2] * shape[3] * torch.tensor([], dtype=dtype).element_size()
-        if tier == "gpu":
-            self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
-        elif tier == "cpu":
-            pin = device.type == "cuda"
-            self.kv = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in range(2)]
-        else:
-            self.disk = disk
+    def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
+                 dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str):
+        self.tier, self.time_major, self.dtype, self.device = tier, time_major, dtype, device
+        self.max_len, self.rows = shape[2], shape[0]
+        self.shape = shape                                       # (b, kv, T, hd)
+        b, kv, T, hd = shape
+        self.row_bytes = b * kv * hd * torch.tensor([], dtype=dtype).element_size()
+        store_shape = (T, b, kv, hd) if time_major else shape
+        if tier == "disk":
             self.paths = [disk.new_path(f"{name}.{x}") for x in "kv"]
             self.fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in self.paths]
+            self.disk = disk
+        else:
+            where = device if tier == "gpu" else torch.device("cpu")
+            pin = where.type == "cpu" and device.type == "cuda"
+            self.kv = [torch.empty(store_shape, dtype=dtype, device=where, pin_memory=pin)
+                       for _ in range(2)]
 
     @property
     def on_host(self) -> bool:
         return self.tier != "gpu" or self.device.type == "cpu"
 
     def write(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
-        """Store k, v (s, b, kv_heads, hd) at time positions t0..t0+s."""
-        if self.tier != "disk":
-            for buf, x in zip(self.kv, (k, v)):
-                buf[t0:t0 + x.shape[0]].copy_(x)
+        """Store k, v (b, kv_heads, s, hd) at time positions t0..t0+s."""
+        s = k.shape[2]
+        if self.tier == "disk":
+            for fd, x in zip(self.fds, (k, v)):
+                data = x.permute(2, 0, 1, 3).to("cpu", self.dtype).contiguous()
+                os.pwrite(fd, data.view(torch.uint8).numpy().reshape(-1), t0 * self.row_bytes)
             return
-        for fd, x in zip(self.fds, (k, v)):
-            data = x.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
-            os.pwrite(fd, data.reshape(-1), t0 * self.row_bytes)
+        for buf, x in zip(self.kv, (k, v)):
+            if self.time_major:
+                buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3))
+            else:
+                buf[:, :, t0:t0 + s].copy_(x)
 
     def read(self, t_end: int, device: torch.device, pinned: bool = False):
-        """(K, V) for positions [0, t_end) on `device` (views when already there)."""
-        if self.tier != "disk":
-            out = [buf[:t_end] for buf in self.kv]
-            if out[0].device != device:
-                out = [x.to(device, non_blocking=True) for x in out]
-            return out
-        out = []
-        for fd in self.fds:
-            t = torch.empty((t_end,) + self.shape[1:], dtype=self.dtype, pin_memory=pinned)
-            mv = memoryview(t.view(torch.uint8).numpy().reshape(-1))
-            pos = 0
-            while pos < len(mv):
-                pos += os.preadv(fd, [mv[pos:]], pos)
-            out.append(t.to(device, non_blocking=True) if device.type != "cpu" else t)
-        return out
+        """(K, V) for positions [0, t_end) on `device`, (b, kv_heads, t_end, hd) each."""
+        if self.tier == "disk":
+            parts = [self._pread(fd, t_end, pinned) for fd in self.fds]
+        elif self.time_major:
+            parts = [buf[:t_end] for buf in self.kv]
+        else:
+            parts = [buf[:, :, :t_end] for buf in self.kv]
+        if parts[0].device != device:
+            parts = [x.to(device, non_blocking=True) for x in parts]
+        if self.time_major or self.tier == "disk":
+            parts = [x.permute(1, 2, 0, 3) for x in parts]
+        return parts
+
+    def _pread(self, fd: int, t_end: int, pinned: bool) -> torch.Tensor:
+        b, kv, _, hd = self.shape
+        t = torch.empty((t_end, b, kv, hd), dtype=self.dtype, pin_memory=pinned)
+        mv = memoryview(t.view(torch.uint8).numpy().reshape(-1))
+        pos = 0
+        while pos < len(mv):
+            n = os.preadv(fd, [mv[pos:]], pos)
+            if n <= 0:
+                raise OSError(f"short read from {self.paths[0].parent}")
+            pos += n
+        return t
 
     def close(self) -> None:
         if self.tier == "disk":
@@ -72,29 +91,29 @@ class KVCache:
     """All slots of a block; layer j's slots live on the tier given by `layer_tiers[j]`."""
 
     def __init__(self, layer_tiers: list[str], device: torch.device, dtype: torch.dtype,
-                 disk: DiskTier | None, num_kv_heads: int, head_dim: int):
+                 disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool):
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
         self.disk, self.kv_heads, self.head_dim = disk, num_kv_heads, head_dim
+        self.cpu_attention = cpu_attention
         self.slots: dict[tuple[int, int], KVSlot] = {}
+
+    def _time_major(self, tier: str) -> bool:
+        if tier == "disk":
+            return True
+        used_in_place = tier == "gpu" or self.device.type == "cpu" or self.cpu_attention
+        return not used_in_place
 
     def slot(self, layer: int, batch: int, max_len: int, rows: int) -> KVSlot:
         """The slot for (layer, batch), (re)allocated when too small for this block."""
         s = self.slots.get((layer, batch))
-        shape = (max_len, rows, self.kv_heads, self.head_dim)
-        if s is None or s.shape[0] < max_len or s.shape[1] != rows:
+        if s is None or s.max_len < max_len or s.rows != rows:
             if s is not None:
                 s.close()
+            tier = self.layer_tiers[layer]
             s = self.slots[(layer, batch)] = KVSlot(
-                self.layer_tiers[layer], shape, self.dtype, self.device, self.disk,
-                f"kv-l{layer}-b{batch}")
+                tier, self._time_major(tier), (rows, self.kv_heads, max_len, self.head_dim),
+                self.dtype, self.device, self.disk, f"kv-l{layer}-b{batch}")
         return s
-
-    def bytes_per_tier(self) -> dict[str, int]:
-        out = {"gpu": 0, "cpu": 0, "disk": 0}
-        for s in self.slots.values():
-            n = s.shape[0] * s.row_bytes * 2
-            out[s.tier] += n
-        return out
 
     def close(self) -> None:
         for s in self.slots.values():

@@ -53,7 +53,8 @@ class Pipeline:
         per_layer = [1] * spec.num_layers
         self.cache_tiers = [tiers[t] for t in assign_tiers(per_layer, policy.cache_split())]
         self.act_tiers = [tiers[t] for t in assign_tiers([1] * spec.num_units, policy.act_split())]
-        self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim)
+        self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
+                          policy.cpu_attention)
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         if self.cuda:
@@ -115,28 +116,27 @@ class Pipeline:
     def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
-        q, k, v = self.model.pre_attn(w, h, pos)
-        kt, vt = k.transpose(0, 1), v.transpose(0, 1)           # time-major (s, b, kv, hd)
+        q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos))  # (b, heads, s, hd)
         rows, total = b.ids.shape[0], b.valid.shape[1]
         slot = self.kv.slot(layer, b.batch_no, total, rows)
         if prefill:
-            attn = attend(q, kt, vt, prefill_mask(b.valid[:, :b.prompt_len]))
-            slot.write(kt, vt, 0)
+            attn = attend(q, k, v, prefill_mask(b.valid[:, :b.prompt_len]))
+            slot.write(k, v, 0)
+            return self.model.post_attn(w, h, attn)
+        t0 = b.time
+        valid = b.valid[:, :t0 + 1]
+        host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
+        if slot.tier == "gpu" or host_attn:
+            where = torch.device("cpu") if slot.on_host else self.device
+            slot.write(k.to(where), v.to(where), t0)
+            K, V = slot.read(t0 + 1, where)
+            with self.tracer.span(f"attn l{layer}", "cpu-attn" if slot.on_host else "compute"):
+                attn = attend(q.to(where), K, V, decode_mask(valid.to(where)))
+            attn = attn.to(self.device, non_blocking=True)
         else:
-            t0 = b.time
-            valid = b.valid[:, :t0 + 1]
-            host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
-            if slot.tier == "gpu" or host_attn:
-                where = torch.device("cpu") if slot.on_host else self.device
-                slot.write(kt.to(where), vt.to(where), t0)
-                K, V = slot.read(t0 + 1, where)
-                with self.tracer.span(f"attn l{layer}", "cpu-attn" if slot.on_host else "compute"):
-                    attn = attend(q.to(where), K, V, decode_mask(valid.to(where)))
-                attn = attn.to(self.device, non_blocking=True)
-            else:
-                K, V = slot.read(t0, self.device, pinned=self.cuda)
-                attn = attend(q, torch.cat([K, kt]), torch.cat([V, vt]), decode_mask(valid))
-                slot.write(kt, vt, t0)
+            K, V = slot.read(t0, self.device, pinned=self.cuda)
+            attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2), decode_mask(valid))
+            slot.write(k, v, t0)
         return self.model.post_attn(w, h, attn)
 
     def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
