@@ -240,6 +240,7 @@ class LLM:
         valid[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
         return BatchState(indices=members, ids=torch.tensor(rows).to(self.device),
                           valid=valid.to(self.device), prompt_len=P,
+                          padded=bool((lens < P).any()),
                           next_pos=lens.to(self.device), outputs=[[] for _ in members],
                           done=[False] * len(members))
 

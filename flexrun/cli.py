@@ -109,18 +109,29 @@ def sampling_from_args(args) -> SamplingParams:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the job to stop after the current block."""
+    """SIGINT/SIGTERM: stop at once while `immediate` (loading), else after the current block
+    (a second signal stops at once); ignored while `closing` so cleanup always finishes."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, immediate: bool = False):
+        self.signum: int | None = None
+        self.immediate = immediate
+        self.closing = False
         self._old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if self.signum is not None:     # a second signal: stop now
+        if self.closing:
+            return
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if self.immediate or not first:
             raise KeyboardInterrupt
-        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "interrupt"
 
     def restore(self) -> None:
         for sig, h in self._old.items():

@@ -40,6 +40,9 @@ def open_llm(args, **extra) -> LLM:
 
 
 def generate(args) -> int:
+    """Run a JSONL job; every finished line is durable after its block, so a rerun resumes."""
+    if args.max_new_tokens < 1:
+        raise FlexrunError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     items = read_input(args.input)
     done = finished_ids(args.output)
     todo = [it for it in items if json.dumps(it.id) not in done]
@@ -49,16 +52,18 @@ def generate(args) -> int:
         return 0
     if done:
         say(f"flexrun: resuming: {len(items) - len(todo)} of {len(items)} ids already done")
-    llm = open_llm(args, trace=args.trace)
-    writer = OutputWriter(args.output)
-    stop = StopFlag()
+    stop = StopFlag(immediate=True)     # while loading, a signal stops at once
+    llm = writer = None
     written = 0
 
     def after_block():
         writer.sync()
-        if stop.signum is not None:
+        if stop.signum is not None and written < len(todo):
             raise _Stopped
     try:
+        llm = open_llm(args, trace=args.trace)
+        writer = OutputWriter(args.output)
+        stop.immediate = False          # from here on: stop after the current block
         say(f"flexrun: policy {json.dumps(llm.policy.to_dict())}")
         outs = llm.iter_generate([it.value for it in todo], args.max_new_tokens,
                                  sampling_from_args(args), progress=not args.quiet,
@@ -68,21 +73,34 @@ def generate(args) -> int:
             writer.write({"id": todo[o.index].id, "output_ids": o.output_ids, "text": o.text,
                           "finish_reason": o.finish_reason})
             written += 1
-    except _Stopped:
-        name = "SIGINT" if stop.signum == 2 else "SIGTERM"
-        print(f"flexrun: stopped by {name} after {len(items) - len(todo) + written} of "
+    except (_Stopped, KeyboardInterrupt):
+        if stop.signum is None:
+            raise
+        print(f"flexrun: stopped by {stop.name} after {len(items) - len(todo) + written} of "
               f"{len(items)} ids; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
     finally:
-        stop.restore()
-        writer.close()
-        llm.close()
+        _cleanup(stop, writer, llm)
     st = llm.stats
     total = st.prefill_s + st.decode_s
     say(f"flexrun: {written} outputs written to {args.output}; {st.generated_tokens} tokens in "
         f"{total:.2f}s ({st.generated_tokens / max(total, 1e-9):.1f} tok/s; prefill "
         f"{st.prefill_s:.2f}s, decode {st.decode_s:.2f}s)")
     return 0
+
+
+def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None) -> None:
+    """Sync the output and remove offload files, whatever fails; a signal cannot cut it short."""
+    stop.closing = True
+    try:
+        if writer is not None:
+            writer.close()
+    finally:
+        try:
+            if llm is not None:
+                llm.close()
+        finally:
+            stop.restore()
 
 
 def policy_search(args) -> int:

@@ -57,7 +57,8 @@ def _item(row, p: Path, no: int) -> JobItem:
         if not isinstance(row["prompt"], str):
             raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} must be a string")
         if not row["prompt"]:
-            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} is empty")
+            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} is empty: give it "
+                               "some text or remove the line")
         return JobItem(row["id"], prompt=row["prompt"])
     ids = row.get("input_ids")
     if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool)
@@ -65,30 +66,45 @@ def _item(row, p: Path, no: int) -> JobItem:
         raise FlexrunError(f'{p} line {no}: id {row["id"]!r} needs "prompt" (text) or '
                            '"input_ids" (a list of integers)')
     if not ids:
-        raise FlexrunError(f"{p} line {no}: input_ids of id {row['id']!r} is empty")
+        raise FlexrunError(f"{p} line {no}: input_ids of id {row['id']!r} is empty: give at "
+                           "least one token id or remove the line")
     return JobItem(row["id"], input_ids=ids)
 
 
 def finished_ids(path: str | Path) -> set[str]:
     """Ids already complete in the output; a torn last line (from a kill) is cut off."""
     p = Path(path)
+    check_output_path(p)
     if not p.exists():
         return set()
     done = set()
-    with open(p, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):            # partial line from an interrupted write
-            f.truncate(end)
-        for no, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                done.add(json.dumps(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise FlexrunError(f"output file {p} line {no} is not a flexrun result: pass "
-                                   "another --output or remove that file")
+    try:
+        with open(p, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):        # partial line from an interrupted write
+                f.truncate(end)
+    except OSError as e:
+        raise FlexrunError(f"cannot open output file {p} ({e.strerror}): pass a writable "
+                           "--output") from None
+    for no, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(json.dumps(json.loads(line)["id"]))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise FlexrunError(f"output file {p} line {no} is not a flexrun result: pass "
+                               "another --output or remove that file")
     return done
+
+
+def check_output_path(p: Path) -> None:
+    """Fail early (before loading a model) on an --output that can never be written."""
+    if p.is_dir():
+        raise FlexrunError(f"output {p} is a directory: pass a file path as --output")
+    if not p.parent.is_dir():
+        raise FlexrunError(f"output directory {p.parent} does not exist: create it or pass "
+                           "another --output")
 
 
 class OutputWriter:
@@ -96,18 +112,32 @@ class OutputWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.parent and not self.path.parent.exists():
-            raise FlexrunError(f"output directory {self.path.parent} does not exist")
-        self.f = open(self.path, "ab")
+        check_output_path(self.path)
+        try:
+            self.f = open(self.path, "ab")
+        except OSError as e:
+            raise self._error(e) from None
 
     def write(self, row: dict) -> None:
-        self.f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            self.f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        except OSError as e:
+            raise self._error(e) from None
 
     def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> FlexrunError:
+        return FlexrunError(f"cannot write output file {self.path} ({e.strerror}): free space "
+                            "or pass another --output; finished lines are kept")
 
     def close(self) -> None:
         if not self.f.closed:
-            self.sync()
-            self.f.close()
+            try:
+                self.sync()
+            finally:
+                self.f.close()

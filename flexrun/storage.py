@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
+import shutil
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +90,34 @@ def split_report(sizes: list[int], tiers: list[int]) -> dict[str, float]:
             for t in range(3)}
 
 
+_RUN_DIR = re.compile(r"flexrun-run-(\d+)-[0-9a-f]+")
+
+
+def remove_stale_runs(root: Path) -> list[Path]:
+    """Remove `flexrun-run-<pid>-*` directories whose process is gone (a SIGKILLed run)."""
+    removed = []
+    for d in root.glob("flexrun-run-*"):
+        m = _RUN_DIR.fullmatch(d.name)
+        if not m or not d.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)     # succeeds (or EPERM) while that process lives
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        except (OSError, OverflowError):
+            pass
+    return removed
+
+
+def offload_error(e: OSError, path: Path) -> FlexrunError:
+    """The one-line error for a failed offload-file write (disk full or other I/O error)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FlexrunError(f"disk full while writing offload files to {path.parent}: free "
+                            "space or pass an --offload-dir on a larger disk")
+    return FlexrunError(f"cannot write offload file {path}: {e.strerror}")
+
+
 class DiskTier:
     """One directory of per-tensor files, owned by one run; removed on close()."""
 
@@ -98,11 +128,19 @@ class DiskTier:
         if not root.exists():
             raise FlexrunError(f"offload directory {root} does not exist: create it or pass "
                                "another --offload-dir")
+        if not root.is_dir():
+            raise FlexrunError(f"offload directory {root} is not a directory: pass a directory "
+                               "as --offload-dir")
         if not os.access(root, os.W_OK):
             raise FlexrunError(f"offload directory {root} is not writable: pass a writable "
                                "--offload-dir")
+        remove_stale_runs(root)
         self.dir = root / f"flexrun-run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.dir.mkdir()
+        try:
+            self.dir.mkdir()
+        except OSError as e:
+            raise FlexrunError(f"cannot create a directory in offload directory {root} "
+                               f"({e.strerror}): pass a writable --offload-dir") from None
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexrun-disk")
         self._n = 0
 
@@ -118,10 +156,7 @@ class DiskTier:
                 for i in range(0, len(mv), self.CHUNK):
                     f.write(mv[i:i + self.CHUNK])
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FlexrunError(f"disk full while writing offload files to {self.dir}: free "
-                                   "space or pass a larger --offload-dir") from None
-            raise FlexrunError(f"cannot write offload file {path}: {e.strerror}") from None
+            raise offload_error(e, path) from None
 
     def read_into(self, path: Path, out: torch.Tensor) -> torch.Tensor:
         mv = memoryview(out.view(torch.uint8).numpy().reshape(-1))
@@ -136,10 +171,7 @@ class DiskTier:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        if self.dir.exists():
-            for p in self.dir.iterdir():
-                p.unlink(missing_ok=True)
-            self.dir.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class TieredStore:

@@ -20,8 +20,13 @@ def decode_mask(valid: torch.Tensor) -> torch.Tensor:
     return valid[:, None, None, :]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention when kv_heads < heads -> (b, s, heads*hd)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool = False) -> torch.Tensor:
+    """Grouped-query attention when kv_heads < heads -> (b, s, heads*hd).
+
+    mask None means no padding: plain causal (prefill) or full (decode) attention, which
+    lets SDPA pick its fastest kernel."""
     b, nh, s, hd = q.shape
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != nh)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                         enable_gqa=k.shape[1] != nh)
     return out.transpose(1, 2).reshape(b, s, nh * hd)

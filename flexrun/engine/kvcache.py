@@ -12,13 +12,16 @@ import os
 
 import torch
 
-from ..storage import DiskTier
+from ..storage import DiskTier, offload_error
 
 
 class KVSlot:
     def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
-                 dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str):
+                 dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str,
+                 store_stream=None, io=None):
         self.tier, self.time_major, self.dtype, self.device = tier, time_major, dtype, device
+        self.store_stream, self.io = store_stream, io
+        self.pending: list = []                 # CUDA events / futures of in-flight stores
         self.max_len, self.rows = shape[2], shape[0]
         self.shape = shape                                       # (b, kv, T, hd)
         b, kv, T, hd = shape
@@ -26,7 +29,13 @@ class KVSlot:
         store_shape = (T, b, kv, hd) if time_major else shape
         if tier == "disk":
             self.paths = [disk.new_path(f"{name}.{x}") for x in "kv"]
-            self.fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in self.paths]
+            self.fds = []
+            for p in self.paths:
+                try:
+                    self.fds.append(os.open(p, os.O_RDWR | os.O_CREAT, 0o600))
+                except OSError as e:
+                    self.close()
+                    raise offload_error(e, p) from None
             self.disk = disk
         else:
             where = device if tier == "gpu" else torch.device("cpu")
@@ -42,18 +51,59 @@ class KVSlot:
         """Store k, v (b, kv_heads, s, hd) at time positions t0..t0+s."""
         s = k.shape[2]
         if self.tier == "disk":
-            for fd, x in zip(self.fds, (k, v)):
+            for fd, path, x in zip(self.fds, self.paths, (k, v)):
                 data = x.permute(2, 0, 1, 3).to("cpu", self.dtype).contiguous()
-                os.pwrite(fd, data.view(torch.uint8).numpy().reshape(-1), t0 * self.row_bytes)
+                mv, pos = memoryview(data.view(torch.uint8).numpy().reshape(-1)), 0
+                try:
+                    while pos < len(mv):
+                        pos += os.pwrite(fd, mv[pos:], t0 * self.row_bytes + pos)
+                except OSError as e:
+                    raise offload_error(e, path) from None
             return
+        if k.is_cuda and self.tier == "cpu" and self.store_stream is not None:
+            return self._write_async(k, v, t0)
         for buf, x in zip(self.kv, (k, v)):
             if self.time_major:
                 buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3))
             else:
                 buf[:, :, t0:t0 + s].copy_(x)
 
+    def _write_async(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+        """GPU -> pinned host on the store stream; a strided (batch-major) destination is
+        filled from a pinned stage by an I/O thread once the copy has landed."""
+        s = k.shape[2]
+        self.store_stream.wait_stream(torch.cuda.current_stream(k.device))
+        with torch.cuda.stream(self.store_stream):
+            for buf, x in zip(self.kv, (k, v)):
+                x.record_stream(self.store_stream)
+                if self.time_major:
+                    buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3), non_blocking=True)
+                else:
+                    stage = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                    stage.copy_(x, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(self.store_stream)
+                    self.pending.append(self.io.submit(_land, ev, stage, buf[:, :, t0:t0 + s]))
+            ev = torch.cuda.Event()
+            ev.record(self.store_stream)
+            self.pending.append(ev)
+
+    def _settle(self, on_device: bool) -> None:
+        """Wait for in-flight stores: on the compute stream if read there, else on the host."""
+        for p in self.pending:
+            if isinstance(p, torch.cuda.Event):
+                if on_device:
+                    torch.cuda.current_stream().wait_event(p)
+                else:
+                    p.synchronize()
+            else:
+                p.result()
+        self.pending = []
+
     def read(self, t_end: int, device: torch.device, pinned: bool = False):
         """(K, V) for positions [0, t_end) on `device`, (b, kv_heads, t_end, hd) each."""
+        if self.pending:
+            self._settle(device.type == "cuda")
         if self.tier == "disk":
             parts = [self._pread(fd, t_end, pinned) for fd in self.fds]
         elif self.time_major:
@@ -79,6 +129,8 @@ class KVSlot:
         return t
 
     def close(self) -> None:
+        if self.pending:
+            self._settle(False)
         if self.tier == "disk":
             for fd in self.fds:
                 os.close(fd)
@@ -87,14 +139,21 @@ class KVSlot:
             self.fds = []
 
 
+def _land(ev, stage: torch.Tensor, dst: torch.Tensor) -> None:
+    ev.synchronize()
+    dst.copy_(stage)
+
+
 class KVCache:
     """All slots of a block; layer j's slots live on the tier given by `layer_tiers[j]`."""
 
     def __init__(self, layer_tiers: list[str], device: torch.device, dtype: torch.dtype,
-                 disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool):
+                 disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
+                 store_stream=None, io=None):
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
         self.disk, self.kv_heads, self.head_dim = disk, num_kv_heads, head_dim
         self.cpu_attention = cpu_attention
+        self.store_stream, self.io = store_stream, io
         self.slots: dict[tuple[int, int], KVSlot] = {}
 
     def _time_major(self, tier: str) -> bool:
@@ -112,7 +171,8 @@ class KVCache:
             tier = self.layer_tiers[layer]
             s = self.slots[(layer, batch)] = KVSlot(
                 tier, self._time_major(tier), (rows, self.kv_heads, max_len, self.head_dim),
-                self.dtype, self.device, self.disk, f"kv-l{layer}-b{batch}")
+                self.dtype, self.device, self.disk, f"kv-l{layer}-b{batch}",
+                self.store_stream, self.io)
         return s
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ applied to every GPU batch of the block in turn.
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class BatchState:
     done: list[bool] = field(default_factory=list)
     batch_no: int = 0                   # index within the block (selects KV slots)
     time: int = 0                       # cache index of the token fed in a decode step
+    padded: bool = True                 # some row is left padded (masks needed)
+    masks: dict = field(default_factory=dict)   # attention masks of the current step
     keep_logits: bool = False           # keep every prompt position's logits (scoring)
     logits: torch.Tensor | None = None
 
@@ -53,14 +56,19 @@ class Pipeline:
         per_layer = [1] * spec.num_layers
         self.cache_tiers = [tiers[t] for t in assign_tiers(per_layer, policy.cache_split())]
         self.act_tiers = [tiers[t] for t in assign_tiers([1] * spec.num_units, policy.act_split())]
-        self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
-                          policy.cpu_attention)
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
+        sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
+        self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
             self.compute_stream = torch.cuda.current_stream(device)
             self.weight_stream = torch.cuda.Stream(device)
+            self.store_stream = torch.cuda.Stream(device)
         self.unit_names = [list(spec.unit_shapes(u)) for u in range(spec.num_units)]
+        self.unit_tiers = [{weights.tier_of(n) for n in names} for names in self.unit_names]
+        self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
+                          policy.cpu_attention, self.store_stream if policy.overlap else None,
+                          self.io)
 
     # ---- weights ----------------------------------------------------------------------------
     def _load_unit(self, u: int) -> tuple[dict, object]:
@@ -77,9 +85,13 @@ class Pipeline:
         return out, ev
 
     def _start_load(self, u: int) -> Future:
-        if self.policy.overlap:
+        """Start fetching unit u: disk reads go to an I/O thread; host->GPU copies are issued
+        at once on the weight stream; resident units need nothing."""
+        if not self.policy.overlap:
+            return new_future(None)
+        if "disk" in self.unit_tiers[u]:
             return self.io.submit(self._load_unit, u)
-        return new_future(None)
+        return new_future(self._load_unit(u))
 
     def _wait_load(self, fut: Future, u: int) -> dict:
         res = fut.result()
@@ -95,17 +107,31 @@ class Pipeline:
 
     # ---- activations ------------------------------------------------------------------------
     def _put_act(self, u: int, h: torch.Tensor):
+        """Keep or offload a unit's output per the activation policy (async to pinned host)."""
         tier = self.act_tiers[u]
         if tier == "gpu" or (tier == "cpu" and not self.cuda):
             return h
         if tier == "cpu":
-            return h.to("cpu")
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            if not self.policy.overlap:
+                return host.copy_(h)
+            self.store_stream.wait_stream(self.compute_stream)
+            with torch.cuda.stream(self.store_stream):
+                host.copy_(h, non_blocking=True)
+            h.record_stream(self.store_stream)
+            ev = torch.cuda.Event()
+            ev.record(self.store_stream)
+            return (host, ev)
         path = self.disk.new_path(f"act-u{u}")
         self.disk.write(path, h)
         return (path, tuple(h.shape), h.dtype)
 
     def _get_act(self, value) -> torch.Tensor:
-        if isinstance(value, tuple):
+        if isinstance(value, tuple) and len(value) == 2:
+            host, ev = value
+            self.compute_stream.wait_event(ev)
+            value = host
+        elif isinstance(value, tuple):
             path, shape, dtype = value
             out = self.disk.read_into(path, torch.empty(shape, dtype=dtype))
             path.unlink()
@@ -120,24 +146,39 @@ class Pipeline:
         rows, total = b.ids.shape[0], b.valid.shape[1]
         slot = self.kv.slot(layer, b.batch_no, total, rows)
         if prefill:
-            attn = attend(q, k, v, prefill_mask(b.valid[:, :b.prompt_len]))
+            attn = attend(q, k, v, self._mask(b, self.device, True), causal=True)
             slot.write(k, v, 0)
             return self.model.post_attn(w, h, attn)
         t0 = b.time
-        valid = b.valid[:, :t0 + 1]
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
         if slot.tier == "gpu" or host_attn:
             where = torch.device("cpu") if slot.on_host else self.device
             slot.write(k.to(where), v.to(where), t0)
             K, V = slot.read(t0 + 1, where)
             with self.tracer.span(f"attn l{layer}", "cpu-attn" if slot.on_host else "compute"):
-                attn = attend(q.to(where), K, V, decode_mask(valid.to(where)))
+                attn = attend(q.to(where), K, V, self._mask(b, where, False))
             attn = attn.to(self.device, non_blocking=True)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
-            attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2), decode_mask(valid))
+            attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
+                          self._mask(b, self.device, False))
             slot.write(k, v, t0)
         return self.model.post_attn(w, h, attn)
+
+    def _mask(self, b: BatchState, where: torch.device, prefill: bool):
+        """The step's attention mask on `where`, built once per step (None: no padding)."""
+        key = (b.time, prefill, where.type)
+        if key not in b.masks:
+            if len(b.masks) > 2:
+                b.masks.clear()
+            if not b.padded:
+                m = None
+            elif prefill:
+                m = prefill_mask(b.valid[:, :b.prompt_len])
+            else:
+                m = decode_mask(b.valid[:, :b.time + 1])
+            b.masks[key] = None if m is None else m.to(where)
+        return b.masks[key]
 
     def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
         if prefill:

@@ -1,0 +1,301 @@
+"""HardwareProfile: the bandwidths, compute rates and capacities the cost model needs.
+
+`measure()` times this machine (CUDA parts only when a GPU is visible); `flexrun profile`
+writes the result as JSON; `default_profile()` loads a shipped one from policies/profiles/.
+All rates are in bytes/s or FLOP/s; a field is None when it was not measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .config import FlexrunError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "policies" / "profiles"
+_GB = 1e9
+
+
+@dataclass
+class HardwareProfile:
+    """Measured ceilings of one machine (bytes/s, FLOP/s, bytes)."""
+    device_name: str
+    cpu_cores: int
+    # host <-> GPU copies (None without CUDA)
+    h2d_pinned: float | None = None
+    d2h_pinned: float | None = None
+    h2d_pageable: float | None = None
+    d2h_pageable: float | None = None
+    # disk, large sequential chunks; cold = page cache dropped, cached = read back from it
+    disk_read: float = 1.0 * _GB
+    disk_write: float = 1.0 * _GB
+    disk_read_cached: float | None = None
+    # GPU compute (fp16): GEMM rate at decode-ish (gpu_decode_m rows) and prefill-ish shapes
+    gpu_flops_decode: float | None = None
+    gpu_flops_prefill: float | None = None
+    gpu_decode_m: int = 64
+    gpu_mem_bw: float | None = None          # HBM copy bytes/s
+    gpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
+    # CPU compute (fp32)
+    cpu_flops_decode: float = 10 * _GB
+    cpu_flops_prefill: float = 50 * _GB
+    cpu_decode_m: int = 16
+    cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
+    cpu_attn_bw: float = 5 * _GB             # KV bytes/s read by decode attention
+    # capacities
+    gpu_mem: int | None = None
+    cpu_mem: int = 16 << 30
+    disk_mem: int | None = None
+    command: str = ""
+    source: str = "measured"
+    date: str = ""
+    notes: dict = field(default_factory=dict)
+
+    # ---- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HardwareProfile":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HardwareProfile":
+        p = Path(path)
+        if not p.is_file():
+            raise FlexrunError(f"hardware profile {p} not found: make one with "
+                               "`flexrun profile -o hw.json`")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise FlexrunError(f"hardware profile {p} is not a valid profile JSON ({e})")
+
+    # ---- derived rates --------------------------------------------------------------------
+    def gemm_rate(self, rows: int, on_gpu: bool) -> float:
+        """FLOP/s of a weight GEMM with `rows` activation rows: memory-bound (linear in rows)
+        below the decode measurement's slope, capped at the prefill-shape rate."""
+        if on_gpu:
+            dec, pre, m = self.gpu_flops_decode, self.gpu_flops_prefill, self.gpu_decode_m
+        else:
+            dec, pre, m = self.cpu_flops_decode, self.cpu_flops_prefill, self.cpu_decode_m
+        return min(pre, dec * rows / m)
+
+
+def default_profile(device: str | torch.device) -> HardwareProfile:
+    """The shipped profile for the device kind (h100.json / cpu-2core.json), else measure."""
+    kind = torch.device(device).type
+    path = PROFILES_DIR / ("h100.json" if kind == "cuda" else "cpu-2core.json")
+    if path.is_file():
+        return HardwareProfile.load(path)
+    return measure(kind)
+
+
+# ---- measurement --------------------------------------------------------------------------
+def _median_time(fn, reps: int = 3, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
+                sync) -> tuple[float, float]:
+    """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes."""
+    def rate(m, k, n):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        t = _median_time(lambda: torch.nn.functional.linear(a, w), sync=sync)
+        return 2 * m * k * n / t
+    dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
+    pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)
+    return dec, pre
+
+
+def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
+    """KV bytes/s of one decode attention step (one query per row) over several shapes."""
+    from .engine.attention import attend
+    out = []
+    for b, heads, t, hd in shapes:
+        q = torch.randn(b, heads, 1, hd, device=device, dtype=dtype)
+        k = torch.randn(b, heads, t, hd, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
+        sec = _median_time(lambda: attend(q, k, v, mask), sync=sync)
+        out.append(2 * k.numel() * k.element_size() / sec)
+    return statistics.median(out)
+
+
+def _copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
+    return src.numel() * src.element_size() / _median_time(lambda: dst.copy_(src), sync=sync)
+
+
+def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> tuple[float, float, float]:
+    """(cold read, write, cached read) bytes/s of one `size`-byte file written with fsync;
+    the cold read follows posix_fadvise(DONTNEED) so it comes from the device."""
+    path = Path(offload_dir) / f"flexrun-profile-{os.getpid()}.bin"
+    buf = bytearray(os.urandom(1 << 20)) * (chunk >> 20)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        t0 = time.perf_counter()
+        for off in range(0, size, chunk):
+            os.write(fd, memoryview(buf)[:min(chunk, size - off)])
+        os.fsync(fd)
+        write = size / (time.perf_counter() - t0)
+        os.close(fd)
+        reads = []
+        for drop in (True, False):
+            fd = os.open(path, os.O_RDONLY)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                mv = memoryview(buf)
+                while f.readinto(mv):
+                    pass
+            reads.append(size / (time.perf_counter() - t0))
+        return reads[0], write, reads[1]
+    except OSError as e:
+        raise FlexrunError(f"cannot measure disk speed in {offload_dir}: {e.strerror}") from None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _host_memory() -> int:
+    """Physical memory, or the cgroup limit when one is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = Path(p).read_text().strip()
+            if v.isdigit():
+                total = min(total, int(v))
+        except OSError:
+            pass
+    return total
+
+
+def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
+            disk_bytes: int = 512 << 20, command: str = "") -> HardwareProfile:
+    """Time this machine: CPU GEMM / attention / memcpy, disk, and (with CUDA) the GPU + PCIe."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use --device cpu")
+    offload_dir = offload_dir or tempfile.gettempdir()
+    if not os.path.isdir(offload_dir):
+        raise FlexrunError(f"offload directory {offload_dir} does not exist")
+    cpu = torch.device("cpu")
+    nosync = lambda: None  # noqa: E731
+    prof = HardwareProfile(device_name=_cpu_name(), cpu_cores=len(os.sched_getaffinity(0)),
+                           command=command or f"measure({kind!r}, {offload_dir!r})",
+                           date=time.strftime("%Y-%m-%d"), cpu_mem=_host_memory())
+    prof.cpu_flops_decode, prof.cpu_flops_prefill = _gemm_rates(
+        cpu, torch.float32, prof.cpu_decode_m, (1536, 2048, 3072),
+        ((256, 1024), (512, 1536), (512, 2048)), nosync)
+    prof.cpu_attn_bw = _attn_bw(cpu, torch.float32, nosync,
+                                ((4, 12, 1024, 64), (8, 16, 512, 64), (8, 32, 256, 128)))
+    a = torch.empty(64 << 20, dtype=torch.float32)
+    prof.cpu_mem_bw = _copy_bw(a.normal_(), torch.empty_like(a), nosync)
+    del a
+    prof.disk_read, prof.disk_write, prof.disk_read_cached = _disk_rates(offload_dir, disk_bytes)
+    prof.disk_mem = shutil.disk_usage(offload_dir).free
+    prof.notes = {"disk_dir": offload_dir, "disk_file_bytes": disk_bytes,
+                  "cpu_dtype": "float32", "torch_threads": torch.get_num_threads()}
+    if kind == "cuda":
+        _measure_cuda(prof)
+    return prof
+
+
+def _measure_cuda(prof: HardwareProfile) -> None:
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    prof.device_name = torch.cuda.get_device_name(dev)
+    prof.gpu_mem = torch.cuda.get_device_properties(dev).total_memory
+    h2d, d2h, h2d_pg, d2h_pg = [], [], [], []
+    for mb in (256, 512, 1024):
+        n = (mb << 20) // 2
+        g = torch.empty(n, dtype=torch.float16, device=dev)
+        pin = torch.empty(n, dtype=torch.float16, pin_memory=True)
+        pg = torch.empty(n, dtype=torch.float16)
+        h2d.append(_copy_bw(pin, g, sync))
+        d2h.append(_copy_bw(g, pin, sync))
+        h2d_pg.append(_copy_bw(pg, g, sync))
+        d2h_pg.append(_copy_bw(g, pg, sync))
+        del g, pin, pg
+    med = statistics.median
+    prof.h2d_pinned, prof.d2h_pinned = med(h2d), med(d2h)
+    prof.h2d_pageable, prof.d2h_pageable = med(h2d_pg), med(d2h_pg)
+    x = torch.empty(512 << 20, dtype=torch.float16, device=dev)
+    # copy bandwidth counts both the read and the write (HBM traffic)
+    prof.gpu_mem_bw = 2 * _copy_bw(x, torch.empty_like(x), sync)
+    del x
+    prof.gpu_flops_decode, prof.gpu_flops_prefill = _gemm_rates(
+        dev, torch.float16, prof.gpu_decode_m, (4096, 7168, 8192),
+        ((4096, 4096), (8192, 8192), (4096, 12288)), sync)
+    prof.gpu_attn_bw = _attn_bw(dev, torch.float16, sync,
+                                ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
+    prof.notes["gpu_dtype"] = "float16"
+    torch.cuda.empty_cache()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def _fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e12:.1f} T{unit}" if v >= 1e12 else f"{v / 1e9:.2f} G{unit}"
+
+
+def format_profile(p: HardwareProfile) -> str:
+    rows = [("device", p.device_name), ("H2D pinned / pageable",
+             f"{_fmt(p.h2d_pinned, 'B/s')} / {_fmt(p.h2d_pageable, 'B/s')}"),
+            ("D2H pinned / pageable", f"{_fmt(p.d2h_pinned, 'B/s')} / {_fmt(p.d2h_pageable, 'B/s')}"),
+            ("disk read cold / cached / write", f"{_fmt(p.disk_read, 'B/s')} / "
+             f"{_fmt(p.disk_read_cached, 'B/s')} / {_fmt(p.disk_write, 'B/s')}"),
+            ("GPU GEMM decode / prefill", f"{_fmt(p.gpu_flops_decode, 'FLOP/s')} / "
+             f"{_fmt(p.gpu_flops_prefill, 'FLOP/s')}"),
+            ("GPU HBM / attention", f"{_fmt(p.gpu_mem_bw, 'B/s')} / {_fmt(p.gpu_attn_bw, 'B/s')}"),
+            ("CPU GEMM decode / prefill", f"{_fmt(p.cpu_flops_decode, 'FLOP/s')} / "
+             f"{_fmt(p.cpu_flops_prefill, 'FLOP/s')}"),
+            ("CPU memcpy / attention", f"{_fmt(p.cpu_mem_bw, 'B/s')} / {_fmt(p.cpu_attn_bw, 'B/s')}"),
+            ("memory GPU / CPU / disk free", " / ".join(
+                "-" if m is None else f"{m / 2**30:.1f} GiB"
+                for m in (p.gpu_mem, p.cpu_mem, p.disk_mem)))]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def profile_command(args) -> int:
+    """`flexrun profile -o hw.json [--offload-dir D] [--device cuda|cpu]`."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cmd = f"flexrun profile -o {args.output} --device {device}"
+    if args.offload_dir:
+        cmd += f" --offload-dir {args.offload_dir}"
+    prof = measure(device, args.offload_dir, command=cmd)
+    prof.save(args.output)
+    print(format_profile(prof))
+    print(f"profile written to {args.output}")
+    return 0

@@ -1,0 +1,291 @@
+"""Read llama-architecture GGUF files: HF-style config, dequantized HF-named tensors, tokenizer.
+
+Only gguf, numpy, torch and tokenizers are used. Tensors are memory-mapped by gguf.GGUFReader and
+dequantized one at a time, so the model is never held twice.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+PathLike = str | os.PathLike
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+              "output": "lm_head"}
+_BLK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int):
+    import gguf
+    return gguf.GGUFReader(path)
+
+
+def _reader(path: PathLike):
+    """A (cached) memory-mapped GGUFReader; parsing the metadata of a big vocab takes a second."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file {p} not found")
+    try:
+        return _open(str(p.resolve()), p.stat().st_mtime_ns)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{p.name} is not a readable GGUF file ({e})") from e
+
+
+def _meta(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _uniform(value, what: str) -> int:
+    """A per-layer list must hold one value throughout (flexrun has no per-layer shapes)."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"per-layer {what} {sorted(set(value))} is not supported")
+        value = value[0]
+    return int(value)
+
+
+# ---- config ---------------------------------------------------------------------------------
+def gguf_config(path: PathLike) -> dict:
+    """An HF LlamaConfig-style config.json dict built from the GGUF metadata."""
+    r = _reader(path)
+    arch = _meta(r, "general.architecture", "unknown")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: flexrun reads only "
+                         "llama-architecture GGUF files (Llama, Mistral, SmolLM, ...)")
+    if _meta(r, f"{arch}.expert_count", 0):
+        raise ValueError("mixture-of-experts llama GGUF (Mixtral-style) is not supported")
+    key = lambda k, d=None: _meta(r, f"{arch}.{k}", d)  # noqa: E731
+    missing = [k for k in ("embedding_length", "block_count", "attention.head_count",
+                           "feed_forward_length") if key(k) is None]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks {arch}.{missing[0]}: the file is incomplete")
+    names = {t.name for t in r.tensors}
+    hidden, heads = int(key("embedding_length")), _uniform(key("attention.head_count"), "heads")
+    kv_heads = _uniform(key("attention.head_count_kv", heads), "kv heads")
+    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads)
+    theta = float(key("rope.freq_base", 10000.0))
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    embd = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
+    vocab = (int(embd.shape[1]) if embd is not None       # GGUF dims are [hidden, vocab]
+             else key("vocab_size") or (len(tokens.data) if tokens is not None else None))
+    if vocab is None:
+        raise ValueError("GGUF has neither a vocabulary size nor a token_embd.weight tensor")
+    eos = [_meta(r, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id",
+                                                      "eom_token_id")]
+    eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
+    cfg = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab), "hidden_size": hidden,
+        "intermediate_size": _uniform(key("feed_forward_length"), "feed_forward_length"),
+        "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "max_position_embeddings": int(key("context_length", 4096)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": theta, "rope_scaling": _rope_scaling(r, arch, head_dim, theta),
+        "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _meta(r, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+    }
+    pad = _meta(r, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        cfg["pad_token_id"] = int(pad)
+    return cfg
+
+
+def _rope_scaling(r, arch: str, head_dim: int, theta: float) -> dict | None:
+    """HF rope_scaling from `{arch}.rope.scaling.*` (or scale_linear), or llama3 from rope_freqs."""
+    kind = _meta(r, f"{arch}.rope.scaling.type")
+    factor = _meta(r, f"{arch}.rope.scaling.factor")
+    if kind is None and _meta(r, f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", _meta(r, f"{arch}.rope.scale_linear")
+    if kind not in (None, "none") and factor is not None and float(factor) != 1.0:
+        sc = {"rope_type": kind, "factor": float(factor)}
+        orig = _meta(r, f"{arch}.rope.scaling.original_context_length")
+        if orig:
+            sc["original_max_position_embeddings"] = int(orig)
+        for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                      ("attn_factor", "attention_factor")):
+            v = _meta(r, f"{arch}.rope.scaling.{k}")
+            if v is not None:
+                sc[hf] = float(v)
+        return sc
+    freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        return None
+    return _llama3_from_factors(np.asarray(freqs.data, dtype=np.float64).ravel(), head_dim, theta)
+
+
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict | None:
+    """Recover Llama-3 rope_scaling from llama.cpp's per-frequency divisors (rope_freqs.weight)."""
+    if np.allclose(factors, 1.0):
+        return None
+    factor = float(factors.max())
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv
+    for old in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for lo, hi in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
+            smooth = (old / wavelen - lo) / (hi - lo)
+            want = np.where(wavelen < old / hi, 1.0, np.where(
+                wavelen > old / lo, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+            if want.shape == factors.shape and np.allclose(want, factors, rtol=1e-4):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo,
+                        "high_freq_factor": hi, "original_max_position_embeddings": old}
+    raise ValueError("rope_freqs.weight holds rope factors that match no Llama-3 rope_scaling: "
+                     "this GGUF's rope scaling is not supported")
+
+
+# ---- tensors --------------------------------------------------------------------------------
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF Llama state-dict name of a GGUF tensor (None: not a model weight, e.g. rope_freqs)."""
+    m = _BLK_RE.fullmatch(gguf_name)
+    if m:
+        sub = _LAYER_NAMES.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{sub}.{m.group(3)}" if sub else None
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_TOP_NAMES[base]}.{kind}" if base in _TOP_NAMES else None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's rotary permutation of q/k rows (weights or biases).
+
+    llama.cpp turns HF's rotate-half layout into interleaved pairs with
+    `w.reshape(n_head, 2, d // 2, *rest).swapaxes(1, 2)`; this applies the inverse.
+    """
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2)
+            .reshape(w.shape))
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # GGUF lists dims innermost-first
+    w = dequantize(t.data, t.tensor_type).reshape(shape)
+    return w if w.flags.writeable else w.copy()                  # never hand out the memmap
+
+
+def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time."""
+    cfg = gguf_config(path)
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    for t in _reader(path).tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            continue
+        w = torch.from_numpy(_dequantize(t))
+        proj = name.split(".")[-2]
+        if proj in heads and ".self_attn." in name:
+            w = unpermute_qk(w, heads[proj])
+        yield name, w.to(dtype).contiguous()
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "pixtral", "dbrx"}
+# llama.cpp splits each digit off first for these (as SmolLM's tokenizer.json: Digits + ByteLevel)
+_DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+
+
+def _pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers as pt
+    if pre in _LLAMA3_PRE or pre == "tekken":
+        split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _TEKKEN_SPLIT
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_PRE:
+        return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
+    return byte_level                                            # "gpt2", "default", unknown
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def gguf_tokenizer(path: PathLike):
+    """A tokenizers.Tokenizer rebuilt from the GGUF's byte-level BPE ("gpt2") vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    r = _reader(path)
+    embedded = _meta(r, "tokenizer.huggingface.json")
+    if embedded:
+        return Tokenizer.from_str(embedded)
+    kind, pre = _meta(r, "tokenizer.ggml.model"), _meta(r, "tokenizer.ggml.pre")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported: flexrun rebuilds "
+                         "byte-level BPE ('gpt2') tokenizers only")
+    tokens: list[str] = _meta(r, "tokenizer.ggml.tokens")
+    merges = _meta(r, "tokenizer.ggml.merges")
+    if not merges:
+        raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+    types = _meta(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    spell = _byte_alphabet()
+    alphabet = set(spell.values())
+    # a token spelled outside the byte alphabet (a llama.cpp mislabel) is respelled, as in HF
+    vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode()): i
+             for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                     ignore_merges=pre in _LLAMA3_PRE)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, ty in zip(tokens, types) if ty == 4 and t in vocab])
+    tok.post_processor = _post_processor(r, tokens, default_bos=pre in _LLAMA3_PRE)
+    return tok
+
+
+def _post_processor(r, tokens: list[str], default_bos: bool):
+    """BOS/EOS insertion as llama.cpp does it (tokenizer.ggml.add_bos_token / add_eos_token)."""
+    from tokenizers import processors
+    specials = []
+    for k, default in (("bos", default_bos), ("eos", False)):
+        tid = _meta(r, f"tokenizer.ggml.{k}_token_id")
+        on = _meta(r, f"tokenizer.ggml.add_{k}_token", default)
+        specials.append((tokens[tid], int(tid)) if on and tid is not None else None)
+    bos, eos = specials
+    if bos is None and eos is None:
+        return processors.ByteLevel(trim_offsets=False)
+    pre, post = ([bos[0]] if bos else []), ([eos[0]] if eos else [])
+    single = " ".join(pre + ["$A:0"] + post)
+    pair = " ".join(pre + ["$A:0"] + post + [f"{s}:1" for s in pre] + ["$B:1"]
+                    + [f"{s}:1" for s in post])
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[s for s in specials if s])
+
+
+def gguf_chat_template(path: PathLike) -> str | None:
+    """The Jinja chat template stored in the GGUF (tokenizer.chat_template), if any."""
+    return _meta(_reader(path), "tokenizer.chat_template") or None
