@@ -1,0 +1,76 @@
+"""Measure one flexrun configuration and print one JSON line (used by bench.run).
+
+python -m bench.run_flexrun --model dummy:opt-30b --policy policies/x.json|auto \
+    --prompt-len 512 --gen-len 32 --num-prompts 64 [--gpu-mem 16GiB --cpu-mem 100GiB]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from flexrun import LLM, Policy, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int, default=None)
+    ap.add_argument("--gpu-mem", default=None)
+    ap.add_argument("--cpu-mem", default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--offload-dir", default=None)
+    ap.add_argument("--compress-weight", action="store_true")
+    ap.add_argument("--compress-cache", action="store_true")
+    ap.add_argument("--trace", default=None)
+    a = ap.parse_args()
+    policy = a.policy if a.policy in (None, "auto") else Policy.load(a.policy)
+    t0 = time.perf_counter()
+    llm = LLM(a.model, device=a.device, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
+              offload_dir=a.offload_dir or tempfile.mkdtemp(prefix="flexrun-bench-"),
+              dtype=a.dtype, compress_weight=a.compress_weight, compress_cache=a.compress_cache,
+              trace=a.trace)
+    load_s = time.perf_counter() - t0
+    with llm:
+        n = a.num_prompts or llm.policy.block_size
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(10, min(llm.spec.vocab_size, 30000), (n, a.prompt_len),
+                                generator=g).tolist()
+        greedy = SamplingParams(ignore_eos=True)
+        llm.generate(prompts[:llm.policy.block_size], 2, greedy)            # warm-up
+        llm.stats = type(llm.stats)()
+        if llm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        llm.generate(prompts, a.gen_len, greedy)
+        st = llm.stats
+        predicted = None
+        try:
+            from flexrun.costmodel import predict
+            from flexrun.hardware import default_profile
+            p = predict(llm.spec, llm.policy, default_profile(llm.device.type), a.prompt_len,
+                        a.gen_len, num_prompts=n)
+            predicted = {k: v for k, v in vars(p).items() if isinstance(v, (int, float))}
+        except Exception as e:          # the cost model is optional for a measurement
+            predicted = {"error": str(e)}
+    total = st.prefill_s + st.decode_s
+    print("FLEXRUN_RESULT " + json.dumps({
+        "model": a.model, "device": torch.cuda.get_device_name(0) if llm.device.type == "cuda"
+        else "cpu", "policy": llm.policy.to_dict(), "weights_split": st.weights_split,
+        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "num_prompts": n, "load_s": load_s,
+        "prefill_s": st.prefill_s, "decode_s": st.decode_s,
+        "decode_step_s": st.decode_s / max(a.gen_len - 1, 1),
+        "prefill_tok_s": n * a.prompt_len / st.prefill_s,
+        "decode_tok_s": n * (a.gen_len - 1) / max(st.decode_s, 1e-9),
+        "total_tok_s": n * a.gen_len / total, "peak_gpu_GB": st.peak_gpu_bytes / 1e9,
+        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted}))
+
+
+if __name__ == "__main__":
+    main()
