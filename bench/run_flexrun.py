@@ -45,7 +45,8 @@ def main() -> None:
                                 generator=g).tolist()
         greedy = SamplingParams(ignore_eos=True)
         llm.generate(prompts[:llm.policy.block_size], 2, greedy)            # warm-up
-        llm.stats = type(llm.stats)()
+        split = llm.stats.weights_split
+        llm.stats = type(llm.stats)(weights_split=split)
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         llm.generate(prompts, a.gen_len, greedy)

@@ -36,7 +36,8 @@ class HardwareProfile:
     # disk, large sequential chunks; cold = page cache dropped, cached = read back from it
     disk_read: float = 1.0 * _GB
     disk_write: float = 1.0 * _GB
-    disk_read_cached: float | None = None
+    disk_read_cached: float | None = None        # page cache -> reused (e.g. pinned) buffers
+    disk_read_cached_fresh: float | None = None  # page cache -> freshly allocated buffers
     # GPU compute (fp16): GEMM rate at decode-ish (gpu_decode_m rows) and prefill-ish shapes
     gpu_flops_decode: float | None = None
     gpu_flops_prefill: float | None = None
@@ -102,7 +103,8 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
 
 
 # ---- measurement --------------------------------------------------------------------------
-def _median_time(fn, reps: int = 3, sync=lambda: None) -> float:
+def _best_time(fn, reps: int = 5, sync=lambda: None) -> float:
+    """Fastest of `reps` timed calls after a warm-up (robust to other processes' bursts)."""
     fn()
     sync()
     times = []
@@ -111,7 +113,7 @@ def _median_time(fn, reps: int = 3, sync=lambda: None) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
@@ -120,7 +122,7 @@ def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes,
     def rate(m, k, n):
         a = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype)
-        t = _median_time(lambda: torch.nn.functional.linear(a, w), sync=sync)
+        t = _best_time(lambda: torch.nn.functional.linear(a, w), sync=sync)
         return 2 * m * k * n / t
     dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
     pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)
@@ -136,40 +138,44 @@ def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
         k = torch.randn(b, heads, t, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
         mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
-        sec = _median_time(lambda: attend(q, k, v, mask), sync=sync)
+        sec = _best_time(lambda: attend(q, k, v, mask), sync=sync)
         out.append(2 * k.numel() * k.element_size() / sec)
     return statistics.median(out)
 
 
 def _copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
-    return src.numel() * src.element_size() / _median_time(lambda: dst.copy_(src), sync=sync)
+    return src.numel() * src.element_size() / _best_time(lambda: dst.copy_(src), sync=sync)
 
 
-def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> tuple[float, float, float]:
-    """(cold read, write, cached read) bytes/s of one `size`-byte file written with fsync;
-    the cold read follows posix_fadvise(DONTNEED) so it comes from the device."""
+def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, float]:
+    """Bytes/s of one `size`-byte file: written with fsync; read cold (after
+    posix_fadvise(DONTNEED), so from the device); read again from the page cache into one
+    reused buffer and into a fresh buffer per chunk (as a read into a new tensor does)."""
+    import numpy as np
     path = Path(offload_dir) / f"flexrun-profile-{os.getpid()}.bin"
-    buf = bytearray(os.urandom(1 << 20)) * (chunk >> 20)
+    buf = np.frombuffer(os.urandom(1 << 20) * (chunk >> 20), dtype=np.uint8).copy()
+
+    def read(fresh: bool, drop: bool) -> float:
+        fd = os.open(path, os.O_RDONLY)
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while f.readinto(memoryview(np.empty(chunk, np.uint8) if fresh else buf)):
+                pass
+        return size / (time.perf_counter() - t0)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         t0 = time.perf_counter()
         for off in range(0, size, chunk):
             os.write(fd, memoryview(buf)[:min(chunk, size - off)])
         os.fsync(fd)
-        write = size / (time.perf_counter() - t0)
+        out = {"disk_write": size / (time.perf_counter() - t0)}
         os.close(fd)
-        reads = []
-        for drop in (True, False):
-            fd = os.open(path, os.O_RDONLY)
-            if drop:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            t0 = time.perf_counter()
-            with os.fdopen(fd, "rb", buffering=0) as f:
-                mv = memoryview(buf)
-                while f.readinto(mv):
-                    pass
-            reads.append(size / (time.perf_counter() - t0))
-        return reads[0], write, reads[1]
+        out["disk_read"] = read(fresh=False, drop=True)
+        out["disk_read_cached"] = max(read(fresh=False, drop=False) for _ in range(3))
+        out["disk_read_cached_fresh"] = max(read(fresh=True, drop=False) for _ in range(3))
+        return out
     except OSError as e:
         raise FlexrunError(f"cannot measure disk speed in {offload_dir}: {e.strerror}") from None
     finally:
@@ -211,7 +217,8 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     a = torch.empty(64 << 20, dtype=torch.float32)
     prof.cpu_mem_bw = _copy_bw(a.normal_(), torch.empty_like(a), nosync)
     del a
-    prof.disk_read, prof.disk_write, prof.disk_read_cached = _disk_rates(offload_dir, disk_bytes)
+    for name, value in _disk_rates(offload_dir, disk_bytes).items():
+        setattr(prof, name, value)
     prof.disk_mem = shutil.disk_usage(offload_dir).free
     prof.notes = {"disk_dir": offload_dir, "disk_file_bytes": disk_bytes,
                   "cpu_dtype": "float32", "torch_threads": torch.get_num_threads()}
@@ -274,7 +281,8 @@ def format_profile(p: HardwareProfile) -> str:
              f"{_fmt(p.h2d_pinned, 'B/s')} / {_fmt(p.h2d_pageable, 'B/s')}"),
             ("D2H pinned / pageable", f"{_fmt(p.d2h_pinned, 'B/s')} / {_fmt(p.d2h_pageable, 'B/s')}"),
             ("disk read cold / cached / write", f"{_fmt(p.disk_read, 'B/s')} / "
-             f"{_fmt(p.disk_read_cached, 'B/s')} / {_fmt(p.disk_write, 'B/s')}"),
+             f"{_fmt(p.disk_read_cached, 'B/s')} (fresh buffers "
+             f"{_fmt(p.disk_read_cached_fresh, 'B/s')}) / {_fmt(p.disk_write, 'B/s')}"),
             ("GPU GEMM decode / prefill", f"{_fmt(p.gpu_flops_decode, 'FLOP/s')} / "
              f"{_fmt(p.gpu_flops_prefill, 'FLOP/s')}"),
             ("GPU HBM / attention", f"{_fmt(p.gpu_mem_bw, 'B/s')} / {_fmt(p.gpu_attn_bw, 'B/s')}"),
