@@ -127,6 +127,7 @@ class StopFlag:
         if first:
             self.signum = signum
         if self.immediate or not first:
+            self.closing = True             # only cleanup runs from here: ignore more signals
             raise KeyboardInterrupt
 
     @property

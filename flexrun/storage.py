@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -94,20 +95,39 @@ _RUN_DIR = re.compile(r"flexrun-run-(\d+)-[0-9a-f]+")
 
 
 def remove_stale_runs(root: Path) -> list[Path]:
-    """Remove `flexrun-run-<pid>-*` directories whose process is gone (a SIGKILLed run)."""
+    """Remove `flexrun-run-<pid>-*` directories whose run is gone (e.g. SIGKILLed)."""
     removed = []
     for d in root.glob("flexrun-run-*"):
         m = _RUN_DIR.fullmatch(d.name)
-        if not m or not d.is_dir():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)     # succeeds (or EPERM) while that process lives
-        except ProcessLookupError:
+        if m and d.is_dir() and not _run_alive(d, int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
-        except (OSError, OverflowError):
-            pass
     return removed
+
+
+def _run_alive(d: Path, pid: int) -> bool:
+    """Alive while its pid is; a dead-looking pid still counts while the run holds d/.lock
+    (a run in another PID namespace or on another host sharing the directory)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        pass
+    except (OSError, OverflowError):        # EPERM: alive, another user's
+        return True
+    try:
+        fd = os.open(d / ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def offload_error(e: OSError, path: Path) -> FlexrunError:
@@ -136,12 +156,23 @@ class DiskTier:
                                "--offload-dir")
         remove_stale_runs(root)
         self.dir = root / f"flexrun-run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
+        self._lock: int | None = None
+        try:                                # nothing may leak, even on KeyboardInterrupt
             self.dir.mkdir()
-        except OSError as e:
-            raise FlexrunError(f"cannot create a directory in offload directory {root} "
-                               f"({e.strerror}): pass a writable --offload-dir") from None
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexrun-disk")
+            self._lock = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until close() or process death
+            except OSError:
+                pass                        # no locks here (some NFS): the pid check only
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="flexrun-disk")
+        except BaseException as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._lock is not None:
+                os.close(self._lock)
+            if isinstance(e, OSError):
+                raise FlexrunError(f"cannot create files in offload directory {root} "
+                                   f"({e.strerror}): pass a writable --offload-dir") from None
+            raise
         self._n = 0
 
     def new_path(self, name: str) -> Path:
@@ -172,6 +203,9 @@ class DiskTier:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class TieredStore:

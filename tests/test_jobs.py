@@ -1,0 +1,394 @@
+"""Batch jobs that survive: one-line errors (exit 2), resume after SIGKILL, clean SIGINT/SIGTERM.
+
+Every failure must keep the finished output lines and leave no offload files behind.
+Errors run the CLI in-process; kills, signals and mounts (read-only / full disk) use subprocesses.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from flexrun.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PRIOR = {"id": "old", "output_ids": [5, 6], "text": "x", "finish_reason": "length"}
+DISK = {"gpu_batch_size": 1, "weights_gpu": 0, "weights_cpu": 0, "weights_disk": 100,
+        "cache_gpu": 0, "cache_cpu": 0, "cache_disk": 100}
+PROMPTS = ["the quick brown fox", "hello world, this is flexrun", "offloading weights to disk",
+           "a b c d e f g 0 1 2 3"]
+
+
+class Job:
+    """Paths of one job: input, output (holding one finished line), offload dir, disk policy."""
+
+    def __init__(self, root: Path, model: Path, n: int = 4, policy: dict | None = None):
+        self.root, self.model = root, model
+        self.inp, self.out, self.off = root / "in.jsonl", root / "out.jsonl", root / "off"
+        self.off.mkdir()
+        self.policy = root / "policy.json"
+        self.policy.write_text(json.dumps(policy or DISK))
+        rows = [{"id": "old", "prompt": "hello"}]
+        rows += [{"id": f"p{i}", "prompt": PROMPTS[i % 4] * (1 + i % 3)} for i in range(n)]
+        write_jsonl(self.inp, rows)
+        write_jsonl(self.out, [PRIOR])
+
+    def args(self, *extra: str, new: int = 4) -> list[str]:
+        return ["generate", "--model", str(self.model), "--input", str(self.inp), "--output",
+                str(self.out), "--policy", str(self.policy), "--offload-dir", str(self.off),
+                "--device", "cpu", "--quiet", "--max-new-tokens", str(new), "--ignore-eos",
+                *extra]
+
+    def ids(self) -> list:
+        data = self.out.read_bytes()
+        assert data.endswith(b"\n"), "output ends with a partial line"
+        return [json.loads(line)["id"] for line in data.splitlines()]
+
+    def offload_files(self) -> list[str]:
+        return sorted(p.name for p in self.off.iterdir()) if self.off.is_dir() else []
+
+
+@pytest.fixture
+def job(tmp_path, opt_dir) -> Job:
+    return Job(tmp_path, opt_dir)
+
+
+def one_error_line(rc: int, err: str, *words: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("flexrun: error: "), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def model_copy(job: Job, edit) -> None:
+    """Point the job at a copy of its model, changed by edit(dir)."""
+    d = job.root / "model"
+    shutil.copytree(job.model, d)
+    edit(d)
+    job.model = d
+
+
+def _edit_config(**changes):
+    def edit(d: Path):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return edit
+
+
+def _truncate_shard(d: Path):
+    f = d / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def _shard_then_lose_one(d: Path):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(d / "model.safetensors"))
+    keys = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in halves.items():
+        save_file({k: sd[k] for k in ks}, str(d / name), metadata={"format": "pt"})
+    (d / "model.safetensors").unlink()
+    wm = {k: name for name, ks in halves.items() for k in ks}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    (d / "model-00002-of-00002.safetensors").unlink()
+
+
+def _inp(raw: bytes):
+    return lambda job: job.inp.write_bytes(raw)
+
+
+def _rows(*rows):
+    return lambda job: write_jsonl(job.inp, list(rows))
+
+
+# case -> (setup(job), extra CLI args, words the one error line must contain)
+CASES = {
+    "duplicate-id": (_rows({"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}), [],
+                     ["line 2", "duplicate id 1", "unique"]),
+    "empty-prompt": (_rows({"id": 7, "prompt": ""}), [], ["id 7", "empty", "remove the line"]),
+    "empty-input-ids": (_rows({"id": 7, "input_ids": []}), [], ["id 7", "empty"]),
+    "non-utf8": (_inp(b'{"id": 1, "prompt": "caf\xe9"}\n'), [], ["line 1", "UTF-8", "re-encode"]),
+    "malformed-jsonl": (_inp(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": \n'), [],
+                        ["line 2", "malformed JSON", '"id"']),
+    "empty-input": (_inp(b""), [], ["holds no prompts"]),
+    "prompt-too-long": (_rows({"id": "long", "input_ids": [5] * 200}), [],
+                        ["'long'", "200 tokens", "128 positions", "--truncate left"]),
+    "token-out-of-vocab": (_rows({"id": "v", "input_ids": [5, 99999]}), [],
+                           ["'v'", "99999", "vocabulary"]),
+    "max-new-tokens-0": (None, ["--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    "max-new-tokens-neg": (None, ["--max-new-tokens", "-5"], ["--max-new-tokens", "-5"]),
+    "missing-model-dir": (lambda job: setattr(job, "model", job.root / "nope"), [],
+                          ["not found", "HF checkpoint directory"]),
+    "missing-shard": (lambda job: model_copy(job, _shard_then_lose_one), [],
+                      ["model-00002-of-00002.safetensors", "missing", "complete checkpoint"]),
+    "unsupported-arch": (lambda job: model_copy(job, _edit_config(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"])), [],
+        ["unsupported architecture 'GPT2LMHeadModel'", "OPT and Llama"]),
+    "truncated-shard": (lambda job: model_copy(job, _truncate_shard), [],
+                        ["model.safetensors", "corrupt or truncated"]),
+    "shape-mismatch": (lambda job: model_copy(job, _edit_config(ffn_dim=256)), [],
+                       ["(128,)", "(256,)", "do not match"]),
+    "budget-too-small": (lambda job: (setattr(job, "model", "dummy:opt-125m"),
+                                      _rows({"id": 1, "input_ids": [5, 6]})(job)),
+                         ["--cpu-mem", "1MiB"], ["--cpu-mem is 1.0MiB", "raise --cpu-mem"]),
+    "offload-dir-missing": (lambda job: job.off.rmdir(), [], ["does not exist", "--offload-dir"]),
+    "offload-dir-is-file": (lambda job: (job.off.rmdir(), job.off.write_text("")), [],
+                            ["not a directory", "--offload-dir"]),
+    "output-is-dir": (lambda job: setattr(job, "out", job.off), [], ["is a directory", "--output"]),
+    "output-dir-missing": (lambda job: setattr(job, "out", job.root / "no" / "out.jsonl"), [],
+                           ["does not exist", "--output"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2(job, capsys, case):
+    setup, extra, words = CASES[case]
+    before = job.out.read_bytes()
+    if setup is not None:
+        setup(job)
+    rc = main(job.args(*extra))
+    one_error_line(rc, capsys.readouterr().err, *words)
+    assert (job.root / "out.jsonl").read_bytes() == before      # finished output kept
+    assert job.offload_files() == []                           # run's subdirectory removed
+
+
+def test_truncate_left_keeps_the_end(job, capsys):
+    long = [5 + i % 300 for i in range(200)]
+    write_jsonl(job.inp, [{"id": "long", "input_ids": long},
+                          {"id": "cut", "input_ids": long[-(128 - 8):]}])
+    assert main(job.args("--truncate", "left", new=8)) == 0
+    rows = {r["id"]: r for r in map(json.loads, job.out.read_text().splitlines())}
+    assert len(rows["long"]["output_ids"]) == 8
+    assert rows["long"]["output_ids"] == rows["cut"]["output_ids"]
+    assert job.offload_files() == []
+
+
+def test_resume_cuts_torn_line_and_skips_done(job, capsys):
+    job.out.unlink()
+    assert main(job.args()) == 0
+    ref = job.out.read_text().splitlines(keepends=True)
+    assert len(ref) == 5
+    torn = "".join(ref[:2]) + ref[2][:25]                       # a kill in the middle of a line
+    job.out.write_text(torn)
+    assert main(job.args()) == 0
+    lines = job.out.read_text().splitlines(keepends=True)
+    assert lines[:2] == ref[:2]                                 # finished lines untouched
+    assert sorted(lines) == sorted(ref)                         # the rest regenerated, same result
+    assert sorted(job.ids(), key=str) == sorted(json.loads(r)["id"] for r in ref)
+    capsys.readouterr()
+    assert main(job.args()) == 0                                # all done: nothing to do
+    assert job.out.read_text().splitlines(keepends=True) == lines
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_offload_dirs_are_removed(job, capsys):
+    """Dead pid: removed. Live pid, a dead-looking pid whose .lock is held (a run in another
+    PID namespace sharing the directory) and names flexrun did not make: kept."""
+    dead = job.off / f"flexrun-run-{_dead_pid()}-0badc0de"
+    alive = job.off / f"flexrun-run-{os.getpid()}-12345678"
+    locked = job.off / f"flexrun-run-{_dead_pid()}-10cced00"
+    other = job.off / "flexrun-run-notes"
+    for d in (dead, alive, locked, other):
+        d.mkdir()
+        (d / "000001-x.bin").write_bytes(b"0" * 10)
+    with open(locked / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert main(job.args()) == 0
+    assert job.offload_files() == sorted([alive.name, locked.name, other.name])
+
+
+# ---- subprocesses: SIGKILL, SIGINT / SIGTERM ---------------------------------------------------
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "flexrun.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_lines(job: Job, n: int, proc: subprocess.Popen, timeout: float = 60) -> int:
+    """Wait until the output holds >= n complete lines; returns how many it holds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        have = job.out.read_bytes().count(b"\n") if job.out.exists() else 0
+        if have >= n:
+            return have
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.01)
+    raise AssertionError(f"no {n} output lines after {timeout}s")
+
+
+@pytest.fixture
+def long_job(tmp_path, opt_dir) -> Job:
+    return Job(tmp_path, opt_dir, n=40)
+
+
+def test_sigkill_anywhere_then_rerun_completes(long_job, capsys):
+    job = long_job
+    for _ in range(2):                      # kill a fresh run, then a resumed one
+        have = len(job.ids())
+        proc = spawn(job.args(new=32))
+        wait_lines(job, have + 2, proc)
+        proc.kill()
+        proc.wait()
+    # the resumed run removed the first run's files; the second run's are left for the next
+    assert [n.split("-")[2] for n in job.offload_files()] == [str(proc.pid)]
+    assert main(job.args(new=32)) == 0
+    assert sorted(job.ids(), key=str) == ["old"] + sorted(f"p{i}" for i in range(40))
+    assert job.offload_files() == []
+
+
+@pytest.mark.parametrize("sig,times", [(signal.SIGINT, 1), (signal.SIGTERM, 1),
+                                       (signal.SIGINT, 2)], ids=["int", "term", "int-twice"])
+def test_signal_stops_cleanly_and_rerun_resumes(long_job, capsys, sig, times):
+    """One signal: the current block (4 prompts) finishes, then the job stops. A second
+    signal stops at once: sent inside a single 40-prompt block, nothing of it is written."""
+    job = long_job
+    block = 4 if times == 1 else 40
+    proc = spawn(job.args("--num-gpu-batches", str(block), new=32))
+    if times == 1:
+        seen = wait_lines(job, 1 + block, proc)
+    else:                                   # wait until the block's KV cache files exist
+        end = time.time() + 60
+        while not any("kv-" in f.name for f in job.off.glob("flexrun-run-*/*")):
+            assert proc.poll() is None and time.time() < end, proc.communicate()[1]
+            time.sleep(0.01)
+        seen = 1
+    for _ in range(times):
+        proc.send_signal(sig)
+        time.sleep(0.1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    done = len(job.ids())
+    assert lines[0] == (f"flexrun: stopped by {sig.name} after {done} of 41 ids; "
+                        "rerun the same command to resume")
+    if times == 1:                          # whole blocks only, and it did not run to the end
+        assert (done - 1) % block == 0 and seen <= done <= seen + 2 * block and done < 41
+    else:
+        assert done == 1
+    assert job.offload_files() == []
+    assert main(job.args(new=32)) == 0
+    assert sorted(job.ids(), key=str) == ["old"] + sorted(f"p{i}" for i in range(40))
+
+
+def test_signal_while_loading_stops_at_once(tmp_path, capsys):
+    """Loading can take minutes: a signal then stops at once and removes the offload files."""
+    job = Job(tmp_path, "dummy:opt-125m", policy={**DISK, "weights_disk": 0, "weights_cpu": 100})
+    write_jsonl(job.inp, [{"id": "old", "input_ids": [5]}, {"id": 1, "input_ids": [5, 6]}])
+    proc = spawn(job.args())
+    end = time.time() + 60
+    while not any(job.off.glob("flexrun-run-*")):          # the model is being placed now
+        assert proc.poll() is None and time.time() < end, proc.communicate()[1]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == ("flexrun: stopped by SIGTERM after 1 of 2 ids; rerun the same "
+                           "command to resume")
+    assert job.ids() == ["old"] and job.offload_files() == []
+
+
+# ---- real mounts in a user+mount namespace: read-only offload dir, full disk -----------------
+@lru_cache(maxsize=1)
+def can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+needs_mount = pytest.mark.skipif("not can_mount()",
+                                 reason="needs `unshare -rm` (user + mount namespaces)")
+
+
+def in_namespace(script: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def cli_line(job: Job, *extra: str, new: int = 4) -> str:
+    return " ".join([sys.executable, "-m", "flexrun.cli", *job.args(*extra, new=new)])
+
+
+def test_offload_dir_not_writable(job, capsys):
+    before = job.out.read_bytes()
+    if os.geteuid() != 0:
+        job.off.chmod(0o555)
+        rc, err = main(job.args()), capsys.readouterr().err
+        job.off.chmod(0o755)
+    elif can_mount():       # root ignores permissions: make it a read-only mount instead
+        r = in_namespace(f"mount --bind {job.off} {job.off} && "
+                         f"mount -o remount,ro,bind {job.off} && {cli_line(job)}")
+        rc, err = r.returncode, r.stderr
+    else:
+        pytest.skip("running as root without `unshare -rm`: cannot make a directory read-only")
+    one_error_line(rc, err, "not writable", "--offload-dir")
+    assert job.out.read_bytes() == before
+    assert job.offload_files() == []
+
+
+FILLER = """import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+while True:                     # take every page the job frees until the job is gone
+    try:
+        os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    try:
+        os.kill(int(sys.argv[2]), 0)
+    except ProcessLookupError:
+        break
+"""
+
+
+@needs_mount
+@pytest.mark.parametrize("what", ["activations", "kv-cache"])
+def test_disk_fills_up_during_run(long_job, capsys, what):
+    """A small tmpfs as --offload-dir: filled by another writer after some blocks (activation
+    writes fail), or too small for the KV cache of the first block (cache writes fail)."""
+    job = long_job
+    if what == "activations":
+        job.policy.write_text(json.dumps({**DISK, "act_gpu": 0, "act_disk": 100}))
+        (job.root / "fill.py").write_text(FILLER)
+        fill = (f"while [ $(wc -l < {job.out}) -lt 4 ]; do sleep 0.01; done; "
+                f"{sys.executable} {job.root / 'fill.py'} {job.off}/filler $P & ")
+        size = "4m"
+    else:
+        job.policy.write_text(json.dumps({**DISK, "weights_disk": 0, "weights_cpu": 100,
+                                          "gpu_batch_size": 8}))
+        fill, size = "", "64k"
+    before = job.out.read_bytes()
+    r = in_namespace(f"mount -t tmpfs -o size={size} tmpfs {job.off} && "
+                     f"{{ {cli_line(job, new=32)} & P=$!; {fill}wait $P; echo rc=$?; wait; "
+                     f"ls -A {job.off}; }}")
+    out = r.stdout.split()
+    assert out[0] == "rc=2", r.stderr
+    one_error_line(2, r.stderr, "disk full while writing offload files", "--offload-dir")
+    assert out[1:] == (["filler"] if fill else [])          # the run's files are gone
+    assert job.out.read_bytes().startswith(before)           # finished lines kept
+    kept = len(job.ids())
+    assert kept >= (4 if fill else 1)
+    assert main(job.args(new=32)) == 0                       # rerun on a roomy disk finishes
+    assert sorted(job.ids(), key=str) == ["old"] + sorted(f"p{i}" for i in range(40))
+    assert job.offload_files() == []
