@@ -7,6 +7,7 @@ All rates are in bytes/s or FLOP/s; a field is None when it was not measured.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import FlexrunError
 
@@ -44,12 +46,14 @@ class HardwareProfile:
     gpu_decode_m: int = 64
     gpu_mem_bw: float | None = None          # HBM copy bytes/s
     gpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
+    gpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (launch floor)
     # CPU compute (fp32)
-    cpu_flops_decode: float = 10 * _GB
-    cpu_flops_prefill: float = 50 * _GB
+    cpu_flops_decode: float | None = None
+    cpu_flops_prefill: float | None = None
     cpu_decode_m: int = 16
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
-    cpu_attn_bw: float = 5 * _GB             # KV bytes/s read by decode attention
+    cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
+    cpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (dispatch floor)
     # capacities
     gpu_mem: int | None = None
     cpu_mem: int = 16 << 30
@@ -83,18 +87,23 @@ class HardwareProfile:
             raise FlexrunError(f"hardware profile {p} is not a valid profile JSON ({e})")
 
     # ---- derived rates --------------------------------------------------------------------
-    def gemm_rate(self, rows: int, on_gpu: bool) -> float:
-        """FLOP/s of a weight GEMM with `rows` activation rows: memory-bound (linear in rows)
-        below the decode measurement's slope, capped at the prefill-shape rate."""
+    def gemm_time(self, rows: int, params: int, on_gpu: bool) -> float:
+        """Seconds of a GEMM of `rows` activation rows by a `params`-element weight: a
+        weight-streaming part (fitted so the decode-shape rate is matched) plus FLOPs at the
+        prefill-shape rate. Fits both the memory-bound and the compute-bound regime."""
         if on_gpu:
             dec, pre, m = self.gpu_flops_decode, self.gpu_flops_prefill, self.gpu_decode_m
         else:
             dec, pre, m = self.cpu_flops_decode, self.cpu_flops_prefill, self.cpu_decode_m
-        return min(pre, dec * rows / m)
+        stream = max(0.0, m * (1.0 / dec - 1.0 / pre))
+        return 2.0 * params * (stream + rows / pre)
 
 
 def default_profile(device: str | torch.device) -> HardwareProfile:
-    """The shipped profile for the device kind (h100.json / cpu-2core.json), else measure."""
+    """$FLEXRUN_PROFILE if set, else the shipped profile for the device kind (h100.json /
+    cpu-2core.json), else a fresh measurement."""
+    if os.environ.get("FLEXRUN_PROFILE"):
+        return HardwareProfile.load(os.environ["FLEXRUN_PROFILE"])
     kind = torch.device(device).type
     path = PROFILES_DIR / ("h100.json" if kind == "cuda" else "cpu-2core.json")
     if path.is_file():
@@ -103,16 +112,23 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
 
 
 # ---- measurement --------------------------------------------------------------------------
-def _best_time(fn, reps: int = 5, sync=lambda: None) -> float:
-    """Fastest of `reps` timed calls after a warm-up (robust to other processes' bursts)."""
+def _best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> float:
+    """Seconds per call: fastest of `reps` samples after a warm-up (robust to other
+    processes' bursts); a sample repeats short calls to last >= min_s, so launch and
+    synchronisation overheads do not count."""
     fn()
     sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    inner = max(1, min(100, math.ceil(min_s / max(time.perf_counter() - t0, 1e-9))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / inner)
     return min(times)
 
 
@@ -131,16 +147,38 @@ def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes,
 
 def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
     """KV bytes/s of one decode attention step (one query per row) over several shapes."""
-    from .engine.attention import attend
     out = []
     for b, heads, t, hd in shapes:
         q = torch.randn(b, heads, 1, hd, device=device, dtype=dtype)
         k = torch.randn(b, heads, t, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
         mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
-        sec = _best_time(lambda: attend(q, k, v, mask), sync=sync)
+        sec = _best_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                         sync=sync)
         out.append(2 * k.numel() * k.element_size() / sec)
     return statistics.median(out)
+
+
+def _unit_overhead(device: torch.device, dtype: torch.dtype, sync) -> float:
+    """Seconds of a decoder layer at tiny sizes (~16 ops): the per-call dispatch/launch floor
+    that a unit pays on top of its FLOPs and bytes."""
+    h, t = 64, 16
+    w = [torch.randn(h, h, device=device, dtype=dtype) for _ in range(6)]
+    bias, one = (torch.zeros(h, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(1, 1, h, device=device, dtype=dtype)
+    kv = [torch.randn(1, 4, t, 16, device=device, dtype=dtype) for _ in range(2)]
+    mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device=device)
+
+    def layer():
+        y = F.layer_norm(x, (h,), one, bias)
+        q, k, v = (F.linear(y, w[i], bias).view(1, 1, 4, 16).transpose(1, 2) for i in range(3))
+        kv[0][:, :, -1:].copy_(k)
+        kv[1][:, :, -1:].copy_(v)
+        a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask).transpose(1, 2)
+        z = x + F.linear(a.reshape(1, 1, h), w[3], bias)
+        u = F.layer_norm(z, (h,), one, bias)
+        return z + F.linear(torch.relu(F.linear(u, w[4], bias)), w[5], bias)
+    return _best_time(layer, sync=sync, min_s=20e-3)
 
 
 def _copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
@@ -150,7 +188,7 @@ def _copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
 def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, float]:
     """Bytes/s of one `size`-byte file: written with fsync; read cold (after
     posix_fadvise(DONTNEED), so from the device); read again from the page cache into one
-    reused buffer and into a fresh buffer per chunk (as a read into a new tensor does)."""
+    reused buffer and into a new tensor per chunk (as the disk tier's reads do)."""
     import numpy as np
     path = Path(offload_dir) / f"flexrun-profile-{os.getpid()}.bin"
     buf = np.frombuffer(os.urandom(1 << 20) * (chunk >> 20), dtype=np.uint8).copy()
@@ -161,7 +199,7 @@ def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str,
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         t0 = time.perf_counter()
         with os.fdopen(fd, "rb", buffering=0) as f:
-            while f.readinto(memoryview(np.empty(chunk, np.uint8) if fresh else buf)):
+            while f.readinto(torch.empty(chunk, dtype=torch.uint8).numpy() if fresh else buf):
                 pass
         return size / (time.perf_counter() - t0)
     try:
@@ -210,10 +248,13 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
                            command=command or f"measure({kind!r}, {offload_dir!r})",
                            date=time.strftime("%Y-%m-%d"), cpu_mem=_host_memory())
     prof.cpu_flops_decode, prof.cpu_flops_prefill = _gemm_rates(
-        cpu, torch.float32, prof.cpu_decode_m, (1536, 2048, 3072),
+        cpu, torch.float32, prof.cpu_decode_m, (3072, 4096, 5120),   # weights > L3 cache
         ((256, 1024), (512, 1536), (512, 2048)), nosync)
-    prof.cpu_attn_bw = _attn_bw(cpu, torch.float32, nosync,
+    # CPU attention runs on the run's dtype: fp16 KV for a CUDA run, fp32 on a CPU run
+    attn_dtype = torch.float16 if kind == "cuda" else torch.float32
+    prof.cpu_attn_bw = _attn_bw(cpu, attn_dtype, nosync,
                                 ((4, 12, 1024, 64), (8, 16, 512, 64), (8, 32, 256, 128)))
+    prof.cpu_unit_overhead = _unit_overhead(cpu, torch.float32, nosync)
     a = torch.empty(64 << 20, dtype=torch.float32)
     prof.cpu_mem_bw = _copy_bw(a.normal_(), torch.empty_like(a), nosync)
     del a
@@ -221,7 +262,8 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
         setattr(prof, name, value)
     prof.disk_mem = shutil.disk_usage(offload_dir).free
     prof.notes = {"disk_dir": offload_dir, "disk_file_bytes": disk_bytes,
-                  "cpu_dtype": "float32", "torch_threads": torch.get_num_threads()}
+                  "cpu_dtype": "float32", "cpu_attn_dtype": str(attn_dtype),
+                  "torch_threads": torch.get_num_threads()}
     if kind == "cuda":
         _measure_cuda(prof)
     return prof
@@ -255,6 +297,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
         ((4096, 4096), (8192, 8192), (4096, 12288)), sync)
     prof.gpu_attn_bw = _attn_bw(dev, torch.float16, sync,
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
+    prof.gpu_unit_overhead = _unit_overhead(dev, torch.float16, sync)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 
@@ -277,21 +320,25 @@ def _fmt(v, unit: str) -> str:
 
 
 def format_profile(p: HardwareProfile) -> str:
-    rows = [("device", p.device_name), ("H2D pinned / pageable",
-             f"{_fmt(p.h2d_pinned, 'B/s')} / {_fmt(p.h2d_pageable, 'B/s')}"),
-            ("D2H pinned / pageable", f"{_fmt(p.d2h_pinned, 'B/s')} / {_fmt(p.d2h_pageable, 'B/s')}"),
-            ("disk read cold / cached / write", f"{_fmt(p.disk_read, 'B/s')} / "
-             f"{_fmt(p.disk_read_cached, 'B/s')} (fresh buffers "
-             f"{_fmt(p.disk_read_cached_fresh, 'B/s')}) / {_fmt(p.disk_write, 'B/s')}"),
-            ("GPU GEMM decode / prefill", f"{_fmt(p.gpu_flops_decode, 'FLOP/s')} / "
-             f"{_fmt(p.gpu_flops_prefill, 'FLOP/s')}"),
-            ("GPU HBM / attention", f"{_fmt(p.gpu_mem_bw, 'B/s')} / {_fmt(p.gpu_attn_bw, 'B/s')}"),
-            ("CPU GEMM decode / prefill", f"{_fmt(p.cpu_flops_decode, 'FLOP/s')} / "
-             f"{_fmt(p.cpu_flops_prefill, 'FLOP/s')}"),
-            ("CPU memcpy / attention", f"{_fmt(p.cpu_mem_bw, 'B/s')} / {_fmt(p.cpu_attn_bw, 'B/s')}"),
-            ("memory GPU / CPU / disk free", " / ".join(
-                "-" if m is None else f"{m / 2**30:.1f} GiB"
-                for m in (p.gpu_mem, p.cpu_mem, p.disk_mem)))]
+    """A short table of a profile."""
+    def pair(a, b, unit):
+        return f"{_fmt(a, unit)} / {_fmt(b, unit)}"
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.3f} ms"  # noqa: E731
+    gib = lambda m: "-" if m is None else f"{m / 2**30:.1f} GiB"  # noqa: E731
+    rows = [("device", p.device_name),
+            ("H2D pinned / pageable", pair(p.h2d_pinned, p.h2d_pageable, "B/s")),
+            ("D2H pinned / pageable", pair(p.d2h_pinned, p.d2h_pageable, "B/s")),
+            ("disk read cold / write", pair(p.disk_read, p.disk_write, "B/s")),
+            ("disk read page cache / into new", pair(p.disk_read_cached,
+                                                     p.disk_read_cached_fresh, "B/s")),
+            ("GPU GEMM decode / prefill", pair(p.gpu_flops_decode, p.gpu_flops_prefill, "FLOP/s")),
+            ("GPU HBM / attention", pair(p.gpu_mem_bw, p.gpu_attn_bw, "B/s")),
+            ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
+            ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
+            ("unit call overhead GPU / CPU", f"{ms(p.gpu_unit_overhead)} / "
+                                             f"{ms(p.cpu_unit_overhead)}"),
+            ("memory GPU / CPU / disk free", " / ".join(gib(m) for m in (p.gpu_mem, p.cpu_mem,
+                                                                         p.disk_mem)))]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

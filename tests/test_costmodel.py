@@ -1,0 +1,276 @@
+"""Cost model: LP feasibility and budgets, minimum-budget errors, monotonicity, speed, CLI,
+hardware profiles, and predicted vs measured on this CPU."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from flexrun import LLM, FlexrunError, Policy
+from flexrun.cli import main as cli_main
+from flexrun.config import parse_size
+from flexrun.costmodel import predict, search
+from flexrun.footprint import check_budget, footprint
+from flexrun.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
+from flexrun.models.dummy import dummy_spec
+
+H100 = HardwareProfile.load(PROFILES_DIR / "h100.json")
+CPU = HardwareProfile.load(PROFILES_DIR / "cpu-2core.json")
+GiB = 1 << 30
+
+
+def _check(spec, res, device, gpu, cpu, disk, P, G):
+    """The search's policy passes footprint.check_budget and its peaks are within budget."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    args = [parse_size(x) for x in (gpu, cpu, disk)]
+    check_budget(spec, res.policy, torch.device(device), dtype, *args, P, G)
+    peak = res.prediction.peak
+    if device == "cuda":
+        assert args[0] is None or peak["gpu"] <= args[0]
+        assert args[1] is None or peak["cpu"] <= args[1]
+    else:
+        assert peak["gpu"] + peak["cpu"] <= args[1]
+    assert args[2] is None or peak["disk"] <= args[2]
+
+
+@pytest.mark.parametrize("model,device,gpu,cpu,disk,cw", [
+    ("opt-30b", "cuda", "16GiB", "100GiB", None, False),
+    ("opt-30b", "cuda", "12GiB", "40GiB", "64GiB", False),
+    ("opt-30b", "cuda", "12GiB", "40GiB", "64GiB", True),
+    ("opt-6.7b", "cuda", "6GiB", "4GiB", "64GiB", False),
+    ("llama3-8b", "cuda", "10GiB", "20GiB", None, False),
+    ("opt-175b", "cuda", "40GiB", "120GiB", "300GiB", True),
+    ("opt-1.3b", "cpu", None, "2GiB", None, False),
+    ("opt-1.3b", "cpu", None, "6GiB", "0", False),
+])
+def test_lp_policies_respect_every_budget(model, device, gpu, cpu, disk, cw):
+    spec = dummy_spec(model)
+    prof = H100 if device == "cuda" else CPU
+    res = search(spec, prof, 512 if device == "cuda" else 64, 32 if device == "cuda" else 8,
+                 gpu, cpu, disk, device, compress_weight=cw)
+    _check(spec, res, device, gpu, cpu, disk, 512 if device == "cuda" else 64,
+           32 if device == "cuda" else 8)
+    assert res.prediction.throughput > 0 and res.prediction.decode_s > 0
+    for triple in (res.policy.weights_split(), res.policy.cache_split()):
+        assert all(float(x).is_integer() for x in triple) and sum(triple) == 100
+
+
+def test_offloading_used_when_needed():
+    spec = dummy_spec("opt-30b")                 # 60 GB of fp16 weights
+    res = search(spec, H100, 512, 32, "16GiB", "100GiB", None, "cuda")
+    assert res.policy.weights_gpu < 100 and res.policy.weights_cpu > 0
+    res = search(dummy_spec("opt-1.3b"), CPU, 64, 8, None, "2GiB", None, "cpu")
+    assert res.policy.weights_disk > 0          # 5.3 GB of fp32 weights, 2 GiB of host memory
+
+
+@pytest.mark.parametrize("device,gpu,cpu,disk,word", [
+    ("cuda", "8GiB", "16GiB", "32GiB", "GPU memory"),
+    ("cpu", None, "64MiB", "0", "CPU memory"),
+])
+def test_infeasible_budget_names_the_minimum(device, gpu, cpu, disk, word):
+    spec = dummy_spec("opt-175b" if device == "cuda" else "opt-1.3b")
+    prof = H100 if device == "cuda" else CPU
+    with pytest.raises(FlexrunError, match="at least") as e:
+        search(spec, prof, 512, 32, gpu, cpu, disk, device)
+    assert word in str(e.value) and "smallest block" in str(e.value)
+    need = _size_in(str(e.value))         # the first option named is this tier's
+    # the named minimum works: that budget for the tier makes the search feasible
+    if device == "cuda":
+        res = search(spec, prof, 512, 32, int(need * 1.01), cpu, disk, device)
+        _check(spec, res, device, int(need * 1.01), cpu, disk, 512, 32)
+    else:
+        res = search(spec, prof, 512, 32, None, int(need * 1.01), disk, device)
+        _check(spec, res, device, None, int(need * 1.01), disk, 512, 32)
+
+
+def _size_in(msg: str) -> int:
+    word = msg.split("at least ")[1].split()[0]
+    return parse_size(word)
+
+
+def test_more_gpu_memory_never_predicts_slower():
+    spec = dummy_spec("opt-30b")
+    last = 0.0
+    for g in (10, 12, 16, 20, 24, 32, 40, 48, 56, 64, 72):
+        tput = search(spec, H100, 512, 32, f"{g}GiB", "100GiB", None, "cuda").prediction.throughput
+        assert tput >= last * (1 - 1e-3), f"{g} GiB predicts {tput:.2f} tok/s < {last:.2f}"
+        last = tput
+    last = 0.0
+    spec = dummy_spec("opt-1.3b")
+    for c in ("1.5GiB", "2GiB", "3GiB", "4GiB", "6GiB", "8GiB"):
+        tput = search(spec, CPU, 64, 8, None, c, None, "cpu").prediction.throughput
+        assert tput >= last * (1 - 1e-3)
+        last = tput
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_tiny_model_with_ample_memory_is_all_resident(device):
+    res = search(dummy_spec("opt-125m"), H100 if device == "cuda" else CPU, 128, 16,
+                 "60GiB", "20GiB", None, device)
+    p = res.policy
+    assert (p.weights_gpu, p.cache_gpu, p.act_gpu) == (100, 100, 100)
+    assert res.prediction.breakdown["decode"]["weights"] == 0
+    assert res.prediction.breakdown["decode"]["cache_load"] == 0
+
+
+def test_lp_and_search_are_fast():
+    t0 = time.perf_counter()
+    res = search(dummy_spec("opt-30b"), H100, 512, 32, "16GiB", "100GiB", "64GiB", "cuda",
+                 compress_weight=True)
+    total = time.perf_counter() - t0
+    assert res.lp_solves > 10
+    assert res.lp_max_s < 1.0, f"slowest LP took {res.lp_max_s:.2f}s"
+    assert total < 10.0, f"search took {total:.1f}s"
+
+
+def test_predict_any_policy_and_more_prompts_amortise():
+    spec = dummy_spec("opt-30b")
+    pol = Policy(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=20, weights_cpu=80,
+                 cache_gpu=0, cache_cpu=100, act_gpu=0, act_cpu=100, cpu_attention=True)
+    pr = predict(spec, pol, H100, 512, 32, device="cuda")
+    # decode is bound by streaming 80% of 60 GB over 55 GB/s PCIe (DESIGN: floor 0.81 s)
+    assert 0.8 < pr.decode_s < 1.2
+    assert pr.block_s == pytest.approx(pr.prefill_s + 31 * pr.decode_s)
+    assert pr.throughput == pytest.approx(64 * 32 / pr.block_s)
+    no_overlap = predict(spec, Policy.from_dict({**pol.to_dict(), "overlap": False}), H100,
+                         512, 32, device="cuda")
+    assert no_overlap.decode_s > pr.decode_s
+    partial = predict(spec, pol, H100, 512, 32, num_prompts=65, device="cuda")
+    assert partial.blocks == 2
+    assert partial.throughput == pytest.approx(65 * 32 / (2 * pr.block_s))
+
+
+def _cli_search(tmp_path, cpu_mem: str):
+    out = tmp_path / "p.json"
+    rc = cli_main(["policy", "search", "--model", "dummy:opt-1.3b", "--prompt-len", "64",
+                   "--gen-len", "8", "--cpu-mem", cpu_mem, "--device", "cpu", "-o", str(out)])
+    return rc, out
+
+
+def test_cli_policy_search_writes_json(tmp_path, capsys):
+    rc, out = _cli_search(tmp_path, "2GiB")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "predicted" in text and "tok/s" in text and "peak memory" in text
+    d = json.loads(out.read_text())
+    assert d["command"].startswith("flexrun policy search --model dummy:opt-1.3b")
+    assert d["predicted"]["throughput_tok_s"] > 0 and "peak_bytes" in d["predicted"]
+    pol = Policy.load(out)
+    assert pol.weights_disk > 0
+    check_budget(dummy_spec("opt-1.3b"), pol, torch.device("cpu"), torch.float32, None,
+                 2 * GiB, None, 64, 8)
+
+
+def test_cli_policy_search_1gib_follows_footprint(tmp_path, capsys):
+    """The brief's `--cpu-mem 1GiB` example: fp32 opt-1.3b streamed from disk needs, by
+    footprint(), 3 buffers of its largest unit (the 412 MB embedding) on a CPU run, so it
+    succeeds exactly when footprint() says the smallest streaming policy fits in 1 GiB."""
+    smallest = footprint(dummy_spec("opt-1.3b"), Policy(gpu_batch_size=1, weights_gpu=0,
+                                                        weights_disk=100), 4, 64, 8)
+    fits = smallest.total("gpu") + smallest.total("cpu") <= GiB
+    rc, out = _cli_search(tmp_path, "1GiB")
+    if fits:
+        assert rc == 0 and Policy.load(out).weights_disk > 0
+    else:
+        assert rc == 2 and not out.exists()
+        err = capsys.readouterr().err
+        assert "needs at least" in err and "CPU memory" in err
+
+
+def test_cli_policy_search_infeasible_is_one_line_error(capsys):
+    rc = cli_main(["policy", "search", "--model", "dummy:opt-1.3b", "--prompt-len", "64",
+                   "--gen-len", "8", "--cpu-mem", "64MiB", "--disk-mem", "0", "--device", "cpu"])
+    assert rc == 2
+    assert "at least" in capsys.readouterr().err
+
+
+def test_auto_policy_for_llm(tmp_path):
+    with LLM("dummy:opt-125m", device="cpu", policy="auto", cpu_mem="2GiB",
+             offload_dir=str(tmp_path)) as llm:
+        assert llm.policy.weights_gpu == 100
+        out = llm.generate([[5, 6, 7]], max_new_tokens=2)
+        assert len(out[0].output_ids) == 2
+
+
+# ---- hardware profiles --------------------------------------------------------------------
+def test_profiles_round_trip_and_defaults(tmp_path):
+    assert "DESIGN.md" in H100.source and H100.h2d_pinned == 55e9
+    assert CPU.source == "measured" and CPU.command.startswith("flexrun profile")
+    assert default_profile("cpu") == CPU and default_profile("cuda") == H100
+    H100.save(tmp_path / "h.json")
+    assert HardwareProfile.load(tmp_path / "h.json") == H100
+    with pytest.raises(FlexrunError, match="not found"):
+        HardwareProfile.load(tmp_path / "missing.json")
+
+
+def test_profile_cli_writes_json(tmp_path, monkeypatch, capsys):
+    import functools
+    import flexrun.hardware as hw
+    monkeypatch.setattr(hw, "measure", functools.partial(hw.measure, disk_bytes=32 << 20))
+    out = tmp_path / "hw.json"
+    assert cli_main(["profile", "-o", str(out), "--offload-dir", str(tmp_path),
+                     "--device", "cpu"]) == 0
+    p = HardwareProfile.load(out)
+    assert p.command.startswith(f"flexrun profile -o {out}") and p.disk_read > 0
+    assert "CPU GEMM" in capsys.readouterr().out
+    monkeypatch.setenv("FLEXRUN_PROFILE", str(out))
+    assert default_profile("cuda") == p
+
+
+def test_measure_cpu_quickly(tmp_path):
+    t0 = time.perf_counter()
+    p = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
+    assert time.perf_counter() - t0 < 20
+    for name in ("disk_read", "disk_write", "disk_read_cached", "cpu_flops_decode",
+                 "cpu_flops_prefill", "cpu_mem_bw", "cpu_attn_bw"):
+        assert getattr(p, name) > 0, name
+    assert p.h2d_pinned is None and p.cpu_mem > 0 and not list(tmp_path.iterdir())
+
+
+# ---- predicted vs measured on this CPU ----------------------------------------------------
+def _cpu_busy_share() -> tuple:
+    """(CPU busy ticks of all processes, of this process, monotonic time)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    with open("/proc/self/stat") as f:
+        s = f.read().rsplit(")", 1)[1].split()
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], int(s[11]) + int(s[12]), time.monotonic()
+
+
+PREDICT_TOLERANCE = 0.30     # |predicted / measured - 1| for prefill and per decode step
+
+
+def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
+    """Weights of opt-125m streamed from the disk tier every step (4 prompts x 64 tokens,
+    6 new): the cpu-2core profile's prediction is within ±30% of the best of 3 runs.
+    Timing needs a quiet machine: when other processes used > 0.3 cores during the runs and
+    the check fails, the test is skipped rather than failed."""
+    P, G, B = 64, 6, 4
+    pol = Policy(gpu_batch_size=B, weights_gpu=0, weights_disk=100)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 50000) for _ in range(P)] for _ in range(B)]
+    spec = dummy_spec("opt-125m")
+    pred = predict(spec, pol, CPU, P, G)          # a CPU profile: a CPU prediction
+    with LLM("dummy:opt-125m", device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
+        llm.generate(prompts, max_new_tokens=G)                  # warm-up
+        prefill, decode = [], []
+        a = _cpu_busy_share()
+        for _ in range(3):
+            llm.stats = type(llm.stats)()
+            llm.generate(prompts, max_new_tokens=G)
+            prefill.append(llm.stats.prefill_s)
+            decode.append(llm.stats.decode_s / (G - 1))
+        b = _cpu_busy_share()
+    others = ((b[0] - a[0]) - (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (b[2] - a[2])
+    meas = {"prefill": min(prefill), "decode": min(decode)}
+    pr = {"prefill": pred.prefill_s, "decode": pred.decode_s}
+    report = ", ".join(f"{k} predicted {pr[k]:.3f}s measured {meas[k]:.3f}s" for k in pr)
+    print(f"predicted vs measured (disk streaming, CPU): {report}; others {others:.2f} cores")
+    ok = all(abs(pr[k] / meas[k] - 1) <= PREDICT_TOLERANCE for k in pr)
+    if not ok and others > 0.3:
+        pytest.skip(f"machine busy ({others:.1f} cores used by other processes): {report}")
+    assert ok, report
