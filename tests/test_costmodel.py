@@ -246,7 +246,9 @@ PREDICT_TOLERANCE = 0.30     # |predicted / measured - 1| for prefill and per de
 
 def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     """Weights of opt-125m streamed from the disk tier every step (4 prompts x 64 tokens,
-    6 new): the cpu-2core profile's prediction is within ±30% of the best of 3 runs.
+    6 new): the prediction from a profile of this machine, measured now as `flexrun profile`
+    does, is within ±30% of the best of 3 runs (CPUs of one class differ up to 2x between
+    VMs, so the shipped cpu-2core.json is not the reference here).
     Timing needs a quiet machine: when other processes used > 0.3 cores during the runs and
     the check fails, the test is skipped rather than failed."""
     P, G, B = 64, 6, 4
@@ -254,11 +256,12 @@ def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 50000) for _ in range(P)] for _ in range(B)]
     spec = dummy_spec("opt-125m")
-    pred = predict(spec, pol, CPU, P, G)          # a CPU profile: a CPU prediction
+    a = _cpu_busy_share()
+    here = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
+    pred = predict(spec, pol, here, P, G)
     with LLM("dummy:opt-125m", device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
         llm.generate(prompts, max_new_tokens=G)                  # warm-up
         prefill, decode = [], []
-        a = _cpu_busy_share()
         for _ in range(3):
             llm.stats = type(llm.stats)()
             llm.generate(prompts, max_new_tokens=G)
