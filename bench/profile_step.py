@@ -4,6 +4,7 @@ python -m bench.profile_step OUT_DIR MODEL BATCH PROMPT GEN [policy.json]
 """
 from __future__ import annotations
 
+import gzip
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,11 @@ def main() -> None:
             llm.generate(prompts, gen, g)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-    prof.export_chrome_trace(str(Path(out) / "torch-trace.json"))
+    trace = Path(out) / "torch-trace.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+        g.write(f.read())
+    trace.unlink()
 
 
 if __name__ == "__main__":

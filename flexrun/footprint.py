@@ -74,7 +74,8 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
             cache[TIERS[t]] += per_layer
         b = policy.gpu_batch_size
         act = policy.block_size * prompt_len * spec.hidden_size * elem
-        work = b * prompt_len * max(spec.ffn_dim * 2, 4 * spec.hidden_size) * elem
+        ffn_live = spec.ffn_dim * (1 if spec.arch == "opt" else 2)  # in-place activations
+        work = b * prompt_len * max(ffn_live + spec.hidden_size, 4 * spec.hidden_size) * elem
         work += b * spec.num_heads * prompt_len * min(prompt_len, 1024) * elem
         work += b * spec.vocab_size * 4 * 2
         kv_stream = 0 if policy.cpu_attention else (

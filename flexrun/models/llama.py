@@ -73,9 +73,9 @@ class LlamaModel:
         s = self.spec
         h = h + linear(attn, w["o.weight"], w.get("o.bias"))
         x = rms_norm(h, w["mlp_norm.weight"], s.norm_eps)
-        g = F.silu(linear(x, w["gate.weight"], w.get("gate.bias")))
-        x = linear(g * linear(x, w["up.weight"], w.get("up.bias")), w["down.weight"],
-                   w.get("down.bias"))
+        g = F.silu(linear(x, w["gate.weight"], w.get("gate.bias")), inplace=True)
+        g.mul_(linear(x, w["up.weight"], w.get("up.bias")))    # in place: 2 (b, s, ffn) live
+        x = linear(g, w["down.weight"], w.get("down.bias"))
         return h + x
 
     def head(self, w: dict, h: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,8 @@ class OPTModel:
             h = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps)
         x = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps) \
             if s.do_layer_norm_before else h
-        x = linear(torch.relu(linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"],
-                   w["fc2.bias"])
+        x = linear(torch.relu_(linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"],
+                   w["fc2.bias"])      # in-place ReLU: one (b, s, ffn) tensor live
         h = h + x
         if not s.do_layer_norm_before:
             h = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps)
