@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .config import FlexrunError
+from .pinned import pinned_copy
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -223,7 +224,7 @@ class TieredStore:
         elif tier == "cpu":
             def to_host(t):
                 t = t.to("cpu")
-                return t.pin_memory() if self.pin else t
+                return pinned_copy(t) if self.pin else t
             stored = map_parts(value, to_host)
         else:
             if self.disk is None:

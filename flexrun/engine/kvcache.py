@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..pinned import pinned_empty
 from ..storage import DiskTier, offload_error
 
 
@@ -40,8 +41,8 @@ class KVSlot:
         else:
             where = device if tier == "gpu" else torch.device("cpu")
             pin = where.type == "cpu" and device.type == "cuda"
-            self.kv = [torch.empty(store_shape, dtype=dtype, device=where, pin_memory=pin)
-                       for _ in range(2)]
+            self.kv = [pinned_empty(store_shape, dtype) if pin else
+                       torch.empty(store_shape, dtype=dtype, device=where) for _ in range(2)]
 
     @property
     def on_host(self) -> bool:

@@ -61,6 +61,9 @@ class Pipeline:
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
+            # cuDNN's SDPA builds an execution plan for every new key length: one per decode
+            # step (~80 ms each on the H100). Flash / memory-efficient kernels need none.
+            torch.backends.cuda.enable_cudnn_sdp(False)
             self.compute_stream = torch.cuda.current_stream(device)
             self.weight_stream = torch.cuda.Stream(device)
             self.store_stream = torch.cuda.Stream(device)
