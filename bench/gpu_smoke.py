@@ -49,8 +49,34 @@ def tiny_checks(tmp: Path, out: dict) -> None:
             with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
                 got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
             row[vname] = agreement(got, res)
+        row.update(extra_checks(d, prompts, res, tmp))
         out.setdefault("tiny", {})[name] = row
         print(name, row, flush=True)
+
+
+def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
+    """Chunked weight copies (tiny chunks) and the fused dequant kernel vs the plain one."""
+    import os
+
+    from flexrun import storage
+    row = {}
+    saved, storage.H2D_CHUNK = storage.H2D_CHUNK, 4096
+    try:
+        pol = Policy(weights_gpu=0, weights_cpu=100, cache_gpu=0, cache_cpu=100,
+                     cpu_attention=True, gpu_batch_size=4, num_gpu_batches=2)
+        with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
+            got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
+        row["w_cpu_chunked_h2d"] = agreement(got, resident)
+    finally:
+        storage.H2D_CHUNK = saved
+    outs = {}
+    for plain in ("1", "0"):
+        os.environ["FLEXRUN_PLAIN_DEQUANT"] = plain
+        with LLM(str(d), device="cuda", compress_weight=True, compress_cache=True) as llm:
+            outs[plain] = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
+    os.environ.pop("FLEXRUN_PLAIN_DEQUANT")
+    row["compressed_fused_vs_plain"] = agreement(outs["0"], outs["1"])
+    return row
 
 
 def cpu_attention_kernels(out: dict) -> None:

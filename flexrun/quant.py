@@ -131,7 +131,18 @@ def _unpack(c: Compressed) -> torch.Tensor:
 
 
 def decompress(c: Compressed, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild the tensor: x = q * scale + min (in fp32), cast to `dtype` (default c.dtype)."""
+    """Rebuild the tensor: x = q * scale + min (in fp32), cast to `dtype` (default c.dtype).
+
+    On CUDA, 4-bit weights and cache groups take a fused Triton kernel (dequant_triton) when
+    it is installed; this function's own arithmetic is the reference it is tested against."""
+    from . import dequant_triton
+    if dequant_triton.enabled() and dequant_triton.supports(c, dtype or c.dtype):
+        return dequant_triton.dequantize4(c, dtype or c.dtype)
+    return decompress_plain(c, dtype)
+
+
+def decompress_plain(c: Compressed, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference decompression in plain PyTorch (any device, layout and bit width)."""
     q = _unpack(c)
     x = torch.addcmul(c.mins.float(), q, c.scales.float()).to(dtype or c.dtype)
     x = x.reshape(*x.shape[:-2], -1)

@@ -14,6 +14,7 @@ import torch
 
 from ..pinned import pinned_empty
 from ..storage import DiskTier, offload_error
+from .kvquant import CompressedKVSlot
 
 
 class KVSlot:
@@ -63,6 +64,8 @@ class KVSlot:
             return
         if k.is_cuda and self.tier == "cpu" and self.store_stream is not None:
             return self._write_async(k, v, t0)
+        if self.pending:    # an in-flight prefill store may cover these positions (padding)
+            self._settle(k.is_cuda)
         for buf, x in zip(self.kv, (k, v)):
             if self.time_major:
                 buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3))
@@ -79,6 +82,8 @@ class KVSlot:
                 x.record_stream(self.store_stream)
                 if self.time_major:
                     buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3), non_blocking=True)
+                elif t0 == 0 and x.shape[0] == buf.shape[0]:
+                    _d2h_rows_padded(buf, x)
                 else:
                     stage = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
                     stage.copy_(x, non_blocking=True)
@@ -140,6 +145,25 @@ class KVSlot:
             self.fds = []
 
 
+_TILE = 32 << 20
+
+
+def _d2h_rows_padded(buf: torch.Tensor, x: torch.Tensor) -> None:
+    """Prefill store into a batch-major pinned slot (b, kv, T, hd) from x (b, kv, s, hd).
+
+    Rows of the slot are contiguous in host memory, so GPU tiles of whole rows, padded to T
+    on the device, go straight into them (the padding is overwritten by later decode steps
+    before it is read): no pinned stage and no strided host copy."""
+    b, kv, s, hd = x.shape
+    T = buf.shape[2]
+    rows = max(1, _TILE // (kv * T * hd * x.element_size()))
+    for r0 in range(0, b, rows):
+        r1 = min(b, r0 + rows)
+        tile = torch.empty((r1 - r0, kv, T, hd), dtype=x.dtype, device=x.device)
+        tile[:, :, :s].copy_(x[r0:r1])
+        buf[r0:r1].copy_(tile, non_blocking=True)
+
+
 def _land(ev, stage: torch.Tensor, dst: torch.Tensor) -> None:
     ev.synchronize()
     dst.copy_(stage)
@@ -150,8 +174,10 @@ class KVCache:
 
     def __init__(self, layer_tiers: list[str], device: torch.device, dtype: torch.dtype,
                  disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
-                 store_stream=None, io=None):
+                 store_stream=None, io=None, quant: tuple[int, int] | None = None):
+        """quant: (bits, group) to store K and V compressed (compress_cache), else None."""
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
+        self.quant = quant
         self.disk, self.kv_heads, self.head_dim = disk, num_kv_heads, head_dim
         self.cpu_attention = cpu_attention
         self.store_stream, self.io = store_stream, io
@@ -169,11 +195,18 @@ class KVCache:
         if s is None or s.max_len < max_len or s.rows != rows:
             if s is not None:
                 s.close()
-            tier = self.layer_tiers[layer]
-            s = self.slots[(layer, batch)] = KVSlot(
-                tier, self._time_major(tier), (rows, self.kv_heads, max_len, self.head_dim),
-                self.dtype, self.device, self.disk, f"kv-l{layer}-b{batch}",
-                self.store_stream, self.io)
+            tier, name = self.layer_tiers[layer], f"kv-l{layer}-b{batch}"
+            shape = (rows, self.kv_heads, max_len, self.head_dim)
+
+            def make(shape_, dtype, part=""):
+                return KVSlot(tier, self._time_major(tier), shape_, dtype, self.device,
+                              self.disk, name + (f".{part}" if part else ""),
+                              self.store_stream, self.io)
+            if self.quant is None:
+                s = make(shape, self.dtype)
+            else:
+                s = CompressedKVSlot(make, shape, self.dtype, *self.quant)
+            self.slots[(layer, batch)] = s
         return s
 
     def close(self) -> None:

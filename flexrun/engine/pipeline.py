@@ -71,7 +71,8 @@ class Pipeline:
         self.unit_tiers = [{weights.tier_of(n) for n in names} for names in self.unit_names]
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
-                          self.io)
+                          self.io, (policy.quant_bits, policy.quant_group)
+                          if policy.compress_cache else None)
 
     # ---- weights ----------------------------------------------------------------------------
     def _load_unit(self, u: int) -> tuple[dict, object]:
