@@ -24,10 +24,12 @@ def agreement(a, b) -> float:
     return same / max(sum(len(p) for p in a), 1)
 
 
-def tiny_checks(tmp: Path, out: dict) -> None:
+def tiny_checks(tmp: Path, out: dict, only: str | None = None) -> None:
     prompts = ragged_prompts(8)
     for name, make in (("opt", tiny_opt), ("opt350", lambda p: tiny_opt(p, post_ln=True)),
                        ("llama", tiny_llama)):
+        if only and name != only:
+            continue
         d = make(tmp / name)
         with LLM(str(d), device="cpu") as llm:
             cpu = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
@@ -128,6 +130,8 @@ def main() -> None:
     try:
         if "tiny" in what:
             tiny_checks(tmp, out)
+        elif "tiny-llama" in what:
+            tiny_checks(tmp, out, "llama")
         if "attn" in what:
             cpu_attention_kernels(out)
         if "s3" in what:
