@@ -430,10 +430,15 @@ def _round(shape: Policy, x: dict) -> Policy:
 
 
 def _caps(prof: HardwareProfile, cuda: bool, gpu_mem, cpu_mem, disk_mem) -> dict:
-    """Budgets in bytes; a missing one defaults to 90% (GPU) / 80% (CPU) of the profile's."""
+    """Budgets in bytes; a missing one defaults to 90% (GPU) / 80% (CPU) of the profile's.
+
+    A GPU budget above 90% of the device's memory is cut to that: the CUDA context and the
+    allocator's fragmentation need the rest (an 80 GiB budget on an 80 GB H100 ran out)."""
     gpu, cpu, disk = parse_size(gpu_mem), parse_size(cpu_mem), parse_size(disk_mem)
-    if gpu is None:
-        gpu = 0.9 * prof.gpu_mem if prof.gpu_mem else math.inf
+    if prof.gpu_mem:
+        gpu = 0.9 * prof.gpu_mem if gpu is None else min(gpu, 0.9 * prof.gpu_mem)
+    elif gpu is None:
+        gpu = math.inf
     cpu = 0.8 * prof.cpu_mem if cpu is None else cpu
     if disk is None:
         disk = prof.disk_mem if prof.disk_mem is not None else math.inf

@@ -68,11 +68,11 @@ def test_offloading_used_when_needed():
 
 
 @pytest.mark.parametrize("device,gpu,cpu,disk,word", [
-    ("cuda", "8GiB", "16GiB", "32GiB", "GPU memory"),
+    ("cuda", "8GiB", "16GiB", "16GiB", "GPU memory"),
     ("cpu", None, "64MiB", "0", "CPU memory"),
 ])
 def test_infeasible_budget_names_the_minimum(device, gpu, cpu, disk, word):
-    spec = dummy_spec("opt-175b" if device == "cuda" else "opt-1.3b")
+    spec = dummy_spec("opt-30b" if device == "cuda" else "opt-1.3b")
     prof = H100 if device == "cuda" else CPU
     with pytest.raises(FlexrunError, match="at least") as e:
         search(spec, prof, 512, 32, gpu, cpu, disk, device)
