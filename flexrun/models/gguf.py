@@ -196,6 +196,17 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
         yield name, w.to(dtype).contiguous()
 
 
+def native_q4_group(path: PathLike) -> int | None:
+    """32 when every linear weight of the blocks is Q4_0 or Q4_1 (blocks of 32 values, one
+    min/scale each), else None. compress_weight with groups of 32 then re-encodes each block
+    as itself, with no second rounding, whenever the block spans its 16 levels (Q4_1 blocks
+    written by llama.cpp do; see docs/accuracy.md)."""
+    from gguf import GGMLQuantizationType as Q
+    kinds = {t.tensor_type for t in _reader(path).tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2}
+    return 32 if kinds and kinds <= {Q.Q4_0, Q.Q4_1} else None
+
+
 # ---- tokenizer ------------------------------------------------------------------------------
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -28,6 +28,7 @@ class Checkpoint:
     tokenizer: object | None = None          # tokenizers.Tokenizer
     chat_template: str | None = None
     source: str = ""
+    native_group: int | None = None          # 4-bit block size of a Q4 GGUF's weights
 
 
 # ---- config.json -> ModelSpec ---------------------------------------------------------------
@@ -218,7 +219,8 @@ def open_gguf(path: str) -> Checkpoint:
     def iter_tensors(device_for):
         pairs = ((canonical_name("llama", n), t) for n, t in gguf.iter_gguf_tensors(p))
         return filter_and_check(spec, ((n, t) for n, t in pairs if n), str(p))
-    return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p))
+    return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
+                      native_group=gguf.native_q4_group(p))
 
 
 # ---- named real models ----------------------------------------------------------------------
