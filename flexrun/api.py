@@ -67,10 +67,10 @@ class LLM:
         if compress_weight or compress_cache:
             self.policy.compress_weight |= compress_weight
             self.policy.compress_cache |= compress_cache
-        g = self.ckpt.native_group
-        if self.policy.compress_weight and g and self.policy.quant_bits == 4 \
-                and self.policy.quant_group == Policy().quant_group:
-            self.policy.quant_group = g     # a Q4 GGUF's own blocks: no second rounding
+        g = self.ckpt.native_group      # --compress-weight on a Q4 GGUF: its own blocks of
+        if compress_weight and g and self.policy.quant_bits == 4 \
+                and self.policy.quant_group == Policy().quant_group:  # 32, no second rounding
+            self.policy.quant_group = g     # (a Policy asking for compress_weight keeps its own)
         self.trace_path = trace
         self.tracer = Tracer(trace is not None, self.device)
         self.disk = None

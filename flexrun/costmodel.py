@@ -283,6 +283,9 @@ def _with(pol: Policy, **changes) -> Policy:
 class _Search:
     """LPs for one (model, profile, workload, budgets); footprints are memoised."""
 
+    fallback = False             # also try least-use placements when the LP finds none
+    rounding_failed = False
+
     def __init__(self, spec, prof, wl: Workload, cuda: bool, elem: int, caps: dict):
         self.spec, self.prof, self.wl = _fast_spec(spec), prof, wl
         self.cuda, self.elem, self.caps = cuda, elem, caps
@@ -361,7 +364,8 @@ class _Search:
         if minimize:
             caps[minimize] = math.inf
         adj = dict(caps)
-        for _ in range(8):
+        self.rounding_failed = False
+        for attempt in range(8):
             x = self.solve(shape, adj, minimize)
             if x is None:
                 return None
@@ -370,8 +374,21 @@ class _Search:
             if not over:
                 return pol
             for tier, extra in over.items():
-                adj[tier] -= extra + 0.002 * caps[tier]
+                adj[tier] -= extra + 0.002 * caps[tier] * (1 + attempt)
+        self.rounding_failed = True
         return None
+
+    def _place_or_least(self, shape: Policy) -> Policy | None:
+        """The LP's placement; when rounding to whole tensors keeps breaking a budget, the
+        placement that uses least of a bounded tier, if it fits every budget."""
+        pol = self.place(shape)
+        retry = pol is None and (self.rounding_failed or self.fallback)
+        for tier in ("gpu", "cpu", "disk") if retry else ():
+            if not math.isinf(self.caps[tier]):
+                least = self.place(shape, tier)
+                if least is not None and not self.over(least, self.caps):
+                    return least
+        return pol
 
     def candidates(self, shape: Policy) -> list[tuple[float, Policy, Prediction]]:
         """The all-resident policy when it fits (nothing is faster for this block), else the
@@ -382,8 +399,8 @@ class _Search:
         else:
             cases = ((100, False), (0, False), (0, True)) if self.cuda else ((100, False),
                                                                             (0, False))
-            pols = [self.place(_with(shape, cache_gpu=cg, cache_cpu=100 - cg, cpu_attention=a))
-                    for cg, a in cases]
+            pols = [self._place_or_least(_with(shape, cache_gpu=cg, cache_cpu=100 - cg,
+                                               cpu_attention=a)) for cg, a in cases]
         out = []
         for pol in filter(None, pols):
             pred = predict(self.spec, pol, self.prof, self.wl.prompt_len, self.wl.gen_len,
@@ -391,6 +408,19 @@ class _Search:
                            fp=self.fp(pol))
             out.append((pred.throughput, pol, pred))
         return out
+
+    def _verified(self, shape: Policy, tier: str, need: float) -> float | None:
+        """The LP's minimum for `tier`, raised until the rounded, tensor-granular placement
+        really fits (one big tensor, such as an embedding, cannot be split)."""
+        saved = self.caps[tier]
+        try:
+            for factor in (1.0, 1.05, 1.15, 1.3, 1.6, 2.0, 3.0):
+                self.caps[tier] = need * factor
+                if self.candidates(shape):
+                    return need * factor
+        finally:
+            self.caps[tier] = saved
+        return None
 
     def minimum_message(self, shape: Policy) -> str:
         """Name, per budget, the smallest value that would work with the smallest block
@@ -406,9 +436,10 @@ class _Search:
             pols = [self.place(_with(shape, cache_gpu=cg, cache_cpu=100 - cg), tier)
                     for cg in (100, 0)]
             needs = [self.use(p)[tier] for p in pols if p is not None]
-            if needs:
+            need = self._verified(shape, tier, min(needs)) if needs else None
+            if need is not None:
                 label, flag = names[tier]
-                fixes.append(f"at least {format_size(min(needs))} of {label} ({flag} is "
+                fixes.append(f"at least {format_size(need)} of {label} ({flag} is "
                              f"{format_size(self.caps[tier])})")
         if not fixes:
             return f"no policy fits the budgets for {what}: raise --gpu-mem/--cpu-mem/--disk-mem"
@@ -458,6 +489,23 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
     s = _Search(spec, profile, Workload(prompt_len, gen_len, num_prompts), cuda, elem, caps)
     max_block = num_prompts or (4096 if cuda else 256)
     sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)})
+    best, shapes = _scan(s, sizes, max_block, cuda, compress_weight, compress_cache)
+    if best is None:    # second pass: also try each tier's least-use placement (slower)
+        s.fallback = True
+        best, more = _scan(s, sizes, max_block, cuda, compress_weight, compress_cache)
+        shapes += more
+    if best is None:
+        smallest = Policy(gpu_batch_size=1, compress_weight=compress_weight,
+                          compress_cache=compress_cache)
+        raise FlexrunError(s.minimum_message(smallest))
+    lim = {t: None if math.isinf(v) else int(v) for t, v in caps.items()}
+    check_budget(spec, best[1], torch.device(device), _DTYPES[elem], lim["gpu"], lim["cpu"],
+                 lim["disk"], prompt_len, gen_len)
+    return SearchResult(best[1], best[2], s.lp_n, s.lp_max, time.perf_counter() - t0, shapes)
+
+
+def _scan(s, sizes, max_block: int, cuda: bool, compress_weight: bool, compress_cache: bool):
+    """The best (throughput, policy, prediction) over block shapes and compression cases."""
     best, shapes = None, 0
     for cw in sorted({False, compress_weight}):
         for cc in sorted({False, compress_cache}):
@@ -477,14 +525,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
                         break   # larger blocks: more memory, and no gain once all resident
                 if not fits_b:
                     break       # a larger batch needs more memory still
-    if best is None:
-        smallest = Policy(gpu_batch_size=1, compress_weight=compress_weight,
-                          compress_cache=compress_cache)
-        raise FlexrunError(s.minimum_message(smallest))
-    lim = {t: None if math.isinf(v) else int(v) for t, v in caps.items()}
-    check_budget(spec, best[1], torch.device(device), _DTYPES[elem], lim["gpu"], lim["cpu"],
-                 lim["disk"], prompt_len, gen_len)
-    return SearchResult(best[1], best[2], s.lp_n, s.lp_max, time.perf_counter() - t0, shapes)
+    return best, shapes
 
 
 # ---- entry points -------------------------------------------------------------------------

@@ -277,3 +277,24 @@ def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     if not ok and others > 0.3:
         pytest.skip(f"machine busy ({others:.1f} cores used by other processes): {report}")
     assert ok, report
+
+
+@pytest.mark.parametrize("preset", ["opt-125m", "llama-tiny-embed"])
+def test_every_budget_above_the_named_minimum_fits(preset):
+    """Whole-tensor rounding (a big embedding cannot be split) must not make a budget above
+    the named minimum infeasible."""
+    if preset == "llama-tiny-embed":
+        from flexrun.models.loader import spec_from_config
+        spec = spec_from_config({"model_type": "llama", "hidden_size": 576,
+                                 "intermediate_size": 1536, "num_hidden_layers": 30,
+                                 "num_attention_heads": 9, "num_key_value_heads": 3,
+                                 "vocab_size": 49152, "max_position_embeddings": 8192,
+                                 "tie_word_embeddings": True, "rms_norm_eps": 1e-5})
+    else:
+        spec = dummy_spec(preset)
+    with pytest.raises(FlexrunError) as e:
+        search(spec, CPU, 512, 32, None, "32MiB", None, "cpu")
+    need = _size_in(str(e.value))
+    for f in (1.01, 1.1, 1.2, 1.4):
+        res = search(spec, CPU, 512, 32, None, int(need * f), None, "cpu")
+        _check(spec, res, "cpu", None, int(need * f), None, 512, 32)
