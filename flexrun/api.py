@@ -97,7 +97,7 @@ class LLM:
         if policy is None:
             return Policy()
         if policy == "auto":
-            from .costmodel import search_for_llm
+            from .policysearch import search_for_llm
             return search_for_llm(self)
         return Policy.load(policy)
 

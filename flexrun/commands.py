@@ -104,7 +104,7 @@ def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None) -> No
 
 
 def policy_search(args) -> int:
-    from .costmodel import search_command
+    from .policysearch import search_command
     return search_command(args)
 
 

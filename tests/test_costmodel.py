@@ -13,7 +13,8 @@ import torch
 from flexrun import LLM, FlexrunError, Policy
 from flexrun.cli import main as cli_main
 from flexrun.config import parse_size
-from flexrun.costmodel import predict, search
+from flexrun.costmodel import predict
+from flexrun.policysearch import search
 from flexrun.footprint import check_budget, footprint
 from flexrun.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
 from flexrun.models.dummy import dummy_spec
