@@ -1,8 +1,9 @@
 """Benchmark scenarios: flexrun and its peers on the same shape, lengths and budget, one run.
 
-python -m bench.run S1 [--skip-peers] [--only flexrun,flexgen]
+python -m bench.run S1 [--only flexrun,flexgen,accelerate] [--note "..."]
 Each system runs in its own subprocess (they cannot share the host's memory); results go to
-bench/results/<scenario>-<device>.json and a row in docs/benchmarks.md.
+bench/results/<scenario>-<device>.json and a row in docs/benchmarks.md. A scenario may fix its
+own prompt / gen lengths (S4: CPU-only); every system of one run gets the same lengths.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ SCENARIOS = {
                        "policies/opt-30b-flexgen-paper.json", "--gpu-mem", "16GiB",
                        "--cpu-mem", "100GiB", "--num-prompts", "64"],
            "flexgen": ["--model", "opt-30b"] + FLEXGEN_PAPER,
+           # Accelerate: 8 layers fit 16 GiB, the rest runs from CPU (one batch of 8 is its
+           # steady state: every forward copies the CPU layers to the GPU again)
+           "accelerate": ["--model", "opt-30b", "--device", "cuda", "--gpu-mem", "16GiB",
+                          "--cpu-mem", "100GiB", "--batch-size", "8", "--num-prompts", "8"],
            "floor": "pcie"},
     "S1-auto": {"what": "OPT-30B, 16 GiB GPU / 100 GiB CPU, policy chosen by flexrun's search",
                 "flexrun": ["--model", "dummy:opt-30b", "--policy", "auto", "--gpu-mem", "16GiB",
@@ -41,13 +46,30 @@ SCENARIOS = {
            "flexgen": ["--model", "opt-6.7b", "--percent", "100", "0", "100", "0", "100", "0",
                        "--gpu-batch-size", "32", "--num-gpu-batches", "1"],
            "floor": "hbm"},
+    "S4": {"what": "CPU only (2 cores): OPT-1.3B fp32 (4.9 GiB) under a CPU_MEM CPU budget, "
+                   "weights streamed from disk; vs Accelerate's disk offload",
+           "flexrun": ["--model", "dummy:opt-1.3b", "--device", "cpu", "--cpu-mem", "CPU_MEM",
+                       "--policy", "auto", "--num-prompts", "FLEX_N"],
+           "accelerate": ["--model", "opt-1.3b", "--device", "cpu", "--cpu-mem", "CPU_MEM",
+                          "--batch-size", "ACC_B", "--num-prompts", "ACC_N"],
+           "prompt_len": 0, "gen_len": 0},
 }
+SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "flexgen": ("bench.peers.flexgen_peer", "FLEXGEN_RESULT"),
+           "accelerate": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT")}
 
 
 def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=env)
+    except subprocess.TimeoutExpired as e:
+        out = [b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+               for b in (e.stdout, e.stderr)]      # bytes even with text=True
+        log.write_text(out[0] + "\n--- stderr ---\n" + out[1])
+        return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0}
     log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     for line in p.stdout.splitlines():
         if line.startswith(tag + " "):
@@ -60,44 +82,57 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--only", default="flexrun,flexgen")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--only", default=",".join(SYSTEMS), help="systems to run (those the "
+                    "scenario defines)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default: the scenario's or 512")
+    ap.add_argument("--gen-len", type=int, default=None, help="default: the scenario's or 32")
     ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("--note", default=None, help="stored in the result (e.g. 'machine under load')")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
     sc = SCENARIOS[a.scenario]
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lens = ["--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len)]
-    only = a.only.split(",")
-    res = {"scenario": a.scenario, "what": sc["what"], "prompt_len": a.prompt_len,
-           "gen_len": a.gen_len, "command": "python -m bench.run " + " ".join(sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d %H:%M")}
-    if "flexrun" in only:
-        res["flexrun"] = _run([sys.executable, "-m", "bench.run_flexrun", *sc["flexrun"], *lens],
-                              "FLEXRUN_RESULT", out_dir / f"{a.scenario}-flexrun.log", a.timeout)
-        print("flexrun", json.dumps(res["flexrun"]), flush=True)
-    if "flexgen" in only and "flexgen" in sc:
-        res["flexgen"] = _run([sys.executable, "-m", "bench.peers.flexgen_peer", *sc["flexgen"],
-                               *lens], "FLEXGEN_RESULT", out_dir / f"{a.scenario}-flexgen.log",
-                              a.timeout)
-        print("flexgen", json.dumps(res["flexgen"]), flush=True)
-    fr, fg = res.get("flexrun", {}), res.get("flexgen", {})
-    if "total_tok_s" in fr and "total_tok_s" in fg:
-        res["ratio_total_vs_flexgen"] = fr["total_tok_s"] / fg["total_tok_s"]
-        res["ratio_decode_vs_flexgen"] = fr["decode_tok_s"] / fg["decode_tok_s"]
-    device = (fr.get("device") or "unknown").replace(" ", "-")
-    path = out_dir / f"{a.scenario}-{device}.json"
+    plen = a.prompt_len or sc.get("prompt_len", 512)
+    glen = a.gen_len or sc.get("gen_len", 32)
+    lens = ["--prompt-len", str(plen), "--gen-len", str(glen)]
+    only = [s for s in a.only.split(",") if s in sc and s in SYSTEMS]
+    res = {"scenario": a.scenario, "what": sc["what"], "prompt_len": plen, "gen_len": glen,
+           "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "host_cpus": os.cpu_count()}
+    if a.note:
+        res["note"] = a.note
+    t0 = time.time()
+    for name in only:
+        module, tag = SYSTEMS[name]
+        res[name] = _run([sys.executable, "-m", module, *sc[name], *lens], tag,
+                         out_dir / f"{a.scenario}-{name}.log", a.timeout)
+        print(name, json.dumps(res[name]), flush=True)
+    res["scenario_wall_s"] = time.time() - t0
+    fr = res.get("flexrun", {})
+    for peer in ("flexgen", "accelerate"):
+        p = res.get(peer, {})
+        if "total_tok_s" in fr and "total_tok_s" in p:
+            res[f"ratio_total_vs_{peer}"] = fr["total_tok_s"] / p["total_tok_s"]
+            res[f"ratio_decode_vs_{peer}"] = fr["decode_tok_s"] / p["decode_tok_s"]
+    device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), "unknown")
+    path = out_dir / f"{a.scenario}-{device.replace(' ', '-')}.json"
     path.write_text(json.dumps(res, indent=1))
-    print(f"{'system':10} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12} {'peak GPU GB':>12}")
-    for name in ("flexrun", "flexgen"):
-        r = res.get(name, {})
+    print(f"{a.scenario}: prompt {plen}, gen {glen}, {res['scenario_wall_s']:.0f} s in all")
+    print(f"{'system':10} {'prompts':>7} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12}"
+          f" {'decode tok/s':>12} {'peak GPU GB':>12} {'peak RSS GB':>12}")
+    for name in only:
+        r = res[name]
         if "total_tok_s" in r:
-            print(f"{name:10} {r['prefill_s']:10.2f} {r['decode_s']:10.2f} {r['total_tok_s']:12.2f}"
-                  f" {r.get('peak_gpu_GB', 0):12.2f}")
-    if "ratio_total_vs_flexgen" in res:
-        print(f"flexrun / FlexGen total: {res['ratio_total_vs_flexgen']:.2f}x")
+            print(f"{name:10} {r.get('num_prompts', ''):>7} {r['prefill_s']:10.2f} "
+                  f"{r['decode_s']:10.2f} {r['total_tok_s']:12.2f} {r['decode_tok_s']:12.2f} "
+                  f"{r.get('peak_gpu_GB', 0):12.2f} {r.get('peak_rss_GB', 0):12.2f}")
+        else:
+            print(f"{name:10} failed: {r.get('error')}")
+    for peer in ("flexgen", "accelerate"):
+        if f"ratio_total_vs_{peer}" in res:
+            print(f"flexrun / {peer}: total {res[f'ratio_total_vs_{peer}']:.2f}x, "
+                  f"decode {res[f'ratio_decode_vs_{peer}']:.2f}x")
     print("wrote", path)
 
 
