@@ -51,7 +51,8 @@ class LLM:
                  gpu_mem: str | int | None = None, cpu_mem: str | int | None = None,
                  offload_dir: str | None = None, dtype: str | torch.dtype | None = None,
                  trace: str | None = None, disk_mem: str | int | None = None,
-                 compress_weight: bool = False, compress_cache: bool = False):
+                 compress_weight: bool = False, compress_cache: bool = False,
+                 workload: tuple[int, int, int] | None = None):
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
@@ -63,6 +64,9 @@ class LLM:
         self.spec = self.ckpt.spec
         self.tokenizer = self.ckpt.tokenizer
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
+        # policy="auto" plans for (longest prompt, max_new_tokens, prompts) when known
+        self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = workload or (512, 32,
+                                                                                   None)
         self.policy = self._initial_policy(policy)
         if compress_weight or compress_cache:
             self.policy.compress_weight |= compress_weight

@@ -39,6 +39,20 @@ def open_llm(args, **extra) -> LLM:
                compress_cache=args.compress_cache, **extra)
 
 
+def _workload(args, todo) -> tuple[int, int, int] | None:
+    """(longest prompt in tokens, max_new_tokens, prompts) for --policy auto, else None."""
+    if args.policy != "auto":
+        return None
+    texts = [it.prompt for it in todo if it.prompt is not None]
+    longest = max((len(it.input_ids) for it in todo if it.input_ids is not None), default=1)
+    if texts:
+        from .models.loader import open_checkpoint
+        tok = open_checkpoint(args.model).tokenizer
+        if tok is not None:
+            longest = max([longest] + [len(e.ids) for e in tok.encode_batch(texts)])
+    return max(longest, 1), args.max_new_tokens, len(todo)
+
+
 def generate(args) -> int:
     """Run a JSONL job; every finished line is durable after its block, so a rerun resumes."""
     if args.max_new_tokens < 1:
@@ -61,7 +75,7 @@ def generate(args) -> int:
         if stop.signum is not None and written < len(todo):
             raise _Stopped
     try:
-        llm = open_llm(args, trace=args.trace)
+        llm = open_llm(args, trace=args.trace, workload=_workload(args, todo))
         writer = OutputWriter(args.output)
         stop.immediate = False          # from here on: stop after the current block
         say(f"flexrun: policy {json.dumps(llm.policy.to_dict())}")

@@ -296,12 +296,13 @@ def _scan(s, sizes, max_block: int, cuda: bool, compress_weight: bool, compress_
 
 # ---- entry points -------------------------------------------------------------------------
 def search_for_llm(llm) -> Policy:
-    """policy="auto" for an LLM being built (prompt/gen lengths default to 512/32)."""
+    """policy="auto" for an LLM being built (its workload, else prompt 512 / gen 32)."""
     prof = default_profile(llm.device)
-    res = search(llm.spec, prof, getattr(llm, "auto_prompt_len", 512),
-                 getattr(llm, "auto_gen_len", 32), llm.gpu_mem, llm.cpu_mem, llm.disk_mem,
-                 str(llm.device.type), torch.tensor([], dtype=llm.dtype).element_size(),
-                 compress_weight=llm.compress_weight, compress_cache=llm.compress_cache)
+    res = search(llm.spec, prof, llm.auto_prompt_len, llm.auto_gen_len, llm.gpu_mem,
+                 llm.cpu_mem, llm.disk_mem, str(llm.device.type),
+                 torch.tensor([], dtype=llm.dtype).element_size(),
+                 num_prompts=llm.auto_num_prompts, compress_weight=llm.compress_weight,
+                 compress_cache=llm.compress_cache)
     return res.policy
 
 
