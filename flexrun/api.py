@@ -13,7 +13,7 @@ from .config import FlexrunError, Policy, SamplingParams, parse_size
 from .engine.pipeline import BatchState, Pipeline
 from .engine.sampling import Sampler
 from .engine.trace import Tracer
-from .footprint import check_budget, is_compressible, numel
+from .footprint import check_budget, is_compressible, numel, unit_set_shapes
 from .models.llama import model_for
 from .models.loader import open_checkpoint
 from .storage import TIERS, DiskTier, TieredStore, assign_tiers, split_report
@@ -47,12 +47,20 @@ def default_device() -> str:
 class LLM:
     """A model placed on GPU / CPU / disk by a Policy, ready to generate for many prompts."""
 
-    def __init__(self, model: str, device: str | None = None, policy: Policy | str | None = None,
+    def __init__(self, model: str, device: str | None = None,
+                 policy: Policy | str | list[Policy] | None = None,
                  gpu_mem: str | int | None = None, cpu_mem: str | int | None = None,
                  offload_dir: str | None = None, dtype: str | torch.dtype | None = None,
                  trace: str | None = None, disk_mem: str | int | None = None,
                  compress_weight: bool = False, compress_cache: bool = False,
-                 workload: tuple[int, int, int] | None = None):
+                 workload: tuple[int, int, int] | None = None,
+                 num_gpus: int | None = None):
+        """num_gpus > 1: pipeline stages in one process per GPU (docs/parallel.md); under
+        torchrun it defaults to WORLD_SIZE and this process runs its own stage. policy is
+        then one Policy for every stage, a list of one per stage, or "auto" (a cost-model
+        placement per stage, each with an even share of cpu_mem / disk_mem)."""
+        from .parallel import resolve_num_gpus
+        self.num_gpus = resolve_num_gpus(num_gpus)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
@@ -67,50 +75,97 @@ class LLM:
         # policy="auto" plans for (longest prompt, max_new_tokens, prompts) when known
         self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = workload or (512, 32,
                                                                                    None)
-        self.policy = self._initial_policy(policy)
-        if compress_weight or compress_cache:
-            self.policy.compress_weight |= compress_weight
-            self.policy.compress_cache |= compress_cache
-        g = self.ckpt.native_group      # --compress-weight on a Q4 GGUF: its own blocks of
-        if compress_weight and g and self.policy.quant_bits == 4 \
-                and self.policy.quant_group == Policy().quant_group:  # 32, no second rounding
-            self.policy.quant_group = g     # (a Policy asking for compress_weight keeps its own)
-        self.trace_path = trace
-        self.tracer = Tracer(trace is not None, self.device)
+        self.stages = [range(self.spec.num_units)]   # unit ranges of the pipeline stages
+        if self.num_gpus > 1:
+            from .parallel import plan_policies
+            self.stages, self.stage_policies = plan_policies(self, policy)
+        else:
+            self.stage_policies = [self._initial_policy(policy)]
+        self.policy = self.stage_policies[0]          # this process's (its stage's, below)
+        self.trace_path, self.tracer = trace, None
         self.disk = None
         self.pipeline = None
         self.stats = RunStats()
+        self.units = self.stages[0]                  # the units this process runs
+        self.dist = None                             # this process's stage (torch.distributed)
+        self.batch_device = self.device
         try:
+            if self.num_gpus > 1:
+                from .parallel import setup
+                setup(self, self.num_gpus, dict(
+                    model=model, device=self.device.type, policy=self.stage_policies,
+                    gpu_mem=gpu_mem, cpu_mem=cpu_mem, offload_dir=offload_dir, dtype=self.dtype,
+                    trace=trace, disk_mem=disk_mem, compress_weight=compress_weight,
+                    compress_cache=compress_cache, num_gpus=self.num_gpus))
+                if self.pipeline is not None:   # the driver: stages run in spawned workers
+                    self.trace_path = None          # (each writes TRACE.rank<r>)
+                    return
+            self.batch_device = self.device
+            self.tracer = Tracer(trace is not None, self.device)
             if offload_dir is not None or _needs_disk(self.policy):
                 if offload_dir is None:
                     raise FlexrunError("the policy puts data on disk: pass --offload-dir DIR")
                 self.disk = DiskTier(offload_dir)
-            self._check_budget(self.policy, prompt_len=None, gen_len=None)
+            self._check_budget(prompt_len=None, gen_len=None)
             self.weights = TieredStore(self.device, self.disk, self.policy.pin_weights)
             self._place_weights()
-            self.pipeline = Pipeline(self.spec, model_for(self.spec), self.weights, self.policy,
-                                     self.device, self.dtype, self.disk, self.tracer)
+            kind, extra = Pipeline, {"units": self.units}
+            if self.dist is not None:
+                from .engine.distributed import StagePipeline
+                kind, extra["comm"] = StagePipeline, self.dist.comm
+            self.pipeline = kind(self.spec, model_for(self.spec), self.weights, self.policy,
+                                 self.device, self.dtype, self.disk, self.tracer, **extra)
         except BaseException:
             self.close()
             raise
 
     # ---- setup ------------------------------------------------------------------------------
     def _initial_policy(self, policy) -> Policy:
-        if isinstance(policy, Policy):
-            return policy
-        if policy is None:
-            return Policy()
+        """The policy of a one-process run, with compress_weight / compress_cache applied."""
+        if isinstance(policy, (list, tuple)):
+            if len(policy) != 1:
+                raise FlexrunError(f"{len(policy)} policies for one GPU: pass --gpus "
+                                   f"{len(policy)} (one policy per pipeline stage)")
+            policy = policy[0]
         if policy == "auto":
             from .policysearch import search_for_llm
-            return search_for_llm(self)
-        return Policy.load(policy)
+            policy = search_for_llm(self)
+        return self._with_flags(policy)
 
-    def _check_budget(self, policy: Policy, prompt_len, gen_len) -> None:
-        check_budget(self.spec, policy, self.device, self.dtype, self.gpu_mem, self.cpu_mem,
-                     self.disk_mem, prompt_len, gen_len)
+    def _with_flags(self, policy: Policy | str | None) -> Policy:
+        """A Policy (None: all resident; str: a policy file) with the compression flags."""
+        if not isinstance(policy, Policy):
+            policy = Policy() if policy is None else Policy.load(policy)
+        policy.compress_weight |= self.compress_weight
+        policy.compress_cache |= self.compress_cache
+        g = self.ckpt.native_group      # --compress-weight on a Q4 GGUF: its own blocks of
+        if self.compress_weight and g and policy.quant_bits == 4 \
+                and policy.quant_group == Policy().quant_group:  # 32, no second rounding
+            policy.quant_group = g      # (a Policy asking for compress_weight keeps its own)
+        return policy
+
+    def _check_budget(self, prompt_len, gen_len) -> None:
+        """Every stage (this process's only, in a stage) within its budgets: --gpu-mem per GPU,
+        an even share of --cpu-mem and --disk-mem (one host)."""
+        n = len(self.stages)
+        share = lambda x: None if x is None else x // n   # noqa: E731
+        for i, (units, policy) in enumerate(zip(self.stages, self.stage_policies)):
+            if self.dist is None or i == self.dist.rank:
+                check_budget(self.spec, policy, self.device, self.dtype, self.gpu_mem,
+                             share(self.cpu_mem), share(self.disk_mem), prompt_len, gen_len,
+                             units, f"pipeline stage {i}" if n > 1 else "")
+
+    @property
+    def is_main(self) -> bool:
+        """False on the ranks > 0 of a torchrun launch (rank 0 writes the outputs)."""
+        return self.dist is None or self.dist.rank == 0
+
+    def any_rank(self, flag: bool) -> bool:
+        """flag, agreed by every rank of a torchrun launch (True if any rank says so)."""
+        return flag if self.dist is None else self.dist.any(flag)
 
     def _place_weights(self) -> None:
-        shapes = self.spec.all_shapes()
+        shapes = unit_set_shapes(self.spec, self.units)
         names = list(shapes)
         sizes = [numel(shapes[n]) for n in names]
         tiers = assign_tiers(sizes, self.policy.weights_split())
@@ -121,7 +176,7 @@ class LLM:
         def device_for(name: str) -> torch.device:
             direct = tier_of[name] == "gpu" and not p.compress_weight
             return self.device if direct else torch.device("cpu")
-        for name, t in self.ckpt.iter_tensors(device_for):
+        for name, t in self.ckpt.iter_tensors(device_for, set(names)):
             t = t.to(self.dtype)
             if p.compress_weight and is_compressible(name, t.shape):
                 from .quant import compress
@@ -165,7 +220,7 @@ class LLM:
                                    f"max_new_tokens {max_new_tokens} it exceeds the model's "
                                    f"{limit} positions: shorten it or pass --truncate left")
         longest = max((len(x) for x in ids), default=0)
-        self._check_budget(self.policy, longest, max_new_tokens)
+        self._check_budget(longest, max_new_tokens)
         sampler = Sampler(sampling, self.spec.eos_token_ids)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         bs, block = self.policy.gpu_batch_size, self.policy.block_size
@@ -189,7 +244,7 @@ class LLM:
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Logits (len, vocab) at every position of each token-id prompt (for scoring)."""
         ids = [self._encode(p, i) for i, p in enumerate(prompts)]
-        self._check_budget(self.policy, max(len(x) for x in ids), 1)
+        self._check_budget(max(len(x) for x in ids), 1)
         sampler = Sampler(SamplingParams(), [])
         out: list[torch.Tensor | None] = [None] * len(ids)
         bs, block = self.policy.gpu_batch_size, self.policy.block_size
@@ -205,12 +260,15 @@ class LLM:
         return out  # type: ignore[return-value]
 
     def _run_block(self, batches: list[BatchState], max_new_tokens: int, sampler) -> None:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if self.batch_device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         marks = []
-        self.pipeline.run_block(batches, max_new_tokens, sampler,
-                                on_step=lambda s: (sync(), marks.append(time.perf_counter())))
+
+        def on_step(step: int, t: float | None = None) -> None:
+            sync()
+            marks.append(time.perf_counter() if t is None else t)
+        self.pipeline.run_block(batches, max_new_tokens, sampler, on_step=on_step)
         sync()
         t1 = time.perf_counter()
         st = self.stats
@@ -219,9 +277,9 @@ class LLM:
         st.decode_s += t1 - first
         st.prompt_tokens += sum(b.ids.numel() for b in batches)
         st.generated_tokens += sum(len(o) for b in batches for o in b.outputs)
-        if self.device.type == "cuda":
-            st.peak_gpu_bytes = max(st.peak_gpu_bytes, torch.cuda.max_memory_allocated(self.device))
-        st.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        gpu, rss = self.pipeline.peak_bytes()
+        st.peak_gpu_bytes = max(st.peak_gpu_bytes, gpu)
+        st.peak_rss_bytes = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
     def _encode(self, p, i: int) -> list[int]:
         if isinstance(p, str):
@@ -246,10 +304,11 @@ class LLM:
         lens = torch.tensor([len(ids[i]) for i in members])
         valid = torch.zeros(len(members), P + gen, dtype=torch.bool)
         valid[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
-        return BatchState(indices=members, ids=torch.tensor(rows).to(self.device),
-                          valid=valid.to(self.device), prompt_len=P,
+        dev = self.batch_device
+        return BatchState(indices=members, ids=torch.tensor(rows).to(dev),
+                          valid=valid.to(dev), prompt_len=P,
                           padded=bool((lens < P).any()),
-                          next_pos=lens.to(self.device), outputs=[[] for _ in members],
+                          next_pos=lens.to(dev), outputs=[[] for _ in members],
                           done=[False] * len(members))
 
     def _output(self, idx: int, prompt: list[int], out: list[int], stopped: bool):
@@ -264,12 +323,15 @@ class LLM:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self.trace_path:
+        if self.trace_path and self.tracer is not None:
             self.tracer.save(self.trace_path)
             self.trace_path = None
         if self.disk is not None:
             self.disk.close()
             self.disk = None
+        if self.dist is not None:
+            self.dist.close()
+            self.dist = None
 
     def __enter__(self) -> "LLM":
         return self

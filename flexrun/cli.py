@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--gpu-batch-size", type=int, default=None)
     p.add_argument("--num-gpu-batches", type=int, default=None)
+    p.add_argument("--gpus", type=int, default=None,
+                   help="pipeline stages, one process per GPU (default 1; WORLD_SIZE under "
+                        "torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:

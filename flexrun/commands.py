@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def open_llm(args, **extra) -> LLM:
     return LLM(args.model, device=args.device, policy=policy, gpu_mem=args.gpu_mem,
                cpu_mem=args.cpu_mem, offload_dir=args.offload_dir, dtype=args.dtype,
                disk_mem=args.disk_mem, compress_weight=args.compress_weight,
-               compress_cache=args.compress_cache, **extra)
+               compress_cache=args.compress_cache, num_gpus=args.gpus, **extra)
 
 
 def _workload(args, todo) -> tuple[int, int, int] | None:
@@ -60,7 +62,9 @@ def generate(args) -> int:
     items = read_input(args.input)
     done = finished_ids(args.output)
     todo = [it for it in items if json.dumps(it.id) not in done]
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    rank0 = int(os.environ.get("RANK", "0")) == 0       # under torchrun, rank 0 speaks
+    quiet = args.quiet or not rank0
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     if not todo:
         say(f"flexrun: all {len(items)} ids are already in {args.output}; nothing to do")
         return 0
@@ -71,27 +75,33 @@ def generate(args) -> int:
     written = 0
 
     def after_block():
-        writer.sync()
-        if stop.signum is not None and written < len(todo):
-            raise _Stopped
+        if writer is not None:
+            writer.sync()
+        if llm.any_rank(stop.signum is not None) and written < len(todo):
+            raise _Stopped      # (under torchrun every rank stops after the same block)
     try:
         llm = open_llm(args, trace=args.trace, workload=_workload(args, todo))
-        writer = OutputWriter(args.output)
+        writer = OutputWriter(args.output) if llm.is_main else None
         stop.immediate = False          # from here on: stop after the current block
-        say(f"flexrun: policy {json.dumps(llm.policy.to_dict())}")
+        for line in policy_lines(llm):
+            say(line)
         outs = llm.iter_generate([it.value for it in todo], args.max_new_tokens,
-                                 sampling_from_args(args), progress=not args.quiet,
+                                 sampling_from_args(args), progress=not quiet,
                                  on_block_done=after_block, truncate=args.truncate == "left",
                                  names=[it.id for it in todo])
         for o in outs:
-            writer.write({"id": todo[o.index].id, "output_ids": o.output_ids, "text": o.text,
-                          "finish_reason": o.finish_reason})
+            if writer is not None:
+                writer.write({"id": todo[o.index].id, "output_ids": o.output_ids,
+                              "text": o.text, "finish_reason": o.finish_reason})
             written += 1
-    except (_Stopped, KeyboardInterrupt):
-        if stop.signum is None:
+    except (_Stopped, KeyboardInterrupt) as e:
+        if stop.signum is None and not isinstance(e, _Stopped):
             raise
-        print(f"flexrun: stopped by {stop.name} after {len(items) - len(todo) + written} of "
-              f"{len(items)} ids; rerun the same command to resume", file=sys.stderr)
+        if stop.signum is None:         # another rank was signalled
+            return 128 + signal.SIGTERM
+        if rank0:
+            print(f"flexrun: stopped by {stop.name} after {len(items) - len(todo) + written} "
+                  f"of {len(items)} ids; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
     finally:
         _cleanup(stop, writer, llm)
@@ -101,6 +111,15 @@ def generate(args) -> int:
         f"{total:.2f}s ({st.generated_tokens / max(total, 1e-9):.1f} tok/s; prefill "
         f"{st.prefill_s:.2f}s, decode {st.decode_s:.2f}s)")
     return 0
+
+
+def policy_lines(llm: LLM) -> list[str]:
+    """The policy as JSON; one line per pipeline stage when there are several."""
+    if len(llm.stages) == 1:
+        return [f"flexrun: policy {json.dumps(llm.policy.to_dict())}"]
+    from .engine.stages import describe
+    return [f"flexrun: stage {i} ({describe(llm.spec, u)}): policy {json.dumps(p.to_dict())}"
+            for i, (u, p) in enumerate(zip(llm.stages, llm.stage_policies))]
 
 
 def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None) -> None:

@@ -35,6 +35,13 @@ class Workload:
     prompt_len: int
     gen_len: int
     num_prompts: int | None = None
+    units: range | None = None      # the units this device runs (a pipeline stage); all if None
+
+    def unit_counts(self, spec: ModelSpec) -> tuple[int, int, int]:
+        """How many embedding, decoder-layer and head units the device runs."""
+        units = self.units if self.units is not None else range(spec.num_units)
+        layers = sum(1 <= u <= spec.num_layers for u in units)
+        return int(0 in units), layers, int(spec.num_units - 1 in units)
 
 
 @dataclass
@@ -192,11 +199,11 @@ class _Ctx:
 
     def phases(self) -> list[tuple[str, float, list[tuple[int, dict]]]]:
         """(phase, repeat count, [(units of this kind, terms)]) for prefill and decode."""
-        L, n = self.spec.num_layers, self.wl.gen_len
+        counts, n = self.wl.unit_counts(self.spec), self.wl.gen_len
         out = []
         for name, prefill, reps in (("prefill", True, 1.0), ("decode", False, max(n - 1, 0))):
             out.append((name, reps, [(cnt, self.unit_terms(kind, prefill))
-                                     for kind, cnt in ((0, 1), (1, L), (2, 1))]))
+                                     for kind, cnt in enumerate(counts)]))
         return out
 
 
@@ -222,19 +229,20 @@ def _disk_cached(prof: HardwareProfile, disk: float, host: float) -> bool:
 def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
             gen_len: int, num_prompts: int | None = None, device: str | None = None,
             dtype_bytes: int | None = None, disk_cached: bool | None = None,
-            fp=None) -> Prediction:
+            fp=None, units: range | None = None) -> Prediction:
     """Predicted prefill / decode times and throughput of any `policy` (e.g. to print
     predicted vs measured next to a benchmark). device None: cuda when the profile has GPU
-    rates; dtype_bytes None: 2 on cuda, 4 on cpu; disk_cached None: decided from memory."""
+    rates; dtype_bytes None: 2 on cuda, 4 on cpu; disk_cached None: decided from memory;
+    units: only these units (one pipeline stage)."""
     device = device or ("cuda" if profile.gpu_flops_prefill else "cpu")
     cuda = torch.device(device).type == "cuda"
     elem = dtype_bytes or (2 if cuda else 4)
-    fp = fp or footprint(spec, policy, elem, prompt_len, gen_len)
+    fp = fp or footprint(spec, policy, elem, prompt_len, gen_len, units)
     if disk_cached is None:
         host = fp.total("cpu") + (0 if cuda else fp.total("gpu"))
         disk_cached = _disk_cached(profile, fp.total("disk"), host)
-    ctx = _Ctx(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts), cuda, elem,
-               disk_cached)
+    ctx = _Ctx(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts, units), cuda,
+               elem, disk_cached)
     x = _fractions(policy)
     times, breakdown = {}, {}
     for name, reps, groups in ctx.phases():
@@ -250,8 +258,6 @@ def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_le
                       decode_throughput=bls / times["decode"] if times["decode"] else math.inf,
                       peak={t: fp.total(t) for t in ("gpu", "cpu", "disk")},
                       breakdown=breakdown, disk_cached=disk_cached)
-
-
 
 
 def __getattr__(name: str):

@@ -45,9 +45,22 @@ class Footprint:
         return self.weights[tier] + self.cache[tier] + extra
 
 
+def unit_set_shapes(spec: ModelSpec, units: range | None) -> dict[str, tuple[int, ...]]:
+    """Weight name -> shape of the units (all by default), a shared tensor once."""
+    if units is None:
+        return spec.all_shapes()
+    out: dict[str, tuple[int, ...]] = {}
+    for u in units:
+        out.update(spec.unit_shapes(u))
+    return out
+
+
 def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,
-              gen_len: int | None) -> Footprint:
-    shapes = spec.all_shapes()
+              gen_len: int | None, units: range | None = None) -> Footprint:
+    """Peak bytes per tier of the whole model, or of a pipeline stage's `units`."""
+    units = units if units is not None else range(spec.num_units)
+    layers = [u for u in units if 1 <= u <= spec.num_layers]
+    shapes = unit_set_shapes(spec, units)
     names = list(shapes)
     sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
     tiers = assign_tiers(sizes, policy.weights_split())
@@ -58,9 +71,9 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         tier_of[n] = TIERS[t]
     size_of = dict(zip(names, sizes))
     streamed = [sum(size_of[n] for n in spec.unit_shapes(u) if tier_of[n] != "gpu")
-                for u in range(spec.num_units)]
-    dense_unit = max(sum(numel(s) * elem for s in spec.unit_shapes(u).values())
-                     for u in range(1, spec.num_layers + 1)) if policy.compress_weight else 0
+                for u in units]
+    dense_unit = max((sum(numel(s) * elem for s in spec.unit_shapes(u).values())
+                      for u in layers), default=0) if policy.compress_weight else 0
     buffers = 2 * max(streamed) + dense_unit // 4
     cache = {t: 0 for t in TIERS}
     host = max(streamed)
@@ -70,7 +83,7 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         if policy.compress_cache:
             per_layer = per_layer * policy.quant_bits // (8 * elem) + per_layer // (
                 elem * policy.quant_group) * 4
-        for t in assign_tiers([1] * spec.num_layers, policy.cache_split()):
+        for t in assign_tiers([1] * len(layers), policy.cache_split()):
             cache[TIERS[t]] += per_layer
         b = policy.gpu_batch_size
         act = policy.block_size * prompt_len * spec.hidden_size * elem
@@ -88,11 +101,15 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
 
 def check_budget(spec: ModelSpec, policy: Policy, device: torch.device, dtype: torch.dtype,
                  gpu_mem: int | None, cpu_mem: int | None, disk_mem: int | None,
-                 prompt_len: int | None, gen_len: int | None) -> Footprint:
-    """Reject a policy whose peak memory exceeds a budget, naming the minimum it needs."""
+                 prompt_len: int | None, gen_len: int | None, units: range | None = None,
+                 stage: str = "") -> Footprint:
+    """Reject a policy whose peak memory exceeds a budget, naming the minimum it needs.
+
+    units/stage: check one pipeline stage (its budgets already its share) and name it."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    fp = footprint(spec, policy, elem, prompt_len, gen_len)
+    fp = footprint(spec, policy, elem, prompt_len, gen_len, units)
     when = "" if prompt_len is None else f" for prompts of {prompt_len} tokens + {gen_len} new"
+    when += f" on {stage}" if stage else ""
     if device.type == "cuda":
         checks = [("GPU", fp.total("gpu"), gpu_mem, "--gpu-mem"),
                   ("CPU", fp.total("cpu"), cpu_mem, "--cpu-mem")]

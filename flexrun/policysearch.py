@@ -62,7 +62,7 @@ class _Search:
         key = (tuple(pol.to_dict().values()), lengths)
         if key not in self.memo:
             P, G = (self.wl.prompt_len, self.wl.gen_len) if lengths else (None, None)
-            self.memo[key] = footprint(self.spec, pol, self.elem, P, G)
+            self.memo[key] = footprint(self.spec, pol, self.elem, P, G, self.wl.units)
         return self.memo[key]
 
     def use(self, pol: Policy) -> dict[str, float]:
@@ -171,7 +171,7 @@ class _Search:
         for pol in filter(None, pols):
             pred = predict(self.spec, pol, self.prof, self.wl.prompt_len, self.wl.gen_len,
                            self.wl.num_prompts, "cuda" if self.cuda else "cpu", self.elem,
-                           fp=self.fp(pol))
+                           fp=self.fp(pol), units=self.wl.units)
             out.append((pred.throughput, pol, pred))
         return out
 

@@ -9,6 +9,7 @@ is one contiguous range.
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 import torch
 
@@ -172,7 +173,7 @@ def _land(ev, stage: torch.Tensor, dst: torch.Tensor) -> None:
 class KVCache:
     """All slots of a block; layer j's slots live on the tier given by `layer_tiers[j]`."""
 
-    def __init__(self, layer_tiers: list[str], device: torch.device, dtype: torch.dtype,
+    def __init__(self, layer_tiers: Mapping[int, str], device: torch.device, dtype: torch.dtype,
                  disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
                  store_stream=None, io=None, quant: tuple[int, int] | None = None):
         """quant: (bits, group) to store K and V compressed (compress_cache), else None."""

@@ -47,15 +47,21 @@ class BatchState:
 
 
 class Pipeline:
+    """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
+    placing its layers' KV cache and its units' activations per the policy over that slice."""
+
     def __init__(self, spec: ModelSpec, model, weights: TieredStore, policy: Policy,
                  device: torch.device, dtype: torch.dtype, disk: DiskTier | None,
-                 tracer: Tracer):
+                 tracer: Tracer, units: range | None = None):
         self.spec, self.model, self.weights, self.policy = spec, model, weights, policy
         self.device, self.dtype, self.disk, self.tracer = device, dtype, disk, tracer
+        self.units = units if units is not None else range(spec.num_units)
         tiers = ("gpu", "cpu", "disk")
-        per_layer = [1] * spec.num_layers
-        self.cache_tiers = [tiers[t] for t in assign_tiers(per_layer, policy.cache_split())]
-        self.act_tiers = [tiers[t] for t in assign_tiers([1] * spec.num_units, policy.act_split())]
+        layers = [u - 1 for u in self.units if 1 <= u <= spec.num_layers]
+        self.cache_tiers = {j: tiers[t] for j, t in
+                            zip(layers, assign_tiers([1] * len(layers), policy.cache_split()))}
+        self.act_tiers = {u: tiers[t] for u, t in
+                          zip(self.units, assign_tiers([1] * len(self.units), policy.act_split()))}
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
@@ -67,8 +73,9 @@ class Pipeline:
             self.compute_stream = torch.cuda.current_stream(device)
             self.weight_stream = torch.cuda.Stream(device)
             self.store_stream = torch.cuda.Stream(device)
-        self.unit_names = [list(spec.unit_shapes(u)) for u in range(spec.num_units)]
-        self.unit_tiers = [{weights.tier_of(n) for n in names} for names in self.unit_names]
+        self.unit_names = {u: list(spec.unit_shapes(u)) for u in self.units}
+        self.unit_tiers = {u: {weights.tier_of(n) for n in names}
+                           for u, names in self.unit_names.items()}
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
                           self.io, (policy.quant_bits, policy.quant_group)
@@ -237,17 +244,31 @@ class Pipeline:
 
     def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
         tok = sampler(logits, b.indices)
+        self.record(b, tok, sampler.stop_ids)
+        self.advance(b, prefill)
+
+    def record(self, b: BatchState, tok: torch.Tensor, stop_ids) -> None:
+        """Append a step's sampled ids (b,) to the unfinished rows; keep them for the embedding."""
         for i, t in enumerate(tok.tolist()):
             if not b.done[i]:
                 b.outputs[i].append(t)
-                if t in sampler.stop_ids:
+                if t in stop_ids:
                     b.done[i] = True
         b.last = tok.to(self.device)[:, None]
+
+    def advance(self, b: BatchState, prefill: bool) -> None:
+        """Mark the sampled token's position valid and move the next position on."""
         t = b.prompt_len if prefill else b.time + 1
         if t < b.valid.shape[1]:
             b.valid[:, t] = True
         if not prefill:
             b.next_pos = b.next_pos + 1
+
+    def peak_bytes(self) -> tuple[int, int]:
+        """(peak GPU bytes allocated, peak resident host bytes) of this process."""
+        import resource
+        gpu = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+        return gpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def close(self) -> None:
         self.io.shutdown(wait=True)

@@ -76,7 +76,8 @@ def synthetic_tensor(name: str, shape: tuple[int, ...], device: torch.device,
 def open_dummy(preset: str) -> Checkpoint:
     spec = dummy_spec(preset)
 
-    def iter_tensors(device_for):
+    def iter_tensors(device_for, names=None):
         for name, shape in spec.all_shapes().items():
-            yield name, synthetic_tensor(name, shape, device_for(name))
+            if names is None or name in names:
+                yield name, synthetic_tensor(name, shape, device_for(name))
     return Checkpoint(spec, iter_tensors, tokenizer=None, source=f"dummy:{preset}")

@@ -24,7 +24,7 @@ TensorIter = Iterator[tuple[str, torch.Tensor]]
 class Checkpoint:
     """A model source: its spec, a lazy tensor iterator and (optionally) a tokenizer."""
     spec: ModelSpec
-    iter_tensors: Callable[[Callable[[str], torch.device]], TensorIter]
+    iter_tensors: Callable[..., TensorIter]     # (device_for, names=None): names limits it
     tokenizer: object | None = None          # tokenizers.Tokenizer
     chat_template: str | None = None
     source: str = ""
@@ -124,9 +124,11 @@ def canonical_name(arch: str, hf_name: str) -> str | None:
     return None
 
 
-def filter_and_check(spec: ModelSpec, pairs: TensorIter, source: str) -> TensorIter:
-    """Yield only the tensors the spec needs, checking shapes; fail on any missing one."""
-    want = spec.all_shapes()
+def filter_and_check(spec: ModelSpec, pairs: TensorIter, source: str,
+                     names: set[str] | None = None) -> TensorIter:
+    """Yield only the tensors the spec needs (of `names`, when given), checking shapes; fail on
+    any missing one."""
+    want = {n: s for n, s in spec.all_shapes().items() if names is None or n in names}
     seen: set[str] = set()
     for name, t in pairs:
         if name == "head.lm_head" and spec.tie_word_embeddings:
@@ -163,14 +165,15 @@ def _shard_files(d: Path) -> list[Path]:
                        "flexrun reads safetensors checkpoints (save with safe_serialization=True)")
 
 
-def _iter_safetensors(files: list[Path], arch: str) -> TensorIter:
+def _iter_safetensors(files: list[Path], arch: str, names: set[str] | None = None
+                      ) -> TensorIter:
     from safetensors import SafetensorError, safe_open
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
                     name = canonical_name(arch, key)
-                    if name is not None:
+                    if name is not None and (names is None or name in names):
                         yield name, sf.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FlexrunError(f"cannot read shard {f.name} ({str(e).splitlines()[0]}): the file "
@@ -201,8 +204,8 @@ def open_hf_dir(path: str) -> Checkpoint:
     if tc.is_file():
         template = json.loads(tc.read_text()).get("chat_template")
 
-    def iter_tensors(device_for):
-        return filter_and_check(spec, _iter_safetensors(files, spec.arch), str(d))
+    def iter_tensors(device_for, names=None):
+        return filter_and_check(spec, _iter_safetensors(files, spec.arch, names), str(d), names)
     return Checkpoint(spec, iter_tensors, tokenizer, template, source=str(d))
 
 
@@ -216,9 +219,9 @@ def open_gguf(path: str) -> Checkpoint:
     spec = spec_from_config(cfg, name=p.name)
     tokenizer = gguf.gguf_tokenizer(p)
 
-    def iter_tensors(device_for):
+    def iter_tensors(device_for, names=None):
         pairs = ((canonical_name("llama", n), t) for n, t in gguf.iter_gguf_tensors(p))
-        return filter_and_check(spec, ((n, t) for n, t in pairs if n), str(p))
+        return filter_and_check(spec, ((n, t) for n, t in pairs if n), str(p), names)
     return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
                       native_group=gguf.native_q4_group(p))
 
