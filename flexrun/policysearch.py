@@ -322,16 +322,21 @@ def format_result(res: SearchResult) -> str:
         f"{res.lp_max_s * 1e3:.0f} ms) in {res.search_s:.2f}s"])
 
 
-def search_command(args) -> int:
-    """`flexrun policy search ...`: print the policy and its prediction; -o writes JSON."""
-    from .models.loader import open_checkpoint
+def device_and_profile(args) -> tuple[str, HardwareProfile]:
+    """A search's device (--device, else cuda with a GPU here or a GPU --profile) and profile."""
     prof = HardwareProfile.load(args.profile) if args.profile else None
     gpu_profile = prof is not None and prof.h2d_pinned is not None   # measured with a GPU
     device = args.device or ("cuda" if torch.cuda.is_available() or gpu_profile else "cpu")
     if device == "cpu" and args.gpu_mem is not None:
         raise FlexrunError("--gpu-mem is given but the search is for the CPU (no GPU here and "
                            "a CPU profile): pass --device cuda with a GPU profile, or drop it")
-    prof = prof or default_profile(device)
+    return device, prof or default_profile(device)
+
+
+def search_command(args) -> int:
+    """`flexrun policy search ...`: print the policy and its prediction; -o writes JSON."""
+    from .models.loader import open_checkpoint
+    device, prof = device_and_profile(args)
     spec = open_checkpoint(args.model).spec
     res = search(spec, prof, args.prompt_len, args.gen_len, args.gpu_mem, args.cpu_mem,
                  args.disk_mem, device, num_prompts=args.num_prompts,

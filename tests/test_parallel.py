@@ -68,7 +68,7 @@ def test_split_is_contiguous_and_optimal():
     assert split_groups(1, 4) == [range(0, 1)]
 
 
-def test_stage_plan_shares_the_host_budget():
+def test_stage_plan_shares_the_host_budget(tmp_path, capsys):
     """The cost model plans every stage with its share of --cpu-mem; one block shape."""
     spec = dummy_spec("opt-125m")
     prof = default_profile("cpu")
@@ -87,6 +87,11 @@ def test_stage_plan_shares_the_host_budget():
     # fewer groups than stages: a step is one group's round trip through all of them
     assert pipeline_times([2, 2], [1, 3], 1) == (4, 4)
     assert pipeline_times([2, 2], [1, 3], 2) == (3, 3)
+    assert main(["policy", "search", "--model", "dummy:opt-125m", "--prompt-len", "64",
+                 "--gen-len", "8", "--gpus", "2", "--device", "cpu", "--cpu-mem", "700MiB",
+                 "-o", str(tmp_path / "plan")]) == 0
+    assert "pipeline of 2 stages" in capsys.readouterr().out
+    assert [Policy.load(tmp_path / f"plan.stage{i}.json") for i in (0, 1)] == plan.policies
 
 
 # ---- same tokens as one process -------------------------------------------------------------
@@ -200,9 +205,14 @@ def _cli(model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_cli_gpus_2_matches_gpus_1(llama_dir, tmp_path):
+    """--gpus 2 with a policy file per stage (the second offloads to disk)."""
     inp = _job(tmp_path)
+    Policy().save(tmp_path / "p0.json")
+    Policy(cache_gpu=0, cache_disk=100, act_gpu=50, act_disk=50).save(tmp_path / "p1.json")
     assert main(_cli(llama_dir, inp, tmp_path / "one.jsonl", "--gpus", "1")) == 0
-    assert main(_cli(llama_dir, inp, tmp_path / "two.jsonl", "--gpus", "2")) == 0
+    assert main(_cli(llama_dir, inp, tmp_path / "two.jsonl", "--gpus", "2", "--policy",
+                     f"{tmp_path / 'p0.json'},{tmp_path / 'p1.json'}", "--offload-dir",
+                     str(tmp_path))) == 0
     one, two = _out(tmp_path / "one.jsonl"), _out(tmp_path / "two.jsonl")
     assert len(one) == 7 and two == one
 
