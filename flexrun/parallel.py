@@ -41,8 +41,20 @@ def _timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("FLEXRUN_DIST_TIMEOUT", "1800")))
 
 
+def backend(device: torch.device) -> str:
+    """nccl on CUDA, gloo on the CPU. FLEXRUN_DIST_BACKEND=gloo keeps CUDA compute but sends
+    through host memory and lets stages share a GPU (rank r on cuda:r % count): the way to run
+    every stage on one GPU, e.g. to check a multi-GPU run's tokens on a single-GPU machine."""
+    forced = os.environ.get("FLEXRUN_DIST_BACKEND") or None
+    if forced not in (None, "nccl", "gloo"):
+        raise FlexrunError(f"FLEXRUN_DIST_BACKEND must be nccl or gloo, got {forced!r}")
+    if forced == "nccl" and device.type != "cuda":
+        raise FlexrunError("FLEXRUN_DIST_BACKEND=nccl needs --device cuda")
+    return forced or ("nccl" if device.type == "cuda" else "gloo")
+
+
 def check_devices(n: int, device: torch.device) -> None:
-    if device.type == "cuda" and n > torch.cuda.device_count():
+    if device.type == "cuda" and backend(device) == "nccl" and n > torch.cuda.device_count():
         raise FlexrunError(f"--gpus {n} exceeds the {torch.cuda.device_count()} visible CUDA "
                            "device(s): pass a smaller --gpus or set CUDA_VISIBLE_DEVICES")
 
@@ -66,6 +78,7 @@ class StageInfo:
 def join_group(n: int, device: torch.device) -> tuple[StageInfo, torch.device]:
     """Join (or reuse) the process group from the torchrun variables; returns the stage and
     its compute device (cuda:LOCAL_RANK on CUDA)."""
+    be = backend(device)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if world != n:
         raise FlexrunError(f"--gpus {n} but WORLD_SIZE is {world}: launch {n} processes "
@@ -73,17 +86,19 @@ def join_group(n: int, device: torch.device) -> tuple[StageInfo, torch.device]:
     os.environ["NCCL_NVLS_ENABLE"] = "0"         # NVLink multicast stays off, always
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
-        if local >= torch.cuda.device_count():
+        if be == "gloo":
+            local %= torch.cuda.device_count()
+        elif local >= torch.cuda.device_count():
             raise FlexrunError(f"rank {rank} wants GPU {local} but only "
                                f"{torch.cuda.device_count()} CUDA device(s) are visible")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method="env://", rank=rank, world_size=world,
+        dist.init_process_group(be, init_method="env://", rank=rank, world_size=world,
                                 timeout=_timeout())
-    comm = StageComm(rank, world, device if device.type == "cuda" else torch.device("cpu"),
+    on_gpu = dist.get_backend() == "nccl"           # (a group made by the caller may differ)
+    comm = StageComm(rank, world, device if on_gpu else torch.device("cpu"),
                      dist.new_group(list(range(world))))
     comm.warm_up()
     return StageInfo(rank, world, comm, owns), device

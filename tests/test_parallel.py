@@ -19,6 +19,7 @@ from flexrun.config import FlexrunError
 from flexrun.engine.stages import bubble_fraction, plan_stages, split_groups, split_units
 from flexrun.hardware import default_profile
 from flexrun.models.dummy import dummy_spec
+from flexrun.parallel import check_devices
 from flexrun.stageplan import pipeline_times, search_stages
 
 NEW = 8
@@ -176,6 +177,11 @@ def test_errors_before_any_process_starts(opt_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(FlexrunError, match="--gpus 2 exceeds the 1 visible CUDA device"):
         LLM(str(opt_dir), device="cuda", num_gpus=2)
+    monkeypatch.setenv("FLEXRUN_DIST_BACKEND", "gloo")      # stages may share a GPU
+    check_devices(2, torch.device("cuda"))
+    monkeypatch.setenv("FLEXRUN_DIST_BACKEND", "mpi")
+    with pytest.raises(FlexrunError, match="must be nccl or gloo"):
+        check_devices(2, torch.device("cuda"))
 
 
 def test_cli_error_is_one_line(opt_dir, tmp_path, capsys):
