@@ -10,6 +10,7 @@ import copy
 import functools
 import math
 import time
+from typing import Iterator
 
 import torch
 
@@ -253,12 +254,10 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
     elem = dtype_bytes or (2 if cuda else 4)
     caps = _caps(profile, cuda, gpu_mem, cpu_mem, disk_mem)
     s = _Search(spec, profile, Workload(prompt_len, gen_len, num_prompts), cuda, elem, caps)
-    max_block = num_prompts or (4096 if cuda else 256)
-    sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)})
-    best, shapes = _scan(s, sizes, max_block, cuda, compress_weight, compress_cache)
+    best, shapes = _scan(s, num_prompts, cuda, compress_weight, compress_cache)
     if best is None:    # second pass: also try each tier's least-use placement (slower)
         s.fallback = True
-        best, more = _scan(s, sizes, max_block, cuda, compress_weight, compress_cache)
+        best, more = _scan(s, num_prompts, cuda, compress_weight, compress_cache)
         shapes += more
     if best is None:
         smallest = Policy(gpu_batch_size=1, compress_weight=compress_weight,
@@ -270,27 +269,38 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
     return SearchResult(best[1], best[2], s.lp_n, s.lp_max, time.perf_counter() - t0, shapes)
 
 
-def _scan(s, sizes, max_block: int, cuda: bool, compress_weight: bool, compress_cache: bool):
-    """The best (throughput, policy, prediction) over block shapes and compression cases."""
-    best, shapes = None, 0
+def shape_grid(num_prompts: int | None, cuda: bool, compress_weight: bool,
+               compress_cache: bool) -> Iterator[Iterator[list[Policy]]]:
+    """The block shapes a search visits: per compression case, per gpu_batch_size (ascending),
+    the shapes by num_gpu_batches (ascending) with at most num_prompts prompts in a block.
+    A caller stops a row once a larger block cannot help, and a case once a row fits nothing."""
+    max_block = num_prompts or (4096 if cuda else 256)
+    sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)})
+    batches = [b for b in sizes if b <= min(max_block, 1024 if cuda else 256)]
     for cw in sorted({False, compress_weight}):
         for cc in sorted({False, compress_cache}):
-            for b in (v for v in sizes if v <= min(max_block, 1024 if cuda else 256)):
-                fits_b = False
-                for k in (2 ** i for i in range(8)):
-                    if b * k > max_block:
-                        break
-                    found = s.candidates(Policy(gpu_batch_size=b, num_gpu_batches=k,
-                                                compress_weight=cw, compress_cache=cc))
-                    shapes, fits_b = shapes + 1, fits_b or bool(found)
-                    for f in found:
-                        if best is None or f[0] > best[0] * (1 + 1e-9):
-                            best = f
-                    if not found or any(f[1].weights_gpu == 100 == f[1].cache_gpu
-                                        for f in found):
-                        break   # larger blocks: more memory, and no gain once all resident
-                if not fits_b:
-                    break       # a larger batch needs more memory still
+            yield ([Policy(gpu_batch_size=b, num_gpu_batches=k, compress_weight=cw,
+                           compress_cache=cc) for k in (2 ** i for i in range(8))
+                    if b * k <= max_block] for b in batches)
+
+
+def _scan(s, num_prompts: int | None, cuda: bool, compress_weight: bool,
+          compress_cache: bool):
+    """The best (throughput, policy, prediction) over block shapes and compression cases."""
+    best, shapes = None, 0
+    for rows in shape_grid(num_prompts, cuda, compress_weight, compress_cache):
+        for row in rows:
+            fits_b = False
+            for shape in row:
+                found = s.candidates(shape)
+                shapes, fits_b = shapes + 1, fits_b or bool(found)
+                for f in found:
+                    if best is None or f[0] > best[0] * (1 + 1e-9):
+                        best = f
+                if not found or any(f[1].weights_gpu == 100 == f[1].cache_gpu for f in found):
+                    break   # larger blocks: more memory, and no gain once all resident
+            if not fits_b:
+                break       # a larger batch needs more memory still
     return best, shapes
 
 

@@ -24,7 +24,7 @@ from .costmodel import Prediction, Workload, predict
 from .engine.stages import split_groups
 from .hardware import HardwareProfile
 from .models.spec import ModelSpec
-from .policysearch import _caps, _Search, _with
+from .policysearch import _caps, _Search, _with, shape_grid
 
 
 @dataclass
@@ -128,29 +128,22 @@ def search_stages(spec: ModelSpec, profile: HardwareProfile, units: list[range],
 def _scan(searches: list[_Search], units: list[range], num_prompts: int | None, cuda: bool,
           compress_weight: bool, compress_cache: bool) -> StagePlan | None:
     """The best plan over block shapes and compression cases (None: nothing fits)."""
-    max_block = num_prompts or (4096 if cuda else 256)
-    sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)})
     best: StagePlan | None = None
-    for cw in sorted({False, compress_weight}):
-        for cc in sorted({False, compress_cache}):
-            for b in (v for v in sizes if v <= min(max_block, 1024 if cuda else 256)):
-                fits_b = False
-                for k in (2 ** i for i in range(8)):
-                    if b * k > max_block:
-                        break
-                    shape = Policy(gpu_batch_size=b, num_gpu_batches=k, compress_weight=cw,
-                                   compress_cache=cc)
-                    plan = plan_for_shape(searches, shape, units, num_prompts)
-                    fits_b = fits_b or plan is not None
-                    if plan is not None and (best is None or
-                                             plan.throughput > best.throughput * (1 + 1e-9)):
-                        best = plan
-                    resident = plan is not None and all(
-                        p.weights_gpu == 100 == p.cache_gpu for p in plan.policies)
-                    if plan is None or (resident and k >= len(units)):
-                        break   # larger blocks: more memory; no gain once resident and full
-                if not fits_b:
-                    break
+    for rows in shape_grid(num_prompts, cuda, compress_weight, compress_cache):
+        for row in rows:
+            fits_b = False
+            for shape in row:
+                plan = plan_for_shape(searches, shape, units, num_prompts)
+                fits_b = fits_b or plan is not None
+                if plan is not None and (best is None or
+                                         plan.throughput > best.throughput * (1 + 1e-9)):
+                    best = plan
+                resident = plan is not None and all(
+                    p.weights_gpu == 100 == p.cache_gpu for p in plan.policies)
+                if plan is None or (resident and shape.num_gpu_batches >= len(units)):
+                    break   # larger blocks: more memory; no gain once resident and full
+            if not fits_b:
+                break
     return best
 
 
