@@ -69,8 +69,14 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
         with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
             got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
         row["w_cpu_chunked_h2d"] = agreement(got, resident)
+        from flexrun.engine import attention
+        attention.HOST_DECODE_ATTN = "matmul"
+        with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
+            got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
+        row["w_cpu_chunked_h2d_matmul_attn"] = agreement(got, resident)
     finally:
         storage.H2D_CHUNK = saved
+        attention.HOST_DECODE_ATTN = "sdpa"
     outs = {}
     for plain in ("1", "0"):
         os.environ["FLEXRUN_PLAIN_DEQUANT"] = plain

@@ -14,8 +14,9 @@ import torch
 
 from ..config import Policy
 from ..models.spec import ModelSpec
+from .. import storage
 from ..storage import DiskTier, TieredStore, assign_tiers, map_parts, new_future
-from .attention import attend, decode_mask, prefill_mask
+from .attention import attend, attend_host, decode_mask, prefill_mask
 from .kvcache import KVCache
 from .sampling import Sampler
 from .schedule import next_unit, zigzag
@@ -88,19 +89,28 @@ class Pipeline:
             host = {n: self.weights.read_host(n, pinned=self.cuda) for n in self.unit_names[u]}
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
+        window = storage.H2D_WINDOW if self._paced(u) else 0
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
-            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
-                   for n in host}
+            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n],
+                                         window) for n in host}
         ev = torch.cuda.Event()
         ev.record(self.weight_stream)
         return out, ev
 
+    def _paced(self, u: int) -> bool:
+        """Whether unit u's host->GPU copy is issued a few pieces at a time by a loader
+        thread: when it moves host weights while the compute stream also copies (activations
+        or attention to/from host memory), which would otherwise queue behind the whole unit."""
+        return (self.cuda and self.policy.overlap and storage.H2D_WINDOW > 0
+                and self.unit_tiers[u] != {"gpu"})
+
     def _start_load(self, u: int) -> Future:
-        """Start fetching unit u: disk reads go to an I/O thread; host->GPU copies are issued
-        at once on the weight stream; resident units need nothing."""
+        """Start fetching unit u: disk reads, and paced host->GPU copies, go to a loader
+        thread; other host->GPU copies are issued at once on the weight stream; resident
+        units need nothing."""
         if not self.policy.overlap:
             return new_future(None)
-        if "disk" in self.unit_tiers[u]:
+        if "disk" in self.unit_tiers[u] or self._paced(u):
             return self.io.submit(self._load_unit, u)
         return new_future(self._load_unit(u))
 
@@ -162,19 +172,34 @@ class Pipeline:
             return self.model.post_attn(w, h, attn)
         t0 = b.time
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
-        if slot.tier == "gpu" or host_attn:
-            where = torch.device("cpu") if slot.on_host else self.device
-            slot.write(k.to(where), v.to(where), t0)
-            K, V = slot.read(t0 + 1, where)
-            with self.tracer.span(f"attn l{layer}", "cpu-attn" if slot.on_host else "compute"):
-                attn = attend(q.to(where), K, V, self._mask(b, where, False))
-            attn = attn.to(self.device, non_blocking=True)
+        if slot.tier == "gpu" and not slot.on_host:
+            slot.write(k, v, t0)
+            K, V = slot.read(t0 + 1, self.device)
+            attn = attend(q, K, V, self._mask(b, self.device, False))
+        elif host_attn:
+            cpu = torch.device("cpu")
+            q, k, v = self._to_host(q, k, v)
+            slot.write(k, v, t0)
+            K, V = slot.read(t0 + 1, cpu)
+            with self.tracer.span(f"attn l{layer}", "cpu-attn"):
+                attn = attend_host(q, K, V, self._mask(b, cpu, False))
+            if self.cuda:
+                attn = attn.pin_memory().to(self.device, non_blocking=True)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
                           self._mask(b, self.device, False))
             slot.write(k, v, t0)
         return self.model.post_attn(w, h, attn)
+
+    def _to_host(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """Small GPU tensors to host memory: async copies into pinned buffers, one wait."""
+        if not self.cuda:
+            return list(xs)
+        out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+               for x in xs]
+        torch.cuda.current_stream(self.device).synchronize()
+        return out
 
     def _mask(self, b: BatchState, where: torch.device, prefill: bool):
         """The step's attention mask on `where`, built once per step (None: no padding)."""

@@ -1,0 +1,138 @@
+"""Where does an offloaded decode step go? Micro-benchmarks at the model's own decode shapes,
+then the real pipeline under several engine variants, all on one load of the model.
+
+python -m bench.decode_probe OUT --model dummy:opt-30b --policy policies/x.json \
+    --gpu-mem 16GiB --cpu-mem 100GiB --num-prompts 64 --gen-len 6
+
+Writes OUT/probe.jsonl, one JSON object per measurement, flushed as it goes (a run cut
+short keeps what it measured). Variants: weight copy window (FLEXRUN_H2D_WINDOW: 0 issues a
+layer's copy at once), host attention kernel (sdpa or matmul), activations on GPU or as the
+policy says.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexrun import LLM, Policy, SamplingParams, storage
+from flexrun.engine import attention
+
+
+def _emit(out: Path, rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _time(fn, n: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None:
+    """Host attention per kernel at the decode shape, alone and beside a pinned H2D stream."""
+    buf = torch.randn(b, kv_heads, T + 8, hd).half()
+    K, V = buf[:, :, :T], buf[:, :, 8:T + 8]
+    q = torch.randn(b, heads, 1, hd).half()
+    mask = torch.ones(b, 1, 1, T, dtype=torch.bool)
+    kv_bytes = 2 * K.numel() * 2
+    for impl in ("sdpa", "matmul"):
+        attention.HOST_DECODE_ATTN = impl
+        for m in (None, mask):
+            s = _time(lambda: attention.attend_host(q, K, V, m))
+            _emit(out, {"what": "host attention", "impl": impl, "mask": m is not None,
+                        "shape": [b, heads, kv_heads, T, hd], "ms": s * 1e3,
+                        "GB_s": kv_bytes / s / 1e9, "threads": torch.get_num_threads()})
+    if not torch.cuda.is_available():
+        return
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    s = torch.cuda.Stream()
+    for impl in ("sdpa", "matmul"):
+        attention.HOST_DECODE_ATTN = impl
+        stop, copies = threading.Event(), []
+
+        def pump():
+            with torch.cuda.stream(s):
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    dev.copy_(host, non_blocking=True)
+                    s.synchronize()
+                    copies.append(time.perf_counter() - t0)
+        th = threading.Thread(target=pump)
+        th.start()
+        time.sleep(0.1)
+        a = _time(lambda: attention.attend_host(q, K, V, None), 10)
+        stop.set()
+        th.join()
+        _emit(out, {"what": "host attention + concurrent 1 GB H2D", "impl": impl,
+                    "attn_ms": a * 1e3, "attn_GB_s": kv_bytes / a / 1e9,
+                    "h2d_GB_s": len(copies) * host.numel() / sum(copies) / 1e9})
+    alone = _time(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()))
+    _emit(out, {"what": "pinned 1 GB H2D alone", "GB_s": host.numel() / alone / 1e9})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--gpu-mem", default=None)
+    ap.add_argument("--cpu-mem", default=None)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=6)
+    ap.add_argument("--num-prompts", type=int, default=None)
+    ap.add_argument("--variants", default="0:sdpa:policy,2:sdpa:policy,4:sdpa:policy,"
+                    "2:matmul:policy,2:matmul:gpu,0:sdpa:gpu",
+                    help="window:attention:activations, comma separated")
+    ap.add_argument("--skip-micro", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out) / "probe.jsonl"
+    policy = Policy.load(a.policy)
+    t0 = time.perf_counter()
+    llm = LLM(a.model, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
+              offload_dir=tempfile.mkdtemp(prefix="flexrun-probe-"))
+    _emit(out, {"what": "load", "s": time.perf_counter() - t0})
+    spec = llm.spec
+    if not a.skip_micro:
+        micro(out, policy.gpu_batch_size, spec.num_heads, spec.num_kv_heads,
+              a.prompt_len + a.gen_len, spec.head_dim)
+    with llm:
+        n = a.num_prompts or policy.block_size
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(10, 30000, (n, a.prompt_len), generator=g).tolist()
+        greedy = SamplingParams(ignore_eos=True)
+        t1 = time.perf_counter()
+        llm.generate(prompts[:policy.block_size], 2, greedy)
+        _emit(out, {"what": "warm-up", "s": time.perf_counter() - t1})
+        pipe = llm.pipeline
+        policy_acts = dict(pipe.act_tiers)
+        first = None
+        for v in a.variants.split(","):
+            window, impl, acts = v.split(":")
+            storage.H2D_WINDOW = int(window)
+            attention.HOST_DECODE_ATTN = impl
+            pipe.act_tiers = ({u: "gpu" for u in policy_acts} if acts == "gpu"
+                              else dict(policy_acts))
+            llm.stats = type(llm.stats)(weights_split=llm.stats.weights_split)
+            res = llm.generate(prompts, a.gen_len, greedy)
+            st = llm.stats
+            toks = [r.output_ids for r in res]
+            first = first or toks
+            _emit(out, {"what": "pipeline", "variant": v, "prefill_s": st.prefill_s,
+                        "decode_step_s": st.decode_s / max(a.gen_len - 1, 1),
+                        "same_tokens_as_first": toks == first})
+
+
+if __name__ == "__main__":
+    main()
