@@ -61,6 +61,7 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
     import os
 
     from flexrun import storage
+    from flexrun.engine import attention
     row = {}
     saved, storage.H2D_CHUNK = storage.H2D_CHUNK, 4096
     try:
@@ -69,7 +70,6 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
         with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
             got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
         row["w_cpu_chunked_h2d"] = agreement(got, resident)
-        from flexrun.engine import attention
         attention.HOST_DECODE_ATTN = "matmul"
         with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
             got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
