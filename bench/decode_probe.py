@@ -6,8 +6,8 @@ python -m bench.decode_probe OUT --model dummy:opt-30b --policy policies/x.json 
 
 Writes OUT/probe.jsonl, one JSON object per measurement, flushed as it goes (a run cut
 short keeps what it measured). Variants: weight copy window (FLEXRUN_H2D_WINDOW: 0 issues a
-layer's copy at once), host attention kernel (sdpa or matmul), activations on GPU or as the
-policy says.
+layer's copy at once) and activations on GPU or as the policy says. --profile writes the
+torch.profiler tables of the last variant's decode steps to OUT/profile.txt.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flexrun import LLM, Policy, SamplingParams, storage
-from flexrun.engine import attention
+from flexrun.engine.attention import attend
+from torch.profiler import ProfilerActivity, profile
 
 
 def _emit(out: Path, rec: dict) -> None:
@@ -46,38 +46,34 @@ def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None
     q = torch.randn(b, heads, 1, hd).half()
     mask = torch.ones(b, 1, 1, T, dtype=torch.bool)
     kv_bytes = 2 * K.numel() * 2
-    for impl in ("sdpa", "matmul"):
-        attention.HOST_DECODE_ATTN = impl
-        for m in (None, mask):
-            s = _time(lambda: attention.attend_host(q, K, V, m))
-            _emit(out, {"what": "host attention", "impl": impl, "mask": m is not None,
-                        "shape": [b, heads, kv_heads, T, hd], "ms": s * 1e3,
-                        "GB_s": kv_bytes / s / 1e9, "threads": torch.get_num_threads()})
+    for m in (None, mask):
+        s = _time(lambda: attend(q, K, V, m))
+        _emit(out, {"what": "host attention", "mask": m is not None,
+                    "shape": [b, heads, kv_heads, T, hd], "ms": s * 1e3,
+                    "GB_s": kv_bytes / s / 1e9, "threads": torch.get_num_threads()})
     if not torch.cuda.is_available():
         return
     host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty_like(host, device="cuda")
     s = torch.cuda.Stream()
-    for impl in ("sdpa", "matmul"):
-        attention.HOST_DECODE_ATTN = impl
-        stop, copies = threading.Event(), []
+    stop, copies = threading.Event(), []
 
-        def pump():
-            with torch.cuda.stream(s):
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    dev.copy_(host, non_blocking=True)
-                    s.synchronize()
-                    copies.append(time.perf_counter() - t0)
-        th = threading.Thread(target=pump)
-        th.start()
-        time.sleep(0.1)
-        a = _time(lambda: attention.attend_host(q, K, V, None), 10)
-        stop.set()
-        th.join()
-        _emit(out, {"what": "host attention + concurrent 1 GB H2D", "impl": impl,
-                    "attn_ms": a * 1e3, "attn_GB_s": kv_bytes / a / 1e9,
-                    "h2d_GB_s": len(copies) * host.numel() / sum(copies) / 1e9})
+    def pump():
+        with torch.cuda.stream(s):
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                dev.copy_(host, non_blocking=True)
+                s.synchronize()
+                copies.append(time.perf_counter() - t0)
+    th = threading.Thread(target=pump)
+    th.start()
+    time.sleep(0.1)
+    a = _time(lambda: attend(q, K, V, None), 10)
+    stop.set()
+    th.join()
+    _emit(out, {"what": "host attention + concurrent 1 GB H2D", "attn_ms": a * 1e3,
+                "attn_GB_s": kv_bytes / a / 1e9,
+                "h2d_GB_s": len(copies) * host.numel() / sum(copies) / 1e9})
     alone = _time(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()))
     _emit(out, {"what": "pinned 1 GB H2D alone", "GB_s": host.numel() / alone / 1e9})
 
@@ -92,9 +88,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=6)
     ap.add_argument("--num-prompts", type=int, default=None)
-    ap.add_argument("--variants", default="0:sdpa:policy,2:sdpa:policy,4:sdpa:policy,"
-                    "2:matmul:policy,2:matmul:gpu,0:sdpa:gpu",
-                    help="window:attention:activations, comma separated")
+    ap.add_argument("--variants", default="2:policy,2:gpu",
+                    help="window:activations (policy or gpu), comma separated")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
     a = ap.parse_args()
     out = Path(a.out) / "probe.jsonl"
@@ -118,10 +114,10 @@ def main() -> None:
         pipe = llm.pipeline
         policy_acts = dict(pipe.act_tiers)
         first = None
-        for v in a.variants.split(","):
-            window, impl, acts = v.split(":")
+        variants = a.variants.split(",")
+        for i, v in enumerate(variants):
+            window, acts = v.split(":")
             storage.H2D_WINDOW = int(window)
-            attention.HOST_DECODE_ATTN = impl
             pipe.act_tiers = ({u: "gpu" for u in policy_acts} if acts == "gpu"
                               else dict(policy_acts))
             llm.stats = type(llm.stats)(weights_split=llm.stats.weights_split)
@@ -132,6 +128,14 @@ def main() -> None:
             _emit(out, {"what": "pipeline", "variant": v, "prefill_s": st.prefill_s,
                         "decode_step_s": st.decode_s / max(a.gen_len - 1, 1),
                         "same_tokens_as_first": toks == first})
+        if a.profile:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                             if torch.cuda.is_available() else [])
+            with profile(activities=acts) as prof:
+                llm.generate(prompts[:policy.block_size], 3, greedy)
+            with open(Path(a.out) / "profile.txt", "w") as f:
+                for key in ("self_cpu_time_total", "cpu_time_total"):
+                    f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
 if __name__ == "__main__":

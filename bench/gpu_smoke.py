@@ -61,7 +61,6 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
     import os
 
     from flexrun import storage
-    from flexrun.engine import attention
     row = {}
     saved, storage.H2D_CHUNK = storage.H2D_CHUNK, 4096
     try:
@@ -70,13 +69,14 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
         with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
             got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
         row["w_cpu_chunked_h2d"] = agreement(got, resident)
-        attention.HOST_DECODE_ATTN = "matmul"
+        pol.act_gpu, pol.act_cpu = 0, 100       # pinned activation buffers, reused
         with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp)) as llm:
             got = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
-        row["w_cpu_chunked_h2d_matmul_attn"] = agreement(got, resident)
+            got2 = [o.output_ids for o in llm.generate(prompts[:5], 16, GREEDY)]
+        row["w_cpu_chunked_h2d_act_cpu"] = agreement(got, resident)
+        row["act_cpu_second_block"] = agreement(got2, resident[:5])
     finally:
         storage.H2D_CHUNK = saved
-        attention.HOST_DECODE_ATTN = "sdpa"
     outs = {}
     for plain in ("1", "0"):
         os.environ["FLEXRUN_PLAIN_DEQUANT"] = plain

@@ -1,8 +1,6 @@
 """Attention with padding and causal masks; q (b, heads, s, hd), k/v (b, kv_heads, T, hd)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -33,23 +31,3 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                                          enable_gqa=k.shape[1] != nh)
     return out.transpose(1, 2).reshape(b, s, nh * hd)
 
-
-# How decode attention runs on the host: "sdpa" (PyTorch's kernel) or "matmul" (two batched
-# matmuls in the cache dtype around an fp32 softmax; faster for fp16 caches on CPUs whose
-# SDPA converts fp16 element by element).
-HOST_DECODE_ATTN = os.environ.get("FLEXRUN_HOST_ATTN", "sdpa")
-
-
-def attend_host(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-    """Decode attention (one query per row) on host tensors -> (b, 1, heads*hd)."""
-    if HOST_DECODE_ATTN != "matmul" or q.shape[2] != 1:
-        return attend(q, k, v, mask)
-    b, nh, _, hd = q.shape
-    kvh = k.shape[1]
-    qg = q.reshape(b, kvh, nh // kvh, hd)                       # (b, kv, group, hd)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(hd ** -0.5)
-    if mask is not None:                                        # (b, 1, 1, T)
-        scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, -1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, 1, nh * hd)

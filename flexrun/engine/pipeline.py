@@ -14,9 +14,10 @@ import torch
 
 from ..config import Policy
 from ..models.spec import ModelSpec
+from ..pinned import pinned_empty
 from .. import storage
 from ..storage import DiskTier, TieredStore, assign_tiers, map_parts, new_future
-from .attention import attend, attend_host, decode_mask, prefill_mask
+from .attention import attend, decode_mask, prefill_mask
 from .kvcache import KVCache
 from .sampling import Sampler
 from .schedule import next_unit, zigzag
@@ -65,6 +66,7 @@ class Pipeline:
                           zip(self.units, assign_tiers([1] * len(self.units), policy.act_split()))}
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
+        self._act_bufs: dict[tuple[int, int], torch.Tensor] = {}
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
@@ -127,13 +129,13 @@ class Pipeline:
         return {n[len(prefix):]: t for n, t in w.items()}
 
     # ---- activations ------------------------------------------------------------------------
-    def _put_act(self, u: int, h: torch.Tensor):
+    def _put_act(self, u: int, h: torch.Tensor, batch_no: int = 0):
         """Keep or offload a unit's output per the activation policy (async to pinned host)."""
         tier = self.act_tiers[u]
         if tier == "gpu" or (tier == "cpu" and not self.cuda):
             return h
         if tier == "cpu":
-            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+            host = self._act_buffer(u, batch_no, h)
             if not self.policy.overlap:
                 return host.copy_(h)
             self.store_stream.wait_stream(self.compute_stream)
@@ -146,6 +148,21 @@ class Pipeline:
         path = self.disk.new_path(f"act-u{u}")
         self.disk.write(path, h)
         return (path, tuple(h.shape), h.dtype)
+
+    def _act_buffer(self, u: int, batch_no: int, h: torch.Tensor) -> torch.Tensor:
+        """A pinned home for unit u's output on the host, reused: one per unit parity and GPU
+        batch. Unit u's output is read by unit u+1 before unit u+2 writes the same buffer,
+        and both copies are ordered on the streams, so reuse is safe (fresh pinned tensors
+        per unit cost an allocator round trip each)."""
+        key = (u % 2, batch_no)
+        buf = self._act_bufs.get(key)
+        n = h.numel()
+        if buf is None or buf.numel() < n or buf.dtype != h.dtype:
+            if buf is not None:             # in-flight copies may still use the old one
+                torch.cuda.synchronize(self.device)
+            buf = pinned_empty((n,), h.dtype)
+            self._act_bufs[key] = buf
+        return buf[:n].view(h.shape)
 
     def _get_act(self, value) -> torch.Tensor:
         if isinstance(value, tuple) and len(value) == 2:
@@ -182,7 +199,7 @@ class Pipeline:
             slot.write(k, v, t0)
             K, V = slot.read(t0 + 1, cpu)
             with self.tracer.span(f"attn l{layer}", "cpu-attn"):
-                attn = attend_host(q, K, V, self._mask(b, cpu, False))
+                attn = attend(q, K, V, self._mask(b, cpu, False))
             if self.cuda:
                 attn = attn.pin_memory().to(self.device, non_blocking=True)
         else:
@@ -265,7 +282,7 @@ class Pipeline:
             logits = self.model.head(w, h[:, -1])
             self._sample(b, logits, sampler, prefill)
             return
-        b.hidden = self._put_act(u, h)
+        b.hidden = self._put_act(u, h, b.batch_no)
 
     def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
         tok = sampler(logits, b.indices)
