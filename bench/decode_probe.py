@@ -5,8 +5,8 @@ python -m bench.decode_probe OUT --model dummy:opt-30b --policy policies/x.json 
     --gpu-mem 16GiB --cpu-mem 100GiB --num-prompts 64 --gen-len 6
 
 Writes OUT/probe.jsonl, one JSON object per measurement, flushed as it goes (a run cut
-short keeps what it measured). Variants: weight copy window (FLEXRUN_H2D_WINDOW: 0 issues a
-layer's copy at once) and activations on GPU or as the policy says. --profile writes the
+short keeps what it measured). Variants: the piece size of weight copies (MB; FLEXRUN_H2D_CHUNK_MB)
+and activations on GPU or as the policy says. --profile writes the
 torch.profiler tables of the last variant's decode steps to OUT/profile.txt.
 """
 from __future__ import annotations
@@ -88,8 +88,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=6)
     ap.add_argument("--num-prompts", type=int, default=None)
-    ap.add_argument("--variants", default="2:policy,2:gpu",
-                    help="window:activations (policy or gpu), comma separated")
+    ap.add_argument("--variants", default="16:policy,16:gpu",
+                    help="chunk_MB:activations (policy or gpu), comma separated")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
     a = ap.parse_args()
@@ -116,8 +116,8 @@ def main() -> None:
         first = None
         variants = a.variants.split(",")
         for i, v in enumerate(variants):
-            window, acts = v.split(":")
-            storage.H2D_WINDOW = int(window)
+            chunk_mb, acts = v.split(":")
+            storage.H2D_CHUNK = int(chunk_mb) << 20
             pipe.act_tiers = ({u: "gpu" for u in policy_acts} if acts == "gpu"
                               else dict(policy_acts))
             llm.stats = type(llm.stats)(weights_split=llm.stats.weights_split)

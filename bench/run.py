@@ -26,6 +26,9 @@ SCENARIOS = {
            "flexrun": ["--model", "dummy:opt-30b", "--policy",
                        "policies/opt-30b-flexgen-paper.json", "--gpu-mem", "16GiB",
                        "--cpu-mem", "100GiB", "--num-prompts", "64"],
+           # the same budget with the policy flexrun's search picks (issue: cost model)
+           "flexrun-auto": ["--model", "dummy:opt-30b", "--policy", "auto", "--gpu-mem", "16GiB",
+                            "--cpu-mem", "100GiB", "--num-prompts", "64"],
            "flexgen": ["--model", "opt-30b"] + FLEXGEN_PAPER,
            # Accelerate: 8 layers fit 16 GiB, the rest runs from CPU (one batch of 8 is its
            # steady state: every forward copies the CPU layers to the GPU again)
@@ -41,6 +44,12 @@ SCENARIOS = {
                        "--compress-weight", "--num-prompts", "32"],
            "flexgen": ["--model", "opt-30b", "--percent", "100", "0", "100", "0", "100", "0",
                        "--gpu-batch-size", "32", "--num-gpu-batches", "1", "--compress-weight"]},
+    "S2-16GiB": {"what": "OPT-30B, 4-bit weights, 16 GiB GPU / 100 GiB CPU, policy chosen by "
+                         "flexrun's search (FlexGen: its paper placement with --compress-weight)",
+                 "flexrun": ["--model", "dummy:opt-30b", "--policy", "auto", "--compress-weight",
+                             "--gpu-mem", "16GiB", "--cpu-mem", "100GiB", "--num-prompts", "64"],
+                 "flexgen": ["--model", "opt-30b"] + FLEXGEN_PAPER + ["--compress-weight"],
+                 "floor": "pcie"},
     "S3": {"what": "OPT-6.7B all on GPU, batch 32",
            "flexrun": ["--model", "dummy:opt-6.7b", "--policy", "policies/opt-6.7b-gpu-b32.json",
                        "--num-prompts", "32"],
@@ -61,6 +70,7 @@ SCENARIOS = {
            "prompt_len": 128, "gen_len": 16},
 }
 SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "flexrun-auto": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexgen": ("bench.peers.flexgen_peer", "FLEXGEN_RESULT"),
            "accelerate": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT")}
 
@@ -117,30 +127,39 @@ def main() -> None:
         print(name, json.dumps(res[name]), flush=True)
     res["scenario_wall_s"] = time.time() - t0
     res["load_avg_end"] = os.getloadavg()             # 1/5/15-min: others' load skews timings
-    fr = res.get("flexrun", {})
-    for peer in ("flexgen", "accelerate"):
-        p = res.get(peer, {})
-        if "total_tok_s" in fr and "total_tok_s" in p:
-            res[f"ratio_total_vs_{peer}"] = fr["total_tok_s"] / p["total_tok_s"]
-            res[f"ratio_decode_vs_{peer}"] = fr["decode_tok_s"] / p["decode_tok_s"]
+    for ours, suffix in (("flexrun", ""), ("flexrun-auto", "_auto")):
+        fr = res.get(ours, {})
+        for peer in ("flexgen", "accelerate"):
+            p = res.get(peer, {})
+            if "total_tok_s" in fr and "total_tok_s" in p:
+                res[f"ratio{suffix}_total_vs_{peer}"] = fr["total_tok_s"] / p["total_tok_s"]
+                res[f"ratio{suffix}_decode_vs_{peer}"] = fr["decode_tok_s"] / p["decode_tok_s"]
     device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), "unknown")
     path = out_dir / f"{a.scenario}-{device.replace(' ', '-')}.json"
     path.write_text(json.dumps(res, indent=1))
     print(f"{a.scenario}: prompt {plen}, gen {glen}, {res['scenario_wall_s']:.0f} s in all")
-    print(f"{'system':10} {'prompts':>7} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12}"
-          f" {'decode tok/s':>12} {'peak GPU GB':>12} {'peak RSS GB':>12}")
+    print(f"{'system':12} {'prompts':>7} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12}"
+          f" {'decode tok/s':>12} {'peak GPU GB':>12} {'peak RSS GB':>12}"
+          f" {'prefill s pred/meas':>20} {'decode step s pred/meas':>24}")
     for name in only:
         r = res[name]
         if "total_tok_s" in r:
-            print(f"{name:10} {r.get('num_prompts', ''):>7} {r['prefill_s']:10.2f} "
+            pred = r.get("predicted") or {}
+            pp = (f"{pred['prefill_s']:.2f}/{r['prefill_s']:.2f}" if "prefill_s" in pred
+                  else "-")
+            pd = (f"{pred['decode_s']:.3f}/{r['decode_step_s']:.3f}" if "decode_s" in pred
+                  and "decode_step_s" in r else "-")
+            print(f"{name:12} {r.get('num_prompts', ''):>7} {r['prefill_s']:10.2f} "
                   f"{r['decode_s']:10.2f} {r['total_tok_s']:12.2f} {r['decode_tok_s']:12.2f} "
-                  f"{r.get('peak_gpu_GB', 0):12.2f} {r.get('peak_rss_GB', 0):12.2f}")
+                  f"{r.get('peak_gpu_GB', 0):12.2f} {r.get('peak_rss_GB', 0):12.2f} {pp:>20} "
+                  f"{pd:>24}")
         else:
-            print(f"{name:10} failed: {r.get('error')}")
-    for peer in ("flexgen", "accelerate"):
-        if f"ratio_total_vs_{peer}" in res:
-            print(f"flexrun / {peer}: total {res[f'ratio_total_vs_{peer}']:.2f}x, "
-                  f"decode {res[f'ratio_decode_vs_{peer}']:.2f}x")
+            print(f"{name:12} failed: {r.get('error')}")
+    for key in sorted(k for k in res if k.startswith("ratio") and "_total_vs_" in k):
+        ours = "flexrun-auto" if key.startswith("ratio_auto") else "flexrun"
+        peer = key.rsplit("_vs_", 1)[1]
+        print(f"{ours} / {peer}: total {res[key]:.2f}x, "
+              f"decode {res[key.replace('_total_', '_decode_')]:.2f}x")
     print("wrote", path)
 
 

@@ -22,7 +22,12 @@ VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # KV and activation stores on the store stream; KV and activation loads are synchronous
 # with compute). A CPU run has one stream: its reads are copies and page faults on the
 # cores the compute uses.
-STREAMS = (("compute", "cache_load", "act_load"), ("weights",), ("cache_store", "act_store"))
+# "host_mem" is no stream of its own but a bound: CPU attention and the weight DMA both read
+# host DRAM, so while weights stream in, CPU attention runs slower (profile:
+# cpu_attn_bw_with_h2d); it bounds the unit time only when streams overlap.
+# ("weights", "cache_load", "act_load") is the host->GPU link that all three share.
+STREAMS = (("compute", "cache_load", "act_load"), ("weights",), ("cache_store", "act_store"),
+           ("host_mem",), ("weights", "cache_load", "act_load"))
 RESOURCES = ("compute", "weights", "cache_load", "cache_store", "act_load", "act_store")
 PAGE_CACHE_SHARE = 0.9     # disk data read back from the page cache when it fits in this share
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
@@ -117,6 +122,9 @@ class _Ctx:
         self.disk_w = (prof.disk_read_cached if disk_cached else None) or prof.disk_write
         self.mem_bw = prof.gpu_mem_bw if cuda else prof.cpu_mem_bw
         self.cpu_attn_bw = prof.cpu_attn_bw or prof.cpu_mem_bw
+        # share of its own rate that CPU attention keeps while weights stream in
+        shared = getattr(prof, "cpu_attn_bw_with_h2d", None)
+        self.attn_share = min(1.0, shared / self.cpu_attn_bw) if shared and cuda else 1.0
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_flops_prefill
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
@@ -166,6 +174,7 @@ class _Ctx:
         kv = 2 * b * k * t_avg * s.kv_dim * self.kv_elem       # the block's keys + values
         new = 2 * b * k * s.kv_dim * self.kv_elem              # this step's keys + values
         load: Lin = {}
+        host_mem: Lin = {}
         if prefill:
             comp["1"] += k * 4.0 * b * P * P * s.num_heads * s.head_dim / self.flops_pre
             store = self.io(kv, "cc", "cd", False) if cuda else {"cd": kv / self.disk_w}
@@ -177,6 +186,11 @@ class _Ctx:
                 ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
                 host = kv / self.cpu_attn_bw + ship
                 comp = _add(comp, {"cg": kv / self.attn_bw, "cc": host, "cd": host})
+                # while the weight copy runs (the first wb/h2d seconds) attention goes at
+                # attn_share of its rate: the unit lasts at least the attention time plus
+                # (1 - attn_share) of the weight copy time
+                slow = (1.0 - self.attn_share) * wb / self.h2d_w
+                host_mem = {"cc": host, "cd": host, "wc": slow, "wd": slow}
         else:                               # bring the prefix to the GPU, attend there
             comp["1"] += kv / self.attn_bw
             load, store = self.io(kv, "cc", "cd", True), self.io(new, "cc", "cd", False)
@@ -188,7 +202,7 @@ class _Ctx:
         return {"compute": self._floor(comp), "weights": weights,
                 **{name: _add(_lin(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
-                    ("act_store", act_out))}}
+                    ("act_store", act_out), ("host_mem", host_mem))}}
 
     def _floor(self, comp: Lin) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead
@@ -216,7 +230,7 @@ def _fractions(policy: Policy) -> dict[str, float]:
 def _unit_time(terms: dict[str, Lin], x: dict, overlap: bool) -> float:
     vals = {r: _value(e, x) for r, e in terms.items()}
     if not overlap:
-        return sum(vals.values())
+        return sum(vals.get(r, 0.0) for r in RESOURCES)
     return max(sum(vals.get(r, 0.0) for r in group) for group in STREAMS)
 
 

@@ -53,6 +53,7 @@ class HardwareProfile:
     cpu_decode_m: int = 16
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
+    cpu_attn_bw_with_h2d: float | None = None   # the same while a pinned H2D copy runs
     cpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (dispatch floor)
     # capacities
     gpu_mem: int | None = None
@@ -157,6 +158,36 @@ def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
                          sync=sync)
         out.append(2 * k.numel() * k.element_size() / sec)
     return statistics.median(out)
+
+
+def _attn_bw_with_h2d(dev: torch.device, alone: float | None,
+                      shape=(8, 32, 512, 128)) -> float | None:
+    """CPU attention KV bytes/s while host->GPU copies stream from pinned memory: both read
+    host DRAM, so CPU attention slows down (the copy engine keeps its rate). Measured at one
+    shape and scaled to `alone` (the median over the shapes of cpu_attn_bw)."""
+    import threading
+    b, heads, t, hd = shape
+    q = torch.randn(b, heads, 1, hd, dtype=torch.float16)
+    k, v = (torch.randn(b, heads, t, hd, dtype=torch.float16) for _ in range(2))
+    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    devbuf = torch.empty_like(host, device=dev)
+    stream, stop = torch.cuda.Stream(dev), threading.Event()
+
+    def pump():
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                devbuf.copy_(host, non_blocking=True)
+                stream.synchronize()
+    attn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    solo = _best_time(attn, sync=lambda: None)
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    try:
+        shared = _best_time(attn, sync=lambda: None)
+    finally:
+        stop.set()
+        th.join()
+    return None if alone is None else alone * solo / shared
 
 
 def _unit_overhead(device: torch.device, dtype: torch.dtype, sync) -> float:
@@ -298,6 +329,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     prof.gpu_attn_bw = _attn_bw(dev, torch.float16, sync,
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
     prof.gpu_unit_overhead = _unit_overhead(dev, torch.float16, sync)
+    prof.cpu_attn_bw_with_h2d = _attn_bw_with_h2d(dev, prof.cpu_attn_bw)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 
@@ -335,6 +367,8 @@ def format_profile(p: HardwareProfile) -> str:
             ("GPU HBM / attention", pair(p.gpu_mem_bw, p.gpu_attn_bw, "B/s")),
             ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
+            ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
+             if p.cpu_attn_bw_with_h2d else "-"),
             ("unit call overhead GPU / CPU", f"{ms(p.gpu_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),
             ("memory GPU / CPU / disk free", " / ".join(gib(m) for m in (p.gpu_mem, p.cpu_mem,

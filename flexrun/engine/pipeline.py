@@ -15,7 +15,6 @@ import torch
 from ..config import Policy
 from ..models.spec import ModelSpec
 from ..pinned import pinned_empty
-from .. import storage
 from ..storage import DiskTier, TieredStore, assign_tiers, map_parts, new_future
 from .attention import attend, decode_mask, prefill_mask
 from .kvcache import KVCache
@@ -66,7 +65,7 @@ class Pipeline:
                           zip(self.units, assign_tiers([1] * len(self.units), policy.act_split()))}
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
-        self._act_bufs: dict[tuple[int, int], torch.Tensor] = {}
+        self._host_bufs: dict[tuple, torch.Tensor] = {}    # reused pinned buffers
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
@@ -91,28 +90,19 @@ class Pipeline:
             host = {n: self.weights.read_host(n, pinned=self.cuda) for n in self.unit_names[u]}
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
-        window = storage.H2D_WINDOW if self._paced(u) else 0
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
-            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n],
-                                         window) for n in host}
+            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
+                   for n in host}
         ev = torch.cuda.Event()
         ev.record(self.weight_stream)
         return out, ev
 
-    def _paced(self, u: int) -> bool:
-        """Whether unit u's host->GPU copy is issued a few pieces at a time by a loader
-        thread: when it moves host weights while the compute stream also copies (activations
-        or attention to/from host memory), which would otherwise queue behind the whole unit."""
-        return (self.cuda and self.policy.overlap and storage.H2D_WINDOW > 0
-                and self.unit_tiers[u] != {"gpu"})
-
     def _start_load(self, u: int) -> Future:
-        """Start fetching unit u: disk reads, and paced host->GPU copies, go to a loader
-        thread; other host->GPU copies are issued at once on the weight stream; resident
-        units need nothing."""
+        """Start fetching unit u: disk reads go to an I/O thread; host->GPU copies are issued
+        at once on the weight stream; resident units need nothing."""
         if not self.policy.overlap:
             return new_future(None)
-        if "disk" in self.unit_tiers[u] or self._paced(u):
+        if "disk" in self.unit_tiers[u]:
             return self.io.submit(self._load_unit, u)
         return new_future(self._load_unit(u))
 
@@ -135,7 +125,9 @@ class Pipeline:
         if tier == "gpu" or (tier == "cpu" and not self.cuda):
             return h
         if tier == "cpu":
-            host = self._act_buffer(u, batch_no, h)
+            # unit u's output is read by unit u+1 before unit u+2 (same parity) overwrites
+            # it, and both copies are ordered on the streams: two homes per batch suffice
+            host = self._host_buffer(f"act{u % 2}", batch_no, h)
             if not self.policy.overlap:
                 return host.copy_(h)
             self.store_stream.wait_stream(self.compute_stream)
@@ -148,21 +140,6 @@ class Pipeline:
         path = self.disk.new_path(f"act-u{u}")
         self.disk.write(path, h)
         return (path, tuple(h.shape), h.dtype)
-
-    def _act_buffer(self, u: int, batch_no: int, h: torch.Tensor) -> torch.Tensor:
-        """A pinned home for unit u's output on the host, reused: one per unit parity and GPU
-        batch. Unit u's output is read by unit u+1 before unit u+2 writes the same buffer,
-        and both copies are ordered on the streams, so reuse is safe (fresh pinned tensors
-        per unit cost an allocator round trip each)."""
-        key = (u % 2, batch_no)
-        buf = self._act_bufs.get(key)
-        n = h.numel()
-        if buf is None or buf.numel() < n or buf.dtype != h.dtype:
-            if buf is not None:             # in-flight copies may still use the old one
-                torch.cuda.synchronize(self.device)
-            buf = pinned_empty((n,), h.dtype)
-            self._act_bufs[key] = buf
-        return buf[:n].view(h.shape)
 
     def _get_act(self, value) -> torch.Tensor:
         if isinstance(value, tuple) and len(value) == 2:
@@ -195,13 +172,14 @@ class Pipeline:
             attn = attend(q, K, V, self._mask(b, self.device, False))
         elif host_attn:
             cpu = torch.device("cpu")
-            q, k, v = self._to_host(q, k, v)
+            q, k, v = self._to_host(b.batch_no, q=q, k=k, v=v)
             slot.write(k, v, t0)
             K, V = slot.read(t0 + 1, cpu)
             with self.tracer.span(f"attn l{layer}", "cpu-attn"):
                 attn = attend(q, K, V, self._mask(b, cpu, False))
             if self.cuda:
-                attn = attn.pin_memory().to(self.device, non_blocking=True)
+                attn = self._host_buffer("attn", b.batch_no, attn).copy_(attn)
+                attn = attn.to(self.device, non_blocking=True)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
@@ -209,12 +187,27 @@ class Pipeline:
             slot.write(k, v, t0)
         return self.model.post_attn(w, h, attn)
 
-    def _to_host(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+    def _host_buffer(self, name: str, batch_no: int, like: torch.Tensor) -> torch.Tensor:
+        """A pinned host buffer shaped like `like`, reused per (name, GPU batch): fresh pinned
+        tensors per call cost a pinned-allocator round trip each (~2.5 ms on the H100 host).
+        Reuse is safe: a buffer's previous copy sits on the compute stream, which the next
+        use of the same batch synchronizes before writing it."""
+        key = (name, batch_no)
+        buf = self._host_bufs.get(key)
+        n = like.numel()
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            if buf is not None:
+                torch.cuda.synchronize(self.device)
+            buf = pinned_empty((n,), like.dtype)
+            self._host_bufs[key] = buf
+        return buf[:n].view(like.shape)
+
+    def _to_host(self, batch_no: int, **xs: torch.Tensor) -> list[torch.Tensor]:
         """Small GPU tensors to host memory: async copies into pinned buffers, one wait."""
         if not self.cuda:
-            return list(xs)
-        out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-               for x in xs]
+            return list(xs.values())
+        out = [self._host_buffer(n, batch_no, x).copy_(x, non_blocking=True)
+               for n, x in xs.items()]
         torch.cuda.current_stream(self.device).synchronize()
         return out
 
