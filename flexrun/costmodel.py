@@ -125,6 +125,7 @@ class _Ctx:
         # share of its own rate that CPU attention keeps while weights stream in
         shared = getattr(prof, "cpu_attn_bw_with_h2d", None)
         self.attn_share = min(1.0, shared / self.cpu_attn_bw) if shared and cuda else 1.0
+        self.attn_call_s = (getattr(prof, "cpu_attn_call_s", None) or 0.0) if cuda else 0.0
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_flops_prefill
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
@@ -184,7 +185,7 @@ class _Ctx:
                 comp["1"] += kv / self.attn_bw
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
-                host = kv / self.cpu_attn_bw + ship
+                host = kv / self.cpu_attn_bw + ship + k * self.attn_call_s
                 comp = _add(comp, {"cg": kv / self.attn_bw, "cc": host, "cd": host})
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at
                 # attn_share of its rate: the unit lasts at least the attention time plus

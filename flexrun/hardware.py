@@ -54,6 +54,8 @@ class HardwareProfile:
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
     cpu_attn_bw_with_h2d: float | None = None   # the same while a pinned H2D copy runs
+    cpu_attn_call_s: float | None = None     # s per CPU-attention call of a GPU run beyond
+    #                                          its bytes (GPU->host->GPU round trip); fitted
     cpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (dispatch floor)
     # capacities
     gpu_mem: int | None = None
