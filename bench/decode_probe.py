@@ -109,7 +109,8 @@ def main() -> None:
         prompts = torch.randint(10, 30000, (n, a.prompt_len), generator=g).tolist()
         greedy = SamplingParams(ignore_eos=True)
         t1 = time.perf_counter()
-        llm.generate(prompts[:policy.block_size], 2, greedy)
+        stop_all = SamplingParams(stop_token_ids=list(range(spec.vocab_size)))
+        llm.generate(prompts[:policy.block_size], a.gen_len, stop_all)   # slots, kernels
         _emit(out, {"what": "warm-up", "s": time.perf_counter() - t1})
         pipe = llm.pipeline
         policy_acts = dict(pipe.act_tiers)
