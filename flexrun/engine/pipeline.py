@@ -47,13 +47,6 @@ class BatchState:
         return all(self.done)
 
 
-@dataclass
-class _OnDevice:
-    """An offloaded activation already on its way back to the GPU."""
-    tensor: torch.Tensor
-    ready: object           # CUDA event: the copy has landed
-
-
 class Pipeline:
     """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
     placing its layers' KV cache and its units' activations per the policy over that slice."""
@@ -148,25 +141,7 @@ class Pipeline:
         self.disk.write(path, h)
         return (path, tuple(h.shape), h.dtype)
 
-    def _prefetch_acts(self, batches: list[BatchState]) -> None:
-        """Start the host->GPU copies of the block's offloaded activations for the unit about
-        to run, on the weight stream ahead of the next unit's weights: issued later, from
-        the compute stream, each would wait behind that whole weight copy."""
-        for b in batches:
-            if isinstance(b.hidden, tuple) and len(b.hidden) == 2 and not b.finished:
-                host, ev = b.hidden
-                self.weight_stream.wait_event(ev)
-                with torch.cuda.stream(self.weight_stream):
-                    dev = host.to(self.device, non_blocking=True)
-                dev.record_stream(self.compute_stream)
-                done = torch.cuda.Event()
-                done.record(self.weight_stream)
-                b.hidden = _OnDevice(dev, done)
-
     def _get_act(self, value) -> torch.Tensor:
-        if isinstance(value, _OnDevice):
-            self.compute_stream.wait_event(value.ready)
-            return value.tensor
         if isinstance(value, tuple) and len(value) == 2:
             host, ev = value
             self.compute_stream.wait_event(ev)
@@ -270,8 +245,6 @@ class Pipeline:
                 if task.unit == 0 and all(b.finished for b in batches):
                     break
                 w = self._wait_load(pending, task.unit)
-                if self.cuda and self.policy.overlap and task.unit > 0:
-                    self._prefetch_acts(batches)
                 nxt = next_unit(task, max_new_tokens, U)
                 pending = self._start_load(nxt) if nxt is not None else new_future((None, None))
             b = batches[task.batch]
