@@ -87,8 +87,13 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
             cache[TIERS[t]] += per_layer
         b = policy.gpu_batch_size
         act = policy.block_size * prompt_len * spec.hidden_size * elem
-        ffn_live = spec.ffn_dim * (1 if spec.arch == "opt" else 2)  # in-place activations
-        work = b * prompt_len * max(ffn_live + spec.hidden_size, 4 * spec.hidden_size) * elem
+        # live at the FFN: its input, the normed input, the up-projection (in-place
+        # activation; Llama's gate and up are two) and the output; at attention: input,
+        # normed input, q, k, v (and the output). Fitted to five H100 peaks: without the two
+        # extra hidden-size rows the estimate was 0.08-0.89 GiB short (bench/results S1/S2)
+        ffn_live = spec.ffn_dim * (1 if spec.arch == "opt" else 2)
+        work = b * prompt_len * max(ffn_live + 3 * spec.hidden_size,
+                                    5 * spec.hidden_size) * elem
         work += b * spec.num_heads * prompt_len * min(prompt_len, 1024) * elem
         work += b * spec.vocab_size * 4 * 2
         kv_stream = 0 if policy.cpu_attention else (

@@ -2,6 +2,7 @@
 hardware profiles, and predicted vs measured on this CPU."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -15,7 +16,7 @@ from flexrun.cli import main as cli_main
 from flexrun.config import parse_size
 from flexrun.costmodel import predict
 from flexrun.policysearch import search
-from flexrun.footprint import check_budget, footprint
+from flexrun.footprint import check_budget, footprint, numel
 from flexrun.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
 from flexrun.models.dummy import dummy_spec
 
@@ -302,3 +303,38 @@ def test_every_budget_above_the_named_minimum_fits(preset):
     for f in (1.01, 1.1, 1.2, 1.4):
         res = search(spec, CPU, 512, 32, None, int(need * f), None, "cpu")
         _check(spec, res, "cpu", None, int(need * f), None, 512, 32)
+
+
+def _s1_policy(**kw) -> Policy:
+    base = dict(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=20, weights_cpu=80,
+                cache_gpu=0, cache_cpu=100, act_gpu=100, act_cpu=0, cpu_attention=True)
+    return Policy(**{**base, **kw})
+
+
+def test_host_to_gpu_link_is_shared_by_weights_and_cache():
+    """Shipping the KV cache to the GPU uses the same link as the weight copies: a decode
+    step takes at least (host weights + KV prefix) / H2D bandwidth."""
+    spec = dummy_spec("opt-30b")
+    pol = _s1_policy(cpu_attention=False)
+    pr = predict(spec, pol, H100, 512, 32, device="cuda")
+    weights = 0.8 * spec.num_layers * sum(numel(s) for s in spec.unit_shapes(1).values()) * 2
+    kv = 64 * (512 + 16) * spec.kv_dim * 2 * 2 * spec.num_layers
+    assert pr.decode_s >= 0.98 * (weights + kv) / H100.h2d_pinned
+
+
+def test_cpu_attention_slowed_by_weight_copies_and_per_call_cost():
+    spec = dummy_spec("opt-30b")
+    pol = _s1_policy()
+    shared = predict(spec, pol, H100, 512, 32, device="cuda").decode_s
+    alone = predict(spec, pol, dataclasses.replace(H100, cpu_attn_bw_with_h2d=None),
+                    512, 32, device="cuda").decode_s
+    assert shared > alone * 1.1
+    # the same block in more, smaller GPU batches pays the CPU-attention round trip per batch
+    small = predict(spec, _s1_policy(gpu_batch_size=4, num_gpu_batches=16), H100, 512, 32,
+                    device="cuda").decode_s
+    no_call = dataclasses.replace(H100, cpu_attn_call_s=None)
+    small_free = predict(spec, _s1_policy(gpu_batch_size=4, num_gpu_batches=16), no_call, 512,
+                         32, device="cuda").decode_s
+    extra = 16 * spec.num_layers * H100.cpu_attn_call_s
+    assert small - small_free == pytest.approx(extra, rel=0.35)
+    assert small > shared
