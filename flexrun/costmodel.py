@@ -135,7 +135,7 @@ class _Ctx:
             shapes = spec.unit_shapes(u)
             sizes = [weight_bytes(n, s, elem, policy) for n, s in shapes.items()]
             self.unit_bytes.append(sum(sizes))
-            self.unit_read.append(sum(self.read_s(x) for x in sizes))
+            self.unit_read.append(sum(sizes) / self.disk_r)   # into reused buffers (Arena)
             skip = ("embed.tokens", "embed.positions") if kind == 0 else ()
             self.unit_params.append(sum(numel(s) for n, s in shapes.items()
                                         if len(s) == 2 and n not in skip))

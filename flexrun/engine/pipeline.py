@@ -15,7 +15,7 @@ import torch
 from ..config import Policy
 from ..models.spec import ModelSpec
 from ..pinned import pinned_empty
-from ..storage import DiskTier, TieredStore, assign_tiers, map_parts, new_future
+from ..storage import Arena, DiskTier, TieredStore, assign_tiers, map_parts, new_future
 from .attention import attend, decode_mask, prefill_mask
 from .kvcache import KVCache
 from .sampling import Sampler
@@ -66,6 +66,7 @@ class Pipeline:
         self.cuda = device.type == "cuda"
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         self._host_bufs: dict[tuple, torch.Tensor] = {}    # reused pinned buffers
+        self._arenas, self._loads = (Arena(), Arena()), 0  # disk weight reads, CPU runs
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
@@ -84,10 +85,20 @@ class Pipeline:
                           if policy.compress_cache else None)
 
     # ---- weights ----------------------------------------------------------------------------
-    def _load_unit(self, u: int) -> tuple[dict, object]:
+    def _arena(self, u: int) -> Arena | None:
+        """The host buffer unit u's disk weights are read into on a CPU run: two, used in
+        turn, so the next unit loads while this one computes (CPU compute is synchronous, so
+        the unit before is done with its buffer). GPU runs read into pinned tensors."""
+        if self.cuda or "disk" not in self.unit_tiers[u]:
+            return None
+        self._loads += 1
+        return self._arenas[self._loads % 2].reset(self.weights.disk_bytes(self.unit_names[u]))
+
+    def _load_unit(self, u: int, arena: Arena | None = None) -> tuple[dict, object]:
         """Fetch unit u's weights to the compute device; returns (weights, ready event)."""
         with self.tracer.span(f"load w{u}", "io-thread"):
-            host = {n: self.weights.read_host(n, pinned=self.cuda) for n in self.unit_names[u]}
+            host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena)
+                    for n in self.unit_names[u]}
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
@@ -103,13 +114,13 @@ class Pipeline:
         if not self.policy.overlap:
             return new_future(None)
         if "disk" in self.unit_tiers[u]:
-            return self.io.submit(self._load_unit, u)
+            return self.io.submit(self._load_unit, u, self._arena(u))
         return new_future(self._load_unit(u))
 
     def _wait_load(self, fut: Future, u: int) -> dict:
         res = fut.result()
         if res is None:  # no overlap: load now, synchronously
-            res = self._load_unit(u)
+            res = self._load_unit(u, self._arena(u))
         w, ev = res
         if ev is not None:
             self.compute_stream.wait_event(ev)
