@@ -180,7 +180,7 @@ class _Ctx:
             comp["1"] += k * 4.0 * b * P * P * s.num_heads * s.head_dim / self.flops_pre
             store = self.io(kv, "cc", "cd", False) if cuda else {"cd": kv / self.disk_w}
         elif not cuda or p.cpu_attention:   # attention where the cache lives (host memory)
-            load, store = {"cd": self.read_s(kv, 2 * k)}, {"cd": new / self.disk_w}
+            load, store = {"cd": kv / self.disk_r}, {"cd": new / self.disk_w}  # reused bufs
             if not cuda:
                 comp["1"] += kv / self.attn_bw
             else:                           # ship q/k/v of the new token and the output back

@@ -21,7 +21,10 @@ from .kvquant import CompressedKVSlot
 class KVSlot:
     def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
                  dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str,
-                 store_stream=None, io=None):
+                 store_stream=None, io=None, scratch: dict | None = None, plane: str = ""):
+        """scratch: reusable read buffers shared by the slots of a CPU run (disk reads into
+        fresh tensors pay first-touch page faults); plane: which part of a slot this is."""
+        self.scratch, self.plane = scratch, plane
         self.tier, self.time_major, self.dtype, self.device = tier, time_major, dtype, device
         self.store_stream, self.io = store_stream, io
         self.pending: list = []                 # CUDA events / futures of in-flight stores
@@ -112,7 +115,7 @@ class KVSlot:
         if self.pending:
             self._settle(device.type == "cuda")
         if self.tier == "disk":
-            parts = [self._pread(fd, t_end, pinned) for fd in self.fds]
+            parts = [self._pread(fd, t_end, pinned, i) for i, fd in enumerate(self.fds)]
         elif self.time_major:
             parts = [buf[:t_end] for buf in self.kv]
         else:
@@ -123,9 +126,17 @@ class KVSlot:
             parts = [x.permute(1, 2, 0, 3) for x in parts]
         return parts
 
-    def _pread(self, fd: int, t_end: int, pinned: bool) -> torch.Tensor:
+    def _pread(self, fd: int, t_end: int, pinned: bool, part: int) -> torch.Tensor:
         b, kv, _, hd = self.shape
-        t = torch.empty((t_end, b, kv, hd), dtype=self.dtype, pin_memory=pinned)
+        if self.scratch is not None:        # read synchronously and used before the next read
+            key = (self.plane, part, self.dtype, b, kv, hd)
+            buf = self.scratch.get(key)
+            if buf is None or buf.shape[0] < t_end:
+                buf = self.scratch[key] = torch.empty((self.max_len, b, kv, hd),
+                                                      dtype=self.dtype)
+            t = buf[:t_end]
+        else:
+            t = torch.empty((t_end, b, kv, hd), dtype=self.dtype, pin_memory=pinned)
         mv = memoryview(t.view(torch.uint8).numpy().reshape(-1))
         pos = 0
         while pos < len(mv):
@@ -183,6 +194,8 @@ class KVCache:
         self.cpu_attention = cpu_attention
         self.store_stream, self.io = store_stream, io
         self.slots: dict[tuple[int, int], KVSlot] = {}
+        # a CPU run attends right after reading: disk reads can share reused buffers
+        self.scratch: dict | None = {} if device.type == "cpu" else None
 
     def _time_major(self, tier: str) -> bool:
         if tier == "disk":
@@ -202,7 +215,7 @@ class KVCache:
             def make(shape_, dtype, part=""):
                 return KVSlot(tier, self._time_major(tier), shape_, dtype, self.device,
                               self.disk, name + (f".{part}" if part else ""),
-                              self.store_stream, self.io)
+                              self.store_stream, self.io, self.scratch, part)
             if self.quant is None:
                 s = make(shape, self.dtype)
             else:
