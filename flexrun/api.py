@@ -4,7 +4,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch

@@ -25,9 +25,10 @@ VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # "host_mem" is no stream of its own but a bound: CPU attention and the weight DMA both read
 # host DRAM, so while weights stream in, CPU attention runs slower (profile:
 # cpu_attn_bw_with_h2d); it bounds the unit time only when streams overlap.
-# ("weights", "cache_load", "act_load") is the host->GPU link that all three share.
+# "link" is the host->GPU copy time of weights, cache and activations together: one link
+# (PCIe) carries all three; disk reads are not on it.
 STREAMS = (("compute", "cache_load", "act_load"), ("weights",), ("cache_store", "act_store"),
-           ("host_mem",), ("weights", "cache_load", "act_load"))
+           ("host_mem",), ("link",))
 RESOURCES = ("compute", "weights", "cache_load", "cache_store", "act_load", "act_store")
 PAGE_CACHE_SHARE = 0.9     # disk data read back from the page cache when it fits in this share
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
@@ -162,13 +163,14 @@ class _Ctx:
         rows = b * P if prefill else b
         wb = self.unit_bytes[kind]
         weights = {"wc": wb / self.h2d_w, "wd": self.unit_read[kind] + wb / self.h2d_w}
+        link = _lin(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
         # compressed weights are decompressed for every batch on the compute device
         comp = _lin(k * self.unit_qparams[kind] * (e + p.quant_bits / 8) / self.mem_bw)
         if kind != 1:                       # embedding gather / head GEMM on the last token
             comp["1"] += k * (gemm(rows, self.unit_params[0], cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, self.unit_params[2],
                               cuda) + 4 * b * s.vocab_size / self.mem_bw)
-            return {"compute": self._floor(comp), "weights": weights}
+            return {"compute": self._floor(comp), "weights": weights, "link": link}
         misc = rows * (12 * s.hidden_size + 3 * s.ffn_dim) * e / self.mem_bw  # norms, adds..
         comp["1"] += k * (gemm(rows, self.unit_params[1], cuda) + misc)
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
@@ -180,12 +182,13 @@ class _Ctx:
             comp["1"] += k * 4.0 * b * P * P * s.num_heads * s.head_dim / self.flops_pre
             store = self.io(kv, "cc", "cd", False) if cuda else {"cd": kv / self.disk_w}
         elif not cuda or p.cpu_attention:   # attention where the cache lives (host memory)
-            load, store = {"cd": kv / self.disk_r}, {"cd": new / self.disk_w}  # reused bufs
+            load, store = {"cd": kv / self.disk_r}, {"cd": new / self.disk_w}
             if not cuda:
                 comp["1"] += kv / self.attn_bw
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
                 host = kv / self.cpu_attn_bw + ship + k * self.attn_call_s
+                link = _add(link, {"cc": ship, "cd": ship})
                 comp = _add(comp, {"cg": kv / self.attn_bw, "cc": host, "cd": host})
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at
                 # attn_share of its rate: the unit lasts at least the attention time plus
@@ -195,15 +198,17 @@ class _Ctx:
         else:                               # bring the prefix to the GPU, attend there
             comp["1"] += kv / self.attn_bw
             load, store = self.io(kv, "cc", "cd", True), self.io(new, "cc", "cd", False)
+            link = _add(link, {"cc": kv / self.h2d, "cd": kv / self.h2d})
         act = b * k * (P if prefill else 1) * s.hidden_size * e
         if cuda:
             act_in, act_out = (self.io(act, "ac", "ad", ld, False) for ld in (True, False))
+            link = _add(link, {"ac": act / self.h2d_pg, "ad": act / self.h2d_pg})
         else:
             act_in, act_out = {"ad": self.read_s(act, k)}, {"ad": act / self.disk_w}
         return {"compute": self._floor(comp), "weights": weights,
                 **{name: _add(_lin(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
-                    ("act_store", act_out), ("host_mem", host_mem))}}
+                    ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
 
     def _floor(self, comp: Lin) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead

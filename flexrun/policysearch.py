@@ -117,7 +117,12 @@ class _Search:
                 for group in STREAMS if shape.overlap and self.cuda else (RESOURCES,):
                     lp += t >= pulp.lpSum(expr(terms[r]) for r in group if r in terms)
                 objective.append(reps * cnt * t)
-        lp += expr(mem[minimize]) if minimize else pulp.lpSum(objective)
+        # ties (a stream that is not the bottleneck can take more slow-tier data for free)
+        # go to the faster tier: whole-tensor rounding then hands the remainder to the
+        # slowest tier in use, which would make such a free share a real cost
+        tie = 1e-3 * pulp.lpSum(x[v] for v in ("wd", "cd", "ad")) + \
+            1e-4 * pulp.lpSum(x[v] for v in ("wc", "cc", "ac"))
+        lp += expr(mem[minimize]) if minimize else pulp.lpSum(objective) + tie
         lp.solve(_solver())
         self.lp_n, self.lp_max = self.lp_n + 1, max(self.lp_max, time.perf_counter() - t0)
         if pulp.LpStatus[lp.status] != "Optimal":

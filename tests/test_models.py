@@ -1,5 +1,4 @@
 """flexrun's resident run against transformers: greedy tokens and logits (fp32, CPU)."""
-import pytest
 import torch
 
 from conftest import hf_greedy, ragged_prompts, tiny_llama

@@ -7,7 +7,7 @@ applied to every GPU batch of the block in turn.
 from __future__ import annotations
 
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from ..config import Policy
 from ..models.spec import ModelSpec
 from ..pinned import pinned_empty
-from ..storage import Arena, DiskTier, TieredStore, assign_tiers, map_parts, new_future
+from ..storage import Arena, DiskTier, TieredStore, assign_tiers, new_future
 from .attention import attend, decode_mask, prefill_mask
 from .kvcache import KVCache
 from .sampling import Sampler
@@ -201,8 +201,9 @@ class Pipeline:
     def _host_buffer(self, name: str, batch_no: int, like: torch.Tensor) -> torch.Tensor:
         """A pinned host buffer shaped like `like`, reused per (name, GPU batch): fresh pinned
         tensors per call cost a pinned-allocator round trip each (~2.5 ms on the H100 host).
-        Reuse is safe: a buffer's previous copy sits on the compute stream, which the next
-        use of the same batch synchronizes before writing it."""
+        q/k/v and attention-output buffers are written by the host only after `_to_host` has
+        synchronized the compute stream, which holds their previous copies; activation
+        buffers are ordered by the streams (see _put_act)."""
         key = (name, batch_no)
         buf = self._host_bufs.get(key)
         n = like.numel()
@@ -251,26 +252,30 @@ class Pipeline:
         for bn, b in enumerate(batches):
             b.batch_no, b.time = bn, b.prompt_len
         pending, w = self._start_load(0), None
-        for task in zigzag(max_new_tokens, U, len(batches)):
-            if task.first_batch:
-                if task.unit == 0 and all(b.finished for b in batches):
-                    break
-                w = self._wait_load(pending, task.unit)
-                nxt = next_unit(task, max_new_tokens, U)
-                pending = self._start_load(nxt) if nxt is not None else new_future((None, None))
-            b = batches[task.batch]
-            if not b.finished:
-                with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}", "compute",
-                                      self.compute_stream if self.cuda else None):
-                    self._unit(w, task.unit, b, task.prefill, sampler)
-            if task.last_batch:
-                w = None
-                if task.unit == U - 1:
-                    for b in batches:
-                        b.time += 0 if task.prefill else 1
-                    if on_step is not None:
-                        on_step(task.step)
-        pending.result()
+        try:
+            for task in zigzag(max_new_tokens, U, len(batches)):
+                if task.first_batch:
+                    if task.unit == 0 and all(b.finished for b in batches):
+                        break
+                    w = self._wait_load(pending, task.unit)
+                    nxt = next_unit(task, max_new_tokens, U)
+                    pending = self._start_load(nxt) if nxt is not None else \
+                        new_future((None, None))
+                b = batches[task.batch]
+                if not b.finished:
+                    with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}",
+                                          "compute", self.compute_stream if self.cuda else None):
+                        self._unit(w, task.unit, b, task.prefill, sampler)
+                if task.last_batch:
+                    w = None
+                    if task.unit == U - 1:
+                        for b in batches:
+                            b.time += 0 if task.prefill else 1
+                        if on_step is not None:
+                            on_step(task.step)
+            pending.result()
+        finally:        # on an error too: a load in flight may still fill a reused buffer
+            wait([pending])
 
     def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler) -> None:
         L = self.spec.num_layers
