@@ -338,3 +338,12 @@ def test_cpu_attention_slowed_by_weight_copies_and_per_call_cost():
     extra = 16 * spec.num_layers * H100.cpu_attn_call_s
     assert small - small_free == pytest.approx(extra, rel=0.35)
     assert small > shared
+
+
+def test_search_does_not_spill_to_disk_for_free():
+    """When the bottleneck stream leaves room, the LP is indifferent to a small slow-tier
+    share; rounding would hand that share to the slowest tier and make it a real cost. With
+    100 GiB of RAM the opt-30b S1 search must keep the KV cache off the disk."""
+    res = search(dummy_spec("opt-30b"), H100, 512, 32, 16 * GiB, 100 * GiB, None, "cuda",
+                 num_prompts=64)
+    assert res.policy.cache_disk == 0 and res.policy.weights_disk == 0
