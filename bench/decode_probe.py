@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from flexrun import LLM, Policy, SamplingParams, storage
 from flexrun.engine.attention import attend
+from flexrun.hardware import _best_time, _copy_bw, attention_beside_h2d
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -29,14 +29,6 @@ def _emit(out: Path, rec: dict) -> None:
     print(json.dumps(rec), flush=True)
     with open(out, "a") as f:
         f.write(json.dumps(rec) + "\n")
-
-
-def _time(fn, n: int = 5) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
 
 
 def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None:
@@ -47,35 +39,19 @@ def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None
     mask = torch.ones(b, 1, 1, T, dtype=torch.bool)
     kv_bytes = 2 * K.numel() * 2
     for m in (None, mask):
-        s = _time(lambda: attend(q, K, V, m))
+        s = _best_time(lambda: attend(q, K, V, m))
         _emit(out, {"what": "host attention", "mask": m is not None,
                     "shape": [b, heads, kv_heads, T, hd], "ms": s * 1e3,
                     "GB_s": kv_bytes / s / 1e9, "threads": torch.get_num_threads()})
     if not torch.cuda.is_available():
         return
-    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty_like(host, device="cuda")
-    s = torch.cuda.Stream()
-    stop, copies = threading.Event(), []
-
-    def pump():
-        with torch.cuda.stream(s):
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                dev.copy_(host, non_blocking=True)
-                s.synchronize()
-                copies.append(time.perf_counter() - t0)
-    th = threading.Thread(target=pump)
-    th.start()
-    time.sleep(0.1)
-    a = _time(lambda: attend(q, K, V, None), 10)
-    stop.set()
-    th.join()
+    dev = torch.device("cuda")
+    _, a, h2d = attention_beside_h2d(dev, lambda: attend(q, K, V, None), 1 << 30)
     _emit(out, {"what": "host attention + concurrent 1 GB H2D", "attn_ms": a * 1e3,
-                "attn_GB_s": kv_bytes / a / 1e9,
-                "h2d_GB_s": len(copies) * host.numel() / sum(copies) / 1e9})
-    alone = _time(lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize()))
-    _emit(out, {"what": "pinned 1 GB H2D alone", "GB_s": host.numel() / alone / 1e9})
+                "attn_GB_s": kv_bytes / a / 1e9, "h2d_GB_s": h2d / 1e9})
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    alone = _copy_bw(host, torch.empty_like(host, device=dev), torch.cuda.synchronize)
+    _emit(out, {"what": "pinned 1 GB H2D alone", "GB_s": alone / 1e9})
 
 
 def main() -> None:

@@ -124,9 +124,9 @@ class _Ctx:
         self.mem_bw = prof.gpu_mem_bw if cuda else prof.cpu_mem_bw
         self.cpu_attn_bw = prof.cpu_attn_bw or prof.cpu_mem_bw
         # share of its own rate that CPU attention keeps while weights stream in
-        shared = getattr(prof, "cpu_attn_bw_with_h2d", None)
+        shared = prof.cpu_attn_bw_with_h2d
         self.attn_share = min(1.0, shared / self.cpu_attn_bw) if shared and cuda else 1.0
-        self.attn_call_s = (getattr(prof, "cpu_attn_call_s", None) or 0.0) if cuda else 0.0
+        self.attn_call_s = (prof.cpu_attn_call_s or 0.0) if cuda else 0.0
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_flops_prefill
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0

@@ -162,33 +162,43 @@ def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
     return statistics.median(out)
 
 
-def _attn_bw_with_h2d(dev: torch.device, alone: float | None,
-                      shape=(8, 32, 512, 128)) -> float | None:
-    """CPU attention KV bytes/s while host->GPU copies stream from pinned memory: both read
-    host DRAM, so CPU attention slows down (the copy engine keeps its rate). Measured at one
-    shape and scaled to `alone` (the median over the shapes of cpu_attn_bw)."""
+def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20
+                         ) -> tuple[float, float, float]:
+    """(s alone, s while pinned host->GPU copies loop, the copies' bytes/s meanwhile) of one
+    call of `attn` (CPU attention): both read host DRAM, so the attention slows down."""
     import threading
-    b, heads, t, hd = shape
-    q = torch.randn(b, heads, 1, hd, dtype=torch.float16)
-    k, v = (torch.randn(b, heads, t, hd, dtype=torch.float16) for _ in range(2))
-    host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
     devbuf = torch.empty_like(host, device=dev)
-    stream, stop = torch.cuda.Stream(dev), threading.Event()
+    stream, stop, copies = torch.cuda.Stream(dev), threading.Event(), []
 
     def pump():
         with torch.cuda.stream(stream):
             while not stop.is_set():
+                t0 = time.perf_counter()
                 devbuf.copy_(host, non_blocking=True)
                 stream.synchronize()
-    attn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    solo = _best_time(attn, sync=lambda: None)
+                copies.append(time.perf_counter() - t0)
+    solo = _best_time(attn)
     th = threading.Thread(target=pump, daemon=True)
     th.start()
     try:
-        shared = _best_time(attn, sync=lambda: None)
+        while not copies and th.is_alive():     # time only once the copies are flowing
+            time.sleep(1e-3)
+        shared = _best_time(attn)
     finally:
         stop.set()
         th.join()
+    return solo, shared, len(copies) * copy_bytes / max(sum(copies), 1e-9)
+
+
+def _attn_bw_with_h2d(dev: torch.device, alone: float | None,
+                      shape=(8, 32, 512, 128)) -> float | None:
+    """cpu_attn_bw while host->GPU copies stream (the copy engine keeps its rate): measured
+    at one shape and scaled to `alone` (the median over the shapes of cpu_attn_bw)."""
+    b, heads, t, hd = shape
+    q = torch.randn(b, heads, 1, hd, dtype=torch.float16)
+    k, v = (torch.randn(b, heads, t, hd, dtype=torch.float16) for _ in range(2))
+    solo, shared, _ = attention_beside_h2d(dev, lambda: F.scaled_dot_product_attention(q, k, v))
     return None if alone is None else alone * solo / shared
 
 

@@ -258,7 +258,6 @@ class TieredStore:
         return sum(Arena.aligned(p.nbytes) for n in names if self.homes[n][0] == "disk"
                    for p in parts(self.homes[n][1]))
 
-
     def fetch(self, name: str, stream=None, compute_stream=None, host_value=None):
         """The value on the compute device. Host->device copies go on `stream` when given;
         the copies are then marked as used by `compute_stream` for the caching allocator."""
