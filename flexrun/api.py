@@ -87,7 +87,6 @@ class LLM:
         self.stats = RunStats()
         self.units = self.stages[0]                  # the units this process runs
         self.dist = None                             # this process's stage (torch.distributed)
-        self.batch_device = self.device
         try:
             if self.num_gpus > 1:
                 from .parallel import setup
@@ -99,7 +98,6 @@ class LLM:
                 if self.pipeline is not None:   # the driver: stages run in spawned workers
                     self.trace_path = None          # (each writes TRACE.rank<r>)
                     return
-            self.batch_device = self.device
             self.tracer = Tracer(trace is not None, self.device)
             if offload_dir is not None or _needs_disk(self.policy):
                 if offload_dir is None:
@@ -153,6 +151,14 @@ class LLM:
                 check_budget(self.spec, policy, self.device, self.dtype, self.gpu_mem,
                              share(self.cpu_mem), share(self.disk_mem), prompt_len, gen_len,
                              units, f"pipeline stage {i}" if n > 1 else "")
+
+    @property
+    def batch_device(self) -> torch.device:
+        """Where batch state lives: the compute device, or the host for the driver of spawned
+        stage workers (they move it to their own GPUs)."""
+        if self.num_gpus > 1 and self.dist is None:
+            return torch.device("cpu")
+        return self.device
 
     @property
     def is_main(self) -> bool:

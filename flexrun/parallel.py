@@ -150,7 +150,6 @@ def setup(llm, n: int, kwargs: dict) -> None:
             llm.trace_path = f"{llm.trace_path}.rank{llm.dist.rank}"
         return
     llm._check_budget(None, None)        # fail before spawning anything
-    llm.batch_device = torch.device("cpu")
     from .workers import WorkerGroup
     llm.pipeline = WorkerGroup(n, kwargs, llm.device)
     llm.stats.weights_split = llm.pipeline.weights_split
