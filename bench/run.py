@@ -35,10 +35,6 @@ SCENARIOS = {
            "accelerate": ["--model", "opt-30b", "--device", "cuda", "--gpu-mem", "16GiB",
                           "--cpu-mem", "100GiB", "--batch-size", "8", "--num-prompts", "8"],
            "floor": "pcie"},
-    "S1-auto": {"what": "OPT-30B, 16 GiB GPU / 100 GiB CPU, policy chosen by flexrun's search",
-                "flexrun": ["--model", "dummy:opt-30b", "--policy", "auto", "--gpu-mem", "16GiB",
-                            "--cpu-mem", "100GiB"],
-                "floor": "pcie"},
     "S2": {"what": "OPT-30B, 4-bit weights all on GPU, batch 32",
            "flexrun": ["--model", "dummy:opt-30b", "--policy", "policies/opt-6.7b-gpu-b32.json",
                        "--compress-weight", "--num-prompts", "32"],
@@ -57,7 +53,7 @@ SCENARIOS = {
                        "--gpu-batch-size", "32", "--num-gpu-batches", "1"],
            "floor": "hbm"},
     # S4 is shrunk (prompt 128, gen 16, 16 prompts) so that both systems finish in < 10 min on
-    # 2 cores: run_flexrun's warm-up repeats the whole block. 1.5 GiB, not 1 GiB: flexrun
+    # 2 cores: run_flexrun's warm-up repeats the block's prefill. 1.5 GiB, not 1 GiB: flexrun
     # needs >= 1.21 GiB (1.27 GiB planning for 512 + 32) with the smallest block; the model
     # (4.9 GiB fp32) is still > 3x the budget. flexrun's budget covers weights, KV and
     # activations; Accelerate's max_memory covers its weights only (KV and activations on top).
