@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--variants", default="16:policy,16:gpu",
                     help="chunk_MB:activations (policy or gpu), comma separated")
+    ap.add_argument("--compress-weight", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
     a = ap.parse_args()
@@ -73,7 +74,8 @@ def main() -> None:
     policy = Policy.load(a.policy)
     t0 = time.perf_counter()
     llm = LLM(a.model, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
-              offload_dir=tempfile.mkdtemp(prefix="flexrun-probe-"))
+              offload_dir=tempfile.mkdtemp(prefix="flexrun-probe-"),
+              compress_weight=a.compress_weight)
     _emit(out, {"what": "load", "s": time.perf_counter() - t0})
     spec = llm.spec
     if not a.skip_micro:
@@ -86,7 +88,8 @@ def main() -> None:
         greedy = SamplingParams(ignore_eos=True)
         t1 = time.perf_counter()
         stop_all = SamplingParams(stop_token_ids=list(range(spec.vocab_size)))
-        llm.generate(prompts[:policy.block_size], a.gen_len, stop_all)   # slots, kernels
+        llm.generate([p[:8] for p in prompts[:policy.block_size]], 2, greedy)  # kernels
+        llm.generate(prompts[:policy.block_size], a.gen_len, stop_all)   # KV slots
         _emit(out, {"what": "warm-up", "s": time.perf_counter() - t1})
         pipe = llm.pipeline
         policy_acts = dict(pipe.act_tiers)

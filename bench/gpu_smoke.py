@@ -43,6 +43,8 @@ def tiny_checks(tmp: Path, out: dict, only: str | None = None) -> None:
             "c_cpu_cpuattn": Policy(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100,
                                     act_gpu=0, act_cpu=100, cpu_attention=True,
                                     gpu_batch_size=2, num_gpu_batches=3),
+            "act_cpu_gpu_attn": Policy(weights_gpu=50, weights_cpu=50, act_gpu=0, act_cpu=100,
+                                       gpu_batch_size=3, num_gpu_batches=3),
             "split_no_overlap": Policy(weights_gpu=30, weights_cpu=40, weights_disk=30,
                                        cache_gpu=30, cache_cpu=40, cache_disk=30, overlap=False,
                                        gpu_batch_size=4, num_gpu_batches=2),

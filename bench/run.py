@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.floor import floor_of_result
+
 ROOT = Path(__file__).resolve().parents[1]
 FLEXGEN_PAPER = ["--percent", "20", "80", "0", "100", "0", "100", "--gpu-batch-size", "32",
                  "--num-gpu-batches", "2", "--cpu-cache-compute"]
@@ -51,6 +53,17 @@ SCENARIOS = {
                        "--num-prompts", "32"],
            "flexgen": ["--model", "opt-6.7b", "--percent", "100", "0", "100", "0", "100", "0",
                        "--gpu-batch-size", "32", "--num-gpu-batches", "1"],
+           "floor": "hbm"},
+    # S3b: the batch is the search's (no --num-prompts: one block of the searched size)
+    "S3b": {"what": "OPT-6.7B, 80 GiB GPU budget (capped at 90% of the device), policy and "
+                    "batch chosen by flexrun's search; against the floor",
+            "flexrun-auto": ["--model", "dummy:opt-6.7b", "--policy", "auto", "--gpu-mem",
+                             "80GiB", "--cpu-mem", "100GiB"],
+            "floor": "hbm"},
+    "S5": {"what": "Llama-70B (GQA), 4-bit weights, whole H100 / 100 GiB CPU, policy chosen by "
+                   "flexrun's search; no peer runs it here: against the floor",
+           "flexrun-auto": ["--model", "dummy:llama-70b", "--policy", "auto", "--compress-weight",
+                            "--cpu-mem", "100GiB"],
            "floor": "hbm"},
     # S4 is shrunk (prompt 128, gen 16, 16 prompts) so that both systems finish in < 10 min on
     # 2 cores: run_flexrun's warm-up repeats the block's prefill. 1.5 GiB, not 1 GiB: flexrun
@@ -120,6 +133,8 @@ def main() -> None:
         module, tag = SYSTEMS[name]
         res[name] = _run([sys.executable, "-m", module, *sc[name], *lens], tag,
                          out_dir / f"{a.scenario}-{name}.log", a.timeout)
+        if name.startswith("flexrun") and "total_tok_s" in res[name]:
+            res[name]["floor"] = floor_of_result(res[name])
         print(name, json.dumps(res[name]), flush=True)
     res["scenario_wall_s"] = time.time() - t0
     res["load_avg_end"] = os.getloadavg()             # 1/5/15-min: others' load skews timings
@@ -136,7 +151,7 @@ def main() -> None:
     print(f"{a.scenario}: prompt {plen}, gen {glen}, {res['scenario_wall_s']:.0f} s in all")
     print(f"{'system':12} {'prompts':>7} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12}"
           f" {'decode tok/s':>12} {'peak GPU GB':>12} {'peak RSS GB':>12}"
-          f" {'prefill s pred/meas':>20} {'decode step s pred/meas':>24}")
+          f" {'prefill s pred/meas':>20} {'decode step s pred/meas':>24} {'step/floor':>16}")
     for name in only:
         r = res[name]
         if "total_tok_s" in r:
@@ -145,10 +160,13 @@ def main() -> None:
                   else "-")
             pd = (f"{pred['decode_s']:.3f}/{r['decode_step_s']:.3f}" if "decode_s" in pred
                   and "decode_step_s" in r else "-")
+            fl = r.get("floor") or {}
+            pf = (f"{fl['measured_over_floor']:.2f}x {fl['bound']}" if "measured_over_floor"
+                  in fl else "-")
             print(f"{name:12} {r.get('num_prompts', ''):>7} {r['prefill_s']:10.2f} "
                   f"{r['decode_s']:10.2f} {r['total_tok_s']:12.2f} {r['decode_tok_s']:12.2f} "
                   f"{r.get('peak_gpu_GB', 0):12.2f} {r.get('peak_rss_GB', 0):12.2f} {pp:>20} "
-                  f"{pd:>24}")
+                  f"{pd:>24} {pf:>16}")
         else:
             print(f"{name:12} failed: {r.get('error')}")
     for key in sorted(k for k in res if k.startswith("ratio") and "_total_vs_" in k):

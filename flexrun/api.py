@@ -179,7 +179,9 @@ class LLM:
         p = self.policy
 
         def device_for(name: str) -> torch.device:
-            direct = tier_of[name] == "gpu" and not p.compress_weight
+            # compressed weights are compressed on the compute device whatever their tier
+            squeeze = p.compress_weight and is_compressible(name, shapes[name])
+            direct = squeeze or (tier_of[name] == "gpu" and not p.compress_weight)
             return self.device if direct else torch.device("cpu")
         for name, t in self.ckpt.iter_tensors(device_for, set(names)):
             t = t.to(self.dtype)

@@ -64,3 +64,86 @@ def dequantize4(c, dtype: torch.dtype) -> torch.Tensor:
         _dequant4_kernel[grid](c.data, c.mins, c.scales, out, n,
                                HALF_GROUP=c.group_size // 2, BLOCK=_BLOCK)
     return out
+
+
+# ---- 4-bit weight x fp16 activations in one kernel (decode-sized row counts) ---------------
+# Decode multiplies a few rows by every weight: the plain path writes the whole fp16 weight
+# to HBM and reads it back (2.5 + 4 bytes per weight moved); this kernel reads the packed
+# codes and the group mins/scales (~0.56 bytes per weight at group 64) and dequantizes in
+# registers right before tl.dot. Above FUSED_MAX_ROWS rows (prefill) the GEMM is compute
+# bound and dequantize-then-cuBLAS is faster.
+FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "64"))
+_GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages); measured on the H100 (bench/w4_probe.py)
+W4_CONFIG = (64, 128, 4, 4)
+
+if triton is not None:
+    @triton.jit
+    def _w4_matmul_kernel(x_ptr, data_ptr, mins_ptr, scales_ptr, bias_ptr, y_ptr, M, N,
+                          K: tl.constexpr,
+                          G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rkb = tl.arange(0, BLOCK_K // 2)
+        rk = tl.arange(0, BLOCK_K)
+        rg = tl.arange(0, BLOCK_K // G)
+        m_in = rm < M
+        n_in = rn < N
+        half_k = K // 2
+        ngroups = K // G
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):      # K constexpr: one compile per width
+            kb_in = (k0 // 2 + rkb) < half_k
+            byte = tl.load(data_ptr + rn[:, None] * half_k + (k0 // 2 + rkb)[None, :],
+                           mask=n_in[:, None] & kb_in[None, :], other=0).to(tl.int32)
+            lo = (byte & 0xF).to(tl.float32)
+            hi = (byte >> 4).to(tl.float32)
+            q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // G, G))
+            g_in = n_in[:, None] & ((k0 // G + rg) < ngroups)[None, :]
+            gofs = rn[:, None] * ngroups + (k0 // G + rg)[None, :]
+            mn = tl.load(mins_ptr + gofs, mask=g_in, other=0.0).to(tl.float32)
+            sc = tl.load(scales_ptr + gofs, mask=g_in, other=0.0).to(tl.float32)
+            w = (q * sc[:, :, None] + mn[:, :, None]).to(tl.float16)
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
+                        mask=m_in[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_in[:, None] & n_in[None, :])
+
+
+def fused_linear_ok(x: torch.Tensor, c) -> bool:
+    """True when y = x @ decompress(c)^T may take the fused 4-bit matmul."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (enabled() and x.dtype == torch.float16 and len(c.shape) == 2
+            and c.shape[1] == x.shape[-1] and c.group_size in _GROUPS and 1 <= rows
+            and rows <= FUSED_MAX_ROWS and supports(c, torch.float16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
+            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """y = x W^T + b with W 4-bit compressed (see `fused_linear_ok`), in one kernel.
+
+    The dequantized value is the one decompress gives (fp32 q*scale+min, rounded to fp16);
+    only the summation order differs from decompress + F.linear."""
+    n, k = c.shape
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = config or W4_CONFIG
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    b = bias.to(x.dtype) if bias is not None else y        # any pointer when HAS_BIAS is off
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _w4_matmul_kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k,
+                            G=c.group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=max(block_k, c.group_size),
+                            num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], n)

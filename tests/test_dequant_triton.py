@@ -36,3 +36,44 @@ def test_fused_dequant_matches_plain():
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+MATMUL_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from flexrun.quant import compress, decompress_plain
+from flexrun import dequant_triton as dq
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(0)
+# (rows, out, in, group, bias, config): ragged N and K tails, 1..64 rows, every group size
+cases = [(1, 48, 192, 64, True, None), (7, 100, 320, 32, False, (32, 128, 4, 2)),
+         (32, 64, 256, 128, True, (64, 256, 4, 3)), (64, 96, 128, 64, False, (64, 128, 4, 4)),
+         (17, 33, 448, 64, True, (32, 256, 4, 2))]
+for m, n, k, group, has_bias, cfg in cases:
+    x = (torch.randn(m, k, generator=g)).half().to(dev)
+    w = (torch.randn(n, k, generator=g) * 0.05).half().to(dev)
+    b = (torch.randn(n, generator=g) * 0.1).half().to(dev) if has_bias else None
+    c = compress(w, 4, group, -1)
+    assert dq.fused_linear_ok(x, c), (m, n, k)
+    ref = F.linear(x.float(), decompress_plain(c, torch.float16).float(),
+                   None if b is None else b.float())
+    got = dq.linear4(x.view(m, 1, k), c, b, cfg).view(m, n).float()
+    err = (got - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item() + 1e-3, (m, n, k, err)
+    assert got.sum().item() != 0
+    wrong = compress(w.flip(0).contiguous(), 4, group, -1)   # the check can fail
+    bad = dq.linear4(x, wrong, b, cfg).float()
+    assert (bad - ref).abs().max().item() > 10 * max(err, 1e-3)
+x = torch.randn(65, 128).half().to(dev)
+assert not dq.fused_linear_ok(x, compress(torch.randn(16, 128).half().to(dev), 4, 64, -1))
+print("ok")
+"""
+
+
+def test_fused_4bit_matmul_matches_dequantize_then_matmul():
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", MATMUL_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

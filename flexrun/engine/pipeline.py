@@ -152,6 +152,26 @@ class Pipeline:
         self.disk.write(path, h)
         return (path, tuple(h.shape), h.dtype)
 
+    def _prefetch_acts(self, batches: list[BatchState], u: int) -> None:
+        """Copy unit u's inputs that wait in pinned host memory to the GPU now, on the weight
+        stream ahead of the next unit's weights: issued later from the compute stream, each
+        copy queued behind that unit's weight copy (~0.7 s per step at OPT-30B, 32x2)."""
+        if not (self.cuda and self.policy.overlap and 1 <= u < self.spec.num_units):
+            return
+        for b in batches:
+            if b.finished or not (isinstance(b.hidden, tuple) and len(b.hidden) == 2):
+                continue
+            host, ev = b.hidden
+            if host.is_cuda:
+                continue
+            with torch.cuda.stream(self.weight_stream):
+                self.weight_stream.wait_event(ev)
+                dev = host.to(self.device, non_blocking=True)
+            dev.record_stream(self.compute_stream)      # freed after the compute stream's use
+            ready = torch.cuda.Event()
+            ready.record(self.weight_stream)
+            b.hidden = (dev, ready)
+
     def _get_act(self, value) -> torch.Tensor:
         if isinstance(value, tuple) and len(value) == 2:
             host, ev = value
@@ -258,6 +278,7 @@ class Pipeline:
                     if task.unit == 0 and all(b.finished for b in batches):
                         break
                     w = self._wait_load(pending, task.unit)
+                    self._prefetch_acts(batches, task.unit)
                     nxt = next_unit(task, max_new_tokens, U)
                     pending = self._start_load(nxt) if nxt is not None else \
                         new_future((None, None))

@@ -14,7 +14,12 @@ def dense(w) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b; W may arrive compressed and is decompressed on the compute device."""
+    """y = x W^T + b; W may arrive compressed and is decompressed on the compute device
+    (decode-sized inputs on CUDA multiply the 4-bit codes directly: dequant_triton.linear4)."""
+    if not isinstance(w, torch.Tensor):
+        from .. import dequant_triton
+        if dequant_triton.fused_linear_ok(x, w):
+            return dequant_triton.linear4(x, w, b)
     return F.linear(x, dense(w).to(x.dtype), None if b is None else b.to(x.dtype))
 
 

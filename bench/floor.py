@@ -1,0 +1,66 @@
+"""The decode-step floor of a run: the bytes each link must carry per step over its measured
+bandwidth, or the step's matmul work at peak rate, whichever is largest.
+
+Bandwidths come from the hardware profile (policies/profiles/h100.json on the H100). Bytes
+per step, for the block (gpu_batch_size x num_gpu_batches prompts) at the average key count
+P + gen/2, with the placement fractions of the policy:
+  pcie      weights stored on CPU or disk, the KV prefix of host-resident layers when the GPU
+            attends, plus the offloaded activations (both ways; tiny in decode)
+  host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
+  disk      weights and KV stored on disk
+  hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
+  compute   2 x parameters x rows at the profile's prefill (peak) GEMM rate
+"""
+from __future__ import annotations
+
+from flexrun.config import Policy
+from flexrun.footprint import weight_bytes
+from flexrun.hardware import HardwareProfile
+from flexrun.models.spec import ModelSpec
+
+
+def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_len: int,
+                 gen_len: int, cuda: bool = True) -> dict:
+    """{'floor_s', 'bound', and seconds per link} for one decode step of the block."""
+    elem = 2 if cuda else 4
+    rows = policy.block_size
+    weights = sum(weight_bytes(n, s, elem, policy) for n, s in spec.all_shapes().items())
+    wg, wc, wd = (x / 100 for x in policy.weights_split())
+    cg, cc, cd = (x / 100 for x in policy.cache_split())
+    ag = policy.act_split()[0] / 100
+    kv_elem = (policy.quant_bits / 8 + 4 / policy.quant_group) if policy.compress_cache \
+        else elem
+    kv = 2 * spec.num_layers * rows * (prompt_len + gen_len / 2) * spec.kv_dim * kv_elem
+    act = 2 * spec.num_units * rows * spec.hidden_size * elem * (1 - ag)
+    host_kv = kv * (cc + cd)
+    host_attn = not cuda or policy.cpu_attention
+    t = {"compute": 2 * spec.num_params() * rows / (prof.gpu_flops_prefill if cuda
+                                                      else prof.cpu_flops_prefill)}
+    if cuda:
+        t["pcie"] = (weights * (wc + wd) + (0 if host_attn else host_kv) + act) / \
+            prof.h2d_pinned
+        t["hbm"] = (weights + kv * cg + (0 if host_attn else host_kv)) / prof.gpu_mem_bw
+        t["host_dram"] = (weights * (wc + wd) + (host_kv if host_attn else 0)) / \
+            prof.cpu_mem_bw
+    else:
+        t["host_dram"] = (weights + kv) / prof.cpu_mem_bw
+    if wd or cd:
+        t["disk"] = (weights * wd + kv * cd) / prof.disk_read
+    bound = max(t, key=t.get)
+    return {"floor_s": t[bound], "bound": bound, **{f"{k}_s": v for k, v in t.items()}}
+
+
+def floor_of_result(r: dict) -> dict | None:
+    """The floor of one bench.run_flexrun result (a `dummy:` model), from the shipped profile
+    of its device kind; None when it cannot be worked out."""
+    from flexrun.hardware import default_profile
+    from flexrun.models.dummy import dummy_spec
+    if not str(r.get("model", "")).startswith("dummy:") or "policy" not in r:
+        return None
+    cuda = r.get("device", "cpu") != "cpu"
+    f = decode_floor(dummy_spec(r["model"][len("dummy:"):]), Policy.from_dict(r["policy"]),
+                     default_profile("cuda" if cuda else "cpu"), r["prompt_len"], r["gen_len"],
+                     cuda)
+    if "decode_step_s" in r:
+        f["measured_over_floor"] = r["decode_step_s"] / f["floor_s"]
+    return f

@@ -1,0 +1,71 @@
+"""The fused 4-bit matmul (dequant_triton.linear4) against dequantize-then-cuBLAS, at decode
+row counts and the weight shapes of OPT-30B and Llama-70B, for several tile configurations.
+
+python -m bench.w4_probe OUT   (CUDA) -> OUT/w4_probe.json and a table on stdout
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexrun import dequant_triton as dq
+from flexrun.quant import compress, decompress
+
+SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168),
+          "opt30b.fc2": (7168, 28672), "llama70b.kv": (1024, 8192),
+          "llama70b.gate": (28672, 8192), "llama70b.down": (8192, 28672)}
+CONFIGS = [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
+           (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 5), (128, 256, 8, 3),
+           (64, 256, 8, 4), (32, 512, 4, 3)]
+
+
+def timed(fn, reps: int = 30) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rows_list = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "32").split(",")]
+    dev = torch.device("cuda")
+    res = []
+    for name, (n, k) in SHAPES.items():
+        w = (torch.randn(n, k, device=dev) * 0.02).half()
+        c = compress(w, 4, 64, -1)
+        for m in rows_list:
+            x = torch.randn(m, k, device=dev).half()
+            ref = F.linear(x.float(), decompress(c).float())
+            base = timed(lambda: F.linear(x, decompress(c)))
+            rec = {"shape": name, "n": n, "k": k, "rows": m, "dequant_cublas_ms": base * 1e3,
+                   "bytes_4bit": c.nbytes}
+            for cfg in CONFIGS:
+                if m > dq.FUSED_MAX_ROWS and cfg != CONFIGS[0]:
+                    continue
+                try:
+                    y = dq.linear4(x, c, None, cfg)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                    s = timed(lambda: dq.linear4(x, c, None, cfg))
+                    rec[str(cfg)] = {"ms": s * 1e3, "GB_s": c.nbytes / s / 1e9, "rel_err": err}
+                except Exception as e:          # a config the compiler rejects
+                    rec[str(cfg)] = {"error": str(e)[:200]}
+            best = min((v["ms"], key) for key, v in rec.items()
+                       if isinstance(v, dict) and "ms" in v)
+            rec["best"] = best[1]
+            print(json.dumps(rec), flush=True)
+            res.append(rec)
+    (out / "w4_probe.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
