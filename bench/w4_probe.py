@@ -20,7 +20,8 @@ SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168),
           "llama70b.gate": (28672, 8192), "llama70b.down": (8192, 28672)}
 CONFIGS = [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
            (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 5), (128, 256, 8, 3),
-           (64, 256, 8, 4), (32, 512, 4, 3)]
+           (64, 256, 8, 4), (32, 512, 4, 3), (64, 128, 8, 3, 128), (128, 128, 8, 3, 128),
+           (64, 256, 8, 3, 128), (128, 64, 8, 4, 128)]
 
 
 def timed(fn, reps: int = 30) -> float:
@@ -38,9 +39,11 @@ def timed(fn, reps: int = 30) -> float:
 def main() -> None:
     out = Path(sys.argv[1])
     rows_list = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "32").split(",")]
+    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(SHAPES)
     dev = torch.device("cuda")
     res = []
-    for name, (n, k) in SHAPES.items():
+    for name in names:
+        n, k = SHAPES[name]
         w = (torch.randn(n, k, device=dev) * 0.02).half()
         c = compress(w, 4, 64, -1)
         for m in rows_list:
@@ -50,7 +53,7 @@ def main() -> None:
             rec = {"shape": name, "n": n, "k": k, "rows": m, "dequant_cublas_ms": base * 1e3,
                    "bytes_4bit": c.nbytes}
             for cfg in CONFIGS:
-                if m > dq.FUSED_MAX_ROWS and cfg != CONFIGS[0]:
+                if (m > dq.FUSED_MAX_ROWS and cfg != CONFIGS[0]) or (m <= 64 and len(cfg) > 4):
                     continue
                 try:
                     y = dq.linear4(x, c, None, cfg)

@@ -1,4 +1,11 @@
 """flexrun: throughput-oriented LLM inference with GPU / CPU / disk offloading."""
+import os
+
+# Policies fill the GPU budget with KV slots, weights and prefill temporaries of many sizes;
+# with fixed segments the caching allocator fragmented (S3b on the H100: 13.8 GiB reserved
+# but unusable, out of memory at 64 GiB allocated). Read when CUDA first allocates; a value
+# the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from .api import LLM, RequestOutput
 from .config import FlexrunError, Policy, SamplingParams
 

@@ -132,6 +132,7 @@ class _Ctx:
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
         # per unit kind (embed, layer, head): stored bytes, GEMM parameters, compressed params
         self.unit_bytes, self.unit_read, self.unit_params, self.unit_qparams = [], [], [], []
+        self.unit_qbytes = []
         for kind, u in enumerate((0, 1, spec.num_layers + 1)):
             shapes = spec.unit_shapes(u)
             sizes = [weight_bytes(n, s, elem, policy) for n, s in shapes.items()]
@@ -140,8 +141,14 @@ class _Ctx:
             skip = ("embed.tokens", "embed.positions") if kind == 0 else ()
             self.unit_params.append(sum(numel(s) for n, s in shapes.items()
                                         if len(s) == 2 and n not in skip))
-            self.unit_qparams.append(sum(numel(s) for n, s in shapes.items()
-                                         if policy.compress_weight and is_compressible(n, s)))
+            squeezed = {n: s for n, s in shapes.items()
+                        if policy.compress_weight and is_compressible(n, s)}
+            self.unit_qparams.append(sum(numel(s) for s in squeezed.values()))
+            self.unit_qbytes.append(sum(weight_bytes(n, s, elem, policy)
+                                        for n, s in squeezed.items()))
+        # decode-sized GEMMs multiply the 4-bit codes directly (dequant_triton.linear4)
+        self.w4 = (prof.gpu_w4_bw, prof.gpu_w4_flops) if cuda and prof.gpu_w4_bw \
+            and prof.gpu_w4_flops else None
         self.kv_elem = (policy.quant_bits / 8 + 4 / policy.quant_group) \
             if policy.compress_cache else elem          # stored bytes per cache value
 
@@ -164,15 +171,14 @@ class _Ctx:
         wb = self.unit_bytes[kind]
         weights = {"wc": wb / self.h2d_w, "wd": self.unit_read[kind] + wb / self.h2d_w}
         link = _lin(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
-        # compressed weights are decompressed for every batch on the compute device
-        comp = _lin(k * self.unit_qparams[kind] * (e + p.quant_bits / 8) / self.mem_bw)
+        comp, dense = self._weight_math(kind, rows if kind != 2 else b)
         if kind != 1:                       # embedding gather / head GEMM on the last token
-            comp["1"] += k * (gemm(rows, self.unit_params[0], cuda) + 2 * rows * s.hidden_size
-                              * e / self.mem_bw if kind == 0 else gemm(b, self.unit_params[2],
+            comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
+                              * e / self.mem_bw if kind == 0 else gemm(b, dense,
                               cuda) + 4 * b * s.vocab_size / self.mem_bw)
             return {"compute": self._floor(comp), "weights": weights, "link": link}
         misc = rows * (12 * s.hidden_size + 3 * s.ffn_dim) * e / self.mem_bw  # norms, adds..
-        comp["1"] += k * (gemm(rows, self.unit_params[1], cuda) + misc)
+        comp["1"] += k * (gemm(rows, dense, cuda) + misc)
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
         kv = 2 * b * k * t_avg * s.kv_dim * self.kv_elem       # the block's keys + values
         new = 2 * b * k * s.kv_dim * self.kv_elem              # this step's keys + values
@@ -209,6 +215,20 @@ class _Ctx:
                 **{name: _add(_lin(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
+
+    def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
+        """(time of the compressed weights' math for the block, parameters left for the
+        plain GEMM model). Compressed weights are either multiplied as 4-bit codes by the
+        fused kernel (decode-sized row counts on CUDA) or decompressed to the compute dtype
+        for every batch and then multiplied like dense ones."""
+        from .dequant_triton import FUSED_MAX_ROWS
+        k, q = self.p.num_gpu_batches, self.unit_qparams[kind]
+        if q and self.w4 and rows <= FUSED_MAX_ROWS:
+            bw, flops = self.w4
+            return (_lin(k * (self.unit_qbytes[kind] / bw + 2 * q * rows / flops)),
+                    self.unit_params[kind] - q)
+        return (_lin(k * q * (self.e + self.p.quant_bits / 8) / self.mem_bw),
+                self.unit_params[kind])
 
     def _floor(self, comp: Lin) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead

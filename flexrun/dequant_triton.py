@@ -72,10 +72,17 @@ def dequantize4(c, dtype: torch.dtype) -> torch.Tensor:
 # codes and the group mins/scales (~0.56 bytes per weight at group 64) and dequantizes in
 # registers right before tl.dot. Above FUSED_MAX_ROWS rows (prefill) the GEMM is compute
 # bound and dequantize-then-cuBLAS is faster.
-FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "64"))
+# On the H100 (bench/w4_probe.py, bench/results/w4-probe-H100.json) the fused kernel took
+# 0.115 vs 0.348 ms at 32 rows x (28672 x 7168) and 0.318 vs 0.349 ms at 128 rows.
+FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "128"))
 _GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages); measured on the H100 (bench/w4_probe.py)
-W4_CONFIG = (64, 128, 4, 4)
+
+
+def w4_config(rows: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest of ten on the H100 probe."""
+    if rows > 64:
+        return (128, 256, 8, 3)
+    return (32, 128, 4, 4) if n < 4096 else (64, 256, 4, 3)
 
 if triton is not None:
     @triton.jit
@@ -127,8 +134,9 @@ def fused_linear_ok(x: torch.Tensor, c) -> bool:
 
 
 def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
-            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+            config: tuple[int, ...] | None = None) -> torch.Tensor:
     """y = x W^T + b with W 4-bit compressed (see `fused_linear_ok`), in one kernel.
+    config: (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]), default `w4_config`.
 
     The dequantized value is the one decompress gives (fp32 q*scale+min, rounded to fp16);
     only the summation order differs from decompress + F.linear."""
@@ -138,8 +146,8 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or W4_CONFIG
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n, block_k, warps, stages, *rest = config or w4_config(m, n)
+    block_m = rest[0] if rest else 16 if m <= 16 else 32 if m <= 32 else 64
     b = bias.to(x.dtype) if bias is not None else y        # any pointer when HAS_BIAS is off
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _w4_matmul_kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k,
@@ -147,3 +155,27 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
                             BLOCK_N=block_n, BLOCK_K=max(block_k, c.group_size),
                             num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], n)
+
+
+def measure_rates(device: torch.device) -> tuple[float, float] | None:
+    """(bytes/s, FLOP/s) of the fused matmul: time = packed bytes / bw + 2 params rows / flops,
+    solved from 32 and 128 rows at a 28672 x 8192 weight; None without Triton."""
+    if not enabled() or device.type != "cuda":
+        return None
+    from .quant import compress
+    c = compress(torch.randn(28672, 8192, device=device, dtype=torch.float16), 4, 64, -1)
+    times = {}
+    for rows in (32, 128):
+        x = torch.randn(rows, 8192, device=device, dtype=torch.float16)
+        linear4(x, c)
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            linear4(x, c)
+        end.record()
+        torch.cuda.synchronize(device)
+        times[rows] = start.elapsed_time(end) / 20 / 1e3
+    per_row = max((times[128] - times[32]) / 96, 1e-12)
+    fixed = max(times[32] - 32 * per_row, 1e-12)
+    return c.nbytes / fixed, 2 * 28672 * 8192 / per_row

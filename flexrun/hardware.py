@@ -47,6 +47,8 @@ class HardwareProfile:
     gpu_mem_bw: float | None = None          # HBM copy bytes/s
     gpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
     gpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (launch floor)
+    gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
+    gpu_w4_flops: float | None = None        # ... plus FLOP/s per row (dequant_triton)
     # CPU compute (fp32)
     cpu_flops_decode: float | None = None
     cpu_flops_prefill: float | None = None
@@ -342,6 +344,8 @@ def _measure_cuda(prof: HardwareProfile) -> None:
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
     prof.gpu_unit_overhead = _unit_overhead(dev, torch.float16, sync)
     prof.cpu_attn_bw_with_h2d = _attn_bw_with_h2d(dev, prof.cpu_attn_bw)
+    from . import dequant_triton
+    prof.gpu_w4_bw, prof.gpu_w4_flops = dequant_triton.measure_rates(dev) or (None, None)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 
@@ -377,6 +381,7 @@ def format_profile(p: HardwareProfile) -> str:
                                                      p.disk_read_cached_fresh, "B/s")),
             ("GPU GEMM decode / prefill", pair(p.gpu_flops_decode, p.gpu_flops_prefill, "FLOP/s")),
             ("GPU HBM / attention", pair(p.gpu_mem_bw, p.gpu_attn_bw, "B/s")),
+            ("GPU 4-bit matmul bytes / FLOP", pair(p.gpu_w4_bw, p.gpu_w4_flops, "")),
             ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
