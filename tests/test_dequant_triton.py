@@ -48,7 +48,8 @@ g = torch.Generator().manual_seed(0)
 # (rows, out, in, group, bias, config): ragged N and K tails, 1..64 rows, every group size
 cases = [(1, 48, 192, 64, True, None), (7, 100, 320, 32, False, (32, 128, 4, 2)),
          (32, 64, 256, 128, True, (64, 256, 4, 3)), (64, 96, 128, 64, False, (64, 128, 4, 4)),
-         (17, 33, 448, 64, True, (32, 256, 4, 2))]
+         (17, 33, 448, 64, True, (32, 256, 4, 2)), (100, 80, 256, 64, True, None),
+         (128, 300, 64, 32, False, None)]
 for m, n, k, group, has_bias, cfg in cases:
     x = (torch.randn(m, k, generator=g)).half().to(dev)
     w = (torch.randn(n, k, generator=g) * 0.05).half().to(dev)
@@ -64,7 +65,7 @@ for m, n, k, group, has_bias, cfg in cases:
     wrong = compress(w.flip(0).contiguous(), 4, group, -1)   # the check can fail
     bad = dq.linear4(x, wrong, b, cfg).float()
     assert (bad - ref).abs().max().item() > 10 * max(err, 1e-3)
-x = torch.randn(65, 128).half().to(dev)
+x = torch.randn(129, 128).half().to(dev)
 assert not dq.fused_linear_ok(x, compress(torch.randn(16, 128).half().to(dev), 4, 64, -1))
 print("ok")
 """
