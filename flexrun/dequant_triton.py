@@ -82,7 +82,7 @@ def w4_config(rows: int, n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest tiles of the H100
     probe (bench/results/w4-probe-H100.json) for the row count and weight shape."""
     if rows > 64:       # one 128-row tile: each weight tile is dequantized once
-        return (128, 64, 8, 4, 128) if n >= 4 * k else (64, 128, 8, 3, 128)
+        return (128, 64, 8, 4, 128) if n >= 3 * k else (64, 128, 8, 3, 128)
     return (32, 128, 4, 4) if n < 4096 else (64, 256, 4, 3)
 
 if triton is not None:

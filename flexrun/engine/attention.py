@@ -27,6 +27,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     mask None means no padding: plain causal (prefill) or full (decode) attention, which
     lets SDPA pick its fastest kernel."""
     b, nh, s, hd = q.shape
+    kvh = k.shape[1]
+    if s == 1 and kvh != nh and not causal:
+        # decode: the heads sharing a KV head become that head's queries, so no kernel
+        # has to repeat K/V per query head (what enable_gqa may fall back to)
+        out = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), k, v,
+                                             attn_mask=mask)
+        return out.reshape(b, 1, nh * hd)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                          enable_gqa=k.shape[1] != nh)
     return out.transpose(1, 2).reshape(b, s, nh * hd)
