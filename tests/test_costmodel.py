@@ -347,3 +347,43 @@ def test_search_does_not_spill_to_disk_for_free():
     res = search(dummy_spec("opt-30b"), H100, 512, 32, 16 * GiB, 100 * GiB, None, "cuda",
                  num_prompts=64)
     assert res.policy.cache_disk == 0 and res.policy.weights_disk == 0
+
+
+def test_fused_4bit_matmul_term_replaces_dequantize_at_decode_only():
+    """With the profile's fused-matmul rates a compressed decode step costs packed bytes at
+    gpu_w4_bw plus FLOPs at gpu_w4_flops per layer; the prefill (> 128 rows) does not change."""
+    spec = dummy_spec("opt-30b")
+    pol = Policy(gpu_batch_size=32, compress_weight=True)
+    plain = dataclasses.replace(H100, gpu_w4_bw=None, gpu_w4_flops=None)
+    fused, old = predict(spec, pol, H100, 512, 32), predict(spec, pol, plain, 512, 32)
+    assert fused.prefill_s == pytest.approx(old.prefill_s)
+    assert fused.decode_s < 0.7 * old.decode_s
+    layer = {n: s for n, s in spec.unit_shapes(1).items() if len(s) == 2}
+    params = sum(numel(s) for s in layer.values())
+    packed = sum(numel(s) // 2 + 4 * numel(s) // 64 for s in layer.values())
+    w4 = packed / H100.gpu_w4_bw + 2 * params * 32 / H100.gpu_w4_flops
+    dq = params * (2 + 0.5) / H100.gpu_mem_bw + H100.gemm_time(32, params, True)
+    # each of the 48 layers saves the dequantize + fp16 GEMM time and pays the fused time
+    saved = (old.decode_s - fused.decode_s) / spec.num_layers
+    assert saved == pytest.approx(dq - w4, rel=0.15)
+
+
+def test_decode_floor_names_the_binding_link():
+    """bench.floor: S1's searched placement is bound by host DRAM (weights by DMA + KV read by
+    CPU attention), an all-GPU one by HBM, weights on disk by the disk."""
+    from bench.floor import decode_floor
+    spec = dummy_spec("opt-30b")
+    weights = sum(numel(s) for s in spec.all_shapes().values()) * 2
+    s1 = Policy(gpu_batch_size=64, weights_gpu=0, weights_cpu=100, cache_gpu=20, cache_cpu=80,
+                cpu_attention=True)
+    f = decode_floor(spec, s1, H100, 512, 32)
+    kv = 2 * spec.num_layers * 64 * 528 * spec.kv_dim * 2
+    assert f["pcie_s"] == pytest.approx(weights / H100.h2d_pinned)
+    assert f["host_dram_s"] == pytest.approx((weights + 0.8 * kv) / H100.cpu_mem_bw)
+    assert f["bound"] == "host_dram" and f["floor_s"] == f["host_dram_s"]
+    gpu = decode_floor(dummy_spec("opt-6.7b"), Policy(gpu_batch_size=32), H100, 512, 32)
+    assert gpu["bound"] == "hbm" and gpu["pcie_s"] == 0
+    disk = decode_floor(spec, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
+                                     cache_gpu=100), H100, 512, 32)
+    assert disk["bound"] == "disk"
+    assert disk["disk_s"] == pytest.approx(weights / H100.disk_read)
