@@ -7,7 +7,7 @@ P + gen/2, with the placement fractions of the policy:
   pcie      weights stored on CPU or disk, the KV prefix of host-resident layers when the GPU
             attends, plus the offloaded activations (both ways; tiny in decode)
   host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
-  disk      weights and KV stored on disk
+  disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM)
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
   compute   2 x parameters x rows at the profile's prefill (peak) GEMM rate
 """
@@ -20,9 +20,11 @@ from flexrun.models.spec import ModelSpec
 
 
 def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_len: int,
-                 gen_len: int, cuda: bool = True) -> dict:
-    """{'floor_s', 'bound', and seconds per link} for one decode step of the block."""
-    elem = 2 if cuda else 4
+                 gen_len: int, cuda: bool = True, elem: int | None = None) -> dict:
+    """{'floor_s', 'bound', and seconds per link} for one decode step of the block; elem:
+    bytes per value (default 2 on CUDA, 4 on the CPU). CPU compute is at the profile's fp32
+    rate whatever the dtype."""
+    elem = elem or (2 if cuda else 4)
     rows = policy.block_size
     weights = sum(weight_bytes(n, s, elem, policy) for n, s in spec.all_shapes().items())
     wg, wc, wd = (x / 100 for x in policy.weights_split())
@@ -44,8 +46,14 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
             prof.cpu_mem_bw
     else:
         t["host_dram"] = (weights + kv) / prof.cpu_mem_bw
-    if wd or cd:
-        t["disk"] = (weights * wd + kv * cd) / prof.disk_read
+    if wd or cd:        # read back from the page cache when it fits (as the cost model says)
+        from flexrun.costmodel import _disk_cached
+        from flexrun.footprint import footprint
+        fp = footprint(spec, policy, elem, prompt_len, gen_len)
+        cached = _disk_cached(prof, fp.total("disk"),
+                              fp.total("cpu") + (0 if cuda else fp.total("gpu")))
+        t["disk"] = (weights * wd + kv * cd) / (prof.disk_read_cached if cached
+                                                else prof.disk_read)
     bound = max(t, key=t.get)
     return {"floor_s": t[bound], "bound": bound, **{f"{k}_s": v for k, v in t.items()}}
 
@@ -60,7 +68,7 @@ def floor_of_result(r: dict) -> dict | None:
     cuda = r.get("device", "cpu") != "cpu"
     f = decode_floor(dummy_spec(r["model"][len("dummy:"):]), Policy.from_dict(r["policy"]),
                      default_profile("cuda" if cuda else "cpu"), r["prompt_len"], r["gen_len"],
-                     cuda)
+                     cuda, {"float32": 4}.get(r.get("dtype"), 2) if r.get("dtype") else None)
     if "decode_step_s" in r:
         f["measured_over_floor"] = r["decode_step_s"] / f["floor_s"]
     return f

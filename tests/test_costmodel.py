@@ -383,7 +383,12 @@ def test_decode_floor_names_the_binding_link():
     assert f["bound"] == "host_dram" and f["floor_s"] == f["host_dram_s"]
     gpu = decode_floor(dummy_spec("opt-6.7b"), Policy(gpu_batch_size=32), H100, 512, 32)
     assert gpu["bound"] == "hbm" and gpu["pcie_s"] == 0
-    disk = decode_floor(spec, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
-                                     cache_gpu=100), H100, 512, 32)
+    big = dummy_spec("opt-175b")            # 350 GB: more than the page cache can hold
+    disk = decode_floor(big, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
+                                    cache_gpu=100), H100, 512, 32)
+    big_weights = sum(numel(s) for s in big.all_shapes().values()) * 2
     assert disk["bound"] == "disk"
-    assert disk["disk_s"] == pytest.approx(weights / H100.disk_read)
+    assert disk["disk_s"] == pytest.approx(big_weights / H100.disk_read)
+    cached = decode_floor(spec, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
+                                       cache_gpu=100), H100, 512, 32)
+    assert cached["disk_s"] == pytest.approx(weights / H100.disk_read_cached)

@@ -118,7 +118,7 @@ def run(a: argparse.Namespace) -> dict:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.num_prompts = a.num_prompts or a.batch_size
     cuda = a.device == "cuda"
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype else torch.float16 if cuda else torch.float32
     spec = dummy_spec(a.model.removeprefix("dummy:"))
     work = Path(tempfile.mkdtemp(prefix="accel-peer-", dir=a.offload_dir))
     try:
@@ -194,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpu-mem", default="1GiB")
     ap.add_argument("--offload-dir", default=None, help="parent of the temporary folder")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="default: float16 on CUDA, float32 on the CPU (as flexrun)")
     return ap
 
 
