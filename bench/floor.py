@@ -9,12 +9,13 @@ P + gen/2, with the placement fractions of the policy:
   host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
   disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM)
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
-  compute   2 x parameters x rows at the profile's prefill (peak) GEMM rate
+  compute   2 x GEMM parameters x rows at the profile's prefill (peak) GEMM rate (CUDA, or
+            fp32 on the CPU: the CPU profile has no bf16 rates)
 """
 from __future__ import annotations
 
 from flexrun.config import Policy
-from flexrun.footprint import weight_bytes
+from flexrun.footprint import numel, weight_bytes
 from flexrun.hardware import HardwareProfile
 from flexrun.models.spec import ModelSpec
 
@@ -33,11 +34,16 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     kv_elem = (policy.quant_bits / 8 + 4 / policy.quant_group) if policy.compress_cache \
         else elem
     kv = 2 * spec.num_layers * rows * (prompt_len + gen_len / 2) * spec.kv_dim * kv_elem
-    act = 2 * spec.num_units * rows * spec.hidden_size * elem * (1 - ag)
+    act = 2 * (spec.num_units - 1) * rows * spec.hidden_size * elem * (1 - ag)
     host_kv = kv * (cc + cd)
     host_attn = not cuda or policy.cpu_attention
-    t = {"compute": 2 * spec.num_params() * rows / (prof.gpu_flops_prefill if cuda
-                                                      else prof.cpu_flops_prefill)}
+    # GEMM weights: the position table and an untied token table are lookups
+    gathered = ["embed.positions"] + ([] if spec.tie_word_embeddings else ["embed.tokens"])
+    gemm_params = sum(numel(s) for n, s in spec.all_shapes().items() if n not in gathered)
+    t = {}
+    if cuda or elem == 4:               # the profile's CPU rates are fp32 ones
+        t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda
+                                                 else prof.cpu_flops_prefill)
     if cuda:
         t["pcie"] = (weights * (wc + wd) + (0 if host_attn else host_kv) + act) / \
             prof.h2d_pinned
@@ -60,11 +66,18 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
 
 def floor_of_result(r: dict) -> dict | None:
     """The floor of one bench.run_flexrun result (a `dummy:` model), from the shipped profile
-    of its device kind; None when it cannot be worked out."""
-    from flexrun.hardware import default_profile
-    from flexrun.models.dummy import dummy_spec
+    of its device kind; None for other models, {"error": ...} when inputs are missing."""
     if not str(r.get("model", "")).startswith("dummy:") or "policy" not in r:
         return None
+    try:
+        return _floor_of_result(r)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:   # incomplete inputs
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _floor_of_result(r: dict) -> dict:
+    from flexrun.hardware import default_profile
+    from flexrun.models.dummy import dummy_spec
     cuda = r.get("device", "cpu") != "cpu"
     f = decode_floor(dummy_spec(r["model"][len("dummy:"):]), Policy.from_dict(r["policy"]),
                      default_profile("cuda" if cuda else "cpu"), r["prompt_len"], r["gen_len"],

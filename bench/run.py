@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench.floor import floor_of_result
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEXGEN_PAPER = ["--percent", "20", "80", "0", "100", "0", "100", "--gpu-batch-size", "32",
@@ -90,9 +89,19 @@ SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "accelerate": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT")}
 
 
+def child_env() -> dict:
+    """The environment for a system's process: the user's, without the CUDA allocator default
+    that importing flexrun sets (it must not reach the peers)."""
+    import flexrun
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if flexrun.ALLOC_CONF_SET_BY_FLEXRUN:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    return env
+
+
 def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
     t0 = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env=env)
@@ -140,6 +149,7 @@ def main() -> None:
         res[name] = _run([sys.executable, "-m", module, *sc[name], *lens], tag,
                          out_dir / f"{a.scenario}-{name}.log", a.timeout)
         if name.startswith("flexrun") and "total_tok_s" in res[name]:
+            from bench.floor import floor_of_result
             res[name]["floor"] = floor_of_result(res[name])
         print(name, json.dumps(res[name]), flush=True)
     res["scenario_wall_s"] = time.time() - t0

@@ -5,6 +5,7 @@ import os
 # with fixed segments the caching allocator fragmented (S3b on the H100: 13.8 GiB reserved
 # but unusable, out of memory at 64 GiB allocated). Read when CUDA first allocates; a value
 # the user set wins.
+ALLOC_CONF_SET_BY_FLEXRUN = "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from .api import LLM, RequestOutput
 from .config import FlexrunError, Policy, SamplingParams

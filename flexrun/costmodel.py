@@ -221,9 +221,10 @@ class _Ctx:
         plain GEMM model). Compressed weights are either multiplied as 4-bit codes by the
         fused kernel (decode-sized row counts on CUDA) or decompressed to the compute dtype
         for every batch and then multiplied like dense ones."""
-        from .dequant_triton import FUSED_MAX_ROWS
+        from .dequant_triton import FUSED_MAX_ROWS, fused_applies
         k, q = self.p.num_gpu_batches, self.unit_qparams[kind]
-        if q and self.w4 and rows <= FUSED_MAX_ROWS:
+        if q and self.w4 and rows <= FUSED_MAX_ROWS \
+                and fused_applies(self.p.quant_bits, self.p.quant_group, self.e):
             bw, flops = self.w4
             return (_lin(k * (self.unit_qbytes[kind] / bw + 2 * q * rows / flops)),
                     self.unit_params[kind] - q)

@@ -61,8 +61,9 @@ def dequantize4(c, dtype: torch.dtype) -> torch.Tensor:
     n = c.data.numel()
     if n:
         grid = (triton.cdiv(n, _BLOCK),)
-        _dequant4_kernel[grid](c.data, c.mins, c.scales, out, n,
-                               HALF_GROUP=c.group_size // 2, BLOCK=_BLOCK)
+        with _on(out.device):
+            _dequant4_kernel[grid](c.data, c.mins, c.scales, out, n,
+                                   HALF_GROUP=c.group_size // 2, BLOCK=_BLOCK)
     return out
 
 
@@ -129,6 +130,13 @@ if triton is not None:
                  mask=m_in[:, None] & n_in[None, :])
 
 
+def fused_applies(bits: int, group_size: int, dtype_bytes: int) -> bool:
+    """Whether decode-sized matmuls of weights compressed this way take the fused kernel on
+    CUDA (for the cost model: decided from the policy, not from this machine's Triton)."""
+    return (bits == 4 and group_size in _GROUPS and dtype_bytes == 2
+            and os.environ.get("FLEXRUN_PLAIN_DEQUANT", "0") != "1")
+
+
 def fused_linear_ok(x: torch.Tensor, c) -> bool:
     """True when y = x @ decompress(c)^T may take the fused 4-bit matmul."""
     rows = x.numel() // max(x.shape[-1], 1)
@@ -153,13 +161,20 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages, *rest = config or w4_config(m, n)
     block_m = rest[0] if rest else 16 if m <= 16 else 32 if m <= 32 else 64
-    b = bias.to(x.dtype) if bias is not None else y        # any pointer when HAS_BIAS is off
+    b = y if bias is None else bias.to(device=x.device, dtype=x.dtype).contiguous()
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _w4_matmul_kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k,
-                            G=c.group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=max(block_k, c.group_size),
-                            num_warps=warps, num_stages=stages)
+    with _on(x.device):
+        _w4_matmul_kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k,
+                                G=c.group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                                BLOCK_N=block_n, BLOCK_K=max(block_k, c.group_size),
+                                num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], n)
+
+
+def _on(device: torch.device):
+    """Launch on `device` whatever the current CUDA device is."""
+    import contextlib
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def measure_rates(device: torch.device) -> tuple[float, float] | None:
@@ -181,6 +196,8 @@ def measure_rates(device: torch.device) -> tuple[float, float] | None:
         end.record()
         torch.cuda.synchronize(device)
         times[rows] = start.elapsed_time(end) / 20 / 1e3
-    per_row = max((times[128] - times[32]) / 96, 1e-12)
-    fixed = max(times[32] - 32 * per_row, 1e-12)
+    per_row = (times[128] - times[32]) / 96
+    fixed = times[32] - 32 * per_row
+    if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line
+        return None
     return c.nbytes / fixed, 2 * 28672 * 8192 / per_row

@@ -28,3 +28,15 @@ def test_accelerate_peer_disk_offload_matches_flexrun(monkeypatch, tmp_path) -> 
     with LLM("dummy:opt-tiny", device="cpu") as llm:
         out = llm.generate(ids, 3, SamplingParams(ignore_eos=True))
     assert out[0].output_ids == r["first_tokens"]
+
+
+def test_peers_do_not_inherit_flexruns_allocator_default(monkeypatch) -> None:
+    """bench.run imports flexrun, which defaults PYTORCH_CUDA_ALLOC_CONF; peer processes get
+    the user's environment (their own value kept, flexrun's default dropped)."""
+    import flexrun
+    from bench.run import child_env
+    monkeypatch.setattr(flexrun, "ALLOC_CONF_SET_BY_FLEXRUN", True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in child_env()
+    monkeypatch.setattr(flexrun, "ALLOC_CONF_SET_BY_FLEXRUN", False)
+    assert child_env()["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
