@@ -22,6 +22,7 @@ import torch
 from flexrun import LLM, Policy, SamplingParams, storage
 from flexrun.engine.attention import attend
 from flexrun.hardware import _best_time, _copy_bw, attention_beside_h2d
+from bench.run_flexrun import warm_up
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -87,9 +88,7 @@ def main() -> None:
         prompts = torch.randint(10, 30000, (n, a.prompt_len), generator=g).tolist()
         greedy = SamplingParams(ignore_eos=True)
         t1 = time.perf_counter()
-        stop_all = SamplingParams(stop_token_ids=list(range(spec.vocab_size)))
-        llm.generate([p[:8] for p in prompts[:policy.block_size]], 2, greedy)  # kernels
-        llm.generate(prompts[:policy.block_size], a.gen_len, stop_all)   # KV slots
+        warm_up(llm, prompts, a.gen_len)
         _emit(out, {"what": "warm-up", "s": time.perf_counter() - t1})
         pipe = llm.pipeline
         policy_acts = dict(pipe.act_tiers)

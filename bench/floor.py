@@ -53,11 +53,10 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     else:
         t["host_dram"] = (weights + kv) / prof.cpu_mem_bw
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)
-        from flexrun.costmodel import _disk_cached
+        from flexrun.costmodel import reads_page_cache
         from flexrun.footprint import footprint
-        fp = footprint(spec, policy, elem, prompt_len, gen_len)
-        cached = _disk_cached(prof, fp.total("disk"),
-                              fp.total("cpu") + (0 if cuda else fp.total("gpu")))
+        cached = reads_page_cache(prof, footprint(spec, policy, elem, prompt_len, gen_len),
+                                  cuda)
         t["disk"] = (weights * wd + kv * cd) / (prof.disk_read_cached if cached
                                                 else prof.disk_read)
     bound = max(t, key=t.get)

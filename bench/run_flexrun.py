@@ -15,6 +15,17 @@ import torch
 from flexrun import LLM, Policy, SamplingParams
 
 
+def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
+    """Keep one-time costs out of the steady-state figures: one block of short prompts and two
+    tokens compiles the decode kernels at the measured batch (Triton's 4-bit matmul among
+    them), then one block at the measured lengths, which every token stops after the prefill,
+    sizes the pinned KV slots for prompt+gen."""
+    block = prompts[:llm.policy.block_size]
+    llm.generate([p[:8] for p in block], 2, SamplingParams(ignore_eos=True))
+    stop_all = SamplingParams(stop_token_ids=list(range(llm.spec.vocab_size)))
+    llm.generate(block, gen_len, stop_all)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -45,16 +56,8 @@ def main() -> None:
         prompts = torch.randint(10, min(llm.spec.vocab_size, 30000), (n, a.prompt_len),
                                 generator=g).tolist()
         greedy = SamplingParams(ignore_eos=True)
-        # Warm-up, so one-time costs stay out of the steady-state figures: one block of short
-        # prompts and two tokens compiles the decode kernels at the measured batch (Triton's
-        # 4-bit matmul among them), then one block at the measured lengths, which every token
-        # stops after the prefill, sizes the pinned KV slots for prompt+gen. Its wall time is
-        # reported as warmup_s.
         t1 = time.perf_counter()
-        block = prompts[:llm.policy.block_size]
-        llm.generate([p[:8] for p in block], 2, greedy)
-        stop_all = SamplingParams(stop_token_ids=list(range(llm.spec.vocab_size)))
-        llm.generate(block, a.gen_len, stop_all)
+        warm_up(llm, prompts, a.gen_len)            # its wall time is reported as warmup_s
         warmup_s = time.perf_counter() - t1
         split = llm.stats.weights_split
         llm.stats = type(llm.stats)(weights_split=split)

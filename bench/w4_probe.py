@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flexrun import dequant_triton as dq
+from flexrun.hardware import _best_time
 from flexrun.quant import compress, decompress
 
 SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168),
@@ -24,16 +25,9 @@ CONFIGS = [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
            (64, 256, 8, 3, 128), (128, 64, 8, 4, 128)]
 
 
-def timed(fn, reps: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+def timed(fn) -> float:
+    """Seconds per call, timed as the hardware profile times (fastest sample)."""
+    return _best_time(fn, sync=torch.cuda.synchronize)
 
 
 def main() -> None:

@@ -267,6 +267,13 @@ def _disk_cached(prof: HardwareProfile, disk: float, host: float) -> bool:
             and disk + host <= PAGE_CACHE_SHARE * prof.cpu_mem)
 
 
+def reads_page_cache(prof: HardwareProfile, fp, cuda: bool) -> bool:
+    """Whether a run with footprint `fp` reads its disk tier back from the page cache (host
+    memory in use: the CPU tier, plus the compute tier on a CPU run)."""
+    host = fp.total("cpu") + (0 if cuda else fp.total("gpu"))
+    return _disk_cached(prof, fp.total("disk"), host)
+
+
 def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
             gen_len: int, num_prompts: int | None = None, device: str | None = None,
             dtype_bytes: int | None = None, disk_cached: bool | None = None,
@@ -280,8 +287,7 @@ def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_le
     elem = dtype_bytes or (2 if cuda else 4)
     fp = fp or footprint(spec, policy, elem, prompt_len, gen_len, units)
     if disk_cached is None:
-        host = fp.total("cpu") + (0 if cuda else fp.total("gpu"))
-        disk_cached = _disk_cached(profile, fp.total("disk"), host)
+        disk_cached = reads_page_cache(profile, fp, cuda)
     ctx = _Ctx(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts, units), cuda,
                elem, disk_cached)
     x = _fractions(policy)

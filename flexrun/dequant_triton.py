@@ -10,6 +10,7 @@ rounding differs from torch's by an ulp) falls back to the plain path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -140,9 +141,10 @@ def fused_applies(bits: int, group_size: int, dtype_bytes: int) -> bool:
 def fused_linear_ok(x: torch.Tensor, c) -> bool:
     """True when y = x @ decompress(c)^T may take the fused 4-bit matmul."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (enabled() and x.dtype == torch.float16 and len(c.shape) == 2
-            and c.shape[1] == x.shape[-1] and c.group_size in _GROUPS and 1 <= rows
-            and rows <= FUSED_MAX_ROWS and supports(c, torch.float16)
+    return (triton is not None and x.dtype == torch.float16
+            and fused_applies(c.bits, c.group_size, x.element_size()) and len(c.shape) == 2
+            and c.shape[1] == x.shape[-1] and 1 <= rows <= FUSED_MAX_ROWS
+            and supports(c, torch.float16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -173,7 +175,6 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
 
 def _on(device: torch.device):
     """Launch on `device` whatever the current CUDA device is."""
-    import contextlib
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -182,20 +183,13 @@ def measure_rates(device: torch.device) -> tuple[float, float] | None:
     solved from 32 and 128 rows at a 28672 x 8192 weight; None without Triton."""
     if not enabled() or device.type != "cuda":
         return None
+    from .hardware import _best_time
     from .quant import compress
     c = compress(torch.randn(28672, 8192, device=device, dtype=torch.float16), 4, 64, -1)
     times = {}
     for rows in (32, 128):
         x = torch.randn(rows, 8192, device=device, dtype=torch.float16)
-        linear4(x, c)
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            linear4(x, c)
-        end.record()
-        torch.cuda.synchronize(device)
-        times[rows] = start.elapsed_time(end) / 20 / 1e3
+        times[rows] = _best_time(lambda: linear4(x, c), sync=lambda: torch.cuda.synchronize(device))
     per_row = (times[128] - times[32]) / 96
     fixed = times[32] - 32 * per_row
     if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line

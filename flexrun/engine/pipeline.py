@@ -156,7 +156,7 @@ class Pipeline:
         """Copy unit u's inputs that wait in pinned host memory to the GPU now, on the weight
         stream ahead of the next unit's weights: issued later from the compute stream, each
         copy queued behind that unit's weight copy (~0.7 s per step at OPT-30B, 32x2)."""
-        if not (self.cuda and self.policy.overlap and 1 <= u < self.spec.num_units):
+        if not (self.cuda and self.policy.overlap and u >= 1):     # unit 0 embeds ids
             return
         for b in batches:
             if b.finished or not (isinstance(b.hidden, tuple) and len(b.hidden) == 2):
