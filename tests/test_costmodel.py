@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import time
 
 import pytest
@@ -252,8 +253,10 @@ PREDICT_TOLERANCE = 0.30     # |predicted / measured - 1| for prefill and per de
 def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     """Weights of opt-125m streamed from the disk tier every step (4 prompts x 64 tokens,
     6 new): the prediction from a profile of this machine, measured now as `flexrun profile`
-    does, is within ±30% of the best of 3 runs (CPUs of one class differ up to 2x between
-    VMs, so the shipped cpu-2core.json is not the reference here).
+    does (each rate the median of three measurements: one quick measurement's prediction
+    ranged 0.10-0.31 s per decode step against a stable 0.13-0.15 s measured), is within
+    ±30% of the best of 3 runs (CPUs of one class differ up to 2x between VMs, so the
+    shipped cpu-2core.json is not the reference here).
     Timing needs a quiet machine: when other processes used > 0.3 cores during the runs and
     the check fails, the test is skipped rather than failed."""
     P, G, B = 64, 6, 4
@@ -262,7 +265,10 @@ def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     prompts = [[rng.randrange(3, 50000) for _ in range(P)] for _ in range(B)]
     spec = dummy_spec("opt-125m")
     a = _cpu_busy_share()
-    here = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
+    runs = [measure("cpu", str(tmp_path), disk_bytes=64 << 20) for _ in range(3)]
+    here = dataclasses.replace(runs[0], **{
+        f.name: statistics.median(getattr(r, f.name) for r in runs)
+        for f in dataclasses.fields(runs[0]) if isinstance(getattr(runs[0], f.name), float)})
     pred = predict(spec, pol, here, P, G)
     with LLM("dummy:opt-125m", device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
         llm.generate(prompts, max_new_tokens=G)                  # warm-up
