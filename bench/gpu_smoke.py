@@ -86,6 +86,31 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
             outs[plain] = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
     os.environ.pop("FLEXRUN_PLAIN_DEQUANT")
     row["compressed_fused_vs_plain"] = agreement(outs["0"], outs["1"])
+    row.update(graph_checks(d, prompts, tmp))
+    return row
+
+
+def graph_checks(d: Path, prompts, tmp: Path) -> dict:
+    """Decode steps replayed from CUDA graphs vs the same policy run eagerly: resident, mixed
+    placements, two GPU batches, 4-bit weights (the fused matmul captured), and a second,
+    shorter block that reuses the first block's slots and graphs."""
+    pols = {"resident": Policy(gpu_batch_size=8),
+            "two_batches": Policy(gpu_batch_size=4, num_gpu_batches=2),
+            "mixed": Policy(gpu_batch_size=3, num_gpu_batches=2, weights_gpu=50, weights_cpu=50,
+                            cache_gpu=50, cache_cpu=50)}
+    row = {}
+    for name, pol in list(pols.items()) + [("w4", Policy(gpu_batch_size=8))]:
+        outs, caps = {}, 0
+        for graphs in (False, True):
+            pol.cuda_graphs = graphs
+            with LLM(str(d), device="cuda", policy=pol, offload_dir=str(tmp),
+                     compress_weight=name == "w4") as llm:
+                outs[graphs] = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
+                outs[graphs] += [o.output_ids for o in llm.generate(prompts[3:6], 9, GREEDY)]
+                if graphs:
+                    caps = llm.pipeline.graphs.captures
+        row[f"graphs_{name}"] = agreement(outs[True], outs[False])
+        row[f"graphs_{name}_captures"] = caps
     return row
 
 

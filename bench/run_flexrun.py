@@ -18,12 +18,16 @@ from flexrun import LLM, Policy, SamplingParams
 def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
     """Keep one-time costs out of the steady-state figures: one block of short prompts and two
     tokens compiles the decode kernels at the measured batch (Triton's 4-bit matmul among
-    them), then one block at the measured lengths, which every token stops after the prefill,
-    sizes the pinned KV slots for prompt+gen."""
+    them); then one block of prompts gen_len - 2 tokens longer than measured, generating two
+    tokens, sizes the KV slots for prompt + gen (pinned ones included) and captures the CUDA
+    graphs of the decode step at the measured shapes."""
     block = prompts[:llm.policy.block_size]
-    llm.generate([p[:8] for p in block], 2, SamplingParams(ignore_eos=True))
-    stop_all = SamplingParams(stop_token_ids=list(range(llm.spec.vocab_size)))
-    llm.generate(block, gen_len, stop_all)
+    greedy = SamplingParams(ignore_eos=True)
+    llm.generate([p[:8] for p in block], 2, greedy)
+    if gen_len >= 2:
+        llm.generate([(p * gen_len)[:len(p) + gen_len - 2] for p in block], 2, greedy)
+    else:
+        llm.generate(block, gen_len, greedy)
 
 
 def main() -> None:

@@ -190,6 +190,11 @@ class LLM:
                 t = compress(t.to(self.device), p.quant_bits, p.quant_group, dim=-1)
             self.weights.put(name, t, tier_of[name])
             del t
+        model = model_for(self.spec)
+        for j in (u - 1 for u in self.units if 1 <= u <= self.spec.num_layers):
+            for group in model.JOINED:
+                for part in ("weight", "bias"):
+                    self.weights.join([f"layers.{j}.{g}.{part}" for g in group])
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,

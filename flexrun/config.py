@@ -80,6 +80,7 @@ class Policy:
     act_cpu: float = 0.0
     act_disk: float = 0.0
     overlap: bool = True
+    cuda_graphs: bool = True        # replay captured decode steps of GPU-resident units
     cpu_attention: bool = False
     pin_weights: bool = True
     compress_weight: bool = False

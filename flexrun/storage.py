@@ -237,6 +237,22 @@ class TieredStore:
             stored = map_parts(value, to_disk)
         self.homes[name] = (tier, stored)
 
+    def join(self, names: list[str]) -> bool:
+        """Lay resident plain tensors out back to back in one buffer (each name keeps a view
+        of its rows), so the model multiplies them as one matrix (models.common.linear_rows):
+        one GEMM for q/k/v instead of three. False, and nothing changes, unless all of
+        `names` are on the compute device, uncompressed and of one dtype and row shape."""
+        homes = [self.homes.get(n) for n in names]
+        if any(h is None or h[0] != "gpu" or not isinstance(h[1], torch.Tensor) for h in homes):
+            return False
+        ts = [h[1] for h in homes]
+        if len({(t.dtype, t.device, tuple(t.shape[1:])) for t in ts}) != 1:
+            return False
+        buf = torch.cat(ts)
+        for n, view in zip(names, buf.split([t.shape[0] for t in ts])):
+            self.homes[n] = ("gpu", view)
+        return True
+
     def tier_of(self, name: str) -> str:
         return self.homes[name][0]
 

@@ -27,15 +27,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     mask None means no padding: plain causal (prefill) or full (decode) attention, which
     lets SDPA pick its fastest kernel."""
     b, nh, s, hd = q.shape
-    kvh = k.shape[1]
-    if s == 1 and kvh != nh and not causal and q.device.type == "cpu":
-        # decode on the CPU: the heads sharing a KV head become that head's queries, so K/V
-        # are not repeated per query head (CPU SDPA with enable_gqa: 151 vs 22 ms fp16, 16 x
-        # 64 heads / 8 KV x 544 keys, 2 cores). On CUDA, where flash attention takes GQA as
-        # is, the fold measured no gain (Llama-70B decode 177 vs 147-158 ms/step)
-        out = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), k, v,
-                                             attn_mask=mask)
-        return out.reshape(b, 1, nh * hd)
+    if s == 1 and k.shape[1] != nh and not causal and q.device.type == "cpu":
+        # decode on the CPU: fold the GQA heads (CPU SDPA with enable_gqa: 151 vs 22 ms fp16,
+        # 16 x 64 heads / 8 KV x 544 keys, 2 cores). On CUDA, where flash attention takes GQA
+        # as is, the fold measured no gain (Llama-70B decode 177 vs 147-158 ms/step)
+        return attend_slot(q, k, v, mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                          enable_gqa=k.shape[1] != nh)
     return out.transpose(1, 2).reshape(b, s, nh * hd)
+
+
+def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """Decode attention, one query per row: q (b, heads, 1, hd) -> (b, 1, heads*hd).
+
+    The query heads sharing a KV head become that KV head's queries, so K/V are never
+    repeated per query head and any mask (b, 1, 1, T) applies as is (the static decode step
+    of CUDA graphs attends over a whole slot with it)."""
+    b, nh, _, hd = q.shape
+    kvh = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), k, v, attn_mask=mask)
+    return out.reshape(b, 1, nh * hd)

@@ -46,8 +46,10 @@ class KVSlot:
         else:
             where = device if tier == "gpu" else torch.device("cpu")
             pin = where.type == "cpu" and device.type == "cuda"
+            # zero-filled: the static decode step (engine/graphs.py) attends over whole slots
+            # with the unused keys masked, and a masked NaN would still poison the sum
             self.kv = [pinned_empty(store_shape, dtype) if pin else
-                       torch.empty(store_shape, dtype=dtype, device=where) for _ in range(2)]
+                       torch.zeros(store_shape, dtype=dtype, device=where) for _ in range(2)]
 
     @property
     def on_host(self) -> bool:

@@ -16,6 +16,7 @@ from ..config import Policy
 from ..models.spec import ModelSpec
 from ..pinned import pinned_empty
 from ..storage import Arena, DiskTier, TieredStore, assign_tiers, new_future
+from . import graphs as decode_graphs
 from .attention import attend, decode_mask, prefill_mask
 from .kvcache import KVCache
 from .sampling import Sampler
@@ -83,6 +84,8 @@ class Pipeline:
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
                           self.io, (policy.quant_bits, policy.quant_group)
                           if policy.compress_cache else None)
+        self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) \
+            if policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU) else None
 
     # ---- weights ----------------------------------------------------------------------------
     def _arena(self, u: int) -> Arena | None:
@@ -271,6 +274,8 @@ class Pipeline:
         U = self.spec.num_units
         for bn, b in enumerate(batches):
             b.batch_no, b.time = bn, b.prompt_len
+        if self.graphs is not None:
+            self.graphs.new_block()
         pending, w = self._start_load(0), None
         try:
             for task in zigzag(max_new_tokens, U, len(batches)):
@@ -300,6 +305,8 @@ class Pipeline:
 
     def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler) -> None:
         L = self.spec.num_layers
+        if not prefill and self.graphs is not None and self.graphs.covers(u):
+            return self._static_unit(w, u, b, sampler)
         if u == 0:
             ids = b.ids if prefill else b.last
             h = self.model.embed(w, ids, self._positions(b, prefill), self.dtype)
@@ -313,6 +320,16 @@ class Pipeline:
             self._sample(b, logits, sampler, prefill)
             return
         b.hidden = self._put_act(u, h, b.batch_no)
+
+    def _static_unit(self, w: dict, u: int, b: BatchState, sampler: Sampler) -> None:
+        """A decode step of a GPU-resident unit through its captured graph (engine/graphs)."""
+        h = None if u == 0 else self._get_act(b.hidden)
+        out = self.graphs.run(w, u, b, h)
+        if u == self.spec.num_units - 1:
+            return self._sample(b, out, sampler, False)
+        # the graph's output is overwritten by its next replay: an offloaded copy gets its own
+        b.hidden = self._put_act(u, out if self.act_tiers[u] == "gpu" else out.clone(),
+                                 b.batch_no)
 
     def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
         tok = sampler(logits, b.indices)
@@ -343,5 +360,7 @@ class Pipeline:
         return gpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
         self.io.shutdown(wait=True)
         self.kv.close()

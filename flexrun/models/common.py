@@ -23,6 +23,33 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, dense(w).to(x.dtype), None if b is None else b.to(x.dtype))
 
 
+def linear_rows(x: torch.Tensor, ws: list, bs: list) -> list[torch.Tensor]:
+    """[x W_i^T + b_i for each i]: one GEMM when the W_i (and the b_i) are consecutive row
+    blocks of one buffer (TieredStore.join), else one linear each. At decode sizes a GEMM
+    reads its weight at a rate that grows with its size: q/k/v of OPT-6.7B at batch 32 took
+    44.6 us fused against 3 x 30.7 us (H100)."""
+    W = _joined(ws)
+    B = None if all(b is None for b in bs) else _joined(bs)
+    if W is None or W.dtype != x.dtype or (B is None and any(b is not None for b in bs)):
+        return [linear(x, w, b) for w, b in zip(ws, bs)]
+    return list(F.linear(x, W, B).split([w.shape[0] for w in ws], -1))
+
+
+def _joined(ts: list) -> torch.Tensor | None:
+    """The tensors as one, if they lie back to back in one storage (None otherwise)."""
+    if not all(isinstance(t, torch.Tensor) and t.is_contiguous() for t in ts):
+        return None
+    first = ts[0]
+    base, ptr = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in ts:
+        if t.data_ptr() != ptr or t.untyped_storage().data_ptr() != base or \
+                t.dtype != first.dtype or t.shape[1:] != first.shape[1:]:
+            return None
+        ptr += t.numel() * t.element_size()
+    return first.as_strided((sum(t.shape[0] for t in ts),) + tuple(first.shape[1:]),
+                            first.stride())
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, as in HF Llama."""
     xf = x.float()

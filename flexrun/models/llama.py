@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import FlexrunError
-from .common import dense, linear, rms_norm, split_heads
+from .common import dense, linear, linear_rows, rms_norm, split_heads
 from .spec import ModelSpec
 
 
@@ -42,6 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class LlamaModel:
     """Math of one Llama unit at a time; weights come in as dicts of tensors."""
+    JOINED = (("q", "k", "v"), ("gate", "up"))  # multiplied as one (TieredStore.join)
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -63,9 +64,10 @@ class LlamaModel:
     def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor):
         s = self.spec
         x = rms_norm(h, w["attn_norm.weight"], s.norm_eps)
-        q = split_heads(linear(x, w["q.weight"], w.get("q.bias")), s.num_heads)
-        k = split_heads(linear(x, w["k.weight"], w.get("k.bias")), s.num_kv_heads)
-        v = split_heads(linear(x, w["v.weight"], w.get("v.bias")), s.num_kv_heads)
+        q, k, v = linear_rows(x, [w["q.weight"], w["k.weight"], w["v.weight"]],
+                              [w.get("q.bias"), w.get("k.bias"), w.get("v.bias")])
+        q, k, v = (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
+                   split_heads(v, s.num_kv_heads))
         cos, sin = self._cos_sin(positions, h.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -73,8 +75,9 @@ class LlamaModel:
         s = self.spec
         h = h + linear(attn, w["o.weight"], w.get("o.bias"))
         x = rms_norm(h, w["mlp_norm.weight"], s.norm_eps)
-        g = F.silu(linear(x, w["gate.weight"], w.get("gate.bias")), inplace=True)
-        g.mul_(linear(x, w["up.weight"], w.get("up.bias")))    # in place: 2 (b, s, ffn) live
+        g, up = linear_rows(x, [w["gate.weight"], w["up.weight"]],
+                            [w.get("gate.bias"), w.get("up.bias")])
+        g = F.silu(g, inplace=True).mul_(up)            # in place: 2 (b, s, ffn) live
         x = linear(g, w["down.weight"], w.get("down.bias"))
         return h + x
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import dense, layer_norm, linear, split_heads
+from .common import dense, layer_norm, linear, linear_rows, split_heads
 from .spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -11,6 +11,7 @@ POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
 class OPTModel:
     """Math of one OPT unit at a time; weights come in as dicts of tensors."""
+    JOINED = (("q", "k", "v"),)     # weights a layer multiplies as one (TieredStore.join)
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -26,10 +27,10 @@ class OPTModel:
         s = self.spec
         x = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps) \
             if s.do_layer_norm_before else h
-        q = split_heads(linear(x, w["q.weight"], w["q.bias"]), s.num_heads)
-        k = split_heads(linear(x, w["k.weight"], w["k.bias"]), s.num_kv_heads)
-        v = split_heads(linear(x, w["v.weight"], w["v.bias"]), s.num_kv_heads)
-        return q, k, v
+        q, k, v = linear_rows(x, [w["q.weight"], w["k.weight"], w["v.weight"]],
+                              [w["q.bias"], w["k.bias"], w["v.bias"]])
+        return (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
+                split_heads(v, s.num_kv_heads))
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         s = self.spec
