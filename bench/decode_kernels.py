@@ -4,7 +4,7 @@ python -m bench.decode_kernels OUT.json [--hidden 4096 --heads 32 --ffn 16384 --
                                           --len 528 --slot 544]
 Prints and writes the time of each GEMM (separate and fused q/k/v), of attention as the eager
 step runs it (flash, no mask, the used keys only) and as the static step runs it (whole slot,
-mask), and of one whole layer eagerly and replayed from a CUDA graph, with the HBM bytes each
+mask; the Triton split-K kernel over the keys in range), and of one whole layer eagerly and replayed from a CUDA graph, with the HBM bytes each
 must move, so the decode step's distance from its floor can be split by kernel.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from flexrun.engine.attention import attend, attend_slot
-from flexrun.engine.graphs import static_layer
+from flexrun.engine.attention import attend, attend_range, attend_slot
+from flexrun.engine.graphs import StepInputs, static_layer
 from flexrun.hardware import _best_time
 from flexrun.models.opt import OPTModel
 from flexrun.models.spec import ModelSpec
@@ -59,6 +59,9 @@ def main() -> None:
     rec("attn_static_masked_slot", lambda: attend_slot(q, K, V, mask), kv_bytes * S / T)
     rec("attn_masked_used_keys", lambda: attend(q, K[:, :, :T], V[:, :, :T], mask[..., :T]),
         kv_bytes)
+    start = torch.zeros(b, dtype=torch.long, device=dev)
+    last = torch.tensor([T - 1], device=dev)
+    rec("attn_range_triton", lambda: attend_range(q, K, V, start, last), kv_bytes)
 
     spec = ModelSpec(arch="opt", vocab_size=50272, hidden_size=H, num_layers=1, num_heads=nh,
                      num_kv_heads=nh, head_dim=hd, ffn_dim=F_, max_positions=2048)
@@ -73,8 +76,9 @@ def main() -> None:
     for n in ("attn_norm", "mlp_norm"):
         wts[f"{n}.weight"] = torch.ones(H, device=dev, dtype=dt)
         wts[f"{n}.bias"] = torch.zeros(H, device=dev, dtype=dt)
-    pos = torch.full((b, 1), T - 1, device=dev, dtype=torch.long)
-    t = torch.tensor([T - 1], device=dev)
+    steps = StepInputs(torch.zeros(b, 1, dtype=torch.long, device=dev),
+                       torch.full((b, 1), T - 1, device=dev, dtype=torch.long), last, start)
+    pos = steps.pos
     layer_bytes = sum(w.numel() * 2 for w in wts.values()) + kv_bytes
 
     def eager():
@@ -84,7 +88,7 @@ def main() -> None:
         return model.post_attn(wts, x, attend(qq, K[:, :, :T], V[:, :, :T], None))
 
     def static():
-        return static_layer(model, wts, x, pos, t, mask, K, V)
+        return static_layer(model, wts, x, steps, K, V)
     rec("layer_eager", eager, layer_bytes)
     rec("layer_static_eager", static, layer_bytes)
     static()

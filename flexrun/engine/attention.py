@@ -48,3 +48,17 @@ def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kvh = k.shape[1]
     out = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), k, v, attn_mask=mask)
     return out.reshape(b, 1, nh * hd)
+
+
+def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch.Tensor,
+                 last: torch.Tensor) -> torch.Tensor:
+    """Decode attention of q (b, heads, 1, hd) over keys [start[row], last] of whole slots K, V
+    (b, kv_heads, T, hd) -> (b, 1, heads*hd); start (b,) and last (1,) are device tensors, so
+    shapes do not change from step to step. On CUDA a Triton split-K kernel reads only the
+    keys in range (attn_triton); elsewhere SDPA runs over the slot with a mask."""
+    from .. import attn_triton
+    if attn_triton.applies(q, K):
+        return attn_triton.decode_attention(q, K, V, start, last)
+    pos = torch.arange(K.shape[2], device=K.device)
+    mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
+    return attend_slot(q, K, V, mask)

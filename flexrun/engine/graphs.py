@@ -6,18 +6,19 @@ traffic for an OPT-6.7B layer at batch 32. A unit whose weights and KV slot live
 therefore captured once per (unit, GPU batch) and replayed at every later step.
 
 A captured step cannot change shape from one step to the next, so it is written as a *static*
-step: the new key/value goes to a cache index held in a device tensor, and attention runs over
-the whole KV slot with a mask of the keys in use (`StepInputs`). Slots are zero-filled when
-made, so the masked-out keys are finite. The same static step runs eagerly (no graph) on a CPU
-run when `STATIC_ON_CPU` is set, which lets CPU tests check its tokens against the plain run.
+step: the new key/value goes to a cache index held in a device tensor, and attention takes each
+row's range of keys from device tensors too (`StepInputs`, `attention.attend_range`). Slots are
+zero-filled when made, so keys outside a range are finite even where a fallback masks them.
+The same static step runs eagerly (no graph) on a CPU run when `STATIC_ON_CPU` is set, which
+lets CPU tests check its tokens against the plain run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .attention import attend_slot
+from .attention import attend_range
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
 
@@ -27,51 +28,36 @@ class StepInputs:
     """One GPU batch's decode-step inputs, at the fixed addresses the graphs read them from."""
     ids: torch.Tensor           # (b, 1) long: the token fed in
     pos: torch.Tensor           # (b, 1) long: its position
-    t: torch.Tensor             # (1,) long: its cache index
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)   # T -> (b, 1, 1, T) bool
+    t: torch.Tensor             # (1,) long: its cache index, the last key attended to
+    start: torch.Tensor         # (b,) long: each row's first key (after its left padding)
     stamp: tuple | None = None  # (block, cache index) these values are for
 
     @classmethod
     def new(cls, rows: int, device: torch.device) -> "StepInputs":
         z = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        return cls(z, z.clone(), torch.zeros(1, dtype=torch.long, device=device))
-
-    def mask(self, T: int, valid: torch.Tensor) -> torch.Tensor:
-        """The mask over a slot of T positions (made on first use, then updated in place)."""
-        m = self.masks.get(T)
-        if m is None:
-            m = self.masks[T] = torch.zeros((self.ids.shape[0], 1, 1, T), dtype=torch.bool,
-                                            device=self.ids.device)
-            self._fill(m, valid)
-        return m
+        return cls(z, z.clone(), torch.zeros(1, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.long, device=device))
 
     def update(self, b, stamp: tuple) -> None:
-        """Load batch b's values for the step at its cache index b.time (device-side copies)."""
+        """Load batch b's values for the step at its cache index b.time (device-side work).
+        A row's keys are [start, time]: its prompt after the left padding, then every token
+        sampled since (valid marks them, done rows included)."""
         self.ids.copy_(b.last, non_blocking=True)
         self.pos.copy_(b.next_pos[:, None], non_blocking=True)
         self.t.fill_(b.time)
-        for m in self.masks.values():
-            self._fill(m, b.valid)
+        P = b.prompt_len
+        torch.sub(P, b.valid[:, :P].sum(1), out=self.start)
         self.stamp = stamp
 
-    @staticmethod
-    def _fill(m: torch.Tensor, valid: torch.Tensor) -> None:
-        """Keys in use: the real tokens up to and including the one fed in (valid marks the
-        prompt and every sampled token; later positions are still False)."""
-        n = min(valid.shape[1], m.shape[-1])
-        m[:, 0, 0, :n].copy_(valid[:, :n], non_blocking=True)
-        if n < m.shape[-1]:
-            m[:, 0, 0, n:].fill_(False)
 
-
-def static_layer(model, w: dict, h: torch.Tensor, pos: torch.Tensor, t: torch.Tensor,
-                 mask: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def static_layer(model, w: dict, h: torch.Tensor, s: StepInputs, K: torch.Tensor,
+                 V: torch.Tensor) -> torch.Tensor:
     """One decoder layer's decode step with shapes that do not depend on the step: k/v are
-    written at cache index t of the batch-major slot (K, V: (b, kv_heads, T, hd))."""
-    q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, pos))
-    K.index_copy_(2, t, k)
-    V.index_copy_(2, t, v)
-    return model.post_attn(w, h, attend_slot(q, K, V, mask))
+    written at cache index s.t of the batch-major slot (K, V: (b, kv_heads, T, hd))."""
+    q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, s.pos))
+    K.index_copy_(2, s.t, k)
+    V.index_copy_(2, s.t, v)
+    return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t))
 
 
 @dataclass
@@ -132,11 +118,10 @@ class DecodeGraphs:
         elif u <= L:
             slot = p.kv.slot(u - 1, b.batch_no, b.valid.shape[1], b.ids.shape[0])
             K, V = slot.kv
-            mask = s.mask(K.shape[2], b.valid)
 
             def fn(x):
-                return static_layer(p.model, w, x, s.pos, s.t, mask, K, V)
-            extra = (K.data_ptr(), V.data_ptr(), K.shape, id(mask))
+                return static_layer(p.model, w, x, s, K, V)
+            extra = (K.data_ptr(), V.data_ptr(), K.shape)
         else:
             def fn(x):
                 return p.model.head(w, x[:, -1])
