@@ -25,6 +25,8 @@ TARGET_PROGRAMS = 2048          # enough programs to fill the GPU when rows x KV
 NEG = -1.0e30                   # "minus infinity" that keeps exp() and max() finite
 
 if triton is not None:
+    _NEG = tl.constexpr(NEG)
+
     @triton.jit
     def _split_kernel(Q, K, V, Start, Last, Opart, Mpart, Lpart, scale,
                       sqb, sqh, skb, skh, skt, svb, svh, svt,
@@ -39,7 +41,7 @@ if triton is not None:
         g, d, n = tl.arange(0, GP), tl.arange(0, HD), tl.arange(0, BN)
         q = tl.load(Q + row * sqb + (kh * G + g)[:, None] * sqh + d[None, :],
                     mask=(g < G)[:, None], other=0.0)
-        m = tl.full([GP], NEG, tl.float32)
+        m = tl.full([GP], _NEG, tl.float32)
         lsum = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, HD], tl.float32)
         kbase = K + row * skb + kh * skh
@@ -49,7 +51,7 @@ if triton is not None:
             use = (idx >= lo) & (idx < hi)
             k = tl.load(kbase + idx[:, None] * skt + d[None, :], mask=use[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale                       # (GP, BN) fp32
-            s = tl.where(use[None, :], s, NEG)
+            s = tl.where(use[None, :], s, _NEG)
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.where(use[None, :], tl.exp(s - m_new[:, None]), 0.0)
             alpha = tl.exp(m - m_new)
@@ -69,7 +71,7 @@ if triton is not None:
         pid = tl.program_id(0)                  # row * heads + head
         s, d = tl.arange(0, SP), tl.arange(0, HD)
         inside = s < S
-        m = tl.load(Mpart + pid * S + s, mask=inside, other=NEG)
+        m = tl.load(Mpart + pid * S + s, mask=inside, other=_NEG)
         lsum = tl.load(Lpart + pid * S + s, mask=inside, other=0.0)
         w = tl.where(inside, tl.exp(m - tl.max(m, 0)), 0.0)
         o = tl.load(Opart + (pid * S + s)[:, None] * HD + d[None, :], mask=inside[:, None],
