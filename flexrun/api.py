@@ -195,6 +195,8 @@ class LLM:
             for group in model.JOINED:
                 for part in ("weight", "bias"):
                     self.weights.join([f"layers.{j}.{g}.{part}" for g in group])
+        if self.device.type == "cuda":      # the joined tensors' old blocks stay cached
+            torch.cuda.empty_cache()
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,

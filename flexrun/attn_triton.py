@@ -35,7 +35,7 @@ if triton is not None:
         split_len = NI * BN
         pid = tl.program_id(0)                  # row * KVH + kv head
         sp = tl.program_id(1)                   # split of the keys
-        row, kh = pid // KVH, pid % KVH
+        row, kh = (pid // KVH).to(tl.int64), pid % KVH      # 64-bit offsets into big slots
         lo = tl.maximum(sp * split_len, tl.load(Start + row))
         hi = tl.minimum((sp + 1) * split_len, tl.load(Last) + 1)
         g, d, n = tl.arange(0, GP), tl.arange(0, HD), tl.arange(0, BN)
@@ -85,13 +85,13 @@ def enabled() -> bool:
     return triton is not None and os.environ.get("FLEXRUN_PLAIN_ATTENTION", "0") != "1"
 
 
-def applies(q: torch.Tensor, K: torch.Tensor) -> bool:
-    """q (b, heads, 1, hd) and a slot K (b, kv_heads, T, hd) this kernel handles."""
+def applies(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> bool:
+    """q (b, heads, 1, hd) and a slot K, V (b, kv_heads, T, hd) this kernel handles."""
     hd = q.shape[-1]
     return (enabled() and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and q.dtype in (torch.float16, torch.bfloat16) and K.dtype == q.dtype
+            and q.dtype in (torch.float16, torch.bfloat16) and K.dtype == V.dtype == q.dtype
             and 16 <= hd <= 256 and hd & (hd - 1) == 0 and q.shape[1] % K.shape[1] == 0
-            and q.stride(-1) == 1 and K.stride(-1) == 1)
+            and q.stride(-1) == 1 and K.stride(-1) == 1 and V.stride(-1) == 1)
 
 
 def splits(rows_heads: int, T: int) -> tuple[int, int]:
@@ -116,8 +116,9 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: t
     out = torch.empty((b, nh, hd), dtype=q.dtype, device=q.device)
     _split_kernel[(b * kvh, S)](
         q, K, V, start, last, opart, mpart, lpart, hd ** -0.5, q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2),
-        V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G, GP=max(16, triton.next_power_of_2(G)),
-        HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N, num_warps=4)
+        V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G,
+        GP=max(16, triton.next_power_of_2(G)), HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N,
+        num_warps=4)
     _merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S, SP=max(2, triton.next_power_of_2(S)),
                              HD=hd, num_warps=4)
     return out.view(b, 1, nh * hd)

@@ -34,7 +34,7 @@ for b, nh, kvh, T, hd, last in [(3, 4, 4, 70, 16, 50), (2, 8, 2, 200, 32, 199),
     start[0] = 0
     want = ref(q, K, V, start, torch.tensor([last]))
     args = [x.to(dev) for x in (q, K, V, start, torch.tensor([last]))]
-    assert attn_triton.applies(args[0], args[1])
+    assert attn_triton.applies(*args[:3])
     got = attn_triton.decode_attention(*args).float().cpu()
     err = (got - want).abs().max().item()
     assert err < 3e-3, (b, nh, kvh, T, hd, last, err)
@@ -52,8 +52,8 @@ for rows_heads, T in [(1024, 544), (8, 544), (6144, 544), (1, 64), (32, 4000)]:
     S, per = attn_triton.splits(rows_heads, T)
     assert per % attn_triton.BLOCK_N == 0 and (S - 1) * per < T <= S * per, (rows_heads, T)
 assert attn_triton.splits(8, 544)[0] == 9       # few rows: one split per key block
-assert not attn_triton.applies(torch.zeros(1, 4, 1, 24, dtype=torch.half, device=dev),
-                               torch.zeros(1, 4, 8, 24, dtype=torch.half, device=dev))
+K24 = torch.zeros(1, 4, 8, 24, dtype=torch.half, device=dev)
+assert not attn_triton.applies(torch.zeros(1, 4, 1, 24, dtype=torch.half, device=dev), K24, K24)
 print("ok")
 """
 

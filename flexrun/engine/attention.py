@@ -57,7 +57,7 @@ def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch
     shapes do not change from step to step. On CUDA a Triton split-K kernel reads only the
     keys in range (attn_triton); elsewhere SDPA runs over the slot with a mask."""
     from .. import attn_triton
-    if attn_triton.applies(q, K):
+    if attn_triton.applies(q, K, V):
         return attn_triton.decode_attention(q, K, V, start, last)
     pos = torch.arange(K.shape[2], device=K.device)
     mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]

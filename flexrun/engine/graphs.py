@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..storage import parts
 from .attention import attend_range
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
@@ -78,6 +79,7 @@ class DecodeGraphs:
         self.steps: dict[int, StepInputs] = {}
         self.block = 0
         self.runs = self.captures = 0   # static unit steps run, graphs captured
+        self.last_stamp = self.capturing = None     # the step last run / capturing graphs
         if capture:
             self.stream = torch.cuda.Stream(pipe.device)
             self.pool = torch.cuda.graph_pool_handle()
@@ -129,17 +131,32 @@ class DecodeGraphs:
             extra = ()
         if not self.capture:
             return fn(h)
-        deps = (id(s), tuple(id(x) for x in w.values()),
+        deps = (id(s), tuple(t.data_ptr() for x in w.values() for t in parts(x)),
                 None if h is None else (tuple(h.shape), h.dtype)) + extra
+        stamp, first = s.stamp, s.stamp != self.last_stamp
+        self.last_stamp = stamp
         g = self.graphs.get((u, b.batch_no))
         if g is not None and g.deps == deps:
             if h is not None and h is not g.inp:
                 g.inp.copy_(h)
             g.graph.replay()
             return g.out
+        if self.capturing != stamp:
+            # the graphs share one memory pool, which is safe only while they replay in the
+            # order they were captured (a graph's output never lies in the scratch memory of
+            # one captured earlier and replayed before its reader): any change drops them
+            # all, and they are captured again from the first unit of a step, in step order
+            self._reset()
+            if not first:
+                return fn(h)
+            self.capturing = stamp
         g = self._capture(fn, h, deps)
         self.graphs[(u, b.batch_no)] = g
         return g.out
+
+    def _reset(self) -> None:
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()     # the old one may still be releasing
 
     def _capture(self, fn, h: torch.Tensor | None, deps: tuple) -> _Graph:
         """Run fn once eagerly on the capture stream (this step's result; it also warms up

@@ -46,10 +46,12 @@ class KVSlot:
         else:
             where = device if tier == "gpu" else torch.device("cpu")
             pin = where.type == "cpu" and device.type == "cuda"
-            # zero-filled: the static decode step (engine/graphs.py) attends over whole slots
-            # with the unused keys masked, and a masked NaN would still poison the sum
+            # compute-device slots zero-filled: the static decode step (engine/graphs.py) may
+            # attend over whole slots with the unused keys masked, and a masked NaN would
+            # still poison the sum
+            make = torch.zeros if tier == "gpu" else torch.empty
             self.kv = [pinned_empty(store_shape, dtype) if pin else
-                       torch.zeros(store_shape, dtype=dtype, device=where) for _ in range(2)]
+                       make(store_shape, dtype=dtype, device=where) for _ in range(2)]
 
     @property
     def on_host(self) -> bool:

@@ -327,9 +327,10 @@ class Pipeline:
         out = self.graphs.run(w, u, b, h)
         if u == self.spec.num_units - 1:
             return self._sample(b, out, sampler, False)
-        # the graph's output is overwritten by its next replay: an offloaded copy gets its own
-        b.hidden = self._put_act(u, out if self.act_tiers[u] == "gpu" else out.clone(),
-                                 b.batch_no)
+        # the graph's output is overwritten by its next replay: an offloaded copy, or one sent
+        # to the next pipeline stage (this stage's last unit), gets its own
+        own = self.act_tiers[u] != "gpu" or u == self.units[-1]
+        b.hidden = self._put_act(u, out.clone() if own else out, b.batch_no)
 
     def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
         tok = sampler(logits, b.indices)
