@@ -133,7 +133,8 @@ class DecodeGraphs:
             return fn(h)
         deps = (id(s), tuple(t.data_ptr() for x in w.values() for t in parts(x)),
                 None if h is None else (tuple(h.shape), h.dtype)) + extra
-        stamp, first = s.stamp, s.stamp != self.last_stamp
+        stamp = (self.block, b.time - b.prompt_len)     # the step, the same for every batch
+        first = stamp != self.last_stamp
         self.last_stamp = stamp
         g = self.graphs.get((u, b.batch_no))
         if g is not None and g.deps == deps:
@@ -141,7 +142,7 @@ class DecodeGraphs:
                 g.inp.copy_(h)
             g.graph.replay()
             return g.out
-        if self.capturing != stamp:
+        if self.capturing != stamp and (self.graphs or first):
             # the graphs share one memory pool, which is safe only while they replay in the
             # order they were captured (a graph's output never lies in the scratch memory of
             # one captured earlier and replayed before its reader): any change drops them
@@ -150,6 +151,8 @@ class DecodeGraphs:
             if not first:
                 return fn(h)
             self.capturing = stamp
+        elif self.capturing != stamp:
+            return fn(h)
         g = self._capture(fn, h, deps)
         self.graphs[(u, b.batch_no)] = g
         return g.out
