@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 VOCAB = 320
+
+
+def run_triton_check(code: str) -> None:
+    """Run a Triton check script in a child process: on CUDA, or on the CPU through Triton's
+    interpreter (TRITON_INTERPRET is read at import). It must exit 0 and print ok."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, this is flexrun",
           "offloading weights to disk and cpu memory", "a b c d e f g 0 1 2 3 4 5 6 7 8 9"]
 

@@ -2,12 +2,9 @@
 
 Runs on CUDA, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1 in a child
 process); skipped where Triton is not installed."""
-import os
-import subprocess
-import sys
-
 import pytest
-import torch
+
+from conftest import run_triton_check
 
 triton = pytest.importorskip("triton")
 
@@ -59,9 +56,4 @@ print("ok")
 
 
 def test_decode_attention_matches_sdpa():
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_triton_check(CHECK)

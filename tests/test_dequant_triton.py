@@ -2,12 +2,9 @@
 
 Runs on CUDA, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1 in a child
 process); skipped where Triton is not installed (CPU-only torch wheels do not ship it)."""
-import os
-import subprocess
-import sys
-
 import pytest
-import torch
+
+from conftest import run_triton_check
 
 triton = pytest.importorskip("triton")
 
@@ -30,12 +27,7 @@ print("ok")
 
 
 def test_fused_dequant_matches_plain():
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_triton_check(CHECK)
 
 
 MATMUL_CHECK = r"""
@@ -72,9 +64,4 @@ print("ok")
 
 
 def test_fused_4bit_matmul_matches_dequantize_then_matmul():
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", MATMUL_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_triton_check(MATMUL_CHECK)
