@@ -115,8 +115,8 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: t
     lpart = torch.empty_like(mpart)
     out = torch.empty((b, nh, hd), dtype=q.dtype, device=q.device)
     _split_kernel[(b * kvh, S)](
-        q, K, V, start, last, opart, mpart, lpart, hd ** -0.5, q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2),
-        V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G,
+        q, K, V, start, last, opart, mpart, lpart, hd ** -0.5, q.stride(0), q.stride(1),
+        K.stride(0), K.stride(1), K.stride(2), V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G,
         GP=max(16, triton.next_power_of_2(G)), HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N,
         num_warps=4)
     _merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S, SP=max(2, triton.next_power_of_2(S)),

@@ -142,17 +142,16 @@ class DecodeGraphs:
                 g.inp.copy_(h)
             g.graph.replay()
             return g.out
-        if self.capturing != stamp and (self.graphs or first):
+        if self.capturing != stamp:
             # the graphs share one memory pool, which is safe only while they replay in the
             # order they were captured (a graph's output never lies in the scratch memory of
             # one captured earlier and replayed before its reader): any change drops them
             # all, and they are captured again from the first unit of a step, in step order
-            self._reset()
+            if self.graphs:
+                self._reset()
             if not first:
                 return fn(h)
             self.capturing = stamp
-        elif self.capturing != stamp:
-            return fn(h)
         g = self._capture(fn, h, deps)
         self.graphs[(u, b.batch_no)] = g
         return g.out
