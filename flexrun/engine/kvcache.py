@@ -21,9 +21,13 @@ from .kvquant import CompressedKVSlot
 class KVSlot:
     def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
                  dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str,
-                 store_stream=None, io=None, scratch: dict | None = None, plane: str = ""):
+                 store_stream=None, io=None, scratch: dict | None = None, plane: str = "",
+                 zero: bool = False):
         """scratch: reusable read buffers shared by the slots of a CPU run (disk reads into
-        fresh tensors pay first-touch page faults); plane: which part of a slot this is."""
+        fresh tensors pay first-touch page faults); plane: which part of a slot this is;
+        zero: zero-fill an in-memory slot (the static decode step of engine/graphs.py may
+        attend over whole slots with the unused keys masked, and a masked NaN would still
+        poison the sum)."""
         self.scratch, self.plane = scratch, plane
         self.tier, self.time_major, self.dtype, self.device = tier, time_major, dtype, device
         self.store_stream, self.io = store_stream, io
@@ -46,10 +50,7 @@ class KVSlot:
         else:
             where = device if tier == "gpu" else torch.device("cpu")
             pin = where.type == "cpu" and device.type == "cuda"
-            # compute-device slots zero-filled: the static decode step (engine/graphs.py) may
-            # attend over whole slots with the unused keys masked, and a masked NaN would
-            # still poison the sum
-            make = torch.zeros if tier == "gpu" else torch.empty
+            make = torch.zeros if zero else torch.empty
             self.kv = [pinned_empty(store_shape, dtype) if pin else
                        make(store_shape, dtype=dtype, device=where) for _ in range(2)]
 
@@ -190,10 +191,12 @@ class KVCache:
 
     def __init__(self, layer_tiers: Mapping[int, str], device: torch.device, dtype: torch.dtype,
                  disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
-                 store_stream=None, io=None, quant: tuple[int, int] | None = None):
-        """quant: (bits, group) to store K and V compressed (compress_cache), else None."""
+                 store_stream=None, io=None, quant: tuple[int, int] | None = None,
+                 zero_fill: bool = False):
+        """quant: (bits, group) to store K and V compressed (compress_cache), else None;
+        zero_fill: zero the compute-device slots (for the static decode step)."""
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
-        self.quant = quant
+        self.quant, self.zero_fill = quant, zero_fill
         self.disk, self.kv_heads, self.head_dim = disk, num_kv_heads, head_dim
         self.cpu_attention = cpu_attention
         self.store_stream, self.io = store_stream, io
@@ -219,7 +222,8 @@ class KVCache:
             def make(shape_, dtype, part=""):
                 return KVSlot(tier, self._time_major(tier), shape_, dtype, self.device,
                               self.disk, name + (f".{part}" if part else ""),
-                              self.store_stream, self.io, self.scratch, part)
+                              self.store_stream, self.io, self.scratch, part,
+                              self.zero_fill and tier == "gpu")
             if self.quant is None:
                 s = make(shape, self.dtype)
             else:

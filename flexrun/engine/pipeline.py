@@ -80,12 +80,12 @@ class Pipeline:
         self.unit_names = {u: list(spec.unit_shapes(u)) for u in self.units}
         self.unit_tiers = {u: {weights.tier_of(n) for n in names}
                            for u, names in self.unit_names.items()}
+        static = policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU)
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
                           self.io, (policy.quant_bits, policy.quant_group)
-                          if policy.compress_cache else None)
-        self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) \
-            if policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU) else None
+                          if policy.compress_cache else None, zero_fill=static)
+        self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) if static else None
 
     # ---- weights ----------------------------------------------------------------------------
     def _arena(self, u: int) -> Arena | None:
