@@ -92,12 +92,16 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
 
 def graph_checks(d: Path, prompts, tmp: Path) -> dict:
     """Decode steps replayed from CUDA graphs vs the same policy run eagerly: resident, mixed
-    placements, two GPU batches, 4-bit weights (the fused matmul captured), and a second,
-    shorter block that reuses the first block's slots and graphs."""
+    placements, whole streamed units, two GPU batches, 4-bit weights (the fused matmul
+    captured), and a second, shorter block that reuses the first block's slots and graphs."""
     pols = {"resident": Policy(gpu_batch_size=8),
             "two_batches": Policy(gpu_batch_size=4, num_gpu_batches=2),
             "mixed": Policy(gpu_batch_size=3, num_gpu_batches=2, weights_gpu=50, weights_cpu=50,
-                            cache_gpu=50, cache_cpu=50)}
+                            cache_gpu=50, cache_cpu=50),
+            # KV on the GPU: whole units streamed (from RAM and disk), the rest captured;
+            # without graphs every unit streams its share (footprint.weight_tiers)
+            "whole_units": Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=55,
+                                  weights_cpu=30, weights_disk=15)}
     row = {}
     for name, pol in list(pols.items()) + [("w4", Policy(gpu_batch_size=8))]:
         outs, caps = {}, 0

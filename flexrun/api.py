@@ -12,10 +12,10 @@ from .config import FlexrunError, Policy, SamplingParams, parse_size
 from .engine.pipeline import BatchState, Pipeline
 from .engine.sampling import Sampler
 from .engine.trace import Tracer
-from .footprint import check_budget, is_compressible, numel, unit_set_shapes
+from .footprint import check_budget, is_compressible, unit_set_shapes, weight_bytes, weight_tiers
 from .models.llama import model_for
 from .models.loader import open_checkpoint
-from .storage import TIERS, DiskTier, TieredStore, assign_tiers, split_report
+from .storage import TIERS, DiskTier, TieredStore, split_report
 
 
 @dataclass
@@ -172,8 +172,10 @@ class LLM:
     def _place_weights(self) -> None:
         shapes = unit_set_shapes(self.spec, self.units)
         names = list(shapes)
-        sizes = [numel(shapes[n]) for n in names]
-        tiers = assign_tiers(sizes, self.policy.weights_split())
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        sizes = [weight_bytes(n, shapes[n], elem, self.policy) for n in names]   # as footprint()
+        tiers = weight_tiers(self.spec, self.policy, names, sizes, self.units,
+                             self.device.type == "cuda")
         tier_of = {n: TIERS[t] for n, t in zip(names, tiers)}
         self.stats.weights_split = split_report(sizes, tiers)
         p = self.policy

@@ -285,7 +285,7 @@ def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_le
     device = device or ("cuda" if profile.gpu_flops_prefill else "cpu")
     cuda = torch.device(device).type == "cuda"
     elem = dtype_bytes or (2 if cuda else 4)
-    fp = fp or footprint(spec, policy, elem, prompt_len, gen_len, units)
+    fp = fp or footprint(spec, policy, elem, prompt_len, gen_len, units, cuda)
     if disk_cached is None:
         disk_cached = reads_page_cache(profile, fp, cuda)
     ctx = _Ctx(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts, units), cuda,

@@ -55,15 +55,60 @@ def unit_set_shapes(spec: ModelSpec, units: range | None) -> dict[str, tuple[int
     return out
 
 
+def streams_whole_units(policy: Policy, cuda: bool) -> bool:
+    """Whether streamed weights are whole units (layers) rather than a share of every unit:
+    on a GPU whose KV cache is all dense on the device, a unit with every weight resident
+    replays its decode step from a CUDA graph (engine/graphs), and a streamed unit's copy
+    overlaps the compute of all the resident units before it."""
+    return (cuda and policy.cuda_graphs and policy.cache_gpu >= 100
+            and not policy.compress_cache and 0 < policy.weights_gpu < 100)
+
+
+def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[int],
+                 units: range, cuda: bool) -> list[int]:
+    """Tier index (0 gpu, 1 cpu, 2 disk) of each weight, bytes per tier per the policy.
+
+    By default every unit gets its share of each tier (storage.assign_tiers). With whole
+    units (streams_whole_units), units are kept resident, spread evenly and never above the
+    policy's GPU bytes; the GPU bytes left over go to whole tensors of the streamed units."""
+    split = policy.weights_split()
+    if not streams_whole_units(policy, cuda):
+        return assign_tiers(sizes, split)
+    unit_of, size_of = {}, dict(zip(names, sizes))
+    for u in units:
+        for n in spec.unit_shapes(u):
+            unit_of.setdefault(n, u)
+    unit_bytes: dict[int, int] = {}
+    for n in names:
+        unit_bytes[unit_of[n]] = unit_bytes.get(unit_of[n], 0) + size_of[n]
+    total, p = sum(sizes), split[0] / 100.0
+    budget = p * total
+    resident, kept, seen = set(), 0, 0
+    for u, ub in unit_bytes.items():        # error diffusion over units, capped at the budget
+        streamed = seen - kept
+        seen += ub
+        if kept + ub <= budget and p * seen - kept >= (1 - p) * seen - streamed:
+            resident.add(u)
+            kept += ub
+    rest = [i for i, n in enumerate(names) if unit_of[n] not in resident]
+    gpu_left = 100.0 * (budget - kept) / max(total - kept, 1)
+    sub = (gpu_left,) + tuple((100.0 - gpu_left) * x / (split[1] + split[2]) for x in split[1:])
+    out = [0] * len(names)
+    for i, t in zip(rest, assign_tiers([sizes[i] for i in rest], sub)):
+        out[i] = t
+    return out
+
+
 def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,
-              gen_len: int | None, units: range | None = None) -> Footprint:
-    """Peak bytes per tier of the whole model, or of a pipeline stage's `units`."""
+              gen_len: int | None, units: range | None = None, cuda: bool = False) -> Footprint:
+    """Peak bytes per tier of the whole model, or of a pipeline stage's `units`; cuda: the
+    compute device is a GPU (weight_tiers lays weights out for it)."""
     units = units if units is not None else range(spec.num_units)
     layers = [u for u in units if 1 <= u <= spec.num_layers]
     shapes = unit_set_shapes(spec, units)
     names = list(shapes)
     sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
-    tiers = assign_tiers(sizes, policy.weights_split())
+    tiers = weight_tiers(spec, policy, names, sizes, units, cuda)
     weights = {t: 0 for t in TIERS}
     tier_of = {}
     for n, s, t in zip(names, sizes, tiers):
@@ -112,7 +157,7 @@ def check_budget(spec: ModelSpec, policy: Policy, device: torch.device, dtype: t
 
     units/stage: check one pipeline stage (its budgets already its share) and name it."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    fp = footprint(spec, policy, elem, prompt_len, gen_len, units)
+    fp = footprint(spec, policy, elem, prompt_len, gen_len, units, device.type == "cuda")
     when = "" if prompt_len is None else f" for prompts of {prompt_len} tokens + {gen_len} new"
     when += f" on {stage}" if stage else ""
     if device.type == "cuda":

@@ -63,7 +63,7 @@ class _Search:
         key = (tuple(pol.to_dict().values()), lengths)
         if key not in self.memo:
             P, G = (self.wl.prompt_len, self.wl.gen_len) if lengths else (None, None)
-            self.memo[key] = footprint(self.spec, pol, self.elem, P, G, self.wl.units)
+            self.memo[key] = footprint(self.spec, pol, self.elem, P, G, self.wl.units, self.cuda)
         return self.memo[key]
 
     def use(self, pol: Policy) -> dict[str, float]:

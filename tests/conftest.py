@@ -63,11 +63,11 @@ def tiny_opt(path: Path, post_ln: bool = False, seed: int = 0) -> Path:
 
 
 def tiny_llama(path: Path, kv_heads: int = 2, tie: bool = False, seed: int = 0,
-               rope_scaling: dict | None = None) -> Path:
+               rope_scaling: dict | None = None, layers: int = 3) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                       max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
                       rope_scaling=rope_scaling)

@@ -6,7 +6,7 @@ of different lengths reusing slots, and placements mixing resident and offloaded
 import pytest
 import torch
 
-from conftest import hf_greedy, ragged_prompts
+from conftest import hf_greedy, ragged_prompts, tiny_llama
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.engine import graphs
 from flexrun.engine.attention import attend, attend_slot
@@ -77,3 +77,83 @@ def test_attend_slot_ignores_masked_keys():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     V[:, :, 0] = 99.0                               # a used key must matter
     assert not torch.allclose(attend_slot(q, K, V, mask), ref)
+
+
+def test_key_range_matches_decode_mask():
+    """The eager GPU decode step's key ranges for the split-K kernel (Pipeline._key_range)
+    select exactly the keys decode_mask lets through: left padding out, every later key in."""
+    from types import SimpleNamespace
+
+    from flexrun.engine.attention import decode_mask
+    from flexrun.engine.pipeline import BatchState, Pipeline
+    P, gen, t = 6, 4, 8
+    valid = torch.zeros(3, P + gen, dtype=torch.bool)
+    for row, pad in enumerate((0, 2, 5)):
+        valid[row, pad:t + 1] = True
+    b = BatchState(indices=[0, 1, 2], ids=torch.zeros(3, P, dtype=torch.long), valid=valid,
+                   prompt_len=P, next_pos=torch.zeros(3, dtype=torch.long), time=t)
+    pipe = SimpleNamespace(device=torch.device("cpu"), _per_step=Pipeline._per_step)
+    start, last = Pipeline._key_range(pipe, b)
+    assert start.tolist() == [0, 2, 5] and last.tolist() == [t]
+    pos = torch.arange(P + gen)
+    got = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :t + 1]
+    assert torch.equal(got, decode_mask(valid[:, :t + 1]))
+    assert Pipeline._key_range(pipe, b)[0] is start             # made once per step
+
+
+def test_whole_unit_layout_keeps_units_resident_within_budget():
+    """On a GPU with its KV cache there, streamed weights are whole units spaced evenly, the
+    resident bytes never above the policy's share (the rest in whole tensors)."""
+    from flexrun.footprint import footprint, unit_set_shapes, weight_bytes, weight_tiers
+    from flexrun.models.dummy import dummy_spec
+    spec = dummy_spec("opt-6.7b")
+    pol = Policy(gpu_batch_size=8, weights_gpu=88, weights_cpu=8, weights_disk=4)
+    shapes = unit_set_shapes(spec, None)
+    names = list(shapes)
+    sizes = [weight_bytes(n, shapes[n], 2, pol) for n in names]
+    units = range(spec.num_units)
+    tiers = weight_tiers(spec, pol, names, sizes, units, cuda=True)
+    total = sum(sizes)
+    on = [sum(s for s, t in zip(sizes, tiers) if t == x) / total for x in range(3)]
+    assert 0.88 - max(sizes) / total <= on[0] <= 0.88 + max(sizes) / total
+    assert abs(on[2] / (on[1] + on[2]) - 1 / 3) < 0.1
+    tier_of = dict(zip(names, tiers))
+    streamed = [u for u in units if any(tier_of[n] for n in spec.unit_shapes(u))]
+    assert 3 <= len(streamed) <= 5                       # 12% of 32 layers: ~4
+    assert min(b - a for a, b in zip(streamed, streamed[1:])) >= 6     # spread out
+    # off the GPU, or with the cache off the device, every unit keeps its share
+    for cuda, p in ((False, pol), (True, Policy(**{**pol.to_dict(), "cache_gpu": 50,
+                                                   "cache_cpu": 50}))):
+        t = weight_tiers(spec, p, names, sizes, units, cuda)
+        tier_of = dict(zip(names, t))
+        assert sum(any(tier_of[n] for n in spec.unit_shapes(u)) for u in units) > 20
+    # the footprint counts two whole streamed units of device buffers
+    whole, spread = (footprint(spec, pol, 2, 512, 32, None, c) for c in (True, False))
+    assert whole.buffers > spread.buffers
+
+
+@pytest.fixture(scope="module")
+def llama8_dir(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama8"), layers=8)
+
+
+@pytest.mark.parametrize("cpu_part", [(30, 0), (20, 25)])
+def test_whole_unit_layout_matches_plain(cpu_part, llama8_dir, tmp_path, static_on_cpu,
+                                         monkeypatch):
+    """Resident units run the static step, streamed ones (from RAM or disk) the plain one,
+    their loads started a streamed unit ahead: the same greedy tokens as all resident."""
+    from flexrun import footprint
+    llama_dir, prompts = llama8_dir, ragged_prompts(6)
+    ref, _ = _run(llama_dir, prompts, Policy(gpu_batch_size=3, num_gpu_batches=2,
+                                             cuda_graphs=False))
+    monkeypatch.setattr(footprint, "streams_whole_units", lambda p, cuda: True)
+    c, d = cpu_part
+    pol = Policy(gpu_batch_size=3, num_gpu_batches=2, weights_gpu=100 - c - d,
+                 weights_cpu=c, weights_disk=d)
+    got, g = _run(llama_dir, prompts, pol, tmp_path)
+    assert got == ref
+    with LLM(str(llama_dir), device="cpu", policy=pol, offload_dir=tmp_path) as llm:
+        tiers = llm.pipeline.unit_tiers
+        assert {"gpu"} in tiers.values() and sum(t != {"gpu"} for t in tiers.values()) >= 3
+        out = llm.generate(prompts, NEW, GREEDY)
+        assert [o.output_ids for o in out] == ref and llm.pipeline.graphs.runs > 0

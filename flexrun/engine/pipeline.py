@@ -17,10 +17,11 @@ from ..models.spec import ModelSpec
 from ..pinned import pinned_empty
 from ..storage import Arena, DiskTier, TieredStore, assign_tiers, new_future
 from . import graphs as decode_graphs
-from .attention import attend, decode_mask, prefill_mask
-from .kvcache import KVCache
+from .. import attn_triton
+from .attention import attend, attend_range, decode_mask, prefill_mask
+from .kvcache import KVCache, KVSlot
 from .sampling import Sampler
-from .schedule import next_unit, zigzag
+from .schedule import Task, next_unit, zigzag
 from .trace import Tracer
 
 
@@ -65,6 +66,7 @@ class Pipeline:
         self.act_tiers = {u: tiers[t] for u, t in
                           zip(self.units, assign_tiers([1] * len(self.units), policy.act_split()))}
         self.cuda = device.type == "cuda"
+        self.acts_resident = set(self.act_tiers.values()) == {"gpu"}
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         self._host_bufs: dict[tuple, torch.Tensor] = {}    # reused pinned buffers
         self._arenas, self._loads = (Arena(), Arena()), 0  # disk weight reads, CPU runs
@@ -113,7 +115,9 @@ class Pipeline:
 
     def _start_load(self, u: int) -> Future:
         """Start fetching unit u: disk reads go to an I/O thread; host->GPU copies are issued
-        at once on the weight stream; resident units need nothing."""
+        at once on the weight stream; resident units need nothing (and wait for no copy)."""
+        if self.unit_tiers[u] == {"gpu"}:
+            return new_future(({n: self.weights.fetch(n) for n in self.unit_names[u]}, None))
         if not self.policy.overlap:
             return new_future(None)
         if "disk" in self.unit_tiers[u]:
@@ -202,8 +206,11 @@ class Pipeline:
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
         if slot.tier == "gpu" and not slot.on_host:
             slot.write(k, v, t0)
-            K, V = slot.read(t0 + 1, self.device)
-            attn = attend(q, K, V, self._mask(b, self.device, False))
+            if isinstance(slot, KVSlot) and attn_triton.applies(q, *slot.kv):
+                attn = attend_range(q, *slot.kv, *self._key_range(b))
+            else:
+                K, V = slot.read(t0 + 1, self.device)
+                attn = attend(q, K, V, self._mask(b, self.device, False))
         elif host_attn:
             cpu = torch.device("cpu")
             q, k, v = self._to_host(b.batch_no, q=q, k=k, v=v)
@@ -248,17 +255,32 @@ class Pipeline:
 
     def _mask(self, b: BatchState, where: torch.device, prefill: bool):
         """The step's attention mask on `where`, built once per step (None: no padding)."""
-        key = (b.time, prefill, where.type)
-        if key not in b.masks:
-            if len(b.masks) > 2:
-                b.masks.clear()
+        def make():
             if not b.padded:
-                m = None
-            elif prefill:
-                m = prefill_mask(b.valid[:, :b.prompt_len])
-            else:
-                m = decode_mask(b.valid[:, :b.time + 1])
-            b.masks[key] = None if m is None else m.to(where)
+                return None
+            m = prefill_mask(b.valid[:, :b.prompt_len]) if prefill else \
+                decode_mask(b.valid[:, :b.time + 1])
+            return m.to(where)
+        return self._per_step(b, (b.time, prefill, where.type), make)
+
+    def _key_range(self, b: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start (b,), last (1,)) on the device: each row's keys in this decode step are
+        [start, last] (its prompt after the left padding, then every token since), for the
+        split-K kernel, which reads only those keys of the whole slot."""
+        def make():
+            P = b.prompt_len
+            start = P - b.valid[:, :P].sum(1)
+            return (start.to(self.device, non_blocking=True),
+                    torch.tensor([b.time]).to(self.device, non_blocking=True))
+        return self._per_step(b, (b.time, "range"), make)
+
+    @staticmethod
+    def _per_step(b: BatchState, key: tuple, make):
+        """b's value for `key`, made once per step (values of earlier steps are dropped)."""
+        if key not in b.masks:
+            if len(b.masks) > 3:
+                b.masks.clear()
+            b.masks[key] = make()
         return b.masks[key]
 
     def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
@@ -276,17 +298,17 @@ class Pipeline:
             b.batch_no, b.time = bn, b.prompt_len
         if self.graphs is not None:
             self.graphs.new_block()
-        pending, w = self._start_load(0), None
+        loads: dict[int, Future] = {}       # streamed units whose weights are on their way
+        w = None
         try:
             for task in zigzag(max_new_tokens, U, len(batches)):
                 if task.first_batch:
                     if task.unit == 0 and all(b.finished for b in batches):
                         break
-                    w = self._wait_load(pending, task.unit)
-                    self._prefetch_acts(batches, task.unit)
-                    nxt = next_unit(task, max_new_tokens, U)
-                    pending = self._start_load(nxt) if nxt is not None else \
-                        new_future((None, None))
+                    w = self._wait_load(loads.pop(task.unit, None) or
+                                        self._start_load(task.unit), task.unit)
+                    self._prefetch_acts(batches, task.unit)     # ahead of the next copy
+                    self._start_next(task, loads, max_new_tokens)
                 b = batches[task.batch]
                 if not b.finished:
                     with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}",
@@ -299,9 +321,25 @@ class Pipeline:
                             b.time += 0 if task.prefill else 1
                         if on_step is not None:
                             on_step(task.step)
-            pending.result()
+            for f in loads.values():
+                f.result()
         finally:        # on an error too: a load in flight may still fill a reused buffer
-            wait([pending])
+            wait(list(loads.values()))
+
+    def _start_next(self, task: Task, loads: dict[int, Future], gen_len: int) -> None:
+        """Start loading the next streamed unit after task's (in schedule order, the next
+        step's included) unless it is on its way: a copy overlaps the compute of every
+        resident unit before its own, and at most two streamed units are held at a time.
+        With activations offloaded, only the next unit's: their copies back (_prefetch_acts)
+        must not queue behind a later unit's weights on the weight stream."""
+        u, U, step = task.unit, self.spec.num_units, task.step
+        nxt = next_unit(task, gen_len, U)
+        while nxt is not None and nxt != u and self.unit_tiers[nxt] == {"gpu"} \
+                and self.acts_resident:
+            step += nxt == 0
+            nxt = next_unit(Task(step, nxt, 0, True, True), gen_len, U)
+        if nxt is not None and nxt not in loads and self.unit_tiers[nxt] != {"gpu"}:
+            loads[nxt] = self._start_load(nxt)
 
     def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler) -> None:
         L = self.spec.num_layers

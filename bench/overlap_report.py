@@ -1,0 +1,87 @@
+"""Where a decode step's time goes, from a flexrun --trace (Chrome trace JSON).
+
+python -m bench.overlap_report TRACE.json [--json OUT.json]
+
+Takes the last generate call in the trace (from its last prefill on) and, per decode step and
+per unit, sums the compute spans (timed by CUDA events on the compute stream), the weight
+copies (`h2d w<u>` on the weight stream) and the compute stream's idle time between units
+(waiting for a copy, or for the host to issue work). A step near the sum of compute and
+copies, rather than near the larger of the two, has lost its overlap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+
+_COMPUTE = re.compile(r"s(\d+) u(\d+) b(\d+)$")
+_H2D = re.compile(r"h2d w(\d+)$")
+
+
+def _spans(path: str) -> tuple[list[tuple], list[tuple]]:
+    ev = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+    compute = []
+    for e in ev:
+        m = _COMPUTE.match(e["name"])
+        if m:
+            compute.append((e["ts"], e["ts"] + e["dur"], *map(int, m.groups())))
+    compute.sort()
+    starts = [i for i, c in enumerate(compute) if c[2] == 0 and c[3] == 0]
+    compute = compute[starts[-1]:] if starts else compute   # the last generate call
+    t0 = compute[0][0] if compute else 0.0
+    copies = sorted((e["ts"], e["ts"] + e["dur"], int(_H2D.match(e["name"]).group(1)))
+                    for e in ev if _H2D.match(e["name"]) and e["ts"] >= t0)
+    return compute, copies
+
+
+def report(path: str) -> dict:
+    """Per-step and per-unit sums (ms) of the last generate call's decode steps."""
+    compute, copies = _spans(path)
+    steps: dict[int, list] = defaultdict(list)
+    for c in compute:
+        if c[2] >= 1:
+            steps[c[2]].append(c)
+    rows, per_unit = [], defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    for s, cs in sorted(steps.items()):
+        lo, hi = cs[0][0], max(c[1] for c in cs)
+        busy = sum(c[1] - c[0] for c in cs)
+        h2d = sum(b - a for a, b, _ in copies if lo <= a < hi)
+        rows.append({"step": s, "wall_ms": (hi - lo) / 1e3, "compute_ms": busy / 1e3,
+                     "h2d_ms": h2d / 1e3, "compute_idle_ms": (hi - lo - busy) / 1e3})
+        prev_end = lo
+        for c in cs:
+            acc = per_unit[c[3]]
+            acc[0] += (c[1] - c[0]) / 1e3
+            acc[1] += max(0.0, c[0] - prev_end) / 1e3
+            acc[3] += 1
+            prev_end = c[1]
+    copy_of = defaultdict(list)
+    for a, b, u in copies:
+        copy_of[u].append((b - a) / 1e3)
+    units = {u: {"compute_ms": a[0] / a[3], "idle_before_ms": a[1] / a[3],
+                 "h2d_ms": sum(copy_of[u]) / len(copy_of[u]) if copy_of[u] else 0.0}
+             for u, a in sorted(per_unit.items())}
+    return {"steps": rows, "units": units}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    r = report(a.trace)
+    print(f"{'step':>4} {'wall ms':>9} {'compute':>9} {'h2d':>9} {'idle':>9}")
+    for s in r["steps"]:
+        print(f"{s['step']:>4} {s['wall_ms']:>9.2f} {s['compute_ms']:>9.2f} {s['h2d_ms']:>9.2f} "
+              f"{s['compute_idle_ms']:>9.2f}")
+    print(f"{'unit':>4} {'compute':>9} {'idle before':>12} {'h2d':>9}")
+    for u, x in r["units"].items():
+        print(f"{u:>4} {x['compute_ms']:>9.3f} {x['idle_before_ms']:>12.3f} {x['h2d_ms']:>9.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
