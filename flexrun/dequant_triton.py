@@ -80,12 +80,15 @@ FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "128"))
 _GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
 
 
-def w4_config(rows: int, n: int) -> tuple[int, ...]:
+def w4_config(rows: int, n: int, k: int = 0) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest tiles of the H100
     probe (bench/results/w4-probe-H100.json) for the row count and weight shape."""
-    # Above 64 rows, one 128-row tile (dequantize each weight tile once: (128, 64, 8, 4,
-    # 128) / (64, 128, 8, 3, 128)) was 18-40% faster in the probe at 128 rows, but the
-    # Llama-70B run with it measured 158 ms/step against 147 with these tiles: kept these.
+    # Above 64 rows, one 128-row tile dequantizes each weight tile once: 18-40% faster in
+    # the probe at 128 rows (w4-probe-H100-128rows.json), and S5 (Llama-70B, 128 rows)
+    # measured 121 against 137 ms/step with (128, 256, 8, 3) in one run on one machine
+    # (FLEXRUN_W4_M128=0 gives the old tiles back). Narrow weights keep the 64-row tile.
+    if rows > 64 and n >= 4096 and os.environ.get("FLEXRUN_W4_M128", "1") == "1":
+        return (128, 64, 8, 4, 128) if k <= 8192 else (64, 128, 8, 3, 128)
     if rows > 64:
         return (128, 256, 8, 3)
     return (32, 128, 4, 4) if n < 4096 else (64, 256, 4, 3)
@@ -161,7 +164,7 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, *rest = config or w4_config(m, n)
+    block_n, block_k, warps, stages, *rest = config or w4_config(m, n, k)
     block_m = rest[0] if rest else 16 if m <= 16 else 32 if m <= 32 else 64
     b = y if bias is None else bias.to(device=x.device, dtype=x.dtype).contiguous()
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))

@@ -37,11 +37,12 @@ from flexrun.quant import compress, decompress_plain
 from flexrun import dequant_triton as dq
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
-# (rows, out, in, group, bias, config): ragged N and K tails, 1..64 rows, every group size
+# (rows, out, in, group, bias, config): ragged N and K tails, 1..128 rows, every group size
 cases = [(1, 48, 192, 64, True, None), (7, 100, 320, 32, False, (32, 128, 4, 2)),
          (32, 64, 256, 128, True, (64, 256, 4, 3)), (64, 96, 128, 64, False, (64, 128, 4, 4)),
          (17, 33, 448, 64, True, (32, 256, 4, 2)), (100, 80, 256, 64, True, None),
-         (128, 300, 64, 32, False, None)]
+         (128, 300, 64, 32, False, None), (100, 96, 256, 64, True, (128, 64, 8, 4, 128)),
+         (128, 70, 384, 64, False, (64, 128, 8, 3, 128))]     # the 128-row tiles
 for m, n, k, group, has_bias, cfg in cases:
     x = (torch.randn(m, k, generator=g)).half().to(dev)
     w = (torch.randn(n, k, generator=g) * 0.05).half().to(dev)
