@@ -1,6 +1,8 @@
 """Pipeline stages on ONE GPU: two stage processes share it (gloo messages), same tokens as one.
 
-python -m bench.pp_smoke OUT_DIR [cuda|cpu]     (cuda: on a single-GPU machine)
+python -m bench.pp_smoke OUT_DIR [cuda|cpu] [gloo|nccl]
+    gloo (default): both stages on one GPU, messages through host memory;
+    nccl: one GPU per stage (a machine with two GPUs)
 Checks the CUDA side of a staged run (streams, offloaded weights / KV / activations per stage,
 CPU attention, early stops) that the CPU tests cannot; NCCL itself needs two GPUs.
 """
@@ -51,7 +53,8 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
     out.mkdir(parents=True, exist_ok=True)
     dev = sys.argv[2] if len(sys.argv) > 2 else "cuda"
-    os.environ["FLEXRUN_DIST_BACKEND"] = "gloo"     # two stages on the one GPU
+    backend = sys.argv[3] if len(sys.argv) > 3 else "gloo"
+    os.environ["FLEXRUN_DIST_BACKEND"] = backend    # gloo: two stages on the one GPU
     os.environ.setdefault("FLEXRUN_DIST_TIMEOUT", "120")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +73,7 @@ def main() -> None:
                       SamplingParams(temperature=0.8, top_k=20, seed=3, ignore_eos=True))]
             for name, pol, ref, sampling in cases:
                 rows.append(check(d, f"{arch} {name}", pol, ref, prompts, sampling, off, dev))
-    res = {"all_same": all(r["same_tokens"] for r in rows), "rows": rows}
+    res = {"all_same": all(r["same_tokens"] for r in rows), "backend": backend, "rows": rows}
     (out / "pp_smoke.json").write_text(json.dumps(res, indent=1))
     print("ALL SAME" if res["all_same"] else "MISMATCH", flush=True)
 
