@@ -2,7 +2,8 @@
 
 python -m bench.overlap_report TRACE.json [--json OUT.json]
 
-Takes the last generate call in the trace (from its last prefill on) and, per decode step and
+Takes the last block in the trace (from its prefill on: the last block of the last generate
+call) and, per decode step and
 per unit, sums the compute spans (timed by CUDA events on the compute stream), the weight
 copies (`h2d w<u>` on the weight stream) and the compute stream's idle time between units
 (waiting for a copy, or for the host to issue work). A step near the sum of compute and
@@ -28,7 +29,7 @@ def _spans(path: str) -> tuple[list[tuple], list[tuple]]:
             compute.append((e["ts"], e["ts"] + e["dur"], *map(int, m.groups())))
     compute.sort()
     starts = [i for i, c in enumerate(compute) if c[2] == 0 and c[3] == 0]
-    compute = compute[starts[-1]:] if starts else compute   # the last generate call
+    compute = compute[starts[-1]:] if starts else compute   # the last block
     t0 = compute[0][0] if compute else 0.0
     copies = sorted((e["ts"], e["ts"] + e["dur"], int(_H2D.match(e["name"]).group(1)))
                     for e in ev if _H2D.match(e["name"]) and e["ts"] >= t0)
@@ -36,13 +37,13 @@ def _spans(path: str) -> tuple[list[tuple], list[tuple]]:
 
 
 def report(path: str) -> dict:
-    """Per-step and per-unit sums (ms) of the last generate call's decode steps."""
+    """Per-step and per-unit sums (ms) of the last block's decode steps."""
     compute, copies = _spans(path)
     steps: dict[int, list] = defaultdict(list)
     for c in compute:
         if c[2] >= 1:
             steps[c[2]].append(c)
-    rows, per_unit = [], defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    rows, per_unit = [], defaultdict(lambda: [0.0, 0.0, 0])
     for s, cs in sorted(steps.items()):
         lo, hi = cs[0][0], max(c[1] for c in cs)
         busy = sum(c[1] - c[0] for c in cs)
@@ -54,12 +55,12 @@ def report(path: str) -> dict:
             acc = per_unit[c[3]]
             acc[0] += (c[1] - c[0]) / 1e3
             acc[1] += max(0.0, c[0] - prev_end) / 1e3
-            acc[3] += 1
+            acc[2] += 1
             prev_end = c[1]
     copy_of = defaultdict(list)
     for a, b, u in copies:
         copy_of[u].append((b - a) / 1e3)
-    units = {u: {"compute_ms": a[0] / a[3], "idle_before_ms": a[1] / a[3],
+    units = {u: {"compute_ms": a[0] / a[2], "idle_before_ms": a[1] / a[2],
                  "h2d_ms": sum(copy_of[u]) / len(copy_of[u]) if copy_of[u] else 0.0}
              for u, a in sorted(per_unit.items())}
     return {"steps": rows, "units": units}

@@ -55,13 +55,17 @@ def unit_set_shapes(spec: ModelSpec, units: range | None) -> dict[str, tuple[int
     return out
 
 
-def streams_whole_units(policy: Policy, cuda: bool) -> bool:
+def streams_whole_units(policy: Policy, cuda: bool, units: range, num_units: int) -> bool:
     """Whether streamed weights are whole units (layers) rather than a share of every unit:
     on a GPU whose KV cache is all dense on the device, a unit with every weight resident
     replays its decode step from a CUDA graph (engine/graphs), and a streamed unit's copy
-    overlaps the compute of all the resident units before it."""
+    overlaps the compute of all the resident units before it (Pipeline._start_next). Not
+    for a pipeline stage (its loads look one unit ahead) or with offloaded activations
+    (their copies back must not queue behind a later unit's weights)."""
     return (cuda and policy.cuda_graphs and policy.cache_gpu >= 100
-            and not policy.compress_cache and 0 < policy.weights_gpu < 100)
+            and not policy.compress_cache and policy.act_gpu >= 100
+            and len(units) == num_units and 0 < policy.weights_gpu
+            and policy.weights_cpu + policy.weights_disk > 0)
 
 
 def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[int],
@@ -70,9 +74,10 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
 
     By default every unit gets its share of each tier (storage.assign_tiers). With whole
     units (streams_whole_units), units are kept resident, spread evenly and never above the
-    policy's GPU bytes; the GPU bytes left over go to whole tensors of the streamed units."""
+    policy's GPU bytes; the GPU bytes left over go to whole tensors of the streamed units
+    that fit in them, the rest to the cpu and disk tiers in the policy's proportion."""
     split = policy.weights_split()
-    if not streams_whole_units(policy, cuda):
+    if not streams_whole_units(policy, cuda, units, spec.num_units):
         return assign_tiers(sizes, split)
     unit_of, size_of = {}, dict(zip(names, sizes))
     for u in units:
@@ -92,9 +97,13 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
             kept += ub
     rest = [i for i, n in enumerate(names) if unit_of[n] not in resident]
     gpu_left = 100.0 * (budget - kept) / max(total - kept, 1)
-    sub = (gpu_left,) + tuple((100.0 - gpu_left) * x / (split[1] + split[2]) for x in split[1:])
+    off = split[1] + split[2]
+    sub = (gpu_left,) + tuple((100.0 - gpu_left) * x / off for x in split[1:])
     out = [0] * len(names)
     for i, t in zip(rest, assign_tiers([sizes[i] for i in rest], sub)):
+        if t == 0 and kept + sizes[i] > budget:     # never above the GPU share
+            t = 1 if split[1] >= split[2] else 2
+        kept += sizes[i] if t == 0 else 0
         out[i] = t
     return out
 

@@ -127,6 +127,27 @@ def test_whole_unit_layout_keeps_units_resident_within_budget():
         t = weight_tiers(spec, p, names, sizes, units, cuda)
         tier_of = dict(zip(names, t))
         assert sum(any(tier_of[n] for n in spec.unit_shapes(u)) for u in units) > 20
+    # the GPU share is a cap, also for the tensors left over (a big lm_head must not land
+    # on the GPU past it); no cpu/disk share at all leaves the plain layout
+    s8 = dummy_spec("llama3-8b")
+    sh8 = unit_set_shapes(s8, None)
+    n8 = list(sh8)
+    z8 = [weight_bytes(n, sh8[n], 2, pol) for n in n8]
+    for gpu in (99, 95, 60):
+        p8 = Policy(gpu_batch_size=8, weights_gpu=gpu, weights_cpu=100 - gpu)
+        t8 = weight_tiers(s8, p8, n8, z8, range(s8.num_units), cuda=True)
+        assert sum(z for z, t in zip(z8, t8) if t == 0) <= gpu / 100 * sum(z8)
+    almost = Policy(gpu_batch_size=8, weights_gpu=100 - 5e-7, weights_cpu=0, weights_disk=0)
+    assert weight_tiers(s8, almost, n8, z8, range(s8.num_units), cuda=True) == [0] * len(n8)
+    # a pipeline stage, or offloaded activations: every unit keeps its share
+    stage = range(5, 20)
+    names_s = list(unit_set_shapes(spec, stage))
+    sizes_s = [weight_bytes(n, shapes[n], 2, pol) for n in names_s]
+    t = dict(zip(names_s, weight_tiers(spec, pol, names_s, sizes_s, stage, cuda=True)))
+    assert all(any(t[n] for n in spec.unit_shapes(u)) for u in range(6, 19))
+    acts = Policy(**{**pol.to_dict(), "act_gpu": 50, "act_cpu": 50})
+    t = dict(zip(names, weight_tiers(spec, acts, names, sizes, units, cuda=True)))
+    assert all(any(t[n] for n in spec.unit_shapes(u)) for u in range(1, 33))
     # the footprint counts two whole streamed units of device buffers
     whole, spread = (footprint(spec, pol, 2, 512, 32, None, c) for c in (True, False))
     assert whole.buffers > spread.buffers
@@ -146,7 +167,7 @@ def test_whole_unit_layout_matches_plain(cpu_part, llama8_dir, tmp_path, static_
     llama_dir, prompts = llama8_dir, ragged_prompts(6)
     ref, _ = _run(llama_dir, prompts, Policy(gpu_batch_size=3, num_gpu_batches=2,
                                              cuda_graphs=False))
-    monkeypatch.setattr(footprint, "streams_whole_units", lambda p, cuda: True)
+    monkeypatch.setattr(footprint, "streams_whole_units", lambda *a: True)
     c, d = cpu_part
     pol = Policy(gpu_batch_size=3, num_gpu_batches=2, weights_gpu=100 - c - d,
                  weights_cpu=c, weights_disk=d)

@@ -7,6 +7,7 @@ applied to every GPU batch of the block in turn.
 from __future__ import annotations
 
 import sys
+from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class Pipeline:
         self.unit_names = {u: list(spec.unit_shapes(u)) for u in self.units}
         self.unit_tiers = {u: {weights.tier_of(n) for n in names}
                            for u, names in self.unit_names.items()}
+        self.streamed = [u for u in self.units if self.unit_tiers[u] != {"gpu"}]
         static = policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU)
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
@@ -332,12 +334,11 @@ class Pipeline:
         resident unit before its own, and at most two streamed units are held at a time.
         With activations offloaded, only the next unit's: their copies back (_prefetch_acts)
         must not queue behind a later unit's weights on the weight stream."""
-        u, U, step = task.unit, self.spec.num_units, task.step
-        nxt = next_unit(task, gen_len, U)
-        while nxt is not None and nxt != u and self.unit_tiers[nxt] == {"gpu"} \
-                and self.acts_resident:
-            step += nxt == 0
-            nxt = next_unit(Task(step, nxt, 0, True, True), gen_len, U)
+        nxt = next_unit(task, gen_len, self.spec.num_units)
+        if nxt is not None and self.unit_tiers[nxt] == {"gpu"} and self.acts_resident:
+            later = bisect_right(self.streamed, task.unit)
+            nxt = self.streamed[later] if later < len(self.streamed) else \
+                self.streamed[0] if self.streamed and task.step + 1 < gen_len else None
         if nxt is not None and nxt not in loads and self.unit_tiers[nxt] != {"gpu"}:
             loads[nxt] = self._start_load(nxt)
 
