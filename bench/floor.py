@@ -55,8 +55,8 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)
         from flexrun.costmodel import reads_page_cache
         from flexrun.footprint import footprint
-        cached = reads_page_cache(prof, footprint(spec, policy, elem, prompt_len, gen_len, cuda=cuda),
-                                  cuda)
+        fp = footprint(spec, policy, elem, prompt_len, gen_len, cuda=cuda)
+        cached = reads_page_cache(prof, fp, cuda)
         t["disk"] = (weights * wd + kv * cd) / (prof.disk_read_cached if cached
                                                 else prof.disk_read)
     bound = max(t, key=t.get)

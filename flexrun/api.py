@@ -12,7 +12,7 @@ from .config import FlexrunError, Policy, SamplingParams, parse_size
 from .engine.pipeline import BatchState, Pipeline
 from .engine.sampling import Sampler
 from .engine.trace import Tracer
-from .footprint import check_budget, is_compressible, unit_set_shapes, weight_bytes, weight_tiers
+from .footprint import check_budget, is_compressible, weight_layout
 from .models.llama import model_for
 from .models.loader import open_checkpoint
 from .storage import TIERS, DiskTier, TieredStore, split_report
@@ -170,12 +170,10 @@ class LLM:
         return flag if self.dist is None else self.dist.any(flag)
 
     def _place_weights(self) -> None:
-        shapes = unit_set_shapes(self.spec, self.units)
-        names = list(shapes)
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        sizes = [weight_bytes(n, shapes[n], elem, self.policy) for n in names]   # as footprint()
-        tiers = weight_tiers(self.spec, self.policy, names, sizes, self.units,
-                             self.device.type == "cuda")
+        shapes, sizes, tiers = weight_layout(self.spec, self.policy, elem, self.units,
+                                             self.device.type == "cuda")
+        names = list(shapes)
         tier_of = {n: TIERS[t] for n, t in zip(names, tiers)}
         self.stats.weights_split = split_report(sizes, tiers)
         p = self.policy

@@ -80,9 +80,9 @@ FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "128"))
 _GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
 
 
-def w4_config(rows: int, n: int, k: int = 0) -> tuple[int, ...]:
+def w4_config(rows: int, n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest tiles of the H100
-    probe (bench/results/w4-probe-H100.json) for the row count and weight shape."""
+    probe (bench/results/w4-probe-H100.json) for the row count and weight shape (n, k)."""
     # Above 64 rows, one 128-row tile dequantizes each weight tile once: 18-40% faster in
     # the probe at 128 rows (w4-probe-H100-128rows.json), and S5 (Llama-70B, 128 rows)
     # measured 121 against 137 ms/step with (128, 256, 8, 3) in one run on one machine

@@ -108,16 +108,24 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
     return out
 
 
+def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
+                  cuda: bool) -> tuple[dict[str, tuple[int, ...]], list[int], list[int]]:
+    """(name -> shape, stored bytes, tier index) of the units' weights, in one order: the
+    placement a run makes (api) and the one its footprint counts."""
+    shapes = unit_set_shapes(spec, units)
+    names = list(shapes)
+    sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
+    return shapes, sizes, weight_tiers(spec, policy, names, sizes, units, cuda)
+
+
 def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,
               gen_len: int | None, units: range | None = None, cuda: bool = False) -> Footprint:
     """Peak bytes per tier of the whole model, or of a pipeline stage's `units`; cuda: the
     compute device is a GPU (weight_tiers lays weights out for it)."""
     units = units if units is not None else range(spec.num_units)
     layers = [u for u in units if 1 <= u <= spec.num_layers]
-    shapes = unit_set_shapes(spec, units)
+    shapes, sizes, tiers = weight_layout(spec, policy, elem, units, cuda)
     names = list(shapes)
-    sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
-    tiers = weight_tiers(spec, policy, names, sizes, units, cuda)
     weights = {t: 0 for t in TIERS}
     tier_of = {}
     for n, s, t in zip(names, sizes, tiers):

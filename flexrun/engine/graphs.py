@@ -41,14 +41,12 @@ class StepInputs:
                    torch.zeros(rows, dtype=torch.long, device=device))
 
     def update(self, b, stamp: tuple) -> None:
-        """Load batch b's values for the step at its cache index b.time (device-side work).
-        A row's keys are [start, time]: its prompt after the left padding, then every token
-        sampled since (valid marks them, done rows included)."""
+        """Load batch b's values for the step at its cache index b.time (device-side work):
+        a row's keys are [b.key_start(), time]."""
         self.ids.copy_(b.last, non_blocking=True)
         self.pos.copy_(b.next_pos[:, None], non_blocking=True)
         self.t.fill_(b.time)
-        P = b.prompt_len
-        torch.sub(P, b.valid[:, :P].sum(1), out=self.start)
+        self.start.copy_(b.key_start())
         self.stamp = stamp
 
 

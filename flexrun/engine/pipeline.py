@@ -49,6 +49,12 @@ class BatchState:
     def finished(self) -> bool:
         return all(self.done)
 
+    def key_start(self) -> torch.Tensor:
+        """(b,) each row's first key: its prompt begins after the left padding, and every
+        token sampled since is a key too (valid marks them, done rows included)."""
+        P = self.prompt_len
+        return P - self.valid[:, :P].sum(1)
+
 
 class Pipeline:
     """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
@@ -270,10 +276,8 @@ class Pipeline:
         [start, last] (its prompt after the left padding, then every token since), for the
         split-K kernel, which reads only those keys of the whole slot."""
         def make():
-            P = b.prompt_len
-            start = P - b.valid[:, :P].sum(1)
-            return (start.to(self.device, non_blocking=True),
-                    torch.tensor([b.time]).to(self.device, non_blocking=True))
+            return (b.key_start().to(self.device),
+                    torch.full((1,), b.time, dtype=torch.long, device=self.device))
         return self._per_step(b, (b.time, "range"), make)
 
     @staticmethod
