@@ -7,10 +7,11 @@ P + gen/2, with the placement fractions of the policy:
   pcie      weights stored on CPU or disk, the KV prefix of host-resident layers when the GPU
             attends, plus the offloaded activations (both ways; tiny in decode)
   host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
-  disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM)
+  disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM; a
+            CPU run maps its disk weights from the page cache, at the mapping rate)
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
-  compute   2 x GEMM parameters x rows at the profile's prefill (peak) GEMM rate (CUDA, or
-            fp32 on the CPU: the CPU profile has no bf16 rates)
+  compute   2 x GEMM parameters x rows at the profile's prefill (peak) GEMM rate (CUDA; on
+            the CPU fp32, or bf16 where the profile has bf16 rates)
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from flexrun.models.spec import ModelSpec
 def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_len: int,
                  gen_len: int, cuda: bool = True, elem: int | None = None) -> dict:
     """{'floor_s', 'bound', and seconds per link} for one decode step of the block; elem:
-    bytes per value (default 2 on CUDA, 4 on the CPU). CPU compute is at the profile's fp32
-    rate whatever the dtype."""
+    bytes per value (default 2 on CUDA, 4 on the CPU); 2 on the CPU means bf16, whose compute
+    term needs the profile's bf16 rates (left out without them)."""
     elem = elem or (2 if cuda else 4)
     rows = policy.block_size
     weights = sum(weight_bytes(n, s, elem, policy) for n, s in spec.all_shapes().items())
@@ -41,9 +42,9 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     gathered = ["embed.positions"] + ([] if spec.tie_word_embeddings else ["embed.tokens"])
     gemm_params = sum(numel(s) for n, s in spec.all_shapes().items() if n not in gathered)
     t = {}
-    if cuda or elem == 4:               # the profile's CPU rates are fp32 ones
+    if cuda or elem == 4 or prof.cpu_flops_prefill_bf16:
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda
-                                                 else prof.cpu_flops_prefill)
+                                                 else prof.cpu_rates(elem)[1])
     if cuda:
         t["pcie"] = (weights * (wc + wd) + (0 if host_attn else host_kv) + act) / \
             prof.h2d_pinned
@@ -57,8 +58,9 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
         from flexrun.footprint import footprint
         fp = footprint(spec, policy, elem, prompt_len, gen_len, cuda=cuda)
         cached = reads_page_cache(prof, fp, cuda)
-        t["disk"] = (weights * wd + kv * cd) / (prof.disk_read_cached if cached
-                                                else prof.disk_read)
+        read = prof.disk_read_cached if cached else prof.disk_read
+        mapped = (prof.disk_map_cached if cached and not cuda else None) or read
+        t["disk"] = weights * wd / mapped + kv * cd / read
     bound = max(t, key=t.get)
     return {"floor_s": t[bound], "bound": bound, **{f"{k}_s": v for k, v in t.items()}}
 

@@ -16,6 +16,7 @@ from .config import FlexrunError, Policy
 from .footprint import footprint, is_compressible, numel, weight_bytes
 from .hardware import HardwareProfile
 from .models.spec import ModelSpec
+from .storage import MAP_DISK
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # terms that run concurrently (pipeline.py: weights load on the io thread / weight stream,
@@ -121,6 +122,9 @@ class _Ctx:
         self.disk_r_new = (prof.disk_read_cached_fresh if disk_cached and not cuda else None) \
             or self.disk_r
         self.disk_w = (prof.disk_read_cached if disk_cached else None) or prof.disk_write
+        # a CPU run maps its disk weights from the page cache (storage.DiskTier.map_read)
+        self.weight_r = (prof.disk_map_cached if disk_cached and not cuda and MAP_DISK
+                         else None) or self.disk_r
         self.mem_bw = prof.gpu_mem_bw if cuda else prof.cpu_mem_bw
         self.cpu_attn_bw = prof.cpu_attn_bw or prof.cpu_mem_bw
         # share of its own rate that CPU attention keeps while weights stream in
@@ -128,7 +132,7 @@ class _Ctx:
         self.attn_share = min(1.0, shared / self.cpu_attn_bw) if shared and cuda else 1.0
         self.attn_call_s = (prof.cpu_attn_call_s or 0.0) if cuda else 0.0
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
-        self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_flops_prefill
+        self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
         # per unit kind (embed, layer, head): stored bytes, GEMM parameters, compressed params
         self.unit_bytes, self.unit_read, self.unit_params, self.unit_qparams = [], [], [], []
@@ -137,7 +141,7 @@ class _Ctx:
             shapes = spec.unit_shapes(u)
             sizes = [weight_bytes(n, s, elem, policy) for n, s in shapes.items()]
             self.unit_bytes.append(sum(sizes))
-            self.unit_read.append(sum(sizes) / self.disk_r)   # into reused buffers (Arena)
+            self.unit_read.append(sum(sizes) / self.weight_r)
             skip = ("embed.tokens", "embed.positions") if kind == 0 else ()
             self.unit_params.append(sum(numel(s) for n, s in shapes.items()
                                         if len(s) == 2 and n not in skip))
@@ -165,7 +169,10 @@ class _Ctx:
 
     def unit_terms(self, kind: int, prefill: bool) -> dict[str, Lin]:
         """Terms of one unit (0 embed, 1 layer, 2 head) for one step of the whole block."""
-        s, p, e, cuda, gemm = self.spec, self.p, self.e, self.cuda, self.prof.gemm_time
+        s, p, e, cuda = self.spec, self.p, self.e, self.cuda
+
+        def gemm(rows_: int, params: int, on_gpu: bool) -> float:
+            return self.prof.gemm_time(rows_, params, on_gpu, e)
         b, k, P = p.gpu_batch_size, p.num_gpu_batches, self.wl.prompt_len
         rows = b * P if prefill else b
         wb = self.unit_bytes[kind]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import statistics
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import FlexrunError
+from .storage import MADV_POPULATE_READ
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "policies" / "profiles"
 _GB = 1e9
@@ -40,6 +42,7 @@ class HardwareProfile:
     disk_write: float = 1.0 * _GB
     disk_read_cached: float | None = None        # page cache -> reused (e.g. pinned) buffers
     disk_read_cached_fresh: float | None = None  # page cache -> freshly allocated buffers
+    disk_map_cached: float | None = None   # page cache -> mapped (mmap + populate + unmap)
     # GPU compute (fp16): GEMM rate at decode-ish (gpu_decode_m rows) and prefill-ish shapes
     gpu_flops_decode: float | None = None
     gpu_flops_prefill: float | None = None
@@ -49,9 +52,11 @@ class HardwareProfile:
     gpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (launch floor)
     gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
     gpu_w4_flops: float | None = None        # ... plus FLOP/s per row (dequant_triton)
-    # CPU compute (fp32)
+    # CPU compute (fp32; bf16 where measured: CPUs with AVX512-BF16 / AMX run it ~3x faster)
     cpu_flops_decode: float | None = None
     cpu_flops_prefill: float | None = None
+    cpu_flops_decode_bf16: float | None = None
+    cpu_flops_prefill_bf16: float | None = None
     cpu_decode_m: int = 16
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
@@ -92,14 +97,21 @@ class HardwareProfile:
             raise FlexrunError(f"hardware profile {p} is not a valid profile JSON ({e})")
 
     # ---- derived rates --------------------------------------------------------------------
-    def gemm_time(self, rows: int, params: int, on_gpu: bool) -> float:
+    def cpu_rates(self, elem: int) -> tuple[float, float]:
+        """(decode, prefill) CPU GEMM FLOP/s for elements of `elem` bytes: the bf16 rates
+        for 2-byte elements where measured, else the fp32 ones."""
+        if elem == 2 and self.cpu_flops_decode_bf16 and self.cpu_flops_prefill_bf16:
+            return self.cpu_flops_decode_bf16, self.cpu_flops_prefill_bf16
+        return self.cpu_flops_decode, self.cpu_flops_prefill
+
+    def gemm_time(self, rows: int, params: int, on_gpu: bool, elem: int = 4) -> float:
         """Seconds of a GEMM of `rows` activation rows by a `params`-element weight: a
         weight-streaming part (fitted so the decode-shape rate is matched) plus FLOPs at the
         prefill-shape rate. Fits both the memory-bound and the compute-bound regime."""
         if on_gpu:
             dec, pre, m = self.gpu_flops_decode, self.gpu_flops_prefill, self.gpu_decode_m
         else:
-            dec, pre, m = self.cpu_flops_decode, self.cpu_flops_prefill, self.cpu_decode_m
+            (dec, pre), m = self.cpu_rates(elem), self.cpu_decode_m
         stream = max(0.0, m * (1.0 / dec - 1.0 / pre))
         return 2.0 * params * (stream + rows / pre)
 
@@ -151,15 +163,16 @@ def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes,
 
 
 def _attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
-    """KV bytes/s of one decode attention step (one query per row) over several shapes."""
+    """KV bytes/s of one decode attention step (one query per row) over several shapes, as
+    the engine attends (engine.attention.attend)."""
+    from .engine.attention import attend
     out = []
     for b, heads, t, hd in shapes:
         q = torch.randn(b, heads, 1, hd, device=device, dtype=dtype)
         k = torch.randn(b, heads, t, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
         mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
-        sec = _best_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                         sync=sync)
+        sec = _best_time(lambda: attend(q, k, v, mask), sync=sync)
         out.append(2 * k.numel() * k.element_size() / sec)
     return statistics.median(out)
 
@@ -247,6 +260,18 @@ def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str,
             while f.readinto(torch.empty(chunk, dtype=torch.uint8).numpy() if fresh else buf):
                 pass
         return size / (time.perf_counter() - t0)
+    def mapped() -> float:
+        """As a CPU run's disk weights are read (storage.DiskTier.map_read)."""
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            mm.madvise(MADV_POPULATE_READ)
+        except OSError:                 # older kernels: the pages fault in on first use
+            mm.madvise(mmap.MADV_WILLNEED)
+            np.frombuffer(mm, dtype=np.uint8)[::4096].sum()
+        mm.close()
+        return size / (time.perf_counter() - t0)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         t0 = time.perf_counter()
@@ -258,6 +283,7 @@ def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str,
         out["disk_read"] = read(fresh=False, drop=True)
         out["disk_read_cached"] = max(read(fresh=False, drop=False) for _ in range(3))
         out["disk_read_cached_fresh"] = max(read(fresh=True, drop=False) for _ in range(3))
+        out["disk_map_cached"] = max(mapped() for _ in range(3))
         return out
     except OSError as e:
         raise FlexrunError(f"cannot measure disk speed in {offload_dir}: {e.strerror}") from None
@@ -292,9 +318,12 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     prof = HardwareProfile(device_name=_cpu_name(), cpu_cores=len(os.sched_getaffinity(0)),
                            command=command or f"measure({kind!r}, {offload_dir!r})",
                            date=time.strftime("%Y-%m-%d"), cpu_mem=_host_memory())
-    prof.cpu_flops_decode, prof.cpu_flops_prefill = _gemm_rates(
-        cpu, torch.float32, prof.cpu_decode_m, (3072, 4096, 5120),   # weights > L3 cache
-        ((256, 1024), (512, 1536), (512, 2048)), nosync)
+    for dtype, names in ((torch.float32, ("cpu_flops_decode", "cpu_flops_prefill")),
+                         (torch.bfloat16, ("cpu_flops_decode_bf16", "cpu_flops_prefill_bf16"))):
+        rates = _gemm_rates(cpu, dtype, prof.cpu_decode_m, (3072, 4096, 5120),  # > L3 cache
+                            ((256, 1024), (512, 1536), (512, 2048)), nosync)
+        for name, rate in zip(names, rates):
+            setattr(prof, name, rate)
     # CPU attention runs on the run's dtype: fp16 KV for a CUDA run, fp32 on a CPU run
     attn_dtype = torch.float16 if kind == "cuda" else torch.float32
     prof.cpu_attn_bw = _attn_bw(cpu, attn_dtype, nosync,
@@ -379,10 +408,13 @@ def format_profile(p: HardwareProfile) -> str:
             ("disk read cold / write", pair(p.disk_read, p.disk_write, "B/s")),
             ("disk read page cache / into new", pair(p.disk_read_cached,
                                                      p.disk_read_cached_fresh, "B/s")),
+            ("disk page cache mapped", _fmt(p.disk_map_cached, "B/s")),
             ("GPU GEMM decode / prefill", pair(p.gpu_flops_decode, p.gpu_flops_prefill, "FLOP/s")),
             ("GPU HBM / attention", pair(p.gpu_mem_bw, p.gpu_attn_bw, "B/s")),
             ("GPU 4-bit matmul bytes / FLOP", pair(p.gpu_w4_bw, p.gpu_w4_flops, "")),
             ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
+            ("CPU bf16 GEMM decode / prefill", pair(p.cpu_flops_decode_bf16,
+                                                    p.cpu_flops_prefill_bf16, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
              if p.cpu_attn_bw_with_h2d else "-"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import mmap
 import os
 import re
 import shutil
@@ -23,6 +24,10 @@ from .config import FlexrunError
 from .pinned import pinned_copy
 
 TIERS = ("gpu", "cpu", "disk")
+MADV_POPULATE_READ = 22     # Linux >= 5.14: map a range's pages now (mmap lacks the name)
+# CPU runs compute on disk weights through mappings of the page cache (DiskTier.map_read);
+# FLEXRUN_MAP_DISK=0 reads them into reused buffers instead (the GPU path always does)
+MAP_DISK = os.environ.get("FLEXRUN_MAP_DISK", "1") != "0"
 
 
 @dataclasses.dataclass
@@ -201,6 +206,27 @@ class DiskTier:
                 pos += n
         return out
 
+    def map_read(self, ref: DiskRef) -> torch.Tensor:
+        """The file as a tensor over a private mapping of its page-cache pages: no copy and
+        no buffer of its own. Its pages are mapped now (read from the device first when not
+        cached) and unmapped when the tensor is freed. Nothing writes through it; a write
+        would stay private to the process."""
+        if ref.nbytes == 0:
+            return torch.empty(ref.shape, dtype=ref.dtype)
+        try:
+            with open(ref.path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise offload_error(e, ref.path) from None
+        if len(mm) < ref.nbytes:
+            raise FlexrunError(f"offload file {ref.path} is truncated")
+        try:
+            mm.madvise(MADV_POPULATE_READ)
+        except OSError:                     # older kernels: start the reads, fault on use
+            mm.madvise(mmap.MADV_WILLNEED)
+        return torch.frombuffer(mm, dtype=ref.dtype, count=ref.nbytes // max(
+            1, torch.tensor([], dtype=ref.dtype).element_size())).view(ref.shape)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -256,12 +282,16 @@ class TieredStore:
     def tier_of(self, name: str) -> str:
         return self.homes[name][0]
 
-    def read_host(self, name: str, pinned: bool = False, arena: "Arena | None" = None):
-        """The value in host memory: disk parts are read into `arena` when given, else into
-        fresh (optionally pinned) tensors."""
+    def read_host(self, name: str, pinned: bool = False, arena: "Arena | None" = None,
+                  mapped: bool = False):
+        """The value in host memory: disk parts are mapped from the page cache when `mapped`
+        (DiskTier.map_read), else read into `arena` when given, else into fresh (optionally
+        pinned) tensors."""
         tier, stored = self.homes[name]
         if tier != "disk":
             return stored
+        if mapped:
+            return map_parts(stored, self.disk.map_read)
 
         def load(ref: DiskRef):
             out = arena.take(ref.shape, ref.dtype) if arena is not None else \
