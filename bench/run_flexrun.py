@@ -75,7 +75,8 @@ def main() -> None:
             from flexrun.costmodel import predict
             from flexrun.hardware import default_profile
             p = predict(llm.spec, llm.policy, default_profile(llm.device.type), a.prompt_len,
-                        a.gen_len, num_prompts=n)
+                        a.gen_len, num_prompts=n, device=llm.device.type,
+                        dtype_bytes=torch.tensor([], dtype=llm.dtype).element_size())
             predicted = {k: v for k, v in vars(p).items() if isinstance(v, (int, float))}
         except Exception as e:          # the cost model is optional for a measurement
             predicted = {"error": str(e)}

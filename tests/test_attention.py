@@ -7,10 +7,13 @@ import torch.nn.functional as F
 from flexrun.engine.attention import attend
 
 
+@pytest.mark.parametrize("kvh", [2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa_decode_matches_repeated_kv(dtype):
+def test_gqa_decode_matches_repeated_kv(dtype, kvh):
+    """CPU decode attention (batched GEMMs in fp32 / bf16) against SDPA with K/V repeated,
+    for grouped (2 KV heads) and plain multi-head (8) attention."""
     g = torch.Generator().manual_seed(0)
-    b, nh, kvh, T, hd = 3, 8, 2, 17, 16
+    b, nh, T, hd = 3, 8, 17, 16
     # q as the pipeline makes it: (b, s, heads, hd) transposed, not contiguous
     q = torch.randn(b, 1, nh, hd, generator=g).to(dtype).transpose(1, 2)
     k = torch.randn(b, kvh, T, hd, generator=g).to(dtype)
@@ -25,6 +28,8 @@ def test_gqa_decode_matches_repeated_kv(dtype):
         got = attend(q, k, v, m)
         assert got.shape == ref.shape
         assert (got.float() - ref.float()).abs().max().item() <= tol
+    if kvh == nh:
+        return
     # a wrong grouping (KV heads interleaved instead of consecutive) would not match
     bad = F.scaled_dot_product_attention(q, k.repeat(1, nh // kvh, 1, 1),
                                          v.repeat(1, nh // kvh, 1, 1))

@@ -70,3 +70,36 @@ def test_assign_tiers_follows_percentages():
     assert abs(rep["gpu"] - 20) <= 100 / sum(sizes) * 100
     assert abs(rep["cpu"] - 50) <= 100 / sum(sizes) * 100
     assert tiers.count(0) > 0 and assign_tiers(sizes, (0, 100, 0)) == [1] * len(sizes)
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_cpu_disk_weights_mapped_or_read(model_and_ref, tmp_path, monkeypatch, mapped):
+    """A CPU run computes on its disk weights through mappings of the page cache (or, with
+    FLEXRUN_MAP_DISK=0, reads them into reused buffers): the resident run's tokens either way,
+    every decode step attends over whole slots, and no mapping of an offload file outlives
+    the run."""
+    import flexrun.engine.pipeline as pipeline_mod
+    from flexrun import storage
+    d, prompts, ref = model_and_ref
+    monkeypatch.setattr(pipeline_mod, "MAP_DISK", mapped)
+    calls = {"map": 0, "whole": 0}
+    real_map, real_range = storage.DiskTier.map_read, pipeline_mod.attend_range
+
+    def spy_map(self, ref_):
+        calls["map"] += 1
+        return real_map(self, ref_)
+
+    def spy_range(*a):
+        calls["whole"] += 1
+        return real_range(*a)
+    monkeypatch.setattr(storage.DiskTier, "map_read", spy_map)
+    monkeypatch.setattr(pipeline_mod, "attend_range", spy_range)
+    pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=0, weights_disk=100)
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
+        outs = llm.generate(prompts, NEW, GREEDY)
+        assert [o.output_ids for o in outs] == ref
+        assert (calls["map"] > 0) == mapped
+        assert calls["whole"] > 0
+        with open("/proc/self/maps") as f:
+            assert not [line for line in f if str(tmp_path) in line]
+    assert list(tmp_path.iterdir()) == []
