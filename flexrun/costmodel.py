@@ -183,7 +183,7 @@ class _Ctx:
             comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, dense,
                               cuda) + 4 * b * s.vocab_size / self.mem_bw)
-            return {"compute": self._floor(comp), "weights": weights, "link": link}
+            return {"compute": self._floor(comp, prefill), "weights": weights, "link": link}
         misc = rows * (12 * s.hidden_size + 3 * s.ffn_dim) * e / self.mem_bw  # norms, adds..
         comp["1"] += k * (gemm(rows, dense, cuda) + misc)
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
@@ -218,7 +218,7 @@ class _Ctx:
             link = _add(link, {"ac": act / self.h2d_pg, "ad": act / self.h2d_pg})
         else:
             act_in, act_out = {"ad": self.read_s(act, k)}, {"ad": act / self.disk_w}
-        return {"compute": self._floor(comp), "weights": weights,
+        return {"compute": self._floor(comp, prefill), "weights": weights,
                 **{name: _add(_lin(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
@@ -238,10 +238,16 @@ class _Ctx:
         return (_lin(k * q * (self.e + self.p.quant_bits / 8) / self.mem_bw),
                 self.unit_params[kind])
 
-    def _floor(self, comp: Lin) -> Lin:
+    def _floor(self, comp: Lin, prefill: bool) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead
-        asynchronously, so the device work only shows when it exceeds the launch time."""
-        floor = self.p.num_gpu_batches * self.overhead
+        asynchronously, so the device work only shows when it exceeds the launch time. Decode
+        steps replayed from CUDA graphs (engine/graphs.py: cache all on the GPU, uncompressed)
+        pay the replay floor instead; their streamed units, which run eagerly, are bound by
+        their weight copy anyway."""
+        p, graph_s = self.p, self.prof.gpu_graph_unit_overhead
+        graphed = (self.cuda and not prefill and p.cuda_graphs and graph_s is not None
+                   and p.cache_gpu == 100 and not p.compress_cache)
+        floor = p.num_gpu_batches * (graph_s if graphed else self.overhead)
         comp["1"] = max(comp["1"], floor) if self.cuda else comp["1"] + floor
         return comp
 

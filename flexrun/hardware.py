@@ -50,6 +50,7 @@ class HardwareProfile:
     gpu_mem_bw: float | None = None          # HBM copy bytes/s
     gpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
     gpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (launch floor)
+    gpu_graph_unit_overhead: float | None = None  # the same unit replayed from a CUDA graph
     gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
     gpu_w4_flops: float | None = None        # ... plus FLOP/s per row (dequant_triton)
     # CPU compute (fp32; bf16 where measured: CPUs with AVX512-BF16 / AMX run it ~3x faster)
@@ -217,9 +218,11 @@ def _attn_bw_with_h2d(dev: torch.device, alone: float | None,
     return None if alone is None else alone * solo / shared
 
 
-def _unit_overhead(device: torch.device, dtype: torch.dtype, sync) -> float:
+def _unit_overhead(device: torch.device, dtype: torch.dtype, sync,
+                   graph: bool = False) -> float:
     """Seconds of a decoder layer at tiny sizes (~16 ops): the per-call dispatch/launch floor
-    that a unit pays on top of its FLOPs and bytes."""
+    that a unit pays on top of its FLOPs and bytes; with `graph`, of the same layer captured
+    once in a CUDA graph and replayed (engine/graphs.py replays resident units' decode)."""
     h, t = 64, 16
     w = [torch.randn(h, h, device=device, dtype=dtype) for _ in range(6)]
     bias, one = (torch.zeros(h, device=device, dtype=dtype) for _ in range(2))
@@ -236,7 +239,17 @@ def _unit_overhead(device: torch.device, dtype: torch.dtype, sync) -> float:
         z = x + F.linear(a.reshape(1, 1, h), w[3], bias)
         u = F.layer_norm(z, (h,), one, bias)
         return z + F.linear(torch.relu(F.linear(u, w[4], bias)), w[5], bias)
-    return _best_time(layer, sync=sync, min_s=20e-3)
+    if not graph:
+        return _best_time(layer, sync=sync, min_s=20e-3)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        layer()                         # warm-up off the capture (lazy inits)
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        layer()
+    return _best_time(g.replay, sync=sync, min_s=20e-3)
 
 
 def _copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
@@ -372,6 +385,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     prof.gpu_attn_bw = _attn_bw(dev, torch.float16, sync,
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
     prof.gpu_unit_overhead = _unit_overhead(dev, torch.float16, sync)
+    prof.gpu_graph_unit_overhead = _unit_overhead(dev, torch.float16, sync, graph=True)
     prof.cpu_attn_bw_with_h2d = _attn_bw_with_h2d(dev, prof.cpu_attn_bw)
     from . import dequant_triton
     prof.gpu_w4_bw, prof.gpu_w4_flops = dequant_triton.measure_rates(dev) or (None, None)
@@ -418,7 +432,8 @@ def format_profile(p: HardwareProfile) -> str:
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
              if p.cpu_attn_bw_with_h2d else "-"),
-            ("unit call overhead GPU / CPU", f"{ms(p.gpu_unit_overhead)} / "
+            ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "
+                                                       f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),
             ("memory GPU / CPU / disk free", " / ".join(gib(m) for m in (p.gpu_mem, p.cpu_mem,
                                                                          p.disk_mem)))]

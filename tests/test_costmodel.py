@@ -231,8 +231,9 @@ def test_measure_cpu_quickly(tmp_path):
     t0 = time.perf_counter()
     p = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
     assert time.perf_counter() - t0 < 20
-    for name in ("disk_read", "disk_write", "disk_read_cached", "cpu_flops_decode",
-                 "cpu_flops_prefill", "cpu_mem_bw", "cpu_attn_bw"):
+    for name in ("disk_read", "disk_write", "disk_read_cached", "disk_map_cached",
+                 "cpu_flops_decode", "cpu_flops_prefill", "cpu_flops_decode_bf16",
+                 "cpu_flops_prefill_bf16", "cpu_mem_bw", "cpu_attn_bw"):
         assert getattr(p, name) > 0, name
     assert p.h2d_pinned is None and p.cpu_mem > 0 and not list(tmp_path.iterdir())
 
@@ -398,3 +399,37 @@ def test_decode_floor_names_the_binding_link():
     cached = decode_floor(spec, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
                                        cache_gpu=100), H100, 512, 32)
     assert cached["disk_s"] == pytest.approx(weights / H100.disk_read_cached)
+
+
+def test_graphed_decode_pays_the_replay_floor():
+    """An all-GPU decode step replayed from CUDA graphs pays the profile's graph-replay floor
+    per unit, not the eager launch floor; eager policies (graphs off, or KV off the GPU, whose
+    units run eagerly) keep the launch floor. A profile without the replay figure changes
+    nothing."""
+    spec = dummy_spec("opt-6.7b")
+    prof = dataclasses.replace(H100, gpu_unit_overhead=1e-3, gpu_graph_unit_overhead=1e-5)
+    old = dataclasses.replace(prof, gpu_graph_unit_overhead=None)
+    pol = Policy(gpu_batch_size=1)          # tiny work per unit: the floor is the step
+    eager = Policy(gpu_batch_size=1, cuda_graphs=False)
+    units = spec.num_units
+    graphed = predict(spec, pol, prof, 64, 8, device="cuda")
+    assert predict(spec, eager, prof, 64, 8, device="cuda").decode_s >= units * 1e-3
+    assert graphed.decode_s < 0.5 * units * 1e-3
+    assert predict(spec, pol, old, 64, 8, device="cuda").decode_s >= units * 1e-3
+    assert graphed.prefill_s >= units * 1e-3        # prefill runs eagerly
+    host_kv = Policy(gpu_batch_size=1, cache_gpu=0, cache_cpu=100)
+    assert predict(spec, host_kv, prof, 64, 8, device="cuda").decode_s >= units * 1e-3
+
+
+def test_cpu_bf16_runs_use_the_bf16_rates():
+    """A 2-byte CPU run is timed at the profile's bf16 GEMM rates (fp32 ones without them)."""
+    spec = dummy_spec("opt-1.3b")
+    pol = Policy(gpu_batch_size=16)
+    fast = dataclasses.replace(CPU, cpu_flops_decode_bf16=10 * CPU.cpu_flops_decode,
+                               cpu_flops_prefill_bf16=10 * CPU.cpu_flops_prefill)
+    none = dataclasses.replace(CPU, cpu_flops_decode_bf16=None, cpu_flops_prefill_bf16=None)
+    bf16 = predict(spec, pol, fast, 128, 8, device="cpu", dtype_bytes=2)
+    fp32_rates = predict(spec, pol, none, 128, 8, device="cpu", dtype_bytes=2)
+    assert bf16.prefill_s < 0.2 * fp32_rates.prefill_s
+    assert predict(spec, pol, fast, 128, 8, device="cpu", dtype_bytes=4).prefill_s == \
+        pytest.approx(predict(spec, pol, none, 128, 8, device="cpu", dtype_bytes=4).prefill_s)
