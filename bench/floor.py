@@ -42,7 +42,7 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     gathered = ["embed.positions"] + ([] if spec.tie_word_embeddings else ["embed.tokens"])
     gemm_params = sum(numel(s) for n, s in spec.all_shapes().items() if n not in gathered)
     t = {}
-    if cuda or elem == 4 or prof.cpu_flops_prefill_bf16:
+    if cuda or elem == 4 or (prof.cpu_flops_decode_bf16 and prof.cpu_flops_prefill_bf16):
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda
                                                  else prof.cpu_rates(elem)[1])
     if cuda:

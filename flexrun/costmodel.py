@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import FlexrunError, Policy
-from .footprint import footprint, is_compressible, numel, weight_bytes
+from .footprint import (footprint, is_compressible, numel, streams_whole_units,
+                        weight_bytes)
 from .hardware import HardwareProfile
 from .models.spec import ModelSpec
 from .storage import MAP_DISK
@@ -240,16 +241,31 @@ class _Ctx:
 
     def _floor(self, comp: Lin, prefill: bool) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead
-        asynchronously, so the device work only shows when it exceeds the launch time. Decode
-        steps replayed from CUDA graphs (engine/graphs.py: cache all on the GPU, uncompressed)
-        pay the replay floor instead; their streamed units, which run eagerly, are bound by
-        their weight copy anyway."""
-        p, graph_s = self.p, self.prof.gpu_graph_unit_overhead
-        graphed = (self.cuda and not prefill and p.cuda_graphs and graph_s is not None
-                   and p.cache_gpu == 100 and not p.compress_cache)
-        floor = p.num_gpu_batches * (graph_s if graphed else self.overhead)
+        asynchronously, so the device work only shows when it exceeds the launch time. Units
+        whose decode step replays from a CUDA graph pay the replay floor instead."""
+        share = self._graphed_share(prefill)
+        per_call = share * (self.prof.gpu_graph_unit_overhead or 0.0) + \
+            (1 - share) * self.overhead
+        floor = self.p.num_gpu_batches * per_call
         comp["1"] = max(comp["1"], floor) if self.cuda else comp["1"] + floor
         return comp
+
+    def _graphed_share(self, prefill: bool) -> float:
+        """The share of units whose decode step replays from a CUDA graph (engine/graphs.py
+        graphs a unit whose weights are all on the GPU and whose KV cache is dense there):
+        all of them when every weight is resident; with whole units streamed
+        (footprint.streams_whole_units), about the resident share; else (every unit holds a
+        share of each tier) none."""
+        p = self.p
+        units = self.wl.units if self.wl.units is not None else range(self.spec.num_units)
+        if (prefill or not self.cuda or not p.cuda_graphs or p.cache_gpu < 100
+                or p.compress_cache or self.prof.gpu_graph_unit_overhead is None):
+            return 0.0
+        if p.weights_gpu >= 100:
+            return 1.0
+        if streams_whole_units(p, self.cuda, units, self.spec.num_units):
+            return p.weights_gpu / 100
+        return 0.0
 
     def phases(self) -> list[tuple[str, float, list[tuple[int, dict]]]]:
         """(phase, repeat count, [(units of this kind, terms)]) for prefill and decode."""

@@ -156,7 +156,10 @@ def _gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes,
     def rate(m, k, n):
         a = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype)
-        t = _best_time(lambda: torch.nn.functional.linear(a, w), sync=sync)
+        # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
+        # 16-row fp32 rate ranged 25-57 GFLOP/s between profiles with 2 ms samples)
+        t = _best_time(lambda: torch.nn.functional.linear(a, w), sync=sync,
+                       min_s=20e-3 if device.type == "cpu" else 2e-3)
         return 2 * m * k * n / t
     dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
     pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)
@@ -304,6 +307,15 @@ def _disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str,
         path.unlink(missing_ok=True)
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _host_memory() -> int:
     """Physical memory, or the cgroup limit when one is lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -331,10 +343,15 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     prof = HardwareProfile(device_name=_cpu_name(), cpu_cores=len(os.sched_getaffinity(0)),
                            command=command or f"measure({kind!r}, {offload_dir!r})",
                            date=time.strftime("%Y-%m-%d"), cpu_mem=_host_memory())
+    # bf16 at one shape each where the CPU lacks bf16 dot products (slow there: keep it short)
+    few = not _cpu_has_bf16()
     for dtype, names in ((torch.float32, ("cpu_flops_decode", "cpu_flops_prefill")),
                          (torch.bfloat16, ("cpu_flops_decode_bf16", "cpu_flops_prefill_bf16"))):
-        rates = _gemm_rates(cpu, dtype, prof.cpu_decode_m, (3072, 4096, 5120),  # > L3 cache
-                            ((256, 1024), (512, 1536), (512, 2048)), nosync)
+        short = few and dtype == torch.bfloat16
+        rates = _gemm_rates(cpu, dtype, prof.cpu_decode_m,
+                            (4096,) if short else (3072, 4096, 5120),      # > L3 cache
+                            ((256, 1024),) if short else ((256, 1024), (512, 1536), (512, 2048)),
+                            nosync)
         for name, rate in zip(names, rates):
             setattr(prof, name, rate)
     # CPU attention runs on the run's dtype: fp16 KV for a CUDA run, fp32 on a CPU run

@@ -28,6 +28,7 @@ MADV_POPULATE_READ = 22     # Linux >= 5.14: map a range's pages now (mmap lacks
 # CPU runs compute on disk weights through mappings of the page cache (DiskTier.map_read);
 # FLEXRUN_MAP_DISK=0 reads them into reused buffers instead (the GPU path always does)
 MAP_DISK = os.environ.get("FLEXRUN_MAP_DISK", "1") != "0"
+MAP_MIN = 1 << 20       # smaller parts are read: 9 against 34 us (3 KB), 101 against 51 (2.4 MB)
 
 
 @dataclasses.dataclass
@@ -136,12 +137,13 @@ def _run_alive(d: Path, pid: int) -> bool:
         os.close(fd)
 
 
-def offload_error(e: OSError, path: Path) -> FlexrunError:
-    """The one-line error for a failed offload-file write (disk full or other I/O error)."""
+def offload_error(e: OSError, path: Path, action: str = "write") -> FlexrunError:
+    """The one-line error for a failed offload-file write or read (disk full or other I/O
+    error)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return FlexrunError(f"disk full while writing offload files to {path.parent}: free "
                             "space or pass an --offload-dir on a larger disk")
-    return FlexrunError(f"cannot write offload file {path}: {e.strerror}")
+    return FlexrunError(f"cannot {action} offload file {path}: {e.strerror}")
 
 
 class DiskTier:
@@ -211,19 +213,25 @@ class DiskTier:
         no buffer of its own. Its pages are mapped now (read from the device first when not
         cached) and unmapped when the tensor is freed. Nothing writes through it; a write
         would stay private to the process."""
-        if ref.nbytes == 0:
-            return torch.empty(ref.shape, dtype=ref.dtype)
+        if ref.nbytes < MAP_MIN:                # a copy costs less than a mapping's calls
+            return self.read_into(ref.path, torch.empty(ref.shape, dtype=ref.dtype))
         try:
             with open(ref.path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                try:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):   # no mmap here, or an empty file: read it
+                    return self.read_into(ref.path, torch.empty(ref.shape, dtype=ref.dtype))
         except OSError as e:
-            raise offload_error(e, ref.path) from None
+            raise offload_error(e, ref.path, "read") from None
         if len(mm) < ref.nbytes:
             raise FlexrunError(f"offload file {ref.path} is truncated")
         try:
             mm.madvise(MADV_POPULATE_READ)
         except OSError:                     # older kernels: start the reads, fault on use
-            mm.madvise(mmap.MADV_WILLNEED)
+            try:
+                mm.madvise(mmap.MADV_WILLNEED)
+            except OSError:
+                pass
         return torch.frombuffer(mm, dtype=ref.dtype, count=ref.nbytes // max(
             1, torch.tensor([], dtype=ref.dtype).element_size())).view(ref.shape)
 

@@ -254,10 +254,12 @@ PREDICT_TOLERANCE = 0.30     # |predicted / measured - 1| for prefill and per de
 def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     """Weights of opt-125m streamed from the disk tier every step (4 prompts x 64 tokens,
     6 new): the prediction from a profile of this machine, measured now as `flexrun profile`
-    does (each rate the median of three measurements: one quick measurement's prediction
-    ranged 0.10-0.31 s per decode step against a stable 0.13-0.15 s measured), is within
-    ±30% of the best of 3 runs (CPUs of one class differ up to 2x between VMs, so the
-    shipped cpu-2core.json is not the reference here).
+    does, is within ±30% of the measured run (CPUs of one class differ up to 2x between VMs,
+    so the shipped cpu-2core.json is not the reference here). This shared VM's speed drifts
+    by 20-30% within a minute, and one profile's GEMM rates by up to 2x, so each of five
+    profiles is paired with the best of two runs made right after it, and the median of the
+    five predicted / measured ratios is checked (a median profile against runs made later
+    failed about one time in four, the median of three pairs one time in five).
     Timing needs a quiet machine: when other processes used > 0.3 cores during the runs and
     the check fails, the test is skipped rather than failed."""
     P, G, B = 64, 6, 4
@@ -266,26 +268,31 @@ def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
     prompts = [[rng.randrange(3, 50000) for _ in range(P)] for _ in range(B)]
     spec = dummy_spec("opt-125m")
     a = _cpu_busy_share()
-    runs = [measure("cpu", str(tmp_path), disk_bytes=64 << 20) for _ in range(3)]
-    here = dataclasses.replace(runs[0], **{
-        f.name: statistics.median(getattr(r, f.name) for r in runs)
-        for f in dataclasses.fields(runs[0]) if isinstance(getattr(runs[0], f.name), float)})
-    pred = predict(spec, pol, here, P, G)
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    rows = []
     with LLM("dummy:opt-125m", device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
         llm.generate(prompts, max_new_tokens=G)                  # warm-up
-        prefill, decode = [], []
-        for _ in range(3):
-            llm.stats = type(llm.stats)()
-            llm.generate(prompts, max_new_tokens=G)
-            prefill.append(llm.stats.prefill_s)
-            decode.append(llm.stats.decode_s / (G - 1))
+        for _ in range(5):
+            prof = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
+            pred = predict(spec, pol, prof, P, G)
+            prefill, decode = [], []
+            for _ in range(2):
+                llm.stats = type(llm.stats)()
+                llm.generate(prompts, max_new_tokens=G)
+                prefill.append(llm.stats.prefill_s)
+                decode.append(llm.stats.decode_s / (G - 1))
+            meas = {"prefill": min(prefill), "decode": min(decode)}
+            pr = {"prefill": pred.prefill_s, "decode": pred.decode_s}
+            for k in ratios:
+                ratios[k].append(pr[k] / meas[k])
+            rows.append(", ".join(f"{k} {pr[k]:.3f}/{meas[k]:.3f}s" for k in pr))
         b = _cpu_busy_share()
     others = ((b[0] - a[0]) - (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (b[2] - a[2])
-    meas = {"prefill": min(prefill), "decode": min(decode)}
-    pr = {"prefill": pred.prefill_s, "decode": pred.decode_s}
-    report = ", ".join(f"{k} predicted {pr[k]:.3f}s measured {meas[k]:.3f}s" for k in pr)
+    med = {k: statistics.median(v) for k, v in ratios.items()}
+    report = (", ".join(f"{k} predicted/measured {med[k]:.2f}" for k in med) +
+              " (median of 5; predicted/measured per pair: " + "; ".join(rows) + ")")
     print(f"predicted vs measured (disk streaming, CPU): {report}; others {others:.2f} cores")
-    ok = all(abs(pr[k] / meas[k] - 1) <= PREDICT_TOLERANCE for k in pr)
+    ok = all(abs(r - 1) <= PREDICT_TOLERANCE for r in med.values())
     if not ok and others > 0.3:
         pytest.skip(f"machine busy ({others:.1f} cores used by other processes): {report}")
     assert ok, report
@@ -419,6 +426,13 @@ def test_graphed_decode_pays_the_replay_floor():
     assert graphed.prefill_s >= units * 1e-3        # prefill runs eagerly
     host_kv = Policy(gpu_batch_size=1, cache_gpu=0, cache_cpu=100)
     assert predict(spec, host_kv, prof, 64, 8, device="cuda").decode_s >= units * 1e-3
+    # a share of every unit streamed (activations offloaded: no whole units): none graphed
+    shared = Policy(gpu_batch_size=1, weights_gpu=95, weights_cpu=5, act_gpu=0, act_cpu=100)
+    assert predict(spec, shared, prof, 64, 8, device="cuda").decode_s >= units * 1e-3
+    # whole units streamed: about the resident half replays from graphs
+    half = predict(spec, Policy(gpu_batch_size=1, weights_gpu=50, weights_cpu=50), prof, 64, 8,
+                   device="cuda").decode_s
+    assert half >= 0.4 * units * 1e-3
 
 
 def test_cpu_bf16_runs_use_the_bf16_rates():

@@ -57,10 +57,15 @@ def test_offload_dir_emptied_after_exception(llama_dir, tmp_path):
             raise RuntimeError("injected failure")
         return orig(*a, **k)
     llm.pipeline._unit = boom
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(RuntimeError, match="injected") as err:
         with llm:
             llm.generate(ragged_prompts(4), NEW, GREEDY)
     assert list(tmp_path.iterdir()) == []
+    # while the exception (and its traceback) lives on, no offload file stays mapped: its
+    # disk space would stay held after close() unlinked it
+    assert err.value is not None
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if str(tmp_path) in line]
 
 
 def test_assign_tiers_follows_percentages():

@@ -47,7 +47,7 @@ def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, nh, _, hd = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, kvh, nh // kvh, hd)
-    if host_matmul(q):
+    if host_matmul(q) and (q.dtype == torch.float32 or (k.is_contiguous() and v.is_contiguous())):
         out = _matmul_attention(q, k, v, mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -57,7 +57,9 @@ def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def host_matmul(q: torch.Tensor) -> bool:
     """Decode attention on the CPU in fp32 / bf16 runs as two batched GEMMs: 1.1 against
     7.5 ms for SDPA in bf16 (1.2 / 2.5 in fp32), 16 rows x 32 heads x 130 keys, 2 cores. fp16
-    keeps SDPA: CPUs without fp16 GEMM kernels run it ~8x slower as matmuls."""
+    keeps SDPA: CPUs without fp16 GEMM kernels run it ~8x slower as matmuls. bf16 over a
+    slot's prefix views (strided batches) keeps SDPA too: the GEMMs there took 36 against
+    19 ms (520 keys); CPU runs attend over whole slots instead (Pipeline._whole_slot)."""
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
 
 

@@ -7,6 +7,7 @@ applied to every GPU batch of the block in turn.
 from __future__ import annotations
 
 import sys
+import traceback
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class Pipeline:
             return new_future(({n: self.weights.fetch(n) for n in self.unit_names[u]}, None))
         if not self.policy.overlap:
             return new_future(None)
-        if "disk" in self.unit_tiers[u]:
+        if "disk" in self.unit_tiers[u] and (self.cuda or not MAP_DISK):
             return self.io.submit(self._load_unit, u, self._arena(u))
         return new_future(self._load_unit(u))
 
@@ -343,6 +344,16 @@ class Pipeline:
                             on_step(task.step)
             for f in loads.values():
                 f.result()
+        except BaseException as e:
+            # the traceback keeps the frames below alive, and with them weights mapped from
+            # offload files (DiskTier.map_read), whose disk space a mapping holds after
+            # close() unlinks them: drop those references now
+            wait(list(loads.values()))
+            loads.clear()
+            w = None
+            if MAP_DISK and not self.cuda and self.disk is not None:
+                traceback.clear_frames(e.__traceback__)
+            raise
         finally:        # on an error too: a load in flight may still fill a reused buffer
             wait(list(loads.values()))
 
