@@ -199,6 +199,9 @@ class _Ctx:
             load, store = {"cd": kv / self.disk_r}, {"cd": new / self.disk_w}
             if not cuda:
                 comp["1"] += kv / self.attn_bw
+                if not p.compress_cache:    # the in-memory share reads whole slots (P + n)
+                    whole = 2 * b * k * (P + self.wl.gen_len) * s.kv_dim * self.kv_elem
+                    comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
                 host = kv / self.cpu_attn_bw + ship + k * self.attn_call_s

@@ -108,3 +108,17 @@ def test_cpu_disk_weights_mapped_or_read(model_and_ref, tmp_path, monkeypatch, m
         with open("/proc/self/maps") as f:
             assert not [line for line in f if str(tmp_path) in line]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_slots_fit_each_block(opt_dir):
+    """A CPU run's decode attention reads whole KV slots, so a later, shorter block gets slots
+    of its own length rather than reusing the first block's long ones; tokens are those of
+    each prompt run alone."""
+    lens = (40, 38, 6, 5, 4, 3)
+    prompts = [list(range(5 + i, 5 + i + n)) for i, n in enumerate(lens)]
+    with LLM(str(opt_dir), device="cpu", policy=Policy(gpu_batch_size=2)) as llm:
+        alone = [llm.generate([p], 3, GREEDY)[0].output_ids for p in prompts]
+        got = [o.output_ids for o in llm.generate(prompts, 3, GREEDY)]
+        longest_last_block = max(s.max_len for s in llm.pipeline.kv.slots.values())
+    assert got == alone
+    assert longest_last_block <= 4 + 3 + 16 < 40

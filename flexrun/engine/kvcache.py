@@ -211,11 +211,16 @@ class KVCache:
         return not used_in_place
 
     def slot(self, layer: int, batch: int, max_len: int, rows: int) -> KVSlot:
-        """The slot for (layer, batch), (re)allocated when too small for this block."""
+        """The slot for (layer, batch), (re)allocated when too small for this block, and on a
+        CPU run also when far too large: its decode attention reads whole slots (blocks run
+        longest first, so a later block would attend over an earlier block's length)."""
         s = self.slots.get((layer, batch))
-        if s is None or s.max_len < max_len or s.rows != rows:
+        oversized = self.device.type == "cpu" and s is not None and \
+            s.max_len > max_len + max(16, max_len // 4)
+        if s is None or s.max_len < max_len or s.rows != rows or oversized:
             if s is not None:
                 s.close()
+                del self.slots[(layer, batch)]      # freed before its successor is made
             tier, name = self.layer_tiers[layer], f"kv-l{layer}-b{batch}"
             shape = (rows, self.kv_heads, max_len, self.head_dim)
 
