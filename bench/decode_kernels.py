@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from flexrun.engine.attention import attend, attend_range, attend_slot
 from flexrun.engine.graphs import StepInputs, static_layer
-from flexrun.hardware import _best_time
+from flexrun.timing import best_time
 from flexrun.models.opt import OPTModel
 from flexrun.models.spec import ModelSpec
 
@@ -42,7 +42,7 @@ def main() -> None:
     def rec(name, fn, nbytes):
         """Time fn as launched eagerly and as replayed from a graph of 10 calls (no launch
         overhead: what a captured decode step pays)."""
-        t = _best_time(fn, sync=sync)
+        t = best_time(fn, sync=sync)
         fn()
         g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -53,7 +53,7 @@ def main() -> None:
                 fn()
             g.capture_end()
         torch.cuda.current_stream().wait_stream(s)
-        tg = _best_time(g.replay, sync=sync) / 10
+        tg = best_time(g.replay, sync=sync) / 10
         res[name] = {"us": t * 1e6, "GBps": nbytes / t / 1e9, "graph_us": tg * 1e6,
                      "graph_GBps": nbytes / tg / 1e9}
         print(f"{name:28s} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s   in a graph "

@@ -21,7 +21,7 @@ import torch
 
 from flexrun import LLM, Policy, SamplingParams, storage
 from flexrun.engine.attention import attend
-from flexrun.hardware import _best_time, _copy_bw, attention_beside_h2d
+from flexrun.timing import attention_beside_h2d, best_time, copy_bw
 from bench.run_flexrun import warm_up
 from torch.profiler import ProfilerActivity, profile
 
@@ -40,7 +40,7 @@ def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None
     mask = torch.ones(b, 1, 1, T, dtype=torch.bool)
     kv_bytes = 2 * K.numel() * 2
     for m in (None, mask):
-        s = _best_time(lambda: attend(q, K, V, m))
+        s = best_time(lambda: attend(q, K, V, m))
         _emit(out, {"what": "host attention", "mask": m is not None,
                     "shape": [b, heads, kv_heads, T, hd], "ms": s * 1e3,
                     "GB_s": kv_bytes / s / 1e9, "threads": torch.get_num_threads()})
@@ -51,7 +51,7 @@ def micro(out: Path, b: int, heads: int, kv_heads: int, T: int, hd: int) -> None
     _emit(out, {"what": "host attention + concurrent 1 GB H2D", "attn_ms": a * 1e3,
                 "attn_GB_s": kv_bytes / a / 1e9, "h2d_GB_s": h2d / 1e9})
     host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-    alone = _copy_bw(host, torch.empty_like(host, device=dev), torch.cuda.synchronize)
+    alone = copy_bw(host, torch.empty_like(host, device=dev), torch.cuda.synchronize)
     _emit(out, {"what": "pinned 1 GB H2D alone", "GB_s": alone / 1e9})
 
 

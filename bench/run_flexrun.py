@@ -82,8 +82,9 @@ def main() -> None:
             predicted = {"error": str(e)}
     total = st.prefill_s + st.decode_s
     print("FLEXRUN_RESULT " + json.dumps({
-        "model": a.model, "dtype": str(llm.dtype).removeprefix("torch."), "device": torch.cuda.get_device_name(0) if llm.device.type == "cuda"
-        else "cpu", "policy": llm.policy.to_dict(), "weights_split": st.weights_split,
+        "model": a.model, "dtype": str(llm.dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
+        "policy": llm.policy.to_dict(), "weights_split": st.weights_split,
         "prompt_len": a.prompt_len, "gen_len": a.gen_len, "num_prompts": n, "load_s": load_s,
         "warmup_s": warmup_s,
         "prefill_s": st.prefill_s, "decode_s": st.decode_s,

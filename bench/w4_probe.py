@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flexrun import dequant_triton as dq
-from flexrun.hardware import _best_time
+from flexrun.timing import best_time
 from flexrun.quant import compress, decompress
 
 SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168),
@@ -27,7 +27,7 @@ CONFIGS = [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
 
 def timed(fn) -> float:
     """Seconds per call, timed as the hardware profile times (fastest sample)."""
-    return _best_time(fn, sync=torch.cuda.synchronize)
+    return best_time(fn, sync=torch.cuda.synchronize)
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""Timings of one machine's parts for the hardware profile: GEMMs, decode attention, copies,
+a tiny decoder layer (eager and replayed from a CUDA graph) and the disk tier's reads."""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import FlexrunError
+from .storage import MADV_POPULATE_READ
+
+
+def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> float:
+    """Seconds per call: fastest of `reps` samples after a warm-up (robust to other
+    processes' bursts); a sample repeats short calls to last >= min_s, so launch and
+    synchronisation overheads do not count."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    inner = max(1, min(100, math.ceil(min_s / max(time.perf_counter() - t0, 1e-9))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / inner)
+    return min(times)
+
+
+def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
+                sync) -> tuple[float, float]:
+    """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes."""
+    def rate(m, k, n):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
+        # 16-row fp32 rate ranged 25-57 GFLOP/s between profiles with 2 ms samples)
+        t = best_time(lambda: torch.nn.functional.linear(a, w), sync=sync,
+                       min_s=20e-3 if device.type == "cpu" else 2e-3)
+        return 2 * m * k * n / t
+    dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
+    pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)
+    return dec, pre
+
+
+def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
+    """KV bytes/s of one decode attention step (one query per row) over several shapes, as
+    the engine attends (engine.attention.attend)."""
+    from .engine.attention import attend
+    out = []
+    for b, heads, t, hd in shapes:
+        q = torch.randn(b, heads, 1, hd, device=device, dtype=dtype)
+        k = torch.randn(b, heads, t, hd, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
+        sec = best_time(lambda: attend(q, k, v, mask), sync=sync)
+        out.append(2 * k.numel() * k.element_size() / sec)
+    return statistics.median(out)
+
+
+def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20
+                         ) -> tuple[float, float, float]:
+    """(s alone, s while pinned host->GPU copies loop, the copies' bytes/s meanwhile) of one
+    call of `attn` (CPU attention): both read host DRAM, so the attention slows down."""
+    import threading
+    host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
+    devbuf = torch.empty_like(host, device=dev)
+    stream, stop, copies = torch.cuda.Stream(dev), threading.Event(), []
+
+    def pump():
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                devbuf.copy_(host, non_blocking=True)
+                stream.synchronize()
+                copies.append(time.perf_counter() - t0)
+    solo = best_time(attn)
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    try:
+        while not copies and th.is_alive():     # time only once the copies are flowing
+            time.sleep(1e-3)
+        shared = best_time(attn)
+    finally:
+        stop.set()
+        th.join()
+    return solo, shared, len(copies) * copy_bytes / max(sum(copies), 1e-9)
+
+
+def attn_bw_with_h2d(dev: torch.device, alone: float | None,
+                      shape=(8, 32, 512, 128)) -> float | None:
+    """cpu_attn_bw while host->GPU copies stream (the copy engine keeps its rate): measured
+    at one shape and scaled to `alone` (the median over the shapes of cpu_attn_bw)."""
+    b, heads, t, hd = shape
+    q = torch.randn(b, heads, 1, hd, dtype=torch.float16)
+    k, v = (torch.randn(b, heads, t, hd, dtype=torch.float16) for _ in range(2))
+    solo, shared, _ = attention_beside_h2d(dev, lambda: F.scaled_dot_product_attention(q, k, v))
+    return None if alone is None else alone * solo / shared
+
+
+def unit_overhead(device: torch.device, dtype: torch.dtype, sync,
+                   graph: bool = False) -> float:
+    """Seconds of a decoder layer at tiny sizes (~16 ops): the per-call dispatch/launch floor
+    that a unit pays on top of its FLOPs and bytes; with `graph`, of the same layer captured
+    once in a CUDA graph and replayed (engine/graphs.py replays resident units' decode)."""
+    h, t = 64, 16
+    w = [torch.randn(h, h, device=device, dtype=dtype) for _ in range(6)]
+    bias, one = (torch.zeros(h, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(1, 1, h, device=device, dtype=dtype)
+    kv = [torch.randn(1, 4, t, 16, device=device, dtype=dtype) for _ in range(2)]
+    mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device=device)
+
+    def layer():
+        y = F.layer_norm(x, (h,), one, bias)
+        q, k, v = (F.linear(y, w[i], bias).view(1, 1, 4, 16).transpose(1, 2) for i in range(3))
+        kv[0][:, :, -1:].copy_(k)
+        kv[1][:, :, -1:].copy_(v)
+        a = F.scaled_dot_product_attention(q, *kv, attn_mask=mask).transpose(1, 2)
+        z = x + F.linear(a.reshape(1, 1, h), w[3], bias)
+        u = F.layer_norm(z, (h,), one, bias)
+        return z + F.linear(torch.relu(F.linear(u, w[4], bias)), w[5], bias)
+    if not graph:
+        return best_time(layer, sync=sync, min_s=20e-3)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        layer()                         # warm-up off the capture (lazy inits)
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        layer()
+    return best_time(g.replay, sync=sync, min_s=20e-3)
+
+
+def copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
+    return src.numel() * src.element_size() / best_time(lambda: dst.copy_(src), sync=sync)
+
+
+def disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, float]:
+    """Bytes/s of one `size`-byte file: written with fsync; read cold (after
+    posix_fadvise(DONTNEED), so from the device); read again from the page cache into one
+    reused buffer and into a new tensor per chunk (as the disk tier's reads do)."""
+    import numpy as np
+    path = Path(offload_dir) / f"flexrun-profile-{os.getpid()}.bin"
+    buf = np.frombuffer(os.urandom(1 << 20) * (chunk >> 20), dtype=np.uint8).copy()
+
+    def read(fresh: bool, drop: bool) -> float:
+        fd = os.open(path, os.O_RDONLY)
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while f.readinto(torch.empty(chunk, dtype=torch.uint8).numpy() if fresh else buf):
+                pass
+        return size / (time.perf_counter() - t0)
+    def mapped() -> float:
+        """As a CPU run's disk weights are read (storage.DiskTier.map_read)."""
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            mm.madvise(MADV_POPULATE_READ)
+        except OSError:                 # older kernels: the pages fault in on first use
+            mm.madvise(mmap.MADV_WILLNEED)
+            np.frombuffer(mm, dtype=np.uint8)[::4096].sum()
+        mm.close()
+        return size / (time.perf_counter() - t0)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        t0 = time.perf_counter()
+        for off in range(0, size, chunk):
+            os.write(fd, memoryview(buf)[:min(chunk, size - off)])
+        os.fsync(fd)
+        out = {"disk_write": size / (time.perf_counter() - t0)}
+        os.close(fd)
+        out["disk_read"] = read(fresh=False, drop=True)
+        out["disk_read_cached"] = max(read(fresh=False, drop=False) for _ in range(3))
+        out["disk_read_cached_fresh"] = max(read(fresh=True, drop=False) for _ in range(3))
+        out["disk_map_cached"] = max(mapped() for _ in range(3))
+        return out
+    except OSError as e:
+        raise FlexrunError(f"cannot measure disk speed in {offload_dir}: {e.strerror}") from None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
