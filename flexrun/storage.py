@@ -137,6 +137,21 @@ def _run_alive(d: Path, pid: int) -> bool:
         os.close(fd)
 
 
+def map_pages(f) -> tuple[mmap.mmap, bool]:
+    """A private mapping of the open file f, its pages mapped now (MADV_POPULATE_READ); False
+    where the kernel lacks that (their reads start now, and they fault in on first use)."""
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        mm.madvise(MADV_POPULATE_READ)
+        return mm, True
+    except OSError:
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)
+        except OSError:
+            pass
+        return mm, False
+
+
 def offload_error(e: OSError, path: Path, action: str = "write") -> FlexrunError:
     """The one-line error for a failed offload-file write or read (disk full or other I/O
     error)."""
@@ -212,28 +227,24 @@ class DiskTier:
         """The file as a tensor over a private mapping of its page-cache pages: no copy and
         no buffer of its own. Its pages are mapped now (read from the device first when not
         cached) and unmapped when the tensor is freed. Nothing writes through it; a write
-        would stay private to the process."""
-        if ref.nbytes < MAP_MIN:                # a copy costs less than a mapping's calls
+        would stay private to the process. Parts under MAP_MIN, and files that cannot be
+        mapped, are read into a fresh tensor instead."""
+        mm = None
+        if ref.nbytes >= MAP_MIN:           # below, a copy costs less than a mapping's calls
+            try:
+                with open(ref.path, "rb") as f:
+                    try:
+                        mm, _ = map_pages(f)
+                    except (OSError, ValueError):   # no mmap here, or an empty file
+                        pass
+            except OSError as e:
+                raise offload_error(e, ref.path, "read") from None
+        if mm is None:
             return self.read_into(ref.path, torch.empty(ref.shape, dtype=ref.dtype))
-        try:
-            with open(ref.path, "rb") as f:
-                try:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                except (OSError, ValueError):   # no mmap here, or an empty file: read it
-                    return self.read_into(ref.path, torch.empty(ref.shape, dtype=ref.dtype))
-        except OSError as e:
-            raise offload_error(e, ref.path, "read") from None
         if len(mm) < ref.nbytes:
             raise FlexrunError(f"offload file {ref.path} is truncated")
-        try:
-            mm.madvise(MADV_POPULATE_READ)
-        except OSError:                     # older kernels: start the reads, fault on use
-            try:
-                mm.madvise(mmap.MADV_WILLNEED)
-            except OSError:
-                pass
-        return torch.frombuffer(mm, dtype=ref.dtype, count=ref.nbytes // max(
-            1, torch.tensor([], dtype=ref.dtype).element_size())).view(ref.shape)
+        return torch.frombuffer(mm, dtype=ref.dtype,
+                                count=torch.Size(ref.shape).numel()).view(ref.shape)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -3,7 +3,6 @@ a tiny decoder layer (eager and replayed from a CUDA graph) and the disk tier's 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import statistics
 import time
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import FlexrunError
-from .storage import MADV_POPULATE_READ
+from .storage import map_pages
 
 
 def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> float:
@@ -166,11 +165,8 @@ def disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, 
         """As a CPU run's disk weights are read (storage.DiskTier.map_read)."""
         t0 = time.perf_counter()
         with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        try:
-            mm.madvise(MADV_POPULATE_READ)
-        except OSError:                 # older kernels: the pages fault in on first use
-            mm.madvise(mmap.MADV_WILLNEED)
+            mm, populated = map_pages(f)
+        if not populated:               # older kernels: the pages fault in on first use
             np.frombuffer(mm, dtype=np.uint8)[::4096].sum()
         mm.close()
         return size / (time.perf_counter() - t0)

@@ -74,6 +74,7 @@ class Pipeline(HostTransfers):
         self.act_tiers = {u: tiers[t] for u, t in
                           zip(self.units, assign_tiers([1] * len(self.units), policy.act_split()))}
         self.cuda = device.type == "cuda"
+        self.maps_disk = MAP_DISK and not self.cuda     # disk weights: DiskTier.map_read
         self.acts_resident = set(self.act_tiers.values()) == {"gpu"}
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         self._host_bufs: dict[tuple, torch.Tensor] = {}    # reused pinned buffers
@@ -105,7 +106,7 @@ class Pipeline(HostTransfers):
         turn, so the next unit loads while this one computes (CPU compute is synchronous, so
         the unit before is done with its buffer). GPU runs read into pinned tensors; CPU runs
         map the page cache (no buffer) unless FLEXRUN_MAP_DISK=0."""
-        if self.cuda or MAP_DISK or "disk" not in self.unit_tiers[u]:
+        if self.cuda or self.maps_disk or "disk" not in self.unit_tiers[u]:
             return None
         self._loads += 1
         return self._arenas[self._loads % 2].reset(self.weights.disk_bytes(self.unit_names[u]))
@@ -114,7 +115,7 @@ class Pipeline(HostTransfers):
         """Fetch unit u's weights to the compute device; returns (weights, ready event)."""
         with self.tracer.span(f"load w{u}", "io-thread"):
             host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
-                                              mapped=MAP_DISK and not self.cuda)
+                                              mapped=self.maps_disk)
                     for n in self.unit_names[u]}
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
@@ -132,7 +133,7 @@ class Pipeline(HostTransfers):
             return new_future(({n: self.weights.fetch(n) for n in self.unit_names[u]}, None))
         if not self.policy.overlap:
             return new_future(None)
-        if "disk" in self.unit_tiers[u] and (self.cuda or not MAP_DISK):
+        if "disk" in self.unit_tiers[u] and not self.maps_disk:
             return self.io.submit(self._load_unit, u, self._arena(u))
         return new_future(self._load_unit(u))
 
@@ -267,15 +268,14 @@ class Pipeline(HostTransfers):
         except BaseException as e:
             # the traceback keeps the frames below alive, and with them weights mapped from
             # offload files (DiskTier.map_read), whose disk space a mapping holds after
-            # close() unlinks them: drop those references now
-            wait(list(loads.values()))
-            loads.clear()
-            w = None
-            if MAP_DISK and not self.cuda and self.disk is not None:
+            # close() unlinks them; this frame's own references go in `finally`
+            if self.maps_disk and self.disk is not None:
                 traceback.clear_frames(e.__traceback__)
             raise
         finally:        # on an error too: a load in flight may still fill a reused buffer
             wait(list(loads.values()))
+            loads.clear()
+            w = None
 
     def _start_next(self, task: Task, loads: dict[int, Future], gen_len: int) -> None:
         """Start loading the next streamed unit after task's (in schedule order, the next
