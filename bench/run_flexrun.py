@@ -19,15 +19,16 @@ def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
     """Keep one-time costs out of the steady-state figures: one block of short prompts and two
     tokens compiles the decode kernels at the measured batch (Triton's 4-bit matmul among
     them); one block at the measured lengths that every token stops after the prefill sizes
-    the KV slots for prompt + gen (pinned ones included); then the same prompts generating two
-    tokens, in those slots, capture the decode step's CUDA graphs at the measured shapes.
-    No call exceeds the measured lengths, so a policy planned for them fits its budget."""
+    the KV slots for prompt + gen (pinned ones included); then, on a GPU, the same prompts
+    generating two tokens, in those slots, capture the decode step's CUDA graphs at the
+    measured shapes. No call exceeds the measured lengths, so a policy planned for them fits
+    its budget."""
     block = prompts[:llm.policy.block_size]
     greedy = SamplingParams(ignore_eos=True)
     llm.generate([p[:8] for p in block], 2, greedy)
     stop_all = SamplingParams(stop_token_ids=list(range(llm.spec.vocab_size)))
     llm.generate(block, gen_len, stop_all)
-    if gen_len >= 2:
+    if gen_len >= 2 and llm.device.type == "cuda":
         llm.generate(block, 2, greedy)
 
 

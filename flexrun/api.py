@@ -12,6 +12,7 @@ from .config import FlexrunError, Policy, SamplingParams, parse_size
 from .engine.pipeline import BatchState, Pipeline
 from .engine.sampling import Sampler
 from .engine.trace import Tracer
+from . import packed_weights
 from .footprint import check_budget, is_compressible, weight_layout
 from .models.llama import model_for
 from .models.loader import open_checkpoint
@@ -183,11 +184,14 @@ class LLM:
             squeeze = p.compress_weight and is_compressible(name, shapes[name])
             direct = squeeze or (tier_of[name] == "gpu" and not p.compress_weight)
             return self.device if direct else torch.device("cpu")
+        packs = packed_weights.applies(self.device, self.dtype, p.compress_weight)
         for name, t in self.ckpt.iter_tensors(device_for, set(names)):
             t = t.to(self.dtype)
             if p.compress_weight and is_compressible(name, t.shape):
                 from .quant import compress
                 t = compress(t.to(self.device), p.quant_bits, p.quant_group, dim=-1)
+            elif packs and is_compressible(name, t.shape):
+                t = packed_weights.pack(t, p.gpu_batch_size)
             self.weights.put(name, t, tier_of[name])
             del t
         model = model_for(self.spec)

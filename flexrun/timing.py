@@ -37,14 +37,19 @@ def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> floa
 
 def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
                 sync) -> tuple[float, float]:
-    """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes."""
+    """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes, with
+    the weights as a run stores them (pre-packed for oneDNN on a bf16 CPU run)."""
+    from . import packed_weights
+    packs = packed_weights.applies(device, dtype, compress_weight=False)
+
     def rate(m, k, n):
         a = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype)
+        fn = packed_weights.pack(w, m).linear if packs else \
+            lambda x: torch.nn.functional.linear(x, w)
         # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
         # 16-row fp32 rate ranged 25-57 GFLOP/s between profiles with 2 ms samples)
-        t = best_time(lambda: torch.nn.functional.linear(a, w), sync=sync,
-                       min_s=20e-3 if device.type == "cpu" else 2e-3)
+        t = best_time(lambda: fn(a), sync=sync, min_s=20e-3 if device.type == "cpu" else 2e-3)
         return 2 * m * k * n / t
     dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
     pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)

@@ -110,10 +110,11 @@ def ragged_prompts(n: int = 5, seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lens]
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
+def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int,
+              dtype: torch.dtype = torch.float32) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time (no padding involved)."""
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).eval()
     outs = []
     for p in prompts:
         ids = torch.tensor([p])

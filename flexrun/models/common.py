@@ -4,19 +4,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..packed_weights import Packed
+
 
 def dense(w) -> torch.Tensor:
     """A weight as a plain tensor (4-bit compressed weights are decompressed here, on use)."""
     if isinstance(w, torch.Tensor):
         return w
+    if isinstance(w, Packed):
+        return w.dense()
     from ..quant import decompress
     return decompress(w)
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b; W may arrive compressed and is decompressed on the compute device
-    (decode-sized inputs on CUDA multiply the 4-bit codes directly: dequant_triton.linear4)."""
-    if not isinstance(w, torch.Tensor):
+    (decode-sized inputs on CUDA multiply the 4-bit codes directly: dequant_triton.linear4);
+    a bf16 CPU run's weights arrive pre-packed for oneDNN (packed_weights)."""
+    if isinstance(w, Packed) and x.dtype == torch.bfloat16:
+        return w.linear(x, b)
+    if not isinstance(w, (torch.Tensor, Packed)):
         from .. import dequant_triton
         if dequant_triton.fused_linear_ok(x, w):
             return dequant_triton.linear4(x, w, b)
