@@ -7,6 +7,7 @@ P + gen/2, with the placement fractions of the policy:
   pcie      weights stored on CPU or disk, the KV prefix of host-resident layers when the GPU
             attends, plus the offloaded activations (both ways; tiny in decode)
   host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
+            (a CPU run: all its weights and KV), at the profile's read rate (memcpy without)
   disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM; a
             CPU run maps its disk weights from the page cache, at the mapping rate)
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
@@ -41,6 +42,9 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     # GEMM weights: the position table and an untied token table are lookups
     gathered = ["embed.positions"] + ([] if spec.tie_word_embeddings else ["embed.tokens"])
     gemm_params = sum(numel(s) for n, s in spec.all_shapes().items() if n not in gathered)
+    # host bytes are only read (by the DMA or CPU compute): the profile's read rate, where it
+    # has one, else its memcpy rate (which moves each byte twice)
+    read = prof.cpu_read_bw or prof.cpu_mem_bw
     t = {}
     if cuda or elem == 4 or (prof.cpu_flops_decode_bf16 and prof.cpu_flops_prefill_bf16):
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda
@@ -49,10 +53,9 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
         t["pcie"] = (weights * (wc + wd) + (0 if host_attn else host_kv) + act) / \
             prof.h2d_pinned
         t["hbm"] = (weights + kv * cg + (0 if host_attn else host_kv)) / prof.gpu_mem_bw
-        t["host_dram"] = (weights * (wc + wd) + (host_kv if host_attn else 0)) / \
-            prof.cpu_mem_bw
+        t["host_dram"] = (weights * (wc + wd) + (host_kv if host_attn else 0)) / read
     else:
-        t["host_dram"] = (weights + kv) / prof.cpu_mem_bw
+        t["host_dram"] = (weights + kv) / read
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)
         from flexrun.costmodel import reads_page_cache
         from flexrun.footprint import footprint

@@ -19,7 +19,7 @@ import torch
 
 from .config import FlexrunError
 from .timing import (attn_bw, attn_bw_with_h2d, copy_bw, cpu_has_bf16, disk_rates, gemm_rates,
-                     unit_overhead)
+                     read_bw, unit_overhead)
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "policies" / "profiles"
 _GB = 1e9
@@ -58,6 +58,7 @@ class HardwareProfile:
     cpu_flops_prefill_bf16: float | None = None
     cpu_decode_m: int = 16
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
+    cpu_read_bw: float | None = None         # bytes/s read (a reduction over 256 MB)
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
     cpu_attn_bw_with_h2d: float | None = None   # the same while a pinned H2D copy runs
     cpu_attn_call_s: float | None = None     # s per CPU-attention call of a GPU run beyond
@@ -174,6 +175,7 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     a = torch.empty(64 << 20, dtype=torch.float32)
     prof.cpu_mem_bw = copy_bw(a.normal_(), torch.empty_like(a), nosync)
     del a
+    prof.cpu_read_bw = read_bw(nosync)
     for name, value in disk_rates(offload_dir, disk_bytes).items():
         setattr(prof, name, value)
     prof.disk_mem = shutil.disk_usage(offload_dir).free
@@ -259,6 +261,7 @@ def format_profile(p: HardwareProfile) -> str:
             ("CPU bf16 GEMM decode / prefill", pair(p.cpu_flops_decode_bf16,
                                                     p.cpu_flops_prefill_bf16, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
+            ("CPU read", _fmt(p.cpu_read_bw, "B/s") if p.cpu_read_bw else "-"),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
              if p.cpu_attn_bw_with_h2d else "-"),
             ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "

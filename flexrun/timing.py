@@ -149,6 +149,18 @@ def copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
     return src.numel() * src.element_size() / best_time(lambda: dst.copy_(src), sync=sync)
 
 
+def read_bw(sync, nbytes: int = 256 << 20) -> float:
+    """Host bytes/s read by a reduction over nbytes (the faster of fp32 and bf16 sums: on
+    few cores the fp32 sum is compute-bound), the rate weights and KV are read at by CPU
+    compute; a memcpy moves each byte twice."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = buf.view(dtype).normal_()
+        rates.append(nbytes / best_time(lambda: x.sum(), sync=sync))
+    return max(rates)
+
+
 def disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, float]:
     """Bytes/s of one `size`-byte file: written with fsync; read cold (after
     posix_fadvise(DONTNEED), so from the device); read again from the page cache into one
