@@ -150,3 +150,27 @@ def decompress_plain(c: Compressed, dtype: torch.dtype | None = None) -> torch.T
         x = x[..., :x.shape[-1] - c.pad]
     x = x.movedim(-1, c.dim)
     return x if x.is_contiguous() else x.contiguous()
+
+
+
+def rows_alike(cs: list) -> bool:
+    """Whether `cs` are 2-D weights compressed along their last axis without padding, alike
+    in everything but their row count (so their parts stack row after row)."""
+    first = cs[0] if cs else None
+    key = lambda c: (c.shape[1:], c.dim, c.bits, c.group_size, c.pad, c.dtype, c.device)  # noqa: E731
+    return bool(cs) and all(isinstance(c, Compressed) and len(c.shape) == 2 and c.dim == 1
+                            and c.pad == 0 and key(c) == key(first) for c in cs)
+
+
+def join_rows(cs: list) -> list[Compressed] | None:
+    """`cs` (see rows_alike) laid out back to back in one buffer per part, each keeping a
+    view of its rows: what `models.common.linear_rows` multiplies as one matrix; None when
+    they are not alike."""
+    if not rows_alike(cs):
+        return None
+    views = {}
+    for f in ("data", "mins", "scales"):
+        ts = [getattr(c, f) for c in cs]
+        views[f] = torch.cat(ts).split([t.shape[0] for t in ts])
+    return [dataclasses.replace(c, data=d, mins=m, scales=s)
+            for c, d, m, s in zip(cs, views["data"], views["mins"], views["scales"])]

@@ -285,12 +285,19 @@ class TieredStore:
     def join(self, names: list[str]) -> bool:
         """Lay resident plain tensors out back to back in one buffer (each name keeps a view
         of its rows), so the model multiplies them as one matrix (models.common.linear_rows):
-        one GEMM for q/k/v instead of three. False, and nothing changes, unless all of
-        `names` are on the compute device, uncompressed and of one dtype and row shape."""
+        one GEMM for q/k/v instead of three (4-bit weights: quant.join_rows). False, and
+        nothing changes, unless all of `names` are on the compute device and alike but in
+        their row count."""
         homes = [self.homes.get(n) for n in names]
-        if any(h is None or h[0] != "gpu" or not isinstance(h[1], torch.Tensor) for h in homes):
+        if any(h is None or h[0] != "gpu" for h in homes):
             return False
         ts = [h[1] for h in homes]
+        if not all(isinstance(t, torch.Tensor) for t in ts):
+            from .quant import join_rows     # 4-bit weights: each part joined
+            joined = join_rows(ts)
+            for n, c in zip(names, joined or []):
+                self.homes[n] = ("gpu", c)
+            return joined is not None
         if len({(t.dtype, t.device, tuple(t.shape[1:])) for t in ts}) != 1:
             return False
         buf = torch.cat(ts)

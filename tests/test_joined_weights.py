@@ -54,3 +54,42 @@ def test_resident_run_joins_and_matches_offloaded(llama_dir, tmp_path):
     with LLM(str(llama_dir), device="cpu", policy=pol) as llm:
         assert _joined([llm.weights.homes[f"layers.1.{g}.weight"][1] for g in "qkv"]) is None
         assert [o.output_ids for o in llm.generate(prompts, 6, greedy)] == ref
+
+
+def test_compressed_rows_join_and_give_the_separate_linears():
+    """4-bit q/k/v join part by part (codes, mins, scales) and multiply as one matrix; the
+    same products as one linear each."""
+    from flexrun.quant import Compressed, compress
+    st = TieredStore(torch.device("cpu"), None, pin=False)
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate("qkv"):
+        st.put(f"{n}.weight", compress(torch.randn(8 + 64 * i, 128, generator=g), 4, 64), "gpu")
+    x = torch.randn(2, 3, 128)
+    ws = [st.fetch(f"{n}.weight") for n in "qkv"]
+    ref = [linear(x, w) for w in ws]
+    assert _joined(ws) is None
+    assert st.join([f"{n}.weight" for n in "qkv"])
+    ws = [st.fetch(f"{n}.weight") for n in "qkv"]
+    j = _joined(ws)
+    assert isinstance(j, Compressed) and j.shape == (8 + 72 + 136, 128)
+    for got, want in zip(linear_rows(x, ws, [None] * 3), ref):
+        torch.testing.assert_close(got, want)
+    # other group sizes, or a plain tensor among them: not joined, nothing changes
+    st.put("q2.weight", compress(torch.randn(8, 128, generator=g), 4, 32), "gpu")
+    before = st.fetch("q2.weight")
+    assert not st.join(["q2.weight", "k.weight"]) and st.fetch("q2.weight") is before
+    st.put("p.weight", torch.randn(8, 128, generator=g), "gpu")
+    assert not st.join(["p.weight", "k.weight"])
+
+
+def test_compressed_resident_run_joins_and_matches_offloaded(llama_dir):
+    prompts, greedy = ragged_prompts(5), SamplingParams(ignore_eos=True)
+    runs = []
+    for pol in (Policy(compress_weight=True), Policy(compress_weight=True, weights_gpu=0,
+                                                     weights_cpu=100)):
+        with LLM(str(llama_dir), device="cpu", policy=pol) as llm:
+            homes = llm.weights.homes
+            joined = _joined([homes[f"layers.1.{g}.weight"][1] for g in "qkv"])
+            assert (joined is not None) == (pol.weights_gpu == 100)
+            runs.append([o.output_ids for o in llm.generate(prompts, 6, greedy)])
+    assert runs[0] == runs[1]

@@ -1,10 +1,13 @@
 """Small building blocks shared by the model families."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ..packed_weights import Packed
+from ..quant import Compressed, rows_alike
 
 
 def dense(w) -> torch.Tensor:
@@ -32,18 +35,27 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 
 def linear_rows(x: torch.Tensor, ws: list, bs: list) -> list[torch.Tensor]:
     """[x W_i^T + b_i for each i]: one GEMM when the W_i (and the b_i) are consecutive row
-    blocks of one buffer (TieredStore.join), else one linear each. At decode sizes a GEMM
+    blocks of one buffer (TieredStore.join; 4-bit weights too), else one linear each. At decode sizes a GEMM
     reads its weight at a rate that grows with its size: q/k/v of OPT-6.7B at batch 32 took
     44.6 us fused against 3 x 30.7 us (H100)."""
     W = _joined(ws)
     B = None if all(b is None for b in bs) else _joined(bs)
     if W is None or W.dtype != x.dtype or (B is None and any(b is not None for b in bs)):
         return [linear(x, w, b) for w, b in zip(ws, bs)]
-    return list(F.linear(x, W, B).split([w.shape[0] for w in ws], -1))
+    return list(linear(x, W, B).split([w.shape[0] for w in ws], -1))
 
 
-def _joined(ts: list) -> torch.Tensor | None:
-    """The tensors as one, if they lie back to back in one storage (None otherwise)."""
+def _joined(ts: list):
+    """The tensors (or compressed weights, part by part) as one, if they lie back to back in
+    one storage (TieredStore.join); None otherwise."""
+    if ts and isinstance(ts[0], Compressed):
+        if not rows_alike(ts):
+            return None
+        parts = {f: _joined([getattr(c, f) for c in ts]) for f in ("data", "mins", "scales")}
+        if any(p is None for p in parts.values()):
+            return None
+        return dataclasses.replace(ts[0], **parts,
+                                   shape=(sum(c.shape[0] for c in ts), ts[0].shape[1]))
     if not all(isinstance(t, torch.Tensor) and t.is_contiguous() for t in ts):
         return None
     first = ts[0]
