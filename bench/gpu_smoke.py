@@ -36,6 +36,14 @@ def tiny_checks(tmp: Path, out: dict, only: str | None = None) -> None:
         with LLM(str(d), device="cuda") as llm:
             res = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
         row = {"cuda_fp16_vs_cpu_fp32": agreement(res, cpu)}
+        # a stop id the run generates: each output must be the full run's, cut after it
+        # (the host reads a step's ids one step late: Pipeline._defer)
+        stop = res[0][3]
+        want = [o[:o.index(stop) + 1] if stop in o else o for o in res]
+        with LLM(str(d), device="cuda") as llm:
+            got = [o.output_ids for o in llm.generate(
+                prompts, 16, SamplingParams(ignore_eos=True, stop_token_ids=[stop]))]
+        row["stop_ids_vs_cut"] = float(got == want)
         variants = {
             "w_cpu": Policy(weights_gpu=0, weights_cpu=100, gpu_batch_size=3, num_gpu_batches=2),
             "w_disk_c_cpu": Policy(weights_gpu=0, weights_disk=100, cache_gpu=0, cache_cpu=100,

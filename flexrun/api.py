@@ -284,7 +284,8 @@ class LLM:
         marks = []
 
         def on_step(step: int, t: float | None = None) -> None:
-            sync()
+            if not marks:       # the prefill's end; later steps are not waited for
+                sync()
             marks.append(time.perf_counter() if t is None else t)
         self.pipeline.run_block(batches, max_new_tokens, sampler, on_step=on_step)
         sync()

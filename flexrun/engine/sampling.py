@@ -31,10 +31,11 @@ class Sampler:
         self._gens.pop(prompt_index, None)
 
     def __call__(self, logits: torch.Tensor, prompt_indices: list[int]) -> torch.Tensor:
-        """logits: (b, vocab) on any device -> (b,) token ids on CPU."""
+        """logits: (b, vocab) on any device -> (b,) token ids: greedy ones on the logits'
+        device (the host reads them a step later: Pipeline._defer), sampled ones on CPU."""
         p = self.params
         if p.greedy:
-            return logits.argmax(dim=-1).cpu()
+            return logits.argmax(dim=-1)
         logits = logits.float().cpu() / p.temperature
         if p.top_k > 0:
             k = min(p.top_k, logits.shape[-1])
