@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flexrun import LLM, Policy, SamplingParams, storage
+from flexrun import LLM, Policy, SamplingParams, pinned
 from flexrun.engine.attention import attend
 from flexrun.timing import attention_beside_h2d, best_time, copy_bw
 from bench.run_flexrun import warm_up
@@ -96,7 +96,7 @@ def main() -> None:
         variants = a.variants.split(",")
         for i, v in enumerate(variants):
             chunk_mb, acts = v.split(":")
-            storage.H2D_CHUNK = int(chunk_mb) << 20
+            pinned.H2D_CHUNK = int(chunk_mb) << 20
             pipe.act_tiers = ({u: "gpu" for u in policy_acts} if acts == "gpu"
                               else dict(policy_acts))
             llm.stats = type(llm.stats)(weights_split=llm.stats.weights_split)

@@ -70,9 +70,9 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
     """Chunked weight copies (tiny chunks) and the fused dequant kernel vs the plain one."""
     import os
 
-    from flexrun import storage
+    from flexrun import pinned
     row = {}
-    saved, storage.H2D_CHUNK = storage.H2D_CHUNK, 4096
+    saved, pinned.H2D_CHUNK = pinned.H2D_CHUNK, 4096
     try:
         pol = Policy(weights_gpu=0, weights_cpu=100, cache_gpu=0, cache_cpu=100,
                      cpu_attention=True, gpu_batch_size=4, num_gpu_batches=2)
@@ -86,7 +86,7 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
         row["w_cpu_chunked_h2d_act_cpu"] = agreement(got, resident)
         row["act_cpu_second_block"] = agreement(got2, resident[:5])
     finally:
-        storage.H2D_CHUNK = saved
+        pinned.H2D_CHUNK = saved
     outs = {}
     for plain in ("1", "0"):
         os.environ["FLEXRUN_PLAIN_DEQUANT"] = plain

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .config import FlexrunError
-from .pinned import pinned_copy
+from .pinned import h2d_chunked, pinned_copy
 
 TIERS = ("gpu", "cpu", "disk")
 MADV_POPULATE_READ = 22     # Linux >= 5.14: map a range's pages now (mmap lacks the name)
@@ -384,26 +384,6 @@ class Arena:
         out = self.buf[self.used:self.used + n].view(dtype).view(shape)
         self.used += self.aligned(n)
         return out
-
-
-H2D_CHUNK = int(os.environ.get("FLEXRUN_H2D_CHUNK_MB", "16")) << 20
-
-
-def h2d_chunked(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a host tensor to `device` on the current stream in pieces of H2D_CHUNK bytes.
-
-    One big copy holds the host-to-device copy engine for its whole length (~7 ms for a
-    400 MB matrix); the small activation and attention copies of the compute stream then
-    wait behind it. Pieces let them in between."""
-    nbytes_ = t.numel() * t.element_size()
-    if nbytes_ <= H2D_CHUNK or not t.is_contiguous():
-        return t.to(device, non_blocking=True)
-    out = torch.empty(t.shape, dtype=t.dtype, device=device)
-    src, dst = t.view(-1), out.view(-1)
-    step = max(1, H2D_CHUNK // t.element_size())
-    for i in range(0, src.numel(), step):
-        dst[i:i + step].copy_(src[i:i + step], non_blocking=True)
-    return out
 
 
 def new_future(value) -> Future:
