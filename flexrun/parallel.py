@@ -99,7 +99,9 @@ def join_group(n: int, device: torch.device) -> tuple[StageInfo, torch.device]:
                                 timeout=_timeout())
     on_gpu = dist.get_backend() == "nccl"           # (a group made by the caller may differ)
     comm = StageComm(rank, world, device if on_gpu else torch.device("cpu"),
-                     dist.new_group(list(range(world))))
+                     dist.new_group(list(range(world))),
+                     # receives posted when needed (FLEXRUN_DIST_LAZY=1: on gloo too, tests)
+                     lazy=on_gpu or os.environ.get("FLEXRUN_DIST_LAZY") == "1")
     comm.warm_up()
     return StageInfo(rank, world, comm, owns), device
 

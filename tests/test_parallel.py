@@ -96,9 +96,13 @@ def test_stage_plan_shares_the_host_budget(tmp_path, capsys):
 
 
 # ---- same tokens as one process -------------------------------------------------------------
-def test_llama_resident_greedy_sampled_stops_and_logits(llama_dir):
+@pytest.mark.parametrize("lazy", [False, True], ids=["posted-ahead", "posted-when-needed"])
+def test_llama_resident_greedy_sampled_stops_and_logits(llama_dir, monkeypatch, lazy):
     """2x3 micro-batches, ragged prompts (a second block of one batch); greedy, seeded
-    sampling, stop ids that end a whole micro-batch early, and prompt logits."""
+    sampling, stop ids that end a whole micro-batch early, and prompt logits. Receives posted
+    ahead (gloo) or only when needed, in order (NCCL's way: StageComm.lazy)."""
+    if lazy:
+        monkeypatch.setenv("FLEXRUN_DIST_LAZY", "1")
     pol = Policy(gpu_batch_size=2, num_gpu_batches=3)
     prompts = ragged_prompts(7)
     ref = _single(llama_dir, pol, prompts)

@@ -43,6 +43,29 @@ class Pending:
         return self.buf
 
 
+class LazyRecv:
+    """An NCCL receive posted only when its data is needed (StageComm.lazy), after every
+    receive made before it on the same channel, so they still match the sends in order."""
+
+    def __init__(self, comm: "StageComm", buf: torch.Tensor, src: int, group):
+        self.comm, self.buf, self.src, self.group = comm, buf, src, group
+        self.work = None
+
+    def post(self) -> None:
+        queue = self.comm.unposted
+        while self.work is None:
+            first = queue.popleft()
+            first.work = dist.irecv(first.buf, first.src, group=first.group)
+
+    def ready(self) -> bool:
+        return self.work is not None and self.work.is_completed()
+
+    def get(self) -> torch.Tensor:
+        self.post()
+        self.work.wait()
+        return self.buf
+
+
 @dataclass
 class StageComm:
     """Messages of one stage: activations to rank+1 on the default group, token ids from the
@@ -53,6 +76,12 @@ class StageComm:
     device: torch.device
     tok_group: object
     sends: list = field(default_factory=list)
+    # NCCL: receives are not posted ahead. A posted NCCL receive holds its GPU stream until
+    # the peer sends, so any device-wide synchronisation on this rank meanwhile (a pinned
+    # allocation, cudaFree) waits for the peer, which may be waiting for this rank: the
+    # two-GPU run of session 6 hung so. gloo receives do not touch the GPU.
+    lazy: bool = False
+    unposted: deque = field(default_factory=deque)
 
     @property
     def last(self) -> int:
@@ -76,8 +105,12 @@ class StageComm:
         for dst in range(self.last):
             self._keep(dist.isend(tok, dst, group=self.tok_group), tok)
 
-    def recv_tokens(self, rows: int) -> Pending:
+    def recv_tokens(self, rows: int):
         buf = torch.empty(rows, dtype=torch.int64, device=self.device)
+        if self.lazy:
+            r = LazyRecv(self, buf, self.last, self.tok_group)
+            self.unposted.append(r)
+            return r
         return Pending(dist.irecv(buf, self.last, group=self.tok_group), buf)
 
     def share_from_last(self, value: torch.Tensor | None, shape, dtype) -> torch.Tensor:
@@ -235,7 +268,10 @@ class _BlockRun:
         return pending.get().to(self.p.device, non_blocking=True)
 
     def _post_next(self, step: int, m: int) -> None:
-        """Post the receive of the next micro-batch this stage will run, if known already."""
+        """Post the receive of the next micro-batch this stage will run, if known already
+        (not on NCCL: StageComm.lazy)."""
+        if self.comm.lazy:
+            return
         M = len(self.batches)
         for k in range(m + 1, m + 1 + M):
             s, mm = step + k // M, k % M
