@@ -91,11 +91,12 @@ def w4_config(rows: int, n: int, k: int) -> tuple[int, ...]:
     # GPU: Llama-70B's q/o (8192 x 8192) at 128 rows took 0.075 ms against 0.176 with
     # 128-wide ones, and its k/v (1024 x 8192) 0.066 against 0.167 with 32-wide tiles
     # (bench/results/w4-probe-H100-128rows-session8.json).
-    if rows > 64 and n >= 4096 and os.environ.get("FLEXRUN_W4_M128", "1") == "1":
-        return (128, 64, 8, 4, 128) if k <= 8192 and n >= 16384 else (64, 128, 8, 3, 128)
     if rows > 64:
-        return (32, 128, 4, 4) if os.environ.get("FLEXRUN_W4_M128", "1") == "1" \
-            else (128, 256, 8, 3)
+        if os.environ.get("FLEXRUN_W4_M128", "1") != "1":
+            return (128, 256, 8, 3)
+        if n < 4096:
+            return (32, 128, 4, 4)
+        return (128, 64, 8, 4, 128) if k <= 8192 and n >= 16384 else (64, 128, 8, 3, 128)
     return (32, 128, 4, 4) if n < 4096 else (64, 256, 4, 3)
 
 

@@ -152,14 +152,13 @@ def decompress_plain(c: Compressed, dtype: torch.dtype | None = None) -> torch.T
     return x if x.is_contiguous() else x.contiguous()
 
 
-
 def rows_alike(cs: list) -> bool:
     """Whether `cs` are 2-D weights compressed along their last axis without padding, alike
     in everything but their row count (so their parts stack row after row)."""
-    first = cs[0] if cs else None
-    key = lambda c: (c.shape[1:], c.dim, c.bits, c.group_size, c.pad, c.dtype, c.device)  # noqa: E731
+    def key(c):
+        return c.shape[1:], c.dim, c.bits, c.group_size, c.pad, c.dtype, c.device
     return bool(cs) and all(isinstance(c, Compressed) and len(c.shape) == 2 and c.dim == 1
-                            and c.pad == 0 and key(c) == key(first) for c in cs)
+                            and c.pad == 0 and key(c) == key(cs[0]) for c in cs)
 
 
 def join_rows(cs: list) -> list[Compressed] | None:

@@ -22,6 +22,7 @@ import torch
 
 from .config import FlexrunError
 from .pinned import h2d_chunked, pinned_copy
+from .quant import join_rows
 
 TIERS = ("gpu", "cpu", "disk")
 MADV_POPULATE_READ = 22     # Linux >= 5.14: map a range's pages now (mmap lacks the name)
@@ -293,7 +294,6 @@ class TieredStore:
             return False
         ts = [h[1] for h in homes]
         if not all(isinstance(t, torch.Tensor) for t in ts):
-            from .quant import join_rows     # 4-bit weights: each part joined
             joined = join_rows(ts)
             for n, c in zip(names, joined or []):
                 self.homes[n] = ("gpu", c)

@@ -146,6 +146,7 @@ class StageComm:
 
 class StagePipeline(Pipeline):
     """Runs units `units` of every micro-batch, trading activations and ids with the others."""
+    defers_ids = False      # its block loop reads each step's ids at once (stop flags, sends)
 
     def __init__(self, *args, comm: StageComm, **kw):
         super().__init__(*args, **kw)

@@ -61,6 +61,7 @@ class BatchState:
 class Pipeline(HostTransfers):
     """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
     placing its layers' KV cache and its units' activations per the policy over that slice."""
+    defers_ids = True       # greedy ids reach the host a step late (_defer); not on a stage
 
     def __init__(self, spec: ModelSpec, model, weights: TieredStore, policy: Policy,
                  device: torch.device, dtype: torch.dtype, disk: DiskTier | None,
@@ -80,7 +81,6 @@ class Pipeline(HostTransfers):
         self.io = ThreadPoolExecutor(2, thread_name_prefix="flexrun-load")
         self._host_bufs: dict[tuple, torch.Tensor] = {}    # reused pinned buffers
         self._arenas, self._loads = (Arena(), Arena()), 0  # disk weight reads, CPU runs
-        self.defers_ids = False                # _defer: set while run_block runs
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
         if self.cuda:
@@ -244,7 +244,6 @@ class Pipeline(HostTransfers):
             self.graphs.new_block()
         loads: dict[int, Future] = {}       # streamed units whose weights are on their way
         w = None
-        self.defers_ids = True              # (a pipeline stage's block loop reads them at once)
         try:
             for task in zigzag(max_new_tokens, U, len(batches)):
                 if task.first_batch:
@@ -278,7 +277,6 @@ class Pipeline(HostTransfers):
                 traceback.clear_frames(e.__traceback__)
             raise
         finally:        # on an error too: a load in flight may still fill a reused buffer
-            self.defers_ids = False
             wait(list(loads.values()))
             loads.clear()
             w = None

@@ -35,9 +35,9 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 
 def linear_rows(x: torch.Tensor, ws: list, bs: list) -> list[torch.Tensor]:
     """[x W_i^T + b_i for each i]: one GEMM when the W_i (and the b_i) are consecutive row
-    blocks of one buffer (TieredStore.join; 4-bit weights too), else one linear each. At decode sizes a GEMM
-    reads its weight at a rate that grows with its size: q/k/v of OPT-6.7B at batch 32 took
-    44.6 us fused against 3 x 30.7 us (H100)."""
+    blocks of one buffer (TieredStore.join; 4-bit weights too), else one linear each. At
+    decode sizes a GEMM reads its weight at a rate that grows with its size: q/k/v of
+    OPT-6.7B at batch 32 took 44.6 us fused against 3 x 30.7 us (H100)."""
     W = _joined(ws)
     B = None if all(b is None for b in bs) else _joined(bs)
     if W is None or W.dtype != x.dtype or (B is None and any(b is not None for b in bs)):
