@@ -92,10 +92,33 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
         os.environ["FLEXRUN_PLAIN_DEQUANT"] = plain
         with LLM(str(d), device="cuda", compress_weight=True, compress_cache=True) as llm:
             outs[plain] = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
+    os.environ["FLEXRUN_W4_KERNEL"] = "weight-first"     # tiny weights take x-first
+    with LLM(str(d), device="cuda", compress_weight=True, compress_cache=True) as llm:
+        outs["t"] = [o.output_ids for o in llm.generate(prompts, 16, GREEDY)]
     os.environ.pop("FLEXRUN_PLAIN_DEQUANT")
+    os.environ.pop("FLEXRUN_W4_KERNEL")
     row["compressed_fused_vs_plain"] = agreement(outs["0"], outs["1"])
+    row["compressed_weight_first_vs_plain"] = agreement(outs["t"], outs["1"])
+    row.update(cudnn_checks(d, prompts))
     row.update(graph_checks(d, prompts, tmp))
     return row
+
+
+def cudnn_checks(d: Path, prompts) -> dict:
+    """Unpadded prompts (a causal prefill with no mask takes cuDNN's attention) against the
+    same run with SDPA's own kernel order, and against the CPU run."""
+    from flexrun.engine import attention
+    same = [p[:5] for p in prompts if len(p) >= 5]
+    outs = {}
+    for first in (True, False):
+        attention._CUDNN_FIRST = first
+        with LLM(str(d), device="cuda") as llm:
+            outs[first] = [o.output_ids for o in llm.generate(same, 16, GREEDY)]
+    attention._CUDNN_FIRST = True
+    with LLM(str(d), device="cpu") as llm:
+        cpu = [o.output_ids for o in llm.generate(same, 16, GREEDY)]
+    return {"unpadded_cudnn_vs_flash": agreement(outs[True], outs[False]),
+            "unpadded_cudnn_vs_cpu": agreement(outs[True], cpu)}
 
 
 def graph_checks(d: Path, prompts, tmp: Path) -> dict:

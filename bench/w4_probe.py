@@ -24,6 +24,10 @@ CONFIGS = [(32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
            (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 5), (128, 256, 8, 3),
            (64, 256, 8, 4), (32, 512, 4, 3), (64, 128, 8, 3, 128), (128, 128, 8, 3, 128),
            (64, 256, 8, 3, 128), (128, 64, 8, 4, 128)]
+# the weight-first kernel: (BLOCK_N, BLOCK_K, warps, stages); BLOCK_M follows the row count
+T_CONFIGS = [dq.Tiles(*c, weight_first=True) for c in (
+    (64, 64, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (64, 256, 4, 4), (64, 512, 4, 3),
+    (128, 128, 4, 3), (128, 128, 8, 4), (128, 256, 4, 3), (128, 256, 8, 3))]
 
 
 def timed(fn) -> float:
@@ -47,16 +51,23 @@ def main() -> None:
             base = timed(lambda: F.linear(x, decompress(c)))
             rec = {"shape": name, "n": n, "k": k, "rows": m, "dequant_cublas_ms": base * 1e3,
                    "bytes_4bit": c.nbytes}
-            for cfg in CONFIGS:
-                if (m > dq.FUSED_MAX_ROWS and cfg != CONFIGS[0]) or (m <= 64 and len(cfg) > 4):
-                    continue
+            chosen = dq.w4_config(m, n, k)
+            variants = [("chosen " + str(tuple(chosen)), chosen)]
+            variants += [(str(cfg), cfg) for cfg in CONFIGS
+                         if not ((m > dq.FUSED_MAX_ROWS and cfg != CONFIGS[0]) or
+                                 (m <= 64 and len(cfg) > 4))]
+            variants += [("t" + str(tuple(cfg)[:4]), cfg) for cfg in T_CONFIGS
+                         if m <= dq.FUSED_MAX_ROWS]
+            for key, cfg in variants:
+                def fn(cfg=cfg):
+                    return dq.linear4(x, c, None, cfg)
                 try:
-                    y = dq.linear4(x, c, None, cfg)
+                    y = fn()
                     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                    s = timed(lambda: dq.linear4(x, c, None, cfg))
-                    rec[str(cfg)] = {"ms": s * 1e3, "GB_s": c.nbytes / s / 1e9, "rel_err": err}
+                    s = timed(fn)
+                    rec[key] = {"ms": s * 1e3, "GB_s": c.nbytes / s / 1e9, "rel_err": err}
                 except Exception as e:          # a config the compiler rejects
-                    rec[str(cfg)] = {"error": str(e)[:200]}
+                    rec[key] = {"error": str(e)[:200]}
             best = min((v["ms"], key) for key, v in rec.items()
                        if isinstance(v, dict) and "ms" in v)
             rec["best"] = best[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -80,9 +81,31 @@ FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "128"))
 _GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
 
 
-def w4_config(rows: int, n: int, k: int) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest tiles of the H100
-    probe (bench/results/w4-probe-H100.json) for the row count and weight shape (n, k)."""
+class Tiles(NamedTuple):
+    """A fused matmul's launch: weight rows (output columns) and weight columns per tile,
+    warps, pipeline stages, x rows per tile (None: from the row count), and which kernel:
+    x-first (`_w4_matmul_kernel`) or weight-first (`_w4_matmul_t_kernel`)."""
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    block_m: int | None = None
+    weight_first: bool = False
+
+
+def w4_config(rows: int, n: int, k: int) -> Tiles:
+    """The fastest tiles of the H100 probe (bench/w4_probe.py) for the row count and weight
+    shape (n, k)."""
+    # The weight-first kernel won for long reductions (OPT-30B fc2, Llama-70B down) at every
+    # row count and for wide weights (fc1, gate/up) up to 32 rows: 18-28% less time, e.g.
+    # down at 128 rows 0.209 against 0.281 ms, fc1 at 32 rows 0.085 against 0.112
+    # (bench/results/w4-probe-H100-session9.json). Elsewhere the x-first kernel stays ahead.
+    kind = os.environ.get("FLEXRUN_W4_KERNEL", "auto")     # or weight-first / x-first
+    if kind == "weight-first" or (kind == "auto" and k >= 16384):
+        return Tiles(64, 512 if 16 < rows <= 32 else 256, 4, 3, weight_first=True)
+    if kind == "auto" and n >= 16384 and rows <= 32:
+        return Tiles(128, 128, 4, 3, weight_first=True) if rows > 16 else \
+            Tiles(64, 256, 4, 3, weight_first=True)
     # Above 64 rows, one 128-row tile dequantizes each weight tile once: 18-40% faster in
     # the probe at 128 rows (w4-probe-H100-128rows.json), and S5 (Llama-70B, 128 rows)
     # measured 121 against 137 ms/step with (128, 256, 8, 3) in one run on one machine
@@ -93,14 +116,21 @@ def w4_config(rows: int, n: int, k: int) -> tuple[int, ...]:
     # (bench/results/w4-probe-H100-128rows-session8.json).
     if rows > 64:
         if os.environ.get("FLEXRUN_W4_M128", "1") != "1":
-            return (128, 256, 8, 3)
+            return Tiles(128, 256, 8, 3)
         if n < 4096:
-            return (32, 128, 4, 4)
-        return (128, 64, 8, 4, 128) if k <= 8192 and n >= 16384 else (64, 128, 8, 3, 128)
-    return (32, 128, 4, 4) if n < 4096 else (64, 256, 4, 3)
+            return Tiles(32, 128, 4, 4)
+        return Tiles(128, 64, 8, 4, 128) if n >= 16384 else Tiles(64, 128, 8, 3, 128)
+    return Tiles(32, 128, 4, 4) if n < 4096 else Tiles(64, 256, 4, 3)
 
 
 if triton is not None:
+    @triton.jit
+    def _code_f16(code):
+        """4-bit codes (int32, 0..15) as fp16 without a conversion instruction: the bits
+        0x6400 | q are the fp16 1024 + q. Int-to-float conversions run at a fraction of the
+        FMA rate; in the weight-first kernel they cost 10-30% of the time."""
+        return (code | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+
     @triton.jit
     def _w4_matmul_kernel(x_ptr, data_ptr, mins_ptr, scales_ptr, bias_ptr, y_ptr, M, N,
                           K: tl.constexpr,
@@ -139,6 +169,50 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_in[:, None] & n_in[None, :])
 
+    @triton.jit
+    def _w4_matmul_t_kernel(xp_ptr, data_ptr, mins_ptr, scales_ptr, bias_ptr, y_ptr, M, N,
+                            K: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_KB: tl.constexpr):
+        # y^T = W x^T, the dequantized weight tile the first operand (wgmma's 64-row
+        # minimum falls on the weight, not on the few rows of x). Low and high nibbles are
+        # multiplied separately against x's even and odd columns (xp: (2, M, K/2)), so the
+        # tile is never interleaved; values are dequantized in fp16 (one fma each).
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rb = tl.arange(0, BLOCK_KB)
+        HG: tl.constexpr = G // 2
+        rg = tl.arange(0, BLOCK_KB // HG)
+        m_in = rm < M
+        n_in = rn < N
+        half_k: tl.constexpr = K // 2
+        ngroups: tl.constexpr = K // G
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kb0 in range(0, half_k, BLOCK_KB):
+            b_in = (kb0 + rb) < half_k
+            byte = tl.load(data_ptr + rn[:, None] * half_k + (kb0 + rb)[None, :],
+                           mask=n_in[:, None] & b_in[None, :], other=0).to(tl.int32)
+            g_in = n_in[:, None] & ((kb0 // HG + rg) < ngroups)[None, :]
+            gofs = rn[:, None] * ngroups + (kb0 // HG + rg)[None, :]
+            mn = tl.load(mins_ptr + gofs, mask=g_in, other=0.0)[:, :, None]
+            sc = tl.load(scales_ptr + gofs, mask=g_in, other=0.0)[:, :, None]
+            lo = tl.reshape(_code_f16(byte & 0xF), (BLOCK_N, BLOCK_KB // HG, HG))
+            hi = tl.reshape(_code_f16(byte >> 4), (BLOCK_N, BLOCK_KB // HG, HG))
+            w_lo = tl.reshape(lo * sc + mn, (BLOCK_N, BLOCK_KB))
+            w_hi = tl.reshape(hi * sc + mn, (BLOCK_N, BLOCK_KB))
+            xofs = rm[:, None] * half_k + (kb0 + rb)[None, :]
+            x_in = m_in[:, None] & b_in[None, :]
+            xe = tl.load(xp_ptr + xofs, mask=x_in, other=0.0)
+            xo = tl.load(xp_ptr + M * half_k + xofs, mask=x_in, other=0.0)
+            acc = tl.dot(w_lo, tl.trans(xe), acc)
+            acc = tl.dot(w_hi, tl.trans(xo), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=n_in[:, None] & m_in[None, :])
+
 
 def fused_applies(bits: int, group_size: int, dtype_bytes: int) -> bool:
     """Whether decode-sized matmuls of weights compressed this way take the fused kernel on
@@ -158,27 +232,32 @@ def fused_linear_ok(x: torch.Tensor, c) -> bool:
 
 
 def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
-            config: tuple[int, ...] | None = None) -> torch.Tensor:
+            config: tuple | None = None) -> torch.Tensor:
     """y = x W^T + b with W 4-bit compressed (see `fused_linear_ok`), in one kernel.
-    config: (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]), default `w4_config`.
+    config: a `Tiles` (or a tuple of its fields), default `w4_config`.
 
-    The dequantized value is the one decompress gives (fp32 q*scale+min, rounded to fp16);
-    only the summation order differs from decompress + F.linear."""
+    The x-first kernel dequantizes as decompress does (fp32 q*scale+min, rounded to fp16),
+    the weight-first one in fp16 (q*scale+min in one fma: within an ulp of it); only the
+    summation order differs from decompress + F.linear otherwise."""
     n, k = c.shape
     x2 = x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
     m = x2.shape[0]
+    t = Tiles(*(config or w4_config(m, n, k)))
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages, *rest = config or w4_config(m, n, k)
-    block_m = rest[0] if rest else 16 if m <= 16 else 32 if m <= 32 else 64
     b = y if bias is None else bias.to(device=x.device, dtype=x.dtype).contiguous()
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    if t.weight_first:
+        block_m = t.block_m or max(16, 1 << (m - 1).bit_length())
+        x2 = x2.view(m, k // 2, 2).permute(2, 0, 1).contiguous()   # even columns, then odd
+        kernel, block = _w4_matmul_t_kernel, {"BLOCK_KB": max(t.block_k, c.group_size) // 2}
+    else:
+        block_m = t.block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
+        x2 = x2.contiguous()
+        kernel, block = _w4_matmul_kernel, {"BLOCK_K": max(t.block_k, c.group_size)}
+    grid = (triton.cdiv(n, t.block_n), triton.cdiv(m, block_m))
     with _on(x.device):
-        _w4_matmul_kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k,
-                                G=c.group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                                BLOCK_N=block_n, BLOCK_K=max(block_k, c.group_size),
-                                num_warps=warps, num_stages=stages)
+        kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k, G=c.group_size,
+                     HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=t.block_n, **block,
+                     num_warps=t.warps, num_stages=t.stages)
     return y.view(*x.shape[:-1], n)
 
 

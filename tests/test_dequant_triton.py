@@ -42,7 +42,12 @@ cases = [(1, 48, 192, 64, True, None), (7, 100, 320, 32, False, (32, 128, 4, 2))
          (32, 64, 256, 128, True, (64, 256, 4, 3)), (64, 96, 128, 64, False, (64, 128, 4, 4)),
          (17, 33, 448, 64, True, (32, 256, 4, 2)), (100, 80, 256, 64, True, None),
          (128, 300, 64, 32, False, None), (100, 96, 256, 64, True, (128, 64, 8, 4, 128)),
-         (128, 70, 384, 64, False, (64, 128, 8, 3, 128))]     # the 128-row tiles
+         (128, 70, 384, 64, False, (64, 128, 8, 3, 128)),     # the 128-row tiles
+         (1, 48, 192, 64, True, dq.Tiles(64, 128, 4, 2, weight_first=True)),  # weight-first
+         (7, 100, 320, 32, False, dq.Tiles(64, 256, 4, 2, weight_first=True)),
+         (32, 64, 256, 128, True, dq.Tiles(128, 128, 4, 3, weight_first=True)),
+         (100, 80, 448, 64, True, dq.Tiles(64, 256, 4, 3, weight_first=True)),
+         (33, 33, 448, 64, False, dq.Tiles(64, 512, 4, 2, None, True))]
 for m, n, k, group, has_bias, cfg in cases:
     x = (torch.randn(m, k, generator=g)).half().to(dev)
     w = (torch.randn(n, k, generator=g) * 0.05).half().to(dev)

@@ -18,6 +18,22 @@ from ..storage import DiskTier, offload_error
 from .kvquant import CompressedKVSlot
 
 
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for strided tensors whose last axis is contiguous: moved as 8-byte
+    words where both allow it. A strided fp16 copy moves one 2-byte element per index
+    computation; the prefill's K/V writes of S3 (OPT-6.7B, 32 x 512) took 0.19 ms each that
+    way and 0.10 ms as int64 words (H100, bench/prefill_probe.py)."""
+    if dst.dtype == src.dtype and _wide_ok(dst) and _wide_ok(src):
+        dst, src = dst.view(torch.int64), src.view(torch.int64)
+    dst.copy_(src)
+
+
+def _wide_ok(t: torch.Tensor) -> bool:
+    w = 8 // t.element_size() if t.element_size() in (1, 2, 4) else 0
+    return (w > 1 and t.dim() > 0 and t.stride(-1) == 1 and t.shape[-1] % w == 0
+            and t.storage_offset() % w == 0 and all(st % w == 0 for st in t.stride()[:-1]))
+
+
 class KVSlot:
     def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
                  dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str,
@@ -77,9 +93,9 @@ class KVSlot:
             self._settle(k.is_cuda)
         for buf, x in zip(self.kv, (k, v)):
             if self.time_major:
-                buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3))
+                copy_rows(buf[t0:t0 + s], x.permute(2, 0, 1, 3))
             else:
-                buf[:, :, t0:t0 + s].copy_(x)
+                copy_rows(buf[:, :, t0:t0 + s], x)
 
     def _write_async(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
         """GPU -> pinned host on the store stream; a strided (batch-major) destination is

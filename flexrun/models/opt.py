@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import dense, layer_norm, linear, linear_rows, split_heads
+from .common import dense, layer_norm, linear, linear_relu, linear_rows, split_heads
 from .spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -39,8 +39,8 @@ class OPTModel:
             h = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps)
         x = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps) \
             if s.do_layer_norm_before else h
-        x = linear(torch.relu_(linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"],
-                   w["fc2.bias"])      # in-place ReLU: one (b, s, ffn) tensor live
+        x = linear(linear_relu(x, w["fc1.weight"], w["fc1.bias"]), w["fc2.weight"],
+                   w["fc2.bias"])
         h = h + x
         if not s.do_layer_norm_before:
             h = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps)
