@@ -22,6 +22,7 @@ except ImportError:             # CPU-only installs: SDPA with a mask is used
 
 BLOCK_N = 64                    # keys per inner step
 TARGET_PROGRAMS = 2048          # enough programs to fill the GPU when rows x KV heads is small
+NUM_WARPS = 4
 NEG = -1.0e30                   # "minus infinity" that keeps exp() and max() finite
 
 if triton is not None:
@@ -118,7 +119,7 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: t
         q, K, V, start, last, opart, mpart, lpart, hd ** -0.5, q.stride(0), q.stride(1),
         K.stride(0), K.stride(1), K.stride(2), V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G,
         GP=max(16, triton.next_power_of_2(G)), HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N,
-        num_warps=4)
+        num_warps=NUM_WARPS)
     _merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S, SP=max(2, triton.next_power_of_2(S)),
                              HD=hd, num_warps=4)
     return out.view(b, 1, nh * hd)

@@ -6,6 +6,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .. import norm_triton
 from ..packed_weights import Packed
 from ..quant import Compressed, rows_alike
 
@@ -82,14 +83,29 @@ def _joined(ts: list):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as in HF Llama."""
+    """RMSNorm computed in fp32, as in HF Llama (one Triton pass on CUDA)."""
+    if norm_triton.applies(x, weight):
+        return norm_triton.norm(x, weight, None, eps, rms=True)[1]
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    if norm_triton.applies(x, weight):
+        return norm_triton.norm(x, weight, bias, eps, rms=False)[1]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + y, its LayerNorm or RMSNorm): the residual add and the next norm, in one Triton
+    pass on CUDA."""
+    if norm_triton.applies(h, weight) and y.shape == h.shape:
+        s, x = norm_triton.norm(h, weight, bias, eps, rms, residual=y)
+        return s, x
+    h = h + y
+    return h, (rms_norm(h, weight, eps) if rms else layer_norm(h, weight, bias, eps))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import FlexrunError
-from .common import dense, linear, linear_rows, rms_norm, split_heads
+from .common import add_norm, dense, linear, linear_rows, rms_norm, split_heads
 from .spec import ModelSpec
 
 
@@ -73,8 +73,8 @@ class LlamaModel:
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        h = h + linear(attn, w["o.weight"], w.get("o.bias"))
-        x = rms_norm(h, w["mlp_norm.weight"], s.norm_eps)
+        h, x = add_norm(h, linear(attn, w["o.weight"], w.get("o.bias")), w["mlp_norm.weight"],
+                        None, s.norm_eps, True)
         g, up = linear_rows(x, [w["gate.weight"], w["up.weight"]],
                             [w.get("gate.bias"), w.get("up.bias")])
         g = F.silu(g, inplace=True).mul_(up)            # in place: 2 (b, s, ffn) live

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import dense, layer_norm, linear, linear_relu, linear_rows, split_heads
+from .common import add_norm, dense, layer_norm, linear, linear_relu, linear_rows, split_heads
 from .spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -34,11 +34,11 @@ class OPTModel:
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        h = h + linear(attn, w["o.weight"], w["o.bias"])
-        if not s.do_layer_norm_before:
-            h = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps)
-        x = layer_norm(h, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps) \
-            if s.do_layer_norm_before else h
+        o = linear(attn, w["o.weight"], w["o.bias"])
+        if s.do_layer_norm_before:
+            h, x = add_norm(h, o, w["mlp_norm.weight"], w["mlp_norm.bias"], s.norm_eps, False)
+        else:
+            h = x = layer_norm(h + o, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps)
         x = linear(linear_relu(x, w["fc1.weight"], w["fc1.bias"]), w["fc2.weight"],
                    w["fc2.bias"])
         h = h + x
