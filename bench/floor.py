@@ -68,6 +68,21 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     return {"floor_s": t[bound], "bound": bound, **{f"{k}_s": v for k, v in t.items()}}
 
 
+def prefill_floor(spec: ModelSpec, prompts: int, prompt_len: int, prof: HardwareProfile,
+                  cuda: bool = True, elem: int = 2) -> float:
+    """Seconds of the prefill's matmul work at the profile's peak (prefill) GEMM rate: every
+    layer's GEMMs over every prompt token, causal attention (half the score matrix), and
+    the head over each prompt's last token."""
+    layer = sum(numel(sh) for n, sh in spec.unit_shapes(1).items() if len(sh) == 2)
+    head = spec.vocab_size * spec.embed_dim
+    q_dim = spec.num_heads * spec.head_dim
+    tokens = prompts * prompt_len
+    flops = (2 * layer * spec.num_layers * tokens + 2 * head * prompts
+             + 2 * spec.num_layers * prompts * prompt_len ** 2 * q_dim)
+    rate = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
+    return flops / rate
+
+
 def floor_of_result(r: dict) -> dict | None:
     """The floor of one bench.run_flexrun result (a `dummy:` model), from the shipped profile
     of its device kind; None for other models, {"error": ...} when inputs are missing."""
@@ -83,9 +98,19 @@ def _floor_of_result(r: dict) -> dict:
     from flexrun.hardware import default_profile
     from flexrun.models.dummy import dummy_spec
     cuda = r.get("device", "cpu") != "cpu"
-    f = decode_floor(dummy_spec(r["model"][len("dummy:"):]), Policy.from_dict(r["policy"]),
-                     default_profile("cuda" if cuda else "cpu"), r["prompt_len"], r["gen_len"],
-                     cuda, {"float32": 4}.get(r.get("dtype"), 2) if r.get("dtype") else None)
+    spec, prof = dummy_spec(r["model"][len("dummy:"):]), default_profile("cuda" if cuda else "cpu")
+    elem = ({"float32": 4}.get(r.get("dtype"), 2) if r.get("dtype") else None) or \
+        (2 if cuda else 4)
+    f = decode_floor(spec, Policy.from_dict(r["policy"]), prof, r["prompt_len"], r["gen_len"],
+                     cuda, elem)
     if "decode_step_s" in r:
         f["measured_over_floor"] = r["decode_step_s"] / f["floor_s"]
+    n = r.get("num_prompts")
+    if n and "total_tok_s" in r:
+        # the run's tok/s against the same run at the floors: prefill at the peak GEMM rate
+        # plus gen - 1 floor steps (the first token comes with the prefill)
+        pre = prefill_floor(spec, n, r["prompt_len"], prof, cuda, elem)
+        best = n * r["gen_len"] / (pre + (r["gen_len"] - 1) * f["floor_s"])
+        f.update(prefill_floor_s=pre, floor_total_tok_s=best,
+                 share_of_floor_tok_s=r["total_tok_s"] / best)
     return f
