@@ -447,3 +447,22 @@ def test_cpu_bf16_runs_use_the_bf16_rates():
     assert bf16.prefill_s < 0.2 * fp32_rates.prefill_s
     assert predict(spec, pol, fast, 128, 8, device="cpu", dtype_bytes=4).prefill_s == \
         pytest.approx(predict(spec, pol, none, 128, 8, device="cpu", dtype_bytes=4).prefill_s)
+
+
+def test_bench_floor_share_of_tok_s():
+    """bench.floor's prefill floor counts OPT-6.7B's prefill matmuls (S3: ~0.28 s at the H100
+    profile's 760 TFLOP/s) and the share compares the run's tok/s with the floors'."""
+    from bench.floor import floor_of_result, prefill_floor
+    from flexrun.hardware import default_profile
+    from flexrun.models.dummy import dummy_spec
+    spec, prof = dummy_spec("opt-6.7b"), default_profile("cuda")
+    pre = prefill_floor(spec, 32, 512, prof)
+    assert 0.27 < pre < 0.29, pre
+    assert prefill_floor(spec, 64, 512, prof) > 1.99 * pre
+    r = {"model": "dummy:opt-6.7b", "device": "NVIDIA H100", "dtype": "float16",
+         "policy": {"gpu_batch_size": 32}, "prompt_len": 512, "gen_len": 32,
+         "num_prompts": 32, "total_tok_s": 1000.0, "decode_step_s": 0.01}
+    f = floor_of_result(r)
+    best = 32 * 32 / (f["prefill_floor_s"] + 31 * f["floor_s"])
+    assert abs(f["floor_total_tok_s"] - best) < 1e-6 and f["share_of_floor_tok_s"] == 1000 / best
+    assert 0.4 < f["share_of_floor_tok_s"] < 0.6
