@@ -18,40 +18,29 @@ from flexrun.timing import best_time
 
 @triton.jit
 def _mm(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_FIRST: tl.constexpr):
+    """y = x W^T + b over one BLOCK_N slice of W; WEIGHT_FIRST computes y^T = W x^T."""
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if WEIGHT_FIRST else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None],
                     other=0.0)
         w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=(rn < N)[:, None],
                     other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-@triton.jit
-def _mm_t(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=(rn < N)[:, None],
-                    other=0.0)
-        x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None],
-                    other=0.0)
-        acc = tl.dot(w, tl.trans(x), acc)
-    acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(tl.float16),
-             mask=(rm < M)[None, :] & (rn < N)[:, None])
+        if WEIGHT_FIRST:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if WEIGHT_FIRST:
+        tl.store(y_ptr + rm[None, :] * N + rn[:, None], (acc + bias[:, None]).to(tl.float16),
+                 mask=(rm < M)[None, :] & (rn < N)[:, None])
+    else:
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], (acc + bias[None, :]).to(tl.float16),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "fc1": (16384, 4096), "fc2": (4096, 16384)}
@@ -73,11 +62,10 @@ def main() -> None:
         rec = {"shape": name, "cublas_us": base, "cublas_TB_s": w.nbytes / base / 1e6}
         for kind, bn, bk, nw, ns in CONFIGS:
             y = torch.empty(m, n, device=dev, dtype=torch.float16)
-            kern = _mm if kind == "x" else _mm_t
-
             def fn():
-                kern[(triton.cdiv(n, bn),)](x, w, b, y, m, n, K=k, BLOCK_M=m, BLOCK_N=bn,
-                                            BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                _mm[(triton.cdiv(n, bn),)](x, w, b, y, m, n, K=k, BLOCK_M=m, BLOCK_N=bn,
+                                           BLOCK_K=bk, WEIGHT_FIRST=kind == "t",
+                                           num_warps=nw, num_stages=ns)
             try:
                 fn()
                 us = best_time(fn, sync=torch.cuda.synchronize) * 1e6

@@ -63,7 +63,7 @@ def dequantize4(c, dtype: torch.dtype) -> torch.Tensor:
     n = c.data.numel()
     if n:
         grid = (triton.cdiv(n, _BLOCK),)
-        with _on(out.device):
+        with on_device(out.device):
             _dequant4_kernel[grid](c.data, c.mins, c.scales, out, n,
                                    HALF_GROUP=c.group_size // 2, BLOCK=_BLOCK)
     return out
@@ -254,15 +254,15 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
         x2 = x2.contiguous()
         kernel, block = _w4_matmul_kernel, {"BLOCK_K": max(t.block_k, c.group_size)}
     grid = (triton.cdiv(n, t.block_n), triton.cdiv(m, block_m))
-    with _on(x.device):
+    with on_device(x.device):
         kernel[grid](x2, c.data, c.mins, c.scales, b, y, m, n, K=k, G=c.group_size,
                      HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=t.block_n, **block,
                      num_warps=t.warps, num_stages=t.stages)
     return y.view(*x.shape[:-1], n)
 
 
-def _on(device: torch.device):
-    """Launch on `device` whatever the current CUDA device is."""
+def on_device(device: torch.device):
+    """Launch on `device` whatever the current CUDA device is (a no-op off CUDA)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 

@@ -9,7 +9,6 @@ FLEXRUN_TRITON_NORM=0 keeps torch's kernels.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -19,6 +18,8 @@ try:
     import triton.language as tl
 except ImportError:             # CPU-only installs: torch's kernels are used
     triton = None
+
+from .dequant_triton import on_device
 
 if triton is not None:
     @triton.jit
@@ -67,7 +68,7 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: 
         r2 = residual.reshape(-1, n).to(x.dtype).contiguous()
         h = torch.empty_like(x2)
     block = triton.next_power_of_2(n)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x.device):
         _norm_kernel[(x2.shape[0],)](
             x2, r2 if h is not None else x2, h if h is not None else y, weight,
             bias if bias is not None else weight, y, n, eps, HAS_RES=h is not None,

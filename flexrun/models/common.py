@@ -102,8 +102,7 @@ def add_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     """(h + y, its LayerNorm or RMSNorm): the residual add and the next norm, in one Triton
     pass on CUDA."""
     if norm_triton.applies(h, weight) and y.shape == h.shape:
-        s, x = norm_triton.norm(h, weight, bias, eps, rms, residual=y)
-        return s, x
+        return norm_triton.norm(h, weight, bias, eps, rms, residual=y)
     h = h + y
     return h, (rms_norm(h, weight, eps) if rms else layer_norm(h, weight, bias, eps))
 
