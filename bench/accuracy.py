@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from flexrun import LLM, Policy, SamplingParams
-from flexrun.commands import perplexity_terms
+from flexrun.cli.eval_ppl import perplexity_terms
 from flexrun.models.loader import open_checkpoint, resolve_named
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from flexrun import attn_triton as at
-from flexrun.timing import best_time
+from flexrun.kernels import attention as at
+from flexrun.plan.timing import best_time
 
 SHAPES = {"S3 opt-6.7b b32": (32, 32, 32, 128), "S5 llama-70b b128": (128, 64, 8, 128)}
 VARIANTS = [(bn, tp, nw) for bn in (32, 64, 128) for tp in (1024, 2048, 4096, 8192)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from flexrun.engine.attention import attend, attend_range, attend_slot
 from flexrun.engine.graphs import StepInputs, static_layer
-from flexrun.timing import best_time
+from flexrun.plan.timing import best_time
 from flexrun.models.opt import OPTModel
 from flexrun.models.spec import ModelSpec
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from flexrun import LLM, Policy, SamplingParams, pinned
+from flexrun import LLM, Policy, SamplingParams
+
+from flexrun.memory import pinned
 from flexrun.engine.attention import attend
-from flexrun.timing import attention_beside_h2d, best_time, copy_bw
+from flexrun.plan.timing import attention_beside_h2d, best_time, copy_bw
 from bench.run_flexrun import warm_up
 from torch.profiler import ProfilerActivity, profile
 

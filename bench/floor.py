@@ -17,8 +17,8 @@ P + gen/2, with the placement fractions of the policy:
 from __future__ import annotations
 
 from flexrun.config import Policy
-from flexrun.footprint import numel, weight_bytes
-from flexrun.hardware import HardwareProfile
+from flexrun.plan.footprint import numel, weight_bytes
+from flexrun.plan.hardware import HardwareProfile
 from flexrun.models.spec import ModelSpec
 
 
@@ -57,8 +57,8 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     else:
         t["host_dram"] = (weights + kv) / read
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)
-        from flexrun.costmodel import reads_page_cache
-        from flexrun.footprint import footprint
+        from flexrun.plan.costmodel import reads_page_cache
+        from flexrun.plan.footprint import footprint
         fp = footprint(spec, policy, elem, prompt_len, gen_len, cuda=cuda)
         cached = reads_page_cache(prof, fp, cuda)
         read = prof.disk_read_cached if cached else prof.disk_read
@@ -95,7 +95,7 @@ def floor_of_result(r: dict) -> dict | None:
 
 
 def _floor_of_result(r: dict) -> dict:
-    from flexrun.hardware import default_profile
+    from flexrun.plan.hardware import default_profile
     from flexrun.models.dummy import dummy_spec
     cuda = r.get("device", "cpu") != "cpu"
     spec, prof = dummy_spec(r["model"][len("dummy:"):]), default_profile("cuda" if cuda else "cpu")

@@ -70,7 +70,7 @@ def extra_checks(d: Path, prompts, resident, tmp: Path) -> dict:
     """Chunked weight copies (tiny chunks) and the fused dequant kernel vs the plain one."""
     import os
 
-    from flexrun import pinned
+    from flexrun.memory import pinned
     row = {}
     saved, pinned.H2D_CHUNK = pinned.H2D_CHUNK, 4096
     try:

@@ -30,10 +30,10 @@ TAG = "PP_RESULT"
 
 def plan(a, gpus: int, spec, dtype: torch.dtype):
     """(policy for LLM(...), predicted dict) from the cost model for `gpus` stages."""
-    from flexrun.policysearch import search
-    from flexrun.engine.stages import plan_stages
-    from flexrun.hardware import default_profile
-    from flexrun.stageplan import search_stages
+    from flexrun.plan.search import search
+    from flexrun.plan.stages import plan_stages
+    from flexrun.plan.hardware import default_profile
+    from flexrun.plan.stage_search import search_stages
     prof = default_profile(a.device)
     elem = torch.tensor([], dtype=dtype).element_size()
     budgets = dict(gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, device=a.device,

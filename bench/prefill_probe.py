@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flexrun.timing import best_time
+from flexrun.plan.timing import best_time
 
 
 def timed(fn) -> float:

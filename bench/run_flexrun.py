@@ -73,8 +73,8 @@ def main() -> None:
         st = llm.stats
         predicted = None
         try:
-            from flexrun.costmodel import predict
-            from flexrun.hardware import default_profile
+            from flexrun.plan.costmodel import predict
+            from flexrun.plan.hardware import default_profile
             p = predict(llm.spec, llm.policy, default_profile(llm.device.type), a.prompt_len,
                         a.gen_len, num_prompts=n, device=llm.device.type,
                         dtype_bytes=torch.tensor([], dtype=llm.dtype).element_size())

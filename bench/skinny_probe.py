@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from flexrun.timing import best_time
+from flexrun.plan.timing import best_time
 
 
 @triton.jit

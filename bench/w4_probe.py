@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexrun import dequant_triton as dq
-from flexrun.timing import best_time
-from flexrun.quant import compress, decompress
+from flexrun.kernels import dequant as dq
+from flexrun.plan.timing import best_time
+from flexrun.memory.quant import compress, decompress
 
 SHAPES = {"opt30b.qkvo": (7168, 7168), "opt30b.fc1": (28672, 7168),
           "opt30b.fc2": (7168, 28672), "llama70b.kv": (1024, 8192),

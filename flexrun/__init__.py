@@ -7,8 +7,8 @@ import os
 # the user set wins.
 ALLOC_CONF_SET_BY_FLEXRUN = "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-from .api import LLM, RequestOutput
-from .config import FlexrunError, Policy, SamplingParams
+from flexrun.api import LLM, RequestOutput
+from flexrun.config import FlexrunError, Policy, SamplingParams
 
 __all__ = ["LLM", "Policy", "SamplingParams", "RequestOutput", "FlexrunError"]
 __version__ = "0.1.0"

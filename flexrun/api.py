@@ -8,15 +8,15 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import FlexrunError, Policy, SamplingParams, parse_size
-from .engine.pipeline import BatchState, Pipeline
-from .engine.sampling import Sampler
-from .engine.trace import Tracer
-from . import packed_weights
-from .footprint import check_budget, is_compressible, weight_layout
-from .models.llama import model_for
-from .models.loader import open_checkpoint
-from .storage import TIERS, DiskTier, TieredStore, split_report
+from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
+from flexrun.engine.pipeline import BatchState, Pipeline
+from flexrun.engine.sampling import Sampler
+from flexrun.engine.trace import Tracer
+from flexrun.memory import packed as packed_weights
+from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
+from flexrun.models.llama import model_for
+from flexrun.models.loader import open_checkpoint
+from flexrun.memory.storage import TIERS, DiskTier, TieredStore, split_report
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LLM:
         torchrun it defaults to WORLD_SIZE and this process runs its own stage. policy is
         then one Policy for every stage, a list of one per stage, or "auto" (a cost-model
         placement per stage, each with an even share of cpu_mem / disk_mem)."""
-        from .parallel import resolve_num_gpus
+        from flexrun.parallel.launch import resolve_num_gpus
         self.num_gpus = resolve_num_gpus(num_gpus)
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -77,7 +77,7 @@ class LLM:
                                                                                    None)
         self.stages = [range(self.spec.num_units)]   # unit ranges of the pipeline stages
         if self.num_gpus > 1:
-            from .parallel import plan_policies
+            from flexrun.parallel.launch import plan_policies
             self.stages, self.stage_policies = plan_policies(self, policy)
         else:
             self.stage_policies = [self._initial_policy(policy)]
@@ -90,7 +90,7 @@ class LLM:
         self.dist = None                             # this process's stage (torch.distributed)
         try:
             if self.num_gpus > 1:
-                from .parallel import setup
+                from flexrun.parallel.launch import setup
                 setup(self, self.num_gpus, dict(
                     model=model, device=self.device.type, policy=self.stage_policies,
                     gpu_mem=gpu_mem, cpu_mem=cpu_mem, offload_dir=offload_dir, dtype=self.dtype,
@@ -109,7 +109,7 @@ class LLM:
             self._place_weights()
             kind, extra = Pipeline, {"units": self.units}
             if self.dist is not None:
-                from .engine.distributed import StagePipeline
+                from flexrun.parallel.stage_pipeline import StagePipeline
                 kind, extra["comm"] = StagePipeline, self.dist.comm
             self.pipeline = kind(self.spec, model_for(self.spec), self.weights, self.policy,
                                  self.device, self.dtype, self.disk, self.tracer, **extra)
@@ -126,7 +126,7 @@ class LLM:
                                    f"{len(policy)} (one policy per pipeline stage)")
             policy = policy[0]
         if policy == "auto":
-            from .policysearch import search_for_llm
+            from flexrun.plan.search import search_for_llm
             policy = search_for_llm(self)
         return self._with_flags(policy)
 
@@ -188,7 +188,7 @@ class LLM:
         for name, t in self.ckpt.iter_tensors(device_for, set(names)):
             t = t.to(self.dtype)
             if p.compress_weight and is_compressible(name, t.shape):
-                from .quant import compress
+                from flexrun.memory.quant import compress
                 t = compress(t.to(self.device), p.quant_bits, p.quant_group, dim=-1)
             elif packs and is_compressible(name, t.shape):
                 t = packed_weights.pack(t, p.gpu_batch_size)

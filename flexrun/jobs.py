@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import FlexrunError
+from flexrun.config import FlexrunError
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from flexrun.models.gguf import _dequantize, _reader
-from flexrun.quant import compress, decompress
+from flexrun.memory.quant import compress, decompress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import accuracy  # noqa: E402

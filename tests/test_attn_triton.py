@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 
 CHECK = r"""
 import torch
-from flexrun import attn_triton
+from flexrun.kernels import attention as attn_triton
 from flexrun.engine.attention import attend_slot
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)

@@ -15,10 +15,10 @@ import torch
 from flexrun import LLM, FlexrunError, Policy
 from flexrun.cli import main as cli_main
 from flexrun.config import parse_size
-from flexrun.costmodel import predict
-from flexrun.policysearch import search
-from flexrun.footprint import check_budget, footprint, numel
-from flexrun.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
+from flexrun.plan.costmodel import predict
+from flexrun.plan.search import search
+from flexrun.plan.footprint import check_budget, footprint, numel
+from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
 from flexrun.models.dummy import dummy_spec
 
 H100 = HardwareProfile.load(PROFILES_DIR / "h100.json")
@@ -215,7 +215,7 @@ def test_profiles_round_trip_and_defaults(tmp_path):
 
 def test_profile_cli_writes_json(tmp_path, monkeypatch, capsys):
     import functools
-    import flexrun.hardware as hw
+    import flexrun.plan.hardware as hw
     monkeypatch.setattr(hw, "measure", functools.partial(hw.measure, disk_bytes=32 << 20))
     out = tmp_path / "hw.json"
     assert cli_main(["profile", "-o", str(out), "--offload-dir", str(tmp_path),
@@ -453,7 +453,7 @@ def test_bench_floor_share_of_tok_s():
     """bench.floor's prefill floor counts OPT-6.7B's prefill matmuls (S3: ~0.28 s at the H100
     profile's 760 TFLOP/s) and the share compares the run's tok/s with the floors'."""
     from bench.floor import floor_of_result, prefill_floor
-    from flexrun.hardware import default_profile
+    from flexrun.plan.hardware import default_profile
     from flexrun.models.dummy import dummy_spec
     spec, prof = dummy_spec("opt-6.7b"), default_profile("cuda")
     pre = prefill_floor(spec, 32, 512, prof)

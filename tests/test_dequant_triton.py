@@ -10,8 +10,8 @@ triton = pytest.importorskip("triton")
 
 CHECK = r"""
 import torch
-from flexrun.quant import compress, decompress, decompress_plain
-from flexrun import dequant_triton as dq
+from flexrun.memory.quant import compress, decompress, decompress_plain
+from flexrun.kernels import dequant as dq
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
 for shape in [(64, 128), (3, 5, 256), (300, 448), (7, 64)]:
@@ -33,8 +33,8 @@ def test_fused_dequant_matches_plain():
 MATMUL_CHECK = r"""
 import torch
 import torch.nn.functional as F
-from flexrun.quant import compress, decompress_plain
-from flexrun import dequant_triton as dq
+from flexrun.memory.quant import compress, decompress_plain
+from flexrun.kernels import dequant as dq
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
 # (rows, out, in, group, bias, config): ragged N and K tails, 1..128 rows, every group size

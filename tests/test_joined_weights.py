@@ -4,7 +4,7 @@ import torch
 from conftest import ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.models.common import _joined, linear, linear_rows
-from flexrun.storage import TieredStore
+from flexrun.memory.storage import TieredStore
 
 
 def _store(tiers=("gpu", "gpu", "gpu")):
@@ -59,7 +59,7 @@ def test_resident_run_joins_and_matches_offloaded(llama_dir, tmp_path):
 def test_compressed_rows_join_and_give_the_separate_linears():
     """4-bit q/k/v join part by part (codes, mins, scales) and multiply as one matrix; the
     same products as one linear each."""
-    from flexrun.quant import Compressed, compress
+    from flexrun.memory.quant import Compressed, compress
     st = TieredStore(torch.device("cpu"), None, pin=False)
     g = torch.Generator().manual_seed(0)
     for i, n in enumerate("qkv"):

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 CHECK = r"""
 import torch
 import torch.nn.functional as F
-from flexrun import norm_triton
+from flexrun.kernels import norms as norm_triton
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
 

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
-from flexrun.storage import assign_tiers, split_report
+from flexrun.memory.storage import assign_tiers, split_report
 
 PLACES = {"gpu": (100, 0, 0), "cpu": (0, 100, 0), "disk": (0, 0, 100), "split": (30, 40, 30)}
 BATCHES = [(1, 1), (2, 3), (4, 2)]
@@ -84,7 +84,7 @@ def test_cpu_disk_weights_mapped_or_read(model_and_ref, tmp_path, monkeypatch, m
     every decode step attends over whole slots, and no mapping of an offload file outlives
     the run."""
     import flexrun.engine.pipeline as pipeline_mod
-    from flexrun import storage
+    from flexrun.memory import storage
     d, prompts, ref = model_and_ref
     monkeypatch.setattr(pipeline_mod, "MAP_DISK", mapped)
     calls = {"map": 0, "whole": 0}

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import hf_greedy, ragged_prompts
-from flexrun import LLM, Policy, SamplingParams, packed_weights, storage
-from flexrun.packed_weights import Packed
+from flexrun import LLM, Policy, SamplingParams
+from flexrun.memory import packed as packed_weights
+from flexrun.memory import storage
+from flexrun.memory.packed import Packed
 
 pytestmark = pytest.mark.skipif(not packed_weights.available(),
                                 reason="oneDNN bf16 packing is not available on this CPU")

@@ -16,11 +16,11 @@ from conftest import ragged_prompts, write_jsonl
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.cli import main
 from flexrun.config import FlexrunError
-from flexrun.engine.stages import bubble_fraction, plan_stages, split_groups, split_units
-from flexrun.hardware import default_profile
+from flexrun.plan.stages import bubble_fraction, plan_stages, split_groups, split_units
+from flexrun.plan.hardware import default_profile
 from flexrun.models.dummy import dummy_spec
-from flexrun.parallel import check_devices
-from flexrun.stageplan import pipeline_times, search_stages
+from flexrun.parallel.launch import check_devices
+from flexrun.plan.stage_search import pipeline_times, search_stages
 
 NEW = 8
 GREEDY = SamplingParams(ignore_eos=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexrun.quant import Compressed, compress, compressed_nbytes, decompress
+from flexrun.memory.quant import Compressed, compress, compressed_nbytes, decompress
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

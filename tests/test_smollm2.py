@@ -13,7 +13,7 @@ import torch
 
 from flexrun import LLM
 from flexrun.cli import main
-from flexrun.commands import perplexity_terms
+from flexrun.cli.eval_ppl import perplexity_terms
 from flexrun.config import FlexrunError
 from flexrun.models import smollm2
 from flexrun.models.loader import open_checkpoint

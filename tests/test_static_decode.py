@@ -104,7 +104,7 @@ def test_key_range_matches_decode_mask():
 def test_whole_unit_layout_keeps_units_resident_within_budget():
     """On a GPU with its KV cache there, streamed weights are whole units spaced evenly, the
     resident bytes never above the policy's share (the rest in whole tensors)."""
-    from flexrun.footprint import footprint, unit_set_shapes, weight_bytes, weight_tiers
+    from flexrun.plan.footprint import footprint, unit_set_shapes, weight_bytes, weight_tiers
     from flexrun.models.dummy import dummy_spec
     spec = dummy_spec("opt-6.7b")
     pol = Policy(gpu_batch_size=8, weights_gpu=88, weights_cpu=8, weights_disk=4)
@@ -163,7 +163,7 @@ def test_whole_unit_layout_matches_plain(cpu_part, llama8_dir, tmp_path, static_
                                          monkeypatch):
     """Resident units run the static step, streamed ones (from RAM or disk) the plain one,
     their loads started a streamed unit ahead: the same greedy tokens as all resident."""
-    from flexrun import footprint
+    from flexrun.plan import footprint
     llama_dir, prompts = llama8_dir, ragged_prompts(6)
     ref, _ = _run(llama_dir, prompts, Policy(gpu_batch_size=3, num_gpu_batches=2,
                                              cuda_graphs=False))

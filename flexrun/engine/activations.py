@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pinned import pinned_empty
+from flexrun.memory.pinned import pinned_empty
 
 
 class HostTransfers:

@@ -106,7 +106,7 @@ def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch
     (b, kv_heads, T, hd) -> (b, 1, heads*hd); start (b,) and last (1,) are device tensors, so
     shapes do not change from step to step. On CUDA a Triton split-K kernel reads only the
     keys in range (attn_triton); elsewhere SDPA runs over the slot with a mask."""
-    from .. import attn_triton
+    from flexrun.kernels import attention as attn_triton
     if attn_triton.applies(q, K, V):
         return attn_triton.decode_attention(q, K, V, start, last)
     pos = torch.arange(K.shape[2], device=K.device)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..storage import parts
-from .attention import attend_range
+from flexrun.memory.storage import parts
+from flexrun.engine.attention import attend_range
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
 

@@ -13,9 +13,9 @@ from typing import Mapping
 
 import torch
 
-from ..pinned import pinned_empty
-from ..storage import DiskTier, offload_error
-from .kvquant import CompressedKVSlot
+from flexrun.memory.pinned import pinned_empty
+from flexrun.memory.storage import DiskTier, offload_error
+from flexrun.engine.kvquant import CompressedKVSlot
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import Compressed, compress, decompress
+from flexrun.memory.quant import Compressed, compress, decompress
 
 
 class CompressedKVSlot:

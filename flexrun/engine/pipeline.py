@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Policy
-from ..models.spec import ModelSpec
-from ..storage import MAP_DISK, Arena, DiskTier, TieredStore, assign_tiers, new_future
-from . import graphs as decode_graphs
-from .. import attn_triton
-from .activations import HostTransfers
-from .attention import attend, attend_range, decode_mask, host_matmul, prefill_mask
-from .kvcache import KVCache, KVSlot
-from .sampling import Sampler
-from .schedule import Task, next_unit, zigzag
-from .trace import Tracer
+from flexrun.config import Policy
+from flexrun.models.spec import ModelSpec
+from flexrun.memory.storage import MAP_DISK, Arena, DiskTier, TieredStore, assign_tiers, new_future
+from flexrun.engine import graphs as decode_graphs
+from flexrun.kernels import attention as attn_triton
+from flexrun.engine.activations import HostTransfers
+from flexrun.engine.attention import attend, attend_range, decode_mask, host_matmul, prefill_mask
+from flexrun.engine.kvcache import KVCache, KVSlot
+from flexrun.engine.sampling import Sampler
+from flexrun.engine.schedule import Task, next_unit, zigzag
+from flexrun.engine.trace import Tracer
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SamplingParams
+from flexrun.config import SamplingParams
 
 
 class Sampler:

@@ -6,9 +6,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .. import norm_triton
-from ..packed_weights import Packed
-from ..quant import Compressed, rows_alike
+from flexrun.kernels import norms as norm_triton
+from flexrun.memory.packed import Packed
+from flexrun.memory.quant import Compressed, rows_alike
 
 
 def dense(w) -> torch.Tensor:
@@ -17,7 +17,7 @@ def dense(w) -> torch.Tensor:
         return w
     if isinstance(w, Packed):
         return w.dense()
-    from ..quant import decompress
+    from flexrun.memory.quant import decompress
     return decompress(w)
 
 
@@ -28,7 +28,7 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(w, Packed) and x.dtype == torch.bfloat16:
         return w.linear(x, b)
     if not isinstance(w, (torch.Tensor, Packed)):
-        from .. import dequant_triton
+        from flexrun.kernels import dequant as dequant_triton
         if dequant_triton.fused_linear_ok(x, w):
             return dequant_triton.linear4(x, w, b)
     return F.linear(x, dense(w).to(x.dtype), None if b is None else b.to(x.dtype))

@@ -9,9 +9,9 @@ import zlib
 
 import torch
 
-from ..config import FlexrunError
-from .loader import Checkpoint
-from .spec import ModelSpec
+from flexrun.config import FlexrunError
+from flexrun.models.checkpoint import Checkpoint
+from flexrun.models.spec import ModelSpec
 
 _OPT = {  # name: (hidden, layers, heads, ffn)
     "opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096),

@@ -6,9 +6,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import FlexrunError
-from .common import add_norm, dense, linear, linear_rows, rms_norm, split_heads
-from .spec import ModelSpec
+from flexrun.config import FlexrunError
+from flexrun.models.common import add_norm, dense, linear, linear_rows, rms_norm, split_heads
+from flexrun.models.spec import ModelSpec
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -90,5 +90,5 @@ class LlamaModel:
 
 def model_for(spec: ModelSpec):
     """The math object for a spec's architecture."""
-    from .opt import OPTModel
+    from flexrun.models.opt import OPTModel
     return OPTModel(spec) if spec.arch == "opt" else LlamaModel(spec)

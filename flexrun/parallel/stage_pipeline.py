@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..storage import new_future
-from .pipeline import BatchState, Pipeline
-from .sampling import Sampler
-from .stages import split_groups
+from flexrun.memory.storage import new_future
+from flexrun.engine.pipeline import BatchState, Pipeline
+from flexrun.engine.sampling import Sampler
+from flexrun.plan.stages import split_groups
 
 
 @dataclass

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FlexrunError, Policy
-from .costmodel import Prediction, Workload, predict
-from .engine.stages import split_groups
-from .hardware import HardwareProfile
-from .models.spec import ModelSpec
-from .policysearch import _caps, _Search, _with, shape_grid
+from flexrun.config import FlexrunError, Policy
+from flexrun.plan.costmodel import Prediction, Workload, predict
+from flexrun.plan.stages import split_groups
+from flexrun.plan.hardware import HardwareProfile
+from flexrun.models.spec import ModelSpec
+from flexrun.plan.search import _caps, _Search, _with, shape_grid
 
 
 @dataclass

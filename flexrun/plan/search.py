@@ -14,12 +14,12 @@ from typing import Iterator
 
 import torch
 
-from .config import FlexrunError, Policy, format_size, parse_size
-from .costmodel import (RESOURCES, STREAMS, VARS, _DTYPES, Prediction, SearchResult, Workload,
+from flexrun.config import FlexrunError, Policy, format_size, parse_size
+from flexrun.plan.costmodel import (RESOURCES, STREAMS, VARS, _DTYPES, Prediction, SearchResult, Workload,
                         _Ctx, _add, _disk_cached, _lin, predict)
-from .footprint import check_budget, footprint
-from .hardware import HardwareProfile, default_profile
-from .models.spec import ModelSpec
+from flexrun.plan.footprint import check_budget, footprint
+from flexrun.plan.hardware import HardwareProfile, default_profile
+from flexrun.models.spec import ModelSpec
 
 
 # ---- the LP for one block shape, and the search over shapes -------------------------------
@@ -350,7 +350,7 @@ def device_and_profile(args) -> tuple[str, HardwareProfile]:
 
 def search_command(args) -> int:
     """`flexrun policy search ...`: print the policy and its prediction; -o writes JSON."""
-    from .models.loader import open_checkpoint
+    from flexrun.models.loader import open_checkpoint
     device, prof = device_and_profile(args)
     spec = open_checkpoint(args.model).spec
     res = search(spec, prof, args.prompt_len, args.gen_len, args.gpu_mem, args.cpu_mem,

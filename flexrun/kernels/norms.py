@@ -19,7 +19,7 @@ try:
 except ImportError:             # CPU-only installs: torch's kernels are used
     triton = None
 
-from .dequant_triton import on_device
+from flexrun.kernels.dequant import on_device
 
 if triton is not None:
     @triton.jit

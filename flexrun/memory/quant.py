@@ -135,7 +135,7 @@ def decompress(c: Compressed, dtype: torch.dtype | None = None) -> torch.Tensor:
 
     On CUDA, 4-bit weights and cache groups take a fused Triton kernel (dequant_triton) when
     it is installed; this function's own arithmetic is the reference it is tested against."""
-    from . import dequant_triton
+    from flexrun.kernels import dequant as dequant_triton
     if dequant_triton.enabled() and dequant_triton.supports(c, dtype or c.dtype):
         return dequant_triton.dequantize4(c, dtype or c.dtype)
     return decompress_plain(c, dtype)

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from .config import FlexrunError
-from .pinned import h2d_chunked, pinned_copy
-from .quant import join_rows
+from flexrun.config import FlexrunError
+from flexrun.memory.pinned import h2d_chunked, pinned_copy
+from flexrun.memory.quant import join_rows
 
 TIERS = ("gpu", "cpu", "disk")
 MADV_POPULATE_READ = 22     # Linux >= 5.14: map a range's pages now (mmap lacks the name)

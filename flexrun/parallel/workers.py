@@ -16,13 +16,14 @@ import time
 import traceback
 from multiprocessing.connection import wait as wait_any
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from .config import FlexrunError
-from .engine.pipeline import BatchState
-from .engine.sampling import Sampler
-from .storage import remove_stale_runs
+from flexrun.config import FlexrunError
+from flexrun.engine.pipeline import BatchState
+from flexrun.engine.sampling import Sampler
+from flexrun.memory.storage import remove_stale_runs
 
 
 def free_port() -> int:
@@ -34,7 +35,9 @@ def free_port() -> int:
 class WorkerGroup:
     """N spawned stage processes; `run_block` has Pipeline.run_block's contract."""
 
-    def __init__(self, n: int, kwargs: dict, device: torch.device):
+    def __init__(self, n: int, build: Callable[..., Any], kwargs: dict, device: torch.device):
+        """n stage processes, each running `build(**kwargs)` (the LLM class: a stage of a
+        torchrun-style launch) under its own RANK / WORLD_SIZE."""
         os.environ["NCCL_NVLS_ENABLE"] = "0"     # the workers inherit it: no NVLink multicast
         self.offload_dir = kwargs.get("offload_dir")
         self.peaks, self.broken = (0, 0), False
@@ -43,7 +46,7 @@ class WorkerGroup:
         try:
             for r in range(n):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, args=(r, n, port, kwargs, child),
+                p = ctx.Process(target=_worker, args=(r, n, port, build, kwargs, child),
                                 name=f"flexrun-stage{r}", daemon=True)
                 p.start()
                 child.close()
@@ -141,17 +144,17 @@ def _unpack(d: dict, device: torch.device) -> BatchState:
 
 
 # ---- a worker process -----------------------------------------------------------------------
-def _worker(rank: int, world: int, port: int, kwargs: dict, conn) -> None:
+def _worker(rank: int, world: int, port: int, build: Callable[..., Any], kwargs: dict,
+            conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the driver decides when to stop
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if kwargs.get("device") == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from .api import LLM
     llm = None
     try:
-        llm = LLM(**kwargs)
+        llm = build(**kwargs)
         conn.send(("ready", {"units": list(llm.units), "bytes": llm.weights.bytes_per_tier()}))
         while True:
             kind, body = conn.recv()

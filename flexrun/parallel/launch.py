@@ -17,10 +17,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import FlexrunError, Policy
-from .engine.distributed import StageComm
-from .engine.stages import plan_stages
-from .hardware import default_profile
+from flexrun.config import FlexrunError, Policy
+from flexrun.parallel.stage_pipeline import StageComm
+from flexrun.plan.stages import plan_stages
+from flexrun.plan.hardware import default_profile
 
 
 def torchrun_env() -> bool:
@@ -125,7 +125,7 @@ def plan_policies(llm, policy) -> tuple[list[range], list[Policy]]:
     hint = llm.compress_weight or any(p.compress_weight for p in given or ())
     stages = plan_stages(llm.spec, llm.dtype, n, hint)
     if given is None:
-        from .stageplan import search_stages
+        from flexrun.plan.stage_search import search_stages
         plan = search_stages(llm.spec, default_profile(llm.device), stages,
                              llm.auto_prompt_len, llm.auto_gen_len, llm.gpu_mem, llm.cpu_mem,
                              llm.disk_mem, llm.device.type,
@@ -152,6 +152,7 @@ def setup(llm, n: int, kwargs: dict) -> None:
             llm.trace_path = f"{llm.trace_path}.rank{llm.dist.rank}"
         return
     llm._check_budget(None, None)        # fail before spawning anything
-    from .workers import WorkerGroup
-    llm.pipeline = WorkerGroup(n, kwargs, llm.device)
+    from flexrun.parallel.workers import WorkerGroup
+    # each worker builds its stage with llm's own class (no import of the api from here)
+    llm.pipeline = WorkerGroup(n, type(llm), kwargs, llm.device)
     llm.stats.weights_split = llm.pipeline.weights_split

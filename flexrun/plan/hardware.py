@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .config import FlexrunError
-from .timing import (attn_bw, attn_bw_with_h2d, copy_bw, cpu_has_bf16, disk_rates, gemm_rates,
+from flexrun.config import FlexrunError
+from flexrun.plan.timing import (w4_rates, attn_bw, attn_bw_with_h2d, copy_bw, cpu_has_bf16, disk_rates, gemm_rates,
                      read_bw, unit_overhead)
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "policies" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "policies" / "profiles"
 _GB = 1e9
 
 
@@ -218,8 +218,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     prof.gpu_unit_overhead = unit_overhead(dev, torch.float16, sync)
     prof.gpu_graph_unit_overhead = unit_overhead(dev, torch.float16, sync, graph=True)
     prof.cpu_attn_bw_with_h2d = attn_bw_with_h2d(dev, prof.cpu_attn_bw)
-    from . import dequant_triton
-    prof.gpu_w4_bw, prof.gpu_w4_flops = dequant_triton.measure_rates(dev) or (None, None)
+    prof.gpu_w4_bw, prof.gpu_w4_flops = w4_rates(dev) or (None, None)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 
@@ -271,16 +270,3 @@ def format_profile(p: HardwareProfile) -> str:
                                                                          p.disk_mem)))]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
-
-
-def profile_command(args) -> int:
-    """`flexrun profile -o hw.json [--offload-dir D] [--device cuda|cpu]`."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cmd = f"flexrun profile -o {args.output} --device {device}"
-    if args.offload_dir:
-        cmd += f" --offload-dir {args.offload_dir}"
-    prof = measure(device, args.offload_dir, command=cmd)
-    prof.save(args.output)
-    print(format_profile(prof))
-    print(f"profile written to {args.output}")
-    return 0

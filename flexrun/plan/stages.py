@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import FlexrunError, Policy
-from ..footprint import weight_bytes
-from ..models.spec import ModelSpec
+from flexrun.config import FlexrunError, Policy
+from flexrun.plan.footprint import weight_bytes
+from flexrun.models.spec import ModelSpec
 
 
 def unit_costs(spec: ModelSpec, policy: Policy, dtype: torch.dtype) -> list[int]:

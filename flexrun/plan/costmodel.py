@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import FlexrunError, Policy
-from .footprint import (footprint, is_compressible, numel, streams_whole_units,
+from flexrun.config import FlexrunError, Policy
+from flexrun.plan.footprint import (footprint, is_compressible, numel, streams_whole_units,
                         weight_bytes)
-from .hardware import HardwareProfile
-from .models.spec import ModelSpec
-from .storage import MAP_DISK
+from flexrun.plan.hardware import HardwareProfile
+from flexrun.models.spec import ModelSpec
+from flexrun.memory.storage import MAP_DISK
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # terms that run concurrently (pipeline.py: weights load on the io thread / weight stream,
@@ -232,7 +232,7 @@ class _Ctx:
         plain GEMM model). Compressed weights are either multiplied as 4-bit codes by the
         fused kernel (decode-sized row counts on CUDA) or decompressed to the compute dtype
         for every batch and then multiplied like dense ones."""
-        from .dequant_triton import FUSED_MAX_ROWS, fused_applies
+        from flexrun.kernels.dequant import FUSED_MAX_ROWS, fused_applies
         k, q = self.p.num_gpu_batches, self.unit_qparams[kind]
         if q and self.w4 and rows <= FUSED_MAX_ROWS \
                 and fused_applies(self.p.quant_bits, self.p.quant_group, self.e):
@@ -337,11 +337,3 @@ def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_le
                       decode_throughput=bls / times["decode"] if times["decode"] else math.inf,
                       peak={t: fp.total(t) for t in ("gpu", "cpu", "disk")},
                       breakdown=breakdown, disk_cached=disk_cached)
-
-
-def __getattr__(name: str):
-    """The search used to live here: `costmodel.search` etc. still resolve."""
-    if name in ("search", "search_for_llm", "search_command", "format_result"):
-        from . import policysearch
-        return getattr(policysearch, name)
-    raise AttributeError(name)

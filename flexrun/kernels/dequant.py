@@ -264,22 +264,3 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
 def on_device(device: torch.device):
     """Launch on `device` whatever the current CUDA device is (a no-op off CUDA)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def measure_rates(device: torch.device) -> tuple[float, float] | None:
-    """(bytes/s, FLOP/s) of the fused matmul: time = packed bytes / bw + 2 params rows / flops,
-    solved from 32 and 128 rows at a 28672 x 8192 weight; None without Triton."""
-    if not enabled() or device.type != "cuda":
-        return None
-    from .timing import best_time
-    from .quant import compress
-    c = compress(torch.randn(28672, 8192, device=device, dtype=torch.float16), 4, 64, -1)
-    times = {}
-    for rows in (32, 128):
-        x = torch.randn(rows, 8192, device=device, dtype=torch.float16)
-        times[rows] = best_time(lambda: linear4(x, c), sync=lambda: torch.cuda.synchronize(device))
-    per_row = (times[128] - times[32]) / 96
-    fixed = times[32] - 32 * per_row
-    if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line
-        return None
-    return c.nbytes / fixed, 2 * 28672 * 8192 / per_row

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import FlexrunError
-from .storage import map_pages
+from flexrun.config import FlexrunError
+from flexrun.kernels import dequant
+from flexrun.memory.quant import compress
+from flexrun.memory.storage import map_pages
 
 
 def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> float:
@@ -39,7 +41,7 @@ def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, 
                 sync) -> tuple[float, float]:
     """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes, with
     the weights as a run stores them (pre-packed for oneDNN on a bf16 CPU run)."""
-    from . import packed_weights
+    from flexrun.memory import packed as packed_weights
     packs = packed_weights.applies(device, dtype, compress_weight=False)
 
     def rate(m, k, n):
@@ -59,7 +61,7 @@ def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, 
 def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
     """KV bytes/s of one decode attention step (one query per row) over several shapes, as
     the engine attends (engine.attention.attend)."""
-    from .engine.attention import attend
+    from flexrun.engine.attention import attend
     out = []
     for b, heads, t, hd in shapes:
         q = torch.randn(b, heads, 1, hd, device=device, dtype=dtype)
@@ -213,3 +215,20 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def w4_rates(device: torch.device) -> tuple[float, float] | None:
+    """(bytes/s, FLOP/s) of the fused matmul: time = packed bytes / bw + 2 params rows / flops,
+    solved from 32 and 128 rows at a 28672 x 8192 weight; None without Triton."""
+    if not dequant.enabled() or device.type != "cuda":
+        return None
+    c = compress(torch.randn(28672, 8192, device=device, dtype=torch.float16), 4, 64, -1)
+    times = {}
+    for rows in (32, 128):
+        x = torch.randn(rows, 8192, device=device, dtype=torch.float16)
+        times[rows] = best_time(lambda: dequant.linear4(x, c), sync=lambda: torch.cuda.synchronize(device))
+    per_row = (times[128] - times[32]) / 96
+    fixed = times[32] - 32 * per_row
+    if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line
+        return None
+    return c.nbytes / fixed, 2 * 28672 * 8192 / per_row

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FlexrunError, Policy, format_size
-from .models.spec import ModelSpec
-from .storage import TIERS, assign_tiers
+from flexrun.config import FlexrunError, Policy, format_size
+from flexrun.models.spec import ModelSpec
+from flexrun.memory.storage import TIERS, assign_tiers
 
 
 def numel(shape) -> int:

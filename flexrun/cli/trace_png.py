@@ -9,7 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
-from .config import FlexrunError
+from flexrun.config import FlexrunError
 
 COLOURS = {"h2d": "tab:blue", "load": "tab:cyan", "store": "tab:orange", "attn": "tab:red",
            "s": "tab:green"}

@@ -1,0 +1,5 @@
+import sys
+
+from flexrun.cli.main import main
+
+sys.exit(main())
