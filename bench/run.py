@@ -66,7 +66,7 @@ SCENARIOS = {
            "floor": "hbm"},
     # S4 is shrunk (prompt 128, 16 prompts; gen 32 as the other scenarios) so that both
     # systems finish in < 10 min on 2 cores: run_flexrun's warm-up repeats the block's
-    # prefill (sessions 4-7 ran gen 16, bench/results/S4*-gen16.json). 1.5 GiB, not 1 GiB: flexrun
+    # prefill (earlier runs used gen 16: history in docs/benchmarks.md). 1.5 GiB, not 1 GiB: flexrun
     # needs >= 1.21 GiB (1.27 GiB planning for 512 + 32) with the smallest block; the model
     # (4.9 GiB fp32) is still > 3x the budget. flexrun's budget covers weights, KV and
     # activations; Accelerate's max_memory covers its weights only (KV and activations on top).
