@@ -112,15 +112,17 @@ def ragged_prompts(n: int = 5, seed: int = 1) -> list[list[int]]:
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int,
               dtype: torch.dtype = torch.float32) -> list[list[int]]:
-    """transformers' own greedy generate, one prompt at a time (no padding involved)."""
+    """transformers' own greedy generate, one prompt at a time (no padding involved). EOS
+    neither stops it nor is suppressed (min_new_tokens would mask EOS's logit, which
+    ignore_eos does not do), so every new token is the argmax."""
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    m.generation_config.eos_token_id = None
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
-            g = m.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new,
-                           pad_token_id=0)
+            g = m.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
         outs.append(g[0, len(p):].tolist())
     return outs
 

@@ -28,6 +28,9 @@ from flexrun.models.loader import canonical_name
 from flexrun.models.spec import ModelSpec
 
 
+OPT_NAMES = dummy_spec("opt-125m")        # canonical_name reads only the architecture
+
+
 def hf_config(spec: ModelSpec):
     """The transformers OPTConfig of a flexrun OPT spec (same shape, same token ids)."""
     from transformers import OPTConfig
@@ -54,7 +57,7 @@ def materialize(model: torch.nn.Module, device_map: dict, offload_dir: Path,
     moved: Counter = Counter()
     tied = set(getattr(model, "_tied_weights_keys", None) or ["lm_head.weight"])
     for hf_name, p in model.state_dict(keep_vars=True).items():
-        name = canonical_name("opt", hf_name) if hf_name not in tied else "embed.tokens"
+        name = canonical_name(OPT_NAMES, hf_name) if hf_name not in tied else "embed.tokens"
         if name is None:
             continue
         dev = device_map.get("", None)

@@ -7,39 +7,61 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flexrun.models.spec import AttentionOptions
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+PLAIN = AttentionOptions()
+
+
+def prefill_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """valid: (b, s) bool of real (non-pad) tokens -> (b, 1, s, s) bool attention mask.
 
-    Causal over real keys; every query also sees itself, so pad rows stay finite."""
+    Causal over real keys (and within the last `window` positions); every query also sees
+    itself, so pad rows stay finite. A row's tokens are consecutive after its left padding,
+    so distances between cache indices are distances between positions."""
     s = valid.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     eye = torch.eye(s, dtype=torch.bool, device=valid.device)
     return ((causal & valid[:, None, :]) | eye)[:, None]
 
 
-def decode_mask(valid: torch.Tensor) -> torch.Tensor:
-    """valid: (b, T) bool of real keys (the new token included) -> (b, 1, 1, T)."""
+def decode_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """valid: (b, T) bool of real keys (the new token included) -> (b, 1, 1, T), keys within
+    the last `window` positions only when a window is given."""
+    if window is not None:
+        T = valid.shape[1]
+        recent = torch.arange(T, device=valid.device) > T - 1 - window
+        valid = valid & recent
     return valid[:, None, None, :]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           causal: bool = False) -> torch.Tensor:
+           causal: bool = False, opts: AttentionOptions = PLAIN) -> torch.Tensor:
     """Grouped-query attention when kv_heads < heads -> (b, s, heads*hd).
 
     mask None means no padding: plain causal (prefill) or full (decode) attention, which
-    lets SDPA pick its fastest kernel."""
+    lets SDPA pick its fastest kernel. A window must already be in the mask; a soft cap runs
+    as two matmuls (SDPA has none)."""
     b, nh, s, hd = q.shape
+    if opts.softcap is not None:
+        if mask is None and causal:
+            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(
+                k.shape[2] - s)[None, None]
+        g = nh // k.shape[1]
+        out = _matmul_attention(q.reshape(b, k.shape[1], g * s, hd), k, v,
+                                _fold_mask(mask, g, s), opts)
+        return out.view(b, nh, s, hd).transpose(1, 2).reshape(b, s, nh * hd)
     if s == 1 and not causal and q.device.type == "cpu":
         # decode on the CPU: fold the GQA heads (CPU SDPA with enable_gqa: 151 vs 22 ms fp16,
         # 16 x 64 heads / 8 KV x 544 keys, 2 cores). On CUDA, where flash attention takes GQA
         # as is, the fold measured no gain (Llama-70B decode 177 vs 147-158 ms/step)
-        return attend_slot(q, k, v, mask)
+        return attend_slot(q, k, v, mask, opts)
     gqa = k.shape[1] != nh
-    if causal and mask is None and q.is_cuda:
+    if causal and mask is None and q.is_cuda and opts.scale is None:
         out = causal_sdpa(q, k, v, gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=opts.scale,
                                              is_causal=causal and mask is None, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(b, s, nh * hd)
 
@@ -64,8 +86,16 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) ->
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
+def _fold_mask(mask: torch.Tensor | None, g: int, s: int) -> torch.Tensor | None:
+    """A (b|1, 1, s, T) mask for queries folded as (b, kv_heads, g*s, hd): row i*s + j is
+    query j of the i-th head sharing the KV head."""
+    if mask is None:
+        return None
+    return mask.expand(mask.shape[0], 1, s, mask.shape[-1]).repeat(1, 1, g, 1)
+
+
 def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, opts: AttentionOptions = PLAIN) -> torch.Tensor:
     """Decode attention, one query per row: q (b, heads, 1, hd) -> (b, 1, heads*hd).
 
     The query heads sharing a KV head become that KV head's queries, so K/V are never
@@ -74,10 +104,11 @@ def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, nh, _, hd = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, kvh, nh // kvh, hd)
-    if host_matmul(q) and (q.dtype == torch.float32 or (k.is_contiguous() and v.is_contiguous())):
-        out = _matmul_attention(q, k, v, mask)
+    if opts.softcap is not None or (host_matmul(q) and (
+            q.dtype == torch.float32 or (k.is_contiguous() and v.is_contiguous()))):
+        out = _matmul_attention(q, k, v, mask, opts)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=opts.scale)
     return out.reshape(b, 1, nh * hd)
 
 
@@ -91,24 +122,32 @@ def host_matmul(q: torch.Tensor) -> bool:
 
 
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v as HF's eager attention computes it: scores in the
-    run's dtype, the softmax in fp32. q (b, h, g, hd) against k / v (b, h, T, hd)."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
+                      mask: torch.Tensor | None, opts: AttentionOptions = PLAIN) -> torch.Tensor:
+    """softmax(q k^T * scale) v as HF's eager attention computes it: scores in the run's
+    dtype (soft-capped as Gemma-2's), the softmax in fp32. q (b, h, g, hd) against k / v
+    (b, h, T, hd)."""
+    scale = q.shape[-1] ** -0.5 if opts.scale is None else opts.scale
+    if opts.softcap is None:
+        scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = (torch.tanh(scores / opts.softcap) * opts.softcap).float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1).to(q.dtype), v)
 
 
 def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch.Tensor,
-                 last: torch.Tensor) -> torch.Tensor:
+                 last: torch.Tensor, opts: AttentionOptions = PLAIN) -> torch.Tensor:
     """Decode attention of q (b, heads, 1, hd) over keys [start[row], last] of whole slots K, V
     (b, kv_heads, T, hd) -> (b, 1, heads*hd); start (b,) and last (1,) are device tensors, so
     shapes do not change from step to step. On CUDA a Triton split-K kernel reads only the
     keys in range (attn_triton); elsewhere SDPA runs over the slot with a mask."""
     from flexrun.kernels import attention as attn_triton
+    if opts.window is not None:                 # a window only moves each row's first key
+        start = torch.maximum(start, last - (opts.window - 1))
     if attn_triton.applies(q, K, V):
-        return attn_triton.decode_attention(q, K, V, start, last)
+        return attn_triton.decode_attention(q, K, V, start, last, opts.scale, opts.softcap)
     pos = torch.arange(K.shape[2], device=K.device)
     mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
-    return attend_slot(q, K, V, mask)
+    return attend_slot(q, K, V, mask, opts)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.memory.storage import parts
-from flexrun.engine.attention import attend_range
+from flexrun.engine.attention import PLAIN, attend_range
+from flexrun.models.spec import AttentionOptions
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
 
@@ -51,13 +52,13 @@ class StepInputs:
 
 
 def static_layer(model, w: dict, h: torch.Tensor, s: StepInputs, K: torch.Tensor,
-                 V: torch.Tensor) -> torch.Tensor:
+                 V: torch.Tensor, opts: AttentionOptions = PLAIN) -> torch.Tensor:
     """One decoder layer's decode step with shapes that do not depend on the step: k/v are
     written at cache index s.t of the batch-major slot (K, V: (b, kv_heads, T, hd))."""
     q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, s.pos))
     K.index_copy_(2, s.t, k)
     V.index_copy_(2, s.t, v)
-    return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t))
+    return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t, opts))
 
 
 @dataclass
@@ -119,9 +120,10 @@ class DecodeGraphs:
         elif u <= L:
             slot = p.kv.slot(u - 1, b.batch_no, b.valid.shape[1], b.ids.shape[0])
             K, V = slot.kv
+            opts = p.spec.attention(u - 1)
 
             def fn(x):
-                return static_layer(p.model, w, x, s, K, V)
+                return static_layer(p.model, w, x, s, K, V, opts)
             extra = (K.data_ptr(), V.data_ptr(), K.shape)
         else:
             def fn(x):

@@ -156,10 +156,12 @@ class Pipeline(HostTransfers):
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
         q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos))  # (b, heads, s, hd)
+        opts = self.spec.attention(layer)
+        win = opts.window
         rows, total = b.ids.shape[0], b.valid.shape[1]
         slot = self.kv.slot(layer, b.batch_no, total, rows)
         if prefill:
-            attn = attend(q, k, v, self._mask(b, self.device, True), causal=True)
+            attn = attend(q, k, v, self._mask(b, self.device, True, win), causal=True, opts=opts)
             slot.write(k, v, 0)
             return self.model.post_attn(w, h, attn)
         t0 = b.time
@@ -167,27 +169,27 @@ class Pipeline(HostTransfers):
         if slot.tier == "gpu" and not slot.on_host:
             slot.write(k, v, t0)
             if isinstance(slot, KVSlot) and attn_triton.applies(q, *slot.kv):
-                attn = attend_range(q, *slot.kv, *self._key_range(b))
+                attn = attend_range(q, *slot.kv, *self._key_range(b), opts)
             else:
                 K, V = slot.read(t0 + 1, self.device)
-                attn = attend(q, K, V, self._mask(b, self.device, False))
+                attn = attend(q, K, V, self._mask(b, self.device, False, win), opts=opts)
         elif host_attn:
             cpu = torch.device("cpu")
             q, k, v = self._to_host(b.batch_no, q=q, k=k, v=v)
             slot.write(k, v, t0)
             with self.tracer.span(f"attn l{layer}", "cpu-attn"):
                 if self._whole_slot(slot, q):
-                    attn = attend_range(q, *slot.kv, *self._key_range(b))
+                    attn = attend_range(q, *slot.kv, *self._key_range(b), opts)
                 else:
                     K, V = slot.read(t0 + 1, cpu)
-                    attn = attend(q, K, V, self._mask(b, cpu, False))
+                    attn = attend(q, K, V, self._mask(b, cpu, False, win), opts=opts)
             if self.cuda:
                 attn = self._host_buffer("attn", b.batch_no, attn).copy_(attn)
                 attn = attn.to(self.device, non_blocking=True)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
-                          self._mask(b, self.device, False))
+                          self._mask(b, self.device, False, win), opts=opts)
             slot.write(k, v, t0)
         return self.model.post_attn(w, h, attn)
 
@@ -199,15 +201,20 @@ class Pipeline(HostTransfers):
         return (not self.cuda and isinstance(slot, KVSlot) and slot.tier == "gpu"
                 and not slot.time_major and host_matmul(q))
 
-    def _mask(self, b: BatchState, where: torch.device, prefill: bool):
-        """The step's attention mask on `where`, built once per step (None: no padding)."""
+    def _mask(self, b: BatchState, where: torch.device, prefill: bool,
+              window: int | None = None):
+        """The step's attention mask on `where`, built once per step (None: no padding and
+        no window, or a window the keys do not reach past)."""
+        keys = b.prompt_len if prefill else b.time + 1
+        if window is not None and window >= keys:
+            window = None
         def make():
-            if not b.padded:
+            if not b.padded and window is None:
                 return None
-            m = prefill_mask(b.valid[:, :b.prompt_len]) if prefill else \
-                decode_mask(b.valid[:, :b.time + 1])
+            m = prefill_mask(b.valid[:, :b.prompt_len], window) if prefill else \
+                decode_mask(b.valid[:, :b.time + 1], window)
             return m.to(where)
-        return self._per_step(b, (b.time, prefill, where.type), make)
+        return self._per_step(b, (b.time, prefill, where.type, window), make)
 
     def _key_range(self, b: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
         """(start (b,), last (1,)) on the device: each row's keys in this decode step are
@@ -222,7 +229,7 @@ class Pipeline(HostTransfers):
     def _per_step(b: BatchState, key: tuple, make):
         """b's value for `key`, made once per step (values of earlier steps are dropped)."""
         if key not in b.masks:
-            if len(b.masks) > 3:
+            if len(b.masks) > 7:
                 b.masks.clear()
             b.masks[key] = make()
         return b.masks[key]

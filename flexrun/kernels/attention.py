@@ -29,8 +29,8 @@ if triton is not None:
     _NEG = tl.constexpr(NEG)
 
     @triton.jit
-    def _split_kernel(Q, K, V, Start, Last, Opart, Mpart, Lpart, scale,
-                      sqb, sqh, skb, skh, skt, svb, svh, svt,
+    def _split_kernel(Q, K, V, Start, Last, Opart, Mpart, Lpart, scale, softcap,
+                      sqb, sqh, skb, skh, skt, svb, svh, svt, CAP: tl.constexpr,
                       KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                       S: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr):
         split_len = NI * BN
@@ -52,6 +52,8 @@ if triton is not None:
             use = (idx >= lo) & (idx < hi)
             k = tl.load(kbase + idx[:, None] * skt + d[None, :], mask=use[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale                       # (GP, BN) fp32
+            if CAP:                             # softcap * tanh(s / softcap), tanh via sigmoid
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
             s = tl.where(use[None, :], s, _NEG)
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.where(use[None, :], tl.exp(s - m_new[:, None]), 0.0)
@@ -104,9 +106,11 @@ def splits(rows_heads: int, T: int) -> tuple[int, int]:
 
 
 def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch.Tensor,
-                     last: torch.Tensor) -> torch.Tensor:
+                     last: torch.Tensor, scale: float | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """q (b, heads, 1, hd); K, V (b, kv_heads, T, hd); start (b,) first key of each row;
-    last (1,) the last key (inclusive) -> (b, 1, heads*hd), softmax scale 1/sqrt(hd)."""
+    last (1,) the last key (inclusive) -> (b, 1, heads*hd); softmax scale 1/sqrt(hd) unless
+    given, scores soft-capped (softcap * tanh(s / softcap)) when softcap is given."""
     b, nh, _, hd = q.shape
     kvh, T = K.shape[1], K.shape[2]
     G = nh // kvh
@@ -116,8 +120,9 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: t
     lpart = torch.empty_like(mpart)
     out = torch.empty((b, nh, hd), dtype=q.dtype, device=q.device)
     _split_kernel[(b * kvh, S)](
-        q, K, V, start, last, opart, mpart, lpart, hd ** -0.5, q.stride(0), q.stride(1),
-        K.stride(0), K.stride(1), K.stride(2), V.stride(0), V.stride(1), V.stride(2), KVH=kvh, G=G,
+        q, K, V, start, last, opart, mpart, lpart, hd ** -0.5 if scale is None else scale,
+        softcap or 1.0, q.stride(0), q.stride(1), K.stride(0), K.stride(1), K.stride(2),
+        V.stride(0), V.stride(1), V.stride(2), CAP=bool(softcap), KVH=kvh, G=G,
         GP=max(16, triton.next_power_of_2(G)), HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N,
         num_warps=NUM_WARPS)
     _merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S, SP=max(2, triton.next_power_of_2(S)),

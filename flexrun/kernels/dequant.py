@@ -75,7 +75,7 @@ def dequantize4(c, dtype: torch.dtype) -> torch.Tensor:
 # codes and the group mins/scales (~0.56 bytes per weight at group 64) and dequantizes in
 # registers right before tl.dot. Above FUSED_MAX_ROWS rows (prefill) the GEMM is compute
 # bound and dequantize-then-cuBLAS is faster.
-# On the H100 (bench/w4_probe.py, bench/results/w4-probe-H100.json) the fused kernel took
+# On the H100 (bench/w4_probe.py, first version of the probe) the fused kernel took
 # 0.115 vs 0.348 ms at 32 rows x (28672 x 7168) and 0.318 vs 0.349 ms at 128 rows.
 FUSED_MAX_ROWS = int(os.environ.get("FLEXRUN_FUSED_MAX_ROWS", "128"))
 _GROUPS = (32, 64, 128)          # group sizes the fused matmul handles (BLOCK_K % G == 0)
@@ -99,7 +99,7 @@ def w4_config(rows: int, n: int, k: int) -> Tiles:
     # The weight-first kernel won for long reductions (OPT-30B fc2, Llama-70B down) at every
     # row count and for wide weights (fc1, gate/up) up to 32 rows: 18-28% less time, e.g.
     # down at 128 rows 0.209 against 0.281 ms, fc1 at 32 rows 0.085 against 0.112
-    # (bench/results/w4-probe-H100-session9.json). Elsewhere the x-first kernel stays ahead.
+    # (bench/results/w4-probe-H100.json). Elsewhere the x-first kernel stays ahead.
     kind = os.environ.get("FLEXRUN_W4_KERNEL", "auto")     # or weight-first / x-first
     if kind == "weight-first" or (kind == "auto" and k >= 16384):
         return Tiles(64, 512 if 16 < rows <= 32 else 256, 4, 3, weight_first=True)
@@ -107,13 +107,13 @@ def w4_config(rows: int, n: int, k: int) -> Tiles:
         return Tiles(128, 128, 4, 3, weight_first=True) if rows > 16 else \
             Tiles(64, 256, 4, 3, weight_first=True)
     # Above 64 rows, one 128-row tile dequantizes each weight tile once: 18-40% faster in
-    # the probe at 128 rows (w4-probe-H100-128rows.json), and S5 (Llama-70B, 128 rows)
+    # the probe at 128 rows (bench/results/w4-probe-H100.json), and S5 (Llama-70B, 128 rows)
     # measured 121 against 137 ms/step with (128, 256, 8, 3) in one run on one machine
     # (FLEXRUN_W4_M128=0 gives the old tiles back). Narrow weights keep the 64-row tile.
     # A weight narrower than 132 SMs x 128 columns takes 64-wide tiles, so its tiles fill the
     # GPU: Llama-70B's q/o (8192 x 8192) at 128 rows took 0.075 ms against 0.176 with
     # 128-wide ones, and its k/v (1024 x 8192) 0.066 against 0.167 with 32-wide tiles
-    # (bench/results/w4-probe-H100-128rows-session8.json).
+    # (bench/w4_probe.py at 128 rows).
     if rows > 64:
         if os.environ.get("FLEXRUN_W4_M128", "1") != "1":
             return Tiles(128, 256, 8, 3)

@@ -14,67 +14,8 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.models.checkpoint import Checkpoint, TensorIter
+from flexrun.models.hf_config import eos_list, spec_from_config
 from flexrun.models.spec import ModelSpec
-
-# ---- config.json -> ModelSpec ---------------------------------------------------------------
-def _eos_list(v) -> list[int]:
-    if v is None:
-        return []
-    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
-
-
-def _rope_params(cfg: dict) -> tuple[float, dict | None]:
-    """rope_theta and rope_scaling from either the transformers 4.x or 5.x config style."""
-    params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling")
-    if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = params
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = None
-    return float(theta), scaling
-
-
-def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
-    """Build a ModelSpec from an HF config.json dict (OPT or Llama family)."""
-    mt = cfg.get("model_type", "")
-    try:
-        if mt == "opt":
-            h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-            proj = cfg.get("word_embed_proj_dim") or h
-            pre = cfg.get("do_layer_norm_before", True)
-            return ModelSpec(
-                arch="opt", vocab_size=cfg["vocab_size"], hidden_size=h,
-                num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads,
-                head_dim=h // heads, ffn_dim=cfg["ffn_dim"],
-                max_positions=cfg["max_position_embeddings"], norm_eps=1e-5,
-                do_layer_norm_before=pre, word_embed_proj_dim=proj if proj != h else None,
-                final_layer_norm=pre and not cfg.get("_remove_final_layer_norm", False),
-                tie_word_embeddings=True, bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=_eos_list(cfg.get("eos_token_id")),
-                pad_token_id=cfg.get("pad_token_id"), name=name)
-        if mt in ("llama", "mistral"):
-            h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-            theta, scaling = _rope_params(cfg)
-            return ModelSpec(
-                arch="llama", vocab_size=cfg["vocab_size"], hidden_size=h,
-                num_layers=cfg["num_hidden_layers"], num_heads=heads,
-                num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or h // heads, ffn_dim=cfg["intermediate_size"],
-                max_positions=cfg.get("max_position_embeddings", 4096),
-                norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                attention_bias=cfg.get("attention_bias", False),
-                mlp_bias=cfg.get("mlp_bias", False),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=_eos_list(cfg.get("eos_token_id")),
-                pad_token_id=cfg.get("pad_token_id"), name=name)
-    except KeyError as e:
-        raise FlexrunError(f"config of {name or 'model'} lacks key {e.args[0]!r}")
-    arch = (cfg.get("architectures") or [mt or "unknown"])[0]
-    raise FlexrunError(f"unsupported architecture {arch!r} (model_type {mt!r}) in {name}: "
-                       "flexrun runs OPT and Llama-family (llama, mistral) models")
-
 
 # ---- HF names -> canonical names ------------------------------------------------------------
 _OPT_LAYER = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
@@ -91,22 +32,63 @@ _OPT_TOP = {"decoder.embed_tokens.weight": "embed.tokens",
             "decoder.final_layer_norm.weight": "head.norm.weight",
             "decoder.final_layer_norm.bias": "head.norm.bias"}
 _LLAMA_TOP = {"embed_tokens.weight": "embed.tokens", "norm.weight": "head.norm.weight"}
+_FAMILY_LAYER = {   # what a family names otherwise than Llama
+    "qwen3": {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"},
+    "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
+    "gemma2": {"post_attention_layernorm": "post_attn_norm",
+               "pre_feedforward_layernorm": "mlp_norm",
+               "post_feedforward_layernorm": "post_mlp_norm"},
+}
 _LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def canonical_name(arch: str, hf_name: str) -> str | None:
-    """Map an HF state-dict key to flexrun's canonical name (None: not a model weight)."""
+def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
+    """Map an HF state-dict key to flexrun's canonical name (None: not a model weight).
+    Phi-3's fused qkv / gate_up come out as "qkv" / "gate_up" (split_fused divides them)."""
     if hf_name == "lm_head.weight":
         return "head.lm_head"
     name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
-    top = _OPT_TOP if arch == "opt" else _LLAMA_TOP
+    top = _OPT_TOP if spec.arch == "opt" else _LLAMA_TOP
     if name in top:
         return top[name]
     m = _LAYER_RE.fullmatch(name)
-    table = _OPT_LAYER if arch == "opt" else _LLAMA_LAYER
+    table = _OPT_LAYER if spec.arch == "opt" else {**_LLAMA_LAYER,
+                                                   **_FAMILY_LAYER.get(spec.family, {})}
     if m and m.group(2) in table:
         return f"layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
     return None
+
+
+_FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def _fused_parts(name: str) -> list[str] | None:
+    """The canonical names a fused tensor's name splits into (None: not fused)."""
+    unit, _, kind = name.rpartition(".")
+    prefix, _, part = unit.rpartition(".")
+    return [f"{prefix}.{p}.{kind}" for p in _FUSED[part]] if part in _FUSED else None
+
+
+def split_fused(spec: ModelSpec, name: str, t: torch.Tensor) -> TensorIter:
+    """(name, tensor) as the spec names it: Phi-3's qkv_proj rows split into q, k, v and its
+    gate_up_proj into gate (first half) and up, as transformers' Phi3 modules split them."""
+    parts = _fused_parts(name)
+    if parts is None:
+        yield name, t
+        return
+    if len(parts) == 3:
+        q = spec.num_heads * spec.head_dim
+        pieces = t.split([q, spec.kv_dim, spec.kv_dim], 0)
+    else:
+        pieces = t.chunk(2, 0)
+    for n, x in zip(parts, pieces):
+        yield n, x.contiguous()
+
+
+def _wanted(name: str | None, names: set[str] | None) -> bool:
+    if name is None or names is None:
+        return name is not None
+    return any(n in names for n in (_fused_parts(name) or [name]))
 
 
 def filter_and_check(spec: ModelSpec, pairs: TensorIter, source: str,
@@ -150,16 +132,16 @@ def _shard_files(d: Path) -> list[Path]:
                        "flexrun reads safetensors checkpoints (save with safe_serialization=True)")
 
 
-def _iter_safetensors(files: list[Path], arch: str, names: set[str] | None = None
+def _iter_safetensors(files: list[Path], spec: ModelSpec, names: set[str] | None = None
                       ) -> TensorIter:
     from safetensors import SafetensorError, safe_open
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    name = canonical_name(arch, key)
-                    if name is not None and (names is None or name in names):
-                        yield name, sf.get_tensor(key)
+                    name = canonical_name(spec, key)
+                    if _wanted(name, names):
+                        yield from split_fused(spec, name, sf.get_tensor(key))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FlexrunError(f"cannot read shard {f.name} ({str(e).splitlines()[0]}): the file "
                                "is corrupt or truncated; copy it again")
@@ -178,7 +160,7 @@ def open_hf_dir(path: str) -> Checkpoint:
     spec = spec_from_config(cfg, name=d.name)
     gen_cfg = d / "generation_config.json"
     if gen_cfg.is_file():
-        extra = _eos_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))
+        extra = eos_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))
         spec.eos_token_ids = sorted(set(spec.eos_token_ids) | set(extra))
     files = _shard_files(d)
     tokenizer, template = None, None
@@ -190,7 +172,7 @@ def open_hf_dir(path: str) -> Checkpoint:
         template = json.loads(tc.read_text()).get("chat_template")
 
     def iter_tensors(device_for, names=None):
-        return filter_and_check(spec, _iter_safetensors(files, spec.arch, names), str(d), names)
+        return filter_and_check(spec, _iter_safetensors(files, spec, names), str(d), names)
     return Checkpoint(spec, iter_tensors, tokenizer, template, source=str(d))
 
 
@@ -205,8 +187,9 @@ def open_gguf(path: str) -> Checkpoint:
     tokenizer = gguf.gguf_tokenizer(p)
 
     def iter_tensors(device_for, names=None):
-        pairs = ((canonical_name("llama", n), t) for n, t in gguf.iter_gguf_tensors(p))
-        return filter_and_check(spec, ((n, t) for n, t in pairs if n), str(p), names)
+        pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p))
+        split = (x for n, t in pairs if _wanted(n, names) for x in split_fused(spec, n, t))
+        return filter_and_check(spec, split, str(p), names)
     return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
                       native_group=gguf.native_q4_group(p))
 

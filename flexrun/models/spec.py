@@ -10,10 +10,26 @@ from dataclasses import dataclass, field
 
 from flexrun.config import FlexrunError
 
+# HF model_type values each math runs (README: supported architectures)
+FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+            "qwen3": "llama", "phi3": "llama", "gemma2": "llama"}
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How one layer attends, beyond plain causal softmax(q k^T / sqrt(head_dim)) v."""
+    scale: float | None = None      # None: head_dim ** -0.5
+    softcap: float | None = None    # scores -> softcap * tanh(scores / softcap) (Gemma-2)
+    window: int | None = None       # a query sees the last `window` positions, itself included
+
+    @property
+    def plain(self) -> bool:
+        return self.scale is None and self.softcap is None and self.window is None
+
 
 @dataclass
 class ModelSpec:
-    arch: str                     # "opt" or "llama"
+    arch: str                     # the math: "opt" or "llama" (Llama-style decoders)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -33,6 +49,18 @@ class ModelSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
+    family: str = ""              # HF model_type (llama, mistral, qwen2, qwen3, phi3, gemma2)
+    qkv_bias: bool = False        # q/k/v biases without an o bias (Qwen2)
+    qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (Qwen3)
+    norm_offset: float = 0.0      # RMSNorm scales by (offset + weight) in fp32 (Gemma: 1)
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
+    mlp_act: str = "silu"         # gated MLP activation: silu | gelu_tanh
+    embed_scale: bool = False     # embeddings times sqrt(hidden_size) (Gemma)
+    query_scale: float | None = None     # attention scale (None: head_dim ** -0.5)
+    attn_softcap: float | None = None    # attention logit soft-capping (Gemma-2)
+    final_softcap: float | None = None   # final logit soft-capping (Gemma-2)
+    sliding_window: int | None = None    # attention window of the windowed layers
+    window_layers: tuple[int, ...] | None = None   # the windowed layers (None: every layer)
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -41,11 +69,21 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.arch not in ("opt", "llama"):
-            raise FlexrunError(f"unsupported architecture {self.arch!r}: flexrun runs OPT and "
-                               "Llama-family models")
+            raise FlexrunError(f"unsupported architecture {self.arch!r}: flexrun runs "
+                               f"{', '.join(sorted(FAMILIES))} models")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise FlexrunError(f"MLP activation {self.mlp_act!r} is not supported (silu, "
+                               "gelu_pytorch_tanh)")
         if self.num_heads % self.num_kv_heads:
             raise FlexrunError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                                f"num_key_value_heads ({self.num_kv_heads})")
+
+    def attention(self, layer: int) -> AttentionOptions:
+        """The attention options of decoder layer `layer` (0-based)."""
+        windowed = self.sliding_window is not None and (
+            self.window_layers is None or layer in self.window_layers)
+        return AttentionOptions(self.query_scale, self.attn_softcap,
+                                self.sliding_window if windowed else None)
 
     @property
     def num_units(self) -> int:
@@ -107,8 +145,14 @@ class ModelSpec:
         s = {"attn_norm.weight": (h,), "q.weight": (q, h), "k.weight": (kv, h),
              "v.weight": (kv, h), "o.weight": (h, q), "mlp_norm.weight": (h,),
              "gate.weight": (f, h), "up.weight": (f, h), "down.weight": (h, f)}
+        if self.attention_bias or self.qkv_bias:
+            s.update({"q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,)})
         if self.attention_bias:
-            s.update({"q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,), "o.bias": (h,)})
+            s["o.bias"] = (h,)
+        if self.qk_norm:
+            s.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
+        if self.sandwich_norms:
+            s.update({"post_attn_norm.weight": (h,), "post_mlp_norm.weight": (h,)})
         if self.mlp_bias:
             s.update({"gate.bias": (f,), "up.bias": (f,), "down.bias": (h,)})
         return s

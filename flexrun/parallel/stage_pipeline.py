@@ -78,8 +78,8 @@ class StageComm:
     sends: list = field(default_factory=list)
     # NCCL: receives are not posted ahead. A posted NCCL receive holds its GPU stream until
     # the peer sends, so any device-wide synchronisation on this rank meanwhile (a pinned
-    # allocation, cudaFree) waits for the peer, which may be waiting for this rank: the
-    # two-GPU run of session 6 hung so. gloo receives do not touch the GPU.
+    # allocation, cudaFree) waits for the peer, which may be waiting for this rank: a
+    # two-GPU run hung so. gloo receives do not touch the GPU.
     lazy: bool = False
     unposted: deque = field(default_factory=deque)
 

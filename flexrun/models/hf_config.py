@@ -1,0 +1,115 @@
+"""HF config.json -> ModelSpec for every family flexrun runs (FAMILIES in spec.py)."""
+from __future__ import annotations
+
+from flexrun.config import FlexrunError
+from flexrun.models.spec import FAMILIES, ModelSpec
+
+
+def eos_list(v) -> list[int]:
+    if v is None:
+        return []
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def rope_params(cfg: dict) -> tuple[float, dict | None]:
+    """rope_theta and rope_scaling from either the transformers 4.x or 5.x config style
+    (Phi-3 keeps original_max_position_embeddings at the config's top level)."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    if scaling is not None and "original_max_position_embeddings" not in scaling \
+            and cfg.get("original_max_position_embeddings"):
+        scaling = {**scaling,
+                   "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
+    if scaling is not None and float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FlexrunError("partial_rotary_factor != 1 is not supported")
+    return float(theta), scaling
+
+
+def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | None]:
+    """(sliding_window, the layers it applies to; None: all) as transformers reads them."""
+    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        return None, None
+    if window is None or mt in ("llama", "opt"):
+        return None, None
+    types = cfg.get("layer_types")
+    if types:
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        return (int(window), layers) if layers else (None, None)
+    if mt == "gemma2":                  # even layers slide (Gemma2DecoderLayer before layer_types)
+        return int(window), tuple(range(0, n, 2))
+    if mt in ("qwen2", "qwen3"):
+        first = cfg.get("max_window_layers", n)
+        layers = tuple(range(first, n))
+        return (int(window), layers) if layers else (None, None)
+    return int(window), None            # mistral, phi3: every layer
+
+
+def _opt(cfg: dict, name: str) -> ModelSpec:
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    proj = cfg.get("word_embed_proj_dim") or h
+    pre = cfg.get("do_layer_norm_before", True)
+    return ModelSpec(
+        arch="opt", family="opt", vocab_size=cfg["vocab_size"], hidden_size=h,
+        num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=heads,
+        head_dim=h // heads, ffn_dim=cfg["ffn_dim"],
+        max_positions=cfg["max_position_embeddings"], norm_eps=1e-5,
+        do_layer_norm_before=pre, word_embed_proj_dim=proj if proj != h else None,
+        final_layer_norm=pre and not cfg.get("_remove_final_layer_norm", False),
+        tie_word_embeddings=True, bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_list(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"), name=name)
+
+
+def _act(cfg: dict) -> str:
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act in ("silu", "swish"):
+        return "silu"
+    if act in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return "gelu_tanh"
+    raise FlexrunError(f"hidden activation {act!r} is not supported (silu, gelu_pytorch_tanh)")
+
+
+def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    theta, scaling = rope_params(cfg)
+    window, layers = _windowed_layers(cfg, mt)
+    gemma = mt == "gemma2"
+    return ModelSpec(
+        arch="llama", family=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
+        num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or h // heads, ffn_dim=cfg["intermediate_size"],
+        max_positions=cfg.get("max_position_embeddings", 4096),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        attention_bias=cfg.get("attention_bias", False),
+        mlp_bias=cfg.get("mlp_bias", False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
+        qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", mlp_act=_act(cfg),
+        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma, embed_scale=gemma,
+        query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+        attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+        final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+        sliding_window=window, window_layers=layers,
+        bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"), name=name)
+
+
+def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
+    """Build a ModelSpec from an HF config.json dict."""
+    mt = cfg.get("model_type", "")
+    try:
+        if mt == "opt":
+            return _opt(cfg, name)
+        if mt in FAMILIES:
+            return _llama_style(cfg, mt, name)
+    except KeyError as e:
+        raise FlexrunError(f"config of {name or 'model'} lacks key {e.args[0]!r}")
+    arch = (cfg.get("architectures") or [mt or "unknown"])[0]
+    raise FlexrunError(f"unsupported architecture {arch!r} (model_type {mt!r}) in {name}: "
+                       f"flexrun runs {', '.join(sorted(FAMILIES))} models")

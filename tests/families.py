@@ -1,0 +1,83 @@
+"""Tiny random transformers checkpoints of every dense family flexrun runs, two shapes each
+(the second odd: head counts not powers of two, tied heads where the family allows)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import VOCAB, make_tokenizer
+
+COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              rms_norm_eps=1e-5, attention_dropout=0.0)
+
+# name -> (transformers config class name, model class name, config kwargs)
+SHAPES: dict[str, tuple[str, str, dict]] = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6,
+        max_position_embeddings=64, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 16})),
+    "qwen2-odd": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+        max_position_embeddings=128)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1e6,
+        max_position_embeddings=128)),
+    "qwen3-odd": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=60, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=20, tie_word_embeddings=True, attention_bias=True,
+        max_position_embeddings=128)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=64,
+        original_max_position_embeddings=16, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 4.0],
+            "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 10.0, 13.0]})),
+    "phi3-odd": ("Phi3Config", "Phi3ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
+        sliding_window=12)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        max_position_embeddings=128)),
+    "gemma2-odd": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=24, query_pre_attn_scalar=32, sliding_window=6,
+        attn_logit_softcapping=8.0, final_logit_softcapping=2.0,
+        max_position_embeddings=128)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,
+        max_position_embeddings=128)),
+    "mistral-odd": ("MistralConfig", "MistralForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=12, sliding_window=5, tie_word_embeddings=True,
+        max_position_embeddings=128)),
+}
+
+
+def build_model(name: str, seed: int = 0):
+    """The random transformers model of shape `name`, with norms and biases perturbed so every
+    term matters (Gemma's norm weights start at 0: x * (1 + w))."""
+    import transformers
+    cfg_cls, model_cls, kw = SHAPES[name]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**COMMON, **kw)
+    m = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def save_family(name: str, path: Path, seed: int = 0) -> Path:
+    m = build_model(name, seed)
+    m.save_pretrained(str(path), safe_serialization=True)
+    make_tokenizer(path)
+    return path
