@@ -65,11 +65,11 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
                                "--device cpu")
-        self.dtype = _resolve_dtype(dtype, self.device)
         self.gpu_mem, self.cpu_mem = parse_size(gpu_mem), parse_size(cpu_mem)
         self.disk_mem = parse_size(disk_mem)
         self.ckpt = open_checkpoint(model)
         self.spec = self.ckpt.spec
+        self.dtype = _resolve_dtype(dtype, self.device, self.spec.family)
         self.tokenizer = self.ckpt.tokenizer
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         # policy="auto" plans for (longest prompt, max_new_tokens, prompts) when known
@@ -365,9 +365,15 @@ class LLM:
             pass
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+BF16_FAMILIES = ("gemma2",)     # their activations overflow fp16 on real checkpoints
+
+
+def _resolve_dtype(dtype, device: torch.device, family: str = "") -> torch.dtype:
+    """The run's dtype: fp16 on a GPU (bf16 for BF16_FAMILIES), fp32 on a CPU, unless given."""
     if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family in BF16_FAMILIES else torch.float16
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,

@@ -4,6 +4,8 @@ prompt alone, resident and under a disk-heavy placement with CPU attention; prom
 within 1e-4 (fp32, CPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +65,57 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         {"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
     with pytest.raises(FlexrunError, match="unsupported architecture 'FalconForCausalLM'"):
         LLM(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["gemma2-odd", "qwen3", "phi3"])
+def test_pipeline_stages_match_one_process(name, tmp_path):
+    """Two stages (gloo, one process each) give the single process's tokens."""
+    d = save_family(name, tmp_path / name)
+    prompts = ragged_prompts(4, seed=2)
+    with LLM(str(d), device="cpu") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 12, GREEDY)]
+    with LLM(str(d), device="cpu", policy=Policy(gpu_batch_size=2, num_gpu_batches=2),
+             num_gpus=2) as llm:
+        outs = llm.generate(prompts, 12, GREEDY)
+    assert [o.output_ids for o in outs] == ref
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen2-odd", "phi3-odd", "mistral"])
+def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
+    """4-bit weights and KV on the disk / CPU tiers run for every family; the compressed run
+    keeps most greedy tokens of the plain one (compression changes the math)."""
+    d = save_family(name, tmp_path / name)
+    prompts = ragged_prompts(4, seed=4)
+    with LLM(str(d), device="cpu") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 8, GREEDY)]
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=0, weights_cpu=50,
+                 weights_disk=50, cache_gpu=0, cache_cpu=100, cache_disk=0,
+                 compress_weight=True, compress_cache=True, quant_group=16)
+    (tmp_path / "off").mkdir()
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path / "off")) as llm:
+        outs = [o.output_ids for o in llm.generate(prompts, 8, GREEDY)]
+    assert [len(o) for o in outs] == [8] * 4
+    assert sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r)) >= 8
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-72b", "qwen3-32b", "phi3-medium", "gemma2-27b",
+                                    "mistral-7b"])
+def test_dummy_presets_at_real_shapes(preset):
+    from flexrun.models.dummy import dummy_spec
+    params = {"qwen2.5-72b": 72.7e9, "qwen3-32b": 32.8e9, "phi3-medium": 14.0e9,
+              "gemma2-27b": 27.2e9, "mistral-7b": 7.24e9}[preset]
+    spec = dummy_spec(preset)
+    assert abs(spec.num_params() / params - 1) < 0.01
+    assert spec.family == {"qwen2.5-72b": "qwen2", "qwen3-32b": "qwen3", "phi3-medium": "phi3",
+                           "gemma2-27b": "gemma2", "mistral-7b": "mistral"}[preset]
+
+
+def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
+    from flexrun.cli import main
+    assert main(["policy", "search", "--model", "dummy:qwen2.5-72b", "--prompt-len", "512",
+                 "--gen-len", "32", "--gpu-mem", "24GiB", "--cpu-mem", "100GiB", "--disk-mem",
+                 "60GiB", "--device", "cuda", "--profile",
+                 str(Path(__file__).parents[1] / "policies/profiles/h200.json")]) == 0
+    out = capsys.readouterr().out
+    weights = out.split("weights ")[1].split(" ")[0].split("/")
+    assert int(weights[2].rstrip(",")) > 0 and "predicted:" in out

@@ -11,6 +11,7 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.models.checkpoint import Checkpoint
+from flexrun.models.hf_config import spec_from_config
 from flexrun.models.spec import ModelSpec
 
 _OPT = {  # name: (hidden, layers, heads, ffn)
@@ -26,7 +27,43 @@ _LLAMA = {  # name: (hidden, layers, heads, kv_heads, ffn, vocab, rope_theta)
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, 500000.0),
     "llama-70b": (8192, 80, 64, 8, 28672, 32000, 10000.0),
 }
-PRESETS = sorted(_OPT) + sorted(_LLAMA)
+# the new dense families at their real shapes (HF config.json fields)
+_FAMILIES = {
+    "qwen2.5-72b": {"model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8,
+                    "intermediate_size": 29568, "vocab_size": 152064, "rope_theta": 1e6,
+                    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                    "rms_norm_eps": 1e-6, "eos_token_id": 151645},
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "intermediate_size": 18944, "vocab_size": 152064, "rope_theta": 1e6,
+                   "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                   "rms_norm_eps": 1e-6, "eos_token_id": 151645},
+    "qwen3-32b": {"model_type": "qwen3", "hidden_size": 5120, "num_hidden_layers": 64,
+                  "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+                  "intermediate_size": 25600, "vocab_size": 151936, "rope_theta": 1e6,
+                  "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                  "rms_norm_eps": 1e-6, "eos_token_id": 151645},
+    "phi3-medium": {"model_type": "phi3", "hidden_size": 5120, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "num_key_value_heads": 10,
+                    "intermediate_size": 17920, "vocab_size": 32064, "rope_theta": 10000.0,
+                    "max_position_embeddings": 4096, "tie_word_embeddings": False,
+                    "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 32000},
+    "gemma2-27b": {"model_type": "gemma2", "hidden_size": 4608, "num_hidden_layers": 46,
+                   "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+                   "intermediate_size": 36864, "vocab_size": 256000, "rope_theta": 10000.0,
+                   "max_position_embeddings": 8192, "query_pre_attn_scalar": 144,
+                   "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                   "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+                   "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1},
+    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "intermediate_size": 14336, "vocab_size": 32000, "rope_theta": 10000.0,
+                   "max_position_embeddings": 32768, "sliding_window": 4096,
+                   "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+                   "eos_token_id": 2},
+}
+PRESETS = sorted(_OPT) + sorted(_LLAMA) + sorted(_FAMILIES)
 _PATTERN = 1 << 16
 
 
@@ -46,6 +83,8 @@ def dummy_spec(preset: str) -> ModelSpec:
                          max_positions=4096, norm_eps=1e-5, rope_theta=theta,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_ids=[2],
                          name=f"dummy:{preset}")
+    if preset in _FAMILIES:
+        return spec_from_config(_FAMILIES[preset], name=f"dummy:{preset}")
     raise FlexrunError(f"unknown dummy preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
