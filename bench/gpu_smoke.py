@@ -197,12 +197,16 @@ def main() -> None:
     tmp = Path("/tmp/flexrun-smoke")
     tmp.mkdir(exist_ok=True)
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["tiny", "attn", "s3", "offload"]
+    what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["tiny", "families", "attn", "s3",
+                                                               "offload"]
     try:
         if "tiny" in what:
             tiny_checks(tmp, out)
         elif "tiny-llama" in what:
             tiny_checks(tmp, out, "llama")
+        if "families" in what:
+            from bench.gpu_families import family_rows
+            out["families"] = family_rows(tmp)
         if "attn" in what:
             cpu_attention_kernels(out)
         if "s3" in what:

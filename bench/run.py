@@ -64,6 +64,11 @@ SCENARIOS = {
            "flexrun-auto": ["--model", "dummy:llama-70b", "--policy", "auto", "--compress-weight",
                             "--cpu-mem", "100GiB"],
            "floor": "hbm"},
+    "S6": {"what": "Qwen3-32B (q/k norms, GQA 64/8), 16 GiB GPU / 100 GiB CPU, policy chosen by "
+                   "flexrun's search; no peer runs Qwen3: against the floor",
+           "flexrun-auto": ["--model", "dummy:qwen3-32b", "--policy", "auto", "--gpu-mem",
+                            "16GiB", "--cpu-mem", "100GiB", "--num-prompts", "64"],
+           "floor": "pcie"},
     # S4 is shrunk (prompt 128, 16 prompts; gen 32 as the other scenarios) so that both
     # systems finish in < 10 min on 2 cores: run_flexrun's warm-up repeats the block's
     # prefill (earlier runs used gen 16: history in docs/benchmarks.md). 1.5 GiB, not 1 GiB: flexrun

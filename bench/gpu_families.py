@@ -1,0 +1,87 @@
+"""GPU rows for every dense family: flexrun on CUDA (fp16; Gemma-2 bf16) against transformers
+on CUDA in the same dtype, token agreement per family; and flexrun's own paths on CUDA
+(offloaded with CPU attention, CUDA graphs off, 4-bit weights) against its resident run.
+
+python -m bench.gpu_families OUT.json   (on the GPU machine; bench.gpu_smoke runs it too)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import ragged_prompts  # noqa: E402
+from families import SHAPES, save_family  # noqa: E402
+from flexrun import LLM, Policy, SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(ignore_eos=True)
+NEW = 24
+
+
+def agreement(a, b) -> float:
+    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+    return same / max(sum(len(p) for p in a), 1)
+
+
+def hf_cuda(d: Path, prompts, dtype: torch.dtype) -> list[list[int]]:
+    """transformers generating each prompt alone on CUDA (EOS neither stops nor is masked)."""
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).cuda().eval()
+    m.generation_config.eos_token_id = None
+    outs = []
+    for p in prompts:
+        with torch.no_grad():
+            g = m.generate(torch.tensor([p], device="cuda"), max_new_tokens=NEW,
+                           do_sample=False, pad_token_id=0)
+        outs.append(g[0, len(p):].tolist())
+    return outs
+
+
+def family_rows(tmp: Path) -> dict:
+    prompts = ragged_prompts(8, seed=11)
+    rows = {}
+    for name in sorted(SHAPES):
+        d = save_family(name, tmp / name)
+        row = {}
+        with LLM(str(d), device="cuda") as llm:
+            dtype = llm.dtype
+            res = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
+        row["dtype"] = str(dtype).replace("torch.", "")
+        row["vs_transformers_cuda"] = agreement(res, hf_cuda(d, prompts, dtype))
+        with LLM(str(d), device="cpu") as llm:
+            row["vs_flexrun_cpu_fp32"] = agreement(
+                res, [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)])
+        variants = {
+            "offload_cpu_attention": dict(policy=Policy(
+                gpu_batch_size=3, num_gpu_batches=2, weights_gpu=20, weights_cpu=40,
+                weights_disk=40, cache_gpu=0, cache_cpu=100, act_gpu=0, act_cpu=100,
+                cpu_attention=True)),
+            "kv_cpu_gpu_attention": dict(policy=Policy(
+                gpu_batch_size=4, num_gpu_batches=2, cache_gpu=0, cache_cpu=100)),
+            "graphs_off": dict(policy=Policy(gpu_batch_size=8, cuda_graphs=False)),
+            "w4": dict(compress_weight=True),
+            "w4_kv4": dict(compress_weight=True, compress_cache=True),
+        }
+        for vname, kw in variants.items():
+            with LLM(str(d), device="cuda", offload_dir=str(tmp), **kw) as llm:
+                got = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
+            row[vname] = agreement(got, res)
+        rows[name] = row
+        print(name, row, flush=True)
+    return rows
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    tmp = Path("/tmp/flexrun-families")
+    tmp.mkdir(exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "families": family_rows(tmp)}
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
