@@ -204,11 +204,14 @@ def test_unpermute_inverts_llama_cpp_permute():
                                         n_head), b)
 
 
-def test_non_llama_architecture_rejected(tmp_path):
-    path = tmp_path / "gpt2.gguf"
-    write_tiny_gguf(path, arch="gpt2")
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
+def test_unsupported_architecture_rejected(tmp_path):
+    path = tmp_path / "falcon.gguf"
+    write_tiny_gguf(path, arch="falcon")
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'falcon'") as e:
         gguf_config(path)
+    assert "\n" not in str(e.value) and "qwen2" in str(e.value)
+    with pytest.raises(ValueError, match="'falcon'"):
+        next(iter_gguf_tensors(path))
 
 
 def test_rope_scaling_linear_metadata(tmp_path):

@@ -1,7 +1,8 @@
-"""Read llama-architecture GGUF files: HF-style config, dequantized HF-named tensors, tokenizer.
+"""Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
-Only gguf, numpy, torch and tokenizers are used. Tensors are memory-mapped by gguf.GGUFReader and
-dequantized one at a time, so the model is never held twice.
+Architectures llama (Llama, Mistral, SmolLM), qwen2, qwen3, phi3 and gemma2; what differs between
+them is in gguf_arch.py. Only gguf, numpy, torch and tokenizers are used. Tensors are
+memory-mapped by gguf.GGUFReader and dequantized one at a time, so the model is never held twice.
 """
 from __future__ import annotations
 
@@ -15,16 +16,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from flexrun.models.gguf_arch import TOP_NAMES, GGUFArch, gguf_arch
+
 PathLike = str | os.PathLike
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-              "output": "lm_head"}
 _BLK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -60,24 +55,44 @@ def _uniform(value, what: str) -> int:
 
 
 # ---- config ---------------------------------------------------------------------------------
+class _Meta:
+    """`{arch}.`-prefixed metadata of one GGUF, its tensor names and small tensors by name."""
+
+    def __init__(self, r, arch: str):
+        self.r, self.arch = r, arch
+        self.names = {t.name for t in r.tensors}
+
+    def __call__(self, key: str, default=None):
+        return _meta(self.r, f"{self.arch}.{key}", default)
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        t = next((t for t in self.r.tensors if t.name == name), None)
+        return None if t is None else _dequantize(t)
+
+
+def _architecture(r) -> GGUFArch:
+    arch = gguf_arch(_meta(r, "general.architecture", "unknown"))
+    if _meta(r, f"{arch.model_type}.expert_count", 0):
+        raise ValueError(f"mixture-of-experts {arch.model_type} GGUF (Mixtral-style) is not "
+                         "supported")
+    return arch
+
+
 def gguf_config(path: PathLike) -> dict:
-    """An HF LlamaConfig-style config.json dict built from the GGUF metadata."""
+    """The HF config.json dict (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+    Phi3Config or Gemma2Config style) built from the GGUF metadata."""
     r = _reader(path)
-    arch = _meta(r, "general.architecture", "unknown")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}: flexrun reads only "
-                         "llama-architecture GGUF files (Llama, Mistral, SmolLM, ...)")
-    if _meta(r, f"{arch}.expert_count", 0):
-        raise ValueError("mixture-of-experts llama GGUF (Mixtral-style) is not supported")
-    key = lambda k, d=None: _meta(r, f"{arch}.{k}", d)  # noqa: E731
+    fam = _architecture(r)
+    key = _Meta(r, fam.model_type)
     missing = [k for k in ("embedding_length", "block_count", "attention.head_count",
                            "feed_forward_length") if key(k) is None]
     if missing:
-        raise ValueError(f"GGUF metadata lacks {arch}.{missing[0]}: the file is incomplete")
-    names = {t.name for t in r.tensors}
+        raise ValueError(f"GGUF metadata lacks {key.arch}.{missing[0]}: the file is incomplete")
     hidden, heads = int(key("embedding_length")), _uniform(key("attention.head_count"), "heads")
     kv_heads = _uniform(key("attention.head_count_kv", heads), "kv heads")
-    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads)
+    head_dim = int(key("attention.key_length")
+                   or (fam.head_dim_from_rope and key("rope.dimension_count"))
+                   or hidden // heads)
     theta = float(key("rope.freq_base", 10000.0))
     tokens = r.fields.get("tokenizer.ggml.tokens")
     embd = next((t for t in r.tensors if t.name == "token_embd.weight"), None)
@@ -89,23 +104,22 @@ def gguf_config(path: PathLike) -> dict:
                                                       "eom_token_id")]
     eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
     cfg = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "model_type": fam.model_type, "architectures": [fam.hf_class],
         "vocab_size": int(vocab), "hidden_size": hidden,
         "intermediate_size": _uniform(key("feed_forward_length"), "feed_forward_length"),
         "num_hidden_layers": int(key("block_count")), "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "head_dim": head_dim,
         "max_position_embeddings": int(key("context_length", 4096)),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": theta, "rope_scaling": _rope_scaling(r, arch, head_dim, theta),
-        "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in names,
-        "mlp_bias": "blk.0.ffn_up.bias" in names,
-        "tie_word_embeddings": "output.weight" not in names,
+        "rope_theta": theta, "rope_scaling": _rope_scaling(r, key.arch, head_dim, theta),
+        "tie_word_embeddings": "output.weight" not in key.names,
         "bos_token_id": _meta(r, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
     }
     pad = _meta(r, "tokenizer.ggml.padding_token_id")
     if pad is not None:
         cfg["pad_token_id"] = int(pad)
+    fam.extra(key, cfg)
     return cfg
 
 
@@ -120,10 +134,13 @@ def _rope_scaling(r, arch: str, head_dim: int, theta: float) -> dict | None:
         orig = _meta(r, f"{arch}.rope.scaling.original_context_length")
         if orig:
             sc["original_max_position_embeddings"] = int(orig)
+        # TextModel.set_gguf_parameters (yarn): rope.scaling.yarn_attn_factor / yarn_beta_fast /
+        # yarn_beta_slow from HF's attention_factor / beta_fast / beta_slow
         for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                      ("yarn_attn_factor", "attention_factor"),
                       ("attn_factor", "attention_factor")):
             v = _meta(r, f"{arch}.rope.scaling.{k}")
-            if v is not None:
+            if v is not None and hf not in sc:
                 sc[hf] = float(v)
         return sc
     freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
@@ -152,14 +169,14 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> di
 
 
 # ---- tensors --------------------------------------------------------------------------------
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF Llama state-dict name of a GGUF tensor (None: not a model weight, e.g. rope_freqs)."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF state-dict name of a GGUF tensor (None: not a model weight, e.g. rope_freqs)."""
     m = _BLK_RE.fullmatch(gguf_name)
     if m:
-        sub = _LAYER_NAMES.get(m.group(2))
+        sub = gguf_arch(arch).layers.get(m.group(2))
         return f"model.layers.{m.group(1)}.{sub}.{m.group(3)}" if sub else None
     base, _, kind = gguf_name.rpartition(".")
-    return f"{_TOP_NAMES[base]}.{kind}" if base in _TOP_NAMES else None
+    return f"{TOP_NAMES[base]}.{kind}" if base in TOP_NAMES else None
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -184,15 +201,19 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time."""
     cfg = gguf_config(path)
+    r = _reader(path)
+    fam = _architecture(r)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    for t in _reader(path).tensors:
-        name = hf_tensor_name(t.name)
-        if name is None:
+    for t in r.tensors:
+        name = hf_tensor_name(t.name, fam.model_type)
+        if name is None or (name == "lm_head.weight" and cfg["tie_word_embeddings"]):
             continue
         w = torch.from_numpy(_dequantize(t))
         proj = name.split(".")[-2]
-        if proj in heads and ".self_attn." in name:
+        if fam.permute_qk and proj in heads and ".self_attn." in name:
             w = unpermute_qk(w, heads[proj])
+        if fam.norm_shift and name.endswith("norm.weight"):
+            w -= fam.norm_shift          # Gemma: the converter stored w + 1
         yield name, w.to(dtype).contiguous()
 
 
@@ -214,14 +235,18 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "pixtral", "dbrx"}
+# llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2 (Qwen2's tokenizer.json): single digits
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"}
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # llama.cpp splits each digit off first for these (as SmolLM's tokenizer.json: Digits + ByteLevel)
 _DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 
 def _pre_tokenizer(pre: str | None):
     from tokenizers import Regex, pre_tokenizers as pt
-    if pre in _LLAMA3_PRE or pre == "tekken":
-        split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _TEKKEN_SPLIT
+    if pre in _LLAMA3_PRE or pre in _QWEN2_PRE or pre == "tekken":
+        split = (_LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE
+                 else _TEKKEN_SPLIT)
         return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -245,13 +270,16 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def gguf_tokenizer(path: PathLike):
-    """A tokenizers.Tokenizer rebuilt from the GGUF's byte-level BPE ("gpt2") vocabulary."""
+    """A tokenizers.Tokenizer rebuilt from the GGUF's byte-level BPE ("gpt2") vocabulary; None
+    when the file holds no vocabulary (no tokenizer.ggml.model, or "none")."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     r = _reader(path)
     embedded = _meta(r, "tokenizer.huggingface.json")
     if embedded:
         return Tokenizer.from_str(embedded)
     kind, pre = _meta(r, "tokenizer.ggml.model"), _meta(r, "tokenizer.ggml.pre")
+    if kind in (None, "none"):
+        return None
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported: flexrun rebuilds "
                          "byte-level BPE ('gpt2') tokenizers only")

@@ -1,0 +1,271 @@
+"""Test helper: write a transformers model to GGUF the way llama.cpp's convert_hf_to_gguf.py does.
+
+Per family, the metadata keys, tensor names (gguf-py's own TensorNameMap, which the converter's
+map_tensor_name uses) and tensor transformations of the converter's model class
+(conversion/llama.py, qwen.py, phi.py, gemma.py, base.py TextModel.set_gguf_parameters):
+
+  llama, mistral  LlamaModel: q/k rows (weights and biases) permuted by LlamaModel.permute,
+                  vocab_size and rope.dimension_count, Llama-3 scaling as rope_freqs.weight
+  qwen2, qwen3    Qwen2Model / Qwen3Model: TextModel.set_gguf_parameters only, no permutation
+  phi3            Phi3MiniModel: fused attn_qkv and ffn_up ([gate; up]) as HF has them, longrope
+                  as rope_factors_long/short.weight plus rope.scaling.attn_factor
+  gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
+
+One addition of ours: a Mistral config's sliding_window goes to llama.attention.sliding_window
+(the converter does not write it; GGUFs from other tools do). 2-D tensors are F32, F16 or Q8_0
+(`tensor_type`; Q8_0 falls back to F16 where rows are not whole blocks of 32, as the converter
+does on gguf.QuantError), 1-D tensors stay F32 as the converter keeps them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
+
+ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
+        "phi3": A.PHI3, "gemma2": A.GEMMA2}
+TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
+         "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}
+
+
+def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
+                              tensor_type: str = "f32") -> Path:
+    """Write `hf_model` (Llama, Mistral, Qwen2, Qwen3, Phi3 or Gemma2 ForCausalLM) to `path`.
+
+    tokenizer_dir: a directory with a byte-level BPE tokenizer.json (e.g. conftest's
+    make_tokenizer), embedded as llama.cpp's "gpt2" vocabulary; without it the file holds only
+    the special token ids (flexrun's gguf_tokenizer then gives None)."""
+    cfg = hf_model.config
+    family = cfg.model_type
+    if family not in ARCH:
+        raise ValueError(f"no llama.cpp-style GGUF writer for model_type {family!r}")
+    hp = cfg.to_dict()
+    rope = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[family]])
+    extra = _METADATA[family](w, hp, rope)
+    w.add_file_type(TYPES[tensor_type][1])
+    names = gguf.get_tensor_name_map(ARCH[family], hp["num_hidden_layers"])
+    heads, kv_heads = hp["num_attention_heads"], hp["num_key_value_heads"]
+    for name, t in hf_model.state_dict().items():
+        if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family == "gemma2"):
+            continue                      # tied: not in the safetensors; Gemma2Model skips it
+        data = t.detach().to(torch.float32).numpy()
+        if family in ("llama", "mistral"):
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = permute(data, heads)
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = permute(data, kv_heads)
+        if family == "gemma2" and name.endswith("norm.weight"):
+            data = data + 1
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"no GGUF name for {name}")
+        _add(w, gname, data, tensor_type)
+    for gname, data in extra:
+        w.add_tensor(gname, np.asarray(data, dtype=np.float32))
+    _vocab(w, hp, tokenizer_dir)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """LlamaModel.permute: HF rotate-half q/k rows -> llama.cpp's interleaved pairs."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def stored_type(shape, tensor_type: str) -> Q:
+    """The GGML type a tensor of this HF shape is written as."""
+    qtype = TYPES[tensor_type][0]
+    if len(shape) <= 1:
+        return Q.F32
+    if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return qtype
+
+
+def stored_value(arr: np.ndarray, tensor_type: str) -> np.ndarray:
+    """What reading the tensor back gives: `arr` (f32, HF layout) after the write's rounding."""
+    from gguf.quants import dequantize, quantize
+    arr = np.asarray(arr, dtype=np.float32)
+    q = stored_type(arr.shape, tensor_type)
+    if q == Q.F32:
+        return arr
+    if q == Q.F16:
+        return arr.astype(np.float16).astype(np.float32)
+    return dequantize(quantize(arr, q), q).reshape(arr.shape)   # row blocks: layout-independent
+
+
+def _add(w, gname: str, data: np.ndarray, tensor_type: str) -> None:
+    from gguf.quants import quantize
+    q = stored_type(data.shape, tensor_type)
+    if q == Q.F32:
+        w.add_tensor(gname, data.astype(np.float32))
+    elif q == Q.F16:
+        w.add_tensor(gname, data.astype(np.float16))
+    else:
+        w.add_tensor(gname, quantize(data.astype(np.float32), q), raw_dtype=q)
+
+
+# ---- metadata, one function per converter class ------------------------------------------
+def _text_model(w, hp: dict, rope: dict) -> None:
+    """TextModel.set_gguf_parameters."""
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+    elif kind == "longrope":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    if rope.get("rope_theta") is not None:
+        w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp.get("head_dim") is not None:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+
+
+def _llama(w, hp: dict, rope: dict) -> list:
+    """LlamaModel.set_gguf_parameters / generate_extra_tensors."""
+    _text_model(w, hp, rope)
+    w.add_vocab_size(hp["vocab_size"])
+    dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    w.add_rope_dimension_count(dim)
+    if hp.get("sliding_window"):                      # ours, see the module docstring
+        w.add_sliding_window(hp["sliding_window"])
+    if rope.get("rope_type") != "llama3":
+        return []
+    base, factor = rope.get("rope_theta", 10000.0), rope.get("factor", 8.0)
+    lo, hi = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)):
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < old / hi:
+            factors.append(1.0)
+        elif wavelen > old / lo:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", factors)]
+
+
+def _qwen(w, hp: dict, rope: dict) -> list:
+    """Qwen2Model / Qwen3Model.set_gguf_parameters: the TextModel keys only."""
+    _text_model(w, hp, rope)
+    return []
+
+
+def _phi3(w, hp: dict, rope: dict) -> list:
+    """Phi3MiniModel.set_gguf_parameters / generate_extra_tensors (no super() call)."""
+    n_embd, n_head = hp["hidden_size"], hp["num_attention_heads"]
+    max_pos = hp["max_position_embeddings"]
+    orig = rope.get("original_max_position_embeddings", hp.get("original_max_position_embeddings"))
+    rot_pct = rope.get("partial_rotary_factor", hp.get("partial_rotary_factor") or 1.0)
+    rope_dims = int(rot_pct * n_embd) // n_head
+    w.add_context_length(max_pos)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(hp["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_rope_dimension_count(rope_dims)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_sliding_window(hp.get("sliding_window") or 0)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return []
+    scale = max_pos / orig
+    if rope["rope_type"] in ("su", "longrope"):
+        attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    else:
+        attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    w.add_rope_scaling_attn_factors(attn)
+    assert len(long) == len(short) == rope_dims // 2
+    return [("rope_factors_long.weight", long), ("rope_factors_short.weight", short)]
+
+
+def _gemma2(w, hp: dict, rope: dict) -> list:
+    """Gemma2Model.set_gguf_parameters (no super() call: no rope.freq_base)."""
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp.get("num_key_value_heads", hp["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_key_length(hp["head_dim"])
+    w.add_value_length(hp["head_dim"])
+    w.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    w.add_sliding_window(hp["sliding_window"])
+    return []
+
+
+_METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
+             "phi3": _phi3, "gemma2": _gemma2}
+
+
+# ---- vocabulary -----------------------------------------------------------------------------
+def _vocab(w, hp: dict, tokenizer_dir) -> None:
+    """_set_vocab_gpt2 from a byte-level BPE tokenizer.json (tokens padded to vocab_size with
+    [PAD{i}] UNUSED entries, added tokens CONTROL or USER_DEFINED) and the special ids."""
+    if tokenizer_dir is not None:
+        tj = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = dict(tj["model"]["vocab"])
+        added = {a["id"]: a for a in tj.get("added_tokens", [])}
+        vocab.update({a["content"]: i for i, a in added.items()})
+        by_id = {i: t for t, i in vocab.items()}
+        n = max(hp["vocab_size"], max(by_id) + 1)
+        tokens, types = [], []
+        for i in range(n):
+            if i not in by_id:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+            else:
+                tokens.append(by_id[i])
+                types.append(gguf.TokenType.NORMAL if i not in added else
+                             gguf.TokenType.CONTROL if added[i]["special"] else
+                             gguf.TokenType.USER_DEFINED)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        single = (tj.get("post_processor") or {}).get("single") or [{}]
+        w.add_add_bos_token("SpecialToken" in single[0])
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("pad_token_id", w.add_pad_token_id)):
+        tid = hp.get(key)
+        if isinstance(tid, list):
+            tid = tid[0] if tid else None
+        if tid is not None and 0 <= tid < hp["vocab_size"]:
+            add(tid)
