@@ -1,8 +1,10 @@
-"""Batch jobs on JSONL files: read and check the input, resume from the output, append safely."""
+"""Batch jobs on JSONL files: read and check the input, resume from the output, append safely,
+and put the finished output in the input's order."""
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +143,67 @@ class OutputWriter:
                 self.sync()
             finally:
                 self.f.close()
+
+
+def order_output(path: str | Path, items: list[JobItem]) -> bool:
+    """Rewrite a finished job's output with its lines in the input's order; lines of ids that
+    are not in the input keep their relative order after them. The lines' bytes are unchanged.
+    The new file is written beside the old one, fsynced and renamed over it (then the directory
+    is fsynced), so a crash leaves either file whole. A file already in order is not touched.
+    Returns whether it was rewritten."""
+    p = Path(os.path.realpath(path))                # a symlinked --output stays a symlink
+    try:
+        data = p.read_bytes()
+        mode = stat.S_IMODE(p.stat().st_mode)
+    except OSError as e:
+        raise _order_error(p, e) from None
+    body, tail = data[:data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1:]
+    rank = {json.dumps(it.id): i for i, it in enumerate(items)}
+    lines = [ln for ln in body.splitlines(keepends=True) if ln.strip()]
+    keys = [rank.get(_line_id(ln), len(items)) for ln in lines]
+    order = sorted(range(len(lines)), key=lambda i: keys[i])     # stable
+    new = b"".join(lines[i] for i in order) + tail
+    if new == data:
+        return False
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(new)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _order_error(p, e) from None
+        raise
+    try:                                            # make the rename durable
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return True
+
+
+def _line_id(line: bytes) -> str | None:
+    try:
+        return json.dumps(json.loads(line)["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _order_error(p: Path, e: OSError) -> FlexrunError:
+    return FlexrunError(f"cannot put output file {p} in input order ({e.strerror}): every "
+                        "line is kept; fix that (its directory must be writable) and rerun the "
+                        "same command to order them")

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import write_jsonl
 from flexrun.cli import main
+from flexrun.jobs import OutputWriter
 
 REPO = Path(__file__).resolve().parents[1]
 PRIOR = {"id": "old", "output_ids": [5, 6], "text": "x", "finish_reason": "length"}
@@ -137,7 +138,7 @@ CASES = {
                       ["model-00002-of-00002.safetensors", "missing", "complete checkpoint"]),
     "unsupported-arch": (lambda job: model_copy(job, _edit_config(
         model_type="gpt2", architectures=["GPT2LMHeadModel"])), [],
-        ["unsupported architecture 'GPT2LMHeadModel'", "OPT and Llama"]),
+        ["unsupported architecture 'GPT2LMHeadModel'", "flexrun runs", "llama", "opt"]),
     "truncated-shard": (lambda job: model_copy(job, _truncate_shard), [],
                         ["model.safetensors", "corrupt or truncated"]),
     "shape-mismatch": (lambda job: model_copy(job, _edit_config(ffn_dim=256)), [],
@@ -188,10 +189,67 @@ def test_resume_cuts_torn_line_and_skips_done(job, capsys):
     lines = job.out.read_text().splitlines(keepends=True)
     assert lines[:2] == ref[:2]                                 # finished lines untouched
     assert sorted(lines) == sorted(ref)                         # the rest regenerated, same result
-    assert sorted(job.ids(), key=str) == sorted(json.loads(r)["id"] for r in ref)
+    assert job.ids() == [json.loads(r)["id"] for r in ref] == ["old", "p0", "p1", "p2", "p3"]
     capsys.readouterr()
     assert main(job.args()) == 0                                # all done: nothing to do
     assert job.out.read_text().splitlines(keepends=True) == lines
+
+
+def _ragged(job: Job, n: int = 6) -> list:
+    """Input: "old" (already in the output), then p0..p{n-1} with growing prompts, so the
+    blocks (1 prompt each, longest first) finish in reverse input order."""
+    rows = [{"id": "old", "input_ids": [5]}]
+    rows += [{"id": f"p{i}", "input_ids": list(range(5, 7 + 2 * i))} for i in range(n)]
+    write_jsonl(job.inp, rows)
+    return [r["id"] for r in rows]
+
+
+def _appended(monkeypatch, stop_after=None) -> list:
+    """Record the ids in the order they are appended; SIGINT the job once `stop_after` is."""
+    seen, orig = [], OutputWriter.write
+
+    def write(self, row):
+        orig(self, row)
+        seen.append(row["id"])
+        if row["id"] == stop_after:
+            os.kill(os.getpid(), signal.SIGINT)     # the job stops after this block
+    monkeypatch.setattr(OutputWriter, "write", write)
+    return seen
+
+
+def test_output_ends_in_input_order(job, capsys, monkeypatch):
+    """Lines are appended as blocks finish, then put in the input's order; an id that is not
+    in the input keeps its place after them; the file keeps its mode."""
+    ids = _ragged(job)
+    write_jsonl(job.out, [{**PRIOR, "id": "gone"}, PRIOR])
+    before = job.out.read_text().splitlines(keepends=True)
+    job.out.chmod(0o640)
+    appended = _appended(monkeypatch)
+    assert main(job.args()) == 0
+    assert appended == [f"p{i}" for i in reversed(range(6))]    # longest first
+    assert job.ids() == ids + ["gone"]
+    lines = job.out.read_text().splitlines(keepends=True)
+    assert lines[0] == before[1] and lines[-1] == before[0]     # the same bytes, moved
+    assert oct(job.out.stat().st_mode & 0o777) == "0o640"
+    assert [f.name for f in job.root.iterdir() if f.name.startswith(".")] == []  # no temp file
+    assert job.offload_files() == []
+
+
+def test_stopped_job_keeps_its_order_and_the_resumed_one_ends_in_input_order(job, capsys,
+                                                                              monkeypatch):
+    ids = _ragged(job)
+    appended = _appended(monkeypatch, stop_after="p4")
+    assert main(job.args()) == 128 + signal.SIGINT
+    assert appended == ["p5", "p4"]
+    assert job.ids() == ["old", "p5", "p4"]             # as appended: resume reads it as is
+    monkeypatch.undo()
+    assert main(job.args()) == 0
+    assert job.ids() == ids
+    ref = job.out.read_bytes()
+    # a run that stopped after its last line but before the rewrite: the rerun orders it
+    job.out.write_bytes(b"".join(reversed(ref.splitlines(keepends=True))))
+    assert main(job.args()) == 0                        # nothing to generate
+    assert job.out.read_bytes() == ref
 
 
 def _dead_pid() -> int:
@@ -251,7 +309,7 @@ def test_sigkill_anywhere_then_rerun_completes(long_job, capsys):
     # the resumed run removed the first run's files; the second run's are left for the next
     assert [n.split("-")[2] for n in job.offload_files()] == [str(proc.pid)]
     assert main(job.args(new=32)) == 0
-    assert sorted(job.ids(), key=str) == ["old"] + sorted(f"p{i}" for i in range(40))
+    assert job.ids() == ["old"] + [f"p{i}" for i in range(40)]     # all, in input order
     assert job.offload_files() == []
 
 
@@ -287,7 +345,7 @@ def test_signal_stops_cleanly_and_rerun_resumes(long_job, capsys, sig, times):
         assert done == 1
     assert job.offload_files() == []
     assert main(job.args(new=32)) == 0
-    assert sorted(job.ids(), key=str) == ["old"] + sorted(f"p{i}" for i in range(40))
+    assert job.ids() == ["old"] + [f"p{i}" for i in range(40)]
 
 
 def test_signal_while_loading_stops_at_once(tmp_path, capsys):

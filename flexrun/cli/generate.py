@@ -1,4 +1,5 @@
-"""`flexrun generate`: a resumable JSONL job (every finished line is durable after its block)."""
+"""`flexrun generate`: a resumable JSONL job (every finished line is durable after its block;
+a job that finishes ends with its output in the input's order)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import sys
 from flexrun.api import LLM
 from flexrun.cli.common import StopFlag, open_llm, sampling_from_args
 from flexrun.config import FlexrunError
-from flexrun.jobs import OutputWriter, finished_ids, read_input
+from flexrun.jobs import OutputWriter, finished_ids, order_output, read_input
 
 
 class _Stopped(Exception):
@@ -41,6 +42,8 @@ def generate(args) -> int:
     quiet = args.quiet or not rank0
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     if not todo:
+        if rank0:
+            order_output(args.output, items)    # (a run stopped before its rewrite)
         say(f"flexrun: all {len(items)} ids are already in {args.output}; nothing to do")
         return 0
     if done:
@@ -48,6 +51,7 @@ def generate(args) -> int:
     stop = StopFlag(immediate=True)     # while loading, a signal stops at once
     llm = writer = None
     written = 0
+    finished = False
 
     def after_block():
         if writer is not None:
@@ -69,6 +73,7 @@ def generate(args) -> int:
                 writer.write({"id": todo[o.index].id, "output_ids": o.output_ids,
                               "text": o.text, "finish_reason": o.finish_reason})
             written += 1
+        finished = written == len(todo)
     except (_Stopped, KeyboardInterrupt) as e:
         if stop.signum is None and not isinstance(e, _Stopped):
             raise
@@ -79,7 +84,7 @@ def generate(args) -> int:
                   f"of {len(items)} ids; rerun the same command to resume", file=sys.stderr)
         return 128 + stop.signum
     finally:
-        _cleanup(stop, writer, llm)
+        _cleanup(stop, writer, llm, items if finished else None)
     st = llm.stats
     total = st.prefill_s + st.decode_s
     say(f"flexrun: {written} outputs written to {args.output}; {st.generated_tokens} tokens in "
@@ -97,12 +102,16 @@ def policy_lines(llm: LLM) -> list[str]:
             for i, (u, p) in enumerate(zip(llm.stages, llm.stage_policies))]
 
 
-def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None) -> None:
-    """Sync the output and remove offload files, whatever fails; a signal cannot cut it short."""
+def _cleanup(stop: StopFlag, writer: OutputWriter | None, llm: LLM | None,
+             order: list | None = None) -> None:
+    """Sync the output (and put it in the input's `order` when the job finished) and remove
+    offload files, whatever fails; a signal cannot cut it short."""
     stop.closing = True
     try:
         if writer is not None:
             writer.close()
+            if order is not None:
+                order_output(writer.path, order)
     finally:
         try:
             if llm is not None:

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 
 from flexrun.memory.pinned import pinned_empty
-from flexrun.memory.storage import DiskTier, offload_error
+from flexrun.memory.storage import DiskTier, offload_error, private_open
 from flexrun.engine.kvquant import CompressedKVSlot
 
 
@@ -58,7 +58,7 @@ class KVSlot:
             self.fds = []
             for p in self.paths:
                 try:
-                    self.fds.append(os.open(p, os.O_RDWR | os.O_CREAT, 0o600))
+                    self.fds.append(private_open(p, os.O_RDWR))
                 except OSError as e:
                     self.close()
                     raise offload_error(e, p) from None

@@ -153,6 +153,27 @@ def map_pages(f) -> tuple[mmap.mmap, bool]:
         return mm, False
 
 
+DIR_MODE, FILE_MODE = 0o700, 0o600     # offload data is private to its owner
+
+
+def private_dir(path: Path) -> None:
+    """Create directory `path` (it must not exist) with mode 0700 whatever the umask."""
+    os.mkdir(path, DIR_MODE)
+    os.chmod(path, DIR_MODE)        # a umask such as 0777 may have cleared the owner's bits
+
+
+def private_open(path: Path, flags: int) -> int:
+    """os.open(path, flags | O_CREAT) of a file with mode 0600 whatever the umask (also when
+    it exists)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def offload_error(e: OSError, path: Path, action: str = "write") -> FlexrunError:
     """The one-line error for a failed offload-file write or read (disk full or other I/O
     error)."""
@@ -163,7 +184,8 @@ def offload_error(e: OSError, path: Path, action: str = "write") -> FlexrunError
 
 
 class DiskTier:
-    """One directory of per-tensor files, owned by one run; removed on close()."""
+    """One directory of per-tensor files, owned by one run; removed on close(). The directory
+    is 0700 and every file in it 0600, whatever the umask (private_dir, private_open)."""
 
     CHUNK = 64 << 20
 
@@ -182,8 +204,8 @@ class DiskTier:
         self.dir = root / f"flexrun-run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock: int | None = None
         try:                                # nothing may leak, even on KeyboardInterrupt
-            self.dir.mkdir()
-            self._lock = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            private_dir(self.dir)
+            self._lock = private_open(self.dir / ".lock", os.O_RDWR)
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until close() or process death
             except OSError:
@@ -206,7 +228,7 @@ class DiskTier:
     def write(self, path: Path, t: torch.Tensor) -> None:
         data = t.detach().contiguous().cpu().view(torch.uint8).numpy()
         try:
-            with open(path, "wb") as f:
+            with os.fdopen(private_open(path, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 mv = memoryview(data.reshape(-1))
                 for i in range(0, len(mv), self.CHUNK):
                     f.write(mv[i:i + self.CHUNK])

@@ -6,9 +6,13 @@ per generated token. docs/costmodel.md describes both.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import functools
 import math
+import os
+import sys
 import time
 from typing import Iterator
 
@@ -30,8 +34,47 @@ def _solver():
     for name in ("HiGHS", "HiGHS_CMD", "PULP_CBC_CMD"):
         cls = getattr(pulp, name, None)
         if cls is not None and cls(msg=False).available():
+            if name == "HiGHS":
+                _highs_banner_once()
             return cls(msg=False)
     raise FlexrunError("no LP solver found: install highspy (pip install highspy)")
+
+
+def _highs_banner_once() -> None:
+    """HiGHS prints its banner ("Running HiGHS ... see THIRD_PARTY_NOTICES.md") from C++ to
+    stdout when a process builds its first highspy.Highs(), before pulp can set output_flag
+    (msg=False); later ones print nothing. Build that first one here with fd 1 on /dev/null."""
+    import highspy
+    with _stdout_fd_silenced():
+        highspy.Highs()
+
+
+@contextlib.contextmanager
+def _stdout_fd_silenced():
+    """fd 1 points at /dev/null inside (C/C++ writes included); Python's and C's buffers are
+    flushed on the way in and out, so nothing written before or after is lost."""
+    for f in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            f.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+    try:
+        saved = os.dup(1)
+    except OSError:                 # no fd 1: nothing to keep quiet
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).fflush(None)  # C stdio's buffer goes to /dev/null, not to the output
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _fast_spec(spec: ModelSpec) -> ModelSpec:
