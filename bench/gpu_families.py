@@ -40,6 +40,25 @@ def hf_cuda(d: Path, prompts, dtype: torch.dtype) -> list[list[int]]:
     return outs
 
 
+def logit_errors(d: Path, prompts, dtype: torch.dtype) -> dict:
+    """Max |logit difference| / max |logit| over the prompts' positions: flexrun on CUDA in
+    `dtype` against transformers on CUDA in the same dtype and in fp32."""
+    from transformers import AutoModelForCausalLM
+    with LLM(str(d), device="cuda") as llm:
+        ours = llm.prompt_logits(prompts)
+    out = {}
+    for ref_dtype in (dtype, torch.float32):
+        m = AutoModelForCausalLM.from_pretrained(str(d), dtype=ref_dtype).cuda().eval()
+        worst = 0.0
+        for p, lg in zip(prompts, ours):
+            with torch.no_grad():
+                ref = m(torch.tensor([p], device="cuda")).logits[0].float().cpu()
+            worst = max(worst, float((lg.float() - ref).abs().max() / ref.abs().max()))
+        out["logits_rel_err_vs_hf_" + str(ref_dtype).replace("torch.", "")] = worst
+        del m
+    return out
+
+
 def family_rows(tmp: Path) -> dict:
     prompts = ragged_prompts(8, seed=11)
     rows = {}
@@ -51,6 +70,7 @@ def family_rows(tmp: Path) -> dict:
             res = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
         row["dtype"] = str(dtype).replace("torch.", "")
         row["vs_transformers_cuda"] = agreement(res, hf_cuda(d, prompts, dtype))
+        row.update(logit_errors(d, prompts, dtype))
         with LLM(str(d), device="cpu") as llm:
             row["vs_flexrun_cpu_fp32"] = agreement(
                 res, [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -184,7 +185,12 @@ def open_gguf(path: str) -> Checkpoint:
     except ValueError as e:
         raise FlexrunError(f"{p}: {e}")
     spec = spec_from_config(cfg, name=p.name)
-    tokenizer = gguf.gguf_tokenizer(p)
+    try:
+        tokenizer = gguf.gguf_tokenizer(p)
+    except ValueError as e:             # e.g. a SentencePiece vocabulary (Gemma-2, Phi-3)
+        print(f"flexrun: note: {p.name}: {e}; prompts must be token ids (input_ids)",
+              file=sys.stderr)
+        tokenizer = None
 
     def iter_tensors(device_for, names=None):
         pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p))
