@@ -10,6 +10,9 @@ import torch
 
 from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
 from flexrun.engine.pipeline import BatchState, Pipeline
+from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, make_batch,
+                                     prefill_rows, prompt_logprob_list, request_rows,
+                                     row_sample)
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.trace import Tracer
 from flexrun.memory import packed as packed_weights
@@ -20,21 +23,12 @@ from flexrun.memory.storage import TIERS, DiskTier, TieredStore, split_report
 
 
 @dataclass
-class RequestOutput:
-    """One prompt's result. output_ids are the generated ids only (a stop token included)."""
-    index: int
-    prompt_ids: list[int]
-    output_ids: list[int]
-    text: str | None
-    finish_reason: str          # "stop" or "length"
-
-
-@dataclass
 class RunStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefill_rows: int = 0               # prompts the prefills computed (n samples share one)
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
     weights_split: dict = field(default_factory=dict)
@@ -86,6 +80,7 @@ class LLM:
         self.disk = None
         self.pipeline = None
         self.stats = RunStats()
+        self.share_prefill = True                    # n samples of a prompt: one prefill
         self.units = self.stages[0]                  # the units this process runs
         self.dist = None                             # this process's stage (torch.distributed)
         try:
@@ -204,16 +199,18 @@ class LLM:
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
-                 sampling: SamplingParams | None = None, progress: bool = False
-                 ) -> list[RequestOutput]:
-        """Generate for every prompt; results in prompt order."""
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; results in prompt order. sampling: one SamplingParams
+        for all prompts or one per prompt."""
         outs: list[RequestOutput | None] = [None] * len(prompts)
         for o in self.iter_generate(prompts, max_new_tokens, sampling, progress):
             outs[o.index] = o
         return outs  # type: ignore[return-value]
 
     def iter_generate(self, prompts, max_new_tokens: int = 32,
-                      sampling: SamplingParams | None = None, progress: bool = False,
+                      sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                      progress: bool = False,
                       on_block_done: Callable[[], None] | None = None, truncate: bool = False,
                       names: Sequence | None = None) -> Iterator[RequestOutput]:
         """Yield outputs block by block as they finish (longest prompts first).
@@ -222,9 +219,65 @@ class LLM:
         failing; names: how errors refer to prompts (default: their index)."""
         if max_new_tokens < 1:
             raise FlexrunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sampling = sampling or SamplingParams()
+        params = self._params_per_prompt(sampling, len(prompts))
         names = list(names) if names is not None else list(range(len(prompts)))
         ids = [self._encode(p, names[i]) for i, p in enumerate(prompts)]
+        self._fit_positions(ids, max_new_tokens, names, truncate)
+        longest = max((len(x) for x in ids), default=0)
+        self._check_budget(longest, max_new_tokens)
+        limits = [min(p.max_tokens or max_new_tokens, max_new_tokens) for p in params]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        rows, table = request_rows(order, params, limits)
+        sampler = Sampler(table, self.spec.eos_token_ids, decode=self.decode)
+        share = self.share_prefill and self.num_gpus == 1
+        bs, block = self.policy.gpu_batch_size, self.policy.block_size
+        bar = _progress(progress, len(ids))
+        done: dict[int, dict[int, Sample]] = {}
+        prompt_lps: dict[int, list] = {}
+        for start in range(0, len(rows), block):
+            members = list(range(start, min(start + block, len(rows))))
+            k = max((params[rows[m][0]].prompt_logprobs for m in members
+                     if params[rows[m][0]].prompt_logprobs is not None), default=None)
+            batches = [make_batch(members[i:i + bs], rows, ids, max_new_tokens,
+                                  self.spec.pad_token_id or 0, self.batch_device, share, k)
+                       for i in range(0, len(members), bs)]
+            self._run_block(batches, max_new_tokens, sampler)
+            finished = []
+            for b in batches:
+                for n, r in enumerate(b.indices):
+                    i, j = rows[r]
+                    sampler.release(r)
+                    done.setdefault(i, {})[j] = row_sample(b, n, params[i], self.decode)
+                    if params[i].prompt_logprobs is not None and i not in prompt_lps:
+                        prompt_lps[i] = prompt_logprob_list(b, n, ids[i],
+                                                            params[i].prompt_logprobs)
+                    if len(done[i]) == params[i].n:
+                        finished.append(i)
+            for i in finished:
+                got = done.pop(i)
+                samples = [got[j] for j in range(params[i].n)]
+                s0 = samples[0]
+                yield RequestOutput(i, ids[i], s0.output_ids, s0.text, s0.finish_reason,
+                                    samples, prompt_lps.pop(i, None))
+            if bar is not None:
+                bar.update(len(finished))
+            if on_block_done is not None:
+                on_block_done()
+        if bar is not None:
+            bar.close()
+
+    def _params_per_prompt(self, sampling, n: int) -> list[SamplingParams]:
+        if sampling is None or isinstance(sampling, SamplingParams):
+            return [sampling or SamplingParams()] * n
+        params = list(sampling)
+        if len(params) != n:
+            raise FlexrunError(f"{len(params)} SamplingParams for {n} prompts: give one for "
+                               "all or one per prompt")
+        return params
+
+    def _fit_positions(self, ids: list[list[int]], max_new_tokens: int, names, truncate: bool
+                       ) -> None:
+        """Check (or left-truncate) every prompt against the model's positions."""
         limit = self.spec.max_positions
         if max_new_tokens >= limit:
             raise FlexrunError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
@@ -237,27 +290,12 @@ class LLM:
                 raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
                                    f"max_new_tokens {max_new_tokens} it exceeds the model's "
                                    f"{limit} positions: shorten it or pass --truncate left")
-        longest = max((len(x) for x in ids), default=0)
-        self._check_budget(longest, max_new_tokens)
-        sampler = Sampler(sampling, self.spec.eos_token_ids)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        bs, block = self.policy.gpu_batch_size, self.policy.block_size
-        bar = _progress(progress, len(ids))
-        for start in range(0, len(order), block):
-            members = order[start:start + block]
-            batches = [self._batch(members[i:i + bs], ids, max_new_tokens)
-                       for i in range(0, len(members), bs)]
-            self._run_block(batches, max_new_tokens, sampler)
-            for b in batches:
-                for row, idx in enumerate(b.indices):
-                    sampler.release(idx)
-                    yield self._output(idx, ids[idx], b.outputs[row], b.done[row])
-            if bar is not None:
-                bar.update(len(members))
-            if on_block_done is not None:
-                on_block_done()
-        if bar is not None:
-            bar.close()
+
+    def decode(self, ids: list[int]) -> str | None:
+        """Token ids as text (special tokens skipped); None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Logits (len, vocab) at every position of each token-id prompt (for scoring)."""
@@ -268,7 +306,10 @@ class LLM:
         bs, block = self.policy.gpu_batch_size, self.policy.block_size
         for start in range(0, len(ids), block):
             members = list(range(start, min(start + block, len(ids))))
-            batches = [self._batch(members[i:i + bs], ids, 1) for i in range(0, len(members), bs)]
+            rows = [(i, 0) for i in range(len(ids))]
+            batches = [make_batch(members[i:i + bs], rows, ids, 1, self.spec.pad_token_id or 0,
+                                  self.batch_device, False, None)
+                       for i in range(0, len(members), bs)]
             for b in batches:
                 b.keep_logits = True
             self._run_block(batches, 1, sampler)
@@ -295,6 +336,7 @@ class LLM:
         st.prefill_s += first - t0
         st.decode_s += t1 - first
         st.prompt_tokens += sum(b.ids.numel() for b in batches)
+        st.prefill_rows += sum(prefill_rows(b) for b in batches)
         st.generated_tokens += sum(len(o) for b in batches for o in b.outputs)
         gpu, rss = self.pipeline.peak_bytes()
         st.peak_gpu_bytes = max(st.peak_gpu_bytes, gpu)
@@ -315,26 +357,6 @@ class LLM:
         if not ids:
             raise FlexrunError(f"prompt {i!r} is empty: give at least one token")
         return ids
-
-    def _batch(self, members: list[int], ids: list[list[int]], gen: int) -> BatchState:
-        P = max(len(ids[i]) for i in members)
-        pad = self.spec.pad_token_id or 0
-        rows = [[pad] * (P - len(ids[i])) + ids[i] for i in members]
-        lens = torch.tensor([len(ids[i]) for i in members])
-        valid = torch.zeros(len(members), P + gen, dtype=torch.bool)
-        valid[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
-        dev = self.batch_device
-        return BatchState(indices=members, ids=torch.tensor(rows).to(dev),
-                          valid=valid.to(dev), prompt_len=P,
-                          padded=bool((lens < P).any()),
-                          next_pos=lens.to(dev), outputs=[[] for _ in members],
-                          done=[False] * len(members))
-
-    def _output(self, idx: int, prompt: list[int], out: list[int], stopped: bool):
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return RequestOutput(idx, prompt, list(out), text, "stop" if stopped else "length")
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

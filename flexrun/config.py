@@ -35,13 +35,30 @@ def format_size(n: float) -> str:
 
 @dataclass
 class SamplingParams:
-    """How to pick the next token. temperature 0 (default) is greedy."""
+    """How to pick the next tokens of one request. temperature 0 (default) is greedy.
+
+    seed: a request's sample j draws from a generator seeded from (seed, j) only, so its
+    samples do not depend on its batch; without a seed, from (a fresh seed, prompt index).
+    max_tokens caps this request's new tokens (never above the call's max_new_tokens);
+    n samples share one prefill; stop strings are matched on the decoded text across token
+    boundaries and the output is cut before the match; logprobs / top_logprobs give each
+    generated token's log-probability (log-softmax of the model's logits) and the top k;
+    prompt_logprobs k gives each prompt token's and the top k at every prompt position."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    max_tokens: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+
+    MAX_TOP = 20
+    MAX_STOP = 4
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -50,6 +67,23 @@ class SamplingParams:
             raise FlexrunError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise FlexrunError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise FlexrunError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise FlexrunError(f"n must be >= 1, got {self.n}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if len(self.stop) > self.MAX_STOP or not all(isinstance(s, str) and s for s in self.stop):
+            raise FlexrunError(f"stop must be up to {self.MAX_STOP} non-empty strings, "
+                               f"got {self.stop!r}")
+        if not 0 <= self.top_logprobs <= self.MAX_TOP:
+            raise FlexrunError(f"top_logprobs must be in 0..{self.MAX_TOP}, "
+                               f"got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise FlexrunError("top_logprobs needs logprobs: set logprobs too")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= self.MAX_TOP:
+            raise FlexrunError(f"prompt_logprobs must be in 0..{self.MAX_TOP}, "
+                               f"got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

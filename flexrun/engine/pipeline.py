@@ -23,6 +23,7 @@ from flexrun.engine.activations import HostTransfers
 from flexrun.engine.attention import attend, attend_range, decode_mask, host_matmul, prefill_mask
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
+from flexrun.engine.rows import append_tokens, prompt_logprobs
 from flexrun.engine.schedule import Task, next_unit, zigzag
 from flexrun.engine.trace import Tracer
 
@@ -46,10 +47,27 @@ class BatchState:
     pending: tuple | None = None        # a CUDA step's ids on their way to the host (_defer)
     keep_logits: bool = False           # keep every prompt position's logits (scoring)
     logits: torch.Tensor | None = None
+    finish: list = field(default_factory=list)      # per row: None, "stop" or "length"
+    logprobs: list | None = None        # per row: [(logprob, top ids, top logprobs)] per token
+    fork: torch.Tensor | None = None    # (rows,) the prefill row each row copies (n samples)
+    pre: torch.Tensor | None = None     # (prefill rows,) a row of each distinct prompt
+    prompt_lp_k: int | None = None      # prompt log-probabilities with the top k, if asked
+    prompt_lp: tuple | None = None      # (b, P-1) logprobs, (b, P-1, k) top ids, top logprobs
+
+    def __post_init__(self) -> None:
+        rows = len(self.indices)
+        self.finish = self.finish or [None] * rows
+        if self.logprobs is None:
+            self.logprobs = [[] for _ in range(rows)]
 
     @property
     def finished(self) -> bool:
         return all(self.done)
+
+    def prefill_valid(self) -> torch.Tensor:
+        """valid of the prompt positions of the rows the prefill computes."""
+        v = self.valid[:, :self.prompt_len]
+        return v if self.pre is None else v[self.pre]
 
     def key_start(self) -> torch.Tensor:
         """(b,) each row's first key: its prompt begins after the left padding, and every
@@ -162,6 +180,8 @@ class Pipeline(HostTransfers):
         slot = self.kv.slot(layer, b.batch_no, total, rows)
         if prefill:
             attn = attend(q, k, v, self._mask(b, self.device, True, win), causal=True, opts=opts)
+            if b.fork is not None:          # n samples: the prompt's KV copied to each row
+                k, v = k.index_select(0, b.fork), v.index_select(0, b.fork)
             slot.write(k, v, 0)
             return self.model.post_attn(w, h, attn)
         t0 = b.time
@@ -211,7 +231,7 @@ class Pipeline(HostTransfers):
         def make():
             if not b.padded and window is None:
                 return None
-            m = prefill_mask(b.valid[:, :b.prompt_len], window) if prefill else \
+            m = prefill_mask(b.prefill_valid(), window) if prefill else \
                 decode_mask(b.valid[:, :b.time + 1], window)
             return m.to(where)
         return self._per_step(b, (b.time, prefill, where.type, window), make)
@@ -236,7 +256,7 @@ class Pipeline(HostTransfers):
 
     def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
         if prefill:
-            v = b.valid[:, :b.prompt_len].long()
+            v = b.prefill_valid().long()
             return (v.cumsum(-1) - 1).clamp(min=0)
         return b.next_pos[:, None]
 
@@ -307,7 +327,7 @@ class Pipeline(HostTransfers):
         if not prefill and self.graphs is not None and self.graphs.covers(u):
             return self._static_unit(w, u, b, sampler)
         if u == 0:
-            ids = b.ids if prefill else b.last
+            ids = b.last if not prefill else b.ids if b.pre is None else b.ids[b.pre]
             h = self.model.embed(w, ids, self._positions(b, prefill), self.dtype)
         elif u <= L:
             h = self._layer(w, u - 1, b, prefill)
@@ -315,7 +335,12 @@ class Pipeline(HostTransfers):
             h = self._get_act(b.hidden)
             if prefill and b.keep_logits:
                 b.logits = self.model.head(w, h).float().cpu()
+            if prefill and b.prompt_lp_k is not None:
+                b.prompt_lp = prompt_logprobs(self.model, w, h, b.ids if b.pre is None
+                                              else b.ids[b.pre], b.prompt_lp_k)
             logits = self.model.head(w, h[:, -1])
+            if prefill and b.fork is not None:
+                logits = logits.index_select(0, b.fork)
             self._sample(b, logits, sampler, prefill)
             return
         b.hidden = self._put_act(u, h, b.batch_no)
@@ -333,13 +358,14 @@ class Pipeline(HostTransfers):
 
     def _sample(self, b: BatchState, logits: torch.Tensor, sampler: Sampler, prefill: bool):
         tok = sampler(logits, b.indices)
-        if tok.is_cuda and self.defers_ids:
-            self._defer(b, tok, sampler.stop_ids)
+        picked = sampler.logprobs(logits, tok) if sampler.wants_logprobs else None
+        if tok.is_cuda and self.defers_ids and picked is None:
+            self._defer(b, tok, sampler)
         else:
-            self.record(b, tok, sampler.stop_ids)
+            self.record(b, tok, sampler, picked)
         self.advance(b, prefill)
 
-    def _defer(self, b: BatchState, tok: torch.Tensor, stop_ids) -> None:
+    def _defer(self, b: BatchState, tok: torch.Tensor, sampler: Sampler) -> None:
         """Keep ids sampled on the GPU there for the next step's embedding and copy them to
         the host in the background; they are appended at the batch's next sample or when the
         block ends (flush). The host thus never waits for the GPU between steps (waiting
@@ -351,28 +377,20 @@ class Pipeline(HostTransfers):
         buf.copy_(tok, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        b.pending = (buf, ev, stop_ids)
+        b.pending = (buf, ev, sampler)
 
     def flush(self, b: BatchState) -> None:
         """Append b's deferred ids, if any (waits for their copy)."""
         if b.pending is not None:
-            buf, ev, stop_ids = b.pending
+            buf, ev, sampler = b.pending
             b.pending = None
             ev.synchronize()
-            self._append(b, buf.tolist(), stop_ids)
+            append_tokens(b, buf.tolist(), sampler)
 
-    def record(self, b: BatchState, tok: torch.Tensor, stop_ids) -> None:
+    def record(self, b: BatchState, tok: torch.Tensor, sampler: Sampler, picked=None) -> None:
         """Append a step's sampled ids (b,) to the unfinished rows; keep them for the embedding."""
-        self._append(b, tok.tolist(), stop_ids)
+        append_tokens(b, tok.tolist(), sampler, picked)
         b.last = tok.to(self.device)[:, None]
-
-    @staticmethod
-    def _append(b: BatchState, ids: list[int], stop_ids) -> None:
-        for i, t in enumerate(ids):
-            if not b.done[i]:
-                b.outputs[i].append(t)
-                if t in stop_ids:
-                    b.done[i] = True
 
     def advance(self, b: BatchState, prefill: bool) -> None:
         """Mark the sampled token's position valid and move the next position on."""

@@ -1,53 +1,142 @@
-"""Next-token choice: greedy or temperature / top-k / top-p sampling with per-prompt seeds.
+"""Next-token choice per row: greedy or temperature / top-k / top-p sampling, each row with
+its own request's settings, stop conditions (stop ids, stop strings, a token cap) and, where
+asked, the log-probabilities of what it picked.
 
-Each prompt gets its own torch.Generator seeded from (seed, prompt index), so sampled
-outputs do not depend on how prompts are grouped into batches and blocks.
+A row is one sample of one request. A row whose request has a seed draws from a generator
+seeded from (seed, sample index) only, so its samples do not depend on how rows are grouped
+into batches and blocks; other rows from (a fresh seed, row index).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from flexrun.config import SamplingParams
 
 
-class Sampler:
-    def __init__(self, params: SamplingParams, eos_ids: list[int]):
-        self.params = params
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops |= set(eos_ids)
-        self.stop_ids = stops
-        self._gens: dict[int, torch.Generator] = {}
+@dataclass
+class Row:
+    """What the sampler knows of one row."""
+    params: SamplingParams
+    sample: int = 0                 # which of its request's n samples
+    limit: int | None = None        # its cap on new tokens
 
-    def _generator(self, prompt_index: int) -> torch.Generator:
-        g = self._gens.get(prompt_index)
+
+@dataclass
+class Picked:
+    """Log-probabilities of a step's picks: (b,) each row's token, (b, k) the top k."""
+    logprob: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams | dict[int, Row], eos_ids: list[int],
+                 decode: Callable[[list[int]], str] | None = None):
+        """params: one SamplingParams for every row, or a Row per row index. decode turns
+        ids into text (stop strings need it)."""
+        self.rows = params if isinstance(params, dict) else None
+        self.params = params if isinstance(params, SamplingParams) else None
+        self.eos_ids = list(eos_ids)
+        self.decode = decode
+        self._gens: dict[int, torch.Generator] = {}
+        self._fresh = torch.seed()
+        every = [self.params] if self.rows is None else [r.params for r in self.rows.values()]
+        self.all_greedy = all(p.greedy for p in every)
+        self.top_k_max = max((p.top_logprobs for p in every if p.logprobs), default=-1)
+        self._stop_sets: dict[int, set[int]] = {}
+
+    def config(self) -> SamplingParams | dict[int, Row]:
+        """What rebuilds this sampler elsewhere (a pipeline stage's process)."""
+        return self.rows if self.rows is not None else self.params
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.top_k_max >= 0
+
+    def row(self, i: int) -> Row:
+        return self.rows[i] if self.rows is not None else Row(self.params)
+
+    def stops(self, i: int) -> set[int]:
+        """Row i's stop ids (EOS included unless its request ignores EOS)."""
+        s = self._stop_sets.get(i)
+        if s is None:
+            p = self.row(i).params
+            s = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+            self._stop_sets[i] = s
+        return s
+
+    def limit(self, i: int) -> int | None:
+        return self.row(i).limit
+
+    def _generator(self, i: int) -> torch.Generator:
+        g = self._gens.get(i)
         if g is None:
-            seed = self.params.seed if self.params.seed is not None else torch.seed()
-            g = self._gens[prompt_index] = torch.Generator().manual_seed(
-                (int(seed) * 1_000_003 + prompt_index) % (2**63))
+            r = self.row(i)
+            seed, k = (r.params.seed, r.sample) if r.params.seed is not None else (self._fresh, i)
+            g = self._gens[i] = torch.Generator().manual_seed(
+                (int(seed) * 1_000_003 + k) % (2**63))
         return g
 
-    def release(self, prompt_index: int) -> None:
-        self._gens.pop(prompt_index, None)
+    def release(self, i: int) -> None:
+        self._gens.pop(i, None)
+        self._stop_sets.pop(i, None)
 
-    def __call__(self, logits: torch.Tensor, prompt_indices: list[int]) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """logits: (b, vocab) on any device -> (b,) token ids: greedy ones on the logits'
         device (the host reads them a step later: Pipeline._defer), sampled ones on CPU."""
-        p = self.params
-        if p.greedy:
+        if self.all_greedy:
             return logits.argmax(dim=-1)
-        logits = logits.float().cpu() / p.temperature
+        host = logits.float().cpu()
+        out = host.argmax(dim=-1)
+        for n, i in enumerate(rows):
+            p = self.row(i).params
+            if not p.greedy:
+                out[n] = self._sample(host[n], p, self._generator(i))
+        return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, p: SamplingParams, g: torch.Generator) -> torch.Tensor:
+        logits = logits / p.temperature
         if p.top_k > 0:
             k = min(p.top_k, logits.shape[-1])
-            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+            kth = torch.topk(logits, k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
-            sorted_l, idx = torch.sort(logits, dim=-1, descending=True)
-            cum = sorted_l.softmax(-1).cumsum(-1)
-            drop = cum - sorted_l.softmax(-1) >= p.top_p   # keep the smallest set reaching top_p
+            sorted_l, idx = torch.sort(logits, descending=True)
+            probs = sorted_l.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= p.top_p   # keep the smallest set reaching top_p
             sorted_l = sorted_l.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_l)
-        probs = logits.softmax(-1)
-        out = [torch.multinomial(probs[i], 1, generator=self._generator(j))
-               for i, j in enumerate(prompt_indices)]
-        return torch.cat(out)
+        return torch.multinomial(logits.softmax(-1), 1, generator=g)[0]
+
+    def logprobs(self, logits: torch.Tensor, tok: torch.Tensor) -> Picked:
+        """The picks' log-softmax of the model's logits and the top k (k = the largest
+        top_logprobs asked in the block), on the host."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(-1, tok.to(lp.device).view(-1, 1))[:, 0]
+        top = lp.topk(self.top_k_max, dim=-1) if self.top_k_max > 0 else None
+        return Picked(chosen.cpu(), top.indices.cpu() if top is not None else None,
+                      top.values.cpu() if top is not None else None)
+
+    def stop_string_hit(self, i: int, out: list[int]) -> int | None:
+        """How many of row i's ids to keep when its text now holds a stop string (the ids up
+        to the one that completed the match, the text later cut before it); None: no match."""
+        stops = self.row(i).params.stop
+        if not stops or self.decode is None:
+            return None
+        text = self.decode(out)
+        longest = max(len(s) for s in stops)
+        # only a match that the newest token completed is new: look at the text's tail
+        tail_from = max(0, len(self.decode(out[:-1])) - longest + 1) if len(out) > 1 else 0
+        if any(s in text[tail_from:] for s in stops):
+            return len(out)
+        return None
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text before the first stop string it holds, and whether one was found."""
+    at = [text.find(s) for s in stops if s in text]
+    return (text[:min(at)], True) if at else (text, False)

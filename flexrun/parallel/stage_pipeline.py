@@ -197,7 +197,7 @@ class _BlockRun:
         q, b = self.tokens[m], self.batches[m]
         while q and q[0][0] <= upto and (wait or q[0][1].ready()):
             step, pending = q.popleft()
-            self.p.record(b, pending.get(), self.sampler.stop_ids)
+            self.p.record(b, pending.get(), self.sampler)
             self.stopped[m][step] = b.finished
 
     def sync_tokens(self, step: int) -> None:

@@ -62,12 +62,14 @@ class WorkerGroup:
 
     def run_block(self, batches: list[BatchState], max_new_tokens: int, sampler: Sampler,
                   on_step=None) -> None:
-        msg = ("block", ([_pack(b) for b in batches], max_new_tokens, sampler.params))
+        msg = ("block", ([_pack(b) for b in batches], max_new_tokens, sampler.config()))
         for c in self.conns:
             c.send(msg)
         replies = self._replies()
-        for b, (outputs, done, logits) in zip(batches, replies[-1]["batches"]):
-            b.outputs[:], b.done[:] = outputs, done
+        for b, (outputs, done, finish, logprobs, prompt_lp, logits) in zip(
+                batches, replies[-1]["batches"]):
+            b.outputs[:], b.done[:], b.finish[:], b.logprobs[:] = outputs, done, finish, logprobs
+            b.prompt_lp = prompt_lp
             b.logits = None if logits is None else torch.from_numpy(logits)
         for step, t in enumerate(replies[-1]["marks"]):
             if on_step is not None:
@@ -131,7 +133,7 @@ class WorkerGroup:
 def _pack(b: BatchState) -> dict:
     return {"indices": b.indices, "ids": b.ids.cpu().numpy(), "valid": b.valid.cpu().numpy(),
             "prompt_len": b.prompt_len, "next_pos": b.next_pos.cpu().numpy(),
-            "padded": b.padded, "keep_logits": b.keep_logits}
+            "padded": b.padded, "keep_logits": b.keep_logits, "prompt_lp_k": b.prompt_lp_k}
 
 
 def _unpack(d: dict, device: torch.device) -> BatchState:
@@ -140,7 +142,7 @@ def _unpack(d: dict, device: torch.device) -> BatchState:
                       valid=torch.from_numpy(d["valid"]).to(device), prompt_len=d["prompt_len"],
                       next_pos=torch.from_numpy(d["next_pos"]).to(device), padded=d["padded"],
                       keep_logits=d["keep_logits"], outputs=[[] for _ in range(rows)],
-                      done=[False] * rows)
+                      done=[False] * rows, prompt_lp_k=d["prompt_lp_k"])
 
 
 # ---- a worker process -----------------------------------------------------------------------
@@ -174,14 +176,14 @@ def _worker(rank: int, world: int, port: int, build: Callable[..., Any], kwargs:
 
 def _run_block(llm, packed: list, max_new_tokens: int, params) -> dict:
     batches = [_unpack(d, llm.device) for d in packed]
-    sampler = Sampler(params, llm.spec.eos_token_ids)
+    sampler = Sampler(params, llm.spec.eos_token_ids, decode=llm.decode)
     sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
     marks: list[float] = []
     llm.pipeline.run_block(batches, max_new_tokens, sampler,
                            on_step=lambda s: (sync(), marks.append(time.perf_counter())))
     out = None
     if llm.pipeline.last:
-        out = [(b.outputs, b.done, None if b.logits is None else b.logits.numpy())
-               for b in batches]
+        out = [(b.outputs, b.done, b.finish, b.logprobs, b.prompt_lp,
+                None if b.logits is None else b.logits.numpy()) for b in batches]
     return {"batches": out, "marks": marks, "peak": llm.pipeline.peak_bytes()}
 

@@ -1,0 +1,108 @@
+"""Requests -> rows -> batches, and finished rows -> outputs.
+
+A request (one prompt with its SamplingParams) becomes n rows, one per sample. Rows of one
+request in one GPU batch share a single prefill: the batch computes each distinct prompt once
+and copies its KV cache and first logits into its rows (BatchState.fork)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexrun.config import SamplingParams
+from flexrun.engine.pipeline import BatchState
+from flexrun.engine.sampling import Row, cut_at_stop
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability (log-softmax of the model's logits) and the top k there."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Sample:
+    """One of a request's n completions."""
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str                          # "stop" or "length"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result. output_ids are the generated ids only (a stop token included);
+    samples holds all n completions (samples[0] is output_ids / text / finish_reason)."""
+    index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str
+    samples: list[Sample] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def request_rows(order: list[int], params: list[SamplingParams], limits: list[int]
+                 ) -> tuple[list[tuple[int, int]], dict[int, Row]]:
+    """Rows (request, sample) in `order`, the samples of a request side by side, and the
+    sampler's view of each row."""
+    rows = [(i, j) for i in order for j in range(params[i].n)]
+    table = {r: Row(params[i], j, limits[i]) for r, (i, j) in enumerate(rows)}
+    return rows, table
+
+
+def make_batch(members: list[int], rows: list[tuple[int, int]], ids: list[list[int]],
+               gen: int, pad: int, device: torch.device, share_prefill: bool,
+               prompt_lp_k: int | None) -> BatchState:
+    """A left-padded GPU batch of rows `members`; samples of one request share its prefill."""
+    reqs = [rows[m][0] for m in members]
+    P = max(len(ids[i]) for i in reqs)
+    lens = torch.tensor([len(ids[i]) for i in reqs])
+    valid = torch.zeros(len(members), P + gen, dtype=torch.bool)
+    valid[:, :P] = torch.arange(P)[None, :] >= (P - lens)[:, None]
+    b = BatchState(indices=members,
+                   ids=torch.tensor([[pad] * (P - len(ids[i])) + ids[i] for i in reqs]).to(device),
+                   valid=valid.to(device), prompt_len=P, padded=bool((lens < P).any()),
+                   next_pos=lens.to(device), outputs=[[] for _ in members],
+                   done=[False] * len(members), prompt_lp_k=prompt_lp_k)
+    distinct = list(dict.fromkeys(reqs))
+    if share_prefill and len(distinct) < len(reqs):
+        first = {r: reqs.index(r) for r in distinct}
+        b.pre = torch.tensor([first[r] for r in distinct], device=device)
+        b.fork = torch.tensor([distinct.index(r) for r in reqs], device=device)
+    return b
+
+
+def prefill_rows(b: BatchState) -> int:
+    """How many prompts the batch's prefill computes."""
+    return b.ids.shape[0] if b.pre is None else b.pre.shape[0]
+
+
+def row_sample(b: BatchState, n: int, params: SamplingParams, decode) -> Sample:
+    """Row n of batch b as a Sample: text cut before a stop string, logprobs where asked."""
+    out = list(b.outputs[n])
+    text = decode(out) if decode is not None else None
+    reason = b.finish[n] or "length"
+    if text is not None and params.stop:
+        text, _ = cut_at_stop(text, params.stop)
+    lps = None
+    if params.logprobs:
+        lps = [TokenLogprob(t, lp, top[:params.top_logprobs])
+               for t, (lp, top) in zip(out, b.logprobs[n])]
+    return Sample(out, text, reason, lps)
+
+
+def prompt_logprob_list(b: BatchState, n: int, prompt: list[int], k: int
+                        ) -> list[TokenLogprob | None]:
+    """Row n's prompt log-probabilities: None for the first token, then each token's."""
+    lp, top_ids, top_lp = b.prompt_lp
+    u = n if b.fork is None else int(b.fork[n])
+    P, L = b.prompt_len, len(prompt)
+    out: list[TokenLogprob | None] = [None]
+    for m in range(1, L):
+        at = P - L + m - 1
+        top = [] if not k else list(zip(top_ids[u, at, :k].tolist(), top_lp[u, at, :k].tolist()))
+        out.append(TokenLogprob(prompt[m], float(lp[u, at]), top))
+    return out
