@@ -1,7 +1,7 @@
 """A model source as the loaders hand it over: spec, lazy tensors, tokenizer, chat template."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -20,3 +20,5 @@ class Checkpoint:
     chat_template: str | None = None
     source: str = ""
     native_group: int | None = None          # 4-bit block size of a Q4 GGUF's weights
+    # the tokenizer's named special tokens a chat template reads (bos_token, eos_token, ...)
+    special_tokens: dict[str, str] = field(default_factory=dict)

@@ -328,3 +328,20 @@ def _post_processor(r, tokens: list[str], default_bos: bool):
 def gguf_chat_template(path: PathLike) -> str | None:
     """The Jinja chat template stored in the GGUF (tokenizer.chat_template), if any."""
     return _meta(_reader(path), "tokenizer.chat_template") or None
+
+
+_SPECIAL_TOKEN_IDS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+
+
+def gguf_special_tokens(path: PathLike) -> dict[str, str]:
+    """bos/eos/unk/pad token strings: tokenizer.ggml.*_token_id looked up in
+    tokenizer.ggml.tokens (as transformers' GGUF tokenizer names them)."""
+    r = _reader(path)
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    out = {}
+    for name, key in _SPECIAL_TOKEN_IDS:
+        tid = _meta(r, f"tokenizer.ggml.{key}")
+        if tokens is not None and tid is not None and 0 <= int(tid) < len(tokens.data):
+            out[name] = tokens.contents(int(tid))
+    return out

@@ -164,17 +164,17 @@ def open_hf_dir(path: str) -> Checkpoint:
         extra = eos_list(json.loads(gen_cfg.read_text()).get("eos_token_id"))
         spec.eos_token_ids = sorted(set(spec.eos_token_ids) | set(extra))
     files = _shard_files(d)
-    tokenizer, template = None, None
+    tokenizer = None
     if (d / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-    tc = d / "tokenizer_config.json"
-    if tc.is_file():
-        template = json.loads(tc.read_text()).get("chat_template")
+    from flexrun.models.chat import hf_chat_config
+    template, special_tokens = hf_chat_config(d)
 
     def iter_tensors(device_for, names=None):
         return filter_and_check(spec, _iter_safetensors(files, spec, names), str(d), names)
-    return Checkpoint(spec, iter_tensors, tokenizer, template, source=str(d))
+    return Checkpoint(spec, iter_tensors, tokenizer, template, source=str(d),
+                      special_tokens=special_tokens)
 
 
 def open_gguf(path: str) -> Checkpoint:
@@ -197,7 +197,8 @@ def open_gguf(path: str) -> Checkpoint:
         split = (x for n, t in pairs if _wanted(n, names) for x in split_fused(spec, n, t))
         return filter_and_check(spec, split, str(p), names)
     return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
-                      native_group=gguf.native_q4_group(p))
+                      native_group=gguf.native_q4_group(p),
+                      special_tokens=gguf.gguf_special_tokens(p))
 
 
 # ---- named real models ----------------------------------------------------------------------
