@@ -10,13 +10,14 @@ import torch
 
 from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
 from flexrun.engine.pipeline import BatchState, Pipeline
-from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, make_batch,
-                                     prefill_rows, prompt_logprob_list, request_rows,
-                                     row_sample)
+from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, fit_positions,
+                                     make_batch, params_per_prompt, prefill_rows,
+                                     prompt_logprob_list, request_rows, row_sample)
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.trace import Tracer
 from flexrun.memory import packed as packed_weights
 from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
+from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
 from flexrun.models.loader import open_checkpoint
 from flexrun.memory.storage import TIERS, DiskTier, TieredStore, split_report
@@ -219,10 +220,10 @@ class LLM:
         failing; names: how errors refer to prompts (default: their index)."""
         if max_new_tokens < 1:
             raise FlexrunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        params = self._params_per_prompt(sampling, len(prompts))
+        params = params_per_prompt(sampling, len(prompts))
         names = list(names) if names is not None else list(range(len(prompts)))
         ids = [self._encode(p, names[i]) for i, p in enumerate(prompts)]
-        self._fit_positions(ids, max_new_tokens, names, truncate)
+        fit_positions(ids, max_new_tokens, self.spec.max_positions, names, truncate)
         longest = max((len(x) for x in ids), default=0)
         self._check_budget(longest, max_new_tokens)
         limits = [min(p.max_tokens or max_new_tokens, max_new_tokens) for p in params]
@@ -266,30 +267,22 @@ class LLM:
         if bar is not None:
             bar.close()
 
-    def _params_per_prompt(self, sampling, n: int) -> list[SamplingParams]:
-        if sampling is None or isinstance(sampling, SamplingParams):
-            return [sampling or SamplingParams()] * n
-        params = list(sampling)
-        if len(params) != n:
-            raise FlexrunError(f"{len(params)} SamplingParams for {n} prompts: give one for "
-                               "all or one per prompt")
-        return params
+    def chat(self, conversations: Sequence[list[dict]], max_new_tokens: int = 32,
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             progress: bool = False) -> list[RequestOutput]:
+        """Generate a reply to each conversation (a list of {"role", "content"} messages),
+        rendered with the model's chat template (or chat_template: text or a file)."""
+        ids = [self.chat_prompt_ids(c, chat_template, add_generation_prompt)
+               for c in conversations]
+        return self.generate(ids, max_new_tokens, sampling, progress)
 
-    def _fit_positions(self, ids: list[list[int]], max_new_tokens: int, names, truncate: bool
-                       ) -> None:
-        """Check (or left-truncate) every prompt against the model's positions."""
-        limit = self.spec.max_positions
-        if max_new_tokens >= limit:
-            raise FlexrunError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
-                               f"the model's {limit} positions")
-        for i, x in enumerate(ids):
-            if len(x) + max_new_tokens > limit:
-                if truncate:
-                    ids[i] = x[len(x) + max_new_tokens - limit:]
-                    continue
-                raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
-                                   f"max_new_tokens {max_new_tokens} it exceeds the model's "
-                                   f"{limit} positions: shorten it or pass --truncate left")
+    def chat_prompt_ids(self, messages: list[dict], chat_template: str | None = None,
+                        add_generation_prompt: bool = True, **extra) -> list[int]:
+        """A conversation's prompt ids: the chat template rendered as transformers'
+        apply_chat_template does, encoded without the tokenizer's own special tokens."""
+        return chat_prompt_ids(self.ckpt, messages, chat_template=chat_template,
+                               add_generation_prompt=add_generation_prompt, **extra)
 
     def decode(self, ids: list[int]) -> str | None:
         """Token ids as text (special tokens skipped); None without a tokenizer."""

@@ -109,3 +109,18 @@ def test_bad_settings_are_one_line_errors():
                     (dict(stop=["a"] * 5), "stop must be"), (dict(max_tokens=0), "max_tokens")):
         with pytest.raises(FlexrunError, match=msg):
             SamplingParams(**kw)
+
+
+def test_chat_renders_the_template_and_generates(llama_dir):
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    conv = [{"role": "user", "content": "hello world"}]
+    with LLM(str(llama_dir), device="cpu") as llm:
+        ids = llm.chat_prompt_ids(conv, chat_template=template)
+        assert ids == llm.tokenizer.encode("<|user|>hello world\n<|assistant|>",
+                                           add_special_tokens=False).ids
+        out = llm.chat([conv], 5, GREEDY, chat_template=template)[0]
+        assert out.prompt_ids == ids and len(out.output_ids) == 5
+        from flexrun import FlexrunError
+        with pytest.raises(FlexrunError, match="has no chat template"):
+            llm.chat([conv], 5)

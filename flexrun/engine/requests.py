@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexrun.config import SamplingParams
+from flexrun.config import FlexrunError, SamplingParams
 from flexrun.engine.pipeline import BatchState
 from flexrun.engine.sampling import Row, cut_at_stop
 
@@ -106,3 +106,30 @@ def prompt_logprob_list(b: BatchState, n: int, prompt: list[int], k: int
         top = [] if not k else list(zip(top_ids[u, at, :k].tolist(), top_lp[u, at, :k].tolist()))
         out.append(TokenLogprob(prompt[m], float(lp[u, at]), top))
     return out
+
+
+def params_per_prompt(sampling, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt from one for all (or None) or a sequence."""
+    if sampling is None or isinstance(sampling, SamplingParams):
+        return [sampling or SamplingParams()] * n
+    params = list(sampling)
+    if len(params) != n:
+        raise FlexrunError(f"{len(params)} SamplingParams for {n} prompts: give one for "
+                           "all or one per prompt")
+    return params
+
+
+def fit_positions(ids: list[list[int]], max_new_tokens: int, limit: int, names,
+                  truncate: bool) -> None:
+    """Check (or left-truncate) every prompt against the model's `limit` positions."""
+    if max_new_tokens >= limit:
+        raise FlexrunError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                           f"the model's {limit} positions")
+    for i, x in enumerate(ids):
+        if len(x) + max_new_tokens > limit:
+            if truncate:
+                ids[i] = x[len(x) + max_new_tokens - limit:]
+                continue
+            raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
+                               f"max_new_tokens {max_new_tokens} it exceeds the model's "
+                               f"{limit} positions: shorten it or pass --truncate left")
