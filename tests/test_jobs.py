@@ -152,6 +152,21 @@ CASES = {
     "output-is-dir": (lambda job: setattr(job, "out", job.off), [], ["is a directory", "--output"]),
     "output-dir-missing": (lambda job: setattr(job, "out", job.root / "no" / "out.jsonl"), [],
                            ["does not exist", "--output"]),
+    # per-row sampling fields and chat lines: checked like the rest, before the model loads
+    "row-field-type": (_rows({"id": 3, "prompt": "a", "n": "two"}), [],
+                       ["line 1", "id 3", '"n" must be an integer']),
+    "row-field-value": (_rows({"id": 3, "prompt": "a", "temperature": -1}), [],
+                        ["line 1", "id 3", "temperature must be >= 0"]),
+    "top-logprobs-alone": (_rows({"id": 3, "prompt": "a", "top_logprobs": 2}), [],
+                           ["id 3", "top_logprobs needs logprobs"]),
+    "five-stops": (_rows({"id": 3, "prompt": "a", "stop": list("abcde")}), [],
+                   ["id 3", "stop must be up to 4"]),
+    "message-without-content": (_rows({"id": 4, "messages": [{"role": "user"}]}), [],
+                                ["line 1", "id 4", "no \"content\""]),
+    "chat-without-template": (_rows({"id": 4, "messages": [{"role": "user", "content": "hi"}]}),
+                              [], ["no chat template", "--chat-template FILE"]),
+    "chat-template-missing": (None, ["--chat-template", "/nonexistent/t.jinja"],
+                              ["/nonexistent/t.jinja", "not found", "--chat-template"]),
 }
 
 
@@ -193,6 +208,56 @@ def test_resume_cuts_torn_line_and_skips_done(job, capsys):
     capsys.readouterr()
     assert main(job.args()) == 0                                # all done: nothing to do
     assert job.out.read_text().splitlines(keepends=True) == lines
+
+
+TEMPLATE = Path(__file__).parent / "data" / "chatml.jinja"
+
+
+def test_chat_lines_and_row_fields(job, capsys):
+    """Plain lines with "messages" (rendered by --chat-template) and per-row fields: n gives
+    "samples", logprobs gives "logprobs", max_tokens overrides --max-new-tokens; the same ids
+    as the Python API gives for the rendered prompt."""
+    from flexrun import LLM, SamplingParams
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    c1 = {"id": "c1", "messages": chat, "n": 2, "temperature": 0.9, "seed": 5, "logprobs": True,
+          "top_logprobs": 2, "max_tokens": 6}
+    write_jsonl(job.inp, [c1, {"id": "c2", "messages": chat[1:], "max_tokens": 3},
+                          {"id": "p", "prompt": "hello world"}])
+    job.out.unlink()
+    assert main(job.args("--chat-template", str(TEMPLATE))) == 0
+    rows = {r["id"]: r for r in map(json.loads, job.out.read_text().splitlines())}
+    assert list(rows["p"]) == ["id", "output_ids", "text", "finish_reason"]
+    assert len(rows["p"]["output_ids"]) == 4 and set(rows["c2"]) == set(rows["p"])
+    r1 = rows["c1"]
+    assert [len(s["output_ids"]) for s in r1["samples"]] == [6, 6]
+    assert r1["output_ids"] == r1["samples"][0]["output_ids"]
+    assert r1["logprobs"] == r1["samples"][0]["logprobs"]
+    assert [e["token_id"] for e in r1["logprobs"]] == r1["output_ids"]
+    assert all(len(e["top_logprobs"]) == 2 for e in r1["logprobs"])
+    with LLM(str(job.model), device="cpu") as llm:
+        ids = [llm.chat_prompt_ids(m, chat_template=TEMPLATE.read_text())
+               for m in (chat, chat[1:])]
+        want = llm.generate(ids, max_new_tokens=6, sampling=[
+            SamplingParams(temperature=0.9, seed=5, n=2, logprobs=True, top_logprobs=2,
+                           max_tokens=6, ignore_eos=True),
+            SamplingParams(max_tokens=3, ignore_eos=True)])
+    assert [s["output_ids"] for s in r1["samples"]] == [s.output_ids for s in want[0].samples]
+    assert rows["c2"]["output_ids"] == want[1].output_ids
+    assert [e["logprob"] for e in r1["logprobs"]] == pytest.approx(
+        [t.logprob for t in want[0].samples[0].logprobs], abs=1e-5)
+
+
+def test_seed_per_id_survives_resume(job, capsys):
+    """--seed gives each row its own seed from (seed, id): a resumed job draws the same."""
+    job.out.unlink()
+    args = job.args("--temperature", "1.0", "--seed", "3", new=6)
+    assert main(args) == 0
+    ref = job.out.read_text().splitlines(keepends=True)
+    outs = [json.loads(r)["output_ids"] for r in ref]
+    assert len(set(map(tuple, outs[1:]))) == len(outs) - 1      # rows do not share a stream
+    job.out.write_text(ref[0] + ref[3])
+    assert main(args) == 0
+    assert job.out.read_text().splitlines(keepends=True) == ref
 
 
 def _ragged(job: Job, n: int = 6) -> list:

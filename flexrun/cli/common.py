@@ -7,7 +7,7 @@ import copy
 import signal
 
 from flexrun.api import LLM
-from flexrun.config import Policy, SamplingParams
+from flexrun.config import Policy
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +31,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "torchrun)")
 
 
-def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, ignore_eos=args.ignore_eos)
+def sampling_defaults(args) -> dict:
+    """The command line's sampling settings (SamplingParams fields): what a plain row that
+    sets none of them gets. The seed is not among them: a row gets its own from --seed."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                ignore_eos=args.ignore_eos)
 
 
 class StopFlag:

@@ -15,7 +15,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.add_argument("--input", required=True)
     g.add_argument("--output", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--format", choices=["auto", "plain", "openai"], default="auto",
+                   help="plain: {\"id\", \"prompt\" | \"input_ids\" | \"messages\"} lines; "
+                   "openai: OpenAI Batch API request lines (/v1/chat/completions, "
+                   "/v1/completions); auto: openai when the first line has custom_id and body")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for \"messages\" (default: the model's own)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="plain: new tokens of a row that sets no max_tokens (default 32); "
+                   "openai: a cap on every request's max_tokens (default: none, up to the "
+                   "model's positions)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

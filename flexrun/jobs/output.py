@@ -1,76 +1,20 @@
-"""Batch jobs on JSONL files: read and check the input, resume from the output, append safely,
-and put the finished output in the input's order."""
+"""The output file of a job: resume from it (ids already done, a torn last line cut off),
+append one complete line per result, and put it in the input's order once the job is done.
+
+A line's key is its "custom_id" (OpenAI batch lines) or else its "id" (plain lines)."""
 from __future__ import annotations
 
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from flexrun.config import FlexrunError
 
 
-@dataclass
-class JobItem:
-    id: object
-    prompt: str | None = None
-    input_ids: list[int] | None = None
-
-    @property
-    def value(self):
-        return self.prompt if self.prompt is not None else self.input_ids
-
-
-def read_input(path: str | Path) -> list[JobItem]:
-    """Parse the input JSONL; any bad line is an error naming the line and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise FlexrunError(f"input file {p} not found")
-    items, seen = [], set()
-    with open(p, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise FlexrunError(f"{p} line {no}: not valid UTF-8; re-encode the file as UTF-8")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FlexrunError(f"{p} line {no}: malformed JSON ({e.msg}); each line must be "
-                                   '{"id": ..., "prompt": "..."} or {"id": ..., "input_ids": [...]}')
-            items.append(_item(row, p, no))
-            key = json.dumps(items[-1].id)
-            if key in seen:
-                raise FlexrunError(f"{p} line {no}: duplicate id {items[-1].id!r}; ids must be "
-                                   "unique so a rerun can resume")
-            seen.add(key)
-    if not items:
-        raise FlexrunError(f"input file {p} holds no prompts: write one JSON object per line")
-    return items
-
-
-def _item(row, p: Path, no: int) -> JobItem:
-    if not isinstance(row, dict) or "id" not in row:
-        raise FlexrunError(f'{p} line {no}: each line needs an "id" and a "prompt" or "input_ids"')
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} must be a string")
-        if not row["prompt"]:
-            raise FlexrunError(f"{p} line {no}: prompt of id {row['id']!r} is empty: give it "
-                               "some text or remove the line")
-        return JobItem(row["id"], prompt=row["prompt"])
-    ids = row.get("input_ids")
-    if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                            for x in ids):
-        raise FlexrunError(f'{p} line {no}: id {row["id"]!r} needs "prompt" (text) or '
-                           '"input_ids" (a list of integers)')
-    if not ids:
-        raise FlexrunError(f"{p} line {no}: input_ids of id {row['id']!r} is empty: give at "
-                           "least one token id or remove the line")
-    return JobItem(row["id"], input_ids=ids)
+def line_key(row) -> str:
+    """The resume key of an output (or input) row: its custom_id, else its id, as JSON."""
+    return json.dumps(row["custom_id"] if "custom_id" in row else row["id"])
 
 
 def finished_ids(path: str | Path) -> set[str]:
@@ -93,7 +37,7 @@ def finished_ids(path: str | Path) -> set[str]:
         if not line.strip():
             continue
         try:
-            done.add(json.dumps(json.loads(line)["id"]))
+            done.add(line_key(json.loads(line)))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise FlexrunError(f"output file {p} line {no} is not a flexrun result: pass "
                                "another --output or remove that file")
@@ -145,7 +89,7 @@ class OutputWriter:
                 self.f.close()
 
 
-def order_output(path: str | Path, items: list[JobItem]) -> bool:
+def order_output(path: str | Path, items: list) -> bool:
     """Rewrite a finished job's output with its lines in the input's order; lines of ids that
     are not in the input keep their relative order after them. The lines' bytes are unchanged.
     The new file is written beside the old one, fsynced and renamed over it (then the directory
@@ -198,7 +142,7 @@ def order_output(path: str | Path, items: list[JobItem]) -> bool:
 
 def _line_id(line: bytes) -> str | None:
     try:
-        return json.dumps(json.loads(line)["id"])
+        return line_key(json.loads(line))
     except (ValueError, KeyError, TypeError):
         return None
 
