@@ -51,7 +51,9 @@ def test_request_lines_and_their_errors(tmp_path):
             req("img", messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "x"}}]}]),
             req("toplp", messages=user("hi"), top_logprobs=2),
-            req("pen", messages=user("hi"), presence_penalty=0.5)]
+            req("pen", messages=user("hi"), presence_penalty=0.5),
+            {"custom_id": "bare", "body": {"prompt": "x"}},           # POST /v1/completions
+            req("stream", messages=user("hi"), stream=True)]
     items = {it.id: it for it in read_openai(write_lines(tmp_path / "in.jsonl", rows))}
     ok = items["ok"]
     assert ok.error is None and ok.endpoint == "chat" and ok.model == "opt"
@@ -75,7 +77,9 @@ def test_request_lines_and_their_errors(tmp_path):
     assert cmp.options == {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0,
                            "logprobs": True, "top_logprobs": 3}
     assert items["ids"].input_ids == [5, 6, 7]
-    assert set(err) == {"tools", 3, "get", "emb", 8, "neg", "img", "toplp", "pen"}
+    assert items["bare"].endpoint == "completions" and items["bare"].model is None
+    assert err["stream"][0] == "unsupported_parameter" and '"stream"' in err["stream"][1]
+    assert set(err) == {"tools", 3, "get", "emb", 8, "neg", "img", "toplp", "pen", "stream"}
 
 
 def test_duplicate_custom_id_stops_before_loading(tmp_path):
