@@ -223,10 +223,9 @@ class LLM:
         params = params_per_prompt(sampling, len(prompts))
         names = list(names) if names is not None else list(range(len(prompts)))
         ids = [self._encode(p, names[i]) for i, p in enumerate(prompts)]
-        fit_positions(ids, max_new_tokens, self.spec.max_positions, names, truncate)
-        longest = max((len(x) for x in ids), default=0)
-        self._check_budget(longest, max_new_tokens)
         limits = [min(p.max_tokens or max_new_tokens, max_new_tokens) for p in params]
+        fit_positions(ids, limits, self.spec.max_positions, names, truncate)
+        self._check_budget(max((len(x) for x in ids), default=0), max(limits, default=1))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         rows, table = request_rows(order, params, limits)
         sampler = Sampler(table, self.spec.eos_token_ids, decode=self.decode)
@@ -239,10 +238,11 @@ class LLM:
             members = list(range(start, min(start + block, len(rows))))
             k = max((params[rows[m][0]].prompt_logprobs for m in members
                      if params[rows[m][0]].prompt_logprobs is not None), default=None)
-            batches = [make_batch(members[i:i + bs], rows, ids, max_new_tokens,
+            gen = max(limits[rows[m][0]] for m in members)    # the block's longest cap
+            batches = [make_batch(members[i:i + bs], rows, ids, gen,
                                   self.spec.pad_token_id or 0, self.batch_device, share, k)
                        for i in range(0, len(members), bs)]
-            self._run_block(batches, max_new_tokens, sampler)
+            self._run_block(batches, gen, sampler)
             finished = []
             for b in batches:
                 for n, r in enumerate(b.indices):

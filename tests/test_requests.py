@@ -124,3 +124,16 @@ def test_chat_renders_the_template_and_generates(llama_dir):
         from flexrun import FlexrunError
         with pytest.raises(FlexrunError, match="has no chat template"):
             llm.chat([conv], 5)
+
+
+def test_each_prompt_fits_with_its_own_cap(llama_dir):
+    """A request's own max_tokens, not the call's, decides whether its prompt fits."""
+    from flexrun import FlexrunError
+    with LLM(str(llama_dir), device="cpu") as llm:
+        limit = llm.spec.max_positions
+        long = list(range(3, 3 + limit - 8))
+        out = llm.generate([long, [5, 6]], 100, [SamplingParams(ignore_eos=True, max_tokens=4),
+                                                 SamplingParams(ignore_eos=True)])
+        assert [len(o.output_ids) for o in out] == [4, 100]
+        with pytest.raises(FlexrunError, match="exceeds the model's"):
+            llm.generate([long], 100, SamplingParams(max_tokens=9))

@@ -119,17 +119,18 @@ def params_per_prompt(sampling, n: int) -> list[SamplingParams]:
     return params
 
 
-def fit_positions(ids: list[list[int]], max_new_tokens: int, limit: int, names,
+def fit_positions(ids: list[list[int]], new_tokens: list[int], limit: int, names,
                   truncate: bool) -> None:
-    """Check (or left-truncate) every prompt against the model's `limit` positions."""
-    if max_new_tokens >= limit:
-        raise FlexrunError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
-                           f"the model's {limit} positions")
-    for i, x in enumerate(ids):
-        if len(x) + max_new_tokens > limit:
+    """Check (or left-truncate) every prompt, with its own cap on new tokens, against the
+    model's `limit` positions."""
+    for i, (x, gen) in enumerate(zip(ids, new_tokens)):
+        if gen >= limit:
+            raise FlexrunError(f"max_new_tokens {gen} leaves no room for a prompt in "
+                               f"the model's {limit} positions")
+        if len(x) + gen > limit:
             if truncate:
-                ids[i] = x[len(x) + max_new_tokens - limit:]
+                ids[i] = x[len(x) + gen - limit:]
                 continue
             raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
-                               f"max_new_tokens {max_new_tokens} it exceeds the model's "
+                               f"max_new_tokens {gen} it exceeds the model's "
                                f"{limit} positions: shorten it or pass --truncate left")
