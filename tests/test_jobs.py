@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_jsonl
 from flexrun.cli import main
@@ -222,7 +223,8 @@ def test_chat_lines_and_row_fields(job, capsys):
     c1 = {"id": "c1", "messages": chat, "n": 2, "temperature": 0.9, "seed": 5, "logprobs": True,
           "top_logprobs": 2, "max_tokens": 6}
     write_jsonl(job.inp, [c1, {"id": "c2", "messages": chat[1:], "max_tokens": 3},
-                          {"id": "p", "prompt": "hello world"}])
+                          {"id": "p", "prompt": "hello world"},
+                          {"id": "s", "prompt": "hello world", "prompt_logprobs": 2}])
     job.out.unlink()
     assert main(job.args("--chat-template", str(TEMPLATE))) == 0
     rows = {r["id"]: r for r in map(json.loads, job.out.read_text().splitlines())}
@@ -245,6 +247,14 @@ def test_chat_lines_and_row_fields(job, capsys):
     assert rows["c2"]["output_ids"] == want[1].output_ids
     assert [e["logprob"] for e in r1["logprobs"]] == pytest.approx(
         [t.logprob for t in want[0].samples[0].logprobs], abs=1e-5)
+    scored = rows["s"]["prompt_logprobs"]           # scoring: each prompt token's logprob
+    with LLM(str(job.model), device="cpu") as llm:
+        ids = llm.tokenizer.encode("hello world").ids
+        lp = torch.log_softmax(llm.prompt_logits([ids])[0].double(), -1)
+    assert scored[0] is None and [e["token_id"] for e in scored[1:]] == ids[1:]
+    assert [e["logprob"] for e in scored[1:]] == pytest.approx(
+        [float(lp[m - 1, ids[m]]) for m in range(1, len(ids))], abs=1e-4)
+    assert all(len(e["top_logprobs"]) == 2 for e in scored[1:])
 
 
 def test_seed_per_id_survives_resume(job, capsys):

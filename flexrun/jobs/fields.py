@@ -58,6 +58,7 @@ KINDS = {
     "n": (_int, "an integer >= 1"),
     "logprobs": (lambda v: isinstance(v, bool), "true or false"),
     "top_logprobs": (_int, f"an integer in 0..{SamplingParams.MAX_TOP}"),
+    "prompt_logprobs": (_int, f"an integer in 0..{SamplingParams.MAX_TOP}"),
     "stop": (lambda v: isinstance(v, str) or (isinstance(v, list)
                                              and all(isinstance(s, str) for s in v)),
              f"a string or a list of up to {SamplingParams.MAX_STOP} strings"),

@@ -97,15 +97,20 @@ def plain_line(item: JobItem, out, piece) -> dict:
         row["logprobs"] = samples[0]["logprobs"]
     if len(samples) > 1:
         row["samples"] = samples
+    if out.prompt_logprobs is not None:
+        row["prompt_logprobs"] = [None if t is None else _entry(t, piece)
+                                  for t in out.prompt_logprobs]
     return row
+
+
+def _entry(t, piece) -> dict:
+    return {"token_id": t.token_id, "token": piece(t.token_id), "logprob": t.logprob,
+            "top_logprobs": [{"token_id": i, "token": piece(i), "logprob": lp}
+                             for i, lp in t.top]}
 
 
 def _sample(s, piece) -> dict:
     d = {"output_ids": s.output_ids, "text": s.text, "finish_reason": s.finish_reason}
     if s.logprobs is not None:
-        d["logprobs"] = [{"token_id": t.token_id, "token": piece(t.token_id),
-                          "logprob": t.logprob,
-                          "top_logprobs": [{"token_id": i, "token": piece(i), "logprob": lp}
-                                           for i, lp in t.top]}
-                         for t in s.logprobs]
+        d["logprobs"] = [_entry(t, piece) for t in s.logprobs]
     return d
