@@ -1,5 +1,6 @@
-"""Tiny random transformers checkpoints of every dense family flexrun runs, two shapes each
-(the second odd: head counts not powers of two, tied heads where the family allows)."""
+"""Tiny random transformers checkpoints of every family flexrun runs, two shapes each (the
+second odd: head counts not powers of two, tied heads where the family allows); the MoE ones
+with dense layers among the sparse (Qwen3-MoE), a shared expert (Qwen2-MoE), top-2 and top-3."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,12 +59,43 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=3, head_dim=12, sliding_window=5, tie_word_embeddings=True,
         max_position_embeddings=128)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    "mixtral-odd": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=72, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=3, sliding_window=6,
+        tie_word_embeddings=True, max_position_embeddings=128)),
+    # all layers sparse with norm_topk_prob as llama.cpp computes them (qwen2moe: not
+    # renormalised, qwen3moe: renormalised): the GGUF round trips use these two
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=80, norm_topk_prob=False, tie_word_embeddings=False,
+        max_position_embeddings=128)),
+    "qwen2_moe-odd": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+        shared_expert_intermediate_size=56, norm_topk_prob=True, mlp_only_layers=[1],
+        tie_word_embeddings=True, max_position_embeddings=128)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=128)),
+    "qwen3_moe-odd": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=60, intermediate_size=88, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=20, num_experts=6, num_experts_per_tok=3,
+        moe_intermediate_size=36, norm_topk_prob=False, decoder_sparse_step=2,
+        tie_word_embeddings=True, max_position_embeddings=128)),
 }
 
 
 def build_model(name: str, seed: int = 0):
     """The random transformers model of shape `name`, with norms and biases perturbed so every
-    term matters (Gemma's norm weights start at 0: x * (1 + w))."""
+    term matters (Gemma's norm weights start at 0: x * (1 + w)) and routers scaled up so the
+    experts' weights differ clearly."""
     import transformers
     cfg_cls, model_cls, kw = SHAPES[name]
     torch.manual_seed(seed)
@@ -73,6 +105,8 @@ def build_model(name: str, seed: int = 0):
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if n.endswith("mlp.gate.weight"):       # a router (a dense MLP has gate_proj)
+                p.mul_(5.0)
     return m
 
 

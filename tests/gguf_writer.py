@@ -10,16 +10,28 @@ map_tensor_name uses) and tensor transformations of the converter's model class
   phi3            Phi3MiniModel: fused attn_qkv and ffn_up ([gate; up]) as HF has them, longrope
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
+  mixtral         LlamaModel (arch llama): as llama, plus each layer's block_sparse_moe.experts.N
+                  .w1 / w3 / w2 stacked as ffn_gate_exps / ffn_up_exps / ffn_down_exps, router
+                  ffn_gate_inp, expert_count / expert_used_count (TextModel)
+  qwen2_moe,      Qwen2MoeModel / Qwen3MoeModel: mlp.experts.N.gate_proj / up_proj / down_proj
+  qwen3_moe       stacked as ffn_*_exps, router ffn_gate_inp, Qwen2-MoE's shared expert
+                  ffn_*_shexp and gate ffn_gate_inp_shexp, expert_feed_forward_length and
+                  expert_shared_feed_forward_length (no norm_topk_prob: llama.cpp renormalises
+                  for qwen3moe, not for qwen2moe; a dense MLP layer has no GGUF name there)
 
 One addition of ours: a Mistral config's sliding_window goes to llama.attention.sliding_window
 (the converter does not write it; GGUFs from other tools do). 2-D tensors are F32, F16 or Q8_0
 (`tensor_type`; Q8_0 falls back to F16 where rows are not whole blocks of 32, as the converter
-does on gguf.QuantError), 1-D tensors stay F32 as the converter keeps them.
+does on gguf.QuantError), 1-D tensors and the MoE gates (ffn_gate_inp, ffn_gate_inp_shexp)
+stay F32 as the converter keeps them. MoE models are read as their checkpoint holds them
+(save_pretrained's per-expert names), as the converter reads them.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -28,14 +40,17 @@ import torch
 from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
-        "phi3": A.PHI3, "gemma2": A.GEMMA2}
+        "phi3": A.PHI3, "gemma2": A.GEMMA2, "mixtral": A.LLAMA, "qwen2_moe": A.QWEN2MOE,
+        "qwen3_moe": A.QWEN3MOE}
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
 TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
          "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}
 
 
 def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
                               tensor_type: str = "f32") -> Path:
-    """Write `hf_model` (Llama, Mistral, Qwen2, Qwen3, Phi3 or Gemma2 ForCausalLM) to `path`.
+    """Write `hf_model` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi3 or
+    Gemma2 ForCausalLM) to `path`.
 
     tokenizer_dir: a directory with a byte-level BPE tokenizer.json (e.g. conftest's
     make_tokenizer), embedded as llama.cpp's "gpt2" vocabulary; without it the file holds only
@@ -52,11 +67,11 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     w.add_file_type(TYPES[tensor_type][1])
     names = gguf.get_tensor_name_map(ARCH[family], hp["num_hidden_layers"])
     heads, kv_heads = hp["num_attention_heads"], hp["num_key_value_heads"]
-    for name, t in hf_model.state_dict().items():
+    for name, t in _stack_experts(checkpoint_tensors(hf_model)):
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family == "gemma2"):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
         data = t.detach().to(torch.float32).numpy()
-        if family in ("llama", "mistral"):
+        if family in ("llama", "mistral", "mixtral"):
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = permute(data, heads)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -77,27 +92,59 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     return path
 
 
+def checkpoint_tensors(hf_model) -> dict[str, torch.Tensor]:
+    """The tensors as the model's checkpoint holds them: the state dict, or for a mixture of
+    experts what save_pretrained writes (transformers 5 keeps each layer's experts fused in
+    memory, gate_up_proj / down_proj, and saves them per expert)."""
+    if not hf_model.config.to_dict().get("num_experts_per_tok"):
+        return hf_model.state_dict()
+    from safetensors.torch import load_file
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d, safe_serialization=True)
+        return load_file(str(Path(d) / "model.safetensors"))
+
+
+def _stack_experts(tensors: dict):
+    """(name, tensor) with each layer's experts stacked along a new first dim as the converter
+    does (LlamaModel / Qwen2MoeModel.modify_tensors), under the names it maps."""
+    experts: dict[tuple, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _EXPERT.fullmatch(name)
+        if m is None:
+            yield name, t
+            continue
+        experts.setdefault((int(m.group(1)), m.group(2), m.group(4)), {})[int(m.group(3))] = t
+    for (layer, block, part), by_id in sorted(experts.items()):
+        stacked = torch.stack([by_id[e] for e in range(len(by_id))])
+        if block == "block_sparse_moe":       # LlamaModel: layers.N.feed_forward.experts.w1
+            yield f"layers.{layer}.feed_forward.experts.{part}.weight", stacked
+        else:
+            yield f"model.layers.{layer}.mlp.experts.{part}.weight", stacked
+
+
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """LlamaModel.permute: HF rotate-half q/k rows -> llama.cpp's interleaved pairs."""
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def stored_type(shape, tensor_type: str) -> Q:
-    """The GGML type a tensor of this HF shape is written as."""
+def stored_type(shape, tensor_type: str, name: str = "") -> Q:
+    """The GGML type a tensor of this HF shape (and HF or GGUF name) is written as."""
     qtype = TYPES[tensor_type][0]
-    if len(shape) <= 1:
+    if len(shape) <= 1 or name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight",
+                                         "shared_expert_gate.weight", "ffn_gate_inp.weight",
+                                         "ffn_gate_inp_shexp.weight")):
         return Q.F32
     if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16
     return qtype
 
 
-def stored_value(arr: np.ndarray, tensor_type: str) -> np.ndarray:
+def stored_value(arr: np.ndarray, tensor_type: str, name: str = "") -> np.ndarray:
     """What reading the tensor back gives: `arr` (f32, HF layout) after the write's rounding."""
     from gguf.quants import dequantize, quantize
     arr = np.asarray(arr, dtype=np.float32)
-    q = stored_type(arr.shape, tensor_type)
+    q = stored_type(arr.shape, tensor_type, name)
     if q == Q.F32:
         return arr
     if q == Q.F16:
@@ -107,7 +154,7 @@ def stored_value(arr: np.ndarray, tensor_type: str) -> np.ndarray:
 
 def _add(w, gname: str, data: np.ndarray, tensor_type: str) -> None:
     from gguf.quants import quantize
-    q = stored_type(data.shape, tensor_type)
+    q = stored_type(data.shape, tensor_type, gname)
     if q == Q.F32:
         w.add_tensor(gname, data.astype(np.float32))
     elif q == Q.F16:
@@ -144,6 +191,11 @@ def _text_model(w, hp: dict, rope: dict) -> None:
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    experts = hp.get("num_local_experts", hp.get("num_experts"))
+    if experts is not None:
+        w.add_expert_count(experts)
+    if hp.get("num_experts_per_tok") is not None:
+        w.add_expert_used_count(hp["num_experts_per_tok"])
     if hp.get("head_dim") is not None:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
@@ -178,6 +230,16 @@ def _llama(w, hp: dict, rope: dict) -> list:
 def _qwen(w, hp: dict, rope: dict) -> list:
     """Qwen2Model / Qwen3Model.set_gguf_parameters: the TextModel keys only."""
     _text_model(w, hp, rope)
+    return []
+
+
+def _qwen_moe(w, hp: dict, rope: dict) -> list:
+    """Qwen2MoeModel.set_gguf_parameters (Qwen3MoeModel inherits it)."""
+    _text_model(w, hp, rope)
+    if hp.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
+    if hp.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(hp["shared_expert_intermediate_size"])
     return []
 
 
@@ -230,7 +292,8 @@ def _gemma2(w, hp: dict, rope: dict) -> list:
 
 
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
-             "phi3": _phi3, "gemma2": _gemma2}
+             "phi3": _phi3, "gemma2": _gemma2, "mixtral": _llama, "qwen2_moe": _qwen_moe,
+             "qwen3_moe": _qwen_moe}
 
 
 # ---- vocabulary -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Every dense family (Qwen2, Qwen3, Phi-3, Gemma-2, Mistral with its window), two shapes each,
-against transformers: greedy tokens of a ragged batch equal to transformers generating each
-prompt alone, resident and under a disk-heavy placement with CPU attention; prompt logits
+"""Every family (Qwen2, Qwen3, Phi-3, Gemma-2, Mistral with its window; the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE), two shapes each, against transformers: greedy tokens of a
+ragged batch equal to transformers generating each prompt alone, resident and under a
+disk-heavy placement with CPU attention (each expert a tensor of its own tier); prompt logits
 within 1e-4 (fp32, CPU)."""
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         LLM(str(tmp_path), device="cpu")
 
 
-@pytest.mark.parametrize("name", ["gemma2-odd", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["gemma2-odd", "qwen3", "phi3", "qwen3_moe-odd"])
 def test_pipeline_stages_match_one_process(name, tmp_path):
     """Two stages (gloo, one process each) give the single process's tokens."""
     d = save_family(name, tmp_path / name)
@@ -80,7 +81,7 @@ def test_pipeline_stages_match_one_process(name, tmp_path):
     assert [o.output_ids for o in outs] == ref
 
 
-@pytest.mark.parametrize("name", ["gemma2", "qwen2-odd", "phi3-odd", "mistral"])
+@pytest.mark.parametrize("name", ["gemma2", "qwen2-odd", "phi3-odd", "mistral", "qwen2_moe-odd"])
 def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     """4-bit weights and KV on the disk / CPU tiers run for every family; the compressed run
     keeps most greedy tokens of the plain one (compression changes the math)."""
@@ -98,16 +99,20 @@ def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     assert sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r)) >= 8
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-72b", "qwen3-32b", "phi3-medium", "gemma2-27b",
-                                    "mistral-7b"])
+PRESETS = {"qwen2.5-72b": (72.7e9, "qwen2"), "qwen3-32b": (32.8e9, "qwen3"),
+           "phi3-medium": (14.0e9, "phi3"), "gemma2-27b": (27.2e9, "gemma2"),
+           "mistral-7b": (7.24e9, "mistral"), "mixtral-8x7b": (46.7e9, "mixtral"),
+           "mixtral-8x22b": (141e9, "mixtral"), "qwen3-30b-a3b": (30.5e9, "qwen3_moe"),
+           "qwen2-57b-a14b": (57e9, "qwen2_moe")}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_dummy_presets_at_real_shapes(preset):
     from flexrun.models.dummy import dummy_spec
-    params = {"qwen2.5-72b": 72.7e9, "qwen3-32b": 32.8e9, "phi3-medium": 14.0e9,
-              "gemma2-27b": 27.2e9, "mistral-7b": 7.24e9}[preset]
+    params, family = PRESETS[preset]
     spec = dummy_spec(preset)
     assert abs(spec.num_params() / params - 1) < 0.01
-    assert spec.family == {"qwen2.5-72b": "qwen2", "qwen3-32b": "qwen3", "phi3-medium": "phi3",
-                           "gemma2-27b": "gemma2", "mistral-7b": "mistral"}[preset]
+    assert spec.family == family
 
 
 def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
@@ -121,11 +126,12 @@ def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
     assert int(weights[2].rstrip(",")) > 0 and "predicted:" in out
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "mistral",
+                                  "mixtral-odd", "qwen2_moe", "qwen3_moe"])
 def test_gguf_round_trip_same_tokens(name, tmp_path):
     """The random model written as llama.cpp's converter writes it (q/k permutation where it
-    permutes, Gemma norms +1, Phi-3's fused tensors and rope factors, ...), loaded from the
-    GGUF: the same greedy tokens as transformers on the original."""
+    permutes, Gemma norms +1, Phi-3's fused tensors and rope factors, stacked experts, ...),
+    loaded from the GGUF: the same greedy tokens as transformers on the original."""
     from families import build_model
     from gguf_writer import write_gguf_like_llama_cpp
     m = build_model(name)

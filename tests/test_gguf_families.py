@@ -1,7 +1,8 @@
 """GGUF files of each family, written as llama.cpp's convert_hf_to_gguf.py writes them
 (tests/gguf_writer.py), read back into the HF config and state dict of the tiny random
 transformers model they came from: every tensor (name, shape, values), the config values, and
-the logits of a transformers model built from the config and tensors read back."""
+the logits of a transformers model built from the config and tensors read back. Mixtures of
+experts (stacked ffn_*_exps) read back as the per-expert checkpoint save_pretrained writes."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from flexrun.models.gguf import gguf_config, gguf_tokenizer, iter_gguf_tensors
-from gguf_writer import stored_value, write_gguf_like_llama_cpp
+from gguf_writer import checkpoint_tensors, stored_value, write_gguf_like_llama_cpp
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
@@ -66,9 +67,32 @@ CASES = {
                                                 query_pre_attn_scalar=8, sliding_window=16), "f32",
                            ["query_pre_attn_scalar"]),
 }
+# mixtures of experts: id -> (config class, kwargs, tensor type, keys to compare)
+MOE_CASES = {
+    "mixtral": ("MixtralConfig", dict(SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                      tie_word_embeddings=False), "f32",
+                ["num_local_experts", "num_experts_per_tok", "sliding_window"]),
+    "mixtral-odd-window-tied-q8": (
+        "MixtralConfig", dict(ODD, num_local_experts=3, num_experts_per_tok=2, sliding_window=16,
+                              tie_word_embeddings=True), "q8_0",
+        ["num_local_experts", "num_experts_per_tok", "sliding_window"]),
+    "qwen2_moe-q8": ("Qwen2MoeConfig", dict(SMALL, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=48,
+                                            norm_topk_prob=False), "q8_0",
+                     ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "shared_expert_intermediate_size", "norm_topk_prob", "qkv_bias",
+                      "mlp_only_layers"]),
+    "qwen3_moe-f16": ("Qwen3MoeConfig", dict(ODD, head_dim=16, num_experts=6, num_experts_per_tok=3,
+                                             moe_intermediate_size=40, norm_topk_prob=True,
+                                             tie_word_embeddings=True), "f16",
+                      ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                       "norm_topk_prob", "attention_bias", "head_dim", "mlp_only_layers"]),
+}
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM"}
+            "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMMON = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
           "bos_token_id", "eos_token_id", "pad_token_id"]
@@ -133,6 +157,50 @@ def test_family_roundtrip(tmp_path, case):
     ids = torch.randint(0, hf.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def hf_from_dir(cfg: dict, tensors: dict, d):
+    """A transformers model loaded with from_pretrained from a config dict and a checkpoint
+    state dict (per-expert names, which transformers 5 fuses on loading)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = dict(cfg)
+    AutoConfig.for_model(kw.pop("model_type"), **kw).save_pretrained(str(d))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_family_roundtrip(tmp_path, case):
+    cls_name, kwargs, ttype, keys = MOE_CASES[case]
+    model = tiny_model(cls_name, kwargs)
+    hf = model.config
+    path = write_gguf_like_llama_cpp(model, tmp_path / f"{case}.gguf", tensor_type=ttype)
+    cfg = gguf_config(path)
+    assert cfg["model_type"] == hf.model_type
+    assert cfg["architectures"] == [HF_CLASS[hf.model_type]]
+    for key in COMMON + keys:
+        assert cfg[key] == getattr(hf, key), key
+
+    sd = checkpoint_tensors(model)          # per expert, as save_pretrained writes them
+    want = {n: torch.from_numpy(stored_value(t.numpy(), ttype, n)) for n, t in sd.items()
+            if not (n == "lm_head.weight" and hf.tie_word_embeddings)}
+    got = dict(iter_gguf_tensors(path))
+    assert set(got) == set(want) and any(".experts.2." in n for n in got)
+    for name, t in want.items():
+        assert got[name].shape == t.shape, name
+        assert (got[name] - t).abs().max().item() <= 1e-6, name
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ref").mkdir()
+    ours = hf_from_dir(cfg, got, tmp_path / "ours")
+    ref = hf_from_dir(hf.to_dict(), want, tmp_path / "ref")
+    ids = torch.randint(0, hf.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        if ttype == "f32":
+            torch.testing.assert_close(ref(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_qwen2_yarn_and_phi3_longrope_config(tmp_path):

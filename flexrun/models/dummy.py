@@ -2,9 +2,15 @@
 
 Weights are made directly on the device the storage layer asks for, by tiling a small seeded
 random pattern, so a 30B-175B model appears in seconds without a checkpoint.
+
+Synthetic router weights say nothing about routing, so the MoE presets' layers draw each
+token's top-k experts from a stated distribution instead of multiplying by them: environment
+FLEXRUN_DUMMY_ROUTING = uniform (default) | zipf | zipf:<s> (models/moe.py drawn_experts), or
+router to compute the synthetic router after all. The model's moe_stats records which.
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import torch
@@ -12,6 +18,7 @@ import torch
 from flexrun.config import FlexrunError
 from flexrun.models.checkpoint import Checkpoint
 from flexrun.models.hf_config import spec_from_config
+from flexrun.models.moe import parse_routing
 from flexrun.models.spec import ModelSpec
 
 _OPT = {  # name: (hidden, layers, heads, ffn)
@@ -62,7 +69,36 @@ _FAMILIES = {
                    "max_position_embeddings": 32768, "sliding_window": 4096,
                    "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "bos_token_id": 1,
                    "eos_token_id": 2},
+    # mixtures of experts
+    "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "intermediate_size": 14336, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "vocab_size": 32000, "rope_theta": 1e6,
+                     "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
+    "mixtral-8x22b": {"model_type": "mixtral", "hidden_size": 6144, "num_hidden_layers": 56,
+                      "num_attention_heads": 48, "num_key_value_heads": 8,
+                      "intermediate_size": 16384, "num_local_experts": 8,
+                      "num_experts_per_tok": 2, "vocab_size": 32768, "rope_theta": 1e6,
+                      "max_position_embeddings": 65536, "tie_word_embeddings": False,
+                      "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                      "vocab_size": 151936, "rope_theta": 1e6, "max_position_embeddings": 40960,
+                      "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+                      "eos_token_id": 151645},
+    "qwen2-57b-a14b": {"model_type": "qwen2_moe", "hidden_size": 3584, "num_hidden_layers": 28,
+                       "num_attention_heads": 28, "num_key_value_heads": 4,
+                       "intermediate_size": 18944, "moe_intermediate_size": 2560,
+                       "shared_expert_intermediate_size": 20480, "num_experts": 64,
+                       "num_experts_per_tok": 8, "norm_topk_prob": False,
+                       "vocab_size": 151936, "rope_theta": 1e6,
+                       "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                       "rms_norm_eps": 1e-6, "eos_token_id": 151643},
 }
+ROUTING_ENV = "FLEXRUN_DUMMY_ROUTING"
 PRESETS = sorted(_OPT) + sorted(_LLAMA) + sorted(_FAMILIES)
 _PATTERN = 1 << 16
 
@@ -84,8 +120,22 @@ def dummy_spec(preset: str) -> ModelSpec:
                          tie_word_embeddings=False, bos_token_id=1, eos_token_ids=[2],
                          name=f"dummy:{preset}")
     if preset in _FAMILIES:
-        return spec_from_config(_FAMILIES[preset], name=f"dummy:{preset}")
+        spec = spec_from_config(_FAMILIES[preset], name=f"dummy:{preset}")
+        if spec.num_experts:
+            spec.routing = dummy_routing()
+        return spec
     raise FlexrunError(f"unknown dummy preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def dummy_routing() -> str:
+    """How a dummy model's MoE layers pick experts (ROUTING_ENV; uniform by default)."""
+    routing = os.environ.get(ROUTING_ENV, "").strip() or "uniform"
+    if routing != "router":
+        try:
+            parse_routing(routing)
+        except ValueError as e:
+            raise FlexrunError(f"{ROUTING_ENV}: {e} or router") from None
+    return routing
 
 
 def synthetic_tensor(name: str, shape: tuple[int, ...], device: torch.device,

@@ -1,8 +1,9 @@
 """Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
-Architectures llama (Llama, Mistral, SmolLM), qwen2, qwen3, phi3 and gemma2; what differs between
-them is in gguf_arch.py. Only gguf, numpy, torch and tokenizers are used. Tensors are
-memory-mapped by gguf.GGUFReader and dequantized one at a time, so the model is never held twice.
+Architectures llama (Llama, Mistral, Mixtral, SmolLM), qwen2, qwen3, qwen2moe, qwen3moe, phi3
+and gemma2; what differs between them is in gguf_arch.py. Only gguf, numpy, torch and
+tokenizers are used. Tensors are memory-mapped by gguf.GGUFReader and dequantized one at a time
+(stacked experts one expert at a time), so the model is never held twice.
 """
 from __future__ import annotations
 
@@ -70,20 +71,19 @@ class _Meta:
         return None if t is None else _dequantize(t)
 
 
-def _architecture(r) -> GGUFArch:
-    arch = gguf_arch(_meta(r, "general.architecture", "unknown"))
-    if _meta(r, f"{arch.model_type}.expert_count", 0):
-        raise ValueError(f"mixture-of-experts {arch.model_type} GGUF (Mixtral-style) is not "
-                         "supported")
-    return arch
+def _architecture(r) -> tuple[str, GGUFArch]:
+    """(general.architecture, what flexrun knows of it)."""
+    name = _meta(r, "general.architecture", "unknown")
+    return name, gguf_arch(name)
 
 
 def gguf_config(path: PathLike) -> dict:
-    """The HF config.json dict (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
-    Phi3Config or Gemma2Config style) built from the GGUF metadata."""
+    """The HF config.json dict (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
+    Qwen3Config, Qwen2MoeConfig, Qwen3MoeConfig, Phi3Config or Gemma2Config style) built from
+    the GGUF metadata."""
     r = _reader(path)
-    fam = _architecture(r)
-    key = _Meta(r, fam.model_type)
+    name, fam = _architecture(r)
+    key = _Meta(r, name)
     missing = [k for k in ("embedding_length", "block_count", "attention.head_count",
                            "feed_forward_length") if key(k) is None]
     if missing:
@@ -170,7 +170,8 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> di
 
 # ---- tensors --------------------------------------------------------------------------------
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """The HF state-dict name of a GGUF tensor (None: not a model weight, e.g. rope_freqs)."""
+    """The HF state-dict name of a GGUF tensor of architecture `arch` (general.architecture;
+    None: not a model weight, e.g. rope_freqs). Stacked experts name one expert, "{e}"."""
     m = _BLK_RE.fullmatch(gguf_name)
     if m:
         sub = gguf_arch(arch).layers.get(m.group(2))
@@ -190,25 +191,35 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .reshape(w.shape))
 
 
-def _dequantize(t) -> np.ndarray:
+def _dequantize(t, index: int | None = None) -> np.ndarray:
+    """The tensor in HF shape (GGUF lists dims innermost-first), or its `index`-th slice along
+    the outermost dim (one expert of a stacked tensor: only that slice is read)."""
     from gguf.quants import dequantize
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # GGUF lists dims innermost-first
-    w = dequantize(t.data, t.tensor_type).reshape(shape)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = t.data if index is None else t.data[index]
+    w = dequantize(data, t.tensor_type).reshape(shape if index is None else shape[1:])
     return w if w.flags.writeable else w.copy()                  # never hand out the memmap
 
 
 def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time."""
+    """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time; a
+    layer's stacked experts one expert at a time (HF's per-expert names)."""
     cfg = gguf_config(path)
     r = _reader(path)
-    fam = _architecture(r)
+    arch, fam = _architecture(r)
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
     for t in r.tensors:
-        name = hf_tensor_name(t.name, fam.model_type)
+        name = hf_tensor_name(t.name, arch)
         if name is None or (name == "lm_head.weight" and cfg["tie_word_embeddings"]):
             continue
+        if "{e}" in name:
+            for e in range(int(t.shape[-1])):
+                yield name.format(e=e), torch.from_numpy(_dequantize(t, e)).to(dtype)
+            continue
         w = torch.from_numpy(_dequantize(t))
+        if name.endswith("shared_expert_gate.weight"):
+            w = w.reshape(1, -1)         # (1, hidden), also when written 1-D
         proj = name.split(".")[-2]
         if fam.permute_qk and proj in heads and ".self_attn." in name:
             w = unpermute_qk(w, heads[proj])
@@ -223,8 +234,9 @@ def native_q4_group(path: PathLike) -> int | None:
     as itself, with no second rounding, whenever the block spans its 16 levels (Q4_1 blocks
     written by llama.cpp do; see docs/accuracy.md)."""
     from gguf import GGMLQuantizationType as Q
-    kinds = {t.tensor_type for t in _reader(path).tensors
-             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2}
+    kinds = {t.tensor_type for t in _reader(path).tensors      # experts too; not the routers
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2
+             and "ffn_gate_inp" not in t.name}                  # (kept F32, dense in flexrun)
     return 32 if kinds and kinds <= {Q.Q4_0, Q.Q4_1} else None
 
 

@@ -18,10 +18,29 @@ _ATTN_MLP = {
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-LLAMA_LAYERS = {**_ATTN_MLP, "ffn_norm": "post_attention_layernorm"}
+# Mixture of experts: each layer's experts stacked in one tensor (ffn_*_exps, HF shape (E, ffn,
+# hidden) / (E, hidden, ffn) once the GGUF dims are reversed), named here per expert ("{e}",
+# gguf.py splits them), router ffn_gate_inp; Qwen2-MoE's shared expert ffn_*_shexp and its gate
+# ffn_gate_inp_shexp. Mixtral (LlamaModel.modify_tensors stacks block_sparse_moe.experts.N.w1 /
+# w2 / w3 as ffn_gate / ffn_down / ffn_up_exps) is the llama architecture with experts.
+MIXTRAL_EXPERTS = {"ffn_gate_inp": "block_sparse_moe.gate",
+                   "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+                   "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+                   "ffn_down_exps": "block_sparse_moe.experts.{e}.w2"}
+QWEN_EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+                "ffn_up_exps": "mlp.experts.{e}.up_proj",
+                "ffn_down_exps": "mlp.experts.{e}.down_proj",
+                "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                "ffn_down_shexp": "mlp.shared_expert.down_proj",
+                "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+DENSE_LAYERS = {**_ATTN_MLP, "ffn_norm": "post_attention_layernorm"}
+LLAMA_LAYERS = {**DENSE_LAYERS, **MIXTRAL_EXPERTS}
 # Qwen3: q_norm / k_norm -> attn_q_norm / attn_k_norm (MODEL_TENSOR.ATTN_Q_NORM, ATTN_K_NORM)
-QWEN3_LAYERS = {**LLAMA_LAYERS, "attn_q_norm": "self_attn.q_norm",
-                "attn_k_norm": "self_attn.k_norm"}
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+QWEN3_LAYERS = {**DENSE_LAYERS, **_QK_NORMS}
+QWEN2_MOE_LAYERS = {**DENSE_LAYERS, **QWEN_EXPERTS}
+QWEN3_MOE_LAYERS = {**QWEN2_MOE_LAYERS, **_QK_NORMS}
 # Phi-3 keeps HF's fused tensors: qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (holding
 # [gate; up], llama-model.cpp loads it as {n_embd, 2 * n_ff} and runs LLM_FFN_SWIGLU on it)
 PHI3_LAYERS = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -51,6 +70,15 @@ def _llama(m, cfg: dict) -> None:
     cfg.update(hidden_act="silu", attention_bias="blk.0.attn_q.bias" in m.names,
                mlp_bias="blk.0.ffn_up.bias" in m.names)
     window = m("attention.sliding_window")
+    if m("expert_count"):
+        # Mixtral: LlamaModel (TextModel.set_gguf_parameters) writes expert_count and
+        # expert_used_count; feed_forward_length is the experts' intermediate_size.
+        # llama.cpp's llama graph renormalises the top-k (softmax over the top-k logits)
+        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                   num_local_experts=int(m("expert_count")),
+                   num_experts_per_tok=int(m("expert_used_count", 2)),
+                   sliding_window=int(window) if window else None)
+        return
     if window:
         # Mistral-7B-v0.1 style: llama architecture plus a window. HF's LlamaConfig has no
         # sliding window, MistralConfig has (convert_hf_to_gguf's LlamaModel, which converts
@@ -67,6 +95,38 @@ def _qwen2(m, cfg: dict) -> None:
 def _qwen3(m, cfg: dict) -> None:
     _qwen2(m, cfg)
     cfg["attention_bias"] = "blk.0.attn_q.bias" in m.names
+
+
+def _qwen_moe(m, cfg: dict, shared: bool, norm_topk: bool) -> None:
+    """Qwen2MoeModel.set_gguf_parameters (Qwen3MoeModel inherits it): expert_count,
+    expert_used_count, expert_feed_forward_length (moe_intermediate_size) and, for Qwen2-MoE,
+    expert_shared_feed_forward_length; llama-model.cpp defaults the two lengths to n_ff / k and
+    n_ff. Its graphs renormalise the top-k for qwen3moe, not for qwen2moe (expert_weights_norm
+    overrides). A layer without ffn_gate_inp keeps a dense MLP (mlp_only_layers: flexrun's
+    reading; llama.cpp's qwen MoE graphs have none)."""
+    n, ff = cfg["num_hidden_layers"], cfg["intermediate_size"]
+    E, k = int(m("expert_count", 0)), int(m("expert_used_count", 0))
+    if not E or not k:
+        raise ValueError(f"{m.arch} GGUF without {m.arch}.expert_count / expert_used_count")
+    cfg.update(num_experts=E, num_experts_per_tok=k, decoder_sparse_step=1,
+               moe_intermediate_size=int(m("expert_feed_forward_length") or ff // k),
+               norm_topk_prob=bool(m("expert_weights_norm", norm_topk)),
+               mlp_only_layers=[i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight"
+                                not in m.names])
+    if shared:
+        cfg.update(shared_expert_intermediate_size=int(
+            m("expert_shared_feed_forward_length") or ff),
+            qkv_bias="blk.0.attn_q.bias" in m.names)
+
+
+def _qwen2_moe(m, cfg: dict) -> None:
+    _qwen2(m, cfg)
+    _qwen_moe(m, cfg, shared=True, norm_topk=False)
+
+
+def _qwen3_moe(m, cfg: dict) -> None:
+    _qwen3(m, cfg)
+    _qwen_moe(m, cfg, shared=False, norm_topk=True)
 
 
 def _phi3(m, cfg: dict) -> None:
@@ -118,12 +178,17 @@ def _gemma2(m, cfg: dict) -> None:
 
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
 # hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3 and GEMMA2 are
-# LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute.
+# LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
+# (QWEN2MOE and QWEN3MOE too).
 ARCHS = {
     "llama": GGUFArch("LlamaForCausalLM", "llama", LLAMA_LAYERS, permute_qk=True,
                       head_dim_from_rope=True, extra=_llama),
-    "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", LLAMA_LAYERS, extra=_qwen2),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
+    "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "qwen2_moe", QWEN2_MOE_LAYERS,
+                         extra=_qwen2_moe),
+    "qwen3moe": GGUFArch("Qwen3MoeForCausalLM", "qwen3_moe", QWEN3_MOE_LAYERS,
+                         extra=_qwen3_moe),
     "phi3": GGUFArch("Phi3ForCausalLM", "phi3", PHI3_LAYERS, extra=_phi3),
     # GemmaModel / Gemma2Model.modify_tensors: `if name.endswith("norm.weight"): data + 1`
     "gemma2": GGUFArch("Gemma2ForCausalLM", "gemma2", GEMMA2_LAYERS, norm_shift=1.0,
@@ -134,6 +199,6 @@ ARCHS = {
 def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
-                         f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, SmolLM, Qwen2/2.5, "
-                         "Qwen3, Phi-3, Gemma-2)")
+                         f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
+                         "Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2)")
     return ARCHS[name]

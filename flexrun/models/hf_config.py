@@ -33,9 +33,10 @@ def rope_params(cfg: dict) -> tuple[float, dict | None]:
 def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, the layers it applies to; None: all) as transformers reads them."""
     n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    qwen = mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    if qwen and not cfg.get("use_sliding_window", False):
         return None, None
-    if window is None or mt in ("llama", "opt"):
+    if not window or mt in ("llama", "opt"):
         return None, None
     types = cfg.get("layer_types")
     if types:
@@ -47,7 +48,11 @@ def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | 
         first = cfg.get("max_window_layers", n)
         layers = tuple(range(first, n))
         return (int(window), layers) if layers else (None, None)
-    return int(window), None            # mistral, phi3: every layer
+    if mt == "qwen2_moe":               # Qwen2MoeConfig's layer_types when it has none
+        last = cfg.get("max_window_layers", 28)
+        layers = tuple(i for i in range(n) if (i + 1) % 2 and i < last)
+        return (int(window), layers) if layers else (None, None)
+    return int(window), None            # mistral, mixtral, phi3, qwen3_moe: every layer
 
 
 def _opt(cfg: dict, name: str) -> ModelSpec:
@@ -75,6 +80,29 @@ def _act(cfg: dict) -> str:
     raise FlexrunError(f"hidden activation {act!r} is not supported (silu, gelu_pytorch_tanh)")
 
 
+def _moe(cfg: dict, mt: str) -> dict:
+    """The MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config (defaults: transformers')."""
+    if mt == "mixtral":
+        return dict(num_experts=cfg.get("num_local_experts", 8),
+                    experts_per_token=cfg.get("num_experts_per_tok", 2),
+                    expert_ffn_dim=cfg["intermediate_size"], router_kind="topk_softmax")
+    if mt not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    qwen2 = mt == "qwen2_moe"
+    n, E = cfg["num_hidden_layers"], cfg.get("num_experts", cfg.get("num_local_experts"))
+    E = (60 if qwen2 else 128) if E is None else int(E)
+    step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or ())
+    # Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer: a sparse MLP where this holds, else dense
+    layers = tuple(i for i in range(n) if i not in dense and E > 0 and (i + 1) % step == 0)
+    if not layers:
+        return {}
+    return dict(num_experts=E, experts_per_token=cfg.get("num_experts_per_tok", 4 if qwen2 else 8),
+                expert_ffn_dim=cfg.get("moe_intermediate_size", 1408 if qwen2 else 768),
+                shared_expert_ffn_dim=cfg.get("shared_expert_intermediate_size", 5632)
+                if qwen2 else 0, norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                router_kind="softmax_topk", moe_layers=None if len(layers) == n else layers)
+
+
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     theta, scaling = rope_params(cfg)
@@ -90,14 +118,15 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         attention_bias=cfg.get("attention_bias", False),
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
-        qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", mlp_act=_act(cfg),
+        qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
+        qk_norm=mt in ("qwen3", "qwen3_moe"), mlp_act=_act(cfg),
         norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma, embed_scale=gemma,
         query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
         final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, window_layers=layers,
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"), name=name)
+        pad_token_id=cfg.get("pad_token_id"), name=name, **_moe(cfg, mt))
 
 
 def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:

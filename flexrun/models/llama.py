@@ -1,7 +1,8 @@
 """Llama-style decoders as functions of handed-in weights: Llama 2/3, Mistral, Qwen2/2.5,
-Qwen3, Phi-3 and Gemma-2 are one decoder with flags (ModelSpec): RMSNorm (Gemma: 1 + weight),
-RoPE (rope.py), GQA with optional q/k/v biases and per-head q/k norms, a gated MLP (SiLU or
-tanh-GELU), Gemma-2's sandwich norms, scaled embeddings and final logit soft-capping."""
+Qwen3, Phi-3, Gemma-2, Mixtral, Qwen2-MoE and Qwen3-MoE are one decoder with flags (ModelSpec):
+RMSNorm (Gemma: 1 + weight), RoPE (rope.py), GQA with optional q/k/v biases and per-head q/k
+norms, a gated MLP (SiLU or tanh-GELU) or a mixture of experts (moe.py), Gemma-2's sandwich
+norms, scaled embeddings and final logit soft-capping."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from flexrun.models.opt import OPTModel
 from flexrun.models.common import add_norm, dense, linear, linear_rows, rms_norm, split_heads
+from flexrun.models.moe import MoEStats, moe_mlp
 from flexrun.models.rope import Rope, apply_rope
 from flexrun.models.spec import ModelSpec
 
@@ -20,6 +22,11 @@ class LlamaModel:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.rope = Rope(spec)
+        self.moe_stats = MoEStats(spec.routing) if spec.num_experts else None
+        self.JOINED = self.JOINED + tuple((f"experts.{e}.gate", f"experts.{e}.up")
+                                          for e in range(spec.num_experts))
+        if spec.shared_expert_ffn_dim:
+            self.JOINED += (("shared.gate", "shared.up"),)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -60,16 +67,22 @@ class LlamaModel:
         if s.sandwich_norms:
             o = self._norm(o, w["post_attn_norm.weight"])
         h, x = self._add_norm(h, o, w["mlp_norm.weight"])
-        g, up = linear_rows(x, [w["gate.weight"], w["up.weight"]],
-                            [w.get("gate.bias"), w.get("up.bias")])
-        if s.mlp_act == "silu":
-            g = F.silu(g, inplace=True).mul_(up)        # in place: 2 (b, s, ffn) live
+        if "router.weight" in w:        # a mixture-of-experts layer
+            x = moe_mlp(x, w, s, self.moe_stats)
         else:
-            g = F.gelu(g, approximate="tanh").mul_(up)
-        x = linear(g, w["down.weight"], w.get("down.bias"))
+            x = self._mlp(w, x)
         if s.sandwich_norms:
             x = self._norm(x, w["post_mlp_norm.weight"])
         return h + x
+
+    def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        g, up = linear_rows(x, [w["gate.weight"], w["up.weight"]],
+                            [w.get("gate.bias"), w.get("up.bias")])
+        if self.spec.mlp_act == "silu":
+            g = F.silu(g, inplace=True).mul_(up)        # in place: 2 (b, s, ffn) live
+        else:
+            g = F.gelu(g, approximate="tanh").mul_(up)
+        return linear(g, w["down.weight"], w.get("down.bias"))
 
     def head(self, w: dict, h: torch.Tensor) -> torch.Tensor:
         s = self.spec

@@ -33,14 +33,30 @@ _OPT_TOP = {"decoder.embed_tokens.weight": "embed.tokens",
             "decoder.final_layer_norm.weight": "head.norm.weight",
             "decoder.final_layer_norm.bias": "head.norm.bias"}
 _LLAMA_TOP = {"embed_tokens.weight": "embed.tokens", "norm.weight": "head.norm.weight"}
+_QK_NORMS = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
 _FAMILY_LAYER = {   # what a family names otherwise than Llama
-    "qwen3": {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"},
+    "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
     "gemma2": {"post_attention_layernorm": "post_attn_norm",
                "pre_feedforward_layernorm": "mlp_norm",
                "post_feedforward_layernorm": "post_mlp_norm"},
 }
 _LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+# mixture of experts: Mixtral's block_sparse_moe (w1 gate, w3 up, w2 down) and Qwen's mlp
+# names, as Hub checkpoints and transformers 5's save_pretrained write them
+_MOE_LAYER = {"block_sparse_moe.gate": "router", "mlp.gate": "router",
+              "mlp.shared_expert.gate_proj": "shared.gate",
+              "mlp.shared_expert.up_proj": "shared.up",
+              "mlp.shared_expert.down_proj": "shared.down", "mlp.shared_expert_gate": "shared_gate"}
+_EXPERT_RE = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                        r"(w1|w2|w3|gate_proj|up_proj|down_proj)")
+_EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
+                "down_proj": "down"}
+# transformers 5's in-memory state dict (and checkpoints saved that way): each layer's
+# experts stacked, gate_up_proj (E, 2 * ffn, hidden) holding [gate; up], down_proj (E, hidden,
+# ffn); they come out as "experts.gate_up" / "experts.down" and split_fused divides them
+_FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)"
+                               r"\.experts\.(gate_up|down)_proj(?:\.weight)?$")
 
 
 def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
@@ -57,25 +73,47 @@ def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
                                                    **_FAMILY_LAYER.get(spec.family, {})}
     if m and m.group(2) in table:
         return f"layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+    if spec.num_experts:
+        return _moe_name(name, m)
     return None
+
+
+def _moe_name(name: str, m: re.Match | None) -> str | None:
+    if m is not None and m.group(2) in _MOE_LAYER:
+        return f"layers.{m.group(1)}.{_MOE_LAYER[m.group(2)]}.{m.group(3)}"
+    e = _EXPERT_RE.fullmatch(m.group(2)) if m is not None else None
+    if e:
+        return f"layers.{m.group(1)}.experts.{e.group(1)}.{_EXPERT_PART[e.group(2)]}.{m.group(3)}"
+    f = _FUSED_EXPERTS_RE.fullmatch(name)
+    return f"layers.{f.group(1)}.experts.{f.group(2)}.weight" if f else None
 
 
 _FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
-def _fused_parts(name: str) -> list[str] | None:
+def _fused_parts(spec: ModelSpec, name: str) -> list[str] | None:
     """The canonical names a fused tensor's name splits into (None: not fused)."""
     unit, _, kind = name.rpartition(".")
     prefix, _, part = unit.rpartition(".")
+    if prefix.endswith(".experts") and part in ("gate_up", "down"):     # stacked experts
+        parts = ("gate", "up") if part == "gate_up" else ("down",)
+        return [f"{prefix}.{e}.{p}.{kind}" for e in range(spec.num_experts) for p in parts]
     return [f"{prefix}.{p}.{kind}" for p in _FUSED[part]] if part in _FUSED else None
 
 
 def split_fused(spec: ModelSpec, name: str, t: torch.Tensor) -> TensorIter:
     """(name, tensor) as the spec names it: Phi-3's qkv_proj rows split into q, k, v and its
-    gate_up_proj into gate (first half) and up, as transformers' Phi3 modules split them."""
-    parts = _fused_parts(name)
+    gate_up_proj into gate (first half) and up, as transformers' Phi3 modules split them;
+    stacked experts into one tensor per expert (gate_up_proj: gate first, as transformers'
+    experts chunk it)."""
+    parts = _fused_parts(spec, name)
     if parts is None:
         yield name, t
+        return
+    if ".experts." in name:
+        pieces = [x for y in t for x in (y.chunk(2, 0) if len(parts) > len(t) else (y,))]
+        for n, x in zip(parts, pieces):
+            yield n, x.clone()      # its own storage: the stacked tensor is not kept alive
         return
     if len(parts) == 3:
         q = spec.num_heads * spec.head_dim
@@ -86,10 +124,10 @@ def split_fused(spec: ModelSpec, name: str, t: torch.Tensor) -> TensorIter:
         yield n, x.contiguous()
 
 
-def _wanted(name: str | None, names: set[str] | None) -> bool:
+def _wanted(spec: ModelSpec, name: str | None, names: set[str] | None) -> bool:
     if name is None or names is None:
         return name is not None
-    return any(n in names for n in (_fused_parts(name) or [name]))
+    return any(n in names for n in (_fused_parts(spec, name) or [name]))
 
 
 def filter_and_check(spec: ModelSpec, pairs: TensorIter, source: str,
@@ -141,7 +179,7 @@ def _iter_safetensors(files: list[Path], spec: ModelSpec, names: set[str] | None
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
                     name = canonical_name(spec, key)
-                    if _wanted(name, names):
+                    if _wanted(spec, name, names):
                         yield from split_fused(spec, name, sf.get_tensor(key))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FlexrunError(f"cannot read shard {f.name} ({str(e).splitlines()[0]}): the file "
@@ -194,7 +232,8 @@ def open_gguf(path: str) -> Checkpoint:
 
     def iter_tensors(device_for, names=None):
         pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p))
-        split = (x for n, t in pairs if _wanted(n, names) for x in split_fused(spec, n, t))
+        split = (x for n, t in pairs if _wanted(spec, n, names)
+                 for x in split_fused(spec, n, t))
         return filter_and_check(spec, split, str(p), names)
     return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
                       native_group=gguf.native_q4_group(p),

@@ -12,7 +12,11 @@ from flexrun.config import FlexrunError
 
 # HF model_type values each math runs (README: supported architectures)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-            "qwen3": "llama", "phi3": "llama", "gemma2": "llama"}
+            "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "mixtral": "llama",
+            "qwen2_moe": "llama", "qwen3_moe": "llama"}
+# how a router turns logits into the top-k experts' weights (models/moe.py)
+ROUTERS = ("topk_softmax",      # Mixtral: softmax over the top-k logits
+           "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class ModelSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
-    family: str = ""              # HF model_type (llama, mistral, qwen2, qwen3, phi3, gemma2)
+    family: str = ""              # HF model_type (FAMILIES)
     qkv_bias: bool = False        # q/k/v biases without an o bias (Qwen2)
     qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (Qwen3)
     norm_offset: float = 0.0      # RMSNorm scales by (offset + weight) in fp32 (Gemma: 1)
@@ -61,6 +65,16 @@ class ModelSpec:
     final_softcap: float | None = None   # final logit soft-capping (Gemma-2)
     sliding_window: int | None = None    # attention window of the windowed layers
     window_layers: tuple[int, ...] | None = None   # the windowed layers (None: every layer)
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
+    num_experts: int = 0
+    experts_per_token: int = 0    # top-k
+    expert_ffn_dim: int = 0
+    shared_expert_ffn_dim: int = 0       # Qwen2-MoE's shared expert (0: none)
+    norm_topk_prob: bool = False         # softmax_topk: renormalise the top-k weights
+    router_kind: str = "topk_softmax"    # ROUTERS
+    moe_layers: tuple[int, ...] | None = None   # the MoE layers (None: every layer); the
+    #                                             others keep a dense MLP of ffn_dim
+    routing: str = "router"       # router | uniform | zipf:<s> (dummy models' drawn experts)
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -74,6 +88,11 @@ class ModelSpec:
         if self.mlp_act not in ("silu", "gelu_tanh"):
             raise FlexrunError(f"MLP activation {self.mlp_act!r} is not supported (silu, "
                                "gelu_pytorch_tanh)")
+        if self.router_kind not in ROUTERS:
+            raise FlexrunError(f"router {self.router_kind!r} is not one of {', '.join(ROUTERS)}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise FlexrunError(f"{self.experts_per_token} experts per token of "
+                               f"{self.num_experts} is not a valid top-k")
         if self.num_heads % self.num_kv_heads:
             raise FlexrunError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                                f"num_key_value_heads ({self.num_kv_heads})")
@@ -84,6 +103,10 @@ class ModelSpec:
             self.window_layers is None or layer in self.window_layers)
         return AttentionOptions(self.query_scale, self.attn_softcap,
                                 self.sliding_window if windowed else None)
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (0-based) has a mixture-of-experts MLP."""
+        return self.num_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
     @property
     def num_units(self) -> int:
@@ -105,7 +128,7 @@ class ModelSpec:
             return self._embed_shapes()
         if unit == self.num_layers + 1:
             return self._head_shapes()
-        return {f"layers.{unit - 1}.{k}": v for k, v in self._layer_shapes().items()}
+        return {f"layers.{unit - 1}.{k}": v for k, v in self._layer_shapes(unit - 1).items()}
 
     def all_shapes(self) -> dict[str, tuple[int, ...]]:
         out: dict[str, tuple[int, ...]] = {}
@@ -134,7 +157,7 @@ class ModelSpec:
             self.vocab_size, self.embed_dim)
         return s
 
-    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
+    def _layer_shapes(self, layer: int = 0) -> dict[str, tuple[int, ...]]:
         h, q, kv, f = self.hidden_size, self.num_heads * self.head_dim, self.kv_dim, self.ffn_dim
         if self.arch == "opt":
             return {"attn_norm.weight": (h,), "attn_norm.bias": (h,),
@@ -153,8 +176,26 @@ class ModelSpec:
             s.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
         if self.sandwich_norms:
             s.update({"post_attn_norm.weight": (h,), "post_mlp_norm.weight": (h,)})
-        if self.mlp_bias:
+        if self.is_moe(layer):
+            for n in ("gate.weight", "up.weight", "down.weight"):
+                del s[n]
+            s.update(self._moe_shapes())
+        elif self.mlp_bias:
             s.update({"gate.bias": (f,), "up.bias": (f,), "down.bias": (h,)})
+        return s
+
+    def _moe_shapes(self) -> dict[str, tuple[int, ...]]:
+        """A MoE MLP: the router, each expert's gate/up/down as tensors of their own (the
+        storage layer places each expert on its tier), the shared expert and its gate."""
+        h, f, E = self.hidden_size, self.expert_ffn_dim, self.num_experts
+        s = {"router.weight": (E, h)}
+        for e in range(E):
+            s.update({f"experts.{e}.gate.weight": (f, h), f"experts.{e}.up.weight": (f, h),
+                      f"experts.{e}.down.weight": (h, f)})
+        if self.shared_expert_ffn_dim:
+            fs = self.shared_expert_ffn_dim
+            s.update({"shared.gate.weight": (fs, h), "shared.up.weight": (fs, h),
+                      "shared.down.weight": (h, fs), "shared_gate.weight": (1, h)})
         return s
 
     # ---- sizes for the cost model ---------------------------------------------------------
@@ -167,9 +208,9 @@ class ModelSpec:
             n += p
         return n
 
-    def layer_params(self) -> int:
+    def layer_params(self, layer: int = 0) -> int:
         n = 0
-        for shape in self._layer_shapes().values():
+        for shape in self._layer_shapes(layer).values():
             p = 1
             for d in shape:
                 p *= d

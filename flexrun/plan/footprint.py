@@ -18,7 +18,11 @@ def numel(shape) -> int:
 
 
 def is_compressible(name: str, shape) -> bool:
-    """Linear-layer weights are compressed; embeddings, norms and biases stay dense."""
+    """Linear-layer weights are compressed (MoE experts each on their own); embeddings, norms,
+    biases and the MoE gates (router, shared-expert gate: they pick and weigh the experts;
+    llama.cpp keeps them F32 too) stay dense."""
+    if name.endswith((".router.weight", ".shared_gate.weight")):
+        return False
     return (name.startswith("layers.") and name.endswith(".weight") and len(shape) == 2) \
         or name in ("head.lm_head", "head.project_out")
 

@@ -1,0 +1,167 @@
+"""The mixture-of-experts MLP of one decoder layer, as a function of handed-in weights.
+
+Router logits -> top-k experts and their weights (as the family computes them: ModelSpec
+.router_kind) -> the (token, slot) pairs sorted by expert, one gated-MLP GEMM per expert that
+received tokens, over all of its tokens -> weighted combine with index_add_; Qwen2-MoE adds a
+shared expert scaled by sigmoid(shared_gate(x)). Every weight goes through common.linear, so
+experts may arrive 4-bit compressed or packed, from any tier.
+
+Dummy models draw each token's experts from a stated distribution instead (ModelSpec.routing:
+uniform or zipf:<s>), as a seeded hash of the token's hidden state: the same token in the same
+context gets the same experts on every run, different tokens draw independently.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexrun.models.common import linear, linear_rows
+from flexrun.models.spec import ModelSpec
+
+
+class MoEStats:
+    """What the routers chose, summed over the MoE layer calls of a run. The sums stay on the
+    compute device (no host sync while running; CUDA graph replays add to them too) and are
+    read when asked for."""
+
+    def __init__(self, routing: str = "router"):
+        self.routing = routing      # router | uniform | zipf:<s> (the benchmark reports it)
+        self._calls = self._touched = self._tokens = None
+
+    def record(self, counts: torch.Tensor) -> None:
+        """One MoE layer call; counts: (E,) (token, slot) pairs routed to each expert."""
+        if self._tokens is None:
+            z = torch.zeros((), dtype=torch.long, device=counts.device)
+            self._calls, self._touched = z, z.clone()
+            self._tokens = torch.zeros_like(counts)
+        self._calls += 1
+        self._touched += (counts > 0).sum()
+        self._tokens += counts
+
+    @property
+    def calls(self) -> int:
+        """MoE layer calls (one layer on one batch)."""
+        return 0 if self._calls is None else int(self._calls)
+
+    @property
+    def experts_touched(self) -> int:
+        """Experts that received at least one token, summed over the calls."""
+        return 0 if self._touched is None else int(self._touched)
+
+    @property
+    def expert_tokens(self) -> list[int]:
+        """(token, slot) pairs routed to each expert, summed over the calls and layers."""
+        return [] if self._tokens is None else self._tokens.tolist()
+
+    def reset(self) -> None:
+        for t in (self._calls, self._touched, self._tokens):
+            if t is not None:
+                t.zero_()
+
+
+def route(x: torch.Tensor, w_router, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts), each (T, k), of the tokens x (T, hidden). The softmax is in fp32;
+    Qwen casts the weights back to the run's dtype, Mixtral keeps them fp32 (its expert outputs
+    are scaled in fp32, then cast), as transformers does."""
+    if spec.routing != "router":
+        return drawn_experts(x, spec.num_experts, spec.experts_per_token, spec.routing)
+    probs = torch.softmax(linear(x, w_router).float(), -1)
+    top, idx = probs.topk(spec.experts_per_token, -1)
+    if spec.router_kind == "topk_softmax" or spec.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    if spec.router_kind == "softmax_topk":
+        top = top.to(x.dtype)
+    return top, idx
+
+
+def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None
+            ) -> torch.Tensor:
+    """The MoE MLP of one layer for the normed hidden states x (..., hidden). w holds
+    "router.weight", "experts.{e}.gate/up/down.weight" (those of experts no token picks may
+    be absent) and Qwen2-MoE's "shared.*" and "shared_gate.weight"."""
+    x2 = x.reshape(-1, x.shape[-1])
+    E, k = spec.num_experts, spec.experts_per_token
+    weight, idx = route(x2, w.get("router.weight"), spec)
+    flat = idx.reshape(-1)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat))         # no host sync (bincount would take one)
+    if stats is not None:
+        stats.record(counts)
+    out = torch.zeros_like(x2)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph cannot wait for the counts: every expert over every token, weighted
+        # by its routing weight or 0 (correct, E/k times the work of the grouped path)
+        dense = torch.zeros(x2.shape[0], E, dtype=weight.dtype, device=x.device)
+        dense.scatter_(1, idx, weight)
+        for e in range(E):
+            y = expert(x2, w, f"experts.{e}.")
+            out.add_((y * dense[:, e:e + 1]).to(x.dtype))
+    else:
+        order = flat.argsort(stable=True)   # (token, slot) pairs grouped by expert
+        tokens, weights = order // k, weight.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                rows = tokens[start:start + n]
+                y = expert(x2[rows], w, f"experts.{e}.")
+                out.index_add_(0, rows, (y * weights[start:start + n, None]).to(x.dtype))
+                start += n
+    if spec.shared_expert_ffn_dim:
+        gate = torch.sigmoid(linear(x2, w["shared_gate.weight"]))
+        out = out + gate * expert(x2, w, "shared.")
+    return out.view(x.shape)
+
+
+def expert(x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) of one expert (gate and up in one GEMM when joined)."""
+    g, up = linear_rows(x, [w[prefix + "gate.weight"], w[prefix + "up.weight"]], [None, None])
+    return linear(F.silu(g, inplace=True).mul_(up), w[prefix + "down.weight"])
+
+
+# ---- drawn experts (dummy models) -----------------------------------------------------------
+_MASK = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash, elementwise on int64 tensors holding values below 2**32."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK
+    return (x >> 16) ^ x
+
+
+def parse_routing(routing: str) -> float | None:
+    """The Zipf exponent of a routing setting (None: uniform); ValueError if not one."""
+    kind, _, s = routing.partition(":")
+    if kind == "uniform" and not s:
+        return None
+    if kind == "zipf":
+        try:
+            v = float(s or 1.0)
+        except ValueError:
+            v = -1.0
+        if v > 0 and math.isfinite(v):
+            return v
+    raise ValueError(f"routing {routing!r}: use uniform, zipf or zipf:<s> (s > 0)")
+
+
+def drawn_experts(x: torch.Tensor, E: int, k: int, routing: str, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k distinct experts per token (weights 1/k) drawn from `routing`'s distribution over
+    the E experts (uniform, or Zipf: expert e with probability ~ (e + 1)^-s), keyed by a hash
+    of the token's hidden state and `seed`: Gumbel top-k (sampling without replacement)."""
+    s = parse_routing(routing)
+    n = min(x.shape[-1], 16)
+    head = x[:, :n].contiguous()
+    bits = head.view(torch.int32 if head.element_size() == 4 else torch.int16).long() & _MASK
+    coef = torch.arange(n, device=x.device) * 7919 % 65521 * 2 + 1    # products < 2**49
+    key = _mix(_mix((bits * coef).sum(-1) & _MASK) ^ (seed & _MASK))
+    ids = torch.arange(E, device=x.device)
+    u = _mix(key[:, None] ^ (ids * 0x85EBCA6B & _MASK))
+    u = ((u >> 8).float() + 0.5) / float(1 << 24)              # (T, E) in (0, 1)
+    scores = -torch.log(-torch.log(u))
+    if s is not None:
+        scores = scores - s * torch.log(ids.float() + 1)
+    idx = scores.topk(k, -1).indices
+    return torch.full(idx.shape, 1.0 / k, device=x.device), idx

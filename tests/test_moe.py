@@ -1,0 +1,202 @@
+"""The mixture-of-experts MLP (models/moe.py): the grouped expert computation against a plain
+per-token reference, 4-bit experts, experts split over tiers, the routing statistics, the
+fused expert names transformers 5 keeps in memory, and the drawn routing of dummy models."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ragged_prompts
+from flexrun import LLM, FlexrunError, Policy, SamplingParams
+from flexrun.models.moe import MoEStats, drawn_experts, moe_mlp
+from flexrun.models.spec import ModelSpec
+
+GREEDY = SamplingParams(ignore_eos=True)
+
+
+def moe_spec(router_kind: str, norm: bool = False, shared: int = 0, E: int = 6, k: int = 2,
+             h: int = 32, f: int = 24) -> ModelSpec:
+    return ModelSpec(arch="llama", family="qwen2_moe", vocab_size=16, hidden_size=h,
+                     num_layers=1, num_heads=4, num_kv_heads=4, head_dim=h // 4, ffn_dim=f,
+                     max_positions=16, num_experts=E, experts_per_token=k, expert_ffn_dim=f,
+                     shared_expert_ffn_dim=shared, norm_topk_prob=norm, router_kind=router_kind)
+
+
+def moe_weights(spec: ModelSpec, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {n[len("layers.0."):]: torch.randn(s, generator=g) * (0.5 if "gate" in n else 0.2)
+            for n, s in spec.unit_shapes(1).items()
+            if n.split(".")[2] in ("router", "experts", "shared", "shared_gate")}
+
+
+def per_token_reference(x: torch.Tensor, w: dict, spec: ModelSpec) -> torch.Tensor:
+    """Each token on its own: Mixtral's softmax over the top-k logits, or Qwen's softmax over
+    all, top-k, renormalised when norm_topk_prob; the weighted experts plus the shared one."""
+    def mlp(v, p):
+        return w[p + "down.weight"] @ (F.silu(w[p + "gate.weight"] @ v) * (w[p + "up.weight"] @ v))
+    out = []
+    for v in x.reshape(-1, x.shape[-1]):
+        logits = w["router.weight"] @ v
+        if spec.router_kind == "topk_softmax":
+            top, idx = logits.topk(spec.experts_per_token)
+            p = torch.softmax(top, -1)
+        else:
+            p, idx = torch.softmax(logits, -1).topk(spec.experts_per_token)
+            p = p / p.sum() if spec.norm_topk_prob else p
+        y = sum(p[j] * mlp(v, f"experts.{int(e)}.") for j, e in enumerate(idx))
+        if spec.shared_expert_ffn_dim:
+            y = y + torch.sigmoid(w["shared_gate.weight"] @ v) * mlp(v, "shared.")
+        out.append(y)
+    return torch.stack(out).view(x.shape)
+
+
+@pytest.mark.parametrize("kind,norm,shared", [("topk_softmax", False, 0),
+                                              ("softmax_topk", False, 40),
+                                              ("softmax_topk", True, 0)])
+def test_grouped_experts_match_per_token_reference(kind, norm, shared):
+    spec = moe_spec(kind, norm, shared, E=6, k=3)
+    w = moe_weights(spec)
+    x = torch.randn(3, 7, spec.hidden_size, generator=torch.Generator().manual_seed(1))
+    stats = MoEStats()
+    got = moe_mlp(x, w, spec, stats)
+    torch.testing.assert_close(got, per_token_reference(x, w, spec), atol=1e-5, rtol=1e-5)
+    assert stats.calls == 1 and sum(stats.expert_tokens) == 21 * 3
+
+
+def test_only_routed_experts_are_needed():
+    """Experts no token picks are never read: their weights may be absent."""
+    spec = moe_spec("topk_softmax", E=8, k=1)
+    w = moe_weights(spec)
+    x = torch.randn(2, spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    ref = moe_mlp(x, w, spec)
+    picked = {int(e) for e in (x @ w["router.weight"].T).argmax(-1)}
+    sparse = {n: t for n, t in w.items()
+              if not n.startswith("experts.") or int(n.split(".")[1]) in picked}
+    assert len(sparse) < len(w)
+    torch.testing.assert_close(moe_mlp(x, sparse, spec), ref, atol=0, rtol=0)
+
+
+def test_4bit_experts_and_dense_gates():
+    from flexrun.memory.quant import compress, decompress
+    from flexrun.plan.footprint import is_compressible
+    spec = moe_spec("softmax_topk", True, shared=40)
+    w = moe_weights(spec)
+    assert not is_compressible("layers.0.router.weight", (6, 32))
+    assert not is_compressible("layers.0.shared_gate.weight", (1, 32))
+    assert is_compressible("layers.0.experts.5.down.weight", (32, 24))
+    assert is_compressible("layers.0.shared.up.weight", (40, 32))
+    wc = {n: compress(t, 4, 16, dim=-1) if is_compressible("layers.0." + n, t.shape) else t
+          for n, t in w.items()}
+    wd = {n: t if isinstance(t, torch.Tensor) else decompress(t) for n, t in wc.items()}
+    x = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(moe_mlp(x, wc, spec), moe_mlp(x, wd, spec), atol=1e-6, rtol=0)
+
+
+def test_stats_count_a_known_routing():
+    spec = moe_spec("topk_softmax", E=4, k=2, h=4)
+    w = moe_weights(spec)
+    w["router.weight"] = torch.eye(4) * 10
+    x = torch.tensor([[3.0, 2, 0, 0], [0, 0, 1, 3], [3, 0, 2, 0]])   # {0,1}, {3,2}, {0,2}
+    model_stats = MoEStats()
+    moe_mlp(x, w, spec, model_stats)
+    assert (model_stats.calls, model_stats.experts_touched) == (1, 4)
+    assert model_stats.expert_tokens == [2, 1, 2, 1]
+    moe_mlp(x[:1], w, spec, model_stats)
+    assert (model_stats.calls, model_stats.experts_touched) == (2, 6)
+    assert model_stats.expert_tokens == [3, 2, 2, 1]
+    model_stats.reset()
+    assert (model_stats.calls, model_stats.experts_touched) == (0, 0)
+
+
+def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path):
+    """30/40/30 gpu/cpu/disk (on a CPU run the gpu tier is host memory): every layer's experts
+    lie on several tiers, and the tokens are the resident run's."""
+    from families import save_family
+    d = save_family("mixtral", tmp_path / "m")
+    prompts = ragged_prompts(4, seed=3)
+    with LLM(str(d), device="cpu") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
+        stats = llm.pipeline.model.moe_stats
+        assert stats.routing == "router" and stats.calls > 0
+        assert 0 < stats.experts_touched <= 4 * stats.calls
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=40,
+                 weights_disk=30)
+    (tmp_path / "off").mkdir()
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path / "off")) as llm:
+        tiers = {llm.weights.tier_of(f"layers.{j}.experts.{e}.{p}.weight")
+                 for j in range(3) for e in range(4) for p in ("gate", "up", "down")}
+        outs = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
+    assert tiers == {"gpu", "cpu", "disk"}
+    assert outs == ref
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_fused_in_memory_experts_load_as_per_expert(name):
+    """transformers 5 holds each layer's experts stacked (gate_up_proj, down_proj) in memory
+    and saves them per expert: both forms give the same canonical tensors."""
+    from families import build_model
+    from gguf_writer import checkpoint_tensors
+    from flexrun.models.hf_config import spec_from_config
+    from flexrun.models.loader import canonical_name, split_fused
+    m = build_model(name)
+    spec = spec_from_config(m.config.to_dict())
+
+    def canonical(sd):
+        return {n: t for k, v in sd.items() if (c := canonical_name(spec, k)) is not None
+                for n, t in split_fused(spec, c, v)}
+    fused, saved = canonical(m.state_dict()), canonical(checkpoint_tensors(m))
+    assert any(".experts.gate_up_proj" in k for k in m.state_dict())
+    want = {n for n in spec.all_shapes() if n != "head.lm_head" or not spec.tie_word_embeddings}
+    assert set(saved) == want and set(fused) == want
+    for n in want:
+        assert torch.equal(fused[n], saved[n]), n
+
+
+# ---- drawn routing (dummy models) -----------------------------------------------------------
+def test_uniform_draws_touch_the_expected_number_of_experts():
+    E, k = 128, 8
+    for T in (1, 4, 16, 64):
+        touched = []
+        for trial in range(10):
+            x = torch.randn(T, 64, generator=torch.Generator().manual_seed(100 * T + trial))
+            _, idx = drawn_experts(x, E, k, "uniform")
+            assert all(len(set(r)) == k for r in idx.tolist())
+            touched.append(len(set(idx.flatten().tolist())))
+        expected = E * (1 - (1 - k / E) ** T)
+        assert abs(sum(touched) / len(touched) / expected - 1) < 0.05, (T, touched, expected)
+
+
+def test_draws_are_deterministic_and_zipf_skews():
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(7))
+    w, idx = drawn_experts(x, 64, 4, "uniform")
+    assert torch.equal(drawn_experts(x.clone(), 64, 4, "uniform")[1], idx)
+    assert torch.allclose(w, torch.full_like(w, 0.25))
+    assert not torch.equal(drawn_experts(x, 64, 4, "uniform", seed=1)[1], idx)
+    half = drawn_experts(x.half(), 64, 4, "zipf:1.2")[1]
+    counts = torch.bincount(half.flatten(), minlength=64)
+    assert counts[0] > 4 * counts[32:].float().mean()
+    flat = torch.bincount(idx.flatten(), minlength=64)
+    assert flat.max() < 3 * flat.float().mean()
+
+
+def test_dummy_moe_presets_route_by_the_stated_distribution(monkeypatch):
+    from flexrun.models.dummy import ROUTING_ENV, dummy_spec
+    from flexrun.models.llama import LlamaModel
+    monkeypatch.delenv(ROUTING_ENV, raising=False)
+    spec = dummy_spec("qwen3-30b-a3b")
+    assert spec.routing == "uniform" and LlamaModel(spec).moe_stats.routing == "uniform"
+    assert (spec.num_experts, spec.experts_per_token, spec.expert_ffn_dim) == (128, 8, 768)
+    monkeypatch.setenv(ROUTING_ENV, "zipf:1.5")
+    assert dummy_spec("mixtral-8x7b").routing == "zipf:1.5"
+    monkeypatch.setenv(ROUTING_ENV, "router")
+    assert dummy_spec("qwen2-57b-a14b").routing == "router"
+    monkeypatch.setenv(ROUTING_ENV, "skewed")
+    with pytest.raises(FlexrunError, match=ROUTING_ENV):
+        dummy_spec("mixtral-8x22b")
+    spec = moe_spec("softmax_topk", E=16, k=4)
+    spec.routing = "uniform"
+    stats = MoEStats(spec.routing)
+    out = moe_mlp(torch.randn(5, 32), moe_weights(spec), spec, stats)   # no router needed
+    assert out.shape == (5, 32) and sum(stats.expert_tokens) == 5 * 4
+    assert stats.experts_touched == sum(c > 0 for c in stats.expert_tokens)
