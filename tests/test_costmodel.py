@@ -1,13 +1,10 @@
-"""Cost model: LP feasibility and budgets, minimum-budget errors, monotonicity, speed, CLI,
-hardware profiles, and predicted vs measured on this CPU."""
+"""Cost model: LP feasibility and budgets, minimum-budget errors, monotonicity, CLI and
+hardware profiles. Deterministic checks only: predicted against measured times is
+`python -m bench.costmodel_check` (bench/, not CI)."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import random
-import statistics
-import time
 
 import pytest
 import torch
@@ -18,7 +15,9 @@ from flexrun.config import parse_size
 from flexrun.plan.costmodel import predict
 from flexrun.plan.search import search
 from flexrun.plan.footprint import check_budget, footprint, numel
-from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile, default_profile, measure
+from flexrun.plan.hardware import (PROFILES_DIR, HardwareProfile, default_profile, measure,
+                                   profile_path)
+from flexrun.plan.timing import cache_bytes, cpu_has_bf16
 from flexrun.models.dummy import dummy_spec
 
 H100 = HardwareProfile.load(PROFILES_DIR / "h100.json")
@@ -120,14 +119,14 @@ def test_tiny_model_with_ample_memory_is_all_resident(device):
     assert res.prediction.breakdown["decode"]["cache_load"] == 0
 
 
-def test_lp_and_search_are_fast():
-    t0 = time.perf_counter()
+def test_search_solves_lps_for_many_shapes():
+    """The search solves LPs (three cache cases per block shape) over many block shapes.
+    How long they take is reported (res.lp_max_s, res.search_s), not asserted: CI keeps
+    deterministic checks only."""
     res = search(dummy_spec("opt-30b"), H100, 512, 32, "16GiB", "100GiB", "64GiB", "cuda",
                  compress_weight=True)
-    total = time.perf_counter() - t0
-    assert res.lp_solves > 10
-    assert res.lp_max_s < 1.0, f"slowest LP took {res.lp_max_s:.2f}s"
-    assert total < 10.0, f"search took {total:.1f}s"
+    assert res.lp_solves > 10 and res.candidates > 3
+    assert res.policy.compress_weight or res.policy.weights_gpu < 100
 
 
 def test_predict_any_policy_and_more_prompts_amortise():
@@ -203,10 +202,21 @@ def test_auto_policy_for_llm(tmp_path):
 
 
 # ---- hardware profiles --------------------------------------------------------------------
-def test_profiles_round_trip_and_defaults(tmp_path):
+def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
     assert "DESIGN.md" in H100.source and H100.h2d_pinned == 55e9
     assert CPU.source == "measured" and CPU.command.startswith("flexrun profile")
-    assert default_profile("cpu") == CPU and default_profile("cuda") == H100
+    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
+    assert default_profile("cpu") == CPU
+    assert default_profile("cuda") == HardwareProfile.load(profile_path("cuda"))
+    if not torch.cuda.is_available():
+        assert profile_path("cuda").name == "h100.json" and default_profile("cuda") == H100
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert profile_path("cuda").name == "h200.json"      # the profile of the GPU present
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert profile_path("cuda").name == "h100.json"      # not h100-measured.json
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert profile_path("cuda").name == "h100.json"
     H100.save(tmp_path / "h.json")
     assert HardwareProfile.load(tmp_path / "h.json") == H100
     with pytest.raises(FlexrunError, match="not found"):
@@ -227,75 +237,40 @@ def test_profile_cli_writes_json(tmp_path, monkeypatch, capsys):
     assert default_profile("cuda") == p
 
 
-def test_measure_cpu_quickly(tmp_path):
-    t0 = time.perf_counter()
+def test_measure_cpu_fills_every_cpu_rate(tmp_path):
     p = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
-    assert time.perf_counter() - t0 < 20
-    for name in ("disk_read", "disk_write", "disk_read_cached", "disk_map_cached",
-                 "cpu_flops_decode", "cpu_flops_prefill", "cpu_flops_decode_bf16",
-                 "cpu_flops_prefill_bf16", "cpu_mem_bw", "cpu_attn_bw"):
+    names = ["disk_read", "disk_write", "disk_read_cached", "disk_map_cached",
+             "cpu_flops_decode", "cpu_flops_decode_small", "cpu_flops_prefill",
+             "cpu_flops_decode_bf16", "cpu_flops_prefill_bf16", "cpu_mem_bw", "cpu_attn_bw",
+             "cpu_unit_overhead"]
+    if cpu_has_bf16():          # without bf16 dot products: one short bf16 shape only
+        names.append("cpu_flops_decode_small_bf16")
+    for name in names:
         assert getattr(p, name) > 0, name
     assert p.h2d_pinned is None and p.cpu_mem > 0 and not list(tmp_path.iterdir())
+    assert p.notes["cpu_gemm_stream_bytes"] >= min(2 * cache_bytes(), p.cpu_mem // 8)
 
 
-# ---- predicted vs measured on this CPU ----------------------------------------------------
-def _cpu_busy_share() -> tuple:
-    """(CPU busy ticks of all processes, of this process, monotonic time)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    with open("/proc/self/stat") as f:
-        s = f.read().rsplit(")", 1)[1].split()
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], int(s[11]) + int(s[12]), time.monotonic()
-
-
-PREDICT_TOLERANCE = 0.30     # |predicted / measured - 1| for prefill and per decode step
-
-
-def test_predicted_vs_measured_disk_streaming_cpu(tmp_path):
-    """Weights of opt-125m streamed from the disk tier every step (4 prompts x 64 tokens,
-    6 new): the prediction from a profile of this machine, measured now as `flexrun profile`
-    does, is within ±30% of the measured run (CPUs of one class differ up to 2x between VMs,
-    so the shipped cpu-2core.json is not the reference here). This shared VM's speed drifts
-    by 20-30% within a minute, and one profile's GEMM rates by up to 2x, so each of five
-    profiles is paired with the best of two runs made right after it, and the median of the
-    five predicted / measured ratios is checked (a median profile against runs made later
-    failed about one time in four, the median of three pairs one time in five).
-    Timing needs a quiet machine: when other processes used > 0.3 cores during the runs and
-    the check fails, the test is skipped rather than failed."""
-    P, G, B = 64, 6, 4
-    pol = Policy(gpu_batch_size=B, weights_gpu=0, weights_disk=100)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, 50000) for _ in range(P)] for _ in range(B)]
-    spec = dummy_spec("opt-125m")
-    a = _cpu_busy_share()
-    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
-    rows = []
-    with LLM("dummy:opt-125m", device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
-        llm.generate(prompts, max_new_tokens=G)                  # warm-up
-        for _ in range(5):
-            prof = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
-            pred = predict(spec, pol, prof, P, G)
-            prefill, decode = [], []
-            for _ in range(2):
-                llm.stats = type(llm.stats)()
-                llm.generate(prompts, max_new_tokens=G)
-                prefill.append(llm.stats.prefill_s)
-                decode.append(llm.stats.decode_s / (G - 1))
-            meas = {"prefill": min(prefill), "decode": min(decode)}
-            pr = {"prefill": pred.prefill_s, "decode": pred.decode_s}
-            for k in ratios:
-                ratios[k].append(pr[k] / meas[k])
-            rows.append(", ".join(f"{k} {pr[k]:.3f}/{meas[k]:.3f}s" for k in pr))
-        b = _cpu_busy_share()
-    others = ((b[0] - a[0]) - (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (b[2] - a[2])
-    med = {k: statistics.median(v) for k, v in ratios.items()}
-    report = (", ".join(f"{k} predicted/measured {med[k]:.2f}" for k in med) +
-              " (median of 5; predicted/measured per pair: " + "; ".join(rows) + ")")
-    print(f"predicted vs measured (disk streaming, CPU): {report}; others {others:.2f} cores")
-    ok = all(abs(r - 1) <= PREDICT_TOLERANCE for r in med.values())
-    if not ok and others > 0.3:
-        pytest.skip(f"machine busy ({others:.1f} cores used by other processes): {report}")
-    assert ok, report
+def test_cpu_gemm_time_between_the_two_decode_rates():
+    """Fewer rows than cpu_decode_m are timed on the line through the rates at
+    cpu_decode_m_small and cpu_decode_m rows; at or above cpu_decode_m, and for a profile
+    without the small-row rate, the one-point model holds (its line to the prefill rate)."""
+    p = dataclasses.replace(CPU, cpu_flops_decode=80e9, cpu_flops_prefill=320e9,
+                            cpu_flops_decode_small=30e9, cpu_decode_m=16, cpu_decode_m_small=4)
+    params = 10 ** 7
+    assert p.gemm_time(4, params, False) == pytest.approx(2 * params * 4 / 30e9)
+    assert p.gemm_time(16, params, False) == pytest.approx(2 * params * 16 / 80e9)
+    mid = (2 * params * 4 / 30e9 + 2 * params * 16 / 80e9) / 2
+    assert p.gemm_time(10, params, False) == pytest.approx(mid)
+    one_point = dataclasses.replace(p, cpu_flops_decode_small=None)
+    for rows in (16, 64, 512):
+        assert p.gemm_time(rows, params, False) == one_point.gemm_time(rows, params, False)
+    assert one_point.gemm_time(4, params, False) == pytest.approx(
+        2 * params * (16 / 80e9 - 12 / 320e9))
+    # a 2-byte run without bf16 rates uses the fp32 ones, the small-row rate included
+    fp32_only = dataclasses.replace(p, cpu_flops_decode_bf16=None, cpu_flops_prefill_bf16=None)
+    assert fp32_only.gemm_time(4, params, False, 2) == pytest.approx(2 * params * 4 / 30e9)
+    assert H100.gemm_time(4, params, True) == H100.gemm_time(4, params, True, 4)   # GPU as before
 
 
 @pytest.mark.parametrize("preset", ["opt-125m", "llama-tiny-embed"])

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from flexrun.config import FlexrunError
-from flexrun.plan.timing import (w4_rates, attn_bw, attn_bw_with_h2d, copy_bw, cpu_has_bf16, disk_rates, gemm_rates,
-                     read_bw, unit_overhead)
+from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
+                                 decode_rates, disk_rates, gemm_rates, prefill_rate, read_bw,
+                                 unit_overhead, w4_rates)
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "policies" / "profiles"
 _GB = 1e9
@@ -57,6 +58,10 @@ class HardwareProfile:
     cpu_flops_decode_bf16: float | None = None
     cpu_flops_prefill_bf16: float | None = None
     cpu_decode_m: int = 16
+    # ... and at fewer decode rows (weights streamed from memory, as cpu_flops_decode)
+    cpu_flops_decode_small: float | None = None
+    cpu_flops_decode_small_bf16: float | None = None
+    cpu_decode_m_small: int = 4
     cpu_mem_bw: float = 10 * _GB             # memcpy bytes/s
     cpu_read_bw: float | None = None         # bytes/s read (a reduction over 256 MB)
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
@@ -104,28 +109,61 @@ class HardwareProfile:
             return self.cpu_flops_decode_bf16, self.cpu_flops_prefill_bf16
         return self.cpu_flops_decode, self.cpu_flops_prefill
 
+    def cpu_small_rate(self, elem: int) -> float | None:
+        """The CPU GEMM FLOP/s at cpu_decode_m_small rows for elements of `elem` bytes (of
+        the same precision as cpu_rates), None where not measured."""
+        if elem == 2 and self.cpu_flops_decode_bf16 and self.cpu_flops_prefill_bf16:
+            return self.cpu_flops_decode_small_bf16
+        return self.cpu_flops_decode_small
+
     def gemm_time(self, rows: int, params: int, on_gpu: bool, elem: int = 4) -> float:
         """Seconds of a GEMM of `rows` activation rows by a `params`-element weight: a
         weight-streaming part (fitted so the decode-shape rate is matched) plus FLOPs at the
-        prefill-shape rate. Fits both the memory-bound and the compute-bound regime."""
+        prefill-shape rate. Fits both the memory-bound and the compute-bound regime. On the
+        CPU, fewer rows than cpu_decode_m are timed on the line through both decode rates
+        where the profile has the one at cpu_decode_m_small rows: a few-row GEMM takes less
+        than the cpu_decode_m point less the prefill rate's FLOPs of the missing rows (4 x
+        4096 x 4096 fp32, weights streamed: 4.7 ms measured against 6.2 ms; 2-core dev VM)."""
         if on_gpu:
             dec, pre, m = self.gpu_flops_decode, self.gpu_flops_prefill, self.gpu_decode_m
         else:
             (dec, pre), m = self.cpu_rates(elem), self.cpu_decode_m
+            small, ms = self.cpu_small_rate(elem), self.cpu_decode_m_small
+            if small and rows < m and ms < m:
+                t_small, t_m = ms / small, m / dec        # seconds per FLOP-pair per param
+                per = t_small + (rows - ms) * (t_m - t_small) / (m - ms)
+                return 2.0 * params * max(per, rows / pre)
         stream = max(0.0, m * (1.0 / dec - 1.0 / pre))
         return 2.0 * params * (stream + rows / pre)
 
 
+def profile_path(device: str | torch.device) -> Path:
+    """The shipped profile default_profile() loads for the device kind: on CUDA the one of
+    policies/profiles/ whose device_name is the GPU present (h100.json first), else
+    h100.json; on the CPU cpu-2core.json."""
+    default = PROFILES_DIR / "h100.json"
+    if torch.device(device).type != "cuda":
+        return PROFILES_DIR / "cpu-2core.json"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for path in [default] + sorted(set(PROFILES_DIR.glob("*.json")) - {default}):
+            try:
+                if json.loads(path.read_text()).get("device_name") == name:
+                    return path
+            except (OSError, json.JSONDecodeError):
+                continue
+    return default
+
+
 def default_profile(device: str | torch.device) -> HardwareProfile:
-    """$FLEXRUN_PROFILE if set, else the shipped profile for the device kind (h100.json /
-    cpu-2core.json), else a fresh measurement."""
+    """$FLEXRUN_PROFILE if set, else the shipped profile for the device (profile_path), else
+    a fresh measurement."""
     if os.environ.get("FLEXRUN_PROFILE"):
         return HardwareProfile.load(os.environ["FLEXRUN_PROFILE"])
-    kind = torch.device(device).type
-    path = PROFILES_DIR / ("h100.json" if kind == "cuda" else "cpu-2core.json")
+    path = profile_path(device)
     if path.is_file():
         return HardwareProfile.load(path)
-    return measure(kind)
+    return measure(torch.device(device).type)
 
 
 # ---- measurement --------------------------------------------------------------------------
@@ -156,15 +194,24 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     prof = HardwareProfile(device_name=_cpu_name(), cpu_cores=len(os.sched_getaffinity(0)),
                            command=command or f"measure({kind!r}, {offload_dir!r})",
                            date=time.strftime("%Y-%m-%d"), cpu_mem=_host_memory())
+    # decode-row GEMMs stream their weights from memory, as a decode step does: distinct
+    # copies of each weight, twice the last-level cache in all (timing.decode_rates)
+    stream = min(2 * cache_bytes(), prof.cpu_mem // 8)
     # bf16 at one shape each where the CPU lacks bf16 dot products (slow there: keep it short)
     few = not cpu_has_bf16()
-    for dtype, names in ((torch.float32, ("cpu_flops_decode", "cpu_flops_prefill")),
-                         (torch.bfloat16, ("cpu_flops_decode_bf16", "cpu_flops_prefill_bf16"))):
+    for dtype, names in ((torch.float32, ("cpu_flops_decode", "cpu_flops_decode_small",
+                                          "cpu_flops_prefill")),
+                         (torch.bfloat16, ("cpu_flops_decode_bf16", "cpu_flops_decode_small_bf16",
+                                           "cpu_flops_prefill_bf16"))):
         short = few and dtype == torch.bfloat16
-        rates = gemm_rates(cpu, dtype, prof.cpu_decode_m,
-                            (4096,) if short else (3072, 4096, 5120),      # > L3 cache
-                            ((256, 1024),) if short else ((256, 1024), (512, 1536), (512, 2048)),
-                            nosync)
+        rates = decode_rates(cpu, dtype, (prof.cpu_decode_m,) if short else
+                             (prof.cpu_decode_m, prof.cpu_decode_m_small),
+                             (4096,) if short else (3072, 4096, 5120), nosync,
+                             0 if short else stream)
+        if short:
+            rates.append(None)
+        rates.append(prefill_rate(cpu, dtype, ((256, 1024),) if short else
+                                  ((256, 1024), (512, 1536), (512, 2048)), nosync))
         for name, rate in zip(names, rates):
             setattr(prof, name, rate)
     # CPU attention runs on the run's dtype: fp16 KV for a CUDA run, fp32 on a CPU run
@@ -181,7 +228,7 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     prof.disk_mem = shutil.disk_usage(offload_dir).free
     prof.notes = {"disk_dir": offload_dir, "disk_file_bytes": disk_bytes,
                   "cpu_dtype": "float32", "cpu_attn_dtype": str(attn_dtype),
-                  "torch_threads": torch.get_num_threads()}
+                  "torch_threads": torch.get_num_threads(), "cpu_gemm_stream_bytes": stream}
     if kind == "cuda":
         _measure_cuda(prof)
     return prof
@@ -259,6 +306,8 @@ def format_profile(p: HardwareProfile) -> str:
             ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
             ("CPU bf16 GEMM decode / prefill", pair(p.cpu_flops_decode_bf16,
                                                     p.cpu_flops_prefill_bf16, "FLOP/s")),
+            (f"CPU GEMM at {p.cpu_decode_m_small} rows fp32 / bf16",
+             pair(p.cpu_flops_decode_small, p.cpu_flops_decode_small_bf16, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
             ("CPU read", _fmt(p.cpu_read_bw, "B/s") if p.cpu_read_bw else "-"),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")

@@ -2,6 +2,7 @@
 a tiny decoder layer (eager and replayed from a CUDA graph) and the disk tier's reads."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -37,25 +38,83 @@ def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> floa
     return min(times)
 
 
-def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
-                sync) -> tuple[float, float]:
-    """Median FLOP/s over several shapes at decode rows (dec_m) and at prefill shapes, with
-    the weights as a run stores them (pre-packed for oneDNN on a bf16 CPU run)."""
+def cache_bytes() -> int:
+    """Bytes of the last-level CPU caches this process's CPUs share (sysfs; the distinct
+    instances summed), 32 MiB where unknown."""
+    sizes: dict[str, int] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        best = None
+        for d in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+            try:
+                level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+                shared = (d / "shared_cpu_list").read_text().strip()
+            except (OSError, ValueError):
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            if best is None or level > best[0]:
+                best = (level, shared, int(size.rstrip("KMG")) * mult)
+        if best is not None:
+            sizes[best[1]] = best[2]
+    return sum(sizes.values()) or 32 << 20
+
+
+def decode_rates(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...], sizes, sync,
+                 stream_bytes: int = 0) -> list[float]:
+    """For each row count m in `rows`, the median FLOP/s of m-row GEMMs by square weights of
+    `sizes`, the weights as a run stores them (pre-packed for oneDNN on a bf16 CPU run). With
+    stream_bytes, each sample multiplies distinct copies of the weight that together exceed
+    stream_bytes, one after another, as a decode step reads each weight once: a weight used
+    again and again stays in the CPU's caches (480 MiB of L3 on the 2-core dev VM) and is
+    read there 1.7-2x faster than from memory."""
+    from flexrun.memory import packed as packed_weights
+    packs = packed_weights.applies(device, dtype, compress_weight=False)
+    out: dict[int, list[float]] = {m: [] for m in rows}
+    for s in sizes:
+        w = torch.randn(s, s, device=device, dtype=dtype)
+        copies = max(1, -(-stream_bytes // (w.numel() * w.element_size())))
+        plain = None if packs else [w] + [w.clone() for _ in range(copies - 1)]
+        for m in rows:
+            if packs:       # oneDNN's layout depends on the row count it is packed for
+                p = packed_weights.pack(w, m)
+                fns = [q.linear for q in [p] + [dataclasses.replace(p, data=p.data.clone())
+                                                for _ in range(copies - 1)]]
+            else:
+                fns = [lambda x, q=q: F.linear(x, q) for q in plain]
+            a = torch.randn(m, s, device=device, dtype=dtype)
+
+            def run():
+                for fn in fns:
+                    fn(a)
+            # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
+            # 16-row fp32 rate ranged 25-57 GFLOP/s between profiles with 2 ms samples)
+            t = best_time(run, sync=sync, min_s=20e-3 if device.type == "cpu" else 2e-3)
+            out[m].append(2 * m * s * s * copies / t)
+            del fns
+        del plain
+    return [statistics.median(out[m]) for m in rows]
+
+
+def prefill_rate(device: torch.device, dtype: torch.dtype, shapes, sync) -> float:
+    """Median FLOP/s of (m x s) by (s x s) GEMMs over `shapes` (m, s), the weights as a run
+    stores them."""
     from flexrun.memory import packed as packed_weights
     packs = packed_weights.applies(device, dtype, compress_weight=False)
 
-    def rate(m, k, n):
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        w = torch.randn(n, k, device=device, dtype=dtype)
-        fn = packed_weights.pack(w, m).linear if packs else \
-            lambda x: torch.nn.functional.linear(x, w)
-        # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
-        # 16-row fp32 rate ranged 25-57 GFLOP/s between profiles with 2 ms samples)
+    def rate(m, s):
+        a = torch.randn(m, s, device=device, dtype=dtype)
+        w = torch.randn(s, s, device=device, dtype=dtype)
+        fn = packed_weights.pack(w, m).linear if packs else lambda x: F.linear(x, w)
         t = best_time(lambda: fn(a), sync=sync, min_s=20e-3 if device.type == "cpu" else 2e-3)
-        return 2 * m * k * n / t
-    dec = statistics.median(rate(dec_m, s, s) for s in dec_sizes)
-    pre = statistics.median(rate(m, s, s) for m, s in pre_sizes)
-    return dec, pre
+        return 2 * m * s * s / t
+    return statistics.median(rate(m, s) for m, s in shapes)
+
+
+def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, pre_sizes,
+               sync) -> tuple[float, float]:
+    """Median FLOP/s over several shapes at decode rows (dec_m, each weight used again and
+    again) and at prefill shapes."""
+    return (decode_rates(device, dtype, (dec_m,), dec_sizes, sync)[0],
+            prefill_rate(device, dtype, pre_sizes, sync))
 
 
 def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
