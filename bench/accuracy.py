@@ -4,13 +4,18 @@ python -m bench.accuracy [--device cpu|cuda] [--model smollm2|FILE.gguf|HF_DIR] 
     [--out bench/results/accuracy-<device>.json]
 
 For each path (resident; weights / KV cache / activations on other tiers; CPU attention; 4-bit
-compression) it measures
-  * perplexity of tests/data's text, through flexrun's own scoring code (the function behind
-    `flexrun eval-ppl`, same window / stride meaning);
-  * greedy agreement with the reference resident run (same device and dtype) on a fixed set of
-    prompts: the fraction of generated tokens equal position by position, the mean share of
-    tokens before the first difference, and how many outputs are identical;
-  * on CUDA also agreement with the resident CPU fp32 run.
+compression by each scheme) it measures
+  * perplexity of tests/data's text, through flexrun's own scoring code (the functions behind
+    `flexrun eval-ppl [--decode]`, same window / stride meaning), twice: from prefill logits,
+    and through decode steps (teacher forcing after a prefill of 32 tokens, windows of the same
+    length with stride window - prefill), where every scored token reads the KV cache;
+  * greedy agreement with the reference resident run (same device and dtype) on prompts cut
+    from the same text (224 tokens each, 32 new): the fraction of generated tokens equal
+    position by position, the mean share of tokens before the first difference, and how many
+    outputs are identical;
+  * on CUDA also agreement with the resident CPU fp32 run;
+  * the seconds the 4-bit weight search took at load (a temporary cache: the first load of a
+    scheme searches, later loads read its cache).
 Every path runs the same block shape (2 GPU batches of 4) so only the placement differs.
 Prints a Markdown table and writes JSON with the settings, the device and every output.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -30,21 +36,11 @@ from pathlib import Path
 import torch
 
 from flexrun import LLM, Policy, SamplingParams
-from flexrun.cli.eval_ppl import perplexity_terms
+from flexrun.cli.eval_ppl import decode_terms, perplexity_terms
 from flexrun.models.loader import open_checkpoint, resolve_named
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_ch1.txt"
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "def add(a, b):\n    \"\"\"Return the sum of a and b.",
-    "Water is made of",
-    "The best way to learn a new language is",
-    "In the year 1900, the largest city in the world was",
-    "Here is a short poem about the moon:\n",
-]
 BLOCK = dict(gpu_batch_size=4, num_gpu_batches=2)
 SPLIT = dict(weights_gpu=30, weights_cpu=40, weights_disk=30, cache_gpu=30, cache_cpu=40,
              cache_disk=30, act_gpu=30, act_cpu=40, act_disk=30)
@@ -71,11 +67,28 @@ VARIANTS = [
     Variant("activations on cpu", dict(act_gpu=0, act_cpu=100), host_noop=True),
     Variant("activations on disk", dict(act_gpu=0, act_disk=100)),
     Variant("weights+KV+act 30/40/30 gpu/cpu/disk", SPLIT),
-    Variant("compress weight (4-bit, g64)", dict(compress_weight=True)),
+    Variant("compress weight, rtn (FlexGen)", dict(compress_weight=True, weight_scheme="rtn")),
+    Variant("compress weight, hqq", dict(compress_weight=True, weight_scheme="hqq")),
+    Variant("compress weight, synth (default)", dict(compress_weight=True,
+                                                     weight_scheme="synth")),
     # groups of 32 along the input dim = the GGUF's Q4_1 blocks (same min/scale scheme)
-    Variant("compress weight (4-bit, g32)", dict(compress_weight=True, quant_group=32)),
-    Variant("compress cache (4-bit, g64)", dict(compress_cache=True)),
-    Variant("compress weight + cache", dict(compress_weight=True, compress_cache=True)),
+    Variant("compress weight, g32", dict(compress_weight=True, quant_group=32)),
+    Variant("compress cache, per_token (FlexGen), window 0",
+            dict(compress_cache=True, cache_scheme="per_token", cache_window=0, cache_sink=0)),
+    Variant("compress cache, per_token, window 32",
+            dict(compress_cache=True, cache_scheme="per_token")),
+    Variant("compress cache, kivi, window 0, no sink",
+            dict(compress_cache=True, cache_window=0, cache_sink=0)),
+    Variant("compress cache, kivi, window 0", dict(compress_cache=True, cache_window=0)),
+    Variant("compress cache, kivi, window 32 (default)", dict(compress_cache=True)),
+    # how far greedy agreement moves under a far smaller error: 8-bit codes
+    Variant("compress cache, kivi 8-bit, window 0, no sink",
+            dict(compress_cache=True, quant_bits=8, cache_window=0, cache_sink=0)),
+    Variant("compress weight + cache, FlexGen (rtn + per_token, window 0)",
+            dict(compress_weight=True, weight_scheme="rtn", compress_cache=True,
+                 cache_scheme="per_token", cache_window=0, cache_sink=0)),
+    Variant("compress weight + cache (defaults)", dict(compress_weight=True,
+                                                       compress_cache=True)),
 ]
 
 
@@ -85,8 +98,9 @@ class Job:
     ids: list[int]                  # token ids of the text
     window: int
     stride: int
-    prompts: list[str]
+    prompts: list[list[int]]        # token ids
     new_tokens: int
+    prefill: int = 32               # decode-path score: tokens prefilled per window
 
 
 @dataclass
@@ -95,14 +109,19 @@ class Row:
     device: str
     dtype: str
     policy: dict
+    scheme: str                     # the 4-bit schemes of a compressed path
     ppl: float
     tokens_scored: int
+    decode_ppl: float               # through decode steps (every scored token reads the cache)
+    decode_tokens: int
     agree: float                    # token agreement vs the resident run, same device + dtype
     prefix: float                   # mean share of tokens before the first difference
     identical: int                  # prompts whose whole output equals the reference
-    bit_identical: bool             # same perplexity to the last bit and all outputs identical
+    bit_identical: bool             # same prefill perplexity to the last bit, same outputs
     agree_cpu_fp32: float           # token agreement vs the resident CPU fp32 run
     seconds: float                  # load + perplexity + generation
+    weight_quant_s: float = 0.0     # 4-bit weight search at load (or its cache read)
+    weight_quant_cached: bool = False
     outputs: list[list[int]] = field(default_factory=list)
 
 
@@ -121,28 +140,57 @@ def common_prefix(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(shares) / max(len(shares), 1)
 
 
-def measure(job: Job, device: str, dtype: str, policy: Policy) -> tuple[float, int, list, float]:
-    """(perplexity, scored tokens, greedy outputs, seconds including the load) of one path."""
+def text_prompts(ids: list[int], n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens cut from the text at evenly spaced offsets."""
+    length = min(length, len(ids) - 1)
+    step = (len(ids) - 1 - length) // max(n - 1, 1)
+    return [ids[i * step:i * step + length] for i in range(n)]
+
+
+def scheme_of(p: dict) -> str:
+    """The 4-bit schemes a policy runs, e.g. "w synth g64; kv kivi g64 win 32 sink 4"."""
+    parts = []
+    bits = "" if p["quant_bits"] == 4 else f" {p['quant_bits']}-bit"
+    if p["compress_weight"]:
+        parts.append(f"w {p['weight_scheme']}{bits} g{p['quant_group']}")
+    if p["compress_cache"]:
+        parts.append(f"kv {p['cache_scheme']}{bits} g{p['quant_group']} win "
+                     f"{p['cache_window']} sink {p['cache_sink']}")
+    return "; ".join(parts) or "-"
+
+
+def measure(job: Job, device: str, dtype: str, policy: Policy) -> dict:
+    """Prefill and decode-path perplexities, greedy outputs, seconds (the load included) and
+    the weight search's seconds of one path."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flexrun-acc-") as tmp:
         with LLM(job.model, device=device, policy=policy, dtype=dtype, offload_dir=tmp) as llm:
             nll, count = perplexity_terms(llm, job.ids, job.window, job.stride)
+            dnll, dcount = decode_terms(llm, job.ids, job.window, job.window - job.prefill,
+                                        job.prefill)
             outs = llm.generate(job.prompts, job.new_tokens, SamplingParams(ignore_eos=True))
-    return math.exp(nll / count), count, [o.output_ids for o in outs], time.perf_counter() - t0
+            st = llm.stats
+    return dict(ppl=math.exp(nll / count), count=count, decode_ppl=math.exp(dnll / dcount),
+                decode_count=dcount, outs=[o.output_ids for o in outs],
+                secs=time.perf_counter() - t0, wq=st.weight_quant_s,
+                wq_cached=st.weight_quant_cached)
 
 
 def run_path(job: Job, name: str, device: str, dtype: str, overrides: dict,
              ref: Row | None, cpu_ref: Row | None) -> Row:
     policy = Policy(**{**BLOCK, **overrides})
-    ppl, count, outs, secs = measure(job, device, dtype, policy)
+    m = measure(job, device, dtype, policy)
+    outs = m["outs"]
     ref_outs = ref.outputs if ref else outs
     same = sum(a == b for a, b in zip(outs, ref_outs))
-    row = Row(name, device, dtype, policy.to_dict(), ppl, count, agreement(outs, ref_outs),
-              common_prefix(outs, ref_outs), same,
-              (ppl == ref.ppl if ref else True) and same == len(outs),
-              agreement(outs, cpu_ref.outputs if cpu_ref else outs), secs, outs)
-    print(f"  {device} {dtype:4s} {name:38s} ppl {ppl:9.5f}  agree {row.agree:6.1%}  "
-          f"({secs:.1f} s)", file=sys.stderr, flush=True)
+    exact = ref is None or m["ppl"] == ref.ppl
+    row = Row(name, device, dtype, policy.to_dict(), scheme_of(policy.to_dict()), m["ppl"],
+              m["count"], m["decode_ppl"], m["decode_count"], agreement(outs, ref_outs),
+              common_prefix(outs, ref_outs), same, exact and same == len(outs),
+              agreement(outs, cpu_ref.outputs if cpu_ref else outs), m["secs"], m["wq"],
+              m["wq_cached"], outs)
+    print(f"  {device} {dtype:4s} {name:44s} ppl {m['ppl']:9.5f}  decode {m['decode_ppl']:9.5f}"
+          f"  agree {row.agree:6.1%}  ({m['secs']:.1f} s)", file=sys.stderr, flush=True)
     return row
 
 
@@ -171,15 +219,21 @@ def markdown(rows: list[Row], header: str, skipped: list[str]) -> str:
     gpu = any(r.device != "cpu" for r in rows)
     refs = {(r.device, r.dtype): r for r in rows if r.path == "resident"}
     out = [header, "",
-           "| path | device | dtype | perplexity | Δ ppl vs resident | token agreement | "
-           "tokens before 1st diff | identical outputs | bit-identical |"
+           "| path | device | dtype | 4-bit scheme | perplexity (prefill) | Δ | "
+           "perplexity (decode path) | Δ | token agreement | tokens before 1st diff | "
+           "identical outputs | bit-identical | weight search s |"
            + (" agreement vs CPU fp32 |" if gpu else ""),
-           "|---|---|---|---:|---:|---:|---:|---:|---|" + ("---:|" if gpu else "")]
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+           + ("---:|" if gpu else "")]
     for r in rows:
-        d = r.ppl / refs[(r.device, r.dtype)].ppl - 1
-        out.append(f"| {r.path} | {r.device} | {r.dtype} | {r.ppl:.4f} | {d:+.3%} | "
-                   f"{r.agree:.1%} | {r.prefix:.1%} | {r.identical}/{len(r.outputs)} | "
-                   f"{'yes' if r.bit_identical else 'no'} |"
+        ref = refs[(r.device, r.dtype)]
+        d, dd = r.ppl / ref.ppl - 1, r.decode_ppl / ref.decode_ppl - 1
+        wq = "-" if not r.policy["compress_weight"] else \
+            f"{r.weight_quant_s:.1f}" + (" (cache)" if r.weight_quant_cached else "")
+        out.append(f"| {r.path} | {r.device} | {r.dtype} | {r.scheme} | {r.ppl:.4f} | "
+                   f"{d:+.2%} | {r.decode_ppl:.4f} | {dd:+.2%} | {r.agree:.1%} | "
+                   f"{r.prefix:.1%} | {r.identical}/{len(r.outputs)} | "
+                   f"{'yes' if r.bit_identical else 'no'} | {wq} |"
                    + (f" {r.agree_cpu_fp32:.1%} |" if gpu else ""))
     inert = [r.path for r in rows if _inert_cache_compression(r, rows)]
     if inert:
@@ -198,8 +252,11 @@ def _inert_cache_compression(r: Row, rows: list[Row]) -> bool:
     if not r.policy["compress_cache"]:
         return False
     base = {**r.policy, "compress_cache": False}
-    return any(o.policy == base and (o.device, o.dtype) == (r.device, r.dtype)
-               and o.ppl == r.ppl and o.outputs == r.outputs for o in rows)
+    same = ("compress_cache", "cache_scheme", "cache_window", "cache_sink")
+    return any({k: v for k, v in o.policy.items() if k not in same}
+               == {k: v for k, v in base.items() if k not in same} and not o.policy[same[0]]
+               and (o.device, o.dtype) == (r.device, r.dtype) and o.ppl == r.ppl
+               and o.decode_ppl == r.decode_ppl and o.outputs == r.outputs for o in rows)
 
 
 def device_name(device: str) -> str:
@@ -233,8 +290,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stride", type=int, default=256,
                     help="default 256 = window: every token scored once, no overlap (half the "
                          "compute of eval-ppl's default stride 128)")
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
+    ap.add_argument("--prefill", type=int, default=32,
+                    help="decode-path score: tokens prefilled per window before decoding")
+    ap.add_argument("--prompts", type=int, default=16,
+                    help="greedy prompts, cut from the text at evenly spaced offsets")
+    ap.add_argument("--prompt-len", type=int, default=224, help="tokens per greedy prompt")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--keep-weight-cache", action="store_true",
+                    help="use the user's quantized-weight cache (default: a temporary one, so "
+                         "the first load of each scheme shows its search time)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 with --device cpu: on a shared 2-core "
                          "machine two threads can be several times slower; 0 = torch default)")
@@ -243,10 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/accuracy-<device>.json)")
     a = ap.parse_args(argv)
-    if not 1 <= a.prompts <= len(PROMPTS):
-        ap.error(f"--prompts must be 1..{len(PROMPTS)}")
+    if a.prompts < 1 or a.prompt_len < 1:
+        ap.error("--prompts and --prompt-len must be >= 1")
     if a.window < 2 or not 1 <= a.stride <= a.window or a.new_tokens < 1:
         ap.error("need --window >= 2, 1 <= --stride <= --window and --new-tokens >= 1")
+    if not 1 <= a.prefill < a.window:
+        ap.error("need 1 <= --prefill < --window")
     return a
 
 
@@ -259,10 +325,18 @@ def main(argv: list[str] | None = None) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     shown = sys.argv[1:] if argv is None else argv
+    saved = os.environ.get("FLEXRUN_QUANT_CACHE")
     try:
-        _run(a, " ".join(["python -m bench.accuracy", *shown]))
+        with tempfile.TemporaryDirectory(prefix="flexrun-quant-") as qdir:
+            if not a.keep_weight_cache:
+                os.environ["FLEXRUN_QUANT_CACHE"] = qdir
+            _run(a, " ".join(["python -m bench.accuracy", *shown]))
     finally:
         torch.set_num_threads(before)
+        if saved is None:
+            os.environ.pop("FLEXRUN_QUANT_CACHE", None)
+        else:
+            os.environ["FLEXRUN_QUANT_CACHE"] = saved
 
 
 def _run(a: argparse.Namespace, command: str) -> None:
@@ -270,14 +344,17 @@ def _run(a: argparse.Namespace, command: str) -> None:
     model = resolve_named(a.model)
     ckpt = open_checkpoint(model)
     ids = ckpt.tokenizer.encode(Path(a.text).read_text(encoding="utf-8")).ids
-    job = Job(model, ids, a.window, a.stride, PROMPTS[:a.prompts], a.new_tokens)
+    job = Job(model, ids, a.window, a.stride, text_prompts(ids, a.prompts, a.prompt_len),
+              a.new_tokens, a.prefill)
     t0 = time.perf_counter()
     rows, skipped = run_all(job, a.device, dtypes, a.all_paths)
     total = time.perf_counter() - t0
     header = (f"`{command}` on {device_name(a.device)}, torch {torch.__version__}, "
               f"{total:.0f} s. Model {ckpt.spec.name or a.model}. Perplexity: "
-              f"{_shown(a.text)}, {len(ids)} tokens, window {a.window}, stride {a.stride}. "
-              f"Greedy: {len(job.prompts)} prompts x {a.new_tokens} new tokens (EOS ignored), "
+              f"{_shown(a.text)}, {len(ids)} tokens, window {a.window}, stride {a.stride}; "
+              f"decode path: prefill {a.prefill}, stride {a.window - a.prefill}. Greedy: "
+              f"{len(job.prompts)} prompts of {len(job.prompts[0])} tokens from the text x "
+              f"{a.new_tokens} new tokens (EOS ignored), "
               f"block {BLOCK['gpu_batch_size']}x{BLOCK['num_gpu_batches']}.")
     table = markdown(rows, header, skipped)
     print(table)
@@ -287,6 +364,7 @@ def _run(a: argparse.Namespace, command: str) -> None:
         "command": command, "device": device_name(a.device), "torch": torch.__version__,
         "model": a.model, "model_file": Path(model).name, "text": _shown(a.text),
         "text_tokens": len(ids), "window": a.window, "stride": a.stride,
+        "prefill": a.prefill, "decode_stride": a.window - a.prefill,
         "prompts": job.prompts, "new_tokens": a.new_tokens, "block": BLOCK,
         "total_s": round(total, 1), "skipped": skipped,
         "rows": [asdict(r) for r in rows], "table": table}, indent=1)) + "\n")

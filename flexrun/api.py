@@ -11,11 +11,13 @@ import torch
 from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
 from flexrun.engine.pipeline import BatchState, Pipeline
 from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, fit_positions,
-                                     make_batch, params_per_prompt, prefill_rows,
-                                     prompt_logprob_list, request_rows, row_sample)
+                                     forced_requests, make_batch, params_per_prompt,
+                                     prefill_rows, progress_bar, prompt_logprob_list,
+                                     request_rows, row_sample)
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.trace import Tracer
 from flexrun.memory import packed as packed_weights
+from flexrun.memory.wquant import weight_quantizer
 from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
@@ -32,6 +34,8 @@ class RunStats:
     prefill_rows: int = 0               # prompts the prefills computed (n samples share one)
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    weight_quant_s: float = 0.0         # 4-bit weight search at load (or its cache read)
+    weight_quant_cached: bool = False   # read from the user's cache (memory/wquant.py)
     weights_split: dict = field(default_factory=dict)
 
 
@@ -181,15 +185,18 @@ class LLM:
             direct = squeeze or (tier_of[name] == "gpu" and not p.compress_weight)
             return self.device if direct else torch.device("cpu")
         packs = packed_weights.applies(self.device, self.dtype, p.compress_weight)
+        quant = weight_quantizer(self.ckpt, p, self.device, self.dtype, shapes, is_compressible,
+                                 model_for(self.spec), self.units) if p.compress_weight else None
         for name, t in self.ckpt.iter_tensors(device_for, set(names)):
             t = t.to(self.dtype)
             if p.compress_weight and is_compressible(name, t.shape):
-                from flexrun.memory.quant import compress
-                t = compress(t.to(self.device), p.quant_bits, p.quant_group, dim=-1)
+                t = quant(name, t.to(self.device))
             elif packs and is_compressible(name, t.shape):
                 t = packed_weights.pack(t, p.gpu_batch_size)
             self.weights.put(name, t, tier_of[name])
             del t
+        if quant is not None:
+            self.stats.weight_quant_s, self.stats.weight_quant_cached = quant.finish(), quant.hit
         model = model_for(self.spec)
         for j in (u - 1 for u in self.units if 1 <= u <= self.spec.num_layers):
             for group in model.JOINED:
@@ -201,23 +208,35 @@ class LLM:
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
+                 progress: bool = False, forced: list[list[int]] | None = None
+                 ) -> list[RequestOutput]:
         """Generate for every prompt; results in prompt order. sampling: one SamplingParams
-        for all prompts or one per prompt."""
+        for all prompts or one per prompt; forced: each prompt's given next tokens."""
         outs: list[RequestOutput | None] = [None] * len(prompts)
-        for o in self.iter_generate(prompts, max_new_tokens, sampling, progress):
+        for o in self.iter_generate(prompts, max_new_tokens, sampling, progress, forced=forced):
             outs[o.index] = o
         return outs  # type: ignore[return-value]
+
+    def score_decode(self, sequences: Sequence[Sequence[int]], prefill: int = 32
+                     ) -> list[list[float]]:
+        """Teacher forcing: each sequence's first `prefill` tokens are prefilled, every later
+        token is fed to a decode step reading the KV cache as generation does (compressed or
+        not). Per sequence, the log-probability of each token after the prefill."""
+        prompts, params, forced = forced_requests(sequences, prefill)
+        outs = self.generate(prompts, max(len(f) for f in forced), params, forced=forced)
+        return [[t.logprob for t in o.samples[0].logprobs] for o in outs]
 
     def iter_generate(self, prompts, max_new_tokens: int = 32,
                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                       progress: bool = False,
                       on_block_done: Callable[[], None] | None = None, truncate: bool = False,
-                      names: Sequence | None = None) -> Iterator[RequestOutput]:
+                      names: Sequence | None = None, forced: list[list[int]] | None = None
+                      ) -> Iterator[RequestOutput]:
         """Yield outputs block by block as they finish (longest prompts first).
 
         truncate: drop the start of prompts too long for the model's positions instead of
-        failing; names: how errors refer to prompts (default: their index)."""
+        failing; names: how errors refer to prompts (default: their index); forced: each
+        prompt's given next tokens (teacher forcing, score_decode)."""
         if max_new_tokens < 1:
             raise FlexrunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         params = params_per_prompt(sampling, len(prompts))
@@ -227,11 +246,11 @@ class LLM:
         fit_positions(ids, limits, self.spec.max_positions, names, truncate)
         self._check_budget(max((len(x) for x in ids), default=0), max(limits, default=1))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        rows, table = request_rows(order, params, limits)
+        rows, table = request_rows(order, params, limits, forced)
         sampler = Sampler(table, self.spec.eos_token_ids, decode=self.decode)
         share = self.share_prefill and self.num_gpus == 1
         bs, block = self.policy.gpu_batch_size, self.policy.block_size
-        bar = _progress(progress, len(ids))
+        bar = progress_bar(progress, len(ids))
         done: dict[int, dict[int, Sample]] = {}
         prompt_lps: dict[int, list] = {}
         for start in range(0, len(rows), block):
@@ -400,10 +419,3 @@ def _resolve_dtype(dtype, device: torch.device, family: str = "") -> torch.dtype
 
 def _needs_disk(p: Policy) -> bool:
     return p.weights_disk > 0 or p.cache_disk > 0 or p.act_disk > 0
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="prompt", desc="generate")

@@ -121,6 +121,20 @@ class Policy:
     compress_cache: bool = False
     quant_bits: int = 4
     quant_group: int = 64
+    # compress_cache: "kivi" (keys per channel in groups of quant_group tokens, values per
+    # token) or "per_token" (FlexGen: K and V in groups of quant_group along the head dim);
+    # the last cache_window tokens stay exact (kivi: until their key group fills too), and
+    # each prompt's first cache_sink tokens (attention sinks)
+    cache_scheme: str = "kivi"
+    cache_window: int = 32
+    cache_sink: int = 4
+    # compress_weight: "rtn" (min-max round to nearest), "hqq" (half-quadratic search of
+    # each group's zero and scale) or "synth" (grid search of each group's range weighted by
+    # activations measured on random tokens); memory/wquant.py
+    weight_scheme: str = "synth"
+
+    CACHE_SCHEMES = ("kivi", "per_token")
+    WEIGHT_SCHEMES = ("rtn", "hqq", "synth")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +156,15 @@ class Policy:
             raise FlexrunError(f"policy: quant_bits must be 4 or 8, got {self.quant_bits}")
         if self.quant_group < 1:
             raise FlexrunError(f"policy: quant_group must be >= 1, got {self.quant_group}")
+        for name, known in (("cache_scheme", self.CACHE_SCHEMES),
+                            ("weight_scheme", self.WEIGHT_SCHEMES)):
+            if getattr(self, name) not in known:
+                raise FlexrunError(f"policy: {name} must be one of {', '.join(known)}, "
+                                   f"got {getattr(self, name)!r}")
+        for name in ("cache_window", "cache_sink"):
+            w = getattr(self, name)
+            if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+                raise FlexrunError(f"policy: {name} must be an integer >= 0, got {w!r}")
 
     @property
     def block_size(self) -> int:

@@ -1,6 +1,6 @@
 """bench/accuracy.py: its agreement metrics and one end-to-end run on the tiny Llama (the real
 SmolLM2 numbers come from `python -m bench.accuracy`, see docs/accuracy.md); the Q4_1 -> 4-bit
-group exactness that docs/accuracy.md states."""
+group exactness that docs/accuracy.md states, for round-to-nearest and the weight searches."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 
 from flexrun.models.gguf import _dequantize, _reader
 from flexrun.memory.quant import compress, decompress
+from flexrun.memory.wquant import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import accuracy  # noqa: E402
@@ -33,7 +34,8 @@ def test_end_to_end_tiny_llama(llama_dir, tmp_path, all_paths, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
     out = tmp_path / "acc.json"
     accuracy.main(["--model", str(llama_dir), "--text", str(text), "--window", "24",
-                   "--stride", "16", "--prompts", "3", "--new-tokens", "4", "--out", str(out)]
+                   "--stride", "16", "--prefill", "8", "--prompts", "3", "--prompt-len", "12",
+                   "--new-tokens", "4", "--out", str(out)]
                   + (["--all-paths"] if all_paths else []))
     res = json.loads(out.read_text())
     rows = {r["path"]: r for r in res["rows"]}
@@ -42,12 +44,25 @@ def test_end_to_end_tiny_llama(llama_dir, tmp_path, all_paths, capsys):
     assert set(rows) == {"resident"} | {v.name for v in accuracy.VARIANTS} - set(res["skipped"])
     for name, r in rows.items():
         assert len(r["outputs"]) == 3 and all(len(o) == 4 for o in r["outputs"])
-        if not r["policy"]["compress_weight"]:       # every lossless placement: exact
+        assert r["decode_tokens"] == r["tokens_scored"] - 7        # all but the first prefill
+        lossless = not r["policy"]["compress_weight"] and not r["policy"]["compress_cache"]
+        if lossless:                                 # every lossless placement: exact
             assert r["bit_identical"] and r["agree"] == 1.0, name
-    assert rows["compress weight (4-bit, g64)"]["ppl"] != rows["resident"]["ppl"]
+            assert r["scheme"] == "-"           # decode attention's sums may round otherwise
+            assert r["decode_ppl"] == pytest.approx(rows["resident"]["decode_ppl"], rel=1e-6)
+        if r["policy"]["compress_cache"] and not r["policy"]["compress_weight"]:
+            assert r["ppl"] == rows["resident"]["ppl"], name      # prefill reads exact K/V
+    res = rows["resident"]
+    assert abs(res["decode_ppl"] / res["ppl"] - 1) < 0.2
+    assert rows["compress weight, rtn (FlexGen)"]["ppl"] != res["ppl"]
+    assert rows["compress cache, kivi, window 0, no sink"]["decode_ppl"] != res["decode_ppl"]
+    assert "kv kivi g64 win 32 sink 4" in rows["compress cache, kivi, window 32 (default)"][
+        "scheme"]
     assert rows["weights on disk"]["policy"]["weights_disk"] == 100.0
+    assert len(res["outputs"]) == 3 and len(json.loads(out.read_text())["prompts"][0]) == 12
     table = capsys.readouterr().out
     assert table.count("\n| ") == len(rows) + 1 and "window 24, stride 16" in table
+    assert "perplexity (decode path)" in table
     assert ("Not run on a CPU-only device" in table) != all_paths
 
 
@@ -62,3 +77,9 @@ def test_q4_1_blocks_requantize_exactly_with_group_32(smollm2_gguf):
         w = torch.from_numpy(_dequantize(t))
         assert torch.equal(decompress(compress(w, 4, 32, dim=-1)), w), t.name
         assert not torch.equal(decompress(compress(w, 4, 64, dim=-1)), w), t.name
+    # the searches keep every exactly representable group (and so the whole tensor)
+    for t in q41[:2]:
+        w = torch.from_numpy(_dequantize(t))
+        for scheme in ("hqq", "synth"):
+            c = quantize(w, 4, 32, scheme, torch.rand(w.shape[1]))
+            assert torch.equal(decompress(c), w), (t.name, scheme)

@@ -195,3 +195,30 @@ def test_cuda_matches_cpu(bits, dtype, shape, dim):
     # moving between devices keeps the payload
     assert torch.equal(decompress(cc.to("cuda", non_blocking=True)).cpu(), decompress(cc))
     assert torch.equal(decompress(cg.to("cpu")), decompress(cc))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_and_encode_match_compress(bits):
+    from flexrun.memory.quant import encode, from_codes, grouped, minmax, pack, unpack
+    x = gaussian(6, 128, seed=7)
+    q = torch.randint(0, 2 ** bits, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(q, bits), bits), q)
+    g, pad = grouped(x, 32, 1)
+    mins, scales = minmax(g, bits)
+    c = from_codes(encode(g, mins, scales, bits), mins, scales, x.shape, 1, bits, 32, pad,
+                   x.dtype)
+    ref = compress(x, bits, 32)
+    assert torch.equal(c.data, ref.data) and torch.equal(decompress(c), decompress(ref))
+
+
+def test_kv_slot_bytes():
+    from flexrun.memory.quant import kv_slot_nbytes
+    # 2 rows x 3 KV heads, 100 positions, head dim 64, fp16: codes 32 B per position and
+    # part; per_token: one min + scale per position and part; kivi: keys one per channel per
+    # 64 positions (2 groups); the exact ring (window + key group - 1) and sinks in fp16
+    rows_heads = 2 * 3
+    codes = 2 * 100 * 32
+    assert kv_slot_nbytes(2, 100, 3, 64, 2, 4, 64, "per_token", 0) == rows_heads * (
+        codes + 2 * 2 * (100 + 100))
+    assert kv_slot_nbytes(2, 100, 3, 64, 2, 4, 64, "kivi", 32, 4) == rows_heads * (
+        codes + 2 * 2 * (2 * 64 + 100) + 2 * (32 + 63 + 4) * 64 * 2)

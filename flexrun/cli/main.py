@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True)
     e.add_argument("--window", type=int, default=256)
     e.add_argument("--stride", type=int, default=128)
+    e.add_argument("--decode", action="store_true",
+                   help="also score through decode steps (teacher forcing), every scored "
+                   "token reading the KV cache as generation does (compressed or not)")
+    e.add_argument("--prefill", type=int, default=32,
+                   help="with --decode: tokens of each window prefilled before decoding")
 
     t = sub.add_parser("trace-png", help="render a --trace JSON to a PNG timeline")
     t.add_argument("trace")

@@ -59,6 +59,9 @@ class KVSlot:
             for p in self.paths:
                 try:
                     self.fds.append(private_open(p, os.O_RDWR))
+                    # sparse: positions not written yet read as zeros (a compressed slot
+                    # reads its key codes' whole prefix while only the quantized part is set)
+                    os.ftruncate(self.fds[-1], T * self.row_bytes)
                 except OSError as e:
                     self.close()
                     raise offload_error(e, p) from None
@@ -74,11 +77,17 @@ class KVSlot:
     def on_host(self) -> bool:
         return self.tier != "gpu" or self.device.type == "cpu"
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
-        """Store k, v (b, kv_heads, s, hd) at time positions t0..t0+s."""
-        s = k.shape[2]
+    def write(self, k: torch.Tensor | None, v: torch.Tensor | None, t0: int,
+              first: torch.Tensor | None = None) -> None:
+        """Store k, v (b, kv_heads, s, hd) at time positions t0..t0+s; a part given as None
+        is left as it is (a compressed slot's planes fill K and V codes at different times).
+        first: each row's first real position (a compressed slot's key groups skip the
+        padding before it); unused here."""
+        s = (k if k is not None else v).shape[2]
         if self.tier == "disk":
             for fd, path, x in zip(self.fds, self.paths, (k, v)):
+                if x is None:
+                    continue
                 data = x.permute(2, 0, 1, 3).to("cpu", self.dtype).contiguous()
                 mv, pos = memoryview(data.view(torch.uint8).numpy().reshape(-1)), 0
                 try:
@@ -87,11 +96,14 @@ class KVSlot:
                 except OSError as e:
                     raise offload_error(e, path) from None
             return
-        if k.is_cuda and self.tier == "cpu" and self.store_stream is not None:
+        on_cuda = (k if k is not None else v).is_cuda
+        if on_cuda and self.tier == "cpu" and self.store_stream is not None:
             return self._write_async(k, v, t0)
         if self.pending:    # an in-flight prefill store may cover these positions (padding)
-            self._settle(k.is_cuda)
+            self._settle(on_cuda)
         for buf, x in zip(self.kv, (k, v)):
+            if x is None:
+                continue
             if self.time_major:
                 copy_rows(buf[t0:t0 + s], x.permute(2, 0, 1, 3))
             else:
@@ -100,14 +112,17 @@ class KVSlot:
     def _write_async(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
         """GPU -> pinned host on the store stream; a strided (batch-major) destination is
         filled from a pinned stage by an I/O thread once the copy has landed."""
-        s = k.shape[2]
-        self.store_stream.wait_stream(torch.cuda.current_stream(k.device))
+        x0 = k if k is not None else v
+        s = x0.shape[2]
+        self.store_stream.wait_stream(torch.cuda.current_stream(x0.device))
         with torch.cuda.stream(self.store_stream):
             for buf, x in zip(self.kv, (k, v)):
+                if x is None:
+                    continue
                 x.record_stream(self.store_stream)
                 if self.time_major:
                     buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3), non_blocking=True)
-                elif t0 == 0 and x.shape[0] == buf.shape[0]:
+                elif t0 == 0 and x.shape[0] == buf.shape[0] and self.plane != "ring":
                     _d2h_rows_padded(buf, x)
                 else:
                     stage = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
@@ -207,9 +222,10 @@ class KVCache:
 
     def __init__(self, layer_tiers: Mapping[int, str], device: torch.device, dtype: torch.dtype,
                  disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
-                 store_stream=None, io=None, quant: tuple[int, int] | None = None,
+                 store_stream=None, io=None, quant: tuple | None = None,
                  zero_fill: bool = False):
-        """quant: (bits, group) to store K and V compressed (compress_cache), else None;
+        """quant: (bits, group, scheme, window, sink) to store K and V compressed
+        (compress_cache, engine/kvquant.py), else None;
         zero_fill: zero the compute-device slots (for the static decode step)."""
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
         self.quant, self.zero_fill = quant, zero_fill

@@ -1,61 +1,202 @@
-"""A KV slot that stores K and V group-quantized along the head dimension (compress_cache).
+"""A KV slot that stores K and V group-quantized (compress_cache), two schemes:
 
-Each of K and V becomes three planes with the slot's (b, kv_heads, T) layout: packed codes
-(head_dim * bits / 8 bytes per position), fp16 group minimums and fp16 group scales. Every
-plane is an ordinary KVSlot, so the GPU, CPU (pinned, async stores) and disk homes, the
-time-major / batch-major layouts and the stores' overlap work exactly as for dense slots,
-with ~3.5x fewer bytes at 4 bits. New positions are quantized where they are written;
-reads dequantize [0, t_end) on the device that attends (the CPU under cpu_attention).
-Prefill attention itself uses the exact K and V, as in FlexGen.
+- kivi (KIVI, arXiv 2402.02750): keys per channel, each group `group` consecutive tokens of
+  one channel (key outliers live in fixed channels, so a channel's range is narrow), values
+  per token, in groups along the head dim;
+- per_token (FlexGen): K and V both in groups along the head dim.
+
+The last `window` positions stay exact; under kivi a key stays exact until its whole token
+group has left the window (at most window + group - 1 exact keys). So do each row's first
+`sink` prompt tokens (attention sinks: most heads put much of their weight there, so their
+error weighs on every later step; under kivi they are also left out of their key group's
+range). Storage, all ordinary KVSlots, so the GPU, CPU (pinned, async stores) and disk homes
+and their layouts work as for dense slots:
+  codes   (b, kv, T, hd*bits/8) uint8: K codes, V codes
+  kparams fp16 K mins, K scales: (b, kv, T/group, hd) under kivi, (b, kv, T, hd/g) per token
+  vparams fp16 V mins, V scales: (b, kv, T, hd/g)
+  ring    (b, kv, window + group - 1, hd) exact K and V of the recent positions, position p
+          at p mod its length
+  sink    (b, kv, sink, hd) exact K and V of each row's first prompt tokens.
+Writes quantize on the device that computed k, v (a key group when it leaves the window,
+its exact keys taken from the ring); reads dequantize [0, t_end) on the device that attends
+and put the exact positions back in. Prefill attention itself uses the exact K and V (as in
+FlexGen); every decode step reads the cache (`LLM.score_decode` measures what that costs).
 """
 from __future__ import annotations
 
 import torch
 
-from flexrun.memory.quant import Compressed, compress, decompress
+from flexrun.memory.quant import (Compressed, decompress, encode, kv_groups, kv_ring_len,
+                                  pack, unpack)
 
 
 class CompressedKVSlot:
-    """K and V of one (layer, batch) as quantized planes; same interface as KVSlot."""
+    """K and V of one (layer, batch) quantized; same interface as KVSlot."""
 
     def __init__(self, make_slot, shape: tuple[int, int, int, int], dtype: torch.dtype,
-                 bits: int, group: int):
+                 bits: int, group: int, scheme: str = "kivi", window: int = 0,
+                 sink: int = 0):
         b, kv, T, hd = shape
         self.bits, self.dtype, self.head_dim = bits, dtype, hd
-        self.group = group if hd % group == 0 else hd     # groups never straddle heads
+        self.scheme, self.window = scheme, window
+        self.group, self.tgroup = kv_groups(hd, group, scheme)
         ng = hd // self.group
         self.max_len, self.rows = T, b
-        self.planes = [make_slot((b, kv, T, hd * bits // 8), torch.uint8, "q"),
-                       make_slot((b, kv, T, ng), torch.float16, "min"),
-                       make_slot((b, kv, T, ng), torch.float16, "scale")]
-        self.tier = self.planes[0].tier
+        kivi = scheme == "kivi"
+        self.codes = make_slot((b, kv, T, hd * bits // 8), torch.uint8, "q")
+        self.kparams = make_slot((b, kv, -(-T // self.tgroup), hd) if kivi else (b, kv, T, ng),
+                                 torch.float16, "kp")
+        self.vparams = make_slot((b, kv, T, ng), torch.float16, "vp")
+        self.ring_len = kv_ring_len(window, self.tgroup)
+        self.ring = make_slot((b, kv, self.ring_len, hd), dtype, "ring") \
+            if self.ring_len else None
+        self.sink = make_slot((b, kv, sink, hd), dtype, "sink") if sink else None
+        self.sink_at = None         # (b, sink) the sink tokens' positions
+        self.planes = [p for p in (self.codes, self.kparams, self.vparams, self.ring,
+                                   self.sink) if p]
+        self.tier = self.codes.tier
+        self.t = self.q = 0         # positions written; keys below q are quantized
+        self.first = None           # (b,) each row's first real position (left padding)
 
     @property
     def on_host(self) -> bool:
-        return self.planes[0].on_host
+        return self.codes.on_host
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def boundary(self, t: int) -> int:
+        """Keys below this position are quantized once t positions are written."""
+        return max(0, t - self.window) // self.tgroup * self.tgroup
+
+    # ---- write ------------------------------------------------------------------------------
+    def write(self, k: torch.Tensor, v: torch.Tensor, t0: int,
+              first: torch.Tensor | None = None) -> None:
+        """Store k, v (b, kv_heads, s, hd) at positions t0..t0+s (t0 = 0 starts a new block;
+        then positions before `first` (b,) are padding, left out of key groups)."""
+        if t0 == 0:
+            self.t = self.q = 0
+            self.first = first
+            if self.sink is not None:
+                self._write_sink(k, v, first)
+        if t0 != self.t:
+            raise RuntimeError(f"compressed KV slot: write at {t0}, expected {self.t}")
+        s = k.shape[2]
+        t1 = t0 + s
+        q1 = self.boundary(t1)
+        if q1 > self.q:         # key groups leaving the window: exact keys from ring and k
+            parts = [self._ring_keys(self.q, min(t0, q1), k.device)] if self.q < t0 else []
+            if q1 > t0:
+                parts.append(k[:, :, :q1 - t0])
+            keys = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+            kc, kmin, ksc = (self._per_channel(keys, self.q) if self.scheme == "kivi"
+                             else self._per_token(keys))
+            self.codes.write(kc, None, self.q)
+            self.kparams.write(kmin, ksc, self.q // self.tgroup)
+        vc, vmin, vsc = self._per_token(v)
+        self.codes.write(None, vc, t0)
+        self.vparams.write(vmin, vsc, t0)
+        lo = max(t0, q1)
+        if lo < t1:
+            self._ring_write(k[:, :, lo - t0:], v[:, :, lo - t0:], lo)
+        self.t, self.q = t1, q1
+
+    def _per_token(self, x: torch.Tensor):
+        """codes (b, kv, s, hd*bits/8), mins and scales (b, kv, s, hd/g): groups along hd."""
         b, kv, s, hd = x.shape
-        c = compress(x, self.bits, self.group, dim=-1)
-        return (c.data.view(b, kv, s, -1), c.mins.view(b, kv, s, -1),
-                c.scales.view(b, kv, s, -1))
+        g = x.float().view(b, kv, s, hd // self.group, self.group)
+        mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        mins, scales = mn.half(), ((mx - mn) / (2 ** self.bits - 1)).half()
+        q = encode(g, mins, scales, self.bits).view(b, kv, s, hd)
+        return pack(q, self.bits), mins[..., 0], scales[..., 0]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, t0: int) -> None:
-        """Quantize k, v (b, kv_heads, s, hd) and store them at positions t0..t0+s."""
-        for plane, pk, pv in zip(self.planes, self._split(k), self._split(v)):
-            plane.write(pk, pv, t0)
+    def _per_channel(self, x: torch.Tensor, p0: int):
+        """codes (b, kv, n, hd*bits/8), mins and scales (b, kv, n/G, hd) of keys at positions
+        p0..p0+n (whole groups of G tokens): each channel's range over a group's real
+        positions (padding excluded; a group of padding only gets range 0)."""
+        b, kv, n, hd = x.shape
+        G = self.tgroup
+        g = x.float().view(b, kv, n // G, G, hd)
+        if self.first is not None:
+            pos = torch.arange(p0, p0 + n, device=x.device)
+            real = (pos[None, :] >= self.first.to(x.device)[:, None]).view(b, 1, n // G, G, 1)
+            mn = torch.where(real, g, float("inf")).amin(3, keepdim=True)
+            mx = torch.where(real, g, float("-inf")).amax(3, keepdim=True)
+            empty = ~real.any(3, keepdim=True)
+            mn, mx = mn.masked_fill(empty, 0.0), mx.masked_fill(empty, 0.0)
+        else:
+            mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+        mins, scales = mn.half(), ((mx - mn) / (2 ** self.bits - 1)).half()
+        q = encode(g, mins, scales, self.bits).view(b, kv, n, hd)
+        return pack(q, self.bits), mins[:, :, :, 0], scales[:, :, :, 0]
 
+    def _write_sink(self, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor | None) -> None:
+        """Keep each row's first `sink` prompt tokens exact (fewer in a shorter prompt: its
+        last token repeats); key groups start after them."""
+        b, kv, s, hd = k.shape
+        S = self.sink.shape[2]
+        f = torch.zeros(b, dtype=torch.long, device=k.device) if first is None else \
+            first.to(k.device)
+        at = (f[:, None] + torch.arange(S, device=k.device)).clamp(max=s - 1)
+        self.sink_at = at
+        idx = at[:, None, :, None].expand(b, kv, S, hd)
+        self.sink.write(k.gather(2, idx), v.gather(2, idx), 0)
+        self.first = torch.minimum(f + S, torch.full_like(f, s))
+
+    def _ring_index(self, lo: int, hi: int, device) -> torch.Tensor:
+        return torch.arange(lo, hi, device=device) % self.ring_len
+
+    def _ring_keys(self, lo: int, hi: int, device) -> torch.Tensor:
+        """Exact keys of positions [lo, hi) (all in the ring) on `device`."""
+        rk, _ = self.ring.read(self.ring_len, device)
+        return rk.index_select(2, self._ring_index(lo, hi, device))
+
+    def _ring_write(self, k: torch.Tensor, v: torch.Tensor, p0: int) -> None:
+        """Exact k, v of positions p0.. into the ring (wrapping around its end)."""
+        at, n = p0 % self.ring_len, k.shape[2]
+        head = min(n, self.ring_len - at)
+        self.ring.write(k[:, :, :head], v[:, :, :head], at)
+        if head < n:
+            self.ring.write(k[:, :, head:], v[:, :, head:], 0)
+
+    # ---- read -------------------------------------------------------------------------------
     def read(self, t_end: int, device: torch.device, pinned: bool = False):
-        """(K, V) for positions [0, t_end), dequantized on `device` to the compute dtype."""
-        (qk, qv), (mk, mv), (sk, sv) = (p.read(t_end, device, pinned) for p in self.planes)
-        return [self._dense(q, m, s) for q, m, s in ((qk, mk, sk), (qv, mv, sv))]
+        """(K, V) for positions [0, t_end), dequantized on `device` to the compute dtype, the
+        exact recent positions as they were written."""
+        q = min(self.q, t_end)
+        qk, qv = self.codes.read(t_end, device, pinned)
+        V = self._dequant_tokens(qv, *self.vparams.read(t_end, device, pinned))
+        K = torch.empty_like(V)
+        if q:
+            kmin, ksc = self.kparams.read(q // self.tgroup, device, pinned)
+            K[:, :, :q] = (self._dequant_channels(qk[:, :, :q], kmin, ksc)
+                           if self.scheme == "kivi" else
+                           self._dequant_tokens(qk[:, :, :q], kmin, ksc))
+        if q < t_end:
+            rk, rv = self.ring.read(self.ring_len, device, pinned)
+            idx = self._ring_index(q, t_end, device)
+            K[:, :, q:] = rk.index_select(2, idx)
+            w0 = max(q, t_end - self.window)
+            if w0 < t_end:
+                V[:, :, w0:] = rv.index_select(2, idx[w0 - q:])
+        if self.sink is not None:
+            sk, sv = self.sink.read(self.sink.shape[2], device, pinned)
+            at = self.sink_at.to(device)
+            at = at[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
+            K.scatter_(2, at, sk)
+            V.scatter_(2, at, sv)
+        return [K, V]
 
-    def _dense(self, q: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _dequant_tokens(self, q: torch.Tensor, m: torch.Tensor, s: torch.Tensor):
         b, kv, t, _ = q.shape
         c = Compressed(data=q.reshape(-1), mins=m.contiguous().unsqueeze(-1),
                        scales=s.contiguous().unsqueeze(-1), shape=(b, kv, t, self.head_dim),
                        dim=3, bits=self.bits, group_size=self.group, pad=0, dtype=self.dtype)
         return decompress(c)
+
+    def _dequant_channels(self, q: torch.Tensor, m: torch.Tensor, s: torch.Tensor):
+        b, kv, t, _ = q.shape
+        G, hd = self.tgroup, self.head_dim
+        codes = unpack(q, self.bits).reshape(b, kv, t // G, G, hd)
+        x = torch.addcmul(m.float().unsqueeze(3), codes, s.float().unsqueeze(3))
+        return x.to(self.dtype).reshape(b, kv, t, hd)
 
     def close(self) -> None:
         for p in self.planes:

@@ -115,7 +115,8 @@ class Pipeline(HostTransfers):
         static = policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU)
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
-                          self.io, (policy.quant_bits, policy.quant_group)
+                          self.io, (policy.quant_bits, policy.quant_group, policy.cache_scheme,
+                                    policy.cache_window, policy.cache_sink)
                           if policy.compress_cache else None,
                           zero_fill=static or not self.cuda)   # whole-slot attention reads all
         self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) if static else None
@@ -182,7 +183,8 @@ class Pipeline(HostTransfers):
             attn = attend(q, k, v, self._mask(b, self.device, True, win), causal=True, opts=opts)
             if b.fork is not None:          # n samples: the prompt's KV copied to each row
                 k, v = k.index_select(0, b.fork), v.index_select(0, b.fork)
-            slot.write(k, v, 0)
+            # a compressed slot's key groups leave out each row's left padding
+            slot.write(k, v, 0, None if isinstance(slot, KVSlot) else b.key_start())
             return self.model.post_attn(w, h, attn)
         t0 = b.time
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
@@ -206,6 +208,10 @@ class Pipeline(HostTransfers):
             if self.cuda:
                 attn = self._host_buffer("attn", b.batch_no, attn).copy_(attn)
                 attn = attn.to(self.device, non_blocking=True)
+        elif not isinstance(slot, KVSlot):  # compressed: the step's write may quantize a
+            slot.write(k, v, t0)            # key group, as on the other tiers
+            K, V = slot.read(t0 + 1, self.device, pinned=self.cuda)
+            attn = attend(q, K, V, self._mask(b, self.device, False, win), opts=opts)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),

@@ -44,13 +44,30 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-def request_rows(order: list[int], params: list[SamplingParams], limits: list[int]
+def request_rows(order: list[int], params: list[SamplingParams], limits: list[int],
+                 forced: list[list[int]] | None = None
                  ) -> tuple[list[tuple[int, int]], dict[int, Row]]:
     """Rows (request, sample) in `order`, the samples of a request side by side, and the
-    sampler's view of each row."""
+    sampler's view of each row (forced: each request's given tokens, teacher forcing)."""
     rows = [(i, j) for i in order for j in range(params[i].n)]
-    table = {r: Row(params[i], j, limits[i]) for r, (i, j) in enumerate(rows)}
+    table = {r: Row(params[i], j, limits[i], forced[i] if forced else None)
+             for r, (i, j) in enumerate(rows)}
     return rows, table
+
+
+def forced_requests(sequences, prefill: int
+                    ) -> tuple[list[list[int]], list[SamplingParams], list[list[int]]]:
+    """Teacher forcing (LLM.score_decode): each token-id sequence as a prompt of its first
+    `prefill` tokens and its other tokens given, one per decode step, with their
+    log-probabilities kept; EOS does not stop a row."""
+    seqs = [[int(x) for x in s] for s in sequences]
+    if prefill < 1 or any(len(s) <= prefill for s in seqs):
+        raise FlexrunError(f"score_decode: every sequence needs more than prefill={prefill} "
+                           "tokens (and prefill >= 1)")
+    forced = [s[prefill:] for s in seqs]
+    params = [SamplingParams(ignore_eos=True, logprobs=True, max_tokens=len(f))
+              for f in forced]
+    return [s[:prefill] for s in seqs], params, forced
 
 
 def make_batch(members: list[int], rows: list[tuple[int, int]], ids: list[list[int]],
@@ -134,3 +151,11 @@ def fit_positions(ids: list[list[int]], new_tokens: list[int], limit: int, names
             raise FlexrunError(f"prompt {names[i]!r} has {len(x)} tokens; with "
                                f"max_new_tokens {gen} it exceeds the model's "
                                f"{limit} positions: shorten it or pass --truncate left")
+
+
+def progress_bar(enabled: bool, total: int):
+    """A tqdm bar over prompts, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="prompt", desc="generate")

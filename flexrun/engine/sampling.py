@@ -22,6 +22,7 @@ class Row:
     params: SamplingParams
     sample: int = 0                 # which of its request's n samples
     limit: int | None = None        # its cap on new tokens
+    forced: list[int] | None = None  # teacher forcing: its next tokens are given (scoring)
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Sampler:
         self.all_greedy = all(p.greedy for p in every)
         self.top_k_max = max((p.top_logprobs for p in every if p.logprobs), default=-1)
         self._stop_sets: dict[int, set[int]] = {}
+        # forced rows: step counts; their picks' log-probabilities are always computed
+        self.forced = {i: r.forced for i, r in (self.rows or {}).items() if r.forced}
+        self._steps: dict[int, int] = {}
+        if self.forced:
+            self.top_k_max = max(self.top_k_max, 0)
 
     def config(self) -> SamplingParams | dict[int, Row]:
         """What rebuilds this sampler elsewhere (a pipeline stage's process)."""
@@ -83,18 +89,38 @@ class Sampler:
     def release(self, i: int) -> None:
         self._gens.pop(i, None)
         self._stop_sets.pop(i, None)
+        self._steps.pop(i, None)
 
     def __call__(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """logits: (b, vocab) on any device -> (b,) token ids: greedy ones on the logits'
-        device (the host reads them a step later: Pipeline._defer), sampled ones on CPU."""
+        device (the host reads them a step later: Pipeline._defer), sampled ones on CPU; a
+        forced row's given token instead of either."""
         if self.all_greedy:
-            return logits.argmax(dim=-1)
-        host = logits.float().cpu()
-        out = host.argmax(dim=-1)
+            out = logits.argmax(dim=-1)
+        else:
+            host = logits.float().cpu()
+            out = host.argmax(dim=-1)
+            for n, i in enumerate(rows):
+                p = self.row(i).params
+                if not p.greedy and i not in self.forced:
+                    out[n] = self._sample(host[n], p, self._generator(i))
+        return self._force(out, rows) if self.forced else out
+
+    def _force(self, out: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """out with each forced row's next given token (its last once they run out: the row
+        has stopped by then)."""
+        at, given = [], []
         for n, i in enumerate(rows):
-            p = self.row(i).params
-            if not p.greedy:
-                out[n] = self._sample(host[n], p, self._generator(i))
+            f = self.forced.get(i)
+            if f is not None:
+                k = self._steps.get(i, 0)
+                self._steps[i] = k + 1
+                at.append(n)
+                given.append(f[min(k, len(f) - 1)])
+        if at:
+            out = out.clone()
+            out[torch.tensor(at, device=out.device)] = torch.tensor(given, dtype=out.dtype,
+                                                                   device=out.device)
         return out
 
     @staticmethod

@@ -81,6 +81,64 @@ def compressed_nbytes(shape, bits: int = 4, group_size: int = 64, dim: int = -1)
     return -(-codes * bits // 8) + 4 * groups
 
 
+def grouped(x: torch.Tensor, group_size: int, dim: int) -> tuple[torch.Tensor, int]:
+    """x in fp32 with `dim` moved last, padded (last value repeated: it does not widen a
+    group's range) to a multiple of group_size and viewed as (..., ngroups, group_size);
+    and the pad."""
+    n = x.shape[dim]
+    pad = -n % group_size
+    xf = x.float().movedim(dim, -1)
+    if pad and n:
+        xf = torch.cat([xf, xf[..., -1:].expand(*xf.shape[:-1], pad)], dim=-1)
+    return xf.reshape(*xf.shape[:-1], (n + pad) // group_size, group_size), pad
+
+
+def minmax(g: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters of groups running along `dim` of g: fp16 (min, scale =
+    (max - min) / (2**bits - 1)), kept dims."""
+    mn = g.amin(dim=dim, keepdim=True)
+    mx = g.amax(dim=dim, keepdim=True)
+    return mn.half(), ((mx - mn) / (2 ** bits - 1)).half()
+
+
+def encode(g: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes round((g - min) / scale) in 0..2**bits-1 (uint8) with the given fp16 parameters
+    (broadcast against g), exactly as decompress decodes them; a zero scale gives code 0."""
+    mn_r, sc_r = mins.float(), scales.float()
+    safe = torch.where(sc_r > 0, sc_r, torch.ones_like(sc_r))
+    q = ((g - mn_r) / safe).round_().clamp_(0, 2 ** bits - 1)
+    return q.masked_fill_(sc_r == 0, 0).to(torch.uint8)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes -> packed bytes along the last axis (4-bit: two per byte, low nibble
+    first; the axis must be even); 8-bit codes are returned as they are."""
+    if bits == 8:
+        return q
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of pack: (..., n) bytes -> (..., n * 8 // bits) codes."""
+    if bits == 8:
+        return data
+    return torch.stack((data & 0x0F, data >> 4), dim=-1).flatten(-2)
+
+
+def from_codes(q: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, shape, dim: int,
+               bits: int, group_size: int, pad: int, dtype: torch.dtype) -> Compressed:
+    """A Compressed of codes q (..., ngroups, group_size) and their fp16 parameters."""
+    q = q.reshape(-1)
+    if bits == 4:
+        if q.numel() % 2:
+            q = torch.cat([q, q.new_zeros(1)])
+        data = pack(q.view(-1, 2), 4).view(-1)
+    else:
+        data = q
+    return Compressed(data=data.contiguous(), mins=mins, scales=scales, shape=tuple(shape),
+                      dim=dim, bits=bits, group_size=group_size, pad=pad, dtype=dtype)
+
+
 def compress(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1) -> Compressed:
     """Quantize `x` group-wise along `dim` (groups of `group_size` consecutive values)."""
     _check(bits, group_size)
@@ -89,41 +147,16 @@ def compress(x: torch.Tensor, bits: int = 4, group_size: int = 64, dim: int = -1
     if x.dim() == 0:
         raise ValueError("quant: cannot compress a 0-dim tensor")
     dim = dim % x.dim()
-    n = x.shape[dim]
-    pad = -n % group_size
-    xf = x.float().movedim(dim, -1)
-    if pad and n:   # repeat the last value: it does not widen the group's range
-        xf = torch.cat([xf, xf[..., -1:].expand(*xf.shape[:-1], pad)], dim=-1)
-    g = xf.reshape(*xf.shape[:-1], (n + pad) // group_size, group_size)
-
-    levels = 2 ** bits - 1
-    mn = g.amin(dim=-1, keepdim=True)
-    mx = g.amax(dim=-1, keepdim=True)
-    mins = mn.half()
-    scales = ((mx - mn) / levels).half()
+    g, pad = grouped(x, group_size, dim)
+    mins, scales = minmax(g, bits)
     # Encode with the fp16-rounded parameters, exactly as decompress will decode.
-    mn_r, sc_r = mins.float(), scales.float()
-    safe = torch.where(sc_r > 0, sc_r, torch.ones_like(sc_r))
-    q = ((g - mn_r) / safe).round_().clamp_(0, levels)
-    q = q.masked_fill_(sc_r == 0, 0).to(torch.uint8).reshape(-1)
-
-    if bits == 4:
-        if q.numel() % 2:
-            q = torch.cat([q, q.new_zeros(1)])
-        q = q.view(-1, 2)
-        data = q[:, 0] | (q[:, 1] << 4)
-    else:
-        data = q
-    return Compressed(data=data.contiguous(), mins=mins, scales=scales, shape=tuple(x.shape),
-                      dim=dim, bits=bits, group_size=group_size, pad=pad, dtype=x.dtype)
+    return from_codes(encode(g, mins, scales, bits), mins, scales, x.shape, dim, bits,
+                      group_size, pad, x.dtype)
 
 
 def _unpack(c: Compressed) -> torch.Tensor:
     """The uint8 codes, viewed as (..., ngroups, group_size) in the moved layout."""
-    if c.bits == 4:
-        q = torch.stack((c.data & 0x0F, c.data >> 4), dim=-1).view(-1)
-    else:
-        q = c.data
+    q = unpack(c.data, c.bits)
     count = c.mins.numel() * c.group_size
     if q.numel() != count:   # drop the odd trailing nibble
         q = q[:count]
@@ -173,3 +206,30 @@ def join_rows(cs: list) -> list[Compressed] | None:
         views[f] = torch.cat(ts).split([t.shape[0] for t in ts])
     return [dataclasses.replace(c, data=d, mins=m, scales=s)
             for c, d, m, s in zip(cs, views["data"], views["mins"], views["scales"])]
+
+
+# ---- KV cache layouts (engine/kvquant.py stores them; plan/footprint.py counts them) -------
+def kv_groups(head_dim: int, group: int, scheme: str) -> tuple[int, int]:
+    """(values per group along the head dim, tokens per key group) of a compressed KV slot:
+    kivi groups keys per channel over `group` tokens and values per token; per_token groups
+    both along the head dim. A head-dim group never straddles two heads."""
+    g = group if head_dim % group == 0 else head_dim
+    return g, (group if scheme == "kivi" else 1)
+
+
+def kv_ring_len(window: int, token_group: int) -> int:
+    """Exact positions a slot keeps: the window, plus a key group that has not filled yet."""
+    return window + token_group - 1
+
+
+def kv_slot_nbytes(rows: int, T: int, kv_heads: int, head_dim: int, elem: int, bits: int,
+                   group: int, scheme: str, window: int, sink: int = 0) -> int:
+    """Stored bytes of one compressed (layer, batch) KV slot of T positions: K and V codes,
+    fp16 mins and scales, the exact ring of recent positions and the exact sink tokens."""
+    g, tg = kv_groups(head_dim, group, scheme)
+    ng = head_dim // g
+    key_params = -(-T // tg) * (head_dim if scheme == "kivi" else ng)
+    codes = 2 * T * head_dim * bits // 8
+    params = 2 * 2 * (key_params + T * ng)
+    ring = 2 * (kv_ring_len(window, tg) + sink) * head_dim * elem
+    return rows * kv_heads * (codes + params + ring)

@@ -7,6 +7,7 @@ import torch
 
 from flexrun.config import FlexrunError, Policy, format_size
 from flexrun.models.spec import ModelSpec
+from flexrun.memory.quant import kv_slot_nbytes
 from flexrun.memory.storage import TIERS, assign_tiers
 
 
@@ -146,9 +147,11 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
     if prompt_len is not None and gen_len is not None:
         T = prompt_len + gen_len
         per_layer = policy.block_size * T * spec.kv_dim * 2 * elem
-        if policy.compress_cache:
-            per_layer = per_layer * policy.quant_bits // (8 * elem) + per_layer // (
-                elem * policy.quant_group) * 4
+        if policy.compress_cache:       # codes, fp16 mins / scales, the exact recent ring
+            per_layer = policy.num_gpu_batches * kv_slot_nbytes(
+                policy.gpu_batch_size, T, spec.num_kv_heads, spec.head_dim, elem,
+                policy.quant_bits, policy.quant_group, policy.cache_scheme, policy.cache_window,
+                policy.cache_sink)
         for t in assign_tiers([1] * len(layers), policy.cache_split()):
             cache[TIERS[t]] += per_layer
         b = policy.gpu_batch_size
