@@ -30,7 +30,8 @@ import torch
 from flexrun.memory.quant import (Compressed, compress, decompress, encode, from_codes, grouped,
                                   minmax)
 
-CHUNK = 1 << 22                 # values per chunk of groups searched at once
+CHUNK = 1 << 22                 # values per chunk of groups searched at once (CPU)
+CHUNK_CUDA = 1 << 24            # on a GPU: fewer launches, ~0.5 GB of fp32 temporaries
 GRID = torch.linspace(0.0, 0.2, 9).tolist()    # shrink of each end, fractions of the range
 HQQ = dict(p=0.7, beta=10.0, kappa=1.01, iters=20)
 VERSION = 1                     # of the searches and the cache layout (part of the key)
@@ -53,7 +54,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, scheme: str,
             imp = torch.cat([imp, imp.new_zeros(pad)])
         w = imp.view(1, -1, group)
     mins, scales = minmax(g, bits)
-    rows = max(1, CHUNK // max(1, x.shape[1] + pad))
+    rows = max(1, (CHUNK_CUDA if x.is_cuda else CHUNK) // max(1, x.shape[1] + pad))
     for r0 in range(0, g.shape[0], rows):
         sl = slice(r0, r0 + rows)
         m, s = (_grid(g[sl], w, bits) if scheme == "synth" else _hqq(g[sl], bits))
