@@ -43,7 +43,7 @@ class Sampler:
         self.eos_ids = list(eos_ids)
         self.decode = decode
         self._gens: dict[int, torch.Generator] = {}
-        self._fresh = torch.seed()
+        self._fresh: int | None = None      # drawn when an unseeded row first samples
         every = [self.params] if self.rows is None else [r.params for r in self.rows.values()]
         self.all_greedy = all(p.greedy for p in every)
         self.top_k_max = max((p.top_logprobs for p in every if p.logprobs), default=-1)
@@ -81,6 +81,8 @@ class Sampler:
         g = self._gens.get(i)
         if g is None:
             r = self.row(i)
+            if r.params.seed is None and self._fresh is None:
+                self._fresh = torch.seed()      # reseeds torch's default generator: only then
             seed, k = (r.params.seed, r.sample) if r.params.seed is not None else (self._fresh, i)
             g = self._gens[i] = torch.Generator().manual_seed(
                 (int(seed) * 1_000_003 + k) % (2**63))
