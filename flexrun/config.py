@@ -132,9 +132,14 @@ class Policy:
     # each group's zero and scale) or "synth" (grid search of each group's range weighted by
     # activations measured on random tokens); memory/wquant.py
     weight_scheme: str = "synth"
+    # mixture of experts: a routed expert whose weights live in host memory or on disk is
+    # "copy"-ed to the compute device, computed on the "cpu" where it lives, or "auto": both
+    # lanes at once, split so that they finish together (engine/experts.py)
+    expert_lanes: str = "auto"
 
     CACHE_SCHEMES = ("kivi", "per_token")
     WEIGHT_SCHEMES = ("rtn", "hqq", "synth")
+    EXPERT_LANES = ("auto", "copy", "cpu")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -157,7 +162,8 @@ class Policy:
         if self.quant_group < 1:
             raise FlexrunError(f"policy: quant_group must be >= 1, got {self.quant_group}")
         for name, known in (("cache_scheme", self.CACHE_SCHEMES),
-                            ("weight_scheme", self.WEIGHT_SCHEMES)):
+                            ("weight_scheme", self.WEIGHT_SCHEMES),
+                            ("expert_lanes", self.EXPERT_LANES)):
             if getattr(self, name) not in known:
                 raise FlexrunError(f"policy: {name} must be one of {', '.join(known)}, "
                                    f"got {getattr(self, name)!r}")

@@ -109,26 +109,47 @@ def test_stats_count_a_known_routing():
     assert (model_stats.calls, model_stats.experts_touched) == (0, 0)
 
 
-def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("lanes", ["copy", "cpu"])
+def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lanes):
     """30/40/30 gpu/cpu/disk (on a CPU run the gpu tier is host memory): every layer's experts
-    lie on several tiers, and the tokens are the resident run's."""
+    lie on several tiers, an expert's three matrices on one; the unit loads leave the
+    off-device experts out, and only routed ones are copied (copy lane) or computed where
+    they live (CPU lane), once per unit and block; the tokens and the prompt logits are the
+    resident run's."""
     from families import save_family
-    d = save_family("mixtral", tmp_path / "m")
+    d = save_family(family, tmp_path / "m")
     prompts = ragged_prompts(4, seed=3)
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
+        ref_logits = llm.prompt_logits(prompts[:2])
         stats = llm.pipeline.model.moe_stats
         assert stats.routing == "router" and stats.calls > 0
-        assert 0 < stats.experts_touched <= 4 * stats.calls
+        E = llm.spec.num_experts
+        assert 0 < stats.experts_touched <= E * stats.calls
     pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=40,
-                 weights_disk=30)
+                 weights_disk=30, expert_lanes=lanes)
     (tmp_path / "off").mkdir()
     with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path / "off")) as llm:
-        tiers = {llm.weights.tier_of(f"layers.{j}.experts.{e}.{p}.weight")
-                 for j in range(3) for e in range(4) for p in ("gate", "up", "down")}
+        L = llm.spec.num_layers
+        per_expert = [{llm.weights.tier_of(f"layers.{j}.experts.{e}.{p}.weight")
+                       for p in ("gate", "up", "down")} for j in range(L) for e in range(E)]
+        away = llm.pipeline.experts.remote
+        loaded = {n for names in llm.pipeline.unit_names.values() for n in names}
         outs = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
-    assert tiers == {"gpu", "cpu", "disk"}
+        lane = llm.pipeline.experts.stats
+        logits = llm.prompt_logits(prompts[:2])
+    assert all(len(t) == 1 for t in per_expert)
+    assert set().union(*per_expert) == {"gpu", "cpu", "disk"}
+    assert away and not any(f"layers.{j}.experts.{e}.gate.weight" in loaded
+                            for j in away for e in away[j])
+    if lanes == "copy":
+        assert lane.copied > 0 and lane.cpu_runs == 0 and lane.reused > 0
+    else:
+        assert lane.cpu_runs > 0 and lane.copied == 0
     assert outs == ref
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])

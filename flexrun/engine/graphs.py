@@ -24,6 +24,10 @@ from flexrun.engine.attention import PLAIN, attend_range
 from flexrun.models.spec import AttentionOptions
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
+# a captured MoE step runs every expert over every row (it cannot wait for the routing):
+# E/k times the expert FLOPs, hidden while a decode GEMM reads its weights (memory bound)
+# up to about this many rows per GPU batch; larger batches run the grouped experts eagerly
+MOE_GRAPH_ROWS = 64
 
 
 @dataclass
@@ -89,6 +93,9 @@ class DecodeGraphs:
         p = self.pipe
         if p.unit_tiers[u] != {"gpu"}:
             return False
+        if 1 <= u <= p.spec.num_layers and p.spec.is_moe(u - 1) and (
+                p.experts.remote_names(u - 1) or p.policy.gpu_batch_size > MOE_GRAPH_ROWS):
+            return False    # routed experts come on demand; graphs run every expert
         if 1 <= u <= p.spec.num_layers:
             return p.cache_tiers[u - 1] == "gpu" and p.kv.quant is None
         return True

@@ -21,6 +21,7 @@ from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers
 from flexrun.engine.attention import attend, attend_range, decode_mask, host_matmul, prefill_mask
+from flexrun.engine.experts import TieredExperts
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.rows import append_tokens, prompt_logprobs
@@ -108,7 +109,14 @@ class Pipeline(HostTransfers):
             self.compute_stream = torch.cuda.current_stream(device)
             self.weight_stream = torch.cuda.Stream(device)
             self.store_stream = torch.cuda.Stream(device)
-        self.unit_names = {u: list(spec.unit_shapes(u)) for u in self.units}
+        self.experts = TieredExperts(spec, weights, device, dtype, policy.expert_lanes,
+                                     tracer=tracer, weight_stream=self.weight_stream,
+                                     compute_stream=self.compute_stream) \
+            if spec.num_experts else None
+        away = set().union(*(self.experts.remote_names(u - 1) for u in self.units)) \
+            if self.experts is not None else set()     # routed experts load on demand
+        self.unit_names = {u: [n for n in spec.unit_shapes(u) if n not in away]
+                           for u in self.units}
         self.unit_tiers = {u: {weights.tier_of(n) for n in names}
                            for u, names in self.unit_names.items()}
         self.streamed = [u for u in self.units if self.unit_tiers[u] != {"gpu"}]
@@ -185,7 +193,7 @@ class Pipeline(HostTransfers):
                 k, v = k.index_select(0, b.fork), v.index_select(0, b.fork)
             # a compressed slot's key groups leave out each row's left padding
             slot.write(k, v, 0, None if isinstance(slot, KVSlot) else b.key_start())
-            return self.model.post_attn(w, h, attn)
+            return self._post_attn(w, layer, h, attn)
         t0 = b.time
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
         if slot.tier == "gpu" and not slot.on_host:
@@ -217,7 +225,13 @@ class Pipeline(HostTransfers):
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
                           self._mask(b, self.device, False, win), opts=opts)
             slot.write(k, v, t0)
-        return self.model.post_attn(w, h, attn)
+        return self._post_attn(w, layer, h, attn)
+
+    def _post_attn(self, w: dict, layer: int, h: torch.Tensor, attn: torch.Tensor):
+        runner = self.experts.runner(layer) if self.experts is not None else None
+        if runner is None:
+            return self.model.post_attn(w, h, attn)
+        return self.model.post_attn(w, h, attn, experts=runner)
 
     def _whole_slot(self, slot, q: torch.Tensor) -> bool:
         """Whether a CPU run's decode attention reads the whole (zero-filled, batch-major) slot
@@ -284,6 +298,8 @@ class Pipeline(HostTransfers):
                         break
                     w = self._wait_load(loads.pop(task.unit, None) or
                                         self._start_load(task.unit), task.unit)
+                    if self.experts is not None:    # the last unit's expert copies go
+                        self.experts.begin_unit(task.unit - 1)
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
                 b = batches[task.batch]
@@ -416,4 +432,6 @@ class Pipeline(HostTransfers):
         if self.graphs is not None:
             self.graphs.close()
         self.io.shutdown(wait=True)
+        if self.experts is not None:
+            self.experts.close()
         self.kv.close()

@@ -61,14 +61,17 @@ class LlamaModel:
         cos, sin = self.rope.cos_sin(positions, h.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None
+                  ) -> torch.Tensor:
+        """o-projection, residual, norm and MLP; experts: the runner of a MoE layer's routed
+        experts (moe.moe_mlp; None: from w)."""
         s = self.spec
         o = linear(attn, w["o.weight"], w.get("o.bias"))
         if s.sandwich_norms:
             o = self._norm(o, w["post_attn_norm.weight"])
         h, x = self._add_norm(h, o, w["mlp_norm.weight"])
         if "router.weight" in w:        # a mixture-of-experts layer
-            x = moe_mlp(x, w, s, self.moe_stats)
+            x = moe_mlp(x, w, s, self.moe_stats, experts)
         else:
             x = self._mlp(w, x)
         if s.sandwich_norms:

@@ -13,6 +13,8 @@ context gets the same experts on every run, different tokens draw independently.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +78,30 @@ def route(x: torch.Tensor, w_router, spec: ModelSpec) -> tuple[torch.Tensor, tor
     return top, idx
 
 
-def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None
-            ) -> torch.Tensor:
+@dataclass
+class ExpertGroup:
+    """The tokens routed to one expert in one MoE call: their rows of the call's input and
+    their routing weights."""
+    expert: int
+    rows: torch.Tensor          # (n,) long, rows of x2
+    weights: torch.Tensor       # (n,) routing weights
+
+
+def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Tensor) -> None:
+    """Every expert of `groups` from the weights in w, one GEMM each over all of its tokens,
+    weighted and added to out (the engine's runner does the same with experts fetched from
+    their tiers, or computed where they live: engine/experts.py)."""
+    for g in groups:
+        y = expert(x2[g.rows], w, f"experts.{g.expert}.")
+        out.index_add_(0, g.rows, (y * g.weights[:, None]).to(out.dtype))
+
+
+def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None,
+            runner: Callable | None = None) -> torch.Tensor:
     """The MoE MLP of one layer for the normed hidden states x (..., hidden). w holds
     "router.weight", "experts.{e}.gate/up/down.weight" (those of experts no token picks may
-    be absent) and Qwen2-MoE's "shared.*" and "shared_gate.weight"."""
+    be absent) and Qwen2-MoE's "shared.*" and "shared_gate.weight". runner(x2, w, groups,
+    out) computes the routed experts (default run_here: from w)."""
     x2 = x.reshape(-1, x.shape[-1])
     E, k = spec.num_experts, spec.experts_per_token
     weight, idx = route(x2, w.get("router.weight"), spec)
@@ -101,13 +122,13 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     else:
         order = flat.argsort(stable=True)   # (token, slot) pairs grouped by expert
         tokens, weights = order // k, weight.reshape(-1)[order]
-        start = 0
+        groups, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                rows = tokens[start:start + n]
-                y = expert(x2[rows], w, f"experts.{e}.")
-                out.index_add_(0, rows, (y * weights[start:start + n, None]).to(x.dtype))
+                groups.append(ExpertGroup(e, tokens[start:start + n],
+                                          weights[start:start + n]))
                 start += n
+        (runner or run_here)(x2, w, groups, out)
     if spec.shared_expert_ffn_dim:
         gate = torch.sigmoid(linear(x2, w["shared_gate.weight"]))
         out = out + gate * expert(x2, w, "shared.")

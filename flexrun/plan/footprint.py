@@ -82,6 +82,8 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
     policy's GPU bytes; the GPU bytes left over go to whole tensors of the streamed units
     that fit in them, the rest to the cpu and disk tiers in the policy's proportion."""
     split = policy.weights_split()
+    if spec.num_experts:
+        return moe_tiers(names, sizes, split)
     if not streams_whole_units(policy, cuda, units, spec.num_units):
         return assign_tiers(sizes, split)
     unit_of, size_of = {}, dict(zip(names, sizes))
@@ -110,6 +112,44 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
             t = 1 if split[1] >= split[2] else 2
         kept += sizes[i] if t == 0 else 0
         out[i] = t
+    return out
+
+
+def expert_of(name: str) -> str | None:
+    """"layers.{j}.experts.{e}" of an expert's weight name, else None."""
+    parts = name.split(".")
+    return ".".join(parts[:4]) if len(parts) > 4 and parts[2] == "experts" else None
+
+
+def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, float]
+              ) -> list[int]:
+    """Tiers of a mixture-of-experts model's weights: the dense part (attention, norms,
+    routers, shared experts, embeddings, head) goes to the compute device first, as far as
+    the policy's GPU share holds it; the experts fill the rest of each tier, each expert
+    whole (its gate, up and down on one tier) and every layer's experts split in the same
+    proportions (assign_tiers' error diffusion)."""
+    expert = [expert_of(n) for n in names]
+    dense = [i for i, e in enumerate(expert) if e is None]
+    total, dense_bytes = sum(sizes), sum(sizes[i] for i in dense)
+    budget = split[0] / 100.0 * total
+    out = [0] * len(names)
+    if dense_bytes > budget:        # the dense part itself spills: every part as the policy
+        for i, t in zip(dense, assign_tiers([sizes[i] for i in dense], split)):
+            out[i] = t
+        sub = split
+    else:
+        rest = max(total - dense_bytes, 1)
+        gpu = 100.0 * (budget - dense_bytes) / rest
+        off = split[1] + split[2]
+        sub = (gpu,) + tuple((100.0 - gpu) * x / off if off else 0.0 for x in split[1:])
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(expert):
+        if e is not None:
+            groups.setdefault(e, []).append(i)
+    members = list(groups.values())
+    for idx, t in zip(members, assign_tiers([sum(sizes[i] for i in m) for m in members], sub)):
+        for i in idx:
+            out[i] = t
     return out
 
 

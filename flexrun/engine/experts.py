@@ -1,0 +1,221 @@
+"""Routed experts whose weights live off the compute device: fetched or computed on demand.
+
+A MoE layer's dense part (attention, norms, router, shared expert) and its experts on the
+compute device load with the unit (Pipeline). Experts homed in host memory or on disk are
+left out of that load: once a batch is routed, only the experts that received tokens are
+brought in, and each of them once per block: a copy made for one GPU batch of the block
+serves the block's later batches too (the zig-zag order runs them back to back on the unit).
+
+Two lanes run such an expert: the copy lane copies it to the compute device (its copies are
+issued at once on the weight stream, computed as each arrives, after the resident experts),
+the CPU lane computes it on the host where it lives (its tokens go down, the output comes
+back); "auto" sends the experts with the fewest tokens to the CPU lane while that lane's
+predicted time stays below the copy lane's (LaneRates), so that both finish together.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from flexrun.engine.trace import Tracer
+from flexrun.memory.storage import TieredStore, nbytes
+from flexrun.models.moe import ExpertGroup, expert
+from flexrun.models.spec import ModelSpec
+
+PARTS = ("gate", "up", "down")
+
+
+@dataclass
+class LaneRates:
+    """What the auto split predicts lane times with (bytes/s, FLOP/s)."""
+    copy_bps: float = 20e9          # host -> device copy of expert weights
+    cpu_bps: float = 10e9           # weights read by a CPU expert GEMM (small row counts)
+    cpu_flops: float = 200e9        # CPU GEMM rate once rows make it compute bound
+
+
+@dataclass
+class LaneStats:
+    """Routed experts run off the compute device, summed over a run."""
+    copied: int = 0                 # expert copies made (one per block and layer at most)
+    copy_bytes: int = 0
+    reused: int = 0                 # expert runs served by a copy made for an earlier batch
+    cpu_runs: int = 0               # expert runs on the CPU lane
+    cpu_bytes: int = 0
+    cpu_s: float = 0.0              # time the CPU lane computed
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Remote:
+    """An off-device expert of the current unit: its host weights and, once copied, its
+    weights on the device (with the event their copy completes)."""
+    tier: str
+    nbytes: int
+    device_w: dict | None = None
+    ready: object = None
+
+
+@dataclass
+class TieredExperts:
+    """The off-device experts of a pipeline's MoE layers and the runner of their tokens."""
+    spec: ModelSpec
+    weights: TieredStore
+    device: torch.device
+    dtype: torch.dtype = torch.float16
+    lanes: str = "auto"                     # Policy.expert_lanes
+    rates: LaneRates = field(default_factory=LaneRates)
+    tracer: Tracer | None = None
+    weight_stream: object = None            # CUDA: the copies' stream
+    compute_stream: object = None
+    stats: LaneStats = field(default_factory=LaneStats)
+
+    def __post_init__(self) -> None:
+        self.cuda = self.device.type == "cuda"
+        self.remote: dict[int, dict[int, str]] = {}     # layer -> expert -> tier
+        for j in range(self.spec.num_layers):
+            if not self.spec.is_moe(j):
+                continue
+            for e in range(self.spec.num_experts):
+                if self.name(j, e, "gate") not in self.weights.homes:
+                    break                                   # another pipeline stage's layer
+                tiers = {self.weights.tier_of(self.name(j, e, p)) for p in PARTS}
+                if tiers != {"gpu"}:
+                    self.remote.setdefault(j, {})[e] = max(tiers, key=("gpu", "cpu",
+                                                                       "disk").index)
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="flexrun-cpu-experts")
+        self._layer, self._held = None, {}
+
+    @staticmethod
+    def name(layer: int, e: int, part: str) -> str:
+        return f"layers.{layer}.experts.{e}.{part}.weight"
+
+    def remote_names(self, layer: int) -> set[str]:
+        """The weight names of `layer`'s experts that the unit load leaves out."""
+        return {self.name(layer, e, p) for e in self.remote.get(layer, ()) for p in PARTS}
+
+    def begin_unit(self, layer: int | None) -> None:
+        """A unit starts on the block's first batch: the previous unit's copies go."""
+        self._layer, self._held = layer, {}
+
+    def runner(self, layer: int):
+        """moe_mlp's runner for `layer`: None when every expert is on the device."""
+        if layer not in self.remote:
+            return None
+        if self._layer != layer:
+            self.begin_unit(layer)
+        return self._run
+
+    # ---- one MoE call ---------------------------------------------------------------------
+    def _run(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],
+             out: torch.Tensor) -> None:
+        """The routed experts of one batch; outputs are added in expert order whatever lane
+        computed them, so every placement and lane split sums in the same order."""
+        remote = self.remote[self._layer]
+        here = [g for g in groups if g.expert not in remote or g.expert in self._held]
+        away = [g for g in groups if g.expert in remote and g.expert not in self._held]
+        self.stats.reused += sum(g.expert in remote for g in here)
+        on_cpu, to_copy = self.split(away)
+        cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
+        for g in sorted(to_copy, key=lambda g: -len(g.rows)):   # all copies issued first
+            self._copy(g.expert)
+        ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
+              for g in here + to_copy}
+        if cpu_job is not None:
+            for g, y in zip(on_cpu, cpu_job.result()):
+                ys[g.expert] = y.pin_memory().to(self.device, non_blocking=True) \
+                    if self.cuda else y
+        for g in groups:
+            out.index_add_(0, g.rows, ys.pop(g.expert).to(out.dtype))
+
+    def split(self, away: list[ExpertGroup]) -> tuple[list[ExpertGroup], list[ExpertGroup]]:
+        """(CPU lane, copy lane) of the routed off-device experts. auto: the experts with
+        the fewest tokens go to the CPU lane while that shortens the longer lane (on a CPU
+        run both lanes compute on the host: auto copies)."""
+        if self.lanes == "cpu":
+            return away, []
+        if self.lanes == "copy" or not self.cuda or not away:
+            return [], away
+        r = self.rates
+        size = {g.expert: self._nbytes(g.expert) for g in away}
+        copy_t = sum(size.values()) / r.copy_bps
+        cpu_t, picked = 0.0, set()
+        for g in sorted(away, key=lambda g: len(g.rows)):
+            b = size[g.expert]
+            t = max(b / r.cpu_bps, 2 * b / self.elem * len(g.rows) / r.cpu_flops)
+            if max(cpu_t + t, copy_t - b / r.copy_bps) >= max(cpu_t, copy_t):
+                break
+            cpu_t, copy_t = cpu_t + t, copy_t - b / r.copy_bps
+            picked.add(g.expert)
+        return ([g for g in away if g.expert in picked],
+                [g for g in away if g.expert not in picked])
+
+    @property
+    def elem(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def _nbytes(self, e: int) -> int:
+        return sum(nbytes(self.weights.homes[self.name(self._layer, e, p)][1]) for p in PARTS)
+
+    def _copy(self, e: int) -> None:
+        """Start bringing expert e of the current unit to the device (held for the block)."""
+        dev, ev = {}, None
+        for p in PARTS:
+            n = self.name(self._layer, e, p)
+            host = self.weights.read_host(n, pinned=self.cuda)
+            dev[f"experts.{e}.{p}.weight"] = self.weights.fetch(
+                n, self.weight_stream, self.compute_stream, host) if self.cuda else \
+                self.weights.fetch(n, host_value=host)
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(self.weight_stream)
+        self._held[e] = (dev, ev)
+        self.stats.copied += 1
+        self.stats.copy_bytes += self._nbytes(e)
+
+    def _device_w(self, w: dict, e: int) -> dict:
+        held = self._held.get(e)
+        if held is None:
+            return w
+        dev, ev = held
+        if ev is not None:
+            self.compute_stream.wait_event(ev)
+            self._held[e] = (dev, None)
+        return dev
+
+    @staticmethod
+    def _weighted(x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
+        return expert(x2[g.rows], w, f"experts.{g.expert}.") * g.weights[:, None]
+
+    def _start_cpu(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> Future:
+        """Compute `groups` on the host in the CPU lane's thread: their tokens go to host
+        memory in one copy; the result is each group's weighted output, on the host."""
+        xh = x2[torch.cat([g.rows for g in groups])].to("cpu")
+        wts = [g.weights.to("cpu") for g in groups]
+        sizes = [len(g.rows) for g in groups]
+        experts, layer = [g.expert for g in groups], self._layer
+        self.stats.cpu_runs += len(groups)
+        self.stats.cpu_bytes += sum(self._nbytes(e) for e in experts)
+
+        def work() -> list[torch.Tensor]:
+            t0 = time.perf_counter()
+            with self.tracer.span(f"cpu experts l{layer}", "cpu-experts") if self.tracer \
+                    else nullcontext():
+                ys, start = [], 0
+                for e, n, wt in zip(experts, sizes, wts):
+                    w = {f"experts.{e}.{p}.weight": self.weights.read_host(
+                        self.name(layer, e, p)) for p in PARTS}
+                    ys.append(expert(xh[start:start + n], w, f"experts.{e}.") * wt[:, None])
+                    start += n
+            self.stats.cpu_s += time.perf_counter() - t0
+            return ys
+        return self._cpu.submit(work)
+
+    def close(self) -> None:
+        self._cpu.shutdown(wait=True)
+        self._held = {}
