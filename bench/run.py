@@ -99,6 +99,25 @@ SCENARIOS["S4-bf16"] = {
 # decode steps and extrapolates its decode time to the full gen length (the result says so)
 _S6_ACCEL = ["--model", "mixtral-8x7b", "--device", "cuda", "--gpu-mem", "24GiB",
              "--cpu-mem", "100GiB", "--cut-gen-len", "3"]
+# mixture of experts: flexrun's search picks batch, blocks and placement; routed experts off the
+# GPU move once per block and layer (copy lane) or compute on the host (CPU lane); dummy routers
+# draw experts uniformly (FLEXRUN_DUMMY_ROUTING), the result records experts touched per call
+SCENARIOS["S6"] = {
+    "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
+    "flexrun-auto": ["--model", "dummy:mixtral-8x7b", "--policy", "auto", "--gpu-mem", "24GiB",
+                     "--cpu-mem", "100GiB"],
+    "floor": "pcie"}
+SCENARIOS["S6q"] = {
+    "what": "Mixtral-8x7B, 4-bit weights and KV cache, prompt 512, gen 256, 24 GiB GPU, "
+            "100 GiB CPU; policy chosen by flexrun's search",
+    "flexrun-auto": SCENARIOS["S6"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
+    "prompt_len": 512, "gen_len": 256, "floor": "pcie"}
+SCENARIOS["S7"] = {
+    "what": "Qwen3-30B-A3B (128 experts, top-8), prompt 512, gen 32, 16 GiB GPU, 100 GiB CPU, "
+            "uniform routing; policy chosen by flexrun's search",
+    "flexrun-auto": ["--model", "dummy:qwen3-30b-a3b", "--policy", "auto", "--gpu-mem", "16GiB",
+                     "--cpu-mem", "100GiB"],
+    "floor": "pcie"}
 SCENARIOS.setdefault("S6", {
     "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
     "floor": "pcie"}).update({f"accelerate{sfx}": _S6_ACCEL + ["--batch-size", b]

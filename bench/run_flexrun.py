@@ -69,8 +69,19 @@ def main() -> None:
         llm.stats = type(llm.stats)(weights_split=split)
         if llm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        moe = llm.pipeline.model.moe_stats if llm.spec.num_experts else None
+        lanes = llm.pipeline.experts if llm.spec.num_experts else None
+        if moe is not None:
+            moe.reset()
+            lanes.stats = type(lanes.stats)()
         llm.generate(prompts, a.gen_len, greedy)
         st = llm.stats
+        experts = None if moe is None else {
+            "routing": moe.routing, "moe_layer_calls": moe.calls,
+            "experts_touched_per_call": moe.experts_touched / max(moe.calls, 1),
+            "experts": llm.spec.num_experts, "top_k": llm.spec.experts_per_token,
+            "lanes": {**lanes.stats.to_dict(), "rates": vars(lanes.rates)},
+            "off_device_experts": sum(len(v) for v in lanes.remote.values())}
         predicted = None
         try:
             from flexrun.plan.costmodel import predict
@@ -93,7 +104,8 @@ def main() -> None:
         "prefill_tok_s": n * a.prompt_len / st.prefill_s,
         "decode_tok_s": n * (a.gen_len - 1) / max(st.decode_s, 1e-9),
         "total_tok_s": n * a.gen_len / total, "peak_gpu_GB": st.peak_gpu_bytes / 1e9,
-        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted}))
+        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted,
+        **({"experts": experts} if experts else {})}))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,39 @@ class TieredExperts:
                                                                        "disk").index)
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="flexrun-cpu-experts")
         self._layer, self._held = None, {}
+        if self.cuda and self.lanes == "auto":
+            self.calibrate()
+
+    def calibrate(self) -> None:
+        """Measure the lane rates on one host-memory expert: a pinned copy to the device, and
+        a CPU GEMM over 8 token rows (the CPU lane's small-batch case)."""
+        at = next(((j, e) for j, es in self.remote.items() for e, t in es.items()
+                   if t == "cpu"), None)
+        if at is None:
+            return
+        self._layer = at[0]
+        w = {f"experts.{at[1]}.{p}.weight": self.weights.read_host(self.name(*at, p))
+             for p in PARTS}
+        size = self._nbytes(at[1])
+        x = torch.randn(8, self.spec.hidden_size, dtype=self.dtype)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        def copy() -> None:
+            for t in w.values():
+                self.weights.fetch(self.name(at[0], at[1], "gate"), host_value=t)
+            torch.cuda.synchronize(self.device)
+        cpu_s = best(lambda: expert(x, w, f"experts.{at[1]}."))
+        self.rates = LaneRates(copy_bps=size / best(copy), cpu_bps=size / cpu_s,
+                               cpu_flops=self.rates.cpu_flops)
+        self._layer = None
 
     @staticmethod
     def name(layer: int, e: int, part: str) -> str:

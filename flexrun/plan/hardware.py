@@ -69,6 +69,8 @@ class HardwareProfile:
     cpu_attn_call_s: float | None = None     # s per CPU-attention call of a GPU run beyond
     #                                          its bytes (GPU->host->GPU round trip); fitted
     cpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (dispatch floor)
+    cpu_expert_bw: float | None = None       # weight bytes/s a CPU expert GEMM (8 rows, fp16)
+    #                                          reads: the MoE CPU lane beside the copies
     # capacities
     gpu_mem: int | None = None
     cpu_mem: int = 16 << 30

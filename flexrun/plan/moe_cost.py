@@ -1,0 +1,63 @@
+"""What a mixture-of-experts layer costs: the experts a step touches, the bytes that moves and
+the GEMMs it runs (used by costmodel's layer terms).
+
+With routing spread over the E experts (the uniform draw of dummy models; real routers are
+close to it over a batch), T routed tokens of top-k touch E * (1 - (1 - k/E)^T) experts in
+expectation. Experts off the compute device move only when touched, once per block
+(engine/experts.py), so a layer's streamed bytes are its dense part plus the touched share of
+its experts; the expert GEMMs run over the touched experts, each on its share of the rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexrun.config import Policy
+from flexrun.models.spec import ModelSpec
+from flexrun.plan.footprint import expert_of, numel, weight_bytes
+
+
+@dataclass
+class MoELayer:
+    """Sizes of one MoE decoder layer."""
+    experts: int
+    top_k: int
+    expert_bytes: float         # one expert's stored bytes (gate, up, down)
+    expert_params: int          # one expert's parameters
+    dense_bytes: float          # the rest of the layer (attention, norms, router, shared)
+    share: float                # MoE layers / decoder layers
+
+    def touched(self, tokens: float) -> float:
+        """Expected experts that `tokens` routed tokens touch."""
+        if tokens <= 0:
+            return 0.0
+        return self.experts * (1.0 - (1.0 - self.top_k / self.experts) ** tokens)
+
+    def moved_share(self, tokens: float) -> float:
+        """The share of the layer's bytes a block of `tokens` routed tokens needs moved."""
+        total = self.dense_bytes + self.experts * self.expert_bytes
+        return (self.dense_bytes + self.touched(tokens) * self.expert_bytes) / total
+
+    def expert_rows(self, rows: int) -> tuple[float, float]:
+        """(experts touched, rows per touched expert) of one GPU batch of `rows` tokens."""
+        n = self.touched(rows)
+        return n, (rows * self.top_k / n if n else 0.0)
+
+
+def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
+    """The MoE layer of `spec` (its first), None for a dense model."""
+    if not spec.num_experts:
+        return None
+    j = next(j for j in range(spec.num_layers) if spec.is_moe(j))
+    shapes = spec.unit_shapes(j + 1)
+    expert, dense = 0.0, 0.0
+    params = 0
+    for n, s in shapes.items():
+        b = weight_bytes(n, s, elem, policy)
+        if expert_of(n) is None:
+            dense += b
+        elif expert_of(n).endswith(".experts.0"):
+            expert += b
+            params += numel(s)
+    moe = sum(spec.is_moe(i) for i in range(spec.num_layers))
+    return MoELayer(spec.num_experts, spec.experts_per_token, expert, params, dense,
+                    moe / spec.num_layers)
