@@ -221,3 +221,59 @@ def test_dummy_moe_presets_route_by_the_stated_distribution(monkeypatch):
     out = moe_mlp(torch.randn(5, 32), moe_weights(spec), spec, stats)   # no router needed
     assert out.shape == (5, 32) and sum(stats.expert_tokens) == 5 * 4
     assert stats.experts_touched == sum(c > 0 for c in stats.expert_tokens)
+
+
+def test_saved_routing_puts_the_busiest_experts_on_the_gpu(tmp_path):
+    """MoEStats.save / load_expert_tokens round trip; with the counts, each layer's GPU
+    places go to its busiest experts, and the bytes per tier stay those without them."""
+    from flexrun.models.moe import load_expert_tokens
+    from flexrun.plan.footprint import weight_layout
+    spec = moe_spec("topk_softmax", E=8, k=2)
+    spec = ModelSpec(**{**spec.__dict__, "num_layers": 2})
+    stats = MoEStats("router", spec.num_layers)
+    hot = [[0, 9, 1, 2, 8, 3, 4, 5], [7, 0, 0, 6, 0, 0, 0, 0]]
+    for j, c in enumerate(hot):
+        stats.record(torch.tensor(c), j)
+    stats.save(tmp_path / "s.json", "m")
+    assert load_expert_tokens(tmp_path / "s.json", spec) == hot
+    pol = Policy(weights_gpu=50, weights_cpu=50, weights_disk=0)
+    units = range(spec.num_units)
+    _, sizes, plain = weight_layout(spec, pol, 4, units, False)
+    shapes, _, tiers = weight_layout(spec, pol, 4, units, False, hot)
+    tier = dict(zip(shapes, tiers))
+    on_gpu = [sorted(e for e in range(8) if tier[f"layers.{j}.experts.{e}.gate.weight"] == 0)
+              for j in range(2)]
+    assert on_gpu == [[1, 4, 7], [0, 1, 3]]     # 3 GPU places a layer: the busiest (ties: first)
+    assert plain != tiers
+    for t in range(3):
+        assert sum(s for s, x in zip(sizes, tiers) if x == t) == \
+            sum(s for s, x in zip(sizes, plain) if x == t)
+    (tmp_path / "bad.json").write_text('{"layer_tokens": [[1, 2]]}')
+    with pytest.raises(FlexrunError, match="another model shape"):
+        load_expert_tokens(tmp_path / "bad.json", spec)
+
+
+def test_cost_model_moves_only_touched_experts_and_adds_the_cpu_lane():
+    """Expected experts touched: k for one token, all E for many; a small decode block of a
+    128-expert model moves a fraction of its experts, a large one all of them; a profile with
+    a CPU expert rate makes the auto lanes faster than copies alone."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import HardwareProfile
+    from flexrun.plan.moe_cost import moe_layer
+    from pathlib import Path
+    spec = dummy_spec("qwen3-30b-a3b")
+    m = moe_layer(spec, Policy(), 2)
+    assert m.touched(1) == pytest.approx(8) and m.touched(10_000) == pytest.approx(128)
+    assert m.expert_params == 3 * spec.hidden_size * spec.expert_ffn_dim
+    assert 0 < m.moved_share(1) < 0.1 and m.moved_share(4096) > 0.99
+    prof = HardwareProfile.load(Path(__file__).parents[1] / "policies/profiles/h200.json")
+    prof = replace(prof, cpu_expert_bw=15e9)
+    off = dict(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    small = predict(spec, Policy(gpu_batch_size=1, **off), prof, 64, 8)
+    large = predict(spec, Policy(gpu_batch_size=256, **off), prof, 64, 8)
+    assert small.breakdown["decode"]["weights"] < 0.2 * large.breakdown["decode"]["weights"]
+    copy = predict(spec, Policy(gpu_batch_size=256, expert_lanes="copy", **off), prof, 64, 8)
+    ratio = copy.breakdown["decode"]["weights"] / large.breakdown["decode"]["weights"]
+    assert ratio == pytest.approx((prof.h2d_pinned + 15e9) / prof.h2d_pinned, rel=0.05)

@@ -56,13 +56,14 @@ class StepInputs:
 
 
 def static_layer(model, w: dict, h: torch.Tensor, s: StepInputs, K: torch.Tensor,
-                 V: torch.Tensor, opts: AttentionOptions = PLAIN) -> torch.Tensor:
+                 V: torch.Tensor, opts: AttentionOptions = PLAIN, layer: int | None = None
+                 ) -> torch.Tensor:
     """One decoder layer's decode step with shapes that do not depend on the step: k/v are
     written at cache index s.t of the batch-major slot (K, V: (b, kv_heads, T, hd))."""
     q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, s.pos))
     K.index_copy_(2, s.t, k)
     V.index_copy_(2, s.t, v)
-    return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t, opts))
+    return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t, opts), layer=layer)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class DecodeGraphs:
             opts = p.spec.attention(u - 1)
 
             def fn(x):
-                return static_layer(p.model, w, x, s, K, V, opts)
+                return static_layer(p.model, w, x, s, K, V, opts, u - 1)
             extra = (K.data_ptr(), V.data_ptr(), K.shape)
         else:
             def fn(x):

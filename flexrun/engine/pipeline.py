@@ -229,9 +229,7 @@ class Pipeline(HostTransfers):
 
     def _post_attn(self, w: dict, layer: int, h: torch.Tensor, attn: torch.Tensor):
         runner = self.experts.runner(layer) if self.experts is not None else None
-        if runner is None:
-            return self.model.post_attn(w, h, attn)
-        return self.model.post_attn(w, h, attn, experts=runner)
+        return self.model.post_attn(w, h, attn, experts=runner, layer=layer)
 
     def _whole_slot(self, slot, q: torch.Tensor) -> bool:
         """Whether a CPU run's decode attention reads the whole (zero-filled, batch-major) slot

@@ -22,7 +22,7 @@ class LlamaModel:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.rope = Rope(spec)
-        self.moe_stats = MoEStats(spec.routing) if spec.num_experts else None
+        self.moe_stats = MoEStats(spec.routing, spec.num_layers) if spec.num_experts else None
         self.JOINED = self.JOINED + tuple((f"experts.{e}.gate", f"experts.{e}.up")
                                           for e in range(spec.num_experts))
         if spec.shared_expert_ffn_dim:
@@ -61,17 +61,17 @@ class LlamaModel:
         cos, sin = self.rope.cos_sin(positions, h.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None
-                  ) -> torch.Tensor:
+    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None,
+                  layer: int | None = None) -> torch.Tensor:
         """o-projection, residual, norm and MLP; experts: the runner of a MoE layer's routed
-        experts (moe.moe_mlp; None: from w)."""
+        experts (moe.moe_mlp; None: from w); layer: where the routing statistics go."""
         s = self.spec
         o = linear(attn, w["o.weight"], w.get("o.bias"))
         if s.sandwich_norms:
             o = self._norm(o, w["post_attn_norm.weight"])
         h, x = self._add_norm(h, o, w["mlp_norm.weight"])
         if "router.weight" in w:        # a mixture-of-experts layer
-            x = moe_mlp(x, w, s, self.moe_stats, experts)
+            x = moe_mlp(x, w, s, self.moe_stats, experts, layer)
         else:
             x = self._mlp(w, x)
         if s.sandwich_norms:

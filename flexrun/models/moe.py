@@ -12,35 +12,41 @@ context gets the same experts on every run, different tokens draw independently.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from flexrun.config import FlexrunError
 from flexrun.models.common import linear, linear_rows
 from flexrun.models.spec import ModelSpec
 
 
 class MoEStats:
-    """What the routers chose, summed over the MoE layer calls of a run. The sums stay on the
-    compute device (no host sync while running; CUDA graph replays add to them too) and are
-    read when asked for."""
+    """What the routers chose, summed over the MoE layer calls of a run, per layer. The sums
+    stay on the compute device (no host sync while running; CUDA graph replays add to them
+    too) and are read when asked for; `save` writes them for a later run's placement (hot
+    experts on the GPU: plan.footprint.moe_tiers)."""
 
-    def __init__(self, routing: str = "router"):
+    def __init__(self, routing: str = "router", num_layers: int = 1):
         self.routing = routing      # router | uniform | zipf:<s> (the benchmark reports it)
+        self.num_layers = num_layers
         self._calls = self._touched = self._tokens = None
 
-    def record(self, counts: torch.Tensor) -> None:
+    def record(self, counts: torch.Tensor, layer: int | None = None) -> None:
         """One MoE layer call; counts: (E,) (token, slot) pairs routed to each expert."""
         if self._tokens is None:
             z = torch.zeros((), dtype=torch.long, device=counts.device)
             self._calls, self._touched = z, z.clone()
-            self._tokens = torch.zeros_like(counts)
+            self._tokens = torch.zeros((self.num_layers, counts.numel()), dtype=torch.long,
+                                       device=counts.device)
         self._calls += 1
         self._touched += (counts > 0).sum()
-        self._tokens += counts
+        self._tokens[layer or 0] += counts
 
     @property
     def calls(self) -> int:
@@ -55,12 +61,35 @@ class MoEStats:
     @property
     def expert_tokens(self) -> list[int]:
         """(token, slot) pairs routed to each expert, summed over the calls and layers."""
+        return [] if self._tokens is None else self._tokens.sum(0).tolist()
+
+    @property
+    def layer_tokens(self) -> list[list[int]]:
+        """(token, slot) pairs routed to each expert of each layer (0-based layers)."""
         return [] if self._tokens is None else self._tokens.tolist()
+
+    def save(self, path, model: str = "") -> None:
+        """Write the per-layer counts as JSON (read back by load_expert_tokens)."""
+        Path(path).write_text(json.dumps({"model": model, "routing": self.routing,
+                                          "layer_tokens": self.layer_tokens}) + "\n")
 
     def reset(self) -> None:
         for t in (self._calls, self._touched, self._tokens):
             if t is not None:
                 t.zero_()
+
+
+def load_expert_tokens(path, spec: ModelSpec) -> list[list[int]]:
+    """The per-layer expert token counts saved by MoEStats.save, checked against `spec`."""
+    try:
+        counts = json.loads(Path(path).read_text())["layer_tokens"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlexrunError(f"expert statistics {path}: not readable ({e}); write them with "
+                           "--save-expert-stats on a run of this model")
+    if len(counts) != spec.num_layers or any(len(c) != spec.num_experts for c in counts):
+        raise FlexrunError(f"expert statistics {path} are for another model shape (need "
+                           f"{spec.num_layers} layers x {spec.num_experts} experts)")
+    return counts
 
 
 def route(x: torch.Tensor, w_router, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +126,7 @@ def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Te
 
 
 def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None,
-            runner: Callable | None = None) -> torch.Tensor:
+            runner: Callable | None = None, layer: int | None = None) -> torch.Tensor:
     """The MoE MLP of one layer for the normed hidden states x (..., hidden). w holds
     "router.weight", "experts.{e}.gate/up/down.weight" (those of experts no token picks may
     be absent) and Qwen2-MoE's "shared.*" and "shared_gate.weight". runner(x2, w, groups,
@@ -109,7 +138,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(
         0, flat, torch.ones_like(flat))         # no host sync (bincount would take one)
     if stats is not None:
-        stats.record(counts)
+        stats.record(counts, layer)
     out = torch.zeros_like(x2)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         # a CUDA graph cannot wait for the counts: every expert over every token, weighted

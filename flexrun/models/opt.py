@@ -32,7 +32,9 @@ class OPTModel:
         return (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
                 split_heads(v, s.num_kv_heads))
 
-    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None,
+                  layer: int | None = None) -> torch.Tensor:
+        """o-projection, residual and MLP (experts, layer: for MoE models only)."""
         s = self.spec
         o = linear(attn, w["o.weight"], w["o.bias"])
         if s.do_layer_norm_before:

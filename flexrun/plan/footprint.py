@@ -74,7 +74,7 @@ def streams_whole_units(policy: Policy, cuda: bool, units: range, num_units: int
 
 
 def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[int],
-                 units: range, cuda: bool) -> list[int]:
+                 units: range, cuda: bool, hot: list[list[int]] | None = None) -> list[int]:
     """Tier index (0 gpu, 1 cpu, 2 disk) of each weight, bytes per tier per the policy.
 
     By default every unit gets its share of each tier (storage.assign_tiers). With whole
@@ -83,7 +83,7 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
     that fit in them, the rest to the cpu and disk tiers in the policy's proportion."""
     split = policy.weights_split()
     if spec.num_experts:
-        return moe_tiers(names, sizes, split)
+        return moe_tiers(names, sizes, split, hot)
     if not streams_whole_units(policy, cuda, units, spec.num_units):
         return assign_tiers(sizes, split)
     unit_of, size_of = {}, dict(zip(names, sizes))
@@ -121,13 +121,15 @@ def expert_of(name: str) -> str | None:
     return ".".join(parts[:4]) if len(parts) > 4 and parts[2] == "experts" else None
 
 
-def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, float]
-              ) -> list[int]:
+def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, float],
+              hot: list[list[int]] | None = None) -> list[int]:
     """Tiers of a mixture-of-experts model's weights: the dense part (attention, norms,
     routers, shared experts, embeddings, head) goes to the compute device first, as far as
     the policy's GPU share holds it; the experts fill the rest of each tier, each expert
     whole (its gate, up and down on one tier) and every layer's experts split in the same
-    proportions (assign_tiers' error diffusion)."""
+    proportions (assign_tiers' error diffusion). hot: tokens routed to each expert of each
+    layer in an earlier run (MoEStats.save): a layer's GPU places go to its busiest experts,
+    then its CPU places, then disk (the bytes per tier do not change)."""
     expert = [expert_of(n) for n in names]
     dense = [i for i, e in enumerate(expert) if e is None]
     total, dense_bytes = sum(sizes), sum(sizes[i] for i in dense)
@@ -146,21 +148,31 @@ def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, flo
     for i, e in enumerate(expert):
         if e is not None:
             groups.setdefault(e, []).append(i)
-    members = list(groups.values())
-    for idx, t in zip(members, assign_tiers([sum(sizes[i] for i in m) for m in members], sub)):
+    keys, members = list(groups), list(groups.values())
+    tiers = assign_tiers([sum(sizes[i] for i in m) for m in members], sub)
+    if hot is not None:         # within each layer, the lower tiers to the busier experts
+        by_layer: dict[int, list[int]] = {}
+        for g, key in enumerate(keys):
+            by_layer.setdefault(int(key.split(".")[1]), []).append(g)
+        for j, gs in by_layer.items():
+            order = sorted(gs, key=lambda g: -hot[j][int(keys[g].split(".")[3])])
+            for g, t in zip(order, sorted(tiers[g] for g in gs)):
+                tiers[g] = t
+    for idx, t in zip(members, tiers):
         for i in idx:
             out[i] = t
     return out
 
 
 def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
-                  cuda: bool) -> tuple[dict[str, tuple[int, ...]], list[int], list[int]]:
+                  cuda: bool, hot: list[list[int]] | None = None
+                  ) -> tuple[dict[str, tuple[int, ...]], list[int], list[int]]:
     """(name -> shape, stored bytes, tier index) of the units' weights, in one order: the
-    placement a run makes (api) and the one its footprint counts."""
+    placement a run makes (api) and the one its footprint counts (hot: moe_tiers)."""
     shapes = unit_set_shapes(spec, units)
     names = list(shapes)
     sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
-    return shapes, sizes, weight_tiers(spec, policy, names, sizes, units, cuda)
+    return shapes, sizes, weight_tiers(spec, policy, names, sizes, units, cuda, hot)
 
 
 def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,

@@ -19,8 +19,8 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
-                                 decode_rates, disk_rates, gemm_rates, prefill_rate, read_bw,
-                                 unit_overhead, w4_rates)
+                                 decode_rates, disk_rates, expert_bw, gemm_rates, prefill_rate,
+                                 read_bw, unit_overhead, w4_rates)
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "policies" / "profiles"
 _GB = 1e9
@@ -232,6 +232,7 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
                   "cpu_dtype": "float32", "cpu_attn_dtype": str(attn_dtype),
                   "torch_threads": torch.get_num_threads(), "cpu_gemm_stream_bytes": stream}
     if kind == "cuda":
+        prof.cpu_expert_bw = expert_bw(torch.float16)
         _measure_cuda(prof)
     return prof
 
@@ -314,6 +315,8 @@ def format_profile(p: HardwareProfile) -> str:
             ("CPU read", _fmt(p.cpu_read_bw, "B/s") if p.cpu_read_bw else "-"),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
              if p.cpu_attn_bw_with_h2d else "-"),
+            ("CPU expert GEMM (fp16, 8 rows)", _fmt(p.cpu_expert_bw, "B/s")
+             if p.cpu_expert_bw else "-"),
             ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "
                                                        f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),

@@ -206,6 +206,20 @@ def unit_overhead(device: torch.device, dtype: torch.dtype, sync,
     return best_time(g.replay, sync=sync, min_s=20e-3)
 
 
+def expert_bw(dtype: torch.dtype, rows: int = 8, hidden: int = 4096, ffn: int = 4096) -> float:
+    """Weight bytes/s a CPU expert (gate+up GEMM, SiLU product, down GEMM) reads over `rows`
+    tokens: the rate of the MoE CPU lane (engine/experts.py), whose GEMMs are few-row and
+    weight-bound. The run's dtype: fp16 for a GPU run's host experts."""
+    import torch.nn.functional as F
+    gu, down = torch.randn(2 * ffn, hidden).to(dtype), torch.randn(hidden, ffn).to(dtype)
+    x = torch.randn(rows, hidden).to(dtype)
+
+    def run():
+        g, u = (x @ gu.T).chunk(2, -1)
+        return (F.silu(g) * u) @ down.T
+    return (gu.numel() + down.numel()) * gu.element_size() / best_time(run, reps=3)
+
+
 def copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
     return src.numel() * src.element_size() / best_time(lambda: dst.copy_(src), sync=sync)
 
