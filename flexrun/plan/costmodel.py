@@ -16,8 +16,10 @@ from flexrun.config import FlexrunError, Policy
 from flexrun.plan.footprint import (footprint, is_compressible, numel, streams_whole_units,
                         weight_bytes)
 from flexrun.plan.hardware import HardwareProfile
+from flexrun.plan.moe_cost import moe_layer
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.storage import MAP_DISK
+from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # terms that run concurrently (pipeline.py: weights load on the io thread / weight stream,
@@ -99,6 +101,31 @@ def _value(e: Lin, x: dict) -> float:
     return sum(v * (1.0 if k == "1" else x[k]) for k, v in e.items())
 
 
+def kv_block_nbytes(spec: ModelSpec, policy: Policy, elem: int, positions: float) -> float:
+    """Bytes of one layer's K and V for the whole block at `positions` positions, as stored:
+    dense, or compressed as the footprint counts it (memory.quant.kv_slot_nbytes: codes, fp16
+    mins and scales, and the exact window ring and sink tokens of every row)."""
+    if not policy.compress_cache:
+        return 2 * policy.block_size * positions * spec.kv_dim * elem
+    return policy.num_gpu_batches * kv_slot_nbytes(
+        policy.gpu_batch_size, positions, spec.num_kv_heads, spec.head_dim, elem,
+        policy.quant_bits, policy.quant_group, policy.cache_scheme, policy.cache_window,
+        policy.cache_sink)
+
+
+def kv_step_nbytes(spec: ModelSpec, policy: Policy, elem: int, slot_len: int) -> float:
+    """Bytes one decode step stores into one layer's cache for the block: its K and V as
+    stored (compressed: a position's share of a slot of slot_len positions), plus, with an
+    exact ring, their exact copy there."""
+    if not policy.compress_cache:
+        return kv_block_nbytes(spec, policy, elem, 1)
+    fixed = kv_block_nbytes(spec, policy, elem, 0)
+    per_pos = (kv_block_nbytes(spec, policy, elem, slot_len) - fixed) / max(slot_len, 1)
+    _, tgroup = kv_groups(spec.head_dim, policy.quant_group, policy.cache_scheme)
+    ring = kv_ring_len(policy.cache_window, tgroup) > 0
+    return per_pos + (2 * policy.block_size * spec.kv_dim * elem if ring else 0)
+
+
 # ---- the per-unit terms -------------------------------------------------------------------
 class _Ctx:
     """Rates and sizes shared by the terms of one (spec, policy shape, profile, workload)."""
@@ -154,8 +181,10 @@ class _Ctx:
         # decode-sized GEMMs multiply the 4-bit codes directly (dequant_triton.linear4)
         self.w4 = (prof.gpu_w4_bw, prof.gpu_w4_flops) if cuda and prof.gpu_w4_bw \
             and prof.gpu_w4_flops else None
-        self.kv_elem = (policy.quant_bits / 8 + 4 / policy.quant_group) \
-            if policy.compress_cache else elem          # stored bytes per cache value
+        self.moe = moe_layer(spec, policy, elem)
+        # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
+        self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
+            policy.expert_lanes != "copy" else 0.0
 
     def read_s(self, nbytes: float, parts: int = 1) -> float:
         """Seconds to read nbytes (in `parts` equal tensors) from the disk tier to host."""
@@ -180,6 +209,8 @@ class _Ctx:
         weights = {"wc": wb / self.h2d_w, "wd": self.unit_read[kind] + wb / self.h2d_w}
         link = _lin(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
         comp, dense = self._weight_math(kind, rows if kind != 2 else b)
+        if kind == 1 and self.moe is not None:
+            return self._moe_terms(prefill, rows, comp, dense)
         if kind != 1:                       # embedding gather / head GEMM on the last token
             comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, dense,
@@ -188,8 +219,8 @@ class _Ctx:
         misc = rows * (12 * s.hidden_size + 3 * s.ffn_dim) * e / self.mem_bw  # norms, adds..
         comp["1"] += k * (gemm(rows, dense, cuda) + misc)
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
-        kv = 2 * b * k * t_avg * s.kv_dim * self.kv_elem       # the block's keys + values
-        new = 2 * b * k * s.kv_dim * self.kv_elem              # this step's keys + values
+        kv = kv_block_nbytes(s, p, e, t_avg)                   # the block's keys + values
+        new = kv_step_nbytes(s, p, e, P + self.wl.gen_len)     # this step's keys + values
         load: Lin = {}
         host_mem: Lin = {}
         if prefill:
@@ -200,7 +231,7 @@ class _Ctx:
             if not cuda:
                 comp["1"] += kv / self.attn_bw
                 if not p.compress_cache:    # the in-memory share reads whole slots (P + n)
-                    whole = 2 * b * k * (P + self.wl.gen_len) * s.kv_dim * self.kv_elem
+                    whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len)
                     comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
@@ -226,6 +257,46 @@ class _Ctx:
                 **{name: _add(_lin(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
+
+    def _moe_terms(self, prefill: bool, rows: int, comp: Lin, params: int) -> dict[str, Lin]:
+        """A MoE layer: only the experts the block's tokens touch move (once per block) and
+        compute, each over its share of the rows; host experts go over the copy lane and the
+        CPU lane at once (cpu_lane bytes/s), or the CPU lane alone."""
+        m, k = self.moe, self.p.num_gpu_batches
+        moved = m.moved_share(rows * k)
+        wb = self.unit_bytes[1] * moved
+        host_rate = self.h2d_w + self.cpu_lane if self.p.expert_lanes == "auto" else \
+            self.cpu_lane if self.p.expert_lanes == "cpu" and self.cpu_lane else self.h2d_w
+        copied = wb / host_rate * (self.h2d_w / host_rate if self.p.expert_lanes == "auto"
+                                   else 1.0 if self.p.expert_lanes == "copy" or not
+                                   self.cpu_lane else 0.0)
+        terms = self.unit_terms_dense(prefill, rows)
+        terms["weights"] = _lin(wc=wb / host_rate,
+                                wd=self.unit_read[1] * moved + wb / self.h2d_w)
+        # the dense terms count every expert's bytes on the link: swap in the moved ones
+        base = self.unit_bytes[1] / self.h2d_w
+        terms["link"] = _add(terms["link"], _lin(wc=copied - base, wd=wb / self.h2d_w - base))
+        n, per = m.expert_rows(rows)
+        gemm = lambda r, w: self.prof.gemm_time(r, w, self.cuda, self.e)   # noqa: E731
+        all_experts = m.experts * m.expert_params
+        plain = 0.0
+        q = self.unit_qparams[1]
+        if q:       # the 4-bit math of the dense terms covers every expert: the touched only
+            plain -= (1 - n / m.experts) * all_experts / q * self._weight_math(1, rows)[0]["1"]
+        if params >= all_experts and (not q or params == self.unit_params[1]):
+            # the experts multiply as plain GEMMs: each touched one over its rows
+            plain += k * (gemm(rows, params - all_experts) - gemm(rows, params)
+                          + n * gemm(max(int(round(per)), 1), m.expert_params))
+        terms["compute"] = _add(terms["compute"], _lin(plain))
+        return terms
+
+    def unit_terms_dense(self, prefill: bool, rows: int) -> dict[str, Lin]:
+        """A decoder layer's terms as if dense (every weight moves and multiplies)."""
+        saved, self.moe = self.moe, None
+        try:
+            return self.unit_terms(1, prefill)
+        finally:
+            self.moe = saved
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
         """(time of the compressed weights' math for the block, parameters left for the
