@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -12,35 +11,21 @@ from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
 from flexrun.engine.pipeline import BatchState, Pipeline
 from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, fit_positions,
                                      forced_requests, make_batch, params_per_prompt,
-                                     prefill_rows, progress_bar, prompt_logprob_list,
+                                     progress_bar, prompt_logprob_list,
                                      request_rows, row_sample)
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.trace import Tracer
+from flexrun.engine.budget import BudgetCheck
+from flexrun.engine.device import default_device, resolve_dtype as _resolve_dtype
+from flexrun.engine.runstats import RunStats
 from flexrun.memory import packed as packed_weights
 from flexrun.memory.wquant import weight_quantizer
+from flexrun.plan.auto import AutoPlan, default_workload, plan_for_llm
 from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
 from flexrun.models.loader import open_checkpoint
 from flexrun.memory.storage import TIERS, DiskTier, TieredStore, split_report
-
-
-@dataclass
-class RunStats:
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_rows: int = 0               # prompts the prefills computed (n samples share one)
-    peak_gpu_bytes: int = 0
-    peak_rss_bytes: int = 0
-    weight_quant_s: float = 0.0         # 4-bit weight search at load (or its cache read)
-    weight_quant_cached: bool = False   # read from the user's cache (memory/wquant.py)
-    weights_split: dict = field(default_factory=dict)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class LLM:
@@ -54,7 +39,17 @@ class LLM:
                  compress_weight: bool = False, compress_cache: bool = False,
                  workload: tuple[int, int, int] | None = None,
                  num_gpus: int | None = None):
-        """num_gpus > 1: pipeline stages in one process per GPU (docs/parallel.md); under
+        """policy: "auto" (default, also None): the cost model's plan (plan/auto.py) for
+        `workload` = (longest prompt, new tokens, prompts), by default 512 + 32 tokens cut to
+        the model's positions and any number of prompts: the search runs here, since weights
+        are placed here; prompts much longer than planned for can exceed the budgets, so pass
+        workload= for them. Budgets not given are 90% of the GPU's free memory, 80% of the
+        available RAM and the offload directory's free space. "resident": every tensor on the
+        compute device, one block of 8 prompts (Policy()); a Policy or a policy file: as given.
+        gpu_mem / cpu_mem, when given, are also checked after every block against the
+        measured peaks (engine/budget.py): one warning line when one is exceeded.
+
+        num_gpus > 1: pipeline stages in one process per GPU (docs/parallel.md); under
         torchrun it defaults to WORLD_SIZE and this process runs its own stage. policy is
         then one Policy for every stage, a list of one per stage, or "auto" (a cost-model
         placement per stage, each with an even share of cpu_mem / disk_mem)."""
@@ -65,18 +60,21 @@ class LLM:
             raise FlexrunError("--device cuda asked for but no CUDA GPU is visible: use "
                                "--device cpu")
         self.gpu_mem, self.cpu_mem = parse_size(gpu_mem), parse_size(cpu_mem)
-        self.disk_mem = parse_size(disk_mem)
+        self.disk_mem, self.offload_dir = parse_size(disk_mem), offload_dir
         self.ckpt = open_checkpoint(model)
         self.spec = self.ckpt.spec
         self.dtype = _resolve_dtype(dtype, self.device, self.spec.family)
         self.tokenizer = self.ckpt.tokenizer
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
-        # policy="auto" plans for (longest prompt, max_new_tokens, prompts) when known
-        self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = workload or (512, 32,
-                                                                                   None)
+        # policy="auto" plans for (longest prompt, max_new_tokens, prompts)
+        self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = \
+            workload or default_workload(self.spec.max_positions)
+        self.plan: AutoPlan | None = None           # the search's result, for policy="auto"
+        policy = "auto" if policy is None else policy
         self.stages = [range(self.spec.num_units)]   # unit ranges of the pipeline stages
         if self.num_gpus > 1:
-            from flexrun.parallel.launch import plan_policies
+            from flexrun.parallel.launch import check_devices, plan_policies
+            check_devices(self.num_gpus, self.device)    # before a search that needs them
             self.stages, self.stage_policies = plan_policies(self, policy)
         else:
             self.stage_policies = [self._initial_policy(policy)]
@@ -88,6 +86,7 @@ class LLM:
         self.share_prefill = True                    # n samples of a prompt: one prefill
         self.units = self.stages[0]                  # the units this process runs
         self.dist = None                             # this process's stage (torch.distributed)
+        self.budget: BudgetCheck | None = None
         try:
             if self.num_gpus > 1:
                 from flexrun.parallel.launch import setup
@@ -100,6 +99,8 @@ class LLM:
                     self.trace_path = None          # (each writes TRACE.rank<r>)
                     return
             self.tracer = Tracer(trace is not None, self.device)
+            if self.num_gpus == 1:       # (a stage's peaks are its worker's)
+                self.budget = BudgetCheck(self.device, self.gpu_mem, self.cpu_mem)
             if offload_dir is not None or _needs_disk(self.policy):
                 if offload_dir is None:
                     raise FlexrunError("the policy puts data on disk: pass --offload-dir DIR")
@@ -126,14 +127,15 @@ class LLM:
                                    f"{len(policy)} (one policy per pipeline stage)")
             policy = policy[0]
         if policy == "auto":
-            from flexrun.plan.search import search_for_llm
-            policy = search_for_llm(self)
+            self.plan = plan_for_llm(self)
+            policy = self.plan.result.policy
         return self._with_flags(policy)
 
     def _with_flags(self, policy: Policy | str | None) -> Policy:
-        """A Policy (None: all resident; str: a policy file) with the compression flags."""
+        """A Policy (None or "resident": all resident; str: a policy file) with the
+        compression flags."""
         if not isinstance(policy, Policy):
-            policy = Policy() if policy is None else Policy.load(policy)
+            policy = Policy() if policy in (None, "resident") else Policy.load(policy)
         policy.compress_weight |= self.compress_weight
         policy.compress_cache |= self.compress_cache
         g = self.ckpt.native_group      # --compress-weight on a Q4 GGUF: its own blocks of
@@ -343,16 +345,11 @@ class LLM:
         self.pipeline.run_block(batches, max_new_tokens, sampler, on_step=on_step)
         sync()
         t1 = time.perf_counter()
-        st = self.stats
-        first = marks[0] if marks else t1
-        st.prefill_s += first - t0
-        st.decode_s += t1 - first
-        st.prompt_tokens += sum(b.ids.numel() for b in batches)
-        st.prefill_rows += sum(prefill_rows(b) for b in batches)
-        st.generated_tokens += sum(len(o) for b in batches for o in b.outputs)
         gpu, rss = self.pipeline.peak_bytes()
-        st.peak_gpu_bytes = max(st.peak_gpu_bytes, gpu)
-        st.peak_rss_bytes = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.stats.add_block(batches, t0, marks[0] if marks else t1, t1, gpu,
+                             max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        if self.budget is not None:
+            self.budget.after_block()
 
     def _encode(self, p, i: int) -> list[int]:
         if isinstance(p, str):
@@ -373,6 +370,9 @@ class LLM:
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         """Release memory and remove this run's offload files."""
+        if getattr(self, "budget", None) is not None:
+            self.budget.close()
+            self.budget = None
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
@@ -397,24 +397,6 @@ class LLM:
             self.close()
         except Exception:
             pass
-
-
-BF16_FAMILIES = ("gemma2",)     # their activations overflow fp16 on real checkpoints
-
-
-def _resolve_dtype(dtype, device: torch.device, family: str = "") -> torch.dtype:
-    """The run's dtype: fp16 on a GPU (bf16 for BF16_FAMILIES), fp32 on a CPU, unless given."""
-    if dtype is None:
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if family in BF16_FAMILIES else torch.float16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-    if dtype not in table:
-        raise FlexrunError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32")
-    return table[dtype]
 
 
 def _needs_disk(p: Policy) -> bool:

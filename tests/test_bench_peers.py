@@ -25,7 +25,7 @@ def test_accelerate_peer_disk_offload_matches_flexrun(monkeypatch, tmp_path) -> 
     assert list(tmp_path.iterdir()) == []            # the offload folder is gone
     g = torch.Generator().manual_seed(0)             # the peer's (and run_flexrun's) prompts
     ids = torch.randint(10, 30000, (2, 8), generator=g).tolist()
-    with LLM("dummy:opt-tiny", device="cpu") as llm:
+    with LLM("dummy:opt-tiny", device="cpu", policy="resident") as llm:
         out = llm.generate(ids, 3, SamplingParams(ignore_eos=True))
     assert out[0].output_ids == r["first_tokens"]
 

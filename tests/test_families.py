@@ -49,7 +49,7 @@ def test_prompt_logits_match_transformers(family):
     name, d, prompts, _ = family
     m = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
     long = [list(range(3, 3 + 40))]             # past the windows and the longrope switch
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         ours = llm.prompt_logits(prompts + long)
     for p, lg in zip(prompts + long, ours):
         with torch.no_grad():
@@ -73,7 +73,7 @@ def test_pipeline_stages_match_one_process(name, tmp_path):
     """Two stages (gloo, one process each) give the single process's tokens."""
     d = save_family(name, tmp_path / name)
     prompts = ragged_prompts(4, seed=2)
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, 12, GREEDY)]
     with LLM(str(d), device="cpu", policy=Policy(gpu_batch_size=2, num_gpu_batches=2),
              num_gpus=2) as llm:
@@ -87,7 +87,7 @@ def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     keeps most greedy tokens of the plain one (compression changes the math)."""
     d = save_family(name, tmp_path / name)
     prompts = ragged_prompts(4, seed=4)
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, 8, GREEDY)]
     pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=0, weights_cpu=50,
                  weights_disk=50, cache_gpu=0, cache_cpu=100, cache_disk=0,

@@ -236,7 +236,7 @@ def test_chat_lines_and_row_fields(job, capsys):
     assert r1["logprobs"] == r1["samples"][0]["logprobs"]
     assert [e["token_id"] for e in r1["logprobs"]] == r1["output_ids"]
     assert all(len(e["top_logprobs"]) == 2 for e in r1["logprobs"])
-    with LLM(str(job.model), device="cpu") as llm:
+    with LLM(str(job.model), device="cpu", policy="resident") as llm:
         ids = [llm.chat_prompt_ids(m, chat_template=TEMPLATE.read_text())
                for m in (chat, chat[1:])]
         want = llm.generate(ids, max_new_tokens=6, sampling=[
@@ -248,7 +248,7 @@ def test_chat_lines_and_row_fields(job, capsys):
     assert [e["logprob"] for e in r1["logprobs"]] == pytest.approx(
         [t.logprob for t in want[0].samples[0].logprobs], abs=1e-5)
     scored = rows["s"]["prompt_logprobs"]           # scoring: each prompt token's logprob
-    with LLM(str(job.model), device="cpu") as llm:
+    with LLM(str(job.model), device="cpu", policy="resident") as llm:
         ids = llm.tokenizer.encode("hello world").ids
         lp = torch.log_softmax(llm.prompt_logits([ids])[0].double(), -1)
     assert scored[0] is None and [e["token_id"] for e in scored[1:]] == ids[1:]

@@ -45,7 +45,7 @@ def test_join_refuses_what_it_cannot_lay_out():
 
 def test_resident_run_joins_and_matches_offloaded(llama_dir, tmp_path):
     prompts, greedy = ragged_prompts(5), SamplingParams(ignore_eos=True)
-    with LLM(str(llama_dir), device="cpu") as llm:
+    with LLM(str(llama_dir), device="cpu", policy="resident") as llm:
         homes = llm.weights.homes
         for group in (("q", "k", "v"), ("gate", "up")):
             assert _joined([homes[f"layers.1.{g}.weight"][1] for g in group]) is not None

@@ -35,7 +35,7 @@ def llama_ref(request, llama_dir):
     with LLM(str(llama_dir), device="cpu",
              policy=Policy(**QUANT, cache_scheme=request.param)) as llm:
         comp = [o.output_ids for o in llm.generate(prompts, 8, GREEDY)]
-    with LLM(str(llama_dir), device="cpu") as llm:
+    with LLM(str(llama_dir), device="cpu", policy="resident") as llm:
         dense = [o.output_ids for o in llm.generate(prompts, 8, GREEDY)]
     return request.param, prompts, comp, dense
 

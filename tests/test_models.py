@@ -19,7 +19,7 @@ def test_logits_match_transformers(any_model_dir):
     from transformers import AutoModelForCausalLM
     prompts = ragged_prompts(4, seed=3)
     m = AutoModelForCausalLM.from_pretrained(str(any_model_dir), dtype=torch.float32).eval()
-    with LLM(str(any_model_dir), device="cpu") as llm:
+    with LLM(str(any_model_dir), device="cpu", policy="resident") as llm:
         ours = llm.prompt_logits(prompts)
     for p, lg in zip(prompts, ours):
         with torch.no_grad():
@@ -35,7 +35,7 @@ def test_gqa_tied_and_llama3_rope(models_dir):
         "original_max_position_embeddings": 16})
     prompts = ragged_prompts(3, seed=7)
     ref = hf_greedy(d, prompts, NEW)
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         outs = llm.generate(prompts, max_new_tokens=NEW, sampling=SamplingParams(ignore_eos=True))
     assert [o.output_ids for o in outs] == ref
 

@@ -26,7 +26,7 @@ def _policy(w, c, a, i: int) -> Policy:
 def model_and_ref(request, opt_dir, llama_dir):
     d = {"opt": opt_dir, "llama": llama_dir}[request.param]
     prompts = ragged_prompts(7)
-    with LLM(str(d), device="cpu") as llm:
+    with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
     return d, prompts, ref
 

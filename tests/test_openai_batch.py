@@ -243,7 +243,7 @@ PROMPTS = ["the quick brown fox", "hello world, this is flexrun", "offloading we
 @pytest.fixture(scope="module")
 def llm(opt_dir):
     from flexrun import LLM
-    with LLM(str(opt_dir), device="cpu") as m:
+    with LLM(str(opt_dir), device="cpu", policy="resident") as m:
         yield m
 
 

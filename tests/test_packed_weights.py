@@ -46,7 +46,7 @@ def bf16_ref(request, opt_dir, llama_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(packed_weights, "ENABLED", False)
     try:
-        with LLM(str(d), device="cpu", dtype="bfloat16") as llm:
+        with LLM(str(d), device="cpu", policy="resident", dtype="bfloat16") as llm:
             assert not _packed(llm)
             ref = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
     finally:
@@ -90,7 +90,7 @@ def test_packed_resident_run_matches_transformers_bf16(bf16_ref):
     """The plain bf16 reference above is transformers' own bf16 greedy output, and so is the
     packed resident run."""
     d, prompts, ref = bf16_ref
-    with LLM(str(d), device="cpu", dtype="bfloat16") as llm:
+    with LLM(str(d), device="cpu", policy="resident", dtype="bfloat16") as llm:
         assert _packed(llm) > 0
         got = [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)]
     assert got == ref == hf_greedy(d, prompts, NEW, torch.bfloat16)

@@ -211,7 +211,7 @@ def _out(path: Path) -> dict:
 def _cli(model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
     return ["generate", "--model", str(model), "--device", "cpu", "--input", str(inp),
             "--output", str(out), "--max-new-tokens", "6", "--ignore-eos", "--quiet",
-            "--gpu-batch-size", "2", "--num-gpu-batches", "2", *extra]
+            "--policy", "resident", "--gpu-batch-size", "2", "--num-gpu-batches", "2", *extra]
 
 
 def test_cli_gpus_2_matches_gpus_1(llama_dir, tmp_path):

@@ -28,7 +28,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village by 
 
 @pytest.fixture(scope="module")
 def flex_gguf(smollm2_gguf):
-    with LLM(str(smollm2_gguf), device="cpu") as llm:
+    with LLM(str(smollm2_gguf), device="cpu", policy="resident") as llm:
         yield llm
 
 
@@ -65,7 +65,7 @@ def hf_sliding_ppl(model, ids: list[int], window: int, stride: int) -> tuple[flo
 def test_greedy_gguf_matches_hf_dir_and_transformers(flex_gguf, smollm2_hf_dir, hf_gguf_model):
     ids = [flex_gguf.tokenizer.encode(p).ids for p in PROMPTS]
     ours = flex_gguf.generate(PROMPTS, max_new_tokens=NEW)
-    with LLM(str(smollm2_hf_dir), device="cpu") as llm:
+    with LLM(str(smollm2_hf_dir), device="cpu", policy="resident") as llm:
         from_dir = llm.generate(ids, max_new_tokens=NEW)
     ref = []
     for x in ids:
@@ -154,7 +154,7 @@ def test_failed_download_is_one_line_error(tiny_cache, monkeypatch, capsys):
 def test_compress_weight_keeps_q4_1_blocks(flex_gguf, smollm2_gguf):
     """compress_weight on a Q4_1 GGUF uses its blocks of 32: same greedy tokens as resident."""
     ref = flex_gguf.generate(PROMPTS[:2], max_new_tokens=8)
-    with LLM(str(smollm2_gguf), device="cpu", compress_weight=True) as llm:
+    with LLM(str(smollm2_gguf), device="cpu", policy="resident", compress_weight=True) as llm:
         assert llm.policy.quant_group == 32
         out = llm.generate(PROMPTS[:2], max_new_tokens=8)
     assert [o.output_ids for o in out] == [o.output_ids for o in ref]

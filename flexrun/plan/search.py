@@ -323,7 +323,8 @@ def shape_grid(num_prompts: int | None, cuda: bool, compress_weight: bool,
     the shapes by num_gpu_batches (ascending) with at most num_prompts prompts in a block.
     A caller stops a row once a larger block cannot help, and a case once a row fits nothing."""
     max_block = num_prompts or (4096 if cuda else 256)
-    sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)})
+    sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)}
+                   | ({num_prompts} if num_prompts else set()))   # the whole job in one batch
     batches = [b for b in sizes if b <= min(max_block, 1024 if cuda else 256)]
     for cw in sorted({False, compress_weight}):
         for cc in sorted({False, compress_cache}):
@@ -353,17 +354,6 @@ def _scan(s, num_prompts: int | None, cuda: bool, compress_weight: bool,
 
 
 # ---- entry points -------------------------------------------------------------------------
-def search_for_llm(llm) -> Policy:
-    """policy="auto" for an LLM being built (its workload, else prompt 512 / gen 32)."""
-    prof = default_profile(llm.device)
-    res = search(llm.spec, prof, llm.auto_prompt_len, llm.auto_gen_len, llm.gpu_mem,
-                 llm.cpu_mem, llm.disk_mem, str(llm.device.type),
-                 torch.tensor([], dtype=llm.dtype).element_size(),
-                 num_prompts=llm.auto_num_prompts, compress_weight=llm.compress_weight,
-                 compress_cache=llm.compress_cache)
-    return res.policy
-
-
 def format_result(res: SearchResult) -> str:
     p, pr = res.policy, res.prediction
     fmt = lambda t: "/".join(f"{x:g}" for x in t)  # noqa: E731
