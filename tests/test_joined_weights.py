@@ -3,7 +3,7 @@ import torch
 
 from conftest import ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
-from flexrun.models.common import _joined, linear, linear_rows
+from flexrun.models.common import joined as _joined, linear, linear_rows
 from flexrun.memory.storage import TieredStore
 
 

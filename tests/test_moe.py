@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import ragged_prompts
 from flexrun import LLM, FlexrunError, Policy, SamplingParams
-from flexrun.models.moe import MoEStats, drawn_experts, moe_mlp
+from flexrun.models.moe import MoEStats, drawn_experts, moe_mlp, stacked_experts
 from flexrun.models.spec import ModelSpec
 
 GREEDY = SamplingParams(ignore_eos=True)
@@ -127,6 +127,8 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
         assert stats.routing == "router" and stats.calls > 0
         E = llm.spec.num_experts
         assert 0 < stats.experts_touched <= E * stats.calls
+        layer0 = {n[len("layers.0."):]: llm.weights.fetch(n) for n in llm.spec.unit_shapes(1)}
+        assert stacked_experts(layer0, E) is not None   # resident: grouped GEMMs
     pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=40,
                  weights_disk=30, expert_lanes=lanes)
     (tmp_path / "off").mkdir()
@@ -277,3 +279,34 @@ def test_cost_model_moves_only_touched_experts_and_adds_the_cpu_lane():
     copy = predict(spec, Policy(gpu_batch_size=256, expert_lanes="copy", **off), prof, 64, 8)
     ratio = copy.breakdown["decode"]["weights"] / large.breakdown["decode"]["weights"]
     assert ratio == pytest.approx((prof.h2d_pinned + 15e9) / prof.h2d_pinned, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_experts_match_the_per_expert_loop(dtype, monkeypatch):
+    """A layer's experts back to back (as TieredStore.join lays out resident ones) run as two
+    grouped GEMMs with no host sync; the per-expert loop gives the same output."""
+    from flexrun.models import moe
+    from flexrun.models.common import joined
+    spec = moe_spec("topk_softmax", E=6, k=2)
+    w = {n: t.to(dtype) for n, t in moe_weights(spec).items()}
+    gu = torch.cat([w[f"experts.{e}.{p}.weight"] for e in range(6) for p in ("gate", "up")])
+    dn = torch.cat([w[f"experts.{e}.down.weight"] for e in range(6)])
+    stacked = dict(w)
+    f = spec.expert_ffn_dim
+    for e in range(6):
+        stacked[f"experts.{e}.gate.weight"] = gu[2 * e * f:(2 * e + 1) * f]
+        stacked[f"experts.{e}.up.weight"] = gu[(2 * e + 1) * f:(2 * e + 2) * f]
+        stacked[f"experts.{e}.down.weight"] = dn[e * spec.hidden_size:(e + 1) * spec.hidden_size]
+    assert moe.stacked_experts(w, 6) is None and moe.stacked_experts(stacked, 6) is not None
+    assert joined([stacked["experts.0.gate.weight"], stacked["experts.0.up.weight"]]) is not None
+    x = torch.randn(11, spec.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    assert moe.grouped_mm_works(x.device, dtype)     # probed before counting the calls
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grouped = moe_mlp(x, stacked, spec)
+    assert len(calls) == 2
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grouped, moe_mlp(x, w, spec), atol=tol, rtol=tol)
+    torch.testing.assert_close(grouped.float(), per_token_reference(x.float(), {
+        n: t.float() for n, t in w.items()}, spec), atol=tol * 5, rtol=tol * 5)

@@ -21,12 +21,14 @@ import torch
 
 from flexrun.memory.storage import parts
 from flexrun.engine.attention import PLAIN, attend_range
+from flexrun.models.moe import grouped_mm_works
 from flexrun.models.spec import AttentionOptions
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
-# a captured MoE step runs every expert over every row (it cannot wait for the routing):
-# E/k times the expert FLOPs, hidden while a decode GEMM reads its weights (memory bound)
-# up to about this many rows per GPU batch; larger batches run the grouped experts eagerly
+# without grouped GEMMs (models/moe.grouped_experts), a captured MoE step runs every expert
+# over every row (it cannot wait for the routing): E/k times the expert FLOPs, hidden while
+# a decode GEMM reads its weights (memory bound) up to about this many rows per GPU batch;
+# larger batches run the per-expert loop eagerly
 MOE_GRAPH_ROWS = 64
 
 
@@ -94,9 +96,12 @@ class DecodeGraphs:
         p = self.pipe
         if p.unit_tiers[u] != {"gpu"}:
             return False
-        if 1 <= u <= p.spec.num_layers and p.spec.is_moe(u - 1) and (
-                p.experts.remote_names(u - 1) or p.policy.gpu_batch_size > MOE_GRAPH_ROWS):
-            return False    # routed experts come on demand; graphs run every expert
+        if 1 <= u <= p.spec.num_layers and p.spec.is_moe(u - 1):
+            if p.experts.remote_names(u - 1):
+                return False    # routed experts come on demand
+            grouped = not p.policy.compress_weight and grouped_mm_works(p.device, p.dtype)
+            if not grouped and p.policy.gpu_batch_size > MOE_GRAPH_ROWS:
+                return False    # without grouped GEMMs a graph runs every expert
         if 1 <= u <= p.spec.num_layers:
             return p.cache_tiers[u - 1] == "gpu" and p.kv.quant is None
         return True

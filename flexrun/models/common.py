@@ -51,20 +51,20 @@ def linear_rows(x: torch.Tensor, ws: list, bs: list) -> list[torch.Tensor]:
     blocks of one buffer (TieredStore.join; 4-bit weights too), else one linear each. At
     decode sizes a GEMM reads its weight at a rate that grows with its size: q/k/v of
     OPT-6.7B at batch 32 took 44.6 us fused against 3 x 30.7 us (H100)."""
-    W = _joined(ws)
-    B = None if all(b is None for b in bs) else _joined(bs)
+    W = joined(ws)
+    B = None if all(b is None for b in bs) else joined(bs)
     if W is None or W.dtype != x.dtype or (B is None and any(b is not None for b in bs)):
         return [linear(x, w, b) for w, b in zip(ws, bs)]
     return list(linear(x, W, B).split([w.shape[0] for w in ws], -1))
 
 
-def _joined(ts: list):
+def joined(ts: list):
     """The tensors (or compressed weights, part by part) as one, if they lie back to back in
     one storage (TieredStore.join); None otherwise."""
     if ts and isinstance(ts[0], Compressed):
         if not rows_alike(ts):
             return None
-        parts = {f: _joined([getattr(c, f) for c in ts]) for f in ("data", "mins", "scales")}
+        parts = {f: joined([getattr(c, f) for c in ts]) for f in ("data", "mins", "scales")}
         if any(p is None for p in parts.values()):
             return None
         return dataclasses.replace(ts[0], **parts,

@@ -23,8 +23,12 @@ class LlamaModel:
         self.spec = spec
         self.rope = Rope(spec)
         self.moe_stats = MoEStats(spec.routing, spec.num_layers) if spec.num_experts else None
+        E = spec.num_experts
         self.JOINED = self.JOINED + tuple((f"experts.{e}.gate", f"experts.{e}.up")
-                                          for e in range(spec.num_experts))
+                                          for e in range(E))
+        if E:   # then a layer's experts back to back, when all are resident: grouped GEMMs
+            self.JOINED += (tuple(f"experts.{e}.{p}" for e in range(E) for p in ("gate", "up")),
+                            tuple(f"experts.{e}.down" for e in range(E)))
         if spec.shared_expert_ffn_dim:
             self.JOINED += (("shared.gate", "shared.up"),)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from flexrun.config import FlexrunError
-from flexrun.models.common import linear, linear_rows
+from flexrun.models.common import joined, linear, linear_rows
 from flexrun.models.spec import ModelSpec
 
 
@@ -140,7 +141,10 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     if stats is not None:
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    stacked = stacked_experts(w, E) if runner is None else None
+    if stacked is not None and grouped_mm_works(x.device, x.dtype):
+        grouped_experts(x2, stacked, weight, idx, counts, out)
+    elif x.is_cuda and torch.cuda.is_current_stream_capturing():
         # a CUDA graph cannot wait for the counts: every expert over every token, weighted
         # by its routing weight or 0 (correct, E/k times the work of the grouped path)
         dense = torch.zeros(x2.shape[0], E, dtype=weight.dtype, device=x.device)
@@ -162,6 +166,62 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         gate = torch.sigmoid(linear(x2, w["shared_gate.weight"]))
         out = out + gate * expert(x2, w, "shared.")
     return out.view(x.shape)
+
+
+def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """((E, 2 ffn, hidden) gate/up, (E, hidden, ffn) down) when a layer's experts lie back to
+    back in two buffers (LlamaModel.JOINED: every expert resident on the device, plain
+    tensors), as views; None otherwise."""
+    gu = [w.get(f"experts.{e}.{p}.weight") for e in range(E) for p in ("gate", "up")]
+    down = [w.get(f"experts.{e}.down.weight") for e in range(E)]
+    if any(not isinstance(t, torch.Tensor) for t in gu + down):
+        return None
+    a, b = joined(gu), joined(down)
+    if a is None or b is None:
+        return None
+    return a.view(E, -1, a.shape[-1]), b.view(E, -1, b.shape[-1])
+
+
+_GROUPED: dict[tuple, bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs on this device and dtype and agrees with per-group
+    matmuls (checked once on a small case); FLEXRUN_GROUPED_MM=0 turns it off."""
+    key = (device.type, device.index, dtype)
+    if key not in _GROUPED:
+        ok = os.environ.get("FLEXRUN_GROUPED_MM", "1") != "0" and hasattr(torch, "_grouped_mm")
+        if ok and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False                # probe outside a capture (the eager steps come first)
+        if ok:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(40, 32, generator=g, device=device).to(dtype)
+                b = torch.randn(3, 48, 32, generator=g, device=device).to(dtype)
+                offs = torch.tensor([8, 8, 40], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(a, b.transpose(1, 2), offs=offs)
+                ref = torch.cat([a[:8] @ b[0].T, a[8:] @ b[2].T])
+                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED[key] = ok
+    return _GROUPED[key]
+
+
+def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor],
+                    weight: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """Every routed expert in two grouped GEMMs (gate/up, then down) over the (token, slot)
+    pairs sorted by expert: no loop over experts and no host sync (so a CUDA graph can
+    capture it), the work of the routed tokens only."""
+    W1, W2 = stacked
+    k = idx.shape[-1]
+    order = idx.reshape(-1).argsort(stable=True)
+    tokens = order // k
+    offs = counts.cumsum(0).to(torch.int32)
+    g, up = torch._grouped_mm(x2[tokens], W1.transpose(1, 2), offs=offs).chunk(2, -1)
+    y = torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
+    out.index_add_(0, tokens, (y * weight.reshape(-1)[order, None]).to(out.dtype))
 
 
 def expert(x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
