@@ -15,6 +15,7 @@ from flexrun.config import parse_size
 from flexrun.plan.costmodel import predict
 from flexrun.plan.search import search
 from flexrun.plan.footprint import check_budget, footprint, numel
+from flexrun.plan import hardware
 from flexrun.plan.hardware import (PROFILES_DIR, HardwareProfile, default_profile, measure,
                                    profile_path)
 from flexrun.plan.timing import cache_bytes, cpu_has_bf16
@@ -206,6 +207,7 @@ def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
     assert "DESIGN.md" in H100.source and H100.h2d_pinned == 55e9
     assert CPU.source == "measured" and CPU.command.startswith("flexrun profile")
     monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
+    monkeypatch.setattr(hardware, "host_facts", lambda: (CPU.cpu_cores, CPU.cpu_mem))
     assert default_profile("cpu") == CPU
     assert default_profile("cuda") == HardwareProfile.load(profile_path("cuda"))
     if not torch.cuda.is_available():
@@ -221,6 +223,36 @@ def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
     assert HardwareProfile.load(tmp_path / "h.json") == H100
     with pytest.raises(FlexrunError, match="not found"):
         HardwareProfile.load(tmp_path / "missing.json")
+
+
+def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatch, capsys):
+    """The shipped h200.json came from a 32-core, 270 GB host: a 16-core, 125 GiB H200
+    machine measures its own on first use (one line), keeps it in the user's cache (0600),
+    with the fitted terms of the shipped profile, and loads it from there afterwards."""
+    H200 = HardwareProfile.load(PROFILES_DIR / "h200.json")
+    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
+    monkeypatch.setenv("FLEXRUN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(hardware, "host_facts", lambda: (H200.cpu_cores, H200.cpu_mem))
+    assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200.json"
+    monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
+    monkeypatch.setattr(hardware, "_host_memory", lambda: 125 << 30)
+    assert hardware.matching_profile("cuda") is None
+    measured = []
+
+    def fake_measure(kind, command=""):
+        measured.append(kind)
+        return HardwareProfile(device_name="NVIDIA H200", cpu_cores=16, cpu_mem=125 << 30,
+                               h2d_pinned=50e9, gpu_flops_prefill=7e14, gpu_mem_bw=4e12)
+    monkeypatch.setattr(hardware, "measure", fake_measure)
+    first = default_profile("cuda")
+    assert measured == ["cuda"] and "measuring one" in capsys.readouterr().err
+    assert first.cpu_attn_call_s == H200.cpu_attn_call_s and "fitted" in \
+        first.notes["cpu_attn_call_s"]
+    path = hardware.cache_path("cuda")
+    assert path.parent == tmp_path / "profiles" and oct(path.stat().st_mode)[-3:] == "600"
+    assert default_profile("cuda") == first and measured == ["cuda"]
 
 
 def test_profile_cli_writes_json(tmp_path, monkeypatch, capsys):

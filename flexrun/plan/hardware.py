@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -157,15 +158,96 @@ def profile_path(device: str | torch.device) -> Path:
     return default
 
 
+def host_facts() -> tuple[int, int]:
+    """(CPU cores this process may use, host memory bytes)."""
+    return len(os.sched_getaffinity(0)), _host_memory()
+
+
+def same_host(prof: HardwareProfile, cores: int, mem: int, slack: float = 0.25) -> bool:
+    """Whether a profile was measured on a host like this one: cores and memory within
+    `slack` (a 2-GPU host's 32 cores and 270 GB are not a 16-core, 125 GiB machine's:
+    its pageable copies, CPU attention and page cache differ)."""
+    def near(a: float, b: float) -> bool:
+        return b > 0 and abs(a - b) <= slack * b
+    return near(cores, prof.cpu_cores) and near(mem, prof.cpu_mem)
+
+
+def matching_profile(device: str | torch.device) -> Path | None:
+    """The shipped profile of this device and host: the GPU present by name (CUDA) or a
+    CPU-only profile (CPU), measured on a host with about these cores and memory."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name() if cuda else None
+    cores, mem = host_facts()
+    for path in sorted(PROFILES_DIR.glob("*.json")):
+        try:
+            prof = HardwareProfile.load(path)
+        except FlexrunError:
+            continue
+        kind_ok = prof.device_name == name if cuda else prof.h2d_pinned is None
+        if kind_ok and same_host(prof, cores, mem):
+            return path
+    return None
+
+
+def cache_path(device: str | torch.device) -> Path:
+    """Where a profile measured on first use is kept: the user's cache directory
+    (FLEXRUN_CACHE, else ~/.cache/flexrun), one file per device and host."""
+    cuda = torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name() if cuda and torch.cuda.is_available() else "cpu"
+    cores, mem = host_facts()
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    root = Path(os.environ.get("FLEXRUN_CACHE") or Path.home() / ".cache" / "flexrun")
+    return root / "profiles" / f"{slug}-{cores}c-{round(mem / 2**30)}g.json"
+
+
 def default_profile(device: str | torch.device) -> HardwareProfile:
-    """$FLEXRUN_PROFILE if set, else the shipped profile for the device (profile_path), else
-    a fresh measurement."""
+    """$FLEXRUN_PROFILE if set; else the shipped profile of this GPU and host
+    (matching_profile); else one measured on this machine before (cache_path); else measure
+    one now, say so in one line and cache it. Planning for a GPU not present: the shipped
+    profile of profile_path."""
     if os.environ.get("FLEXRUN_PROFILE"):
         return HardwareProfile.load(os.environ["FLEXRUN_PROFILE"])
-    path = profile_path(device)
-    if path.is_file():
+    path = matching_profile(device)
+    if path is not None:
         return HardwareProfile.load(path)
-    return measure(torch.device(device).type)
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        return HardwareProfile.load(profile_path(device))
+    cached = cache_path(device)
+    if cached.is_file():
+        try:
+            return HardwareProfile.load(cached)
+        except FlexrunError:
+            pass
+    print(f"flexrun: no shipped hardware profile matches this machine ({host_facts()[0]} cores, "
+          f"{_host_memory() / 2**30:.0f} GiB): measuring one (about 20 s), kept in {cached}",
+          file=sys.stderr, flush=True)
+    prof = measure(torch.device(device).type, command="flexrun profile (first use)")
+    _fill_fitted(prof, profile_path(device))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(cached)
+        os.chmod(cached, 0o600)
+    except OSError:
+        pass
+    return prof
+
+
+def _fill_fitted(prof: HardwareProfile, shipped: Path) -> None:
+    """Terms no micro-benchmark measures (fitted to runs, e.g. cpu_attn_call_s) from the
+    shipped profile of the same device, noted as such."""
+    try:
+        base = HardwareProfile.load(shipped)
+    except FlexrunError:
+        return
+    if base.device_name != prof.device_name and prof.h2d_pinned is not None:
+        return
+    for name in ("cpu_attn_call_s",):
+        if getattr(prof, name) is None and getattr(base, name) is not None:
+            setattr(prof, name, getattr(base, name))
+            prof.notes[name] = f"from {shipped.name} (fitted there, not measured here)"
 
 
 # ---- measurement --------------------------------------------------------------------------
