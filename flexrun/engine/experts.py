@@ -154,9 +154,10 @@ class TieredExperts:
         away = [g for g in groups if g.expert in remote and g.expert not in self._held]
         self.stats.reused += sum(g.expert in remote for g in here)
         on_cpu, to_copy = self.split(away)
-        cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
-        for g in sorted(to_copy, key=lambda g: -len(g.rows)):   # all copies issued first
+        to_copy.sort(key=lambda g: -len(g.rows))    # issued, then computed, busiest first
+        for g in to_copy:
             self._copy(g.expert)
+        cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
         ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
               for g in here + to_copy}
         if cpu_job is not None:

@@ -21,7 +21,7 @@ import torch
 
 from flexrun.memory.storage import parts
 from flexrun.engine.attention import PLAIN, attend_range
-from flexrun.models.moe import grouped_mm_works
+from flexrun.models.moe import grouped_mm_capturable
 from flexrun.models.spec import AttentionOptions
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
@@ -99,7 +99,7 @@ class DecodeGraphs:
         if 1 <= u <= p.spec.num_layers and p.spec.is_moe(u - 1):
             if p.experts.remote_names(u - 1):
                 return False    # routed experts come on demand
-            grouped = not p.policy.compress_weight and grouped_mm_works(p.device, p.dtype)
+            grouped = not p.policy.compress_weight and grouped_mm_capturable(p.device, p.dtype)
             if not grouped and p.policy.gpu_batch_size > MOE_GRAPH_ROWS:
                 return False    # without grouped GEMMs a graph runs every expert
         if 1 <= u <= p.spec.num_layers:

@@ -141,10 +141,14 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     if stats is not None:
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
-    stacked = stacked_experts(w, E) if runner is None else None
-    if stacked is not None and grouped_mm_works(x.device, x.dtype):
+    stacked = stacked_experts(w, E) if runner is None and \
+        x2.shape[0] * k * (3 * spec.expert_ffn_dim + 5 * x2.shape[1]) * x2.element_size() \
+        <= GROUPED_MAX_BYTES else None
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if stacked is not None and (grouped_mm_capturable(x.device, x.dtype) if capturing
+                                else grouped_mm_works(x.device, x.dtype)):
         grouped_experts(x2, stacked, weight, idx, counts, out)
-    elif x.is_cuda and torch.cuda.is_current_stream_capturing():
+    elif capturing:
         # a CUDA graph cannot wait for the counts: every expert over every token, weighted
         # by its routing weight or 0 (correct, E/k times the work of the grouped path)
         dense = torch.zeros(x2.shape[0], E, dtype=weight.dtype, device=x.device)
@@ -168,16 +172,38 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     return out.view(x.shape)
 
 
+# the grouped path holds every (token, slot) pair's gate/up output at once: larger calls (long
+# prefills) run the per-expert loop, whose workspace is one expert's tokens at a time
+GROUPED_MAX_BYTES = 256 << 20
+_STACKED: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+
 def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """((E, 2 ffn, hidden) gate/up, (E, hidden, ffn) down) when a layer's experts lie back to
     back in two buffers (LlamaModel.JOINED: every expert resident on the device, plain
-    tensors), as views; None otherwise."""
+    tensors) with the 16-byte strides and alignment grouped GEMMs need, as views; None
+    otherwise. Remembered per buffer pair (checking E tensors each call costs ~1 ms)."""
+    first, last = w.get("experts.0.gate.weight"), w.get(f"experts.{E - 1}.down.weight")
+    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor)):
+        return None
+    key = (first.device, first.data_ptr(), last.data_ptr(), E, tuple(first.shape))
+    if key not in _STACKED:
+        if len(_STACKED) > 4096:
+            _STACKED.clear()
+        _STACKED[key] = _stack(w, E)
+    return _STACKED[key]
+
+
+def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     gu = [w.get(f"experts.{e}.{p}.weight") for e in range(E) for p in ("gate", "up")]
     down = [w.get(f"experts.{e}.down.weight") for e in range(E)]
     if any(not isinstance(t, torch.Tensor) for t in gu + down):
         return None
     a, b = joined(gu), joined(down)
     if a is None or b is None:
+        return None
+    step = 16 // a.element_size()
+    if a.shape[-1] % step or b.shape[-1] % step or a.data_ptr() % 16 or b.data_ptr() % 16:
         return None
     return a.view(E, -1, a.shape[-1]), b.view(E, -1, b.shape[-1])
 
@@ -208,6 +234,16 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED[key]
 
 
+def grouped_mm_capturable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped GEMMs can go into a CUDA graph: torch's CUTLASS kernel (bf16 on sm90 /
+    sm100) runs without a host sync; its fallback (fp16, fp32, other GPUs) copies the group
+    offsets to the host and loops over the groups."""
+    if device.type != "cuda":
+        return grouped_mm_works(device, dtype)
+    return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+            and grouped_mm_works(device, dtype))
+
+
 def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor],
                     weight: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
                     out: torch.Tensor) -> None:
@@ -215,13 +251,17 @@ def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor]
     pairs sorted by expert: no loop over experts and no host sync (so a CUDA graph can
     capture it), the work of the routed tokens only."""
     W1, W2 = stacked
-    k = idx.shape[-1]
+    T, k = idx.shape
+    idx, slot = idx.sort(-1)            # each token's experts in ascending order
+    weight = weight.gather(1, slot)
     order = idx.reshape(-1).argsort(stable=True)
-    tokens = order // k
     offs = counts.cumsum(0).to(torch.int32)
-    g, up = torch._grouped_mm(x2[tokens], W1.transpose(1, 2), offs=offs).chunk(2, -1)
+    g, up = torch._grouped_mm(x2[order // k], W1.transpose(1, 2), offs=offs).chunk(2, -1)
     y = torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
-    out.index_add_(0, tokens, (y * weight.reshape(-1)[order, None]).to(out.dtype))
+    y = (y * weight.reshape(-1)[order, None]).to(out.dtype)
+    ys = torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)
+    for j in range(k):      # expert order per token, as the per-expert loop adds (no atomics)
+        out.add_(ys[:, j])
 
 
 def expert(x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:

@@ -265,17 +265,20 @@ class _Ctx:
         m, k = self.moe, self.p.num_gpu_batches
         moved = m.moved_share(rows * k)
         wb = self.unit_bytes[1] * moved
-        host_rate = self.h2d_w + self.cpu_lane if self.p.expert_lanes == "auto" else \
-            self.cpu_lane if self.p.expert_lanes == "cpu" and self.cpu_lane else self.h2d_w
-        copied = wb / host_rate * (self.h2d_w / host_rate if self.p.expert_lanes == "auto"
-                                   else 1.0 if self.p.expert_lanes == "copy" or not
-                                   self.cpu_lane else 0.0)
+        dense_b = self.unit_bytes[1] * m.dense_bytes / (m.dense_bytes
+                                                        + m.experts * m.expert_bytes)
+        exp_b, h2d, cpu, lanes = wb - dense_b, self.h2d_w, self.cpu_lane, self.p.expert_lanes
+        if cpu and lanes == "cpu":      # the dense part still crosses the link
+            wc, copied = max(dense_b / h2d, exp_b / cpu), dense_b / h2d
+        elif cpu and lanes == "auto":   # both lanes busy until they end together
+            wc = copied = max(dense_b / h2d, wb / (h2d + cpu))
+        else:
+            wc = copied = wb / h2d
         terms = self.unit_terms_dense(prefill, rows)
-        terms["weights"] = _lin(wc=wb / host_rate,
-                                wd=self.unit_read[1] * moved + wb / self.h2d_w)
+        terms["weights"] = _lin(wc=wc, wd=self.unit_read[1] * moved + wb / h2d)
         # the dense terms count every expert's bytes on the link: swap in the moved ones
-        base = self.unit_bytes[1] / self.h2d_w
-        terms["link"] = _add(terms["link"], _lin(wc=copied - base, wd=wb / self.h2d_w - base))
+        base = self.unit_bytes[1] / h2d
+        terms["link"] = _add(terms["link"], _lin(wc=copied - base, wd=wb / h2d - base))
         n, per = m.expert_rows(rows)
         gemm = lambda r, w: self.prof.gemm_time(r, w, self.cuda, self.e)   # noqa: E731
         all_experts = m.experts * m.expert_params
@@ -337,6 +340,8 @@ class _Ctx:
             return 0.0
         if p.weights_gpu >= 100:
             return 1.0
+        if self.moe is not None:    # every MoE layer keeps some experts off the device
+            return 0.0
         if streams_whole_units(p, self.cuda, units, self.spec.num_units):
             return p.weights_gpu / 100
         return 0.0
