@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from flexrun.engine.runstats import RunStats
 from flexrun.memory import packed as packed_weights
 from flexrun.memory.wquant import weight_quantizer
 from flexrun.plan.auto import AutoPlan, default_workload, plan_for_llm
+from flexrun.models.moe import load_expert_tokens
 from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
@@ -38,7 +40,7 @@ class LLM:
                  trace: str | None = None, disk_mem: str | int | None = None,
                  compress_weight: bool = False, compress_cache: bool = False,
                  workload: tuple[int, int, int] | None = None,
-                 num_gpus: int | None = None):
+                 num_gpus: int | None = None, expert_stats: str | None = None):
         """policy: "auto" (default, also None): the cost model's plan (plan/auto.py) for
         `workload` = (longest prompt, new tokens, prompts), by default 512 + 32 tokens cut to
         the model's positions and any number of prompts: the search runs here, since weights
@@ -52,7 +54,10 @@ class LLM:
         num_gpus > 1: pipeline stages in one process per GPU (docs/parallel.md); under
         torchrun it defaults to WORLD_SIZE and this process runs its own stage. policy is
         then one Policy for every stage, a list of one per stage, or "auto" (a cost-model
-        placement per stage, each with an even share of cpu_mem / disk_mem)."""
+        placement per stage, each with an even share of cpu_mem / disk_mem).
+
+        expert_stats: a MoE model's routing counts of an earlier run (save_expert_stats):
+        each layer's GPU places go to its busiest experts; ignored while the file is absent."""
         from flexrun.parallel.launch import resolve_num_gpus
         self.num_gpus = resolve_num_gpus(num_gpus)
         self.device = torch.device(device or default_device())
@@ -66,6 +71,7 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, self.device, self.spec.family)
         self.tokenizer = self.ckpt.tokenizer
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
+        self.expert_stats = expert_stats
         # policy="auto" plans for (longest prompt, max_new_tokens, prompts)
         self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = \
             workload or default_workload(self.spec.max_positions)
@@ -168,14 +174,25 @@ class LLM:
         """False on the ranks > 0 of a torchrun launch (rank 0 writes the outputs)."""
         return self.dist is None or self.dist.rank == 0
 
+    def save_expert_stats(self, path: str) -> None:
+        """Write the tokens routed to each expert of each layer so far (a MoE model run in
+        this process), for a later run's placement (expert_stats=)."""
+        model = getattr(self.pipeline, "model", None)
+        if getattr(model, "moe_stats", None) is None:
+            raise FlexrunError("--expert-stats needs a mixture-of-experts model run in one "
+                               "process (not pipeline stages)")
+        model.moe_stats.save(path, self.spec.family)
+
     def any_rank(self, flag: bool) -> bool:
         """flag, agreed by every rank of a torchrun launch (True if any rank says so)."""
         return flag if self.dist is None else self.dist.any(flag)
 
     def _place_weights(self) -> None:
         elem = torch.tensor([], dtype=self.dtype).element_size()
+        hot = load_expert_tokens(self.expert_stats, self.spec) if self.spec.num_experts \
+            and self.expert_stats and Path(self.expert_stats).is_file() else None
         shapes, sizes, tiers = weight_layout(self.spec, self.policy, elem, self.units,
-                                             self.device.type == "cuda")
+                                             self.device.type == "cuda", hot)
         names = list(shapes)
         tier_of = {n: TIERS[t] for n, t in zip(names, tiers)}
         self.stats.weights_split = split_report(sizes, tiers)

@@ -310,3 +310,35 @@ def test_grouped_gemm_experts_match_the_per_expert_loop(dtype, monkeypatch):
     torch.testing.assert_close(grouped, moe_mlp(x, w, spec), atol=tol, rtol=tol)
     torch.testing.assert_close(grouped.float(), per_token_reference(x.float(), {
         n: t.float() for n, t in w.items()}, spec), atol=tol * 5, rtol=tol * 5)
+
+
+def test_generate_writes_routing_counts_and_places_by_them(tmp_path, capsys):
+    """flexrun generate --expert-stats FILE writes the run's routing counts; a later run
+    with the file puts each layer's busiest experts in its GPU places, same tokens."""
+    import json
+    from families import save_family
+    from flexrun.cli import main
+    d = save_family("mixtral", tmp_path / "m")
+    rows = [{"id": i, "input_ids": p} for i, p in enumerate(ragged_prompts(4, seed=3))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = tmp_path / "routing.json"
+    common = ["generate", "--model", str(d), "--device", "cpu", "--input",
+              str(tmp_path / "in.jsonl"), "--max-new-tokens", "6", "--quiet",
+              "--expert-stats", str(stats), "--policy", "resident"]
+    assert main(common + ["--output", str(tmp_path / "a.jsonl")]) == 0
+    counts = json.loads(stats.read_text())["layer_tokens"]
+    assert len(counts) == 3 and sum(map(sum, counts)) > 0
+    pol = tmp_path / "p.json"
+    Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=40, weights_cpu=60,
+           weights_disk=0).save(pol)
+    with LLM(str(d), device="cpu", policy=str(pol), expert_stats=str(stats)) as llm:
+        for j, c in enumerate(counts):
+            gpu = [e for e in range(4)
+                   if llm.weights.tier_of(f"layers.{j}.experts.{e}.gate.weight") == "gpu"]
+            busiest = sorted(range(4), key=lambda e: -c[e])[:len(gpu)]
+            assert sorted(gpu) == sorted(busiest)
+    args = common[:-2] + ["--policy", str(pol), "--output", str(tmp_path / "b.jsonl")]
+    assert main(args) == 0
+    a, b = ([json.loads(x)["output_ids"] for x in (tmp_path / f).read_text().splitlines()]
+            for f in ("a.jsonl", "b.jsonl"))
+    assert a == b

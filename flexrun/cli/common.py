@@ -29,6 +29,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-batch-size", type=int, default=None,
                    help="override the block shape of --policy resident or a policy file")
     p.add_argument("--num-gpu-batches", type=int, default=None)
+    p.add_argument("--expert-stats", default=None, metavar="FILE",
+                   help="mixture of experts: place each layer's busiest experts (FILE's "
+                        "routing counts) on the GPU; generate writes this run's counts there")
     p.add_argument("--gpus", type=int, default=None,
                    help="pipeline stages, one process per GPU (default 1; WORLD_SIZE under "
                         "torchrun)")
@@ -105,4 +108,5 @@ def open_llm(args, **extra) -> LLM:
     return LLM(args.model, device=args.device, policy=policy, gpu_mem=args.gpu_mem,
                cpu_mem=args.cpu_mem, offload_dir=args.offload_dir, dtype=args.dtype,
                disk_mem=args.disk_mem, compress_weight=args.compress_weight,
-               compress_cache=args.compress_cache, num_gpus=args.gpus, **extra)
+               compress_cache=args.compress_cache, num_gpus=args.gpus,
+               expert_stats=getattr(args, "expert_stats", None), **extra)

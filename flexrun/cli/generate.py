@@ -108,6 +108,9 @@ def generate(args) -> int:
                 write(plain_line(it, o, pieces.piece) if fmt == "plain" else
                       response_line(it, o, it.model or args.model, pieces))
         finished = written == len(todo)
+        if args.expert_stats and llm is not None and llm.spec.num_experts and llm.is_main:
+            llm.save_expert_stats(args.expert_stats)
+            say(f"flexrun: routing counts written to {args.expert_stats}")
     except (_Stopped, KeyboardInterrupt) as e:
         if stop.signum is None and not isinstance(e, _Stopped):
             raise
