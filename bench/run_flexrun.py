@@ -53,8 +53,7 @@ def main() -> None:
     llm = LLM(a.model, device=a.device, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
               offload_dir=a.offload_dir or tempfile.mkdtemp(prefix="flexrun-bench-"),
               dtype=a.dtype, compress_weight=a.compress_weight, compress_cache=a.compress_cache,
-              trace=a.trace, workload=(a.prompt_len, a.gen_len, a.num_prompts) if
-              policy == "auto" else None)
+              trace=a.trace, workload=(a.prompt_len, a.gen_len, a.num_prompts))
     load_s = time.perf_counter() - t0
     with llm:
         n = a.num_prompts or llm.policy.block_size
