@@ -75,12 +75,19 @@ VARIANTS = [
     Variant("compress weight, g32", dict(compress_weight=True, quant_group=32)),
     Variant("compress cache, per_token (FlexGen), window 0",
             dict(compress_cache=True, cache_scheme="per_token", cache_window=0, cache_sink=0)),
-    Variant("compress cache, per_token, window 32",
+    Variant("compress cache, per_token, window 64",
             dict(compress_cache=True, cache_scheme="per_token")),
     Variant("compress cache, kivi, window 0, no sink",
             dict(compress_cache=True, cache_window=0, cache_sink=0)),
     Variant("compress cache, kivi, window 0", dict(compress_cache=True, cache_window=0)),
-    Variant("compress cache, kivi, window 32 (default)", dict(compress_cache=True)),
+    Variant("compress cache, kivi, window 32", dict(compress_cache=True, cache_window=32)),
+    Variant("compress cache, kivi, window 64 (default)", dict(compress_cache=True)),
+    Variant("compress cache, kivi, window 128", dict(compress_cache=True, cache_window=128)),
+    # key groups of 32 tokens (quant_group also sets the weights' group when they are on)
+    Variant("compress cache, kivi g32, window 0",
+            dict(compress_cache=True, quant_group=32, cache_window=0)),
+    Variant("compress cache, kivi g32, window 32",
+            dict(compress_cache=True, quant_group=32, cache_window=32)),
     # how far greedy agreement moves under a far smaller error: 8-bit codes
     Variant("compress cache, kivi 8-bit, window 0, no sink",
             dict(compress_cache=True, quant_bits=8, cache_window=0, cache_sink=0)),
@@ -194,8 +201,8 @@ def run_path(job: Job, name: str, device: str, dtype: str, overrides: dict,
     return row
 
 
-def run_all(job: Job, device: str, dtypes: list[str], all_paths: bool
-            ) -> tuple[list[Row], list[str]]:
+def run_all(job: Job, device: str, dtypes: list[str], all_paths: bool,
+            variants: list[Variant] = VARIANTS) -> tuple[list[Row], list[str]]:
     """CPU fp32 resident first (the common reference), on CUDA fp16 and bf16 resident, then
     every variant per dtype against the resident run of its device and dtype.
     Returns the rows and the names of the variants skipped (host_noop on a CPU device)."""
@@ -206,9 +213,9 @@ def run_all(job: Job, device: str, dtypes: list[str], all_paths: bool
         if (device, dt) not in refs:
             refs[(device, dt)] = run_path(job, "resident", device, dt, {}, None, cpu_ref)
             rows.append(refs[(device, dt)])
-    skipped = [v.name for v in VARIANTS if v.host_noop and device == "cpu" and not all_paths]
+    skipped = [v.name for v in variants if v.host_noop and device == "cpu" and not all_paths]
     for dt in dtypes:
-        for v in VARIANTS:
+        for v in variants:
             if v.name not in skipped:
                 rows.append(run_path(job, v.name, device, dt, v.overrides, refs[(device, dt)],
                                      cpu_ref))
@@ -259,6 +266,23 @@ def _inert_cache_compression(r: Row, rows: list[Row]) -> bool:
                and o.decode_ppl == r.decode_ppl and o.outputs == r.outputs for o in rows)
 
 
+def parse_variant(spec: str) -> Variant:
+    """"key=val,key=val" (Policy fields; ints, floats, true/false, names) -> a Variant."""
+    def value(x: str):
+        if x.lower() in ("true", "false"):
+            return x.lower() == "true"
+        for cast in (int, float):
+            try:
+                return cast(x)
+            except ValueError:
+                pass
+        return x
+    pairs = [kv.split("=", 1) for kv in spec.split(",") if kv]
+    if any(len(kv) != 2 for kv in pairs):
+        raise SystemExit(f"bench.accuracy: --variant {spec!r}: expected key=value pairs")
+    return Variant(spec, {k.strip(): value(v.strip()) for k, v in pairs})
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -304,6 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "machine two threads can be several times slower; 0 = torch default)")
     ap.add_argument("--all-paths", action="store_true",
                     help="on cpu also run the paths that are the resident code there")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="run only the variants whose name matches (resident always runs)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VAL,..",
+                    help="an extra path: Policy overrides, e.g. compress_cache=true,"
+                         "cache_window=64 (repeatable)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/accuracy-<device>.json)")
     a = ap.parse_args(argv)
@@ -347,7 +376,9 @@ def _run(a: argparse.Namespace, command: str) -> None:
     job = Job(model, ids, a.window, a.stride, text_prompts(ids, a.prompts, a.prompt_len),
               a.new_tokens, a.prefill)
     t0 = time.perf_counter()
-    rows, skipped = run_all(job, a.device, dtypes, a.all_paths)
+    variants = [v for v in VARIANTS if a.only is None or re.search(a.only, v.name)]
+    variants += [parse_variant(spec) for spec in a.variant]
+    rows, skipped = run_all(job, a.device, dtypes, a.all_paths, variants)
     total = time.perf_counter() - t0
     header = (f"`{command}` on {device_name(a.device)}, torch {torch.__version__}, "
               f"{total:.0f} s. Model {ckpt.spec.name or a.model}. Perplexity: "

@@ -17,6 +17,7 @@ P + gen/2, with the placement fractions of the policy:
 from __future__ import annotations
 
 from flexrun.config import Policy
+from flexrun.plan.costmodel import kv_block_nbytes, reads_page_cache
 from flexrun.plan.footprint import numel, weight_bytes
 from flexrun.plan.hardware import HardwareProfile
 from flexrun.models.spec import ModelSpec
@@ -33,9 +34,8 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     wg, wc, wd = (x / 100 for x in policy.weights_split())
     cg, cc, cd = (x / 100 for x in policy.cache_split())
     ag = policy.act_split()[0] / 100
-    kv_elem = (policy.quant_bits / 8 + 4 / policy.quant_group) if policy.compress_cache \
-        else elem
-    kv = 2 * spec.num_layers * rows * (prompt_len + gen_len / 2) * spec.kv_dim * kv_elem
+    # the KV cache as stored (compressed: codes, mins and scales, the exact window and sinks)
+    kv = spec.num_layers * kv_block_nbytes(spec, policy, elem, prompt_len + gen_len / 2)
     act = 2 * (spec.num_units - 1) * rows * spec.hidden_size * elem * (1 - ag)
     host_kv = kv * (cc + cd)
     host_attn = not cuda or policy.cpu_attention
@@ -57,7 +57,6 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     else:
         t["host_dram"] = (weights + kv) / read
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)
-        from flexrun.plan.costmodel import reads_page_cache
         from flexrun.plan.footprint import footprint
         fp = footprint(spec, policy, elem, prompt_len, gen_len, cuda=cuda)
         cached = reads_page_cache(prof, fp, cuda)

@@ -126,7 +126,7 @@ class Policy:
     # the last cache_window tokens stay exact (kivi: until their key group fills too), and
     # each prompt's first cache_sink tokens (attention sinks)
     cache_scheme: str = "kivi"
-    cache_window: int = 32
+    cache_window: int = 64
     cache_sink: int = 4
     # compress_weight: "rtn" (min-max round to nearest), "hqq" (half-quadratic search of
     # each group's zero and scale) or "synth" (grid search of each group's range weighted by

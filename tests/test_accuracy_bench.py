@@ -56,7 +56,7 @@ def test_end_to_end_tiny_llama(llama_dir, tmp_path, all_paths, capsys):
     assert abs(res["decode_ppl"] / res["ppl"] - 1) < 0.2
     assert rows["compress weight, rtn (FlexGen)"]["ppl"] != res["ppl"]
     assert rows["compress cache, kivi, window 0, no sink"]["decode_ppl"] != res["decode_ppl"]
-    assert "kv kivi g64 win 32 sink 4" in rows["compress cache, kivi, window 32 (default)"][
+    assert "kv kivi g64 win 64 sink 4" in rows["compress cache, kivi, window 64 (default)"][
         "scheme"]
     assert rows["weights on disk"]["policy"]["weights_disk"] == 100.0
     assert len(res["outputs"]) == 3 and len(json.loads(out.read_text())["prompts"][0]) == 12
@@ -83,3 +83,11 @@ def test_q4_1_blocks_requantize_exactly_with_group_32(smollm2_gguf):
         for scheme in ("hqq", "synth"):
             c = quantize(w, 4, 32, scheme, torch.rand(w.shape[1]))
             assert torch.equal(decompress(c), w), (t.name, scheme)
+
+
+def test_variant_specs():
+    v = accuracy.parse_variant("compress_cache=true,cache_window=48,cache_scheme=per_token")
+    assert v.overrides == dict(compress_cache=True, cache_window=48, cache_scheme="per_token")
+    assert v.name == "compress_cache=true,cache_window=48,cache_scheme=per_token"
+    with pytest.raises(SystemExit):
+        accuracy.parse_variant("compress_cache")
