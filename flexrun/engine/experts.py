@@ -73,6 +73,7 @@ class TieredExperts:
     tracer: Tracer | None = None
     weight_stream: object = None            # CUDA: the copies' stream
     compute_stream: object = None
+    mapped: bool = False                    # CPU run: disk experts mapped from the page cache
     stats: LaneStats = field(default_factory=LaneStats)
 
     def __post_init__(self) -> None:
@@ -201,7 +202,7 @@ class TieredExperts:
         dev, ev = {}, None
         for p in PARTS:
             n = self.name(self._layer, e, p)
-            host = self.weights.read_host(n, pinned=self.cuda)
+            host = self.weights.read_host(n, pinned=self.cuda, mapped=self.mapped)
             dev[f"experts.{e}.{p}.weight"] = self.weights.fetch(
                 n, self.weight_stream, self.compute_stream, host) if self.cuda else \
                 self.weights.fetch(n, host_value=host)
@@ -243,7 +244,7 @@ class TieredExperts:
                 ys, start = [], 0
                 for e, n, wt in zip(experts, sizes, wts):
                     w = {f"experts.{e}.{p}.weight": self.weights.read_host(
-                        self.name(layer, e, p)) for p in PARTS}
+                        self.name(layer, e, p), mapped=self.mapped) for p in PARTS}
                     ys.append(expert(xh[start:start + n], w, f"experts.{e}.") * wt[:, None])
                     start += n
             self.stats.cpu_s += time.perf_counter() - t0
