@@ -137,3 +137,19 @@ def test_each_prompt_fits_with_its_own_cap(llama_dir):
         assert [len(o.output_ids) for o in out] == [4, 100]
         with pytest.raises(FlexrunError, match="exceeds the model's"):
             llm.generate([long], 100, SamplingParams(max_tokens=9))
+
+
+def test_stop_string_check_decodes_a_bounded_tail():
+    """Each step's stop-string check decodes only the last ids (not the whole output): the
+    match is found at the token that completes it, however long the output already is."""
+    from flexrun.engine.sampling import STOP_MARGIN, Sampler
+    seen = []
+
+    def decode(ids):
+        seen.append(len(ids))
+        return "".join(chr(97 + i % 26) for i in ids)
+    s = Sampler(SamplingParams(stop=["xyz"]), [], decode)
+    out = [0] * 900 + [23, 24]
+    assert s.stop_string_hit(0, out) is None
+    assert s.stop_string_hit(0, out + [25]) == len(out) + 1
+    assert max(seen) <= len("xyz") + STOP_MARGIN

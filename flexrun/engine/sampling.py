@@ -15,6 +15,8 @@ import torch
 
 from flexrun.config import SamplingParams
 
+STOP_MARGIN = 16     # ids decoded beyond a stop string's length (stop_string_hit)
+
 
 @dataclass
 class Row:
@@ -155,10 +157,13 @@ class Sampler:
         stops = self.row(i).params.stop
         if not stops or self.decode is None:
             return None
-        text = self.decode(out)
         longest = max(len(s) for s in stops)
-        # only a match that the newest token completed is new: look at the text's tail
-        tail_from = max(0, len(self.decode(out[:-1])) - longest + 1) if len(out) > 1 else 0
+        # only a match that the newest token completed is new, and it lies in the text of the
+        # last ids (a token gives at least one character but for rare partial ones: a
+        # margin), so only those are decoded: linear in the output, not quadratic
+        last = out[-(longest + STOP_MARGIN):]
+        text = self.decode(last)
+        tail_from = max(0, len(self.decode(last[:-1])) - longest + 1) if len(last) > 1 else 0
         if any(s in text[tail_from:] for s in stops):
             return len(out)
         return None
