@@ -1,5 +1,5 @@
-"""The package's import graph: no cycles, and imports point down the layers of
-../DESIGN.md §2 (cli > api/jobs > parallel > plan > engine > models > memory > kernels > config).
+"""The package's import graph: no cycles, and imports point down the layers of ../DESIGN.md §2
+(cli > api/jobs/ray > parallel > plan > engine > models > memory > kernels > config).
 
 Every import counts, those inside functions too; only `if TYPE_CHECKING:` blocks are exempt.
 `from pkg import name` depends on the module pkg.name when that is a module, else on pkg."""
@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1] / "flexrun"
 
 # lower index = lower layer; a module may import its own layer or any layer below it
 LAYERS = ["config", "kernels", "memory", "models", "engine", "plan", "parallel", "api", "jobs",
-          "cli", "__init__"]
+          "ray", "cli", "__init__"]
 RANK = {"config": 0, "kernels": 1, "memory": 2, "models": 3, "engine": 4, "plan": 5,
-        "parallel": 6, "api": 7, "jobs": 7, "cli": 8, "__init__": 9}
+        "parallel": 6, "api": 7, "jobs": 7, "ray": 7, "cli": 8, "__init__": 9}
 
 
 def module_names(root: Path) -> dict[str, Path]:

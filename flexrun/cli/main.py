@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from flexrun.cli.common import add_model_args
+from flexrun.cli.ray_job import add_ray_args, wants_ray
 from flexrun.config import FlexrunError
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="left: drop the start of prompts longer than the model's positions")
     g.add_argument("--trace", default=None, help="write a Chrome trace of loads and compute")
     g.add_argument("--quiet", action="store_true")
+    add_ray_args(g)
 
     pol = sub.add_parser("policy", help="policy tools")
     psub = pol.add_subparsers(dest="policy_cmd", required=True)
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd == "generate" and wants_ray(args):
+            from flexrun.cli.ray_job import ray_generate
+            return ray_generate(args)
         if args.cmd == "generate":
             from flexrun.cli.generate import generate
             return generate(args)

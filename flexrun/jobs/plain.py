@@ -52,7 +52,13 @@ def read_input(path: str | Path) -> list[JobItem]:
     return items
 
 
-def _item(row, p: Path, no: int) -> JobItem:
+def row_item(row, where: str, no: int) -> JobItem:
+    """One plain row (a line's parsed JSON) as a JobItem, checked as read_input checks a
+    line; a bad row raises FlexrunError naming `where` and line `no`."""
+    return _item(row, where, no)
+
+
+def _item(row, p: Path | str, no: int) -> JobItem:
     if not isinstance(row, dict) or "id" not in row:
         raise FlexrunError(f'{p} line {no}: each line needs an "id" and a "prompt", '
                            '"input_ids" or "messages"')
