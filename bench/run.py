@@ -35,6 +35,13 @@ SCENARIOS = {
            # steady state: every forward copies the CPU layers to the GPU again)
            "accelerate": ["--model", "opt-30b", "--device", "cuda", "--gpu-mem", "16GiB",
                           "--cpu-mem", "100GiB", "--batch-size", "8", "--num-prompts", "8"],
+           # DeepSpeed ZeRO-Inference: ZeRO-3, weights in pinned CPU memory, the largest batch
+           # whose KV cache fits 16 GiB (17); every step streams all weights, so 8 decode
+           # steps are timed and decode extrapolated (the result says so)
+           "deepspeed": ["--model", "opt-30b", "--gpu-mem", "16GiB", "--batch-size", "auto",
+                         "--cut-gen-len", "8"],
+           "deepspeed-compressed": ["--model", "opt-30b", "--gpu-mem", "16GiB", "--batch-size",
+                                    "auto", "--cut-gen-len", "8", "--quant-bits", "4"],
            "floor": "pcie"},
     "S2": {"what": "OPT-30B, 4-bit weights all on GPU, batch 32",
            "flexrun": ["--model", "dummy:opt-30b", "--policy", "policies/opt-6.7b-gpu-b32.json",
@@ -122,12 +129,35 @@ SCENARIOS.setdefault("S6", {
     "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
     "floor": "pcie"}).update({f"accelerate{sfx}": _S6_ACCEL + ["--batch-size", b]
                               for sfx, b in (("", "4"), ("-b8", "8"), ("-b16", "16"))})
+# S8: AirLLM (layer by layer from disk) against flexrun on one safetensors checkpoint of
+# flexrun's synthetic weights ("prepare" writes it once; AirLLM's split links its shards); both
+# start from disk (page cache dropped before each system); AirLLM's process is capped at 4 GiB
+# and keeps the largest batch that fits; 4 decode steps timed, decode extrapolated
+_CKPT = os.environ.get("FLEXRUN_PEER_CKPT", "/tmp/flexrun-peer-ckpt")
+for _sc, _preset in (("S8-airllm", "llama3-8b"), ("S8-airllm-13b", "llama-13b")):
+    SCENARIOS[_sc] = {
+        "what": f"{_preset} shape, one fp16 safetensors checkpoint on disk, 4 GiB GPU, 100 GiB "
+                "CPU, page cache dropped before each system",
+        "prepare": ["-m", "bench.peers.airllm_peer", "--model", _preset, "--write-only"],
+        "drop_caches": True,
+        "flexrun": ["--model", f"{_CKPT}/{_preset}", "--policy", "auto", "--gpu-mem", "4GiB",
+                    "--cpu-mem", "100GiB"],
+        "airllm": ["--model", _preset, "--gpu-mem", "4GiB", "--cpu-mem", "100GiB",
+                   "--cut-gen-len", "4"]}
+from bench.headline import HEADLINE_SCENARIOS  # noqa: E402  (FlexGen paper's table: H-opt-*)
+SCENARIOS.update(HEADLINE_SCENARIOS)
 SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexrun-auto": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexgen": ("bench.peers.flexgen_peer", "FLEXGEN_RESULT"),
            "accelerate": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT"),
            "accelerate-b8": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT"),
-           "accelerate-b16": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT")}
+           "accelerate-b16": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT"),
+           "accelerate-b2": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT"),
+           "flexgen-compressed": ("bench.peers.flexgen_peer", "FLEXGEN_RESULT"),
+           "flexrun-compressed": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "deepspeed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
+           "deepspeed-compressed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
+           "airllm": ("bench.peers.airllm_peer", "AIRLLM_RESULT")}
 
 
 def child_env() -> dict:
@@ -170,6 +200,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--note", default=None, help="stored in the result (e.g. 'machine under load')")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--merge", action="store_true", help="keep the systems of the existing "
+                    "result file that this run does not run (systems run back to back)")
     a = ap.parse_args()
     sc = SCENARIOS[a.scenario]
     out_dir = Path(a.out_dir)
@@ -185,8 +217,14 @@ def main() -> None:
     if a.note:
         res["note"] = a.note
     t0 = time.time()
+    if only and sc.get("prepare"):           # e.g. a checkpoint both systems read
+        res["prepare"] = _run([sys.executable, *sc["prepare"]], "AIRLLM_RESULT",
+                              out_dir / f"{a.scenario}-prepare.log", a.timeout)
     for name in only:
         module, tag = SYSTEMS[name]
+        if sc.get("drop_caches"):
+            from bench.peers.airllm_peer import drop_page_cache
+            res.setdefault("page_cache", {})[name] = drop_page_cache()
         res[name] = _run([sys.executable, "-m", module, *sc[name], *lens], tag,
                          out_dir / f"{a.scenario}-{name}.log", a.timeout)
         if name.startswith("flexrun") and "total_tok_s" in res[name]:
@@ -195,19 +233,28 @@ def main() -> None:
         print(name, json.dumps(res[name]), flush=True)
     res["scenario_wall_s"] = time.time() - t0
     res["load_avg_end"] = os.getloadavg()             # 1/5/15-min: others' load skews timings
+    device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), "unknown")
+    path = out_dir / f"{a.scenario}-{device.replace(' ', '-')}.json"
+    if a.merge and path.is_file():           # earlier systems of this scenario, back to back
+        old = json.loads(path.read_text())
+        kept = [k for k in old if k in sc and k in SYSTEMS and k not in only]
+        res.update({k: {**old[k], "merged_from": old.get("date")} for k in kept})
+        res.update({k: v for k, v in old.items() if k not in res and k not in SYSTEMS
+                    and not k.startswith("ratio") and k != "accelerate_best"})
+        only = only + kept
     accel = [k for k in only if k.startswith("accelerate") and "total_tok_s" in res[k]]
     if accel:                                         # its best batch size stands for it
         res["accelerate_best"] = max(accel, key=lambda k: res[k]["total_tok_s"])
-    for ours, suffix in (("flexrun", ""), ("flexrun-auto", "_auto")):
+    for ours, suffix in (("flexrun", ""), ("flexrun-auto", "_auto"),
+                         ("flexrun-compressed", "_compressed")):
         fr = res.get(ours, {})
         for peer in ("flexgen", "accelerate", "accelerate-b8", "accelerate-b16",
-                     "accelerate-best"):
+                     "accelerate-best", "deepspeed", "deepspeed-compressed", "airllm",
+                     "flexgen-compressed"):
             p = res.get(res.get("accelerate_best") if peer == "accelerate-best" else peer) or {}
             if "total_tok_s" in fr and "total_tok_s" in p:
                 res[f"ratio{suffix}_total_vs_{peer}"] = fr["total_tok_s"] / p["total_tok_s"]
                 res[f"ratio{suffix}_decode_vs_{peer}"] = fr["decode_tok_s"] / p["decode_tok_s"]
-    device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), "unknown")
-    path = out_dir / f"{a.scenario}-{device.replace(' ', '-')}.json"
     path.write_text(json.dumps(res, indent=1))
     print(f"{a.scenario}: prompt {plen}, gen {glen}, {res['scenario_wall_s']:.0f} s in all")
     print(f"{'system':12} {'prompts':>7} {'prefill s':>10} {'decode s':>10} {'total tok/s':>12}"
@@ -231,7 +278,8 @@ def main() -> None:
         else:
             print(f"{name:12} failed: {r.get('error')}")
     for key in sorted(k for k in res if k.startswith("ratio") and "_total_vs_" in k):
-        ours = "flexrun-auto" if key.startswith("ratio_auto") else "flexrun"
+        ours = ("flexrun-auto" if key.startswith("ratio_auto") else "flexrun-compressed"
+                if key.startswith("ratio_compressed") else "flexrun")
         peer = key.rsplit("_vs_", 1)[1]
         print(f"{ours} / {peer}: total {res[key]:.2f}x, "
               f"decode {res[key.replace('_total_', '_decode_')]:.2f}x")
