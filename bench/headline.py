@@ -35,6 +35,11 @@ ROWS = [("HF Accelerate", "accelerate", ("accelerate", "accelerate-b2", "acceler
         ("flexrun", None, ("flexrun-auto",)),
         ("flexrun (c)", None, ("flexrun-compressed",))]
 PETALS = "not run: needs a swarm of servers"
+# OPT-30B rows measured by S1 / S2-16GiB with the same arguments: used where H-opt-30b has none
+FROM_SCENARIOS = {"opt-30b": {"flexrun-auto": ("S1", "flexrun-auto"), "flexgen": ("S1", "flexgen"),
+                              "accelerate": ("S1", "accelerate"), "deepspeed": ("S1", "deepspeed"),
+                              "flexgen-compressed": ("S2-16GiB", "flexgen"),
+                              "flexrun-compressed": ("S2-16GiB", "flexrun")}}
 
 _B = ["--gpu-mem", "16GiB", "--cpu-mem", "100GiB"]
 _ACC = ["--device", "cuda", *_B]
@@ -110,6 +115,7 @@ def cell(res: dict | None, systems: tuple[str, ...], model: str, compressed: boo
         s, r = max(done, key=lambda sr: sr[1]["total_tok_s"])
         note = [f"batch {r['batch_size']}"] if r.get("batch_size") else []
         note += ["decode extrapolated"] if r.get("extrapolated") else []
+        note += [f"from {r['from']}"] if r.get("from") else []
         return f"{r['total_tok_s']:.2f}" + (f" ({', '.join(note)})" if note else "")
     errors = [f"{s}: {r['error']}" for s, r in runs if isinstance(r, dict) and "error" in r]
     return "failed: " + "; ".join(errors)[:200] if errors else "not run yet"
@@ -117,10 +123,15 @@ def cell(res: dict | None, systems: tuple[str, ...], model: str, compressed: boo
 
 def table(results: Path, device: str) -> str:
     """The markdown table from bench/results/H-<model>-<device>.json."""
+    def load(name: str) -> dict:
+        p = results / f"{name}-{device}.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
     res = {}
     for m in MODELS:
-        p = results / f"H-{m}-{device}.json"
-        res[m] = json.loads(p.read_text()) if p.is_file() else None
+        res[m] = load(f"H-{m}")
+        for system, (scenario, key) in FROM_SCENARIOS.get(m, {}).items():
+            if system not in res[m] and key in load(scenario):
+                res[m][system] = {**load(scenario)[key], "from": scenario}
     head = "| system | " + " | ".join(f"{m.upper()} here | {m.upper()} paper (T4)"
                                        for m in MODELS) + " |"
     lines = [head, "|---" * (1 + 2 * len(MODELS)) + "|"]

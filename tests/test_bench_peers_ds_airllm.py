@@ -200,6 +200,8 @@ def test_headline_arithmetic_and_table(tmp_path):
     (tmp_path / "H-opt-30b-GPU.json").write_text(json.dumps({
         "deepspeed": {"total_tok_s": 3.5, "batch_size": 17, "extrapolated": True},
         "accelerate": {"total_tok_s": 1.0}, "flexgen": {"error": "timed out after 540 s"}}))
+    (tmp_path / "S1-GPU.json").write_text(json.dumps({"flexrun-auto": {"total_tok_s": 40.0},
+                                                     "flexgen": {"total_tok_s": 15.0}}))
     t = headline.table(tmp_path, "GPU")
     row = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in t.splitlines()[2:]}
     assert row["DeepSpeed ZeRO-Inference"][3] == "3.50 (batch 17, decode extrapolated)"
@@ -207,6 +209,7 @@ def test_headline_arithmetic_and_table(tmp_path):
     assert row["FlexGen"][3].startswith("failed: flexgen: timed out")
     assert row["Petals"][1].startswith("not run")
     assert "does not fit" in row["flexrun"][5] and row["flexrun (c)"][5] == "not run yet"
+    assert row["flexrun"][3] == "40.00 (from S1)"            # S1's run stands for H-opt-30b
 
 
 def test_scenarios_name_known_systems():

@@ -300,7 +300,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-pin-memory", dest="pin_memory", action="store_false",
                     help="offload_param.pin_memory false (DeepSpeed's choice for OPT-175B)")
     ap.add_argument("--torch-dequant", action="store_true",
-                    help="dequantize with torch ops instead of DeepSpeed's JIT CUDA kernel")
+                    default=os.environ.get("FLEXRUN_DS_TORCH_DEQUANT") == "1",
+                    help="dequantize with torch ops instead of DeepSpeed's JIT CUDA kernel "
+                    "(default: FLEXRUN_DS_TORCH_DEQUANT=1, which bench.run passes on)")
     return ap
 
 
