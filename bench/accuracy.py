@@ -73,27 +73,33 @@ VARIANTS = [
                                                      weight_scheme="synth")),
     # groups of 32 along the input dim = the GGUF's Q4_1 blocks (same min/scale scheme)
     Variant("compress weight, g32", dict(compress_weight=True, quant_group=32)),
+    # the cache in groups of 64 (the earlier default), then of 32 (the default)
     Variant("compress cache, per_token (FlexGen), window 0",
-            dict(compress_cache=True, cache_scheme="per_token", cache_window=0, cache_sink=0)),
+            dict(compress_cache=True, cache_scheme="per_token", cache_group=64, cache_window=0,
+                 cache_sink=0)),
     Variant("compress cache, per_token, window 64",
-            dict(compress_cache=True, cache_scheme="per_token")),
+            dict(compress_cache=True, cache_scheme="per_token", cache_group=64,
+                 cache_window=64)),
     Variant("compress cache, kivi, window 0, no sink",
-            dict(compress_cache=True, cache_window=0, cache_sink=0)),
-    Variant("compress cache, kivi, window 0", dict(compress_cache=True, cache_window=0)),
-    Variant("compress cache, kivi, window 32", dict(compress_cache=True, cache_window=32)),
-    Variant("compress cache, kivi, window 64 (default)", dict(compress_cache=True)),
-    Variant("compress cache, kivi, window 128", dict(compress_cache=True, cache_window=128)),
-    # key groups of 32 tokens (quant_group also sets the weights' group when they are on)
+            dict(compress_cache=True, cache_group=64, cache_window=0, cache_sink=0)),
+    Variant("compress cache, kivi, window 0",
+            dict(compress_cache=True, cache_group=64, cache_window=0)),
+    Variant("compress cache, kivi, window 32",
+            dict(compress_cache=True, cache_group=64, cache_window=32)),
+    Variant("compress cache, kivi, window 64",
+            dict(compress_cache=True, cache_group=64, cache_window=64)),
+    Variant("compress cache, kivi, window 128",
+            dict(compress_cache=True, cache_group=64, cache_window=128)),
     Variant("compress cache, kivi g32, window 0",
-            dict(compress_cache=True, quant_group=32, cache_window=0)),
-    Variant("compress cache, kivi g32, window 32",
-            dict(compress_cache=True, quant_group=32, cache_window=32)),
+            dict(compress_cache=True, cache_group=32, cache_window=0)),
+    Variant("compress cache, kivi g32, window 32 (default)", dict(compress_cache=True)),
     # how far greedy agreement moves under a far smaller error: 8-bit codes
     Variant("compress cache, kivi 8-bit, window 0, no sink",
-            dict(compress_cache=True, quant_bits=8, cache_window=0, cache_sink=0)),
+            dict(compress_cache=True, quant_bits=8, cache_group=64, cache_window=0,
+                 cache_sink=0)),
     Variant("compress weight + cache, FlexGen (rtn + per_token, window 0)",
             dict(compress_weight=True, weight_scheme="rtn", compress_cache=True,
-                 cache_scheme="per_token", cache_window=0, cache_sink=0)),
+                 cache_scheme="per_token", cache_group=64, cache_window=0, cache_sink=0)),
     Variant("compress weight + cache (defaults)", dict(compress_weight=True,
                                                        compress_cache=True)),
 ]
@@ -161,7 +167,7 @@ def scheme_of(p: dict) -> str:
     if p["compress_weight"]:
         parts.append(f"w {p['weight_scheme']}{bits} g{p['quant_group']}")
     if p["compress_cache"]:
-        parts.append(f"kv {p['cache_scheme']}{bits} g{p['quant_group']} win "
+        parts.append(f"kv {p['cache_scheme']}{bits} g{p['cache_group']} win "
                      f"{p['cache_window']} sink {p['cache_sink']}")
     return "; ".join(parts) or "-"
 

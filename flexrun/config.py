@@ -121,12 +121,14 @@ class Policy:
     compress_cache: bool = False
     quant_bits: int = 4
     quant_group: int = 64
-    # compress_cache: "kivi" (keys per channel in groups of quant_group tokens, values per
-    # token) or "per_token" (FlexGen: K and V in groups of quant_group along the head dim);
-    # the last cache_window tokens stay exact (kivi: until their key group fills too), and
-    # each prompt's first cache_sink tokens (attention sinks)
+    # compress_cache: "kivi" (keys per channel in groups of cache_group tokens, values per
+    # token in groups of cache_group along the head dim) or "per_token" (FlexGen: K and V in
+    # groups of cache_group along the head dim); the last cache_window tokens stay exact
+    # (kivi: until their key group fills too), and each prompt's first cache_sink tokens
+    # (attention sinks). quant_bits is the cache's bits too; quant_group is the weights' group
     cache_scheme: str = "kivi"
-    cache_window: int = 64
+    cache_group: int = 32
+    cache_window: int = 32
     cache_sink: int = 4
     # compress_weight: "rtn" (min-max round to nearest), "hqq" (half-quadratic search of
     # each group's zero and scale) or "synth" (grid search of each group's range weighted by
@@ -171,6 +173,10 @@ class Policy:
             w = getattr(self, name)
             if not isinstance(w, int) or isinstance(w, bool) or w < 0:
                 raise FlexrunError(f"policy: {name} must be an integer >= 0, got {w!r}")
+        if not isinstance(self.cache_group, int) or isinstance(self.cache_group, bool) \
+                or self.cache_group < 1:
+            raise FlexrunError(f"policy: cache_group must be an integer >= 1, got "
+                               f"{self.cache_group!r}")
 
     @property
     def block_size(self) -> int:

@@ -56,7 +56,8 @@ def test_end_to_end_tiny_llama(llama_dir, tmp_path, all_paths, capsys):
     assert abs(res["decode_ppl"] / res["ppl"] - 1) < 0.2
     assert rows["compress weight, rtn (FlexGen)"]["ppl"] != res["ppl"]
     assert rows["compress cache, kivi, window 0, no sink"]["decode_ppl"] != res["decode_ppl"]
-    assert "kv kivi g64 win 64 sink 4" in rows["compress cache, kivi, window 64 (default)"][
+    assert "kv kivi g64 win 64 sink 4" in rows["compress cache, kivi, window 64"]["scheme"]
+    assert "kv kivi g32 win 32 sink 4" in rows["compress cache, kivi g32, window 32 (default)"][
         "scheme"]
     assert rows["weights on disk"]["policy"]["weights_disk"] == 100.0
     assert len(res["outputs"]) == 3 and len(json.loads(out.read_text())["prompts"][0]) == 12

@@ -55,7 +55,7 @@ def test_decode_score_equals_prefill_score(llama_dir, tmp_path, path):
 
 def test_compressed_cache_moves_decode_score_only(llama_dir):
     seqs = sequences()
-    pol = Policy(compress_cache=True, quant_group=4, cache_window=0, cache_sink=0)
+    pol = Policy(compress_cache=True, cache_group=4, cache_window=0, cache_sink=0)
     with LLM(str(llama_dir), device="cpu", policy=pol) as llm:
         dec = llm.score_decode(seqs, PREFILL)
         ref = prefill_logprobs(llm, seqs)

@@ -18,7 +18,7 @@ GREEDY = SamplingParams(ignore_eos=True)
 CACHES = {"gpu": (100, 0, 0), "cpu": (0, 100, 0), "disk": (0, 0, 100), "split": (30, 40, 30)}
 # the tiny models' heads have 16 dims and prompts up to 16 tokens: small groups and a short
 # window so that most keys are quantized within 8 new tokens
-QUANT = dict(compress_cache=True, quant_group=4, cache_window=3, cache_sink=1)
+QUANT = dict(compress_cache=True, cache_group=4, cache_window=3, cache_sink=1)
 
 
 def _run(d, prompts, tmp_path, **kw):

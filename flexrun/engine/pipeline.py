@@ -124,7 +124,7 @@ class Pipeline(HostTransfers):
         static = policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU)
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
-                          self.io, (policy.quant_bits, policy.quant_group, policy.cache_scheme,
+                          self.io, (policy.quant_bits, policy.cache_group, policy.cache_scheme,
                                     policy.cache_window, policy.cache_sink)
                           if policy.compress_cache else None,
                           zero_fill=static or not self.cuda)   # whole-slot attention reads all

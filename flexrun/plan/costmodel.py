@@ -109,7 +109,7 @@ def kv_block_nbytes(spec: ModelSpec, policy: Policy, elem: int, positions: float
         return 2 * policy.block_size * positions * spec.kv_dim * elem
     return policy.num_gpu_batches * kv_slot_nbytes(
         policy.gpu_batch_size, positions, spec.num_kv_heads, spec.head_dim, elem,
-        policy.quant_bits, policy.quant_group, policy.cache_scheme, policy.cache_window,
+        policy.quant_bits, policy.cache_group, policy.cache_scheme, policy.cache_window,
         policy.cache_sink)
 
 
@@ -121,7 +121,7 @@ def kv_step_nbytes(spec: ModelSpec, policy: Policy, elem: int, slot_len: int) ->
         return kv_block_nbytes(spec, policy, elem, 1)
     fixed = kv_block_nbytes(spec, policy, elem, 0)
     per_pos = (kv_block_nbytes(spec, policy, elem, slot_len) - fixed) / max(slot_len, 1)
-    _, tgroup = kv_groups(spec.head_dim, policy.quant_group, policy.cache_scheme)
+    _, tgroup = kv_groups(spec.head_dim, policy.cache_group, policy.cache_scheme)
     ring = kv_ring_len(policy.cache_window, tgroup) > 0
     return per_pos + (2 * policy.block_size * spec.kv_dim * elem if ring else 0)
 

@@ -202,7 +202,7 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         if policy.compress_cache:       # codes, fp16 mins / scales, the exact recent ring
             per_layer = policy.num_gpu_batches * kv_slot_nbytes(
                 policy.gpu_batch_size, T, spec.num_kv_heads, spec.head_dim, elem,
-                policy.quant_bits, policy.quant_group, policy.cache_scheme, policy.cache_window,
+                policy.quant_bits, policy.cache_group, policy.cache_scheme, policy.cache_window,
                 policy.cache_sink)
         for t in assign_tiers([1] * len(layers), policy.cache_split()):
             cache[TIERS[t]] += per_layer
