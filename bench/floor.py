@@ -17,7 +17,8 @@ P + gen/2, with the placement fractions of the policy:
 from __future__ import annotations
 
 from flexrun.config import Policy
-from flexrun.plan.costmodel import kv_block_nbytes, reads_page_cache
+from flexrun.plan.costmodel import reads_page_cache
+from flexrun.plan.footprint import kv_block_nbytes
 from flexrun.plan.footprint import numel, weight_bytes
 from flexrun.plan.hardware import HardwareProfile
 from flexrun.models.spec import ModelSpec

@@ -5,7 +5,7 @@ import pytest
 from bench.floor import decode_floor
 from flexrun import Policy
 from flexrun.models.dummy import dummy_spec
-from flexrun.plan.costmodel import kv_block_nbytes, kv_step_nbytes
+from flexrun.plan.footprint import kv_block_nbytes, kv_step_nbytes
 from flexrun.plan.footprint import footprint
 from flexrun.plan.hardware import HardwareProfile, profile_path
 

@@ -20,7 +20,8 @@ from flexrun.memory.storage import MAP_DISK, Arena, DiskTier, TieredStore, assig
 from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers
-from flexrun.engine.attention import attend, attend_range, decode_mask, host_matmul, prefill_mask
+from flexrun.engine.step_inputs import StepInputs
+from flexrun.engine.attention import attend, attend_range, host_matmul
 from flexrun.engine.experts import TieredExperts
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
@@ -77,7 +78,7 @@ class BatchState:
         return P - self.valid[:, :P].sum(1)
 
 
-class Pipeline(HostTransfers):
+class Pipeline(HostTransfers, StepInputs):
     """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
     placing its layers' KV cache and its units' activations per the policy over that slice."""
     defers_ids = True       # greedy ids reach the host a step late (_defer); not on a stage
@@ -239,45 +240,6 @@ class Pipeline(HostTransfers):
         16 rows x 32 heads x 520 keys, 2 cores), which outweighs the unused keys' work."""
         return (not self.cuda and isinstance(slot, KVSlot) and slot.tier == "gpu"
                 and not slot.time_major and host_matmul(q))
-
-    def _mask(self, b: BatchState, where: torch.device, prefill: bool,
-              window: int | None = None):
-        """The step's attention mask on `where`, built once per step (None: no padding and
-        no window, or a window the keys do not reach past)."""
-        keys = b.prompt_len if prefill else b.time + 1
-        if window is not None and window >= keys:
-            window = None
-        def make():
-            if not b.padded and window is None:
-                return None
-            m = prefill_mask(b.prefill_valid(), window) if prefill else \
-                decode_mask(b.valid[:, :b.time + 1], window)
-            return m.to(where)
-        return self._per_step(b, (b.time, prefill, where.type, window), make)
-
-    def _key_range(self, b: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start (b,), last (1,)) on the device: each row's keys in this decode step are
-        [start, last] (its prompt after the left padding, then every token since), for the
-        split-K kernel, which reads only those keys of the whole slot."""
-        def make():
-            return (b.key_start().to(self.device),
-                    torch.full((1,), b.time, dtype=torch.long, device=self.device))
-        return self._per_step(b, (b.time, "range"), make)
-
-    @staticmethod
-    def _per_step(b: BatchState, key: tuple, make):
-        """b's value for `key`, made once per step (values of earlier steps are dropped)."""
-        if key not in b.masks:
-            if len(b.masks) > 7:
-                b.masks.clear()
-            b.masks[key] = make()
-        return b.masks[key]
-
-    def _positions(self, b: BatchState, prefill: bool) -> torch.Tensor:
-        if prefill:
-            v = b.prefill_valid().long()
-            return (v.cumsum(-1) - 1).clamp(min=0)
-        return b.next_pos[:, None]
 
     # ---- the block loop ---------------------------------------------------------------------
     def run_block(self, batches: list[BatchState], max_new_tokens: int, sampler: Sampler,

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from flexrun.config import FlexrunError, Policy
-from flexrun.plan.footprint import (footprint, is_compressible, numel, streams_whole_units,
-                        weight_bytes)
+from flexrun.plan.footprint import (footprint, is_compressible, kv_block_nbytes, kv_step_nbytes,
+                                   numel, streams_whole_units, weight_bytes)
 from flexrun.plan.hardware import HardwareProfile
 from flexrun.plan.moe_cost import moe_layer
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.storage import MAP_DISK
-from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # terms that run concurrently (pipeline.py: weights load on the io thread / weight stream,
@@ -99,31 +98,6 @@ def _add(*exprs: Lin) -> Lin:
 
 def _value(e: Lin, x: dict) -> float:
     return sum(v * (1.0 if k == "1" else x[k]) for k, v in e.items())
-
-
-def kv_block_nbytes(spec: ModelSpec, policy: Policy, elem: int, positions: float) -> float:
-    """Bytes of one layer's K and V for the whole block at `positions` positions, as stored:
-    dense, or compressed as the footprint counts it (memory.quant.kv_slot_nbytes: codes, fp16
-    mins and scales, and the exact window ring and sink tokens of every row)."""
-    if not policy.compress_cache:
-        return 2 * policy.block_size * positions * spec.kv_dim * elem
-    return policy.num_gpu_batches * kv_slot_nbytes(
-        policy.gpu_batch_size, positions, spec.num_kv_heads, spec.head_dim, elem,
-        policy.quant_bits, policy.cache_group, policy.cache_scheme, policy.cache_window,
-        policy.cache_sink)
-
-
-def kv_step_nbytes(spec: ModelSpec, policy: Policy, elem: int, slot_len: int) -> float:
-    """Bytes one decode step stores into one layer's cache for the block: its K and V as
-    stored (compressed: a position's share of a slot of slot_len positions), plus, with an
-    exact ring, their exact copy there."""
-    if not policy.compress_cache:
-        return kv_block_nbytes(spec, policy, elem, 1)
-    fixed = kv_block_nbytes(spec, policy, elem, 0)
-    per_pos = (kv_block_nbytes(spec, policy, elem, slot_len) - fixed) / max(slot_len, 1)
-    _, tgroup = kv_groups(spec.head_dim, policy.cache_group, policy.cache_scheme)
-    ring = kv_ring_len(policy.cache_window, tgroup) > 0
-    return per_pos + (2 * policy.block_size * spec.kv_dim * elem if ring else 0)
 
 
 # ---- the per-unit terms -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from flexrun.config import FlexrunError, Policy, format_size
 from flexrun.models.spec import ModelSpec
-from flexrun.memory.quant import kv_slot_nbytes
+from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
 from flexrun.memory.storage import TIERS, assign_tiers
 
 
@@ -173,6 +173,31 @@ def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
     names = list(shapes)
     sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
     return shapes, sizes, weight_tiers(spec, policy, names, sizes, units, cuda, hot)
+
+
+def kv_block_nbytes(spec: ModelSpec, policy: Policy, elem: int, positions: float) -> float:
+    """Bytes of one layer's K and V for the whole block at `positions` positions, as stored:
+    dense, or compressed as the footprint counts it (memory.quant.kv_slot_nbytes: codes, fp16
+    mins and scales, and the exact window ring and sink tokens of every row)."""
+    if not policy.compress_cache:
+        return 2 * policy.block_size * positions * spec.kv_dim * elem
+    return policy.num_gpu_batches * kv_slot_nbytes(
+        policy.gpu_batch_size, positions, spec.num_kv_heads, spec.head_dim, elem,
+        policy.quant_bits, policy.cache_group, policy.cache_scheme, policy.cache_window,
+        policy.cache_sink)
+
+
+def kv_step_nbytes(spec: ModelSpec, policy: Policy, elem: int, slot_len: int) -> float:
+    """Bytes one decode step stores into one layer's cache for the block: its K and V as
+    stored (compressed: a position's share of a slot of slot_len positions), plus, with an
+    exact ring, their exact copy there."""
+    if not policy.compress_cache:
+        return kv_block_nbytes(spec, policy, elem, 1)
+    fixed = kv_block_nbytes(spec, policy, elem, 0)
+    per_pos = (kv_block_nbytes(spec, policy, elem, slot_len) - fixed) / max(slot_len, 1)
+    _, tgroup = kv_groups(spec.head_dim, policy.cache_group, policy.cache_scheme)
+    ring = kv_ring_len(policy.cache_window, tgroup) > 0
+    return per_pos + (2 * policy.block_size * spec.kv_dim * elem if ring else 0)
 
 
 def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None,
