@@ -40,14 +40,13 @@ import gc
 import json
 import os
 import resource
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from bench.peers.hf_shapes import hf_config, synthetic_value
+from bench.peers.report import run_and_report
 from flexrun.config import parse_size
 from flexrun.models.dummy import dummy_spec
 from flexrun.models.spec import ModelSpec
@@ -281,14 +280,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     a = parser().parse_args()
-    try:
-        res = run(a)
-    except Exception as e:          # the result says why, not a blank
-        res = {"error": f"{type(e).__name__}: {e}"[:2000],
-               "traceback_tail": traceback.format_exc()[-3000:], "args": vars(a)}
-        print("AIRLLM_RESULT " + json.dumps(res, default=str), flush=True)
-        sys.exit(1)
-    print("AIRLLM_RESULT " + json.dumps(res, default=str), flush=True)
+    run_and_report("AIRLLM_RESULT", lambda: run(a), lambda: {"args": vars(a)})
 
 
 if __name__ == "__main__":

@@ -50,17 +50,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import socket
-import sys
 import time
-import traceback
 
 import torch
 
 from bench.peers.hf_shapes import hf_config, tied_names
+from bench.peers.report import run_and_report
 from flexrun.config import parse_size
 from flexrun.models.dummy import dummy_spec, synthetic_tensor
 from flexrun.models.loader import canonical_name
@@ -308,18 +306,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     a = parser().parse_args()
-    try:
-        res = run(a)
-    except Exception as e:          # the result says why, not a blank
-        res = {"error": f"{type(e).__name__}: {e}"[:2000],
-               "traceback_tail": traceback.format_exc()[-3000:], "left_out": LEFT_OUT,
-               "ds_config": getattr(a, "ds_config", None), "args": {
-                   k: v for k, v in vars(a).items() if k != "ds_config"}}
+
+    def said() -> dict:
+        out = {"left_out": LEFT_OUT, "ds_config": getattr(a, "ds_config", None),
+               "args": {k: v for k, v in vars(a).items() if k != "ds_config"}}
         with contextlib.suppress(Exception):
-            res["versions"] = versions()
-        print("DEEPSPEED_RESULT " + json.dumps(res, default=str), flush=True)
-        sys.exit(1)
-    print("DEEPSPEED_RESULT " + json.dumps(res, default=str), flush=True)
+            out["versions"] = versions()
+        return out
+    run_and_report("DEEPSPEED_RESULT", lambda: run(a), said)
 
 
 if __name__ == "__main__":
