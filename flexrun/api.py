@@ -71,6 +71,9 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, self.device, self.spec.family)
         self.tokenizer = self.ckpt.tokenizer
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
+        if expert_stats and not self.spec.num_experts:
+            raise FlexrunError(f"--expert-stats is for mixture-of-experts models; {model} is "
+                               "dense: leave it out")
         self.expert_stats = expert_stats
         # policy="auto" plans for (longest prompt, max_new_tokens, prompts)
         self.auto_prompt_len, self.auto_gen_len, self.auto_num_prompts = \

@@ -342,3 +342,8 @@ def test_generate_writes_routing_counts_and_places_by_them(tmp_path, capsys):
     a, b = ([json.loads(x)["output_ids"] for x in (tmp_path / f).read_text().splitlines()]
             for f in ("a.jsonl", "b.jsonl"))
     assert a == b
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(FlexrunError, match="not readable"):
+        LLM(str(d), device="cpu", policy=str(pol), expert_stats=str(tmp_path / "bad.json"))
+    with pytest.raises(FlexrunError, match="is dense"):
+        LLM("dummy:opt-125m", device="cpu", expert_stats=str(stats))
