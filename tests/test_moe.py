@@ -109,7 +109,8 @@ def test_stats_count_a_known_routing():
     assert (model_stats.calls, model_stats.experts_touched) == (0, 0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen2_moe-odd",
+                                    "qwen3_moe", "qwen3_moe-odd"])
 @pytest.mark.parametrize("lanes", ["copy", "cpu"])
 def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lanes):
     """30/40/30 gpu/cpu/disk (on a CPU run the gpu tier is host memory): every layer's experts
@@ -127,15 +128,18 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
         assert stats.routing == "router" and stats.calls > 0
         E = llm.spec.num_experts
         assert 0 < stats.experts_touched <= E * stats.calls
-        layer0 = {n[len("layers.0."):]: llm.weights.fetch(n) for n in llm.spec.unit_shapes(1)}
-        assert stacked_experts(layer0, E) is not None   # resident: grouped GEMMs
+        j = next(j for j in range(llm.spec.num_layers) if llm.spec.is_moe(j))
+        first = {n[len(f"layers.{j}."):]: llm.weights.fetch(n)
+                 for n in llm.spec.unit_shapes(j + 1)}
+        assert stacked_experts(first, E) is not None    # resident: grouped GEMMs
     pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=40,
                  weights_disk=30, expert_lanes=lanes)
     (tmp_path / "off").mkdir()
     with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path / "off")) as llm:
         L = llm.spec.num_layers
         per_expert = [{llm.weights.tier_of(f"layers.{j}.experts.{e}.{p}.weight")
-                       for p in ("gate", "up", "down")} for j in range(L) for e in range(E)]
+                       for p in ("gate", "up", "down")} for j in range(L) for e in range(E)
+                      if llm.spec.is_moe(j)]
         away = llm.pipeline.experts.remote
         loaded = {n for names in llm.pipeline.unit_names.values() for n in names}
         outs = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
