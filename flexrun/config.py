@@ -113,6 +113,10 @@ class Policy:
     act_gpu: float = 100.0
     act_cpu: float = 0.0
     act_disk: float = 0.0
+    # the first gpu_cache_batches GPU batches of each block keep their KV cache on the compute
+    # device and attend there, whatever cache_* say; the others follow cache_* (off the
+    # device with cpu_attention: attended on the host), so both memories serve each step
+    gpu_cache_batches: int = 0
     overlap: bool = True
     cuda_graphs: bool = True        # replay captured decode steps of GPU-resident units
     cpu_attention: bool = False
@@ -173,6 +177,10 @@ class Policy:
             w = getattr(self, name)
             if not isinstance(w, int) or isinstance(w, bool) or w < 0:
                 raise FlexrunError(f"policy: {name} must be an integer >= 0, got {w!r}")
+        g = self.gpu_cache_batches
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= self.num_gpu_batches:
+            raise FlexrunError(f"policy: gpu_cache_batches must be an integer in 0.."
+                               f"{self.num_gpu_batches} (num_gpu_batches), got {g!r}")
         if not isinstance(self.cache_group, int) or isinstance(self.cache_group, bool) \
                 or self.cache_group < 1:
             raise FlexrunError(f"policy: cache_group must be an integer >= 1, got "
@@ -187,6 +195,11 @@ class Policy:
 
     def cache_split(self) -> tuple[float, float, float]:
         return (self.cache_gpu, self.cache_cpu, self.cache_disk)
+
+    @property
+    def gpu_cache_share(self) -> float:
+        """The share of each layer's KV cache on the device for gpu_cache_batches."""
+        return self.gpu_cache_batches / self.num_gpu_batches
 
     def act_split(self) -> tuple[float, float, float]:
         return (self.act_gpu, self.act_cpu, self.act_disk)

@@ -122,3 +122,37 @@ def test_cpu_slots_fit_each_block(opt_dir):
         longest_last_block = max(s.max_len for s in llm.pipeline.kv.slots.values())
     assert got == alone
     assert longest_last_block <= 4 + 3 + 16 < 40
+
+
+@pytest.mark.parametrize("cache", ["cpu", "disk", "split"])
+def test_some_batches_keep_their_cache_on_the_device(model_and_ref, tmp_path, cache):
+    """gpu_cache_batches: the block's first GPU batches keep their KV slots on the compute
+    device in every layer, the others follow the cache split (attended on the host); the
+    tokens are the resident run's, the footprint counts that share on the device and the cost
+    model prices it as device attention."""
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.footprint import footprint
+    from flexrun.plan.hardware import HardwareProfile, PROFILES_DIR
+    from flexrun.models.dummy import dummy_spec
+    d, prompts, ref = model_and_ref
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=3, cache_gpu=0, cache_cpu=PLACES[cache][1],
+                 cache_disk=PLACES[cache][2] + PLACES[cache][0], cpu_attention=True,
+                 gpu_cache_batches=1)
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
+        outs = llm.generate(prompts, NEW, GREEDY)
+        tiers = {(j, b): s.tier for (j, b), s in llm.pipeline.kv.slots.items()}
+    assert [o.output_ids for o in outs] == ref
+    assert {t for (j, b), t in tiers.items() if b == 0} == {"gpu"}
+    assert "gpu" not in {t for (j, b), t in tiers.items() if b > 0}
+    with pytest.raises(Exception, match="gpu_cache_batches"):
+        Policy(num_gpu_batches=2, gpu_cache_batches=3)
+    spec = dummy_spec("opt-30b")
+    off = Policy(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=20, weights_cpu=80,
+                 cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    half = Policy(**{**off.to_dict(), "gpu_cache_batches": 1})
+    a, b = (footprint(spec, x, 2, 512, 32, cuda=True) for x in (off, half))
+    assert a.cache["gpu"] == 0 and b.cache["gpu"] == pytest.approx(a.cache["cpu"] / 2)
+    assert sum(b.cache.values()) == pytest.approx(sum(a.cache.values()))
+    prof = HardwareProfile.load(PROFILES_DIR / "h200.json")
+    pa, pb = (predict(spec, x, prof, 512, 32, device="cuda") for x in (off, half))
+    assert pb.decode_s < pa.decode_s        # half the KV read at HBM rate instead of DRAM

@@ -223,11 +223,13 @@ class KVCache:
     def __init__(self, layer_tiers: Mapping[int, str], device: torch.device, dtype: torch.dtype,
                  disk: DiskTier | None, num_kv_heads: int, head_dim: int, cpu_attention: bool,
                  store_stream=None, io=None, quant: tuple | None = None,
-                 zero_fill: bool = False):
+                 zero_fill: bool = False, gpu_batches: int = 0):
         """quant: (bits, group, scheme, window, sink) to store K and V compressed
         (compress_cache, engine/kvquant.py), else None;
-        zero_fill: zero the compute-device slots (for the static decode step)."""
+        zero_fill: zero the compute-device slots (for the static decode step);
+        gpu_batches: the first GPU batches whose slots are on the device in every layer."""
         self.layer_tiers, self.device, self.dtype = layer_tiers, device, dtype
+        self.gpu_batches = gpu_batches
         self.quant, self.zero_fill = quant, zero_fill
         self.disk, self.kv_heads, self.head_dim = disk, num_kv_heads, head_dim
         self.cpu_attention = cpu_attention
@@ -253,7 +255,8 @@ class KVCache:
             if s is not None:
                 s.close()
                 del self.slots[(layer, batch)]      # freed before its successor is made
-            tier, name = self.layer_tiers[layer], f"kv-l{layer}-b{batch}"
+            tier = "gpu" if batch < self.gpu_batches else self.layer_tiers[layer]
+            name = f"kv-l{layer}-b{batch}"
             shape = (rows, self.kv_heads, max_len, self.head_dim)
 
             def make(shape_, dtype, part=""):

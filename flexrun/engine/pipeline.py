@@ -128,7 +128,8 @@ class Pipeline(HostTransfers, StepInputs):
                           self.io, (policy.quant_bits, policy.cache_group, policy.cache_scheme,
                                     policy.cache_window, policy.cache_sink)
                           if policy.compress_cache else None,
-                          zero_fill=static or not self.cuda)   # whole-slot attention reads all
+                          zero_fill=static or not self.cuda,   # whole-slot attention reads all
+                          gpu_batches=policy.gpu_cache_batches)
         self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) if static else None
 
     # ---- weights ----------------------------------------------------------------------------

@@ -195,6 +195,10 @@ class _Ctx:
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
         kv = kv_block_nbytes(s, p, e, t_avg)                   # the block's keys + values
         new = kv_step_nbytes(s, p, e, P + self.wl.gen_len)     # this step's keys + values
+        g = p.gpu_cache_share       # gpu_cache_batches: on the device, attended there
+        if g and not prefill:
+            comp["1"] += g * kv / self.attn_bw
+        kv, new, rest = kv * (1 - g), new * (1 - g), k - p.gpu_cache_batches
         load: Lin = {}
         host_mem: Lin = {}
         if prefill:
@@ -208,8 +212,8 @@ class _Ctx:
                     whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len)
                     comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
-                ship = b * k * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
-                host = kv / self.cpu_attn_bw + ship + k * self.attn_call_s
+                ship = b * rest * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
+                host = kv / self.cpu_attn_bw + ship + rest * self.attn_call_s
                 link = _add(link, {"cc": ship, "cd": ship})
                 comp = _add(comp, {"cg": kv / self.attn_bw, "cc": host, "cd": host})
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at

@@ -229,8 +229,10 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
                 policy.gpu_batch_size, T, spec.num_kv_heads, spec.head_dim, elem,
                 policy.quant_bits, policy.cache_group, policy.cache_scheme, policy.cache_window,
                 policy.cache_sink)
+        g = policy.gpu_cache_share      # gpu_cache_batches: that share on the device
         for t in assign_tiers([1] * len(layers), policy.cache_split()):
-            cache[TIERS[t]] += per_layer
+            cache[TIERS[t]] += per_layer * (1 - g)
+            cache["gpu"] += per_layer * g
         b = policy.gpu_batch_size
         act = policy.block_size * prompt_len * spec.hidden_size * elem
         # live at the FFN: its input, the normed input, the up-projection (in-place

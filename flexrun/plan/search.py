@@ -127,11 +127,13 @@ class _Search:
         unit = self.fp(_with(shape, weights_gpu=0, weights_cpu=100, weights_disk=0,
                              cache_gpu=100, cache_cpu=0, cpu_attention=False), False).host
         W, C = fp0.weights["gpu"], sum(fp0.cache.values())
-        gpu = _lin(fp0.buffers + 2 * unit, wg=W - 2 * unit, cg=C)
+        fixed, C = C * shape.gpu_cache_share, C * (1 - shape.gpu_cache_share)
+        gpu = _lin(fp0.buffers + 2 * unit + fixed, wg=W - 2 * unit, cg=C)
         cpu = _lin(fp0.host + unit, wg=-unit, wc=W, cc=C)
         if not self.cuda:
             gpu, cpu = _lin(), _add(gpu, cpu)
-        return {"gpu": gpu, "cpu": cpu, "disk": _lin(wd=W, cd=C)}, W + C + fp0.buffers + fp0.host
+        return ({"gpu": gpu, "cpu": cpu, "disk": _lin(wd=W, cd=C)},
+                W + C + fixed + fp0.buffers + fp0.host)
 
     def solve(self, shape: Policy, caps: dict, minimize: str | None = None):
         """Optimal fractions (dict) of the LP, or None when infeasible."""
