@@ -111,13 +111,19 @@ def test_stats_count_a_known_routing():
 
 @pytest.mark.parametrize("family", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen2_moe-odd",
                                     "qwen3_moe", "qwen3_moe-odd"])
-@pytest.mark.parametrize("lanes", ["copy", "cpu"])
-def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lanes):
+@pytest.mark.parametrize("lanes", ["copy", "cpu", "staged", "staged-cpu"])
+def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lanes,
+                                                            monkeypatch):
     """30/40/30 gpu/cpu/disk (on a CPU run the gpu tier is host memory): every layer's experts
     lie on several tiers, an expert's three matrices on one; the unit loads leave the
     off-device experts out, and only routed ones are copied (copy lane) or computed where
-    they live (CPU lane), once per unit and block; the tokens and the prompt logits are the
-    resident run's."""
+    they live (CPU lane), once per unit and block; "staged": the copy lane with every device
+    expert of the unit put in stacked slots and run as grouped GEMMs (a GPU run's way), beside
+    the CPU lane too; the tokens and the prompt logits are the resident run's."""
+    from flexrun.engine import experts as engine_experts
+    staged = lanes.startswith("staged")
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", staged)
+    lanes = {"staged": "copy", "staged-cpu": "cpu"}.get(lanes, lanes)
     from families import save_family
     d = save_family(family, tmp_path / "m")
     prompts = ragged_prompts(4, seed=3)
@@ -144,6 +150,7 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
         loaded = {n for names in llm.pipeline.unit_names.values() for n in names}
         outs = [o.output_ids for o in llm.generate(prompts, 10, GREEDY)]
         lane = llm.pipeline.experts.stats
+        assert (llm.pipeline.experts.staging is not None) == staged
         logits = llm.prompt_logits(prompts[:2])
     assert all(len(t) == 1 for t in per_expert)
     assert set().union(*per_expert) == {"gpu", "cpu", "disk"}

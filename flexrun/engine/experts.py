@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
 from flexrun.models.moe import ExpertGroup, expert
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
+GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 
 
 @dataclass
@@ -91,8 +93,22 @@ class TieredExperts:
                                                                        "disk").index)
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="flexrun-cpu-experts")
         self._layer, self._held = None, {}
+        self.staging = self._staging() if self.remote else None
         if self.cuda and self.lanes == "auto":
             self.calibrate()
+
+    def _staging(self) -> ExpertStaging | None:
+        """Grouped GEMMs for layers split over tiers, on a GPU (where launches per expert
+        cost most; GROUPED_ON_CPU for tests) with plain (not 4-bit) experts."""
+        if not (self.cuda or GROUPED_ON_CPU):
+            return None
+        j, es = next(iter(self.remote.items()))
+        sample = self.weights.homes[self.name(j, next(iter(es)), "gate")][1]
+        h, f = self.spec.hidden_size, self.spec.expert_ffn_dim
+        if not ExpertStaging.applies(self.device, self.dtype, h, f, sample):
+            return None
+        return ExpertStaging(self.spec.num_experts, h, f, self.device, self.dtype,
+                             self.weight_stream, self.compute_stream)
 
     def calibrate(self) -> None:
         """Measure the lane rates on one host-memory expert: a pinned copy to the device, and
@@ -136,6 +152,8 @@ class TieredExperts:
     def begin_unit(self, layer: int | None) -> None:
         """A unit starts on the block's first batch: the previous unit's copies go."""
         self._layer, self._held = layer, {}
+        if self.staging is not None:
+            self.staging.begin_unit()
 
     def runner(self, layer: int):
         """moe_mlp's runner for `layer`: None when every expert is on the device."""
@@ -151,16 +169,29 @@ class TieredExperts:
         """The routed experts of one batch; outputs are added in expert order whatever lane
         computed them, so every placement and lane split sums in the same order."""
         remote = self.remote[self._layer]
-        here = [g for g in groups if g.expert not in remote or g.expert in self._held]
-        away = [g for g in groups if g.expert in remote and g.expert not in self._held]
+        held = self._held if self.staging is None else self.staging.staged
+        here = [g for g in groups if g.expert not in remote or g.expert in held]
+        away = [g for g in groups if g.expert in remote and g.expert not in held]
         self.stats.reused += sum(g.expert in remote for g in here)
         on_cpu, to_copy = self.split(away)
         to_copy.sort(key=lambda g: -len(g.rows))    # issued, then computed, busiest first
-        for g in to_copy:
-            self._copy(g.expert)
+        if self.staging is not None:
+            for g in to_copy:
+                self._stage_copy(g.expert)
+        else:
+            for g in to_copy:
+                self._copy(g.expert)
         cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
-        ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
-              for g in here + to_copy}
+        if self.staging is not None:    # every device expert in two grouped GEMMs
+            for g in here:
+                if g.expert not in self.staging.staged:
+                    self.staging.put_resident(g.expert, *(w[f"experts.{g.expert}.{p}.weight"]
+                                                          for p in PARTS))
+            picked = {g.expert for g in here + to_copy}
+            ys = self.staging.run(x2, [g for g in groups if g.expert in picked])
+        else:
+            ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
+                  for g in here + to_copy}
         if cpu_job is not None:
             for g, y in zip(on_cpu, cpu_job.result()):
                 ys[g.expert] = y.pin_memory().to(self.device, non_blocking=True) \
@@ -210,6 +241,14 @@ class TieredExperts:
             ev = torch.cuda.Event()
             ev.record(self.weight_stream)
         self._held[e] = (dev, ev)
+        self.stats.copied += 1
+        self.stats.copy_bytes += self._nbytes(e)
+
+    def _stage_copy(self, e: int) -> None:
+        """Copy expert e of the current unit from host memory into its staging slot."""
+        self.staging.put_host(e, *(self.weights.read_host(self.name(self._layer, e, p),
+                                                          pinned=self.cuda, mapped=self.mapped)
+                                   for p in PARTS))
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
 

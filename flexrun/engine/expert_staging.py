@@ -1,0 +1,97 @@
+"""One layer's experts laid out back to back on the compute device, for grouped GEMMs.
+
+A layer whose experts are split over tiers has no stacked buffer of its own (only a fully
+resident layer is joined at load: LlamaModel.JOINED), so running its routed experts one GEMM
+each costs a handful of launches per expert (128 experts of Qwen3-MoE: ~1,000 launches per
+layer and GPU batch). ExpertStaging keeps a pair of (E, 2 ffn, hidden) / (E, hidden, ffn)
+buffers: each routed expert of the current unit is put in its slot once per block (a
+resident one copied device to device, an off-device one copied from host memory straight
+into its slot on the weight stream), and the batch's device experts run as two grouped GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flexrun.memory.storage import DiskRef
+from flexrun.models.moe import ExpertGroup, grouped_mm_works
+
+
+class ExpertStaging:
+    """The stacked slots of the current unit's experts on the compute device."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, device: torch.device,
+                 dtype: torch.dtype, weight_stream=None, compute_stream=None):
+        self.E, self.h, self.f = num_experts, hidden, ffn
+        self.device, self.dtype = device, dtype
+        self.weight_stream, self.compute_stream = weight_stream, compute_stream
+        self.cuda = device.type == "cuda"
+        self.W1 = self.W2 = None
+        self.staged: set[int] = set()
+        self._free = None           # CUDA: the last unit's GEMMs are done with the slots
+        self._copied = None         # CUDA: this batch's host copies are in
+
+    @staticmethod
+    def applies(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
+                sample) -> bool:
+        """Plain (not 4-bit) experts of a dtype grouped GEMMs run, with 16-byte rows."""
+        step = 16 // torch.tensor([], dtype=dtype).element_size()
+        return (isinstance(sample, (torch.Tensor, DiskRef)) and hidden % step == 0
+                and ffn % step == 0 and grouped_mm_works(device, dtype))
+
+    def begin_unit(self) -> None:
+        """A new unit: its experts replace the last unit's once those GEMMs are done."""
+        self.staged = set()
+        if self.cuda and self.W1 is not None:
+            self._free = torch.cuda.Event()
+            self._free.record(self.compute_stream)
+
+    def _slots(self) -> None:
+        if self.W1 is None:
+            self.W1 = torch.empty(self.E, 2 * self.f, self.h, dtype=self.dtype,
+                                  device=self.device)
+            self.W2 = torch.empty(self.E, self.h, self.f, dtype=self.dtype, device=self.device)
+
+    def put_resident(self, e: int, gate: torch.Tensor, up: torch.Tensor,
+                     down: torch.Tensor) -> None:
+        """Copy a device expert into its slot (on the compute stream, after the last unit's
+        GEMMs there)."""
+        self._slots()
+        self.W1[e, :self.f].copy_(gate)
+        self.W1[e, self.f:].copy_(up)
+        self.W2[e].copy_(down)
+        self.staged.add(e)
+
+    def put_host(self, e: int, gate: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor) -> None:
+        """Copy a host expert (pinned on a GPU run) into its slot on the weight stream."""
+        self._slots()
+        if not self.cuda:
+            return self.put_resident(e, gate, up, down)
+        with torch.cuda.stream(self.weight_stream):
+            if self._free is not None:
+                self.weight_stream.wait_event(self._free)
+                self._free = None
+            self.W1[e, :self.f].copy_(gate, non_blocking=True)
+            self.W1[e, self.f:].copy_(up, non_blocking=True)
+            self.W2[e].copy_(down, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self.weight_stream)
+        self.staged.add(e)
+
+    def run(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> dict[int, torch.Tensor]:
+        """Each staged expert's weighted output over its tokens, from two grouped GEMMs."""
+        if not groups:
+            return {}
+        if self._copied is not None:
+            self.compute_stream.wait_event(self._copied)
+            self._copied = None
+        sizes = [0] * self.E
+        for g in groups:
+            sizes[g.expert] = len(g.rows)
+        offs = torch.tensor(sizes).cumsum(0).to(device=self.device, dtype=torch.int32)
+        rows = torch.cat([g.rows for g in groups])
+        gate, up = torch._grouped_mm(x2[rows], self.W1.transpose(1, 2), offs=offs).chunk(2, -1)
+        y = torch._grouped_mm(F.silu(gate).mul_(up), self.W2.transpose(1, 2), offs=offs)
+        y = y * torch.cat([g.weights for g in groups])[:, None]
+        return dict(zip((g.expert for g in groups), y.split([len(g.rows) for g in groups])))
