@@ -121,8 +121,11 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
     expert of the unit put in stacked slots and run as grouped GEMMs (a GPU run's way), beside
     the CPU lane too; the tokens and the prompt logits are the resident run's."""
     from flexrun.engine import experts as engine_experts
+    from flexrun.engine import expert_staging
     staged = lanes.startswith("staged")
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", staged)
+    if lanes == "staged-cpu":       # grouped GEMMs of one expert at a time (a long prefill's)
+        monkeypatch.setattr(expert_staging, "GROUPED_MAX_BYTES", 1)
     lanes = {"staged": "copy", "staged-cpu": "cpu"}.get(lanes, lanes)
     from families import save_family
     d = save_family(family, tmp_path / "m")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexrun.memory.pinned import H2D_CHUNK
 from flexrun.memory.storage import DiskRef
-from flexrun.models.moe import ExpertGroup, grouped_mm_works
+from flexrun.models.moe import GROUPED_MAX_BYTES, ExpertGroup, grouped_mm_works
 
 
 class ExpertStaging:
@@ -64,7 +65,9 @@ class ExpertStaging:
 
     def put_host(self, e: int, gate: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor) -> None:
-        """Copy a host expert (pinned on a GPU run) into its slot on the weight stream."""
+        """Copy a host expert (pinned on a GPU run) into its slot on the weight stream, in
+        pieces of H2D_CHUNK bytes (one long copy would hold the copy engine from the
+        activations' and the CPU lane's small copies)."""
         self._slots()
         if not self.cuda:
             return self.put_resident(e, gate, up, down)
@@ -72,24 +75,44 @@ class ExpertStaging:
             if self._free is not None:
                 self.weight_stream.wait_event(self._free)
                 self._free = None
-            self.W1[e, :self.f].copy_(gate, non_blocking=True)
-            self.W1[e, self.f:].copy_(up, non_blocking=True)
-            self.W2[e].copy_(down, non_blocking=True)
+            for dst, src in ((self.W1[e, :self.f], gate), (self.W1[e, self.f:], up),
+                             (self.W2[e], down)):
+                d, s = dst.reshape(-1), src.reshape(-1)
+                step = max(1, H2D_CHUNK // s.element_size())
+                for i in range(0, s.numel(), step):
+                    d[i:i + step].copy_(s[i:i + step], non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record(self.weight_stream)
         self.staged.add(e)
 
-    def run(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> dict[int, torch.Tensor]:
-        """Each staged expert's weighted output over its tokens, from two grouped GEMMs."""
-        if not groups:
-            return {}
-        if self._copied is not None:
+    def run(self, x2: torch.Tensor, groups: list[ExpertGroup], copied: bool = True
+            ) -> dict[int, torch.Tensor]:
+        """Each staged expert's weighted output over its tokens, from grouped GEMMs over at
+        most GROUPED_MAX_BYTES of workspace at a time (a long prefill runs several).
+        copied: some of `groups` came from host memory in this batch (wait for the copies)."""
+        if copied and self._copied is not None:
             self.compute_stream.wait_event(self._copied)
             self._copied = None
+        groups = sorted(groups, key=lambda g: g.expert)     # the order offs counts in
+        row_bytes = (3 * self.f + 3 * self.h) * x2.element_size()
+        cap = max(1, GROUPED_MAX_BYTES // row_bytes)
+        out, part, n = {}, [], 0
+        for g in groups:
+            if part and n + len(g.rows) > cap:
+                out.update(self._grouped(x2, part))
+                part, n = [], 0
+            part.append(g)
+            n += len(g.rows)
+        if part:
+            out.update(self._grouped(x2, part))
+        return out
+
+    def _grouped(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> dict[int, torch.Tensor]:
         sizes = [0] * self.E
         for g in groups:
             sizes[g.expert] = len(g.rows)
-        offs = torch.tensor(sizes).cumsum(0).to(device=self.device, dtype=torch.int32)
+        offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = offs.pin_memory().to(self.device, non_blocking=True) if self.cuda else offs
         rows = torch.cat([g.rows for g in groups])
         gate, up = torch._grouped_mm(x2[rows], self.W1.transpose(1, 2), offs=offs).chunk(2, -1)
         y = torch._grouped_mm(F.silu(gate).mul_(up), self.W2.transpose(1, 2), offs=offs)

@@ -187,8 +187,9 @@ class TieredExperts:
                 if g.expert not in self.staging.staged:
                     self.staging.put_resident(g.expert, *(w[f"experts.{g.expert}.{p}.weight"]
                                                           for p in PARTS))
-            picked = {g.expert for g in here + to_copy}
-            ys = self.staging.run(x2, [g for g in groups if g.expert in picked])
+            # the experts already on the device first, while this batch's copies land
+            ys = self.staging.run(x2, here, copied=False)
+            ys.update(self.staging.run(x2, to_copy))
         else:
             ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
                   for g in here + to_copy}

@@ -209,7 +209,7 @@ class _Ctx:
             if not cuda:
                 comp["1"] += kv / self.attn_bw
                 if not p.compress_cache:    # the in-memory share reads whole slots (P + n)
-                    whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len)
+                    whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len) * (1 - g)
                     comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * rest * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
@@ -219,7 +219,7 @@ class _Ctx:
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at
                 # attn_share of its rate: the unit lasts at least the attention time plus
                 # (1 - attn_share) of the weight copy time
-                slow = (1.0 - self.attn_share) * wb / self.h2d_w
+                slow = (1.0 - self.attn_share) * wb / self.h2d_w if rest else 0.0
                 host_mem = {"cc": host, "cd": host, "wc": slow, "wd": slow}
         else:                               # bring the prefix to the GPU, attend there
             comp["1"] += kv / self.attn_bw

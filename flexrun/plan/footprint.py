@@ -219,7 +219,8 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
     dense_unit = max((sum(numel(s) * elem for s in spec.unit_shapes(u).values())
                       for u in layers), default=0) if policy.compress_weight else 0
     buffers = 2 * max(streamed) + dense_unit // 4
-    if cuda and spec.num_experts and not policy.compress_weight and any(streamed):
+    if cuda and spec.num_experts and not policy.compress_weight and any(
+            tier_of[n] != "gpu" for n in names if expert_of(n) is not None):
         # engine/expert_staging.py: one MoE layer's experts in stacked slots on the device
         j = next(j for j in range(spec.num_layers) if spec.is_moe(j))
         buffers += sum(numel(s) * elem for n, s in spec.unit_shapes(j + 1).items()

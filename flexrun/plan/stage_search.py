@@ -60,7 +60,8 @@ def pipeline_times(prefill: list[float], decode: list[float], groups: int
 
 def stage_times(search: _Search, pol: Policy, groups: int) -> tuple[float, float, Prediction]:
     """A stage's (prefill, decode step) for the whole block run in `groups` groups."""
-    sub = _with(pol, num_gpu_batches=-(-pol.num_gpu_batches // groups))
+    k = -(-pol.num_gpu_batches // groups)
+    sub = _with(pol, num_gpu_batches=k, gpu_cache_batches=min(pol.gpu_cache_batches, k))
     pred = predict(search.spec, sub, search.prof, search.wl.prompt_len, search.wl.gen_len,
                    None, "cuda" if search.cuda else "cpu", search.elem, fp=search.fp(pol),
                    units=search.wl.units)
