@@ -115,7 +115,7 @@ class Policy:
     act_disk: float = 0.0
     # the first gpu_cache_batches GPU batches of each block keep their KV cache on the compute
     # device and attend there, whatever cache_* say; the others follow cache_* (off the
-    # device with cpu_attention: attended on the host), so both memories serve each step
+    # device with cpu_attention: attended on the host): part of each layer's keys at HBM rate
     gpu_cache_batches: int = 0
     overlap: bool = True
     cuda_graphs: bool = True        # replay captured decode steps of GPU-resident units
