@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -19,15 +18,13 @@ from flexrun.engine.trace import Tracer
 from flexrun.engine.budget import BudgetCheck
 from flexrun.engine.device import default_device, resolve_dtype as _resolve_dtype
 from flexrun.engine.runstats import RunStats
-from flexrun.memory import packed as packed_weights
-from flexrun.memory.wquant import weight_quantizer
 from flexrun.plan.auto import AutoPlan, default_workload, plan_for_llm
-from flexrun.models.moe import load_expert_tokens
-from flexrun.plan.footprint import check_budget, is_compressible, weight_layout
+from flexrun.plan.footprint import check_budget
+from flexrun.plan.placement import place_weights
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
 from flexrun.models.loader import open_checkpoint
-from flexrun.memory.storage import TIERS, DiskTier, TieredStore, split_report
+from flexrun.memory.storage import DiskTier, TieredStore
 
 
 class LLM:
@@ -191,41 +188,12 @@ class LLM:
         return flag if self.dist is None else self.dist.any(flag)
 
     def _place_weights(self) -> None:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        hot = load_expert_tokens(self.expert_stats, self.spec) if self.spec.num_experts \
-            and self.expert_stats and Path(self.expert_stats).is_file() else None
-        shapes, sizes, tiers = weight_layout(self.spec, self.policy, elem, self.units,
-                                             self.device.type == "cuda", hot)
-        names = list(shapes)
-        tier_of = {n: TIERS[t] for n, t in zip(names, tiers)}
-        self.stats.weights_split = split_report(sizes, tiers)
-        p = self.policy
-
-        def device_for(name: str) -> torch.device:
-            # compressed weights are compressed on the compute device whatever their tier
-            squeeze = p.compress_weight and is_compressible(name, shapes[name])
-            direct = squeeze or (tier_of[name] == "gpu" and not p.compress_weight)
-            return self.device if direct else torch.device("cpu")
-        packs = packed_weights.applies(self.device, self.dtype, p.compress_weight)
-        quant = weight_quantizer(self.ckpt, p, self.device, self.dtype, shapes, is_compressible,
-                                 model_for(self.spec), self.units) if p.compress_weight else None
-        for name, t in self.ckpt.iter_tensors(device_for, set(names)):
-            t = t.to(self.dtype)
-            if p.compress_weight and is_compressible(name, t.shape):
-                t = quant(name, t.to(self.device))
-            elif packs and is_compressible(name, t.shape):
-                t = packed_weights.pack(t, p.gpu_batch_size)
-            self.weights.put(name, t, tier_of[name])
-            del t
-        if quant is not None:
-            self.stats.weight_quant_s, self.stats.weight_quant_cached = quant.finish(), quant.hit
-        model = model_for(self.spec)
-        for j in (u - 1 for u in self.units if 1 <= u <= self.spec.num_layers):
-            for group in model.JOINED:
-                for part in ("weight", "bias"):
-                    self.weights.join([f"layers.{j}.{g}.{part}" for g in group])
-        if self.device.type == "cuda":      # the joined tensors' old blocks stay cached
-            torch.cuda.empty_cache()
+        placed = place_weights(self.ckpt, self.policy, self.weights, self.device, self.dtype,
+                               self.units, self.expert_stats)
+        self.stats.weights_split = placed.weights_split
+        if self.policy.compress_weight:
+            self.stats.weight_quant_s = placed.quant_s
+            self.stats.weight_quant_cached = placed.quant_cached
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
