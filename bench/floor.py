@@ -13,6 +13,9 @@ P + gen/2, with the placement fractions of the policy:
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
   compute   2 x GEMM parameters x rows at the profile's prefill (peak) GEMM rate (CUDA; on
             the CPU fp32, or bf16 where the profile has bf16 rates)
+A mixture-of-experts model moves only the experts its block's tokens touch (plan/moe_cost.py)
+and multiplies k of them per token; with the CPU lane (expert_lanes auto/cpu) its off-device
+weights are served by the copy and the CPU expert GEMMs together (h2d + cpu_expert_bw).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from flexrun.plan.costmodel import reads_page_cache
 from flexrun.plan.footprint import kv_block_nbytes
 from flexrun.plan.footprint import numel, weight_bytes
 from flexrun.plan.hardware import HardwareProfile
+from flexrun.plan.moe_cost import moe_layer
 from flexrun.models.spec import ModelSpec
 
 
@@ -46,13 +50,23 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
     # host bytes are only read (by the DMA or CPU compute): the profile's read rate, where it
     # has one, else its memcpy rate (which moves each byte twice)
     read = prof.cpu_read_bw or prof.cpu_mem_bw
+    moe = moe_layer(spec, policy, elem)
+    off_rate = prof.h2d_pinned if cuda else None
+    if moe is not None:     # only touched experts move; each token multiplies k of them
+        moved = moe.moved_share(rows)
+        layers = spec.num_layers * moe.share
+        expert_bytes = layers * moe.experts * moe.expert_bytes
+        weights -= expert_bytes * (1 - moved)
+        gemm_params -= int(layers * (moe.experts - moe.top_k) * moe.expert_params)
+        if cuda and policy.expert_lanes != "copy" and prof.cpu_expert_bw:
+            off_rate = prof.h2d_pinned + prof.cpu_expert_bw     # copy and CPU lanes
     t = {}
     if cuda or elem == 4 or (prof.cpu_flops_decode_bf16 and prof.cpu_flops_prefill_bf16):
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda
                                                  else prof.cpu_rates(elem)[1])
     if cuda:
-        t["pcie"] = (weights * (wc + wd) + (0 if host_attn else host_kv) + act) / \
-            prof.h2d_pinned
+        t["pcie"] = weights * (wc + wd) / off_rate + \
+            ((0 if host_attn else host_kv) + act) / prof.h2d_pinned
         t["hbm"] = (weights + kv * cg + (0 if host_attn else host_kv)) / prof.gpu_mem_bw
         t["host_dram"] = (weights * (wc + wd) + (host_kv if host_attn else 0)) / read
     else:

@@ -361,3 +361,22 @@ def test_generate_writes_routing_counts_and_places_by_them(tmp_path, capsys):
         LLM(str(d), device="cpu", policy=str(pol), expert_stats=str(tmp_path / "bad.json"))
     with pytest.raises(FlexrunError, match="is dense"):
         LLM("dummy:opt-125m", device="cpu", expert_stats=str(stats))
+
+
+def test_floor_moves_touched_experts_over_both_lanes():
+    """bench/floor.py for a MoE model: a one-prompt block moves a small share of a 128-expert
+    model's experts, a large block all of them; a CPU expert rate lowers the PCIe floor."""
+    from dataclasses import replace
+    from pathlib import Path
+    from bench.floor import decode_floor
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.hardware import HardwareProfile
+    spec = dummy_spec("qwen3-30b-a3b")
+    prof = HardwareProfile.load(Path(__file__).parents[1] / "policies/profiles/h200.json")
+    off = dict(weights_gpu=8, weights_cpu=92, cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    one = decode_floor(spec, Policy(gpu_batch_size=1, **off), prof, 512, 32)
+    many = decode_floor(spec, Policy(gpu_batch_size=256, **off), prof, 512, 32)
+    assert one["bound"] == many["bound"] == "pcie" and one["pcie_s"] < 0.25 * many["pcie_s"]
+    lane = decode_floor(spec, Policy(gpu_batch_size=256, **off), replace(prof, cpu_expert_bw=15e9),
+                        512, 32)
+    assert lane["pcie_s"] < many["pcie_s"]
