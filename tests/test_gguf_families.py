@@ -123,18 +123,26 @@ def hf_from(cfg: dict, tensors: dict):
     return model
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_family_roundtrip(tmp_path, case):
-    cls_name, kwargs, ttype, keys = CASES[case]
+def written(tmp_path, case: str, cases: dict, family: str | None = None):
+    """(model, its config, GGUF path, tensor type, config read back) of a case written as
+    llama.cpp writes it; the family (default the model's type), its HF class and the case's
+    config keys read back as the model has them."""
+    cls_name, kwargs, ttype, keys = cases[case]
     model = tiny_model(cls_name, kwargs)
     hf = model.config
     path = write_gguf_like_llama_cpp(model, tmp_path / f"{case}.gguf", tensor_type=ttype)
-
     cfg = gguf_config(path)
-    family = "llama" if case == "mistral-odd-nowindow" else hf.model_type
+    family = family or hf.model_type
     assert cfg["model_type"] == family and cfg["architectures"] == [HF_CLASS[family]]
     for key in COMMON + keys:
         assert cfg[key] == getattr(hf, key), key
+    return model, hf, path, ttype, cfg
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_family_roundtrip(tmp_path, case):
+    model, hf, path, ttype, cfg = written(
+        tmp_path, case, CASES, "llama" if case == "mistral-odd-nowindow" else None)
     assert cfg["head_dim"] == getattr(hf, "head_dim", None) or hf.hidden_size // \
         hf.num_attention_heads
     assert cfg["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps, rel=1e-6)
@@ -174,15 +182,7 @@ def hf_from_dir(cfg: dict, tensors: dict, d):
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_moe_family_roundtrip(tmp_path, case):
-    cls_name, kwargs, ttype, keys = MOE_CASES[case]
-    model = tiny_model(cls_name, kwargs)
-    hf = model.config
-    path = write_gguf_like_llama_cpp(model, tmp_path / f"{case}.gguf", tensor_type=ttype)
-    cfg = gguf_config(path)
-    assert cfg["model_type"] == hf.model_type
-    assert cfg["architectures"] == [HF_CLASS[hf.model_type]]
-    for key in COMMON + keys:
-        assert cfg[key] == getattr(hf, key), key
+    model, hf, path, ttype, cfg = written(tmp_path, case, MOE_CASES)
 
     sd = checkpoint_tensors(model)          # per expert, as save_pretrained writes them
     want = {n: torch.from_numpy(stored_value(t.numpy(), ttype, n)) for n, t in sd.items()

@@ -137,7 +137,7 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
         assert stats.routing == "router" and stats.calls > 0
         E = llm.spec.num_experts
         assert 0 < stats.experts_touched <= E * stats.calls
-        j = next(j for j in range(llm.spec.num_layers) if llm.spec.is_moe(j))
+        j = llm.spec.first_moe_layer
         first = {n[len(f"layers.{j}."):]: llm.weights.fetch(n)
                  for n in llm.spec.unit_shapes(j + 1)}
         assert stacked_experts(first, E) is not None    # resident: grouped GEMMs

@@ -11,11 +11,11 @@ into its slot on the weight stream), and the batch's device experts run as two g
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from flexrun.memory.pinned import H2D_CHUNK
 from flexrun.memory.storage import DiskRef
-from flexrun.models.moe import GROUPED_MAX_BYTES, ExpertGroup, grouped_mm_works
+from flexrun.models.moe import (GROUPED_MAX_BYTES, ExpertGroup, grouped_mlp,
+                                grouped_mm_works, rows_aligned)
 
 
 class ExpertStaging:
@@ -36,9 +36,8 @@ class ExpertStaging:
     def applies(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
                 sample) -> bool:
         """Plain (not 4-bit) experts of a dtype grouped GEMMs run, with 16-byte rows."""
-        step = 16 // torch.tensor([], dtype=dtype).element_size()
-        return (isinstance(sample, (torch.Tensor, DiskRef)) and hidden % step == 0
-                and ffn % step == 0 and grouped_mm_works(device, dtype))
+        return (isinstance(sample, (torch.Tensor, DiskRef)) and rows_aligned(dtype, hidden, ffn)
+                and grouped_mm_works(device, dtype))
 
     def begin_unit(self) -> None:
         """A new unit: its experts replace the last unit's once those GEMMs are done."""
@@ -113,8 +112,6 @@ class ExpertStaging:
             sizes[g.expert] = len(g.rows)
         offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         offs = offs.pin_memory().to(self.device, non_blocking=True) if self.cuda else offs
-        rows = torch.cat([g.rows for g in groups])
-        gate, up = torch._grouped_mm(x2[rows], self.W1.transpose(1, 2), offs=offs).chunk(2, -1)
-        y = torch._grouped_mm(F.silu(gate).mul_(up), self.W2.transpose(1, 2), offs=offs)
+        y = grouped_mlp(x2[torch.cat([g.rows for g in groups])], self.W1, self.W2, offs)
         y = y * torch.cat([g.weights for g in groups])[:, None]
         return dict(zip((g.expert for g in groups), y.split([len(g.rows) for g in groups])))

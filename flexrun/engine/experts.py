@@ -24,7 +24,7 @@ import torch
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
-from flexrun.models.moe import ExpertGroup, expert
+from flexrun.models.moe import ExpertGroup, expert, weighted_expert
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
@@ -51,16 +51,6 @@ class LaneStats:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass
-class _Remote:
-    """An off-device expert of the current unit: its host weights and, once copied, its
-    weights on the device (with the event their copy completes)."""
-    tier: str
-    nbytes: int
-    device_w: dict | None = None
-    ready: object = None
 
 
 @dataclass
@@ -133,8 +123,8 @@ class TieredExperts:
             return min(times)
 
         def copy() -> None:
-            for t in w.values():
-                self.weights.fetch(self.name(at[0], at[1], "gate"), host_value=t)
+            for p in PARTS:
+                self.weights.fetch(self.name(*at, p), host_value=w[f"experts.{at[1]}.{p}.weight"])
             torch.cuda.synchronize(self.device)
         cpu_s = best(lambda: expert(x, w, f"experts.{at[1]}."))
         self.rates = LaneRates(copy_bps=size / best(copy), cpu_bps=size / cpu_s,
@@ -191,7 +181,7 @@ class TieredExperts:
             ys = self.staging.run(x2, here, copied=False)
             ys.update(self.staging.run(x2, to_copy))
         else:
-            ys = {g.expert: self._weighted(x2, self._device_w(w, g.expert), g)
+            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g)
                   for g in here + to_copy}
         if cpu_job is not None:
             for g, y in zip(on_cpu, cpu_job.result()):
@@ -262,10 +252,6 @@ class TieredExperts:
             self.compute_stream.wait_event(ev)
             self._held[e] = (dev, None)
         return dev
-
-    @staticmethod
-    def _weighted(x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
-        return expert(x2[g.rows], w, f"experts.{g.expert}.") * g.weights[:, None]
 
     def _start_cpu(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> Future:
         """Compute `groups` on the host in the CPU lane's thread: their tokens go to host

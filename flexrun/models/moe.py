@@ -122,8 +122,12 @@ def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Te
     weighted and added to out (the engine's runner does the same with experts fetched from
     their tiers, or computed where they live: engine/experts.py)."""
     for g in groups:
-        y = expert(x2[g.rows], w, f"experts.{g.expert}.")
-        out.index_add_(0, g.rows, (y * g.weights[:, None]).to(out.dtype))
+        out.index_add_(0, g.rows, weighted_expert(x2, w, g).to(out.dtype))
+
+
+def weighted_expert(x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
+    """Expert g.expert over its tokens' rows of x2, scaled by their routing weights."""
+    return expert(x2[g.rows], w, f"experts.{g.expert}.") * g.weights[:, None]
 
 
 def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None,
@@ -202,10 +206,17 @@ def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     a, b = joined(gu), joined(down)
     if a is None or b is None:
         return None
-    step = 16 // a.element_size()
-    if a.shape[-1] % step or b.shape[-1] % step or a.data_ptr() % 16 or b.data_ptr() % 16:
+    if not rows_aligned(a.dtype, a.shape[-1], b.shape[-1]) or a.data_ptr() % 16 \
+            or b.data_ptr() % 16:
         return None
     return a.view(E, -1, a.shape[-1]), b.view(E, -1, b.shape[-1])
+
+
+def rows_aligned(dtype: torch.dtype, hidden: int, ffn: int) -> bool:
+    """Whether rows of `hidden` and of `ffn` values are whole 16-byte units (grouped GEMMs
+    need their strides so)."""
+    step = 16 // torch.tensor([], dtype=dtype).element_size()
+    return hidden % step == 0 and ffn % step == 0
 
 
 _GROUPED: dict[tuple, bool] = {}
@@ -255,13 +266,20 @@ def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor]
     idx, slot = idx.sort(-1)            # each token's experts in ascending order
     weight = weight.gather(1, slot)
     order = idx.reshape(-1).argsort(stable=True)
-    offs = counts.cumsum(0).to(torch.int32)
-    g, up = torch._grouped_mm(x2[order // k], W1.transpose(1, 2), offs=offs).chunk(2, -1)
-    y = torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
+    y = grouped_mlp(x2[order // k], W1, W2, counts.cumsum(0).to(torch.int32))
     y = (y * weight.reshape(-1)[order, None]).to(out.dtype)
     ys = torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)
     for j in range(k):      # expert order per token, as the per-expert loop adds (no atomics)
         out.add_(ys[:, j])
+
+
+def grouped_mlp(xs: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                offs: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) of every expert over its rows of xs (sorted by expert,
+    expert e's rows ending at offs[e], int32) in two grouped GEMMs; W1 (E, 2 ffn, hidden)
+    holds each expert's gate then up, W2 (E, hidden, ffn) its down."""
+    g, up = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs).chunk(2, -1)
+    return torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
 
 
 def expert(x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:

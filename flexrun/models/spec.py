@@ -109,6 +109,11 @@ class ModelSpec:
         return self.num_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
     @property
+    def first_moe_layer(self) -> int | None:
+        """The first decoder layer with a mixture-of-experts MLP (None: a dense model)."""
+        return next((j for j in range(self.num_layers) if self.is_moe(j)), None)
+
+    @property
     def num_units(self) -> int:
         return self.num_layers + 2
 

@@ -171,8 +171,9 @@ class _Ctx:
         return {cpu: nbytes / link,
                 disk: nbytes / link + nbytes / (self.disk_r if load else self.disk_w)}
 
-    def unit_terms(self, kind: int, prefill: bool) -> dict[str, Lin]:
-        """Terms of one unit (0 embed, 1 layer, 2 head) for one step of the whole block."""
+    def unit_terms(self, kind: int, prefill: bool, moe: bool = True) -> dict[str, Lin]:
+        """Terms of one unit (0 embed, 1 layer, 2 head) for one step of the whole block;
+        moe False: a MoE layer as if dense (every weight moves and multiplies)."""
         s, p, e, cuda = self.spec, self.p, self.e, self.cuda
 
         def gemm(rows_: int, params: int, on_gpu: bool) -> float:
@@ -183,8 +184,8 @@ class _Ctx:
         weights = {"wc": wb / self.h2d_w, "wd": self.unit_read[kind] + wb / self.h2d_w}
         link = _lin(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
         comp, dense = self._weight_math(kind, rows if kind != 2 else b)
-        if kind == 1 and self.moe is not None:
-            return self._moe_terms(prefill, rows, comp, dense)
+        if kind == 1 and moe and self.moe is not None:
+            return self._moe_terms(prefill, rows, comp["1"], dense)
         if kind != 1:                       # embedding gather / head GEMM on the last token
             comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, dense,
@@ -236,10 +237,12 @@ class _Ctx:
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
 
-    def _moe_terms(self, prefill: bool, rows: int, comp: Lin, params: int) -> dict[str, Lin]:
+    def _moe_terms(self, prefill: bool, rows: int, q_math: float, params: int
+                   ) -> dict[str, Lin]:
         """A MoE layer: only the experts the block's tokens touch move (once per block) and
         compute, each over its share of the rows; host experts go over the copy lane and the
-        CPU lane at once (cpu_lane bytes/s), or the CPU lane alone."""
+        CPU lane at once (cpu_lane bytes/s), or the CPU lane alone. q_math, params: the
+        layer's compressed-weight math and plain GEMM parameters (_weight_math)."""
         m, k = self.moe, self.p.num_gpu_batches
         moved = m.moved_share(rows * k)
         wb = self.unit_bytes[1] * moved
@@ -252,7 +255,7 @@ class _Ctx:
             wc = copied = max(dense_b / h2d, wb / (h2d + cpu))
         else:
             wc = copied = wb / h2d
-        terms = self.unit_terms_dense(prefill, rows)
+        terms = self.unit_terms(1, prefill, moe=False)     # then the MoE differences
         terms["weights"] = _lin(wc=wc, wd=self.unit_read[1] * moved + wb / h2d)
         # the dense terms count every expert's bytes on the link: swap in the moved ones
         base = self.unit_bytes[1] / h2d
@@ -263,21 +266,13 @@ class _Ctx:
         plain = 0.0
         q = self.unit_qparams[1]
         if q:       # the 4-bit math of the dense terms covers every expert: the touched only
-            plain -= (1 - n / m.experts) * all_experts / q * self._weight_math(1, rows)[0]["1"]
+            plain -= (1 - n / m.experts) * all_experts / q * q_math
         if params >= all_experts and (not q or params == self.unit_params[1]):
             # the experts multiply as plain GEMMs: each touched one over its rows
             plain += k * (gemm(rows, params - all_experts) - gemm(rows, params)
                           + n * gemm(max(int(round(per)), 1), m.expert_params))
         terms["compute"] = _add(terms["compute"], _lin(plain))
         return terms
-
-    def unit_terms_dense(self, prefill: bool, rows: int) -> dict[str, Lin]:
-        """A decoder layer's terms as if dense (every weight moves and multiplies)."""
-        saved, self.moe = self.moe, None
-        try:
-            return self.unit_terms(1, prefill)
-        finally:
-            self.moe = saved
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
         """(time of the compressed weights' math for the block, parameters left for the

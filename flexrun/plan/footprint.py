@@ -222,7 +222,7 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
     if cuda and spec.num_experts and not policy.compress_weight and any(
             tier_of[n] != "gpu" for n in names if expert_of(n) is not None):
         # engine/expert_staging.py: one MoE layer's experts in stacked slots on the device
-        j = next(j for j in range(spec.num_layers) if spec.is_moe(j))
+        j = spec.first_moe_layer
         buffers += sum(numel(s) * elem for n, s in spec.unit_shapes(j + 1).items()
                        if expert_of(n) is not None)
     cache = {t: 0 for t in TIERS}

@@ -47,7 +47,7 @@ def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
     """The MoE layer of `spec` (its first), None for a dense model."""
     if not spec.num_experts:
         return None
-    j = next(j for j in range(spec.num_layers) if spec.is_moe(j))
+    j = spec.first_moe_layer
     shapes = spec.unit_shapes(j + 1)
     expert, dense = 0.0, 0.0
     params = 0
