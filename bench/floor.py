@@ -7,7 +7,10 @@ P + gen/2, with the placement fractions of the policy:
   pcie      weights stored on CPU or disk, the KV prefix of host-resident layers when the GPU
             attends, plus the offloaded activations (both ways; tiny in decode)
   host_dram weights the DMA reads from host memory plus the KV that CPU attention reads there
-            (a CPU run: all its weights and KV), at the profile's read rate (memcpy without)
+            (a CPU run: all its weights and KV), at the profile's read rate (memcpy without);
+            when CPU attention and the copies both read DRAM (a GPU run with host KV), at
+            most at the rate both reach together (h2d_pinned + cpu_attn_bw_with_h2d, the
+            attention's rate beside the copies), and the KV alone at cpu_attn_bw
   disk      weights and KV stored on disk (at the page-cache rate when they fit in RAM; a
             CPU run maps its disk weights from the page cache, at the mapping rate)
   hbm       weights read on the GPU (the 4-bit codes when compressed) plus GPU-resident KV
@@ -69,6 +72,10 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
             ((0 if host_attn else host_kv) + act) / prof.h2d_pinned
         t["hbm"] = (weights + kv * cg + (0 if host_attn else host_kv)) / prof.gpu_mem_bw
         t["host_dram"] = (weights * (wc + wd) + (host_kv if host_attn else 0)) / read
+        if host_attn and host_kv and prof.cpu_attn_bw and prof.cpu_attn_bw_with_h2d:
+            both = prof.h2d_pinned + prof.cpu_attn_bw_with_h2d
+            t["host_dram"] = max(host_kv / prof.cpu_attn_bw,
+                                 (weights * (wc + wd) + host_kv) / both)
     else:
         t["host_dram"] = (weights + kv) / read
     if wd or cd:        # read back from the page cache when it fits (as the cost model says)

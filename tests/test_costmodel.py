@@ -361,6 +361,30 @@ def test_cpu_attention_slowed_by_weight_copies_and_per_call_cost():
     assert small > shared
 
 
+def test_search_tries_the_device_cache_for_some_gpu_batches():
+    """Beside a host cache attended on the CPU, the search also tries keeping the KV of the
+    block's first GPU batches on the device (gpu_cache_batches): at most as many as the GPU
+    budget holds and fewer than the block's, each placed by the LP within every budget and
+    priced by predict() as it would run."""
+    from flexrun.plan.costmodel import Workload
+    from flexrun.plan.search import _caps, _Search
+    spec = dummy_spec("opt-30b")
+    caps = _caps(H100, True, "16GiB", "100GiB", None)
+    s = _Search(spec, H100, Workload(512, 32, 64), True, 2, caps)
+    shape = Policy(gpu_batch_size=8, num_gpu_batches=8)
+    per_batch = spec.num_layers * 8 * (512 + 32) * spec.kv_dim * 2 * 2
+    counts = s.device_batches(shape)
+    assert counts and max(counts) == min(7, int(caps["gpu"] // per_batch)) > 1
+    assert s.device_batches(Policy(gpu_batch_size=64, num_gpu_batches=1)) == []
+    tried = [(pol, pred) for _, pol, pred in s.candidates(shape) if pol.gpu_cache_batches]
+    assert {pol.gpu_cache_batches for pol, _ in tried} <= set(counts) and tried
+    for pol, pred in tried:
+        assert pol.cpu_attention and pol.cache_gpu < 100 and not s.over(pol, caps)
+        again = predict(spec, pol, H100, 512, 32, 64, "cuda", 2)
+        assert pred.decode_s == pytest.approx(again.decode_s)
+        assert pred.peak["gpu"] >= pol.gpu_cache_batches * per_batch
+
+
 def test_search_does_not_spill_to_disk_for_free():
     """When the bottleneck stream leaves room, the LP is indifferent to a small slow-tier
     share; rounding would hand that share to the slowest tier and make it a real cost. With
@@ -391,7 +415,9 @@ def test_fused_4bit_matmul_term_replaces_dequantize_at_decode_only():
 
 def test_decode_floor_names_the_binding_link():
     """bench.floor: S1's searched placement is bound by host DRAM (weights by DMA + KV read by
-    CPU attention), an all-GPU one by HBM, weights on disk by the disk."""
+    CPU attention, together at most the copy's rate plus the attention's rate beside it; a
+    profile without that pair reads both at its memcpy rate), an all-GPU one by HBM, weights
+    on disk by the disk."""
     from bench.floor import decode_floor
     spec = dummy_spec("opt-30b")
     weights = sum(numel(s) for s in spec.all_shapes().values()) * 2
@@ -400,8 +426,15 @@ def test_decode_floor_names_the_binding_link():
     f = decode_floor(spec, s1, H100, 512, 32)
     kv = 2 * spec.num_layers * 64 * 528 * spec.kv_dim * 2
     assert f["pcie_s"] == pytest.approx(weights / H100.h2d_pinned)
-    assert f["host_dram_s"] == pytest.approx((weights + 0.8 * kv) / H100.cpu_mem_bw)
+    both = H100.h2d_pinned + H100.cpu_attn_bw_with_h2d
+    assert f["host_dram_s"] == pytest.approx(max(0.8 * kv / H100.cpu_attn_bw,
+                                                 (weights + 0.8 * kv) / both))
     assert f["bound"] == "host_dram" and f["floor_s"] == f["host_dram_s"]
+    plain = decode_floor(spec, s1, dataclasses.replace(H100, cpu_attn_bw_with_h2d=None), 512, 32)
+    assert plain["host_dram_s"] == pytest.approx((weights + 0.8 * kv) / H100.cpu_mem_bw)
+    alone = decode_floor(spec, s1, dataclasses.replace(H100, cpu_attn_bw=H100.cpu_attn_bw / 100),
+                         512, 32)
+    assert alone["host_dram_s"] == pytest.approx(0.8 * kv / (H100.cpu_attn_bw / 100))
     gpu = decode_floor(dummy_spec("opt-6.7b"), Policy(gpu_batch_size=32), H100, 512, 32)
     assert gpu["bound"] == "hbm" and gpu["pcie_s"] == 0
     big = dummy_spec("opt-175b")            # 350 GB: more than the page cache can hold

@@ -20,8 +20,8 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
-                                 decode_rates, disk_rates, expert_bw, gemm_rates, prefill_rate,
-                                 read_bw, unit_overhead, w4_rates)
+                                 decode_rates, disk_rates, dram_shapes, expert_bw, gemm_rates,
+                                 prefill_rate, read_bw, unit_overhead, w4_rates)
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "policies" / "profiles"
 _GB = 1e9
@@ -299,20 +299,24 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
         for name, rate in zip(names, rates):
             setattr(prof, name, rate)
     # CPU attention runs on the run's dtype: fp16 KV for a CUDA run, fp32 on a CPU run
+    # a run's KV cache and weights are read from DRAM: each sample's data is larger than
+    # the last-level cache (stream), or the rates are the cache's
     attn_dtype = torch.float16 if kind == "cuda" else torch.float32
-    prof.cpu_attn_bw = attn_bw(cpu, attn_dtype, nosync,
-                                ((4, 12, 1024, 64), (8, 16, 512, 64), (8, 32, 256, 128)))
+    attn_shapes = dram_shapes(((4, 12, 1024, 64), (8, 16, 512, 64), (8, 32, 256, 128)),
+                              stream, attn_dtype.itemsize)
+    prof.cpu_attn_bw = attn_bw(cpu, attn_dtype, nosync, attn_shapes)
     prof.cpu_unit_overhead = unit_overhead(cpu, torch.float32, nosync)
     a = torch.empty(64 << 20, dtype=torch.float32)
     prof.cpu_mem_bw = copy_bw(a.normal_(), torch.empty_like(a), nosync)
     del a
-    prof.cpu_read_bw = read_bw(nosync)
+    prof.cpu_read_bw = read_bw(nosync, stream)
     for name, value in disk_rates(offload_dir, disk_bytes).items():
         setattr(prof, name, value)
     prof.disk_mem = shutil.disk_usage(offload_dir).free
     prof.notes = {"disk_dir": offload_dir, "disk_file_bytes": disk_bytes,
                   "cpu_dtype": "float32", "cpu_attn_dtype": str(attn_dtype),
-                  "torch_threads": torch.get_num_threads(), "cpu_gemm_stream_bytes": stream}
+                  "torch_threads": torch.get_num_threads(), "cpu_gemm_stream_bytes": stream,
+                  "cpu_attn_shapes": [list(x) for x in attn_shapes]}
     if kind == "cuda":
         prof.cpu_expert_bw = expert_bw(torch.float16)
         _measure_cuda(prof)
@@ -349,7 +353,8 @@ def _measure_cuda(prof: HardwareProfile) -> None:
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
     prof.gpu_unit_overhead = unit_overhead(dev, torch.float16, sync)
     prof.gpu_graph_unit_overhead = unit_overhead(dev, torch.float16, sync, graph=True)
-    prof.cpu_attn_bw_with_h2d = attn_bw_with_h2d(dev, prof.cpu_attn_bw)
+    big = dram_shapes(((8, 32, 512, 128),), prof.notes["cpu_gemm_stream_bytes"], 2)[0]
+    prof.cpu_attn_bw_with_h2d = attn_bw_with_h2d(dev, prof.cpu_attn_bw, big)
     prof.gpu_w4_bw, prof.gpu_w4_flops = w4_rates(dev) or (None, None)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()

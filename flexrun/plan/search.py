@@ -214,10 +214,12 @@ class _Search:
         if not self.over(resident, self.caps):
             pols = [resident]
         else:
-            cases = ((100, False), (0, False), (0, True)) if self.cuda else ((100, False),
-                                                                            (0, False))
+            cases = [(100, False, 0), (0, False, 0)]
+            if self.cuda:
+                cases += [(0, True, g) for g in (0, *self.device_batches(shape))]
             pols = [self._place_or_least(_with(shape, cache_gpu=cg, cache_cpu=100 - cg,
-                                               cpu_attention=a)) for cg, a in cases]
+                                               cpu_attention=a, gpu_cache_batches=g))
+                    for cg, a, g in cases]
         out = []
         for pol in filter(None, pols):
             pred = predict(self.spec, pol, self.prof, self.wl.prompt_len, self.wl.gen_len,
@@ -225,6 +227,19 @@ class _Search:
                            fp=self.fp(pol), units=self.wl.units)
             out.append((pred.throughput, pol, pred))
         return out
+
+    def device_batches(self, shape: Policy) -> list[int]:
+        """Counts of GPU batches that may keep their KV cache on the device beside a host
+        cache attended on the CPU (Policy.gpu_cache_batches): the most whose cache fits the
+        GPU budget alone, a half and a quarter of that (the LP then fills the rest of the
+        GPU with weights), always fewer than the block's batches."""
+        k = shape.num_gpu_batches
+        per_batch = sum(self.fp(_with(shape, cache_gpu=0, cache_cpu=100)).cache.values()) / k
+        if k < 2 or not per_batch or not math.isfinite(self.caps["gpu"]):
+            return []
+        most = min(k - 1, int(self.caps["gpu"] // per_batch))
+        return sorted({g for g in (most, (most + 1) // 2, (most + 3) // 4) if g > 0},
+                      reverse=True)
 
     def _verified(self, shape: Policy, tier: str, need: float) -> float | None:
         """The LP's minimum for `tier`, raised until the rounded, tensor-granular placement

@@ -117,6 +117,14 @@ def gemm_rates(device: torch.device, dtype: torch.dtype, dec_m: int, dec_sizes, 
             prefill_rate(device, dtype, pre_sizes, sync))
 
 
+def dram_shapes(shapes, nbytes: int, elem: int) -> list[tuple[int, int, int, int]]:
+    """The decode attention geometries (rows, heads, keys, head dim) of `shapes`, each with as
+    many rows as make its keys and values at least nbytes: a KV cache smaller than the CPU's
+    last-level cache is read there, not from DRAM (the three shapes of 12-34 MB read at 111
+    GB/s on the 32-core H200 host, an OPT-30B block's 475 MB at 61 GB/s on the 16-core one)."""
+    return [(max(b, -(-nbytes // (2 * h * t * d * elem))), h, t, d) for b, h, t, d in shapes]
+
+
 def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
     """KV bytes/s of one decode attention step (one query per row) over several shapes, as
     the engine attends (engine.attention.attend)."""
@@ -164,7 +172,8 @@ def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20
 def attn_bw_with_h2d(dev: torch.device, alone: float | None,
                       shape=(8, 32, 512, 128)) -> float | None:
     """cpu_attn_bw while host->GPU copies stream (the copy engine keeps its rate): measured
-    at one shape and scaled to `alone` (the median over the shapes of cpu_attn_bw)."""
+    at one shape (give one larger than the last-level cache: dram_shapes) and scaled to
+    `alone` (the median over the shapes of cpu_attn_bw)."""
     b, heads, t, hd = shape
     q = torch.randn(b, heads, 1, hd, dtype=torch.float16)
     k, v = (torch.randn(b, heads, t, hd, dtype=torch.float16) for _ in range(2))
