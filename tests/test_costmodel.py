@@ -237,7 +237,7 @@ def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatc
     monkeypatch.setattr(hardware, "host_facts", lambda: (H200.cpu_cores, H200.cpu_mem))
     assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200.json"
     monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
-    monkeypatch.setattr(hardware, "_host_memory", lambda: 125 << 30)
+    monkeypatch.setattr(hardware, "host_memory", lambda: 125 << 30)
     assert hardware.matching_profile("cuda") is None
     measured = []
 
@@ -383,6 +383,22 @@ def test_search_tries_the_device_cache_for_some_gpu_batches():
         again = predict(spec, pol, H100, 512, 32, 64, "cuda", 2)
         assert pred.decode_s == pytest.approx(again.decode_s)
         assert pred.peak["gpu"] >= pol.gpu_cache_batches * per_batch
+
+
+def test_search_counts_what_the_process_holds_before_the_run():
+    """The profile's CUDA context (device memory outside torch's allocator) and the process's
+    baseline RSS count against the GPU and CPU budgets: the plan's footprint plus them fits,
+    where the plan made without them would not."""
+    spec, gib = dummy_spec("opt-30b"), 1 << 30
+    held = dataclasses.replace(H100, gpu_context=2 * gib, cpu_baseline=3 * gib)
+    args = (512, 32, 16 * gib, 100 * gib, None, "cuda")
+    res = search(spec, held, *args, num_prompts=64)
+    plain = search(spec, H100, *args, num_prompts=64)
+    fp, fp_plain = (footprint(spec, r.policy, 2, 512, 32) for r in (res, plain))
+    assert fp.total("gpu") + 2 * gib <= 16 * gib and fp.total("cpu") + 3 * gib <= 100 * gib
+    assert res.prediction.peak["gpu"] == pytest.approx(fp.total("gpu") + 2 * gib)
+    assert res.prediction.peak["cpu"] == pytest.approx(fp.total("cpu") + 3 * gib)
+    assert fp_plain.total("gpu") + 2 * gib > 16 * gib
 
 
 def test_search_does_not_spill_to_disk_for_free():

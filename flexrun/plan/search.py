@@ -99,6 +99,9 @@ class _Search:
     def __init__(self, spec, prof, wl: Workload, cuda: bool, elem: int, caps: dict):
         self.spec, self.prof, self.wl = _fast_spec(spec), prof, wl
         self.cuda, self.elem, self.caps = cuda, elem, caps
+        # what the process holds before the run allocates: counted against the budgets
+        self.base = {"gpu": (prof.gpu_context or 0) if cuda else 0,
+                     "cpu": prof.cpu_baseline or 0, "disk": 0}
         self.memo: dict = {}
         self.lp_n, self.lp_max = 0, 0.0
 
@@ -112,7 +115,7 @@ class _Search:
     def use(self, pol: Policy) -> dict[str, float]:
         """Peak bytes per budget ("gpu" / "cpu" / "disk"); CPU runs put both tiers in RAM."""
         fp = self.fp(pol)
-        use = {t: fp.total(t) for t in ("gpu", "cpu", "disk")}
+        use = {t: fp.total(t) + self.base[t] for t in ("gpu", "cpu", "disk")}
         return use if self.cuda else {"gpu": 0, "cpu": use["gpu"] + use["cpu"],
                                       "disk": use["disk"]}
 
@@ -128,8 +131,8 @@ class _Search:
                              cache_gpu=100, cache_cpu=0, cpu_attention=False), False).host
         W, C = fp0.weights["gpu"], sum(fp0.cache.values())
         fixed, C = C * shape.gpu_cache_share, C * (1 - shape.gpu_cache_share)
-        gpu = _lin(fp0.buffers + 2 * unit + fixed, wg=W - 2 * unit, cg=C)
-        cpu = _lin(fp0.host + unit, wg=-unit, wc=W, cc=C)
+        gpu = _lin(fp0.buffers + 2 * unit + fixed + self.base["gpu"], wg=W - 2 * unit, cg=C)
+        cpu = _lin(fp0.host + unit + self.base["cpu"], wg=-unit, wc=W, cc=C)
         if not self.cuda:
             gpu, cpu = _lin(), _add(gpu, cpu)
         return ({"gpu": gpu, "cpu": cpu, "disk": _lin(wd=W, cd=C)},
@@ -225,6 +228,7 @@ class _Search:
             pred = predict(self.spec, pol, self.prof, self.wl.prompt_len, self.wl.gen_len,
                            self.wl.num_prompts, "cuda" if self.cuda else "cpu", self.elem,
                            fp=self.fp(pol), units=self.wl.units)
+            pred.peak = {t: v + self.base[t] for t, v in pred.peak.items()}
             out.append((pred.throughput, pol, pred))
         return out
 
