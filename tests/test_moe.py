@@ -295,6 +295,33 @@ def test_cost_model_moves_only_touched_experts_and_adds_the_cpu_lane():
     assert ratio == pytest.approx((prof.h2d_pinned + 15e9) / prof.h2d_pinned, rel=0.05)
 
 
+def test_cost_model_prices_dense_layers_of_a_moe_model_as_dense():
+    """A MoE model whose config keeps some layers dense (mlp_only_layers, first_k_dense):
+    those layers stream and multiply their own dense MLP, the MoE layers only the touched
+    experts. With every weight streamed from the CPU, the decode step's copy time is each
+    kind's stored bytes over the link, summed over its layers."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import Workload, predict
+    from flexrun.plan.footprint import weight_bytes
+    from flexrun.plan.hardware import HardwareProfile
+    from flexrun.plan.moe_cost import moe_layer
+    from pathlib import Path
+    base = dummy_spec("qwen3-30b-a3b")
+    spec = replace(base, moe_layers=tuple(range(2, base.num_layers)))     # layers 0, 1 dense
+    assert Workload(64, 8).unit_counts(spec) == (1, base.num_layers - 2, 1, 2)
+    assert Workload(64, 8).unit_counts(base) == (1, base.num_layers, 1, 0)
+    prof = HardwareProfile.load(Path(__file__).parents[1] / "policies/profiles/h200.json")
+    pol = Policy(gpu_batch_size=4, weights_gpu=0, weights_cpu=100, expert_lanes="copy")
+    nbytes = lambda u: sum(weight_bytes(n, sh, 2, pol) for n, sh in spec.unit_shapes(u).items())  # noqa: E731
+    m = moe_layer(spec, pol, 2)
+    moe_moved = (m.dense_bytes + m.touched(4) * m.expert_bytes) * (base.num_layers - 2)
+    want = (nbytes(0) + nbytes(spec.num_units - 1) + 2 * nbytes(1) + moe_moved) / prof.h2d_pinned
+    got = predict(spec, pol, prof, 64, 8).breakdown["decode"]["weights"]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert nbytes(1) != nbytes(3) and nbytes(3) == m.dense_bytes + m.experts * m.expert_bytes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_gemm_experts_match_the_per_expert_loop(dtype, monkeypatch):
     """A layer's experts back to back (as TieredStore.join lays out resident ones) run as two

@@ -46,11 +46,14 @@ class Workload:
     num_prompts: int | None = None
     units: range | None = None      # the units this device runs (a pipeline stage); all if None
 
-    def unit_counts(self, spec: ModelSpec) -> tuple[int, int, int]:
-        """How many embedding, decoder-layer and head units the device runs."""
+    def unit_counts(self, spec: ModelSpec) -> tuple[int, int, int, int]:
+        """How many embedding, decoder-layer and head units the device runs, and (a MoE model
+        whose config keeps some layers dense) how many of its layers are dense ones, counted
+        apart from the MoE layers (unit kind 3)."""
         units = self.units if self.units is not None else range(spec.num_units)
-        layers = sum(1 <= u <= spec.num_layers for u in units)
-        return int(0 in units), layers, int(spec.num_units - 1 in units)
+        layers = [u - 1 for u in units if 1 <= u <= spec.num_layers]
+        dense = sum(not spec.is_moe(j) for j in layers) if spec.num_experts else 0
+        return int(0 in units), len(layers) - dense, int(spec.num_units - 1 in units), dense
 
 
 @dataclass
@@ -136,10 +139,14 @@ class _Ctx:
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
-        # per unit kind (embed, layer, head): stored bytes, GEMM parameters, compressed params
+        # per unit kind (embed, layer, head, dense layer among MoE ones): stored bytes, GEMM
+        # parameters, compressed params
         self.unit_bytes, self.unit_read, self.unit_params, self.unit_qparams = [], [], [], []
         self.unit_qbytes = []
-        for kind, u in enumerate((0, 1, spec.num_layers + 1)):
+        moe_j = spec.first_moe_layer if spec.num_experts else None
+        dense_j = next((j for j in range(spec.num_layers) if not spec.is_moe(j)), 0)
+        layer_u = 1 if moe_j is None else moe_j + 1
+        for kind, u in enumerate((0, layer_u, spec.num_layers + 1, dense_j + 1)):
             shapes = spec.unit_shapes(u)
             sizes = [weight_bytes(n, s, elem, policy) for n, s in shapes.items()]
             self.unit_bytes.append(sum(sizes))
@@ -172,8 +179,9 @@ class _Ctx:
                 disk: nbytes / link + nbytes / (self.disk_r if load else self.disk_w)}
 
     def unit_terms(self, kind: int, prefill: bool, moe: bool = True) -> dict[str, Lin]:
-        """Terms of one unit (0 embed, 1 layer, 2 head) for one step of the whole block;
-        moe False: a MoE layer as if dense (every weight moves and multiplies)."""
+        """Terms of one unit (0 embed, 1 layer, 2 head, 3 a dense layer of a MoE model) for
+        one step of the whole block; moe False: a MoE layer as if dense (every weight moves
+        and multiplies)."""
         s, p, e, cuda = self.spec, self.p, self.e, self.cuda
 
         def gemm(rows_: int, params: int, on_gpu: bool) -> float:
@@ -186,7 +194,7 @@ class _Ctx:
         comp, dense = self._weight_math(kind, rows if kind != 2 else b)
         if kind == 1 and moe and self.moe is not None:
             return self._moe_terms(prefill, rows, comp["1"], dense)
-        if kind != 1:                       # embedding gather / head GEMM on the last token
+        if kind in (0, 2):                  # embedding gather / head GEMM on the last token
             comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, dense,
                               cuda) + 4 * b * s.vocab_size / self.mem_bw)
@@ -325,7 +333,7 @@ class _Ctx:
         out = []
         for name, prefill, reps in (("prefill", True, 1.0), ("decode", False, max(n - 1, 0))):
             out.append((name, reps, [(cnt, self.unit_terms(kind, prefill))
-                                     for kind, cnt in enumerate(counts)]))
+                                     for kind, cnt in enumerate(counts) if cnt or kind < 3]))
         return out
 
 
