@@ -111,7 +111,8 @@ def test_stats_count_a_known_routing():
 
 @pytest.mark.parametrize("family", ["mixtral", "mixtral-odd", "qwen2_moe", "qwen2_moe-odd",
                                     "qwen3_moe", "qwen3_moe-odd"])
-@pytest.mark.parametrize("lanes", ["copy", "cpu", "staged", "staged-cpu"])
+@pytest.mark.parametrize("lanes", ["copy", "cpu", "staged", "staged-cpu", "read",
+                                   "staged-read"])
 def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lanes,
                                                             monkeypatch):
     """30/40/30 gpu/cpu/disk (on a CPU run the gpu tier is host memory): every layer's experts
@@ -119,14 +120,19 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
     off-device experts out, and only routed ones are copied (copy lane) or computed where
     they live (CPU lane), once per unit and block; "staged": the copy lane with every device
     expert of the unit put in stacked slots and run as grouped GEMMs (a GPU run's way), beside
-    the CPU lane too; the tokens and the prompt logits are the resident run's."""
+    the CPU lane too; "read": disk experts read into host buffers by the reader threads
+    rather than mapped (a GPU run's way), their copies issued after the device experts'
+    GEMMs; the tokens and the prompt logits are the resident run's."""
     from flexrun.engine import experts as engine_experts
     from flexrun.engine import expert_staging
-    staged = lanes.startswith("staged")
+    from flexrun.engine import pipeline as engine_pipeline
+    staged, read = lanes.startswith("staged"), lanes.endswith("read")
+    monkeypatch.setattr(engine_pipeline, "MAP_DISK", not read)
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", staged)
     if lanes == "staged-cpu":       # grouped GEMMs of one expert at a time (a long prefill's)
         monkeypatch.setattr(expert_staging, "GROUPED_MAX_BYTES", 1)
-    lanes = {"staged": "copy", "staged-cpu": "cpu"}.get(lanes, lanes)
+    lanes = {"staged": "copy", "staged-cpu": "cpu", "read": "copy",
+             "staged-read": "copy"}.get(lanes, lanes)
     from families import save_family
     d = save_family(family, tmp_path / "m")
     prompts = ragged_prompts(4, seed=3)
@@ -161,6 +167,7 @@ def test_experts_split_over_tiers_give_the_resident_tokens(tmp_path, family, lan
                             for j in away for e in away[j])
     if lanes == "copy":
         assert lane.copied > 0 and lane.cpu_runs == 0 and lane.reused > 0
+        assert (lane.disk_reads > 0) == read and lane.disk_reads < lane.copied
     else:
         assert lane.cpu_runs > 0 and lane.copied == 0
     assert outs == ref

@@ -29,6 +29,7 @@ from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
+READERS = 2                 # threads reading a call's disk experts from the offload files
 
 
 @dataclass
@@ -44,6 +45,7 @@ class LaneStats:
     """Routed experts run off the compute device, summed over a run."""
     copied: int = 0                 # expert copies made (one per block and layer at most)
     copy_bytes: int = 0
+    disk_reads: int = 0             # of those, experts read from the disk tier by the readers
     reused: int = 0                 # expert runs served by a copy made for an earlier batch
     cpu_runs: int = 0               # expert runs on the CPU lane
     cpu_bytes: int = 0
@@ -82,6 +84,12 @@ class TieredExperts:
                     self.remote.setdefault(j, {})[e] = max(tiers, key=("gpu", "cpu",
                                                                        "disk").index)
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="flexrun-cpu-experts")
+        # disk experts read into host buffers (not mapped): by reader threads, so the reads
+        # of a call overlap each other and the device experts' GEMMs
+        reads = not self.mapped and any(t == "disk" for es in self.remote.values()
+                                        for t in es.values())
+        self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="flexrun-expert-reads") \
+            if reads else None
         self._layer, self._held = None, {}
         self.staging = self._staging() if self.remote else None
         if self.cuda and self.lanes == "auto":
@@ -165,12 +173,14 @@ class TieredExperts:
         self.stats.reused += sum(g.expert in remote for g in here)
         on_cpu, to_copy = self.split(away)
         to_copy.sort(key=lambda g: -len(g.rows))    # issued, then computed, busiest first
-        if self.staging is not None:
-            for g in to_copy:
-                self._stage_copy(g.expert)
-        else:
-            for g in to_copy:
-                self._copy(g.expert)
+        # disk experts start reading now; host ones are copied at once, the disk ones once
+        # read, after the device experts' GEMMs are queued
+        reading = {g.expert: self._reader.submit(self._read, g.expert) for g in to_copy
+                   if self._reader is not None and remote[g.expert] == "disk"}
+        copy = self._stage_copy if self.staging is not None else self._copy
+        for g in to_copy:
+            if g.expert not in reading:
+                copy(g.expert)
         cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
         if self.staging is not None:    # every device expert in two grouped GEMMs
             for g in here:
@@ -179,10 +189,16 @@ class TieredExperts:
                                                           for p in PARTS))
             # the experts already on the device first, while this batch's copies land
             ys = self.staging.run(x2, here, copied=False)
+        else:
+            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g) for g in here}
+        for e, job in reading.items():
+            copy(e, job.result())
+            self.stats.disk_reads += 1
+        if self.staging is not None:
             ys.update(self.staging.run(x2, to_copy))
         else:
-            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g)
-                  for g in here + to_copy}
+            ys.update({g.expert: weighted_expert(x2, self._device_w(w, g.expert), g)
+                       for g in to_copy})
         if cpu_job is not None:
             for g, y in zip(on_cpu, cpu_job.result()):
                 ys[g.expert] = y.pin_memory().to(self.device, non_blocking=True) \
@@ -219,12 +235,18 @@ class TieredExperts:
     def _nbytes(self, e: int) -> int:
         return sum(nbytes(self.weights.homes[self.name(self._layer, e, p)][1]) for p in PARTS)
 
-    def _copy(self, e: int) -> None:
-        """Start bringing expert e of the current unit to the device (held for the block)."""
+    def _read(self, e: int) -> tuple:
+        """Expert e of the current unit in host memory (a disk expert: read into fresh
+        buffers, pinned on a GPU run); run by the reader threads too."""
+        return tuple(self.weights.read_host(self.name(self._layer, e, p), pinned=self.cuda,
+                                            mapped=self.mapped) for p in PARTS)
+
+    def _copy(self, e: int, host_parts: tuple | None = None) -> None:
+        """Start bringing expert e of the current unit to the device (held for the block),
+        from `host_parts` when already read (_read)."""
         dev, ev = {}, None
-        for p in PARTS:
+        for p, host in zip(PARTS, host_parts or self._read(e)):
             n = self.name(self._layer, e, p)
-            host = self.weights.read_host(n, pinned=self.cuda, mapped=self.mapped)
             dev[f"experts.{e}.{p}.weight"] = self.weights.fetch(
                 n, self.weight_stream, self.compute_stream, host) if self.cuda else \
                 self.weights.fetch(n, host_value=host)
@@ -235,11 +257,9 @@ class TieredExperts:
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
 
-    def _stage_copy(self, e: int) -> None:
+    def _stage_copy(self, e: int, host_parts: tuple | None = None) -> None:
         """Copy expert e of the current unit from host memory into its staging slot."""
-        self.staging.put_host(e, *(self.weights.read_host(self.name(self._layer, e, p),
-                                                          pinned=self.cuda, mapped=self.mapped)
-                                   for p in PARTS))
+        self.staging.put_host(e, *(host_parts or self._read(e)))
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
 
@@ -279,4 +299,6 @@ class TieredExperts:
 
     def close(self) -> None:
         self._cpu.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         self._held = {}
