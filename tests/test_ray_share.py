@@ -65,7 +65,7 @@ def test_actor_plans_with_its_share(llama_dir, tmp_path, monkeypatch):
     $FLEXRUN_PROFILE) and half the host's --cpu-mem; the variable is restored afterwards."""
     from flexrun import LLM
     monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
-    cpu = 64 << 20
+    cpu = 512 << 20         # each actor: its half less its process baseline (154 MB)
     pred = FlexrunPredictor(model=str(llama_dir), device="cpu", cpu_mem=cpu, actors_per_host=2,
                             workload=(16, 8, 8), max_new_tokens=8)
     try:
