@@ -362,10 +362,11 @@ def test_cpu_attention_slowed_by_weight_copies_and_per_call_cost():
 
 
 def test_search_tries_the_device_cache_for_some_gpu_batches():
-    """Beside a host cache attended on the CPU, the search also tries keeping the KV of the
-    block's first GPU batches on the device (gpu_cache_batches): at most as many as the GPU
-    budget holds and fewer than the block's, each placed by the LP within every budget and
-    priced by predict() as it would run."""
+    """For its best block shapes planned with CPU attention, the search also tries keeping
+    the KV of the block's first GPU batches on the device (gpu_cache_batches): at most as
+    many as the GPU budget holds and fewer than the block's, each placed by the LP within
+    every budget and priced by predict() as it would run; a search whose best shape gains
+    from it returns such a plan."""
     from flexrun.plan.costmodel import Workload
     from flexrun.plan.search import _caps, _Search
     spec = dummy_spec("opt-30b")
@@ -376,13 +377,20 @@ def test_search_tries_the_device_cache_for_some_gpu_batches():
     counts = s.device_batches(shape)
     assert counts and max(counts) == min(7, int(caps["gpu"] // per_batch)) > 1
     assert s.device_batches(Policy(gpu_batch_size=64, num_gpu_batches=1)) == []
-    tried = [(pol, pred) for _, pol, pred in s.candidates(shape) if pol.gpu_cache_batches]
-    assert {pol.gpu_cache_batches for pol, _ in tried} <= set(counts) and tried
+    assert not any(p.gpu_cache_batches for _, p, _ in s.candidates(shape))
+    tried = [(pol, pred) for _, pol, pred in s.candidates(shape, device_cache=True)]
+    assert {pol.gpu_cache_batches for pol, _ in tried} == set(counts)
     for pol, pred in tried:
         assert pol.cpu_attention and pol.cache_gpu < 100 and not s.over(pol, caps)
         again = predict(spec, pol, H100, 512, 32, 64, "cuda", 2)
         assert pred.decode_s == pytest.approx(again.decode_s)
         assert pred.peak["gpu"] >= pol.gpu_cache_batches * per_batch
+    # Mixtral-8x7B, 4-bit, 24 GiB, with host attention at the 16-core H200 host's rates:
+    # half of each block's GPU batches keep their cache on the device
+    host = dataclasses.replace(H100, cpu_attn_bw=61.3e9, cpu_attn_bw_with_h2d=31.5e9)
+    res = search(dummy_spec("mixtral-8x7b"), host, 512, 256, "24GiB", "100GiB", None, "cuda",
+                 compress_weight=True, compress_cache=True)
+    assert res.policy.gpu_cache_batches > 0 and res.policy.cpu_attention
 
 
 def test_search_counts_what_the_process_holds_before_the_run():

@@ -210,19 +210,23 @@ class _Search:
                     return least
         return pol
 
-    def candidates(self, shape: Policy) -> list[tuple[float, Policy, Prediction]]:
+    def candidates(self, shape: Policy, device_cache: bool = False
+                   ) -> list[tuple[float, Policy, Prediction]]:
         """The all-resident policy when it fits (nothing is faster for this block), else the
-        LP's policy for each cache case: all on device, or off it with/without CPU attention."""
+        LP's policy for each cache case: all on device, or off it with/without CPU attention;
+        device_cache: instead, CPU attention with the cache of some GPU batches on the device
+        (gpu_cache_batches, device_batches)."""
         resident = _with(shape, cache_gpu=100, cache_cpu=0, cpu_attention=False)
-        if not self.over(resident, self.caps):
-            pols = [resident]
+        if device_cache:
+            cases = [(0, True, g) for g in self.device_batches(shape)]
+        elif not self.over(resident, self.caps):
+            cases = None
         else:
-            cases = [(100, False, 0), (0, False, 0)]
-            if self.cuda:
-                cases += [(0, True, g) for g in (0, *self.device_batches(shape))]
-            pols = [self._place_or_least(_with(shape, cache_gpu=cg, cache_cpu=100 - cg,
-                                               cpu_attention=a, gpu_cache_batches=g))
-                    for cg, a, g in cases]
+            cases = [(100, False, 0), (0, False, 0)] + ([(0, True, 0)] if self.cuda else [])
+        pols = [resident] if cases is None else [
+            self._place_or_least(_with(shape, cache_gpu=cg, cache_cpu=100 - cg,
+                                       cpu_attention=a, gpu_cache_batches=g))
+            for cg, a, g in cases]
         out = []
         for pol in filter(None, pols):
             pred = predict(self.spec, pol, self.prof, self.wl.prompt_len, self.wl.gen_len,
@@ -238,6 +242,8 @@ class _Search:
         GPU budget alone, a half and a quarter of that (the LP then fills the rest of the
         GPU with weights), always fewer than the block's batches."""
         k = shape.num_gpu_batches
+        if not self.cuda:
+            return []
         per_batch = sum(self.fp(_with(shape, cache_gpu=0, cache_cpu=100)).cache.values()) / k
         if k < 2 or not per_batch or not math.isfinite(self.caps["gpu"]):
             return []
@@ -354,16 +360,22 @@ def shape_grid(num_prompts: int | None, cuda: bool, compress_weight: bool,
                     if b * k <= max_block] for b in batches)
 
 
+REFINED = 4     # block shapes whose CPU-attention plan is retried with gpu_cache_batches
+
+
 def _scan(s, num_prompts: int | None, cuda: bool, compress_weight: bool,
           compress_cache: bool):
-    """The best (throughput, policy, prediction) over block shapes and compression cases."""
-    best, shapes = None, 0
+    """The best (throughput, policy, prediction) over block shapes and compression cases;
+    then the REFINED best shapes planned with CPU attention are retried with the cache of
+    some of their GPU batches on the device."""
+    best, shapes, host_attn = None, 0, []
     for rows in shape_grid(num_prompts, cuda, compress_weight, compress_cache):
         for row in rows:
             fits_b = False
             for shape in row:
                 found = s.candidates(shape)
                 shapes, fits_b = shapes + 1, fits_b or bool(found)
+                host_attn += [f for f in found if f[1].cpu_attention]
                 for f in found:
                     if best is None or f[0] > best[0] * (1 + 1e-9):
                         best = f
@@ -371,6 +383,12 @@ def _scan(s, num_prompts: int | None, cuda: bool, compress_weight: bool,
                     break   # larger blocks: more memory, and no gain once all resident
             if not fits_b:
                 break       # a larger batch needs more memory still
+    host_attn.sort(key=lambda f: -f[0])
+    for _, pol, _ in host_attn[:REFINED]:
+        shape = _with(pol, cache_gpu=100, cache_cpu=0, cache_disk=0, cpu_attention=False)
+        for f in s.candidates(shape, device_cache=True):
+            if f[0] > best[0] * (1 + 1e-9):
+                best = f
     return best, shapes
 
 
