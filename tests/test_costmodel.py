@@ -361,6 +361,29 @@ def test_cpu_attention_slowed_by_weight_copies_and_per_call_cost():
     assert small > shared
 
 
+def test_attention_over_a_4bit_cache_is_priced_at_its_dequantize_rate():
+    """A 4-bit cache is dequantized before it is attended: its attention costs the dense
+    cache's bytes over the profile's compressed-attention rate (cpu_qattn_bw, gpu_qattn_bw),
+    not its stored bytes over the dense rate; a profile without them takes the dense rates
+    over QATTN_SLOWDOWN."""
+    from flexrun.plan.costmodel import QATTN_SLOWDOWN
+    spec = dummy_spec("opt-30b")
+    pol = _s1_policy(compress_cache=True)
+    slow, fast = (predict(spec, pol, dataclasses.replace(H100, cpu_qattn_bw=r), 512, 32,
+                          device="cuda") for r in (1e9, 2e9))
+    dense_kv = 2 * 64 * (512 + 16) * spec.kv_dim * 2 * spec.num_layers
+    assert slow.decode_s - fast.decode_s == pytest.approx(dense_kv * (1 / 1e9 - 1 / 2e9),
+                                                          rel=0.02)
+    default = predict(spec, pol, H100, 512, 32, device="cuda")
+    same = predict(spec, pol, dataclasses.replace(
+        H100, cpu_qattn_bw=H100.cpu_attn_bw / QATTN_SLOWDOWN["cpu"]), 512, 32, device="cuda")
+    assert default.decode_s == pytest.approx(same.decode_s)
+    on_gpu = Policy(gpu_batch_size=32, num_gpu_batches=2, compress_cache=True)
+    g1, g2 = (predict(spec, on_gpu, dataclasses.replace(H100, gpu_qattn_bw=r), 512, 32,
+                      device="cuda") for r in (1e11, 2e11))
+    assert g1.decode_s > g2.decode_s
+
+
 def test_search_tries_the_device_cache_for_some_gpu_batches():
     """For its best block shapes planned with CPU attention, the search also tries keeping
     the KV of the block's first GPU batches on the device (gpu_cache_batches): at most as
@@ -385,11 +408,10 @@ def test_search_tries_the_device_cache_for_some_gpu_batches():
         again = predict(spec, pol, H100, 512, 32, 64, "cuda", 2)
         assert pred.decode_s == pytest.approx(again.decode_s)
         assert pred.peak["gpu"] >= pol.gpu_cache_batches * per_batch
-    # Mixtral-8x7B, 4-bit, 24 GiB, with host attention at the 16-core H200 host's rates:
-    # half of each block's GPU batches keep their cache on the device
+    # Mixtral-8x7B (S6), 24 GiB, with host attention at the 16-core H200 host's rates: some
+    # of each block's GPU batches keep their cache on the device
     host = dataclasses.replace(H100, cpu_attn_bw=61.3e9, cpu_attn_bw_with_h2d=31.5e9)
-    res = search(dummy_spec("mixtral-8x7b"), host, 512, 256, "24GiB", "100GiB", None, "cuda",
-                 compress_weight=True, compress_cache=True)
+    res = search(dummy_spec("mixtral-8x7b"), host, 512, 32, "24GiB", "100GiB", None, "cuda")
     assert res.policy.gpu_cache_batches > 0 and res.policy.cpu_attention
 
 

@@ -149,6 +149,17 @@ def test_window_and_sinks_bit_exact(scheme):
     assert not torch.equal(v[:, :, :n - W], V[:, :, :n - W])
 
 
+@pytest.mark.parametrize("scheme", ["kivi", "per_token"])
+def test_cpu_reads_dequantize_in_chunks_bit_exact(scheme, monkeypatch):
+    """A CPU read dequantizes CHUNK_VALUES values at a time (the fp32 intermediates stay in
+    the caches); one key group or token per chunk gives the same bits as the whole slot."""
+    from flexrun.engine import kvquant
+    whole = _fill("gpu", scheme, 8, 2)
+    monkeypatch.setattr(kvquant, "CHUNK_VALUES", 1)
+    chunked = _fill("gpu", scheme, 8, 2)
+    assert torch.equal(whole[3], chunked[3]) and torch.equal(whole[4], chunked[4])
+
+
 @pytest.mark.parametrize("scheme,window,sink", [("kivi", 0, 0), ("kivi", 8, 2),
                                                 ("per_token", 5, 1)])
 def test_tiers_store_alike_and_footprint_counts_it(scheme, window, sink):

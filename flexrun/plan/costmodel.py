@@ -7,6 +7,7 @@ docs/costmodel.md has the formulas; policysearch.py holds the LP and the search.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +37,12 @@ RESOURCES = ("compute", "weights", "cache_load", "cache_store", "act_load", "act
 PAGE_CACHE_SHARE = 0.9     # disk data read back from the page cache when it fits in this share
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
 _DTYPES = {2: torch.float16, 4: torch.float32}
+# decode attention over a 4-bit cache against a dense one, for profiles that lack the measured
+# rate (cpu_qattn_bw / gpu_qattn_bw): on the CPU 13-15x slower (timing.qattn_bw against
+# attn_bw on the 2-core VM, fp16 and fp32, at 256 MB); on a GPU the dequantize-then-attend
+# path moves about 8.5 bytes per value where a dense cache's attention reads 2 (an estimate,
+# not a measurement)
+QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 4.0}
 Lin = dict  # linear expression: variable -> coefficient, "1" -> constant
 
 
@@ -137,6 +144,11 @@ class _Ctx:
         self.attn_share = min(1.0, shared / self.cpu_attn_bw) if shared and cuda else 1.0
         self.attn_call_s = (prof.cpu_attn_call_s or 0.0) if cuda else 0.0
         self.attn_bw = (prof.gpu_attn_bw or prof.gpu_mem_bw) if cuda else self.cpu_attn_bw
+        # attention over a 4-bit cache dequantizes it first: dense-equivalent bytes/s, from
+        # the profile, else the dense rate over the slowdown QATTN_SLOWDOWN names
+        self.qattn_cpu = prof.cpu_qattn_bw or self.cpu_attn_bw / QATTN_SLOWDOWN["cpu"]
+        self.qattn_dev = (prof.gpu_qattn_bw or self.attn_bw / QATTN_SLOWDOWN["cuda"]) if cuda \
+            else self.qattn_cpu
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
         # per unit kind (embed, layer, head, dense layer among MoE ones): stored bytes, GEMM
@@ -204,10 +216,16 @@ class _Ctx:
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
         kv = kv_block_nbytes(s, p, e, t_avg)                   # the block's keys + values
         new = kv_step_nbytes(s, p, e, P + self.wl.gen_len)     # this step's keys + values
+        # seconds of decode attention over the block's cache on the device / on the host
+        # (a 4-bit cache at its dense size over the dequantize-then-attend rates)
+        dense = kv_block_nbytes(s, dataclasses.replace(p, compress_cache=False), e, t_avg)
+        dev_s, host_s = (dense / self.qattn_dev, dense / self.qattn_cpu) \
+            if p.compress_cache else (kv / self.attn_bw, kv / self.cpu_attn_bw)
         g = p.gpu_cache_share       # gpu_cache_batches: on the device, attended there
         if g and not prefill:
-            comp["1"] += g * kv / self.attn_bw
+            comp["1"] += g * dev_s
         kv, new, rest = kv * (1 - g), new * (1 - g), k - p.gpu_cache_batches
+        dev_s, host_s = dev_s * (1 - g), host_s * (1 - g)
         load: Lin = {}
         host_mem: Lin = {}
         if prefill:
@@ -216,22 +234,22 @@ class _Ctx:
         elif not cuda or p.cpu_attention:   # attention where the cache lives (host memory)
             load, store = {"cd": kv / self.disk_r}, {"cd": new / self.disk_w}
             if not cuda:
-                comp["1"] += kv / self.attn_bw
+                comp["1"] += host_s
                 if not p.compress_cache:    # the in-memory share reads whole slots (P + n)
                     whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len) * (1 - g)
                     comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * rest * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
-                host = kv / self.cpu_attn_bw + ship + rest * self.attn_call_s
+                host = host_s + ship + rest * self.attn_call_s
                 link = _add(link, {"cc": ship, "cd": ship})
-                comp = _add(comp, {"cg": kv / self.attn_bw, "cc": host, "cd": host})
+                comp = _add(comp, {"cg": dev_s, "cc": host, "cd": host})
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at
                 # attn_share of its rate: the unit lasts at least the attention time plus
                 # (1 - attn_share) of the weight copy time
                 slow = (1.0 - self.attn_share) * wb / self.h2d_w if rest else 0.0
                 host_mem = {"cc": host, "cd": host, "wc": slow, "wd": slow}
         else:                               # bring the prefix to the GPU, attend there
-            comp["1"] += kv / self.attn_bw
+            comp["1"] += dev_s
             load, store = self.io(kv, "cc", "cd", True), self.io(new, "cc", "cd", False)
             link = _add(link, {"cc": kv / self.h2d, "cd": kv / self.h2d})
         act = b * k * (P if prefill else 1) * s.hidden_size * e

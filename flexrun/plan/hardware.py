@@ -46,6 +46,7 @@ class HardwareProfile:
     gpu_decode_m: int = 64
     gpu_mem_bw: float | None = None          # HBM copy bytes/s
     gpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
+    gpu_qattn_bw: float | None = None        # the same over a 4-bit cache (dense bytes)
     gpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (launch floor)
     gpu_graph_unit_overhead: float | None = None  # the same unit replayed from a CUDA graph
     gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
@@ -64,6 +65,8 @@ class HardwareProfile:
     cpu_read_bw: float | None = None         # bytes/s read (a reduction over 256 MB)
     cpu_attn_bw: float | None = None         # KV bytes/s read by decode attention
     cpu_attn_bw_with_h2d: float | None = None   # the same while a pinned H2D copy runs
+    cpu_qattn_bw: float | None = None        # dense-equivalent KV bytes/s of CPU attention
+    #                                          over a 4-bit cache (dequantize, then attend)
     cpu_attn_call_s: float | None = None     # s per CPU-attention call of a GPU run beyond
     #                                          its bytes (GPU->host->GPU round trip); fitted
     cpu_unit_overhead: float | None = None   # s per unit call at tiny sizes (dispatch floor)
@@ -300,6 +303,7 @@ def format_profile(p: HardwareProfile) -> str:
             ("disk page cache mapped", _fmt(p.disk_map_cached, "B/s")),
             ("GPU GEMM decode / prefill", pair(p.gpu_flops_decode, p.gpu_flops_prefill, "FLOP/s")),
             ("GPU HBM / attention", pair(p.gpu_mem_bw, p.gpu_attn_bw, "B/s")),
+            ("GPU attention over a 4-bit cache (dense bytes)", _fmt(p.gpu_qattn_bw, "B/s")),
             ("GPU 4-bit matmul bytes / FLOP", pair(p.gpu_w4_bw, p.gpu_w4_flops, "")),
             ("CPU GEMM decode / prefill", pair(p.cpu_flops_decode, p.cpu_flops_prefill, "FLOP/s")),
             ("CPU bf16 GEMM decode / prefill", pair(p.cpu_flops_decode_bf16,
@@ -308,6 +312,8 @@ def format_profile(p: HardwareProfile) -> str:
              pair(p.cpu_flops_decode_small, p.cpu_flops_decode_small_bf16, "FLOP/s")),
             ("CPU memcpy / attention", pair(p.cpu_mem_bw, p.cpu_attn_bw, "B/s")),
             ("CPU read", _fmt(p.cpu_read_bw, "B/s") if p.cpu_read_bw else "-"),
+            ("CPU attention over a 4-bit cache (dense bytes)", _fmt(p.cpu_qattn_bw, "B/s")
+             if p.cpu_qattn_bw else "-"),
             ("CPU attention beside H2D", _fmt(p.cpu_attn_bw_with_h2d, "B/s")
              if p.cpu_attn_bw_with_h2d else "-"),
             ("CPU expert GEMM (fp16, 8 rows)", _fmt(p.cpu_expert_bw, "B/s")

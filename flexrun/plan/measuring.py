@@ -16,7 +16,8 @@ from flexrun.config import FlexrunError
 from flexrun.engine.budget import cuda_context_bytes, rss_anon
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
                                  decode_rates, disk_rates, dram_shapes, expert_bw, gemm_rates,
-                                 prefill_rate, read_bw, unit_overhead, w4_rates)
+                                 prefill_rate, qattn_bw, read_bw, unit_overhead,
+                                 w4_rates)
 
 if TYPE_CHECKING:
     from flexrun.plan.hardware import HardwareProfile
@@ -62,6 +63,7 @@ def fill(prof: HardwareProfile, kind: str, offload_dir: str, disk_bytes: int) ->
     attn_shapes = dram_shapes(((4, 12, 1024, 64), (8, 16, 512, 64), (8, 32, 256, 128)),
                               stream, attn_dtype.itemsize)
     prof.cpu_attn_bw = attn_bw(cpu, attn_dtype, nosync, attn_shapes)
+    prof.cpu_qattn_bw = qattn_bw(cpu, attn_dtype, min(stream, 256 << 20))
     prof.cpu_unit_overhead = unit_overhead(cpu, torch.float32, nosync)
     a = torch.empty(64 << 20, dtype=torch.float32)
     prof.cpu_mem_bw = copy_bw(a.normal_(), torch.empty_like(a), nosync)
@@ -108,6 +110,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
         ((4096, 4096), (8192, 8192), (4096, 12288)), sync)
     prof.gpu_attn_bw = attn_bw(dev, torch.float16, sync,
                                 ((32, 32, 1024, 128), (64, 56, 544, 128), (16, 96, 2048, 128)))
+    prof.gpu_qattn_bw = qattn_bw(dev, torch.float16, 1 << 30, sync)
     prof.gpu_unit_overhead = unit_overhead(dev, torch.float16, sync)
     prof.gpu_graph_unit_overhead = unit_overhead(dev, torch.float16, sync, graph=True)
     big = dram_shapes(((8, 32, 512, 128),), prof.notes["cpu_gemm_stream_bytes"], 2)[0]

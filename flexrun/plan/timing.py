@@ -140,6 +140,36 @@ def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
     return statistics.median(out)
 
 
+def qattn_bw(device: torch.device, dtype: torch.dtype, nbytes: int, sync=lambda: None,
+             shape=(8, 32, 512, 128)) -> float:
+    """Dense-equivalent KV bytes/s of a decode step's attention over a compressed cache
+    (Policy's default 4-bit scheme) on `device`, as the engine runs it: CompressedKVSlot.read
+    dequantizes the slot, then attend. `shape` gets enough rows that its dense K and V exceed
+    nbytes."""
+    from flexrun.config import Policy
+    from flexrun.engine.attention import attend
+    from flexrun.engine.kvcache import KVSlot
+    from flexrun.engine.kvquant import CompressedKVSlot
+    p = Policy()
+    b, h, t, d = dram_shapes((shape,), nbytes, dtype.itemsize)[0]
+
+    def make(shape_, dtype_, part=""):
+        return KVSlot("gpu", False, shape_, dtype_, device, None, f"profile.{part}", None,
+                      None, None, part, False)
+    slot = CompressedKVSlot(make, (b, h, t, d), dtype, p.quant_bits, p.cache_group,
+                            p.cache_scheme, p.cache_window, p.cache_sink)
+    try:
+        kv = [torch.randn(b, h, t, d, dtype=dtype, device=device) for _ in range(2)]
+        slot.write(*kv, 0, torch.zeros(b, dtype=torch.long, device=device))   # as a prefill
+        del kv
+        q = torch.randn(b, h, 1, d, dtype=dtype, device=device)
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
+        sec = best_time(lambda: attend(q, *slot.read(t, device), mask), reps=3, sync=sync)
+    finally:
+        slot.close()
+    return 2 * b * h * t * d * dtype.itemsize / sec
+
+
 def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20
                          ) -> tuple[float, float, float]:
     """(s alone, s while pinned host->GPU copies loop, the copies' bytes/s meanwhile) of one
