@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -79,14 +80,16 @@ def assign_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list
     far, so every prefix (and thus every layer) is split as evenly as item sizes allow and the
     total is within one item of the target.
     """
+    share = [p / 100.0 if p > 0 else None for p in percents]
     assigned = [0.0, 0.0, 0.0]
     total = 0.0
     out = []
-    for s in sizes:
+    for s in sizes:             # (a search calls this for thousands of experts, many times)
         total += s
-        deficits = [p / 100.0 * total - a if p > 0 else float("-inf")
-                    for p, a in zip(percents, assigned)]
-        t = max(range(3), key=lambda i: deficits[i])
+        t, best = 0, -math.inf
+        for i in range(3):
+            if share[i] is not None and share[i] * total - assigned[i] > best:
+                t, best = i, share[i] * total - assigned[i]
         assigned[t] += s
         out.append(t)
     return out

@@ -1,6 +1,7 @@
 """Peak memory of a policy per tier (bytes), and the budget check done before loading."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,8 @@ def streams_whole_units(policy: Policy, cuda: bool, units: range, num_units: int
 
 
 def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[int],
-                 units: range, cuda: bool, hot: list[list[int]] | None = None) -> list[int]:
+                 units: range, cuda: bool, hot: list[list[int]] | None = None,
+                 groups: "ExpertGroups | None" = None) -> list[int]:
     """Tier index (0 gpu, 1 cpu, 2 disk) of each weight, bytes per tier per the policy.
 
     By default every unit gets its share of each tier (storage.assign_tiers). With whole
@@ -83,7 +85,7 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
     that fit in them, the rest to the cpu and disk tiers in the policy's proportion."""
     split = policy.weights_split()
     if spec.num_experts:
-        return moe_tiers(names, sizes, split, hot)
+        return moe_tiers(names, sizes, split, hot, groups)
     if not streams_whole_units(policy, cuda, units, spec.num_units):
         return assign_tiers(sizes, split)
     unit_of, size_of = {}, dict(zip(names, sizes))
@@ -115,24 +117,49 @@ def weight_tiers(spec: ModelSpec, policy: Policy, names: list[str], sizes: list[
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def expert_of(name: str) -> str | None:
     """"layers.{j}.experts.{e}" of an expert's weight name, else None."""
     parts = name.split(".")
     return ".".join(parts[:4]) if len(parts) > 4 and parts[2] == "experts" else None
 
 
+@dataclass
+class ExpertGroups:
+    """A MoE model's weights grouped as moe_tiers places them (computed once per layout)."""
+    dense: list[int]            # indices of the weights outside experts
+    dense_bytes: int
+    keys: list[str]             # "layers.{j}.experts.{e}", one per expert
+    members: list[list[int]]    # each expert's weight indices
+    member_bytes: list[int]
+
+    @classmethod
+    def of(cls, names: list[str], sizes: list[int]) -> "ExpertGroups":
+        expert = [expert_of(n) for n in names]
+        dense = [i for i, e in enumerate(expert) if e is None]
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(expert):
+            if e is not None:
+                groups.setdefault(e, []).append(i)
+        members = list(groups.values())
+        return cls(dense, sum(sizes[i] for i in dense), list(groups), members,
+                   [sum(sizes[i] for i in m) for m in members])
+
+
 def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, float],
-              hot: list[list[int]] | None = None) -> list[int]:
+              hot: list[list[int]] | None = None,
+              groups: ExpertGroups | None = None) -> list[int]:
     """Tiers of a mixture-of-experts model's weights: the dense part (attention, norms,
     routers, shared experts, embeddings, head) goes to the compute device first, as far as
     the policy's GPU share holds it; the experts fill the rest of each tier, each expert
     whole (its gate, up and down on one tier) and every layer's experts split in the same
     proportions (assign_tiers' error diffusion). hot: tokens routed to each expert of each
     layer in an earlier run (MoEStats.save): a layer's GPU places go to its busiest experts,
-    then its CPU places, then disk (the bytes per tier do not change)."""
-    expert = [expert_of(n) for n in names]
-    dense = [i for i, e in enumerate(expert) if e is None]
-    total, dense_bytes = sum(sizes), sum(sizes[i] for i in dense)
+    then its CPU places, then disk (the bytes per tier do not change). groups: the grouping
+    of names (ExpertGroups.of) when known."""
+    grp = groups or ExpertGroups.of(names, sizes)
+    dense, dense_bytes, keys, members = grp.dense, grp.dense_bytes, grp.keys, grp.members
+    total = sum(sizes)
     budget = split[0] / 100.0 * total
     out = [0] * len(names)
     if dense_bytes > budget:        # the dense part itself spills: every part as the policy
@@ -144,12 +171,7 @@ def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, flo
         gpu = 100.0 * (budget - dense_bytes) / rest
         off = split[1] + split[2]
         sub = (gpu,) + tuple((100.0 - gpu) * x / off if off else 0.0 for x in split[1:])
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(expert):
-        if e is not None:
-            groups.setdefault(e, []).append(i)
-    keys, members = list(groups), list(groups.values())
-    tiers = assign_tiers([sum(sizes[i] for i in m) for m in members], sub)
+    tiers = assign_tiers(list(grp.member_bytes), sub)
     if hot is not None:         # within each layer, the lower tiers to the busier experts
         by_layer: dict[int, list[int]] = {}
         for g, key in enumerate(keys):
@@ -169,10 +191,19 @@ def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
                   ) -> tuple[dict[str, tuple[int, ...]], list[int], list[int]]:
     """(name -> shape, stored bytes, tier index) of the units' weights, in one order: the
     placement a run makes (api) and the one its footprint counts (hot: moe_tiers)."""
-    shapes = unit_set_shapes(spec, units)
-    names = list(shapes)
-    sizes = [weight_bytes(n, shapes[n], elem, policy) for n in names]
-    return shapes, sizes, weight_tiers(spec, policy, names, sizes, units, cuda, hot)
+    # the names and sizes depend on the spec, units, dtype and weight compression only: a
+    # search asks for them hundreds of times (18.6k tensors per call for Qwen3-30B-A3B)
+    key = (units.start, units.stop, elem, policy.compress_weight, policy.quant_bits,
+           policy.quant_group)
+    known = spec.__dict__.setdefault("_layouts", {})     # per spec object (not a field)
+    if key not in known:
+        shapes = unit_set_shapes(spec, units)
+        sizes = [weight_bytes(n, shapes[n], elem, policy) for n in shapes]
+        groups = ExpertGroups.of(list(shapes), sizes) if spec.num_experts else None
+        known[key] = (shapes, sizes, groups)
+    shapes, sizes, groups = known[key]
+    return shapes, sizes, weight_tiers(spec, policy, list(shapes), sizes, units, cuda, hot,
+                                       groups)
 
 
 def kv_block_nbytes(spec: ModelSpec, policy: Policy, elem: int, positions: float) -> float:
