@@ -151,3 +151,23 @@ def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch
     pos = torch.arange(K.shape[2], device=K.device)
     mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
     return attend_slot(q, K, V, mask, opts)
+
+
+def attend_stored(q: torch.Tensor, slot, t_end: int, key_range: tuple[torch.Tensor, torch.Tensor],
+                  mask, opts: AttentionOptions = PLAIN, pinned: bool = False) -> torch.Tensor:
+    """Decode attention of q over positions [0, t_end) of a KV slot on q's device: a 4-bit
+    slot (CompressedKVSlot) through the fused kernel that dequantizes in registers
+    (kernels/qattention.py) where it applies, else the slot read to dense K and V and
+    attended with `mask` (a callable: built only then). key_range: (start, last) as
+    attend_range takes them."""
+    from flexrun.kernels import qattention
+    planes = slot.quant_planes(t_end, q.device, pinned) if hasattr(slot, "quant_planes") \
+        else None
+    if planes is not None and qattention.applies(q, planes):
+        start, last = key_range
+        if opts.window is not None:             # a window only moves each row's first key
+            start = torch.maximum(start, last - (opts.window - 1))
+        return qattention.decode_qattention(q, planes, start, last, opts.scale, opts.softcap)
+    K, V = slot.read(t_end, q.device, pinned) if planes is None else \
+        slot.read(t_end, q.device, pinned, planes)
+    return attend(q, K, V, mask(), opts=opts)

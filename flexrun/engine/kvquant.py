@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from flexrun.kernels.qattention import QuantPlanes
 from flexrun.memory.quant import (Compressed, decompress, encode, kv_groups, kv_ring_len,
                                   pack, unpack)
 
@@ -159,30 +160,45 @@ class CompressedKVSlot:
             self.ring.write(k[:, :, head:], v[:, :, head:], 0)
 
     # ---- read -------------------------------------------------------------------------------
-    def read(self, t_end: int, device: torch.device, pinned: bool = False):
+    def read(self, t_end: int, device: torch.device, pinned: bool = False,
+             planes: QuantPlanes | None = None):
         """(K, V) for positions [0, t_end), dequantized on `device` to the compute dtype, the
-        exact recent positions as they were written."""
-        q = min(self.q, t_end)
-        qk, qv = self.codes.read(t_end, device, pinned)
-        V = self._dequant(qv, *self.vparams.read(t_end, device, pinned), False)
+        exact recent positions as they were written; from `planes` (quant_planes) when
+        already read."""
+        p = planes or self.quant_planes(t_end, device, pinned)
+        q, w0 = p.quantized_keys, p.quantized_values
+        V = self._dequant(p.v_codes, p.v_min, p.v_scale, False)
         K = torch.empty_like(V)
         if q:
-            kmin, ksc = self.kparams.read(q // self.tgroup, device, pinned)
-            self._dequant(qk[:, :, :q], kmin, ksc, self.scheme == "kivi", K[:, :, :q])
+            self._dequant(p.k_codes[:, :, :q], p.k_min, p.k_scale, p.kivi, K[:, :, :q])
         if q < t_end:
-            rk, rv = self.ring.read(self.ring_len, device, pinned)
             idx = self._ring_index(q, t_end, device)
-            K[:, :, q:] = rk.index_select(2, idx)
-            w0 = max(q, t_end - self.window)
+            K[:, :, q:] = p.ring_k.index_select(2, idx)
             if w0 < t_end:
-                V[:, :, w0:] = rv.index_select(2, idx[w0 - q:])
+                V[:, :, w0:] = p.ring_v.index_select(2, idx[w0 - q:])
+        if p.sink_k is not None:
+            rows = torch.arange(K.shape[0], device=device)[:, None]
+            K[rows, :, p.sink_at] = p.sink_k.transpose(1, 2)
+            V[rows, :, p.sink_at] = p.sink_v.transpose(1, 2)
+        return [K, V]
+
+    def quant_planes(self, t_end: int, device: torch.device, pinned: bool = False
+                     ) -> QuantPlanes:
+        """The slot's planes for positions [0, t_end) on `device`, as the fused 4-bit decode
+        attention (kernels/qattention.py) reads them in place of read()'s dense K and V."""
+        q = min(self.q, t_end)
+        qk, qv = self.codes.read(t_end, device, pinned)
+        kmin, ksc = self.kparams.read(max(1, -(-q // self.tgroup)), device, pinned)
+        vmin, vsc = self.vparams.read(t_end, device, pinned)
+        rk = rv = sk = sv = at = None
+        if self.ring is not None:
+            rk, rv = self.ring.read(self.ring_len, device, pinned)
         if self.sink is not None:
             sk, sv = self.sink.read(self.sink.shape[2], device, pinned)
-            rows = torch.arange(K.shape[0], device=device)[:, None]
-            at = self.sink_at.to(device)                        # (b, sink) positions
-            K[rows, :, at] = sk.transpose(1, 2)
-            V[rows, :, at] = sv.transpose(1, 2)
-        return [K, V]
+            at = self.sink_at.to(device)
+        return QuantPlanes(qk, qv, kmin, ksc, vmin, vsc, rk, rv, sk, sv, at, q,
+                           max(q, t_end - self.window), self.group, self.tgroup,
+                           self.scheme == "kivi")
 
     def _dequant(self, q: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
                  per_channel: bool, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers
 from flexrun.engine.step_inputs import StepInputs
-from flexrun.engine.attention import attend, attend_range, host_matmul
+from flexrun.engine.attention import attend, attend_range, attend_stored, host_matmul
 from flexrun.engine.experts import TieredExperts
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
@@ -203,9 +203,9 @@ class Pipeline(HostTransfers, StepInputs):
             slot.write(k, v, t0)
             if isinstance(slot, KVSlot) and attn_triton.applies(q, *slot.kv):
                 attn = attend_range(q, *slot.kv, *self._key_range(b), opts)
-            else:
-                K, V = slot.read(t0 + 1, self.device)
-                attn = attend(q, K, V, self._mask(b, self.device, False, win), opts=opts)
+            else:                   # a 4-bit slot: the fused kernel where it applies
+                attn = attend_stored(q, slot, t0 + 1, self._key_range(b), lambda: self._mask(
+                    b, self.device, False, win), opts)
         elif host_attn:
             cpu = torch.device("cpu")
             q, k, v = self._to_host(b.batch_no, q=q, k=k, v=v)
@@ -221,8 +221,8 @@ class Pipeline(HostTransfers, StepInputs):
                 attn = attn.to(self.device, non_blocking=True)
         elif not isinstance(slot, KVSlot):  # compressed: the step's write may quantize a
             slot.write(k, v, t0)            # key group, as on the other tiers
-            K, V = slot.read(t0 + 1, self.device, pinned=self.cuda)
-            attn = attend(q, K, V, self._mask(b, self.device, False, win), opts=opts)
+            attn = attend_stored(q, slot, t0 + 1, self._key_range(b), lambda: self._mask(
+                b, self.device, False, win), opts, pinned=self.cuda)
         else:
             K, V = slot.read(t0, self.device, pinned=self.cuda)
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
