@@ -37,12 +37,12 @@ RESOURCES = ("compute", "weights", "cache_load", "cache_store", "act_load", "act
 PAGE_CACHE_SHARE = 0.9     # disk data read back from the page cache when it fits in this share
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
 _DTYPES = {2: torch.float16, 4: torch.float32}
-# decode attention over a 4-bit cache against a dense one, for profiles that lack the measured
-# rate (cpu_qattn_bw / gpu_qattn_bw): on the CPU 13-15x slower (timing.qattn_bw against
-# attn_bw on the 2-core VM, fp16 and fp32, at 256 MB); on a GPU the dequantize-then-attend
-# path moves about 8.5 bytes per value where a dense cache's attention reads 2 (an estimate,
-# not a measurement)
-QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 4.0}
+# decode attention over a 4-bit cache against a dense one, per dense byte, for profiles that
+# lack the measured rate (cpu_qattn_bw / gpu_qattn_bw): on the CPU 13-15x slower
+# (timing.qattn_bw against attn_bw on the 2-core VM, fp16 and fp32, at 256 MB); on a GPU the
+# fused kernel reads 4.5 of every 16 bits but dequantizes each value in registers: taken as
+# the dense rate until measured
+QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 1.0}
 Lin = dict  # linear expression: variable -> coefficient, "1" -> constant
 
 

@@ -143,11 +143,11 @@ def attn_bw(device: torch.device, dtype: torch.dtype, sync, shapes) -> float:
 def qattn_bw(device: torch.device, dtype: torch.dtype, nbytes: int, sync=lambda: None,
              shape=(8, 32, 512, 128)) -> float:
     """Dense-equivalent KV bytes/s of a decode step's attention over a compressed cache
-    (Policy's default 4-bit scheme) on `device`, as the engine runs it: CompressedKVSlot.read
-    dequantizes the slot, then attend. `shape` gets enough rows that its dense K and V exceed
-    nbytes."""
+    (Policy's default 4-bit scheme) on `device`, as the engine runs it (attend_stored): the
+    fused kernel on a GPU, else CompressedKVSlot.read dequantizes the slot, then attend.
+    `shape` gets enough rows that its dense K and V exceed nbytes."""
     from flexrun.config import Policy
-    from flexrun.engine.attention import attend
+    from flexrun.engine.attention import attend_stored
     from flexrun.engine.kvcache import KVSlot
     from flexrun.engine.kvquant import CompressedKVSlot
     p = Policy()
@@ -163,8 +163,11 @@ def qattn_bw(device: torch.device, dtype: torch.dtype, nbytes: int, sync=lambda:
         slot.write(*kv, 0, torch.zeros(b, dtype=torch.long, device=device))   # as a prefill
         del kv
         q = torch.randn(b, h, 1, d, dtype=dtype, device=device)
+        keys = (torch.zeros(b, dtype=torch.long, device=device),
+                torch.full((1,), t - 1, dtype=torch.long, device=device))
         mask = torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
-        sec = best_time(lambda: attend(q, *slot.read(t, device), mask), reps=3, sync=sync)
+        sec = best_time(lambda: attend_stored(q, slot, t, keys, lambda: mask), reps=3,
+                        sync=sync)
     finally:
         slot.close()
     return 2 * b * h * t * d * dtype.itemsize / sec
