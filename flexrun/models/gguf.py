@@ -11,7 +11,9 @@ import functools
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -39,6 +41,11 @@ def _reader(path: PathLike):
         return _open(str(p.resolve()), p.stat().st_mtime_ns)
     except (ValueError, OSError) as e:
         raise ValueError(f"{p.name} is not a readable GGUF file ({e})") from e
+
+
+def release_readers() -> None:
+    """Forget the cached readers (their memory maps and parsed metadata)."""
+    _open.cache_clear()
 
 
 def _meta(reader, key: str, default=None):
@@ -201,17 +208,38 @@ def _dequantize(t, index: int | None = None) -> np.ndarray:
     return w if w.flags.writeable else w.copy()                  # never hand out the memmap
 
 
-def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time; a
-    layer's stacked experts one expert at a time (HF's per-expert names)."""
+@dataclass
+class TensorIndex:
+    """What reading a GGUF's tensors takes, without the reader's parsed metadata (a big
+    vocabulary parses into ~180 MiB of Python objects): each tensor's name, type, shape and
+    memory-mapped data, the architecture and the config values the conversion needs."""
+    arch: str
+    family: GGUFArch
+    heads: dict[str, int]
+    tied: bool
+    tensors: list[SimpleNamespace]
+
+
+def tensor_index(path: PathLike) -> TensorIndex:
     cfg = gguf_config(path)
     r = _reader(path)
     arch, fam = _architecture(r)
-    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    for t in r.tensors:
-        name = hf_tensor_name(t.name, arch)
-        if name is None or (name == "lm_head.weight" and cfg["tie_word_embeddings"]):
+    return TensorIndex(arch, fam, {"q_proj": cfg["num_attention_heads"],
+                                   "k_proj": cfg["num_key_value_heads"]},
+                       bool(cfg["tie_word_embeddings"]),
+                       [SimpleNamespace(name=t.name, tensor_type=t.tensor_type, shape=t.shape,
+                                        data=t.data) for t in r.tensors])
+
+
+def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32,
+                      index: TensorIndex | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, dequantized tensor in HF shape and layout) one tensor at a time; a
+    layer's stacked experts one expert at a time (HF's per-expert names). index: the file's
+    tensor_index, taken before its reader was released."""
+    ix = index or tensor_index(path)
+    for t in ix.tensors:
+        name = hf_tensor_name(t.name, ix.arch)
+        if name is None or (name == "lm_head.weight" and ix.tied):
             continue
         if "{e}" in name:
             for e in range(int(t.shape[-1])):
@@ -221,10 +249,10 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32
         if name.endswith("shared_expert_gate.weight"):
             w = w.reshape(1, -1)         # (1, hidden), also when written 1-D
         proj = name.split(".")[-2]
-        if fam.permute_qk and proj in heads and ".self_attn." in name:
-            w = unpermute_qk(w, heads[proj])
-        if fam.norm_shift and name.endswith("norm.weight"):
-            w -= fam.norm_shift          # Gemma: the converter stored w + 1
+        if ix.family.permute_qk and proj in ix.heads and ".self_attn." in name:
+            w = unpermute_qk(w, ix.heads[proj])
+        if ix.family.norm_shift and name.endswith("norm.weight"):
+            w -= ix.family.norm_shift    # Gemma: the converter stored w + 1
         yield name, w.to(dtype).contiguous()
 
 

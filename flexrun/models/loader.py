@@ -230,14 +230,18 @@ def open_gguf(path: str) -> Checkpoint:
               file=sys.stderr)
         tokenizer = None
 
+    index = gguf.tensor_index(p)
+
     def iter_tensors(device_for, names=None):
-        pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p))
+        pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p, index=index))
         split = (x for n, t in pairs if _wanted(spec, n, names)
                  for x in split_fused(spec, n, t))
         return filter_and_check(spec, split, str(p), names)
-    return Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
+    ckpt = Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
                       native_group=gguf.native_q4_group(p),
                       special_tokens=gguf.gguf_special_tokens(p))
+    gguf.release_readers()      # the metadata is read: the load keeps the tensor index only
+    return ckpt
 
 
 # ---- named real models ----------------------------------------------------------------------
