@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import ctypes
 import functools
 import math
@@ -328,6 +329,11 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
     cuda = torch.device(device).type == "cuda"
     elem = dtype_bytes or (2 if cuda else 4)
     caps = _caps(profile, cuda, gpu_mem, cpu_mem, disk_mem)
+    if cuda and profile.gpu_context is None and torch.cuda.is_available():
+        # a profile that predates gpu_context: this process's CUDA context, measured now
+        from flexrun.engine.budget import cuda_context_bytes
+        profile = dataclasses.replace(profile,
+                                      gpu_context=cuda_context_bytes(torch.device(device)))
     s = _Search(spec, profile, Workload(prompt_len, gen_len, num_prompts), cuda, elem, caps)
     best, shapes = _scan(s, num_prompts, cuda, compress_weight, compress_cache)
     if best is None:    # second pass: also try each tier's least-use placement (slower)
