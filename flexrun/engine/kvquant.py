@@ -196,7 +196,7 @@ class CompressedKVSlot:
         if self.sink is not None:
             sk, sv = self.sink.read(self.sink.shape[2], device, pinned)
             at = self.sink_at.to(device)
-        return QuantPlanes(qk, qv, kmin, ksc, vmin, vsc, rk, rv, sk, sv, at, q,
+        return QuantPlanes(qk, qv, kmin, ksc, vmin, vsc, rk, rv, sk, sv, at, self.max_len, q,
                            max(q, t_end - self.window), self.group, self.tgroup,
                            self.scheme == "kivi")
 

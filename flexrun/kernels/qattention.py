@@ -35,6 +35,8 @@ class QuantPlanes:
     sink_k: torch.Tensor | None     # (b, kv, S, hd) exact K / V of each row's first tokens
     sink_v: torch.Tensor | None
     sink_at: torch.Tensor | None    # (b, S) their positions (contiguous, the last repeated)
+    capacity: int                   # the slot's positions (splits are sized for it, so a
+    #                                 kernel is built once per slot shape, not per step)
     quantized_keys: int             # keys below this position come from the codes
     quantized_values: int           # values below this position come from the codes
     group: int                      # values per group along the head dim
@@ -72,7 +74,7 @@ if triton is not None:
             x = tl.where(sink[:, None], s, x)
         return x
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["qk_end", "qv_end", "R"])
     def _qsplit_kernel(Q, KC, VC, KMIN, KSC, VMIN, VSC, RK, RV, SK, SV, Start, Last, SinkLo,
                        SinkHi, Opart, Mpart, Lpart, scale, softcap, qk_end, qv_end, R,
                        sqb, sqh, scb, sch, sct, skpb, skph, skpt, svpb, svph, svpt,
@@ -102,7 +104,7 @@ if triton is not None:
         else:
             s_lo, s_hi = 0, -1
         for j in range(NI):
-            idx = sp * split_len + j * BN + n
+            idx = (sp * split_len + j * BN + n).to(tl.int64)   # 64-bit: time-major planes
             use = (idx >= lo) & (idx < hi)
             sink = use & (idx >= s_lo) & (idx <= s_hi)
             rest = use & ~sink
@@ -141,7 +143,11 @@ def applies(q: torch.Tensor, planes: QuantPlanes) -> bool:
                                                 planes.k_scale, planes.v_min, planes.v_scale))
             and planes.k_codes.stride() == planes.v_codes.stride()
             and planes.k_min.stride() == planes.k_scale.stride()
-            and planes.v_min.stride() == planes.v_scale.stride())
+            and planes.v_min.stride() == planes.v_scale.stride()
+            and all(a is None or (a.stride() == b.stride() and a.stride(-1) == 1
+                                  and a.dtype == b.dtype == q.dtype)
+                    for a, b in ((planes.ring_k, planes.ring_v),
+                                 (planes.sink_k, planes.sink_v))))
 
 
 def decode_qattention(q: torch.Tensor, planes: QuantPlanes, start: torch.Tensor,
@@ -150,7 +156,7 @@ def decode_qattention(q: torch.Tensor, planes: QuantPlanes, start: torch.Tensor,
     """q (b, heads, 1, hd) attending keys [start[row], last] of a compressed slot's planes
     -> (b, 1, heads*hd), as kernels.attention.decode_attention does over dense K and V."""
     b, nh, _, hd = q.shape
-    kvh, T = planes.k_codes.shape[1], planes.k_codes.shape[2]
+    kvh, T = planes.k_codes.shape[1], planes.capacity
     G = nh // kvh
     S, split_len = dense.splits(b * kvh, T)
     opart = torch.empty((b * nh, S, hd), dtype=torch.float32, device=q.device)

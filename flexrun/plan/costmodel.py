@@ -41,8 +41,9 @@ _DTYPES = {2: torch.float16, 4: torch.float32}
 # lack the measured rate (cpu_qattn_bw / gpu_qattn_bw): on the CPU 13-15x slower
 # (timing.qattn_bw against attn_bw on the 2-core VM, fp16 and fp32, at 256 MB); on a GPU the
 # fused kernel reads 4.5 of every 16 bits but dequantizes each value in registers: taken as
-# the dense rate until measured
-QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 1.0}
+# the dense rate until measured; where it does not apply (8-bit codes, head dims such as 80 or
+# 96) the read + SDPA path moves ~8.5 bytes per value against a dense cache's 2 (estimated)
+QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 1.0, "cuda, unfused": 4.0}
 Lin = dict  # linear expression: variable -> coefficient, "1" -> constant
 
 
@@ -147,7 +148,10 @@ class _Ctx:
         # attention over a 4-bit cache dequantizes it first: dense-equivalent bytes/s, from
         # the profile, else the dense rate over the slowdown QATTN_SLOWDOWN names
         self.qattn_cpu = prof.cpu_qattn_bw or self.cpu_attn_bw / QATTN_SLOWDOWN["cpu"]
-        self.qattn_dev = (prof.gpu_qattn_bw or self.attn_bw / QATTN_SLOWDOWN["cuda"]) if cuda \
+        hd = spec.head_dim      # kernels/qattention.py: 4-bit codes, a power-of-2 head dim
+        fused = policy.quant_bits == 4 and 16 <= hd <= 256 and hd & (hd - 1) == 0
+        self.qattn_dev = ((prof.gpu_qattn_bw or self.attn_bw / QATTN_SLOWDOWN["cuda"]) if fused
+                          else self.attn_bw / QATTN_SLOWDOWN["cuda, unfused"]) if cuda \
             else self.qattn_cpu
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0

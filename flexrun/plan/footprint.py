@@ -194,7 +194,10 @@ def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
     # the names and sizes depend on the spec, units, dtype and weight compression only: a
     # search asks for them hundreds of times (18.6k tensors per call for Qwen3-30B-A3B)
     key = (units.start, units.stop, elem, policy.compress_weight, policy.quant_bits,
-           policy.quant_group)
+           policy.quant_group, spec.num_layers, spec.hidden_size, spec.ffn_dim,
+           spec.vocab_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+           spec.num_experts, spec.expert_ffn_dim, tuple(spec.moe_layers or ()),
+           spec.tie_word_embeddings)
     known = spec.__dict__.setdefault("_layouts", {})     # per spec object (not a field)
     if key not in known:
         shapes = unit_set_shapes(spec, units)

@@ -86,7 +86,8 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     sync = torch.cuda.synchronize
     prof.device_name = torch.cuda.get_device_name(dev)
     prof.gpu_mem = torch.cuda.get_device_properties(dev).total_memory
-    prof.gpu_context = cuda_context_bytes(dev)
+    # other processes on a shared GPU show up there too: a context is well under 2 GiB
+    prof.gpu_context = min(cuda_context_bytes(dev), 2 << 30)
     h2d, d2h, h2d_pg, d2h_pg = [], [], [], []
     for mb in (256, 512, 1024):
         n = (mb << 20) // 2

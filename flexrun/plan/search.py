@@ -306,8 +306,9 @@ def _round(shape: Policy, x: dict) -> Policy:
 def _caps(prof: HardwareProfile, cuda: bool, gpu_mem, cpu_mem, disk_mem) -> dict:
     """Budgets in bytes; a missing one defaults to 90% (GPU) / 80% (CPU) of the profile's.
 
-    A GPU budget above 90% of the device's memory is cut to that: the CUDA context and the
-    allocator's fragmentation need the rest (an 80 GiB budget on an 80 GB H100 ran out)."""
+    A GPU budget above 90% of the device's memory is cut to that: the allocator's
+    fragmentation needs the rest (an 80 GiB budget on an 80 GB H100 ran out); the CUDA
+    context is counted on top (_Search.base)."""
     gpu, cpu, disk = parse_size(gpu_mem), parse_size(cpu_mem), parse_size(disk_mem)
     if prof.gpu_mem:
         gpu = 0.9 * prof.gpu_mem if gpu is None else min(gpu, 0.9 * prof.gpu_mem)
@@ -332,8 +333,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
     if cuda and profile.gpu_context is None and torch.cuda.is_available():
         # a profile that predates gpu_context: this process's CUDA context, measured now
         from flexrun.engine.budget import cuda_context_bytes
-        profile = dataclasses.replace(profile,
-                                      gpu_context=cuda_context_bytes(torch.device(device)))
+        ctx = min(cuda_context_bytes(torch.device(device)), 2 << 30)   # not other processes'
+        profile = dataclasses.replace(profile, gpu_context=ctx)
     s = _Search(spec, profile, Workload(prompt_len, gen_len, num_prompts), cuda, elem, caps)
     best, shapes = _scan(s, num_prompts, cuda, compress_weight, compress_cache)
     if best is None:    # second pass: also try each tier's least-use placement (slower)
