@@ -15,7 +15,7 @@ from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, fit_po
                                      request_rows, row_sample)
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.trace import Tracer
-from flexrun.engine.budget import BudgetCheck
+from flexrun.engine.budget import BudgetCheck, rss_anon, settled_rss
 from flexrun.engine.device import default_device, resolve_dtype as _resolve_dtype
 from flexrun.engine.runstats import RunStats
 from flexrun.plan.auto import AutoPlan, default_workload, plan_for_llm
@@ -63,7 +63,9 @@ class LLM:
                                "--device cpu")
         self.gpu_mem, self.cpu_mem = parse_size(gpu_mem), parse_size(cpu_mem)
         self.disk_mem, self.offload_dir = parse_size(disk_mem), offload_dir
+        held = rss_anon()
         self.ckpt = open_checkpoint(model)
+        self.ckpt_held = max(0, settled_rss() - held)   # its tokenizer: counted by the plan
         self.spec = self.ckpt.spec
         self.dtype = _resolve_dtype(dtype, self.device, self.spec.family)
         self.tokenizer = self.ckpt.tokenizer

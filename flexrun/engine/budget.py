@@ -36,6 +36,19 @@ def rss_anon() -> int:
     return 0
 
 
+def settled_rss() -> int:
+    """rss_anon once freed memory has gone back: Python's garbage collected and glibc's
+    heap trimmed (where there is glibc)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_anon()
+
+
 def pinned_peak() -> int:
     """Peak bytes of torch's pinned host allocator (0 without CUDA)."""
     if not torch.cuda.is_available():

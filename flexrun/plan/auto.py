@@ -143,7 +143,8 @@ def plan_for_llm(llm) -> AutoPlan:
         res = search(llm.spec, default_profile(llm.device), wl[0], wl[1], cap("gpu"),
                      cap("cpu"), cap("disk"), llm.device.type,
                      torch.tensor([], dtype=llm.dtype).element_size(), num_prompts=wl[2],
-                     compress_weight=llm.compress_weight, compress_cache=llm.compress_cache)
+                     compress_weight=llm.compress_weight, compress_cache=llm.compress_cache,
+                     cpu_held=getattr(llm, "ckpt_held", 0))
     except FlexrunError as e:
         if llm.offload_dir is None:
             raise FlexrunError(f"{e}; without --offload-dir nothing may go to disk: pass "

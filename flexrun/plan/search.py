@@ -323,10 +323,15 @@ def _caps(prof: HardwareProfile, cuda: bool, gpu_mem, cpu_mem, disk_mem) -> dict
 def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: int,
            gpu_mem=None, cpu_mem=None, disk_mem=None, device: str = "cuda",
            dtype_bytes: int | None = None, num_prompts: int | None = None,
-           compress_weight: bool = False, compress_cache: bool = False) -> SearchResult:
+           compress_weight: bool = False, compress_cache: bool = False,
+           cpu_held: int = 0) -> SearchResult:
     """The policy of highest predicted throughput within the budgets: an LP over placement
-    for each (gpu_batch_size, num_gpu_batches, cache case, compression)."""
+    for each (gpu_batch_size, num_gpu_batches, cache case, compression). cpu_held: host bytes
+    the process holds beyond the profile's baseline (an opened checkpoint's tokenizer)."""
     t0 = time.perf_counter()
+    if cpu_held:
+        profile = dataclasses.replace(profile,
+                                      cpu_baseline=(profile.cpu_baseline or 0) + cpu_held)
     cuda = torch.device(device).type == "cuda"
     elem = dtype_bytes or (2 if cuda else 4)
     caps = _caps(profile, cuda, gpu_mem, cpu_mem, disk_mem)
