@@ -322,6 +322,9 @@ def format_profile(p: HardwareProfile) -> str:
                                                        f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),
             ("memory GPU / CPU / disk free", " / ".join(gib(m) for m in (p.gpu_mem, p.cpu_mem,
-                                                                         p.disk_mem)))]
+                                                                         p.disk_mem))),
+            ("held before a run: CPU baseline / CUDA context",
+             " / ".join("-" if m is None else f"{m / 2**20:.0f} MiB"
+                        for m in (p.cpu_baseline, p.gpu_context)))]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
