@@ -429,6 +429,12 @@ def test_search_counts_what_the_process_holds_before_the_run():
     assert res.prediction.peak["gpu"] == pytest.approx(fp.total("gpu") + 2 * gib)
     assert res.prediction.peak["cpu"] == pytest.approx(fp.total("cpu") + 3 * gib)
     assert fp_plain.total("gpu") + 2 * gib > 16 * gib
+    # what an LLM's opened checkpoint holds (its tokenizer) counts on top of the baseline
+    more = search(spec, held, *args, num_prompts=64, cpu_held=gib)
+    fp_more = footprint(spec, more.policy, 2, 512, 32)
+    assert more.prediction.peak["cpu"] == pytest.approx(fp_more.total("cpu") + 4 * gib)
+    with LLM("dummy:opt-125m", device="cpu", policy="resident") as llm:
+        assert llm.ckpt_held >= 0
 
 
 def test_search_does_not_spill_to_disk_for_free():
