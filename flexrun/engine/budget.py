@@ -37,11 +37,9 @@ def rss_anon() -> int:
 
 
 def settled_rss() -> int:
-    """rss_anon once freed memory has gone back: Python's garbage collected and glibc's
-    heap trimmed (where there is glibc)."""
+    """rss_anon once freed memory has gone back: glibc's heap trimmed (where there is
+    glibc). No garbage collection: in a process of millions of objects it takes 0.4 s."""
     import ctypes
-    import gc
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
