@@ -190,6 +190,18 @@ class Policy:
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
 
+    def compression(self) -> str:
+        """What the 4-bit settings are, in words ("" when nothing is compressed)."""
+        parts = []
+        if self.compress_weight:
+            parts.append(f"weights {self.weight_scheme}, {self.quant_bits}-bit groups of "
+                         f"{self.quant_group}")
+        if self.compress_cache:
+            parts.append(f"KV cache {self.cache_scheme}, {self.quant_bits}-bit groups of "
+                         f"{self.cache_group}, window {self.cache_window}, sinks "
+                         f"{self.cache_sink}")
+        return "; ".join(parts)
+
     def weights_split(self) -> tuple[float, float, float]:
         return (self.weights_gpu, self.weights_cpu, self.weights_disk)
 

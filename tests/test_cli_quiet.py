@@ -52,3 +52,20 @@ def test_generate_policy_auto_prints_no_solver_banner(tmp_path):
         assert res.stderr.startswith("flexrun: error: no policy fits"), res.stderr
     else:
         assert res.returncode == 0 and len(out.read_text().splitlines()) == 1, res.stderr
+
+
+def test_generate_names_its_4bit_settings(tmp_path):
+    """A compressed run says which schemes and groups it ran, in the plan line and its last
+    line (with the weights' quantization time)."""
+    pytest.importorskip("pulp")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "input_ids": [5, 6, 7]}\n')
+    res = run_cli(["generate", "--model", "dummy:opt-125m", "--input", str(inp), "--output",
+                   str(tmp_path / "out.jsonl"), "--device", "cpu", "--compress-weight",
+                   "--compress-cache", "--max-new-tokens", "2"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = [x for x in res.stderr.replace("\r", "\n").splitlines() if x.startswith("flexrun")]
+    cache = "KV cache kivi, 4-bit groups of 32, window 32, sinks 4"
+    assert "weights synth, 4-bit groups of 64" in lines[0] and cache in lines[0], lines
+    assert lines[-1].endswith("s") and cache in lines[-1] and "weight quantization" in \
+        lines[-1], lines

@@ -131,8 +131,20 @@ def generate(args) -> int:
     say(f"flexrun: {written} outputs written to {args.output}"
         f"{f' ({failed} of them errors)' if failed else ''}; {st.generated_tokens} tokens in "
         f"{total:.2f}s ({st.generated_tokens / max(total, 1e-9):.1f} tok/s; prefill "
-        f"{st.prefill_s:.2f}s, decode {st.decode_s:.2f}s)")
+        f"{st.prefill_s:.2f}s, decode {st.decode_s:.2f}s)" + _compressed(llm))
     return 0
+
+
+def _compressed(llm) -> str:
+    """The run's 4-bit settings and the weights' quantization time, for its last line."""
+    what = llm.policy.compression()
+    if not what:
+        return ""
+    if llm.policy.compress_weight:
+        st = llm.stats
+        what += f"; weight quantization {st.weight_quant_s:.1f}s" + \
+            (" (from the cache)" if st.weight_quant_cached else "")
+    return f"; 4-bit: {what}"
 
 
 def _requests(args, fmt: str, todo, llm, template: str | None, write) -> list:

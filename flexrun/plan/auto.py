@@ -121,13 +121,11 @@ class AutoPlan:
         fmt = lambda t: "/".join(f"{x:g}" for x in t)  # noqa: E731
         P, G, N = self.workload
         prompts = f"{N} prompts" if N else "prompts"
-        comp = [n for n, on in (("weights", p.compress_weight), ("cache", p.compress_cache))
-                if on]
         return (f"policy auto: batch {p.gpu_batch_size} x {p.num_gpu_batches}, weights "
                 f"{fmt(p.weights_split())}, cache {fmt(p.cache_split())}, act "
                 f"{fmt(p.act_split())} (% gpu/cpu/disk)"
                 + (", cpu attention" if p.cpu_attention else "")
-                + (f", 4-bit {' and '.join(comp)}" if comp else "")
+                + (f" ({p.compression()})" if p.compression() else "")
                 + f"; planned for {prompts} of <= {P} + {G} tokens within "
                 f"{self.budgets.describe(self.cuda)}; predicted {pred.throughput:.1f} tok/s "
                 f"({self.result.search_s:.2f}s search)")
