@@ -230,7 +230,7 @@ class TieredExperts:
 
     @property
     def elem(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def _nbytes(self, e: int) -> int:
         return sum(nbytes(self.weights.homes[self.name(self._layer, e, p)][1]) for p in PARTS)

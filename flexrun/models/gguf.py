@@ -220,8 +220,9 @@ class TensorIndex:
     tensors: list[SimpleNamespace]
 
 
-def tensor_index(path: PathLike) -> TensorIndex:
-    cfg = gguf_config(path)
+def tensor_index(path: PathLike, cfg: dict | None = None) -> TensorIndex:
+    """The file's TensorIndex; cfg: its gguf_config when already read."""
+    cfg = cfg or gguf_config(path)
     r = _reader(path)
     arch, fam = _architecture(r)
     return TensorIndex(arch, fam, {"q_proj": cfg["num_attention_heads"],

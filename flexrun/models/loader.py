@@ -230,7 +230,7 @@ def open_gguf(path: str) -> Checkpoint:
               file=sys.stderr)
         tokenizer = None
 
-    index = gguf.tensor_index(p)
+    index = gguf.tensor_index(p, cfg)
 
     def iter_tensors(device_for, names=None):
         pairs = ((canonical_name(spec, n), t) for n, t in gguf.iter_gguf_tensors(p, index=index))

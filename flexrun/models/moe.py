@@ -86,7 +86,8 @@ def load_expert_tokens(path, spec: ModelSpec) -> list[list[int]]:
         counts = json.loads(Path(path).read_text())["layer_tokens"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FlexrunError(f"expert statistics {path}: not readable ({e}); write them with "
-                           "--save-expert-stats on a run of this model")
+                           "--expert-stats FILE on a run of this model (generate writes "
+                           "them)")
     if len(counts) != spec.num_layers or any(len(c) != spec.num_experts for c in counts):
         raise FlexrunError(f"expert statistics {path} are for another model shape (need "
                            f"{spec.num_layers} layers x {spec.num_experts} experts)")

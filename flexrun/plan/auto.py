@@ -17,7 +17,7 @@ import torch
 
 from flexrun.config import FlexrunError, format_size, parse_size
 from flexrun.plan.costmodel import SearchResult
-from flexrun.plan.hardware import default_profile
+from flexrun.plan.hardware import default_profile, read_int
 from flexrun.plan.search import search
 
 PROMPT_LEN, GEN_LEN = 512, 32      # what the API plans for when it is not told (workload=)
@@ -29,14 +29,6 @@ def default_workload(max_positions: int) -> tuple[int, int, None]:
     the model's positions; any number of prompts."""
     gen = max(1, min(GEN_LEN, max_positions // 2))
     return max(1, min(PROMPT_LEN, max_positions - gen)), gen, None
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        v = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(v) if v.isdigit() else None
 
 
 def available_ram() -> int:
@@ -53,7 +45,7 @@ def available_ram() -> int:
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                          ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                           "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        lim, use = _read_int(limit), _read_int(usage)
+        lim, use = read_int(limit), read_int(usage)
         if lim is not None and use is not None and lim < 1 << 60:
             avail = min(avail, max(0, lim - use))
     return avail

@@ -222,9 +222,11 @@ class _Ctx:
         new = kv_step_nbytes(s, p, e, P + self.wl.gen_len)     # this step's keys + values
         # seconds of decode attention over the block's cache on the device / on the host
         # (a 4-bit cache at its dense size over the dequantize-then-attend rates)
-        dense = kv_block_nbytes(s, dataclasses.replace(p, compress_cache=False), e, t_avg)
-        dev_s, host_s = (dense / self.qattn_dev, dense / self.qattn_cpu) \
-            if p.compress_cache else (kv / self.attn_bw, kv / self.cpu_attn_bw)
+        if p.compress_cache:
+            dense_kv = kv_block_nbytes(s, dataclasses.replace(p, compress_cache=False), e, t_avg)
+            dev_s, host_s = dense_kv / self.qattn_dev, dense_kv / self.qattn_cpu
+        else:
+            dev_s, host_s = kv / self.attn_bw, kv / self.cpu_attn_bw
         g = p.gpu_cache_share       # gpu_cache_batches: on the device, attended there
         if g and not prefill:
             comp["1"] += g * dev_s

@@ -255,16 +255,22 @@ def _fill_fitted(prof: HardwareProfile, shipped: Path) -> None:
 
 
 # ---- measurement --------------------------------------------------------------------------
+def read_int(path: str) -> int | None:
+    """The integer a (sysfs / cgroup) file holds, None when absent or not a number."""
+    try:
+        v = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(v) if v.isdigit() else None
+
+
 def host_memory() -> int:
     """Physical memory, or the cgroup limit when one is lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            v = Path(p).read_text().strip()
-            if v.isdigit():
-                total = min(total, int(v))
-        except OSError:
-            pass
+        limit = read_int(p)
+        if limit is not None:
+            total = min(total, limit)
     return total
 
 
@@ -274,9 +280,10 @@ def measure(device: str | torch.device = "cpu", offload_dir: str | None = None,
     CUDA) the GPU + PCIe."""
     kind = torch.device(device).type
     offload_dir = offload_dir or tempfile.gettempdir()
-    prof = HardwareProfile(device_name="cpu", cpu_cores=len(os.sched_getaffinity(0)),
+    cores, mem = host_facts()
+    prof = HardwareProfile(device_name="cpu", cpu_cores=cores,
                            command=command or f"measure({kind!r}, {offload_dir!r})",
-                           date=time.strftime("%Y-%m-%d"), cpu_mem=host_memory())
+                           date=time.strftime("%Y-%m-%d"), cpu_mem=mem)
     measuring.fill(prof, kind, offload_dir, disk_bytes)
     return prof
 

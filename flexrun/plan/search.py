@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import ctypes
+import dataclasses
 import functools
 import math
 import os

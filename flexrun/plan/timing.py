@@ -252,7 +252,6 @@ def expert_bw(dtype: torch.dtype, rows: int = 8, hidden: int = 4096, ffn: int = 
     """Weight bytes/s a CPU expert (gate+up GEMM, SiLU product, down GEMM) reads over `rows`
     tokens: the rate of the MoE CPU lane (engine/experts.py), whose GEMMs are few-row and
     weight-bound. The run's dtype: fp16 for a GPU run's host experts."""
-    import torch.nn.functional as F
     gu, down = torch.randn(2 * ffn, hidden).to(dtype), torch.randn(hidden, ffn).to(dtype)
     x = torch.randn(rows, hidden).to(dtype)
 
