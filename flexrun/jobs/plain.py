@@ -41,7 +41,7 @@ def read_input(path: str | Path) -> list[JobItem]:
         except json.JSONDecodeError as e:
             raise FlexrunError(f"{p} line {no}: malformed JSON ({e.msg}); each line must be "
                                f"{SHAPE}")
-        items.append(_item(row, p, no))
+        items.append(row_item(row, p, no))
         key = json.dumps(items[-1].id)
         if key in seen:
             raise FlexrunError(f"{p} line {no}: duplicate id {items[-1].id!r}; ids must be "
@@ -52,13 +52,10 @@ def read_input(path: str | Path) -> list[JobItem]:
     return items
 
 
-def row_item(row, where: str, no: int) -> JobItem:
+def row_item(row, p: Path | str, no: int) -> JobItem:
     """One plain row (a line's parsed JSON) as a JobItem, checked as read_input checks a
-    line; a bad row raises FlexrunError naming `where` and line `no`."""
-    return _item(row, where, no)
-
-
-def _item(row, p: Path | str, no: int) -> JobItem:
+    line; a bad row raises FlexrunError naming `p` (the file, or where the row came from)
+    and line `no`."""
     if not isinstance(row, dict) or "id" not in row:
         raise FlexrunError(f'{p} line {no}: each line needs an "id" and a "prompt", '
                            '"input_ids" or "messages"')
