@@ -86,7 +86,7 @@ def best_of(llm: LLM, prompts: list[list[int]], gen_len: int, runs: int = 2) -> 
 def compare(llm: LLM, prof: HardwareProfile, prompt_len: int, gen_len: int,
             prompts: list[list[int]]) -> dict:
     """One pair: the prediction from `prof` and the best of two runs right after it."""
-    elem = torch.tensor([], dtype=llm.dtype).element_size()
+    elem = llm.dtype.itemsize
     pred = predict(llm.spec, llm.policy, prof, prompt_len, gen_len, num_prompts=len(prompts),
                    device=llm.device.type, dtype_bytes=elem)
     meas = best_of(llm, prompts, gen_len)

@@ -35,7 +35,7 @@ def plan(a, gpus: int, spec, dtype: torch.dtype):
     from flexrun.plan.hardware import default_profile
     from flexrun.plan.stage_search import search_stages
     prof = default_profile(a.device)
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     budgets = dict(gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem, disk_mem=a.disk_mem, device=a.device,
                    dtype_bytes=elem, num_prompts=a.num_prompts,
                    compress_weight=a.compress_weight)

@@ -87,7 +87,7 @@ def main() -> None:
             from flexrun.plan.hardware import default_profile
             p = predict(llm.spec, llm.policy, default_profile(llm.device.type), a.prompt_len,
                         a.gen_len, num_prompts=n, device=llm.device.type,
-                        dtype_bytes=torch.tensor([], dtype=llm.dtype).element_size())
+                        dtype_bytes=llm.dtype.itemsize)
             predicted = {k: v for k, v in vars(p).items() if isinstance(v, (int, float))}
         except Exception as e:          # the cost model is optional for a measurement
             predicted = {"error": str(e)}

@@ -51,7 +51,7 @@ class KVSlot:
         self.max_len, self.rows = shape[2], shape[0]
         self.shape = shape                                       # (b, kv, T, hd)
         b, kv, T, hd = shape
-        self.row_bytes = b * kv * hd * torch.tensor([], dtype=dtype).element_size()
+        self.row_bytes = b * kv * hd * dtype.itemsize
         store_shape = (T, b, kv, hd) if time_major else shape
         if tier == "disk":
             self.paths = [disk.new_path(f"{name}.{x}") for x in "kv"]

@@ -42,7 +42,7 @@ class DiskRef:
 
     @property
     def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for d in self.shape:
             n *= d
         return n
@@ -405,7 +405,7 @@ class Arena:
         return self
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * dtype.itemsize
         out = self.buf[self.used:self.used + n].view(dtype).view(shape)
         self.used += self.aligned(n)
         return out

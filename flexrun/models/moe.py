@@ -216,7 +216,7 @@ def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 def rows_aligned(dtype: torch.dtype, hidden: int, ffn: int) -> bool:
     """Whether rows of `hidden` and of `ffn` values are whole 16-byte units (grouped GEMMs
     need their strides so)."""
-    step = 16 // torch.tensor([], dtype=dtype).element_size()
+    step = 16 // dtype.itemsize
     return hidden % step == 0 and ffn % step == 0
 
 

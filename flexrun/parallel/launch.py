@@ -129,7 +129,7 @@ def plan_policies(llm, policy) -> tuple[list[range], list[Policy]]:
         plan = search_stages(llm.spec, default_profile(llm.device), stages,
                              llm.auto_prompt_len, llm.auto_gen_len, llm.gpu_mem, llm.cpu_mem,
                              llm.disk_mem, llm.device.type,
-                             torch.tensor([], dtype=llm.dtype).element_size(),
+                             llm.dtype.itemsize,
                              num_prompts=llm.auto_num_prompts,
                              compress_weight=llm.compress_weight,
                              compress_cache=llm.compress_cache)

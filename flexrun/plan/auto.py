@@ -132,7 +132,7 @@ def plan_for_llm(llm) -> AutoPlan:
     try:
         res = search(llm.spec, default_profile(llm.device), wl[0], wl[1], cap("gpu"),
                      cap("cpu"), cap("disk"), llm.device.type,
-                     torch.tensor([], dtype=llm.dtype).element_size(), num_prompts=wl[2],
+                     llm.dtype.itemsize, num_prompts=wl[2],
                      compress_weight=llm.compress_weight, compress_cache=llm.compress_cache,
                      cpu_held=getattr(llm, "ckpt_held", 0))
     except FlexrunError as e:

@@ -299,7 +299,7 @@ def check_budget(spec: ModelSpec, policy: Policy, device: torch.device, dtype: t
     """Reject a policy whose peak memory exceeds a budget, naming the minimum it needs.
 
     units/stage: check one pipeline stage (its budgets already its share) and name it."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     fp = footprint(spec, policy, elem, prompt_len, gen_len, units, device.type == "cuda")
     when = "" if prompt_len is None else f" for prompts of {prompt_len} tokens + {gen_len} new"
     when += f" on {stage}" if stage else ""

@@ -30,7 +30,7 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     """Fill `weights` with the checkpoint's tensors of `units` where `policy` plans them.
     expert_stats: a MoE run's routing counts (MoEStats.save) for its hot-expert placement."""
     spec, p = ckpt.spec, policy
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     hot = load_expert_tokens(expert_stats, spec) if spec.num_experts and expert_stats \
         and Path(expert_stats).is_file() else None
     shapes, sizes, tiers = weight_layout(spec, p, elem, units, device.type == "cuda", hot)

@@ -15,7 +15,7 @@ from flexrun.models.spec import ModelSpec
 
 def unit_costs(spec: ModelSpec, policy: Policy, dtype: torch.dtype) -> list[int]:
     """Stored weight bytes of every unit (a tied embedding counts in both units using it)."""
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     return [sum(weight_bytes(n, s, elem, policy) for n, s in spec.unit_shapes(u).items())
             for u in range(spec.num_units)]
 
