@@ -24,7 +24,8 @@ from flexrun.plan.placement import place_weights
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
 from flexrun.models.loader import open_checkpoint
-from flexrun.memory.storage import DiskTier, TieredStore
+from flexrun.memory.disk import DiskTier
+from flexrun.memory.storage import TieredStore
 
 
 class LLM:

@@ -366,7 +366,7 @@ def test_attention_over_a_4bit_cache_is_priced_at_its_dequantize_rate():
     cache's bytes over the profile's compressed-attention rate (cpu_qattn_bw, gpu_qattn_bw),
     not its stored bytes over the dense rate; a profile without them takes the dense rates
     over QATTN_SLOWDOWN."""
-    from flexrun.plan.costmodel import QATTN_SLOWDOWN
+    from flexrun.plan.unit_terms import QATTN_SLOWDOWN
     spec = dummy_spec("opt-30b")
     pol = _s1_policy(compress_cache=True)
     slow, fast = (predict(spec, pol, dataclasses.replace(H100, cpu_qattn_bw=r), 512, 32,
@@ -390,7 +390,7 @@ def test_search_tries_the_device_cache_for_some_gpu_batches():
     many as the GPU budget holds and fewer than the block's, each placed by the LP within
     every budget and priced by predict() as it would run; a search whose best shape gains
     from it returns such a plan."""
-    from flexrun.plan.costmodel import Workload
+    from flexrun.plan.cost_types import Workload
     from flexrun.plan.search import _caps, _Search
     spec = dummy_spec("opt-30b")
     caps = _caps(H100, True, "16GiB", "100GiB", None)

@@ -12,7 +12,7 @@ from flexrun import LLM, Policy, SamplingParams
 from flexrun.engine.kvcache import KVCache
 from flexrun.engine.kvquant import CompressedKVSlot
 from flexrun.memory.quant import kv_slot_nbytes
-from flexrun.memory.storage import DiskTier
+from flexrun.memory.disk import DiskTier
 
 GREEDY = SamplingParams(ignore_eos=True)
 CACHES = {"gpu": (100, 0, 0), "cpu": (0, 100, 0), "disk": (0, 0, 100), "split": (30, 40, 30)}

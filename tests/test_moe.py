@@ -309,7 +309,8 @@ def test_cost_model_prices_dense_layers_of_a_moe_model_as_dense():
     kind's stored bytes over the link, summed over its layers."""
     from dataclasses import replace
     from flexrun.models.dummy import dummy_spec
-    from flexrun.plan.costmodel import Workload, predict
+    from flexrun.plan.cost_types import Workload
+    from flexrun.plan.costmodel import predict
     from flexrun.plan.footprint import weight_bytes
     from flexrun.plan.hardware import HardwareProfile
     from flexrun.plan.moe_cost import moe_layer

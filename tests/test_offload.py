@@ -84,11 +84,11 @@ def test_cpu_disk_weights_mapped_or_read(model_and_ref, tmp_path, monkeypatch, m
     every decode step attends over whole slots, and no mapping of an offload file outlives
     the run."""
     import flexrun.engine.pipeline as pipeline_mod
-    from flexrun.memory import storage
+    from flexrun.memory import disk
     d, prompts, ref = model_and_ref
     monkeypatch.setattr(pipeline_mod, "MAP_DISK", mapped)
     calls = {"map": 0, "whole": 0}
-    real_map, real_range = storage.DiskTier.map_read, pipeline_mod.attend_range
+    real_map, real_range = disk.DiskTier.map_read, pipeline_mod.attend_range
 
     def spy_map(self, ref_):
         calls["map"] += 1
@@ -97,7 +97,7 @@ def test_cpu_disk_weights_mapped_or_read(model_and_ref, tmp_path, monkeypatch, m
     def spy_range(*a):
         calls["whole"] += 1
         return real_range(*a)
-    monkeypatch.setattr(storage.DiskTier, "map_read", spy_map)
+    monkeypatch.setattr(disk.DiskTier, "map_read", spy_map)
     monkeypatch.setattr(pipeline_mod, "attend_range", spy_range)
     pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=0, weights_disk=100)
     with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:

@@ -10,7 +10,7 @@ import pytest
 
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.engine.kvcache import KVSlot
-from flexrun.memory.storage import DiskTier
+from flexrun.memory.disk import DiskTier
 
 ALL_DISK = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=0, weights_cpu=0,
                   weights_disk=100, cache_gpu=0, cache_cpu=0, cache_disk=100, act_gpu=0,

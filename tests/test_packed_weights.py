@@ -6,7 +6,7 @@ import torch
 from conftest import hf_greedy, ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.memory import packed as packed_weights
-from flexrun.memory import storage
+from flexrun.memory import disk
 from flexrun.memory.packed import Packed
 
 pytestmark = pytest.mark.skipif(not packed_weights.available(),
@@ -65,14 +65,14 @@ def test_packed_placements_match_plain(bf16_ref, tmp_path, monkeypatch, weights,
     import flexrun.engine.pipeline as pipeline_mod
     d, prompts, ref = bf16_ref
     monkeypatch.setattr(pipeline_mod, "MAP_DISK", mapped)
-    monkeypatch.setattr(storage, "MAP_MIN", 0)      # map the tiny model's parts too
+    monkeypatch.setattr(disk, "MAP_MIN", 0)      # map the tiny model's parts too
     maps = {"n": 0}
-    real_map = storage.DiskTier.map_read
+    real_map = disk.DiskTier.map_read
 
     def spy_map(self, r):
         maps["n"] += 1
         return real_map(self, r)
-    monkeypatch.setattr(storage.DiskTier, "map_read", spy_map)
+    monkeypatch.setattr(disk.DiskTier, "map_read", spy_map)
     pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=weights[0],
                  weights_cpu=weights[1], weights_disk=weights[2])
     with LLM(str(d), device="cpu", dtype="bfloat16", policy=pol,

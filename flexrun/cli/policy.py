@@ -6,7 +6,7 @@ import torch
 from flexrun.config import FlexrunError, format_size
 from flexrun.models.loader import open_checkpoint
 from flexrun.plan.hardware import HardwareProfile, default_profile
-from flexrun.plan.costmodel import SearchResult
+from flexrun.plan.cost_types import SearchResult
 from flexrun.plan.search import search
 from flexrun.plan.stage_search import format_plan, search_stages
 from flexrun.plan.stages import describe, plan_stages

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from flexrun.memory.pinned import H2D_CHUNK
-from flexrun.memory.storage import DiskRef
+from flexrun.memory.disk import DiskRef
 from flexrun.models.moe import (GROUPED_MAX_BYTES, ExpertGroup, grouped_mlp,
                                 grouped_mm_works, rows_aligned)
 

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 
 from flexrun.memory.pinned import pinned_empty
-from flexrun.memory.storage import DiskTier, offload_error, private_open
+from flexrun.memory.disk import DiskTier, offload_error, private_open
 from flexrun.engine.kvquant import CompressedKVSlot
 
 

@@ -16,7 +16,8 @@ import torch
 
 from flexrun.config import Policy
 from flexrun.models.spec import ModelSpec
-from flexrun.memory.storage import MAP_DISK, Arena, DiskTier, TieredStore, assign_tiers, new_future
+from flexrun.memory.disk import MAP_DISK, DiskTier
+from flexrun.memory.storage import Arena, TieredStore, assign_tiers, new_future
 from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers

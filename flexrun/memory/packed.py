@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flexrun.memory.storage import DiskRef
+from flexrun.memory.disk import DiskRef
 
 ENABLED = os.environ.get("FLEXRUN_PACK_WEIGHTS", "1") != "0"
 

@@ -23,7 +23,7 @@ import torch
 from flexrun.config import FlexrunError
 from flexrun.engine.pipeline import BatchState
 from flexrun.engine.sampling import Sampler
-from flexrun.memory.storage import remove_stale_runs
+from flexrun.memory.disk import remove_stale_runs
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flexrun.config import FlexrunError, format_size, parse_size
-from flexrun.plan.costmodel import SearchResult
+from flexrun.plan.cost_types import SearchResult
 from flexrun.plan.hardware import default_profile, read_int
 from flexrun.plan.search import search
 

@@ -20,10 +20,11 @@ from typing import Iterator
 import torch
 
 from flexrun.config import FlexrunError, Policy, format_size, parse_size
-from flexrun.plan.costmodel import (RESOURCES, STREAMS, VARS, _DTYPES, Prediction, SearchResult, Workload,
-                        _Ctx, _add, _disk_cached, _lin, predict)
+from flexrun.plan.cost_types import Prediction, SearchResult, Workload, _add, _lin
+from flexrun.plan.costmodel import RESOURCES, STREAMS, VARS, _DTYPES, _disk_cached, predict
 from flexrun.plan.footprint import check_budget, footprint
 from flexrun.plan.hardware import HardwareProfile
+from flexrun.plan.unit_terms import _Ctx
 from flexrun.models.spec import ModelSpec
 
 

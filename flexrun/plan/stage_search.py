@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.config import FlexrunError, Policy
-from flexrun.plan.costmodel import Prediction, Workload, predict
+from flexrun.plan.cost_types import Prediction, Workload
+from flexrun.plan.costmodel import predict
 from flexrun.plan.stages import split_groups
 from flexrun.plan.hardware import HardwareProfile
 from flexrun.models.spec import ModelSpec

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from flexrun.config import FlexrunError
 from flexrun.kernels import dequant
 from flexrun.memory.quant import compress
-from flexrun.memory.storage import map_pages
+from flexrun.memory.disk import map_pages
 
 
 def best_time(fn, reps: int = 5, sync=lambda: None, min_s: float = 2e-3) -> float:
@@ -295,7 +295,7 @@ def disk_rates(offload_dir: str, size: int, chunk: int = 64 << 20) -> dict[str, 
                 pass
         return size / (time.perf_counter() - t0)
     def mapped() -> float:
-        """As a CPU run's disk weights are read (storage.DiskTier.map_read)."""
+        """As a CPU run's disk weights are read (disk.DiskTier.map_read)."""
         t0 = time.perf_counter()
         with open(path, "rb") as f:
             mm, populated = map_pages(f)
