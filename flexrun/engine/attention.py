@@ -161,8 +161,7 @@ def attend_stored(q: torch.Tensor, slot, t_end: int, key_range: tuple[torch.Tens
     attended with `mask` (a callable: built only then). key_range: (start, last) as
     attend_range takes them."""
     from flexrun.kernels import qattention
-    planes = slot.quant_planes(t_end, q.device, pinned) if hasattr(slot, "quant_planes") \
-        else None
+    planes = slot.quant_planes(t_end, q.device, pinned)
     if planes is not None and qattention.applies(q, planes):
         start, last = key_range
         if opts.window is not None:             # a window only moves each row's first key

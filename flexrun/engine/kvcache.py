@@ -146,6 +146,11 @@ class KVSlot:
                 p.result()
         self.pending = []
 
+    def quant_planes(self, t_end: int, device: torch.device, pinned: bool = False) -> None:
+        """A dense slot has no 4-bit planes (CompressedKVSlot.quant_planes): attention reads
+        its K and V through read()."""
+        return None
+
     def read(self, t_end: int, device: torch.device, pinned: bool = False):
         """(K, V) for positions [0, t_end) on `device`, (b, kv_heads, t_end, hd) each."""
         if self.pending:
