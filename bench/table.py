@@ -1,0 +1,86 @@
+"""One table of every scenario result: flexrun against each peer that ran in the same call.
+
+python -m bench.table [--results bench/results] [--device NVIDIA-H200,cpu]
+
+Reads bench/results/<scenario>-<device>.json (written by bench.run) and prints a markdown
+table: scenario, device, prompt / gen lengths, flexrun's system and throughput, the peer's, and
+flexrun over the peer (total and decode tok/s). Only peers from the same JSON are paired:
+both ran on one machine, back to back. README's results table is this command's output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+OURS = ("flexrun", "flexrun-auto", "flexrun-compressed")
+
+
+def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
+    """A row per (scenario, device, flexrun system, peer) with both throughputs."""
+    out = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(res, dict) or "scenario" not in res:
+            continue
+        device = path.stem[len(res["scenario"]) + 1:]
+        if devices and device not in devices:
+            continue
+        ran = {k: v for k, v in res.items() if isinstance(v, dict) and "total_tok_s" in v}
+        best = res.get("accelerate_best")
+        for ours in (k for k in OURS if k in ran):
+            peers = [k for k in ran if k not in OURS and not k.startswith("earlier")
+                     and (best is None or not k.startswith("accelerate") or k == best)]
+            for peer in peers or [None]:
+                r, p = ran[ours], ran.get(peer) or {}
+                out.append({"scenario": res["scenario"], "device": device,
+                            "lens": f"{res.get('prompt_len')}/{res.get('gen_len')}",
+                            "ours": ours, "ours_tok_s": r["total_tok_s"],
+                            "ours_decode": r["decode_tok_s"], "peer": peer,
+                            "peer_tok_s": p.get("total_tok_s"),
+                            "peer_decode": p.get("decode_tok_s"),
+                            "extrapolated": bool(p.get("extrapolated")),
+                            "peaks": [_peak(x, device) for x in (r, p)]})
+    return out
+
+
+def _peak(result: dict, device: str) -> float | None:
+    """The run's peak memory in GB: GPU on a GPU run, resident set on a CPU one."""
+    return result.get("peak_rss_GB" if device == "cpu" else "peak_gpu_GB")
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| scenario | device | prompt/gen | flexrun tok/s (decode) | peer | peer tok/s "
+             "(decode) | ratio total (decode) | peak GB flexrun / peer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        ours = f"{r['ours_tok_s']:.2f} ({r['ours_decode']:.2f})"
+        if r["peer"] is None:
+            peer, theirs, ratio = "none (against the floor)", "-", "-"
+        else:
+            peer = r["peer"] + (" (decode extrapolated)" if r["extrapolated"] else "")
+            theirs = f"{r['peer_tok_s']:.2f} ({r['peer_decode']:.2f})"
+            ratio = (f"{r['ours_tok_s'] / r['peer_tok_s']:.2f}x "
+                     f"({r['ours_decode'] / r['peer_decode']:.2f}x)")
+        name = r["scenario"] + ("" if r["ours"] == "flexrun" else f" ({r['ours']})")
+        peaks = " / ".join("-" if x is None else f"{x:.1f}" for x in r["peaks"][:1 + bool(
+            r["peer"])])
+        lines.append(f"| {name} | {r['device']} | {r['lens']} | {ours} | {peer} | {theirs} | "
+                     f"{ratio} | {peaks} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--device", default=None, help="comma-separated device names as in the "
+                    "file names (NVIDIA-H200, cpu); default: all")
+    a = ap.parse_args()
+    print(markdown(rows(Path(a.results), a.device.split(",") if a.device else None)))
+
+
+if __name__ == "__main__":
+    main()

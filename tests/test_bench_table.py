@@ -1,0 +1,21 @@
+"""bench.table pairs flexrun with the peers of the same result file and computes the ratios."""
+import json
+
+from bench.table import markdown, rows
+
+
+def test_rows_pair_systems_of_one_file(tmp_path):
+    res = {"scenario": "S9", "prompt_len": 512, "gen_len": 32, "accelerate_best": "accelerate-b8",
+           "flexrun-auto": {"total_tok_s": 30.0, "decode_tok_s": 40.0, "peak_gpu_GB": 15.0},
+           "accelerate": {"total_tok_s": 1.0, "decode_tok_s": 1.0},
+           "accelerate-b8": {"total_tok_s": 1.5, "decode_tok_s": 2.0, "extrapolated": True,
+                             "peak_gpu_GB": 20.0},
+           "flexgen": {"error": "timed out"}}
+    (tmp_path / "S9-NVIDIA-H200.json").write_text(json.dumps(res))
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    table = rows(tmp_path)
+    assert [(r["ours"], r["peer"]) for r in table] == [("flexrun-auto", "accelerate-b8")]
+    text = markdown(table)
+    assert "| S9 (flexrun-auto) | NVIDIA-H200 | 512/32 |" in text
+    assert "20.00x (20.00x)" in text and "decode extrapolated" in text and "15.0 / 20.0" in text
+    assert rows(tmp_path, ["cpu"]) == []
