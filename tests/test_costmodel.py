@@ -214,7 +214,7 @@ def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
         assert profile_path("cuda").name == "h100.json" and default_profile("cuda") == H100
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert profile_path("cuda").name == "h200.json"      # the profile of the GPU present
+    assert HardwareProfile.load(profile_path("cuda")).device_name == "NVIDIA H200"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     assert profile_path("cuda").name == "h100.json"      # not h100-measured.json
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
@@ -226,9 +226,10 @@ def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
 
 
 def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatch, capsys):
-    """The shipped h200.json came from a 32-core, 270 GB host: a 16-core, 125 GiB H200
-    machine measures its own on first use (one line), keeps it in the user's cache (0600),
-    with the fitted terms of the shipped profile, and loads it from there afterwards."""
+    """The shipped h200.json came from a 32-core, 270 GB host, h200-single.json from the
+    16-core, 125 GiB single-H200 machine: each host gets its own; an H200 on another host
+    (8 cores, 60 GiB) measures its own on first use (one line), keeps it in the user's cache
+    (0600), with the fitted terms of the shipped profile, and loads it from there afterwards."""
     H200 = HardwareProfile.load(PROFILES_DIR / "h200.json")
     monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
     monkeypatch.setenv("FLEXRUN_CACHE", str(tmp_path))
@@ -237,13 +238,15 @@ def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatc
     monkeypatch.setattr(hardware, "host_facts", lambda: (H200.cpu_cores, H200.cpu_mem))
     assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200.json"
     monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
-    monkeypatch.setattr(hardware, "host_memory", lambda: 125 << 30)
+    assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200-single.json"
+    monkeypatch.setattr(hardware, "host_facts", lambda: (8, 60 << 30))
+    monkeypatch.setattr(hardware, "host_memory", lambda: 60 << 30)
     assert hardware.matching_profile("cuda") is None
     measured = []
 
     def fake_measure(kind, command=""):
         measured.append(kind)
-        return HardwareProfile(device_name="NVIDIA H200", cpu_cores=16, cpu_mem=125 << 30,
+        return HardwareProfile(device_name="NVIDIA H200", cpu_cores=8, cpu_mem=60 << 30,
                                h2d_pinned=50e9, gpu_flops_prefill=7e14, gpu_mem_bw=4e12)
     monkeypatch.setattr(hardware, "measure", fake_measure)
     first = default_profile("cuda")
