@@ -60,11 +60,11 @@ class SearchResult:
 
 
 # ---- linear expressions -------------------------------------------------------------------
-def _lin(const: float = 0.0, **coef: float) -> Lin:
+def lin_expr(const: float = 0.0, **coef: float) -> Lin:
     return {"1": const, **coef}
 
 
-def _add(*exprs: Lin) -> Lin:
+def add_exprs(*exprs: Lin) -> Lin:
     out: Lin = {}
     for e in exprs:
         for k, v in e.items():
@@ -72,5 +72,5 @@ def _add(*exprs: Lin) -> Lin:
     return out
 
 
-def _value(e: Lin, x: dict) -> float:
+def lin_value(e: Lin, x: dict) -> float:
     return sum(v * (1.0 if k == "1" else x[k]) for k, v in e.items())

@@ -14,10 +14,10 @@ import torch
 
 from flexrun.config import Policy
 from flexrun.models.spec import ModelSpec
-from flexrun.plan.cost_types import Lin, Prediction, Workload, _value
+from flexrun.plan.cost_types import Lin, Prediction, Workload, lin_value
 from flexrun.plan.footprint import footprint
 from flexrun.plan.hardware import HardwareProfile
-from flexrun.plan.unit_terms import _Ctx
+from flexrun.plan.unit_terms import UnitTerms
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "ag", "ac", "ad")
 # terms that run concurrently (pipeline.py: weights load on the io thread / weight stream,
@@ -43,7 +43,7 @@ def _fractions(policy: Policy) -> dict[str, float]:
 
 
 def _unit_time(terms: dict[str, Lin], x: dict, overlap: bool) -> float:
-    vals = {r: _value(e, x) for r, e in terms.items()}
+    vals = {r: lin_value(e, x) for r, e in terms.items()}
     if not overlap:
         return sum(vals.get(r, 0.0) for r in RESOURCES)
     return max(sum(vals.get(r, 0.0) for r in group) for group in STREAMS)
@@ -76,13 +76,13 @@ def predict(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_le
     fp = fp or footprint(spec, policy, elem, prompt_len, gen_len, units, cuda)
     if disk_cached is None:
         disk_cached = reads_page_cache(profile, fp, cuda)
-    ctx = _Ctx(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts, units), cuda,
+    ctx = UnitTerms(spec, policy, profile, Workload(prompt_len, gen_len, num_prompts, units), cuda,
                elem, disk_cached)
     x = _fractions(policy)
     times, breakdown = {}, {}
     for name, reps, groups in ctx.phases():
         times[name] = sum(cnt * _unit_time(t, x, policy.overlap and cuda) for cnt, t in groups)
-        breakdown[name] = {r: sum(cnt * _value(t[r], x) for cnt, t in groups if r in t)
+        breakdown[name] = {r: sum(cnt * lin_value(t[r], x) for cnt, t in groups if r in t)
                            for r in RESOURCES}
     block_s = times["prefill"] + max(gen_len - 1, 0) * times["decode"]
     bls = policy.block_size

@@ -20,11 +20,11 @@ from typing import Iterator
 import torch
 
 from flexrun.config import FlexrunError, Policy, format_size, parse_size
-from flexrun.plan.cost_types import Prediction, SearchResult, Workload, _add, _lin
+from flexrun.plan.cost_types import Prediction, SearchResult, Workload, add_exprs, lin_expr
 from flexrun.plan.costmodel import RESOURCES, STREAMS, VARS, _DTYPES, _disk_cached, predict
 from flexrun.plan.footprint import check_budget, footprint
 from flexrun.plan.hardware import HardwareProfile
-from flexrun.plan.unit_terms import _Ctx
+from flexrun.plan.unit_terms import UnitTerms
 from flexrun.models.spec import ModelSpec
 
 
@@ -133,11 +133,11 @@ class _Search:
                              cache_gpu=100, cache_cpu=0, cpu_attention=False), False).host
         W, C = fp0.weights["gpu"], sum(fp0.cache.values())
         fixed, C = C * shape.gpu_cache_share, C * (1 - shape.gpu_cache_share)
-        gpu = _lin(fp0.buffers + 2 * unit + fixed + self.base["gpu"], wg=W - 2 * unit, cg=C)
-        cpu = _lin(fp0.host + unit + self.base["cpu"], wg=-unit, wc=W, cc=C)
+        gpu = lin_expr(fp0.buffers + 2 * unit + fixed + self.base["gpu"], wg=W - 2 * unit, cg=C)
+        cpu = lin_expr(fp0.host + unit + self.base["cpu"], wg=-unit, wc=W, cc=C)
         if not self.cuda:
-            gpu, cpu = _lin(), _add(gpu, cpu)
-        return ({"gpu": gpu, "cpu": cpu, "disk": _lin(wd=W, cd=C)},
+            gpu, cpu = lin_expr(), add_exprs(gpu, cpu)
+        return ({"gpu": gpu, "cpu": cpu, "disk": lin_expr(wd=W, cd=C)},
                 W + C + fixed + fp0.buffers + fp0.host)
 
     def solve(self, shape: Policy, caps: dict, minimize: str | None = None):
@@ -145,7 +145,7 @@ class _Search:
         import pulp
         t0 = time.perf_counter()
         mem, everything = self.memory(shape)
-        ctx = _Ctx(self.spec, shape, self.prof, self.wl, self.cuda, self.elem,
+        ctx = UnitTerms(self.spec, shape, self.prof, self.wl, self.cuda, self.elem,
                    _disk_cached(self.prof, everything, 0))
         lp = pulp.LpProblem("placement", pulp.LpMinimize)
         new_var = getattr(lp, "add_variable", None) or (lambda *a: pulp.LpVariable(*a))

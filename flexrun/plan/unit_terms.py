@@ -11,7 +11,7 @@ import math
 from flexrun.config import FlexrunError, Policy
 from flexrun.memory.disk import MAP_DISK
 from flexrun.models.spec import ModelSpec
-from flexrun.plan.cost_types import Lin, Workload, _add, _lin
+from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
 from flexrun.plan.footprint import (is_compressible, kv_block_nbytes, kv_step_nbytes, numel,
                                    streams_whole_units, weight_bytes)
 from flexrun.plan.hardware import HardwareProfile
@@ -27,7 +27,7 @@ MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are 
 QATTN_SLOWDOWN = {"cpu": 13.0, "cuda": 1.0, "cuda, unfused": 4.0}
 
 
-class _Ctx:
+class UnitTerms:
     """Rates and sizes shared by the terms of one (spec, policy shape, profile, workload)."""
 
     def __init__(self, spec: ModelSpec, policy: Policy, prof: HardwareProfile, wl: Workload,
@@ -121,7 +121,7 @@ class _Ctx:
         rows = b * P if prefill else b
         wb = self.unit_bytes[kind]
         weights = {"wc": wb / self.h2d_w, "wd": self.unit_read[kind] + wb / self.h2d_w}
-        link = _lin(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
+        link = lin_expr(wc=wb / self.h2d_w, wd=wb / self.h2d_w)     # host->GPU copies only
         comp, dense = self._weight_math(kind, rows if kind != 2 else b)
         if kind == 1 and moe and self.moe is not None:
             return self._moe_terms(prefill, rows, comp["1"], dense)
@@ -158,12 +158,12 @@ class _Ctx:
                 comp["1"] += host_s
                 if not p.compress_cache:    # the in-memory share reads whole slots (P + n)
                     whole = kv_block_nbytes(s, p, e, P + self.wl.gen_len) * (1 - g)
-                    comp = _add(comp, {"cg": (whole - kv) / self.attn_bw})
+                    comp = add_exprs(comp, {"cg": (whole - kv) / self.attn_bw})
             else:                           # ship q/k/v of the new token and the output back
                 ship = b * rest * (2 * s.num_heads * s.head_dim + 2 * s.kv_dim) * e / self.h2d
                 host = host_s + ship + rest * self.attn_call_s
-                link = _add(link, {"cc": ship, "cd": ship})
-                comp = _add(comp, {"cg": dev_s, "cc": host, "cd": host})
+                link = add_exprs(link, {"cc": ship, "cd": ship})
+                comp = add_exprs(comp, {"cg": dev_s, "cc": host, "cd": host})
                 # while the weight copy runs (the first wb/h2d seconds) attention goes at
                 # attn_share of its rate: the unit lasts at least the attention time plus
                 # (1 - attn_share) of the weight copy time
@@ -172,15 +172,15 @@ class _Ctx:
         else:                               # bring the prefix to the GPU, attend there
             comp["1"] += dev_s
             load, store = self.io(kv, "cc", "cd", True), self.io(new, "cc", "cd", False)
-            link = _add(link, {"cc": kv / self.h2d, "cd": kv / self.h2d})
+            link = add_exprs(link, {"cc": kv / self.h2d, "cd": kv / self.h2d})
         act = b * k * (P if prefill else 1) * s.hidden_size * e
         if cuda:
             act_in, act_out = (self.io(act, "ac", "ad", ld, False) for ld in (True, False))
-            link = _add(link, {"ac": act / self.h2d_pg, "ad": act / self.h2d_pg})
+            link = add_exprs(link, {"ac": act / self.h2d_pg, "ad": act / self.h2d_pg})
         else:
             act_in, act_out = {"ad": self.read_s(act, k)}, {"ad": act / self.disk_w}
         return {"compute": self._floor(comp, prefill), "weights": weights,
-                **{name: _add(_lin(), t) for name, t in (
+                **{name: add_exprs(lin_expr(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
 
@@ -203,10 +203,10 @@ class _Ctx:
         else:
             wc = copied = wb / h2d
         terms = self.unit_terms(1, prefill, moe=False)     # then the MoE differences
-        terms["weights"] = _lin(wc=wc, wd=self.unit_read[1] * moved + wb / h2d)
+        terms["weights"] = lin_expr(wc=wc, wd=self.unit_read[1] * moved + wb / h2d)
         # the dense terms count every expert's bytes on the link: swap in the moved ones
         base = self.unit_bytes[1] / h2d
-        terms["link"] = _add(terms["link"], _lin(wc=copied - base, wd=wb / h2d - base))
+        terms["link"] = add_exprs(terms["link"], lin_expr(wc=copied - base, wd=wb / h2d - base))
         n, per = m.expert_rows(rows)
         gemm = lambda r, w: self.prof.gemm_time(r, w, self.cuda, self.e)   # noqa: E731
         all_experts = m.experts * m.expert_params
@@ -218,7 +218,7 @@ class _Ctx:
             # the experts multiply as plain GEMMs: each touched one over its rows
             plain += k * (gemm(rows, params - all_experts) - gemm(rows, params)
                           + n * gemm(max(int(round(per)), 1), m.expert_params))
-        terms["compute"] = _add(terms["compute"], _lin(plain))
+        terms["compute"] = add_exprs(terms["compute"], lin_expr(plain))
         return terms
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
@@ -231,9 +231,9 @@ class _Ctx:
         if q and self.w4 and rows <= FUSED_MAX_ROWS \
                 and fused_applies(self.p.quant_bits, self.p.quant_group, self.e):
             bw, flops = self.w4
-            return (_lin(k * (self.unit_qbytes[kind] / bw + 2 * q * rows / flops)),
+            return (lin_expr(k * (self.unit_qbytes[kind] / bw + 2 * q * rows / flops)),
                     self.unit_params[kind] - q)
-        return (_lin(k * q * (self.e + self.p.quant_bits / 8) / self.mem_bw),
+        return (lin_expr(k * q * (self.e + self.p.quant_bits / 8) / self.mem_bw),
                 self.unit_params[kind])
 
     def _floor(self, comp: Lin, prefill: bool) -> Lin:
