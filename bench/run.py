@@ -114,8 +114,8 @@ SCENARIOS["S6"] = {
     "flexrun-auto": ["--model", "dummy:mixtral-8x7b", "--policy", "auto", "--gpu-mem", "24GiB",
                      "--cpu-mem", "100GiB"],
     "floor": "pcie"}
-# S6q: 256 prompts in a block of the search's choosing (32 x 8 with h200.json): predicted decode
-# 917 tok/s, against 1095 for the 1536 prompts it picks unbounded, whose 256 steps take ~6 min
+# S6q: 256 prompts in a block of the search's choosing (64 x 4 with h200-single.json): predicted
+# decode 865 tok/s; unbounded it picks ~1500 prompts, whose 256 steps take ~6 min
 SCENARIOS["S6q"] = {
     "what": "Mixtral-8x7B, 4-bit weights and KV cache, prompt 512, gen 256, 256 prompts, 24 GiB "
             "GPU, 100 GiB CPU; policy chosen by flexrun's search",
