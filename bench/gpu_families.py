@@ -1,8 +1,10 @@
-"""GPU rows for every dense family: flexrun on CUDA (fp16; Gemma-2 bf16) against transformers
-on CUDA in the same dtype, token agreement per family; and flexrun's own paths on CUDA
-(offloaded with CPU attention, CUDA graphs off, 4-bit weights) against its resident run.
+"""GPU rows for every family (dense and mixture of experts): flexrun on CUDA (fp16; Gemma-2
+bf16) against transformers on CUDA in the same dtype, token agreement per family; and flexrun's
+own paths on CUDA (offloaded with CPU attention, CUDA graphs off, 4-bit weights) against its
+resident run.
 
-python -m bench.gpu_families OUT.json   (on the GPU machine; bench.gpu_smoke runs it too)
+python -m bench.gpu_families OUT.json [FAMILY...]   (on the GPU machine; bench.gpu_smoke runs
+it too). Named families are rerun and merged into an existing OUT.json; none names them all.
 """
 from __future__ import annotations
 
@@ -59,10 +61,10 @@ def logit_errors(d: Path, prompts, dtype: torch.dtype) -> dict:
     return out
 
 
-def family_rows(tmp: Path) -> dict:
+def family_rows(tmp: Path, names: list[str]) -> dict:
     prompts = ragged_prompts(8, seed=11)
     rows = {}
-    for name in sorted(SHAPES):
+    for name in names:
         d = save_family(name, tmp / name)
         row = {}
         with LLM(str(d), device="cuda") as llm:
@@ -95,11 +97,15 @@ def family_rows(tmp: Path) -> dict:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out, names = Path(sys.argv[1]), sys.argv[2:] or sorted(SHAPES)
+    unknown = sorted(set(names) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}: pick from {sorted(SHAPES)}")
     tmp = Path("/tmp/flexrun-families")
     tmp.mkdir(exist_ok=True)
+    kept = json.loads(out.read_text())["families"] if out.exists() and sys.argv[2:] else {}
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "families": family_rows(tmp)}
+           "families": {**kept, **family_rows(tmp, names)}}
     out.write_text(json.dumps(res, indent=1))
 
 

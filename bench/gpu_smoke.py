@@ -205,8 +205,8 @@ def main() -> None:
         elif "tiny-llama" in what:
             tiny_checks(tmp, out, "llama")
         if "families" in what:
-            from bench.gpu_families import family_rows
-            out["families"] = family_rows(tmp)
+            from bench.gpu_families import SHAPES, family_rows
+            out["families"] = family_rows(tmp, sorted(SHAPES))
         if "attn" in what:
             cpu_attention_kernels(out)
         if "s3" in what:

@@ -127,6 +127,10 @@ SCENARIOS["S7"] = {
             "uniform routing; policy chosen by flexrun's search",
     "flexrun-auto": ["--model", "dummy:qwen3-30b-a3b", "--policy", "auto", "--gpu-mem", "16GiB",
                      "--cpu-mem", "100GiB"],
+    # the peer as for S6: transformers' Qwen3-MoE under Accelerate, 3 decode steps extrapolated
+    **{f"accelerate{sfx}": ["--model", "qwen3-30b-a3b", "--device", "cuda", "--gpu-mem", "16GiB",
+                            "--cpu-mem", "100GiB", "--cut-gen-len", "3", "--batch-size", b]
+       for sfx, b in (("", "4"), ("-b8", "8"), ("-b16", "16"))},
     "floor": "pcie"}
 SCENARIOS.setdefault("S6", {
     "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
