@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -109,32 +110,31 @@ _S6_ACCEL = ["--model", "mixtral-8x7b", "--device", "cuda", "--gpu-mem", "24GiB"
 # mixture of experts: flexrun's search picks batch, blocks and placement; routed experts off the
 # GPU move once per block and layer (copy lane) or compute on the host (CPU lane); dummy routers
 # draw experts uniformly (FLEXRUN_DUMMY_ROUTING), the result records experts touched per call
+# S6 and S7 run 256 prompts (one job's size; the unbounded search picks 384 / 1024)
 SCENARIOS["S6"] = {
-    "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
+    "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 256 prompts, 24 GiB GPU, 100 GiB CPU (disk "
+            "allowed); policy chosen by flexrun's search",
     "flexrun-auto": ["--model", "dummy:mixtral-8x7b", "--policy", "auto", "--gpu-mem", "24GiB",
-                     "--cpu-mem", "100GiB"],
+                     "--cpu-mem", "100GiB", "--num-prompts", "256"],
     "floor": "pcie"}
 # S6q: 256 prompts in a block of the search's choosing (64 x 4 with h200-single.json): predicted
 # decode 865 tok/s; unbounded it picks ~1500 prompts, whose 256 steps take ~6 min
 SCENARIOS["S6q"] = {
     "what": "Mixtral-8x7B, 4-bit weights and KV cache, prompt 512, gen 256, 256 prompts, 24 GiB "
             "GPU, 100 GiB CPU; policy chosen by flexrun's search",
-    "flexrun-auto": SCENARIOS["S6"]["flexrun-auto"] + ["--compress-weight", "--compress-cache",
-                                                       "--num-prompts", "256"],
+    "flexrun-auto": SCENARIOS["S6"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
     "prompt_len": 512, "gen_len": 256, "floor": "pcie"}
 SCENARIOS["S7"] = {
-    "what": "Qwen3-30B-A3B (128 experts, top-8), prompt 512, gen 32, 16 GiB GPU, 100 GiB CPU, "
-            "uniform routing; policy chosen by flexrun's search",
+    "what": "Qwen3-30B-A3B (128 experts, top-8), prompt 512, gen 32, 256 prompts, 16 GiB GPU, "
+            "100 GiB CPU, uniform routing; policy chosen by flexrun's search",
     "flexrun-auto": ["--model", "dummy:qwen3-30b-a3b", "--policy", "auto", "--gpu-mem", "16GiB",
-                     "--cpu-mem", "100GiB"],
+                     "--cpu-mem", "100GiB", "--num-prompts", "256"],
     # the peer as for S6: transformers' Qwen3-MoE under Accelerate, 3 decode steps extrapolated
     **{f"accelerate{sfx}": ["--model", "qwen3-30b-a3b", "--device", "cuda", "--gpu-mem", "16GiB",
                             "--cpu-mem", "100GiB", "--cut-gen-len", "3", "--batch-size", b]
        for sfx, b in (("", "4"), ("-b8", "8"), ("-b16", "16"))},
     "floor": "pcie"}
-SCENARIOS.setdefault("S6", {
-    "what": "Mixtral-8x7B fp16, prompt 512, gen 32, 24 GiB GPU, 100 GiB CPU (disk allowed)",
-    "floor": "pcie"}).update({f"accelerate{sfx}": _S6_ACCEL + ["--batch-size", b]
+SCENARIOS["S6"].update({f"accelerate{sfx}": _S6_ACCEL + ["--batch-size", b]
                               for sfx, b in (("", "4"), ("-b8", "8"), ("-b16", "16"))})
 # S8: AirLLM (layer by layer from disk) against flexrun on one safetensors checkpoint of
 # flexrun's synthetic weights ("prepare" writes it once; AirLLM's split links its shards); both
@@ -178,23 +178,26 @@ def child_env() -> dict:
 
 
 def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
+    """Run one system's process with its output streamed into `log` (kept when it times out:
+    the process group is killed, helpers holding its pipes included); its result line."""
     t0 = time.time()
-    env = child_env()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env=env)
-    except subprocess.TimeoutExpired as e:
-        out = [b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-               for b in (e.stdout, e.stderr)]      # bytes even with text=True
-        log.write_text(out[0] + "\n--- stderr ---\n" + out[1])
-        return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0}
-    log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
-    for line in p.stdout.splitlines():
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+                             env=child_env(), start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0,
+                    "log_tail": log.read_text(errors="replace").splitlines()[-5:]}
+    out = log.read_text(errors="replace").splitlines()
+    for line in out:
         if line.startswith(tag + " "):
             r = json.loads(line[len(tag) + 1:])
             r["wall_s"] = time.time() - t0
             return r
-    return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1], "rc": p.returncode}
+    return {"error": (out or ["no output"])[-1], "rc": p.returncode}
 
 
 def main() -> None:
