@@ -2,11 +2,16 @@
 
 python -m bench.run_flexrun --model dummy:opt-30b --policy policies/x.json|auto \
     --prompt-len 512 --gen-len 32 --num-prompts 64 [--gpu-mem 16GiB --cpu-mem 100GiB]
+
+FLEXRUN_BENCH_STACKS=FILE dumps every thread's stack into FILE every 15 s.
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
+import sys
 import tempfile
 import time
 
@@ -48,6 +53,9 @@ def main() -> None:
     ap.add_argument("--compress-cache", action="store_true")
     ap.add_argument("--trace", default=None)
     a = ap.parse_args()
+    if os.environ.get("FLEXRUN_BENCH_STACKS"):     # where a slow run spends its time
+        faulthandler.dump_traceback_later(15, repeat=True,
+                                          file=open(os.environ["FLEXRUN_BENCH_STACKS"], "w"))
     policy = a.policy if a.policy in (None, "auto") else Policy.load(a.policy)
     t0 = time.perf_counter()
     llm = LLM(a.model, device=a.device, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
@@ -55,6 +63,7 @@ def main() -> None:
               dtype=a.dtype, compress_weight=a.compress_weight, compress_cache=a.compress_cache,
               trace=a.trace, workload=(a.prompt_len, a.gen_len, a.num_prompts))
     load_s = time.perf_counter() - t0
+    print(f"[bench] loaded in {load_s:.1f} s: {llm.policy.to_dict()}", file=sys.stderr, flush=True)
     with llm:
         n = a.num_prompts or llm.policy.block_size
         g = torch.Generator().manual_seed(0)
@@ -64,6 +73,7 @@ def main() -> None:
         t1 = time.perf_counter()
         warm_up(llm, prompts, a.gen_len)            # its wall time is reported as warmup_s
         warmup_s = time.perf_counter() - t1
+        print(f"[bench] warmed up in {warmup_s:.1f} s", file=sys.stderr, flush=True)
         split = llm.stats.weights_split
         llm.stats = type(llm.stats)(weights_split=split)
         if llm.device.type == "cuda":
