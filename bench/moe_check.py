@@ -87,7 +87,8 @@ def kernel_rows(device: str) -> list[dict]:
             for j in range(k):
                 e = int(idx[t, j])
                 v = x[t:t + 1]
-                y = F.silu(v @ w[f"experts.{e}.gate.weight"].T) * (v @ w[f"experts.{e}.up.weight"].T)
+                gate, up = w[f"experts.{e}.gate.weight"], w[f"experts.{e}.up.weight"]
+                y = F.silu(v @ gate.T) * (v @ up.T)
                 ref[t] += p[t, j] * (y @ w[f"experts.{e}.down.weight"].T).float()[0]
         wq = {n: compress(t, 4, 64, dim=-1) if ".experts." in n else t for n, t in w.items()}
         wd = {n: t if isinstance(t, torch.Tensor) else decompress(t) for n, t in wq.items()}

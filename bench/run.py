@@ -72,8 +72,8 @@ SCENARIOS = {
            "flexrun-auto": ["--model", "dummy:llama-70b", "--policy", "auto", "--compress-weight",
                             "--cpu-mem", "100GiB"],
            "floor": "hbm"},
-    "S1-qwen3": {"what": "Qwen3-32B (q/k norms, GQA 64/8), 16 GiB GPU / 100 GiB CPU, policy chosen by "
-                   "flexrun's search; no peer runs Qwen3: against the floor",
+    "S1-qwen3": {"what": "Qwen3-32B (q/k norms, GQA 64/8), 16 GiB GPU / 100 GiB CPU, policy "
+                         "chosen by flexrun's search; no peer runs Qwen3: against the floor",
            "flexrun-auto": ["--model", "dummy:qwen3-32b", "--policy", "auto", "--gpu-mem",
                             "16GiB", "--cpu-mem", "100GiB", "--num-prompts", "64"],
            "floor": "pcie"},

@@ -7,8 +7,9 @@ import os
 # the user set wins.
 ALLOC_CONF_SET_BY_FLEXRUN = "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-from flexrun.api import LLM, RequestOutput, Sample, TokenLogprob
+from flexrun.api import LLM, RequestOutput, Sample
 from flexrun.config import FlexrunError, Policy, SamplingParams
+from flexrun.engine.requests import TokenLogprob
 
 __all__ = ["LLM", "Policy", "SamplingParams", "RequestOutput", "Sample", "TokenLogprob",
            "FlexrunError"]

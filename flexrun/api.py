@@ -9,7 +9,7 @@ import torch
 
 from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
 from flexrun.engine.pipeline import BatchState, Pipeline
-from flexrun.engine.requests import (RequestOutput, Sample, TokenLogprob, fit_positions,
+from flexrun.engine.requests import (RequestOutput, Sample, fit_positions,
                                      forced_requests, make_batch, params_per_prompt,
                                      progress_bar, prompt_logprob_list,
                                      request_rows, row_sample)

@@ -10,7 +10,8 @@ NEW = 16
 def test_greedy_matches_transformers(any_model_dir):
     prompts = ragged_prompts()
     ref = hf_greedy(any_model_dir, prompts, NEW)
-    with LLM(str(any_model_dir), device="cpu", policy=Policy(gpu_batch_size=3, num_gpu_batches=2)) as llm:
+    policy = Policy(gpu_batch_size=3, num_gpu_batches=2)
+    with LLM(str(any_model_dir), device="cpu", policy=policy) as llm:
         outs = llm.generate(prompts, max_new_tokens=NEW, sampling=SamplingParams(ignore_eos=True))
     assert [o.output_ids for o in outs] == ref
 
@@ -73,7 +74,8 @@ def test_sampling_seeded_reproducible_and_topk1_is_greedy(llama_dir):
             temperature=1.3, top_k=1, seed=9, ignore_eos=True))
         other = llm.generate(prompts, max_new_tokens=10, sampling=SamplingParams(
             temperature=0.9, top_p=0.9, top_k=50, seed=124, ignore_eos=True))
-    with LLM(str(llama_dir), device="cpu", policy=Policy(gpu_batch_size=1, num_gpu_batches=2)) as llm:
+    policy = Policy(gpu_batch_size=1, num_gpu_batches=2)
+    with LLM(str(llama_dir), device="cpu", policy=policy) as llm:
         b = llm.generate(prompts, max_new_tokens=10, sampling=s)
     assert [o.output_ids for o in a] == [o.output_ids for o in b]  # batching does not matter
     assert [o.output_ids for o in top1] == [o.output_ids for o in greedy]

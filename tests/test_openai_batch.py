@@ -182,7 +182,7 @@ def _out(samples, prompt=(1, 2, 3)):
 
 
 def test_response_and_error_lines():
-    from flexrun.api import Sample, TokenLogprob
+    from flexrun import Sample, TokenLogprob
     pieces = Pieces(FakeTokenizer())
     lp = [TokenLogprob(4, -0.5, [(4, -0.5), (7, -1.5)]), TokenLogprob(9, -0.25, [(9, -0.25)])]
     out = _out([Sample([4, 9], "ej", "stop", lp), Sample([5], "f", "length", None)])

@@ -91,7 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> torch.Tensor:
     if norm_triton.applies(x, weight):
         return norm_triton.norm(x, weight, bias, eps, rms=False)[1]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

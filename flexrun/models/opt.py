@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from flexrun.models.common import add_norm, dense, layer_norm, linear, linear_relu, linear_rows, split_heads
+from flexrun.models.common import (add_norm, dense, layer_norm, linear, linear_relu, linear_rows,
+                                   split_heads)
 from flexrun.models.spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2

@@ -20,7 +20,8 @@ def _base_inv(theta: float, hd: int, factors=None) -> torch.Tensor:
 
 
 def _llama3(inv: torch.Tensor, sc: dict) -> torch.Tensor:
-    factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    factor = float(sc["factor"])
+    lo, hi = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
     old = float(sc["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / lo, inv / factor, inv)

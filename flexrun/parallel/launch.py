@@ -136,8 +136,8 @@ def plan_policies(llm, policy) -> tuple[list[range], list[Policy]]:
         given = [llm._with_flags(p) for p in plan.policies]
     shapes = {(p.gpu_batch_size, p.num_gpu_batches) for p in given}
     if len(shapes) > 1:
-        raise FlexrunError("the stages' policies must share gpu_batch_size and "
-                           f"num_gpu_batches (micro-batches flow through all), got {sorted(shapes)}")
+        raise FlexrunError("the stages' policies must share gpu_batch_size and num_gpu_batches "
+                           f"(micro-batches flow through all), got {sorted(shapes)}")
     return stages, given
 
 

@@ -340,7 +340,8 @@ def w4_rates(device: torch.device) -> tuple[float, float] | None:
     times = {}
     for rows in (32, 128):
         x = torch.randn(rows, 8192, device=device, dtype=torch.float16)
-        times[rows] = best_time(lambda: dequant.linear4(x, c), sync=lambda: torch.cuda.synchronize(device))
+        times[rows] = best_time(lambda: dequant.linear4(x, c),
+                                sync=lambda: torch.cuda.synchronize(device))
     per_row = (times[128] - times[32]) / 96
     fixed = times[32] - 32 * per_row
     if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line
