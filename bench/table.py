@@ -31,6 +31,10 @@ def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
             continue
         ran = {k: v for k, v in res.items() if isinstance(v, dict) and "total_tok_s" in v}
         best = res.get("accelerate_best")
+        if not any(k in ran for k in OURS):     # the peer ran, flexrun not (yet, or failed)
+            tried = next((res[k] for k in OURS if isinstance(res.get(k), dict)), None)
+            ran = {**ran, "flexrun": {"missing": tried.get("error", "failed") if tried
+                                      else "not run"}}
         for ours in (k for k in OURS if k in ran):
             peers = [k for k in ran if k not in OURS and not k.startswith("earlier")
                      and (best is None or not k.startswith("accelerate") or k == best)]
@@ -38,8 +42,9 @@ def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
                 r, p = ran[ours], ran.get(peer) or {}
                 out.append({"scenario": res["scenario"], "device": device,
                             "lens": f"{res.get('prompt_len')}/{res.get('gen_len')}",
-                            "ours": ours, "ours_tok_s": r["total_tok_s"],
-                            "ours_decode": r["decode_tok_s"], "peer": peer,
+                            "ours": ours, "ours_tok_s": r.get("total_tok_s"),
+                            "ours_decode": r.get("decode_tok_s"), "missing": r.get("missing"),
+                            "peer": peer,
                             "peer_tok_s": p.get("total_tok_s"),
                             "peer_decode": p.get("decode_tok_s"),
                             "extrapolated": bool(p.get("extrapolated")),
@@ -57,14 +62,15 @@ def markdown(table: list[dict]) -> str:
              "(decode) | ratio total (decode) | peak GB flexrun / peer |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        ours = f"{r['ours_tok_s']:.2f} ({r['ours_decode']:.2f})"
+        missing = r.get("missing")
+        ours = missing or f"{r['ours_tok_s']:.2f} ({r['ours_decode']:.2f})"
         if r["peer"] is None:
             peer, theirs, ratio = "none (against the floor)", "-", "-"
         else:
             peer = r["peer"] + (" (decode extrapolated)" if r["extrapolated"] else "")
             theirs = f"{r['peer_tok_s']:.2f} ({r['peer_decode']:.2f})"
-            ratio = (f"{r['ours_tok_s'] / r['peer_tok_s']:.2f}x "
-                     f"({r['ours_decode'] / r['peer_decode']:.2f}x)")
+            ratio = "-" if missing else (f"{r['ours_tok_s'] / r['peer_tok_s']:.2f}x "
+                                         f"({r['ours_decode'] / r['peer_decode']:.2f}x)")
         name = r["scenario"] + ("" if r["ours"] == "flexrun" else f" ({r['ours']})")
         peaks = " / ".join("-" if x is None else f"{x:.1f}" for x in r["peaks"][:1 + bool(
             r["peer"])])

@@ -19,3 +19,16 @@ def test_rows_pair_systems_of_one_file(tmp_path):
     assert "| S9 (flexrun-auto) | NVIDIA-H200 | 512/32 |" in text
     assert "20.00x (20.00x)" in text and "decode extrapolated" in text and "15.0 / 20.0" in text
     assert rows(tmp_path, ["cpu"]) == []
+
+
+def test_a_peer_without_flexrun_is_listed_with_the_reason(tmp_path):
+    res = {"scenario": "S9", "prompt_len": 512, "gen_len": 32,
+           "flexrun-auto": {"error": "timed out after 185 s"},
+           "accelerate-b8": {"total_tok_s": 1.5, "decode_tok_s": 2.0}}
+    (tmp_path / "S9-NVIDIA-H200.json").write_text(json.dumps(res))
+    (tmp_path / "S8-NVIDIA-H200.json").write_text(json.dumps(
+        {"scenario": "S8", "airllm": {"total_tok_s": 0.5, "decode_tok_s": 0.4}}))
+    text = markdown(rows(tmp_path))
+    assert "| S8 | NVIDIA-H200 | None/None | not run | airllm | 0.50 (0.40) | - |" in text
+    assert ("| S9 | NVIDIA-H200 | 512/32 | timed out after 185 s | accelerate-b8 | 1.50 (2.00) "
+            "| - |") in text

@@ -93,3 +93,37 @@ def test_compressed_resident_run_joins_and_matches_offloaded(llama_dir):
             assert (joined is not None) == (pol.weights_gpu == 100)
             runs.append([o.output_ids for o in llm.generate(prompts, 6, greedy)])
     assert runs[0] == runs[1]
+
+
+def test_joined_slots_lay_out_the_largest_group_on_the_device():
+    from flexrun.plan.placement import JoinedSlots
+    pairs = [["e0.gate", "e0.up"], ["e1.gate", "e1.up"]]
+    layer = ["e0.gate", "e0.up", "e1.gate", "e1.up"]
+    shapes = {n: (2 + i, 4) for i, n in enumerate(layer)}
+    gpu = {n: "gpu" for n in layer}
+    slots = JoinedSlots([*pairs, layer], shapes, gpu, torch.float32, torch.device("cpu"))
+    assert slots.groups == [layer] and all(slots.covers(g) for g in [*pairs, layer])
+    views = [slots.fill(n, torch.full(shapes[n], float(i))) for i, n in enumerate(layer)]
+    assert _joined(views) is not None and _joined(views).shape == (14, 4)
+    assert [float(v[0, 0]) for v in views] == [0.0, 1.0, 2.0, 3.0]
+    # e1 lives off the device: the layer is not laid out, e0's pair still is
+    slots = JoinedSlots([*pairs, layer], shapes, {**gpu, "e1.up": "cpu"}, torch.float32,
+                        torch.device("cpu"))
+    assert slots.groups == [pairs[0]] and not slots.covers(layer) and "e1.gate" not in slots
+
+
+def test_resident_moe_load_copies_each_tensor_once(tmp_path, monkeypatch):
+    """A resident MoE layer's experts land straight in their stacked buffer: no join copies
+    after the load (which would hold two copies of a layer's experts at once)."""
+    from families import save_family
+    joins = []
+    monkeypatch.setattr(TieredStore, "join", lambda self, names: joins.append(names))
+    d = save_family("qwen3_moe", tmp_path / "m")
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        homes = llm.weights.homes
+        E = llm.spec.num_experts
+        stacked = [homes[f"layers.0.experts.{e}.{p}.weight"][1] for e in range(E)
+                   for p in ("gate", "up")]
+        assert _joined(stacked) is not None and _joined(
+            [homes[f"layers.0.{g}.weight"][1] for g in "qkv"]) is not None
+    assert joins == []

@@ -25,6 +25,50 @@ class Placed:
     quant_cached: bool = False
 
 
+class JoinedSlots:
+    """The rows of each tensor in its joined buffer (TieredStore.join's result, laid out
+    ahead): for every group whose members all go to the compute device with one dtype and
+    row width, the largest such group holding them (a layer's experts, not each expert's
+    gate/up pair). The buffer is allocated when its first member arrives."""
+
+    def __init__(self, groups: list[list[str]], shapes: dict, tier_of: dict,
+                 dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.rows: dict[str, tuple[int, int, int]] = {}    # name -> (group, start, end)
+        self.groups: list[list[str]] = []
+        self.buffers: dict[int, torch.Tensor] = {}
+        for g in sorted(groups, key=len, reverse=True):
+            if len(g) < 2 or any(n in self.rows or tier_of[n] != "gpu" for n in g) or \
+                    len({tuple(shapes[n][1:]) for n in g}) != 1:
+                continue
+            start = 0
+            for n in g:
+                self.rows[n] = (len(self.groups), start, start + shapes[n][0])
+                start += shapes[n][0]
+            self.groups.append(g)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.rows
+
+    def covers(self, group: list[str]) -> bool:
+        """Whether `group` lies inside one laid-out buffer (its join happened ahead)."""
+        return all(n in self.rows for n in group) and \
+            len({self.rows[n][0] for n in group}) == 1
+
+    def fill(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """t copied into its rows of its group's buffer; that view."""
+        k, a, b = self.rows[name]
+        buf = self.buffers.get(k)
+        if buf is None:
+            g = self.groups[k]
+            total = self.rows[g[-1]][2]
+            buf = self.buffers[k] = torch.empty((total, *t.shape[1:]), dtype=self.dtype,
+                                                device=self.device)
+        view = buf[a:b]
+        view.copy_(t)
+        return view
+
+
 def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.device,
                   dtype: torch.dtype, units: range, expert_stats: str | None = None) -> Placed:
     """Fill `weights` with the checkpoint's tensors of `units` where `policy` plans them.
@@ -53,13 +97,20 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     groups = [[f"layers.{j}.{g}.{part}" for g in group]
               for j in (u - 1 for u in units if 1 <= u <= spec.num_layers)
               for group in model.JOINED for part in ("weight", "bias")]
-    waiting = {n: g for g in groups if all(n in shapes for n in g) for n in g}
+    groups = [g for g in groups if all(n in shapes for n in g)]
+    # groups whose joined buffer can be laid out before the load (plain tensors on the
+    # compute device): each tensor is copied straight into its rows, no join copies later
+    plain = not p.compress_weight and not packs
+    slots = JoinedSlots(groups if plain else [], shapes, tier_of, dtype, device)
+    waiting = {n: g for g in groups if not slots.covers(g) for n in g}
     for name, t in ckpt.iter_tensors(device_for, set(names)):
         t = t.to(dtype)
         if p.compress_weight and is_compressible(name, t.shape):
             t = quant(name, t.to(device))
         elif packs and is_compressible(name, t.shape):
             t = packed_weights.pack(t, p.gpu_batch_size)
+        elif name in slots:
+            t = slots.fill(name, t)
         weights.put(name, t, tier_of[name])
         del t
         group = waiting.get(name)
