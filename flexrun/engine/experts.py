@@ -24,7 +24,7 @@ import torch
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
-from flexrun.models.moe import ExpertGroup, expert, weighted_expert
+from flexrun.models.moe import ExpertGroup, add_expert_outputs, expert, weighted_expert
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
@@ -203,8 +203,7 @@ class TieredExperts:
             for g, y in zip(on_cpu, cpu_job.result()):
                 ys[g.expert] = y.pin_memory().to(self.device, non_blocking=True) \
                     if self.cuda else y
-        for g in groups:
-            out.index_add_(0, g.rows, ys.pop(g.expert).to(out.dtype))
+        add_expert_outputs(out, groups, [ys.pop(g.expert) for g in groups])
 
     def split(self, away: list[ExpertGroup]) -> tuple[list[ExpertGroup], list[ExpertGroup]]:
         """(CPU lane, copy lane) of the routed off-device experts. auto: the experts with
