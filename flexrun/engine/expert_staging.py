@@ -97,11 +97,11 @@ class ExpertStaging:
         cap = max(1, GROUPED_MAX_BYTES // row_bytes)
         out, part, n = {}, [], 0
         for g in groups:
-            if part and n + len(g.rows) > cap:
+            if part and n + g.n > cap:
                 out.update(self._grouped(x2, part))
                 part, n = [], 0
             part.append(g)
-            n += len(g.rows)
+            n += g.n
         if part:
             out.update(self._grouped(x2, part))
         return out
@@ -109,9 +109,9 @@ class ExpertStaging:
     def _grouped(self, x2: torch.Tensor, groups: list[ExpertGroup]) -> dict[int, torch.Tensor]:
         sizes = [0] * self.E
         for g in groups:
-            sizes[g.expert] = len(g.rows)
+            sizes[g.expert] = g.n
         offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         offs = offs.pin_memory().to(self.device, non_blocking=True) if self.cuda else offs
         y = grouped_mlp(x2[torch.cat([g.rows for g in groups])], self.W1, self.W2, offs)
         y = y * torch.cat([g.weights for g in groups])[:, None]
-        return dict(zip((g.expert for g in groups), y.split([len(g.rows) for g in groups])))
+        return dict(zip((g.expert for g in groups), y.split([g.n for g in groups])))

@@ -91,6 +91,7 @@ class TieredExperts:
         self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="flexrun-expert-reads") \
             if reads else None
         self._layer, self._held = None, {}
+        self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
         if self.cuda and self.lanes == "auto":
             self.calibrate()
@@ -172,7 +173,7 @@ class TieredExperts:
         away = [g for g in groups if g.expert in remote and g.expert not in held]
         self.stats.reused += sum(g.expert in remote for g in here)
         on_cpu, to_copy = self.split(away)
-        to_copy.sort(key=lambda g: -len(g.rows))    # issued, then computed, busiest first
+        to_copy.sort(key=lambda g: -g.n)    # issued, then computed, busiest first
         # disk experts start reading now; host ones are copied at once, the disk ones once
         # read, after the device experts' GEMMs are queued
         reading = {g.expert: self._reader.submit(self._read, g.expert) for g in to_copy
@@ -217,9 +218,9 @@ class TieredExperts:
         size = {g.expert: self._nbytes(g.expert) for g in away}
         copy_t = sum(size.values()) / r.copy_bps
         cpu_t, picked = 0.0, set()
-        for g in sorted(away, key=lambda g: len(g.rows)):
+        for g in sorted(away, key=lambda g: g.n):
             b = size[g.expert]
-            t = max(b / r.cpu_bps, 2 * b / self.elem * len(g.rows) / r.cpu_flops)
+            t = max(b / r.cpu_bps, 2 * b / self.elem * g.n / r.cpu_flops)
             if max(cpu_t + t, copy_t - b / r.copy_bps) >= max(cpu_t, copy_t):
                 break
             cpu_t, copy_t = cpu_t + t, copy_t - b / r.copy_bps
@@ -232,7 +233,12 @@ class TieredExperts:
         return self.dtype.itemsize
 
     def _nbytes(self, e: int) -> int:
-        return sum(nbytes(self.weights.homes[self.name(self._layer, e, p)][1]) for p in PARTS)
+        key = (self._layer, e)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = sum(nbytes(self.weights.homes[self.name(*key, p)][1])
+                                          for p in PARTS)
+        return size
 
     def _read(self, e: int) -> tuple:
         """Expert e of the current unit in host memory (a disk expert: read into fresh
@@ -277,7 +283,7 @@ class TieredExperts:
         memory in one copy; the result is each group's weighted output, on the host."""
         xh = x2[torch.cat([g.rows for g in groups])].to("cpu")
         wts = [g.weights.to("cpu") for g in groups]
-        sizes = [len(g.rows) for g in groups]
+        sizes = [g.n for g in groups]
         experts, layer = [g.expert for g in groups], self._layer
         self.stats.cpu_runs += len(groups)
         self.stats.cpu_bytes += sum(self._nbytes(e) for e in experts)

@@ -116,6 +116,11 @@ class ExpertGroup:
     expert: int
     rows: torch.Tensor          # (n,) long, rows of x2
     weights: torch.Tensor       # (n,) routing weights
+    n: int = -1                 # len(rows), kept as an int (len of a tensor costs ~1 us)
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            self.n = len(self.rows)
 
 
 def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Tensor) -> None:
@@ -136,7 +141,7 @@ def add_expert_outputs(out: torch.Tensor, groups: list[ExpertGroup],
     and its weighted output y: each token's outputs added in ascending expert order, as
     every path adds them. Small calls (decode) gather the outputs token by token and add
     them in k adds rather than a launch per expert; the sums are the same, bit for bit."""
-    T, n = out.shape[0], sum(len(g.rows) for g in groups)
+    T, n = out.shape[0], sum(g.n for g in groups)
     k = n // T if T else 0
     if k and n == T * k and n * out.shape[1] * out.element_size() <= COMBINE_MAX_BYTES:
         by_token = torch.cat([g.rows for g in groups]).argsort(stable=True)
@@ -190,7 +195,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         for e, n in enumerate(counts.tolist()):
             if n:
                 groups.append(ExpertGroup(e, tokens[start:start + n],
-                                          weights[start:start + n]))
+                                          weights[start:start + n], n))
                 start += n
         (runner or run_here)(x2, w, groups, out)
     if spec.shared_expert_ffn_dim:
