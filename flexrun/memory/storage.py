@@ -14,7 +14,7 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.memory.disk import DiskRef, DiskTier
-from flexrun.memory.pinned import h2d_chunked, pinned_copy
+from flexrun.memory.pinned import PinnedArena, h2d_chunked
 from flexrun.memory.quant import join_rows
 
 TIERS = ("gpu", "cpu", "disk")
@@ -81,6 +81,7 @@ class TieredStore:
         self.device = device
         self.disk = disk
         self.pin = pin and device.type == "cuda"
+        self.pinned = PinnedArena() if self.pin else None     # host-tier weights
         self.homes: dict[str, tuple[str, object]] = {}
 
     def put(self, name: str, value, tier: str) -> None:
@@ -89,7 +90,7 @@ class TieredStore:
         elif tier == "cpu":
             def to_host(t):
                 t = t.to("cpu")
-                return pinned_copy(t) if self.pin else t
+                return self.pinned.copy(t) if self.pin else t
             stored = map_parts(value, to_host)
         else:
             if self.disk is None:
