@@ -445,3 +445,33 @@ def test_batched_combine_adds_in_expert_order_bit_for_bit(tokens, monkeypatch):
         for r, row in zip(gr.rows.tolist(), y):
             ref[r] += row
     assert torch.equal(looped, ref)
+
+
+@pytest.mark.parametrize("stage_all", [0.0, 2.0])
+def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage_all):
+    """STAGE_ALL 0: every call stages all of the unit's experts (off-device ones copied once
+    per block) and runs them as one grouped GEMM with no per-expert groups; 2: never. Both
+    give the resident run's tokens."""
+    from flexrun.engine import experts as engine_experts
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(engine_experts, "STAGE_ALL", stage_all)
+    calls = []
+    run = engine_experts.TieredExperts._run
+    monkeypatch.setattr(engine_experts.TieredExperts, "_run",
+                        lambda self, *a: calls.append(1) or run(self, *a))
+    from families import save_family
+    d = save_family("qwen3_moe", tmp_path / "m")
+    prompts = ragged_prompts(4, seed=5)
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                 expert_lanes="copy")
+    with LLM(str(d), device="cpu", policy=pol) as llm:
+        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+        lane = llm.pipeline.experts.stats
+        E, away = llm.spec.num_experts, llm.pipeline.experts.remote
+    assert outs == ref
+    assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
+    if stage_all == 0.0:        # each unit copies each off-device expert once per block
+        per_block = sum(len(es) for es in away.values())
+        assert lane.copied % per_block == 0 and lane.copied > 0

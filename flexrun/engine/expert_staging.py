@@ -84,6 +84,13 @@ class ExpertStaging:
             self._copied.record(self.weight_stream)
         self.staged.add(e)
 
+    def ready(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked slots (W1, W2), once this batch's host copies are in."""
+        if self._copied is not None:
+            self.compute_stream.wait_event(self._copied)
+            self._copied = None
+        return self.W1, self.W2
+
     def run(self, x2: torch.Tensor, groups: list[ExpertGroup], copied: bool = True
             ) -> dict[int, torch.Tensor]:
         """Each staged expert's weighted output over its tokens, from grouped GEMMs over at

@@ -32,6 +32,11 @@ GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU
 READERS = 2                 # threads reading a call's disk experts from the offload files
 
 
+# the share of a layer's experts a call is expected to touch above which all are staged and
+# run as one grouped GEMM (ExpertRunner.stack)
+STAGE_ALL = 0.9
+
+
 @dataclass
 class LaneRates:
     """What the auto split predicts lane times with (bytes/s, FLOP/s)."""
@@ -155,12 +160,40 @@ class TieredExperts:
             self.staging.begin_unit()
 
     def runner(self, layer: int):
-        """moe_mlp's runner for `layer`: None when every expert is on the device."""
+        """moe_mlp's runner for `layer` (this object: called with a batch's routed groups,
+        or asked for a stack of all experts first): None when every expert is on the
+        device."""
         if layer not in self.remote:
             return None
         if self._layer != layer:
             self.begin_unit(layer)
-        return self._run
+        return self
+
+    def __call__(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],
+                 out: torch.Tensor) -> None:
+        self._run(x2, w, groups, out)
+
+    def stack(self, w: dict, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every expert of the current unit in the staging slots, for one grouped GEMM over
+        all routed pairs with no host sync and no per-expert work, when a call of `tokens`
+        rows is expected to touch nearly all experts (E * (1 - (1 - k/E)^tokens) >=
+        STAGE_ALL * E: a decode batch of 64 rows touches 126 of Qwen3-MoE's 128): then the
+        unit's first call stages them all, copying every off-device one (the CPU lane sits
+        out). None otherwise, and on the CPU lane alone."""
+        if self.staging is None or self.lanes == "cpu":
+            return None
+        E, k = self.spec.num_experts, self.spec.experts_per_token
+        if 1 - (1 - k / E) ** tokens < STAGE_ALL:
+            return None
+        remote = self.remote[self._layer]
+        fresh = [e for e in range(E) if e not in self.staging.staged]
+        for e in fresh:
+            if e in remote:
+                self._stage_copy(e)
+            else:
+                self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"] for p in PARTS))
+        self.stats.reused += len(remote) - sum(e in remote for e in fresh)
+        return self.staging.ready()
 
     # ---- one MoE call ---------------------------------------------------------------------
     def _run(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],

@@ -163,7 +163,8 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     """The MoE MLP of one layer for the normed hidden states x (..., hidden). w holds
     "router.weight", "experts.{e}.gate/up/down.weight" (those of experts no token picks may
     be absent) and Qwen2-MoE's "shared.*" and "shared_gate.weight". runner(x2, w, groups,
-    out) computes the routed experts (default run_here: from w)."""
+    out) computes the routed experts (default run_here: from w); a runner with a
+    stack(w, rows) method may hand back all of the layer's experts stacked instead."""
     x2 = x.reshape(-1, x.shape[-1])
     E, k = spec.num_experts, spec.experts_per_token
     weight, idx = route(x2, w.get("router.weight"), spec)
@@ -173,10 +174,15 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     if stats is not None:
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
-    stacked = stacked_experts(w, E) if runner is None and \
-        x2.shape[0] * k * (3 * spec.expert_ffn_dim + 5 * x2.shape[1]) * x2.element_size() \
-        <= GROUPED_MAX_BYTES else None
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    small = x2.shape[0] * k * (3 * spec.expert_ffn_dim + 5 * x2.shape[1]) * x2.element_size() \
+        <= GROUPED_MAX_BYTES
+    stacked = None
+    if small and runner is None:
+        stacked = stacked_experts(w, E)
+    elif small and not capturing and hasattr(runner, "stack") and \
+            grouped_mm_works(x.device, x.dtype):
+        stacked = runner.stack(w, x2.shape[0])   # every expert staged: no host sync
     if stacked is not None and (grouped_mm_capturable(x.device, x.dtype) if capturing
                                 else grouped_mm_works(x.device, x.dtype)):
         grouped_experts(x2, stacked, weight, idx, counts, out)
