@@ -24,17 +24,13 @@ import torch
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
+from flexrun.models import moe as moe_math
 from flexrun.models.moe import ExpertGroup, add_expert_outputs, expert, weighted_expert
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
-
-
-# the share of a layer's experts a call is expected to touch above which all are staged and
-# run as one grouped GEMM (ExpertRunner.stack)
-STAGE_ALL = 0.9
 
 
 @dataclass
@@ -183,7 +179,7 @@ class TieredExperts:
         if self.staging is None or self.lanes == "cpu":
             return None
         E, k = self.spec.num_experts, self.spec.experts_per_token
-        if 1 - (1 - k / E) ** tokens < STAGE_ALL:
+        if 1 - (1 - k / E) ** tokens < moe_math.STAGE_ALL:
             return None
         remote = self.remote[self._layer]
         fresh = [e for e in range(E) if e not in self.staging.staged]

@@ -130,6 +130,11 @@ def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Te
     add_expert_outputs(out, groups, [weighted_expert(x2, w, g) for g in groups])
 
 
+# the share of a split layer's experts a call is expected to touch from which all of them are
+# staged on the device and run as one grouped GEMM (engine/experts.py TieredExperts.stack;
+# the cost model prices such calls on the copy lane alone)
+STAGE_ALL = 0.9
+
 # above this much workspace (prefill) the outputs are added expert by expert: on a CPU the
 # gather costs more than the launches it saves (fp16, 1024 x 8 x 2048: 27 ms vs 7.5 ms)
 COMBINE_MAX_BYTES = 8 << 20

@@ -10,6 +10,7 @@ import math
 
 from flexrun.config import FlexrunError, Policy
 from flexrun.memory.disk import MAP_DISK
+from flexrun.models import moe as moe_math
 from flexrun.models.spec import ModelSpec
 from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
 from flexrun.plan.footprint import (is_compressible, kv_block_nbytes, kv_step_nbytes, numel,
@@ -198,7 +199,10 @@ class UnitTerms:
         exp_b, h2d, cpu, lanes = wb - dense_b, self.h2d_w, self.cpu_lane, self.p.expert_lanes
         if cpu and lanes == "cpu":      # the dense part still crosses the link
             wc, copied = max(dense_b / h2d, exp_b / cpu), dense_b / h2d
-        elif cpu and lanes == "auto":   # both lanes busy until they end together
+        elif cpu and lanes == "auto" and (self.p.compress_weight or m.touched(rows) <
+                                           moe_math.STAGE_ALL * m.experts):
+            # both lanes busy until they end together (a call touching nearly every expert
+            # stages them all on the copy lane: engine/experts.py stack)
             wc = copied = max(dense_b / h2d, wb / (h2d + cpu))
         else:
             wc = copied = wb / h2d
