@@ -123,6 +123,8 @@ class LLM:
                 kind, extra["comm"] = StagePipeline, self.dist.comm
             self.pipeline = kind(self.spec, model_for(self.spec), self.weights, self.policy,
                                  self.device, self.dtype, self.disk, self.tracer, **extra)
+            if self.pipeline.experts is not None and self._hot_placed:
+                self.pipeline.experts.stage_all = False     # off-device experts are cold
         except BaseException:
             self.close()
             raise
@@ -194,6 +196,7 @@ class LLM:
         placed = place_weights(self.ckpt, self.policy, self.weights, self.device, self.dtype,
                                self.units, self.expert_stats)
         self.stats.weights_split = placed.weights_split
+        self._hot_placed = placed.hot
         if self.policy.compress_weight:
             self.stats.weight_quant_s = placed.quant_s
             self.stats.weight_quant_cached = placed.quant_cached

@@ -388,6 +388,7 @@ def test_generate_writes_routing_counts_and_places_by_them(tmp_path, capsys):
     Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=40, weights_cpu=60,
            weights_disk=0).save(pol)
     with LLM(str(d), device="cpu", policy=str(pol), expert_stats=str(stats)) as llm:
+        assert not llm.pipeline.experts.stage_all       # off-device experts are the cold ones
         for j, c in enumerate(counts):
             gpu = [e for e in range(4)
                    if llm.weights.tier_of(f"layers.{j}.experts.{e}.gate.weight") == "gpu"]

@@ -51,6 +51,8 @@ class ExpertStaging:
             self.W1 = torch.empty(self.E, 2 * self.f, self.h, dtype=self.dtype,
                                   device=self.device)
             self.W2 = torch.empty(self.E, self.h, self.f, dtype=self.dtype, device=self.device)
+            if self.cuda:   # their blocks may still be in use by the compute stream's queue
+                self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def put_resident(self, e: int, gate: torch.Tensor, up: torch.Tensor,
                      down: torch.Tensor) -> None:

@@ -48,6 +48,7 @@ class LaneStats:
     copy_bytes: int = 0
     disk_reads: int = 0             # of those, experts read from the disk tier by the readers
     reused: int = 0                 # expert runs served by a copy made for an earlier batch
+    #                                 (a stacked call counts every staged off-device expert)
     cpu_runs: int = 0               # expert runs on the CPU lane
     cpu_bytes: int = 0
     cpu_s: float = 0.0              # time the CPU lane computed
@@ -70,6 +71,9 @@ class TieredExperts:
     compute_stream: object = None
     mapped: bool = False                    # CPU run: disk experts mapped from the page cache
     stats: LaneStats = field(default_factory=LaneStats)
+    # stage every expert of a call expected to touch nearly all (stack); off when the
+    # placement followed routing counts (the off-device experts are the cold ones)
+    stage_all: bool = True
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -175,13 +179,16 @@ class TieredExperts:
         rows is expected to touch nearly all experts (E * (1 - (1 - k/E)^tokens) >=
         STAGE_ALL * E: a decode batch of 64 rows touches 126 of Qwen3-MoE's 128): then the
         unit's first call stages them all, copying every off-device one (the CPU lane sits
-        out). None otherwise, and on the CPU lane alone."""
-        if self.staging is None or self.lanes == "cpu":
+        out). None otherwise: on the CPU lane alone, with experts on disk (their reads
+        overlap the GEMMs in the per-expert path) or placed by routing counts."""
+        if self.staging is None or self.lanes == "cpu" or not self.stage_all:
             return None
         E, k = self.spec.num_experts, self.spec.experts_per_token
         if 1 - (1 - k / E) ** tokens < moe_math.STAGE_ALL:
             return None
         remote = self.remote[self._layer]
+        if "disk" in remote.values():
+            return None
         fresh = [e for e in range(E) if e not in self.staging.staged]
         for e in fresh:
             if e in remote:

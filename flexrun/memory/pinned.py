@@ -42,18 +42,19 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
 
 class PinnedArena:
     """Page-locked host memory for many long-lived tensors (a model's host-tier weights):
-    chunks of `chunk` bytes, each registered once, handed out back to back in 256-byte
-    aligned pieces. A MoE model's experts are thousands of small matrices (Qwen3-30B-A3B:
-    18,432 of 3 MiB), each a cudaHostRegister call of its own without it. Tensors of a
-    sixteenth of a chunk or more get a buffer of their own, so a chunk's unused tail is
-    under 1/16 of it. The chunks live as long as the arena."""
+    chunks, each registered once, handed out back to back in 256-byte aligned pieces. A MoE
+    model's experts are thousands of small matrices (Qwen3-30B-A3B: 18,432 of 3 MiB), each a
+    cudaHostRegister call of its own without it. Chunks start at a sixteenth of `chunk` and
+    double up to `chunk` (a few small tensors pin little); tensors of a sixteenth of `chunk`
+    or more get a buffer of their own, so a full-size chunk's unused tail is under 1/16 of
+    it. The chunks live as long as the arena."""
     ALIGN = 256
 
     def __init__(self, chunk: int = 256 << 20, empty=None):
         self.chunk = chunk
         self._empty = empty or pinned_empty
         self.chunks: list[torch.Tensor] = []
-        self._used = chunk                  # of the last chunk: none yet
+        self._used = self._size = 0         # of the last chunk
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised page-locked tensor of exactly shape x dtype."""
@@ -63,8 +64,9 @@ class PinnedArena:
         if n >= self.chunk // 16:
             return self._empty(shape, dtype)
         start = -(-self._used // self.ALIGN) * self.ALIGN
-        if start + n > self.chunk:
-            self.chunks.append(self._empty((self.chunk,), torch.uint8))
+        if start + n > self._size:
+            self._size = min(self.chunk, max(2 * self._size, self.chunk // 16))
+            self.chunks.append(self._empty((self._size,), torch.uint8))
             start = 0
         self._used = start + n
         return self.chunks[-1][start:start + n].view(dtype).view(shape)

@@ -23,6 +23,7 @@ class Placed:
     weights_split: dict             # percent of the bytes per tier
     quant_s: float = 0.0            # 4-bit weight search at load (or its cache read)
     quant_cached: bool = False
+    hot: bool = False               # MoE experts placed by routing counts (expert_stats)
 
 
 class JoinedSlots:
@@ -116,7 +117,7 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
         group = waiting.get(name)
         if group is not None and all(n in weights.homes for n in group):
             weights.join(group)
-    placed = Placed(split_report(sizes, tiers))
+    placed = Placed(split_report(sizes, tiers), hot=hot is not None)
     if quant is not None:
         placed.quant_s, placed.quant_cached = quant.finish(), quant.hit
     if device.type == "cuda":      # the joined tensors' old blocks stay cached

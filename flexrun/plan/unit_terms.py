@@ -199,10 +199,8 @@ class UnitTerms:
         exp_b, h2d, cpu, lanes = wb - dense_b, self.h2d_w, self.cpu_lane, self.p.expert_lanes
         if cpu and lanes == "cpu":      # the dense part still crosses the link
             wc, copied = max(dense_b / h2d, exp_b / cpu), dense_b / h2d
-        elif cpu and lanes == "auto" and (self.p.compress_weight or m.touched(rows) <
-                                           moe_math.STAGE_ALL * m.experts):
-            # both lanes busy until they end together (a call touching nearly every expert
-            # stages them all on the copy lane: engine/experts.py stack)
+        elif cpu and lanes == "auto" and not self._stages_all(rows):
+            # both lanes busy until they end together
             wc = copied = max(dense_b / h2d, wb / (h2d + cpu))
         else:
             wc = copied = wb / h2d
@@ -224,6 +222,16 @@ class UnitTerms:
                           + n * gemm(max(int(round(per)), 1), m.expert_params))
         terms["compute"] = add_exprs(terms["compute"], lin_expr(plain))
         return terms
+
+    def _stages_all(self, rows: int) -> bool:
+        """Whether the engine stages every expert of a GPU batch of `rows` tokens on the copy
+        lane (engine/experts.py stack): plain experts off disk on a GPU, a call expected to
+        touch STAGE_ALL of them, within the grouped GEMM's workspace."""
+        m, s = self.moe, self.spec
+        work = rows * m.top_k * (3 * s.expert_ffn_dim + 5 * s.hidden_size) * self.e
+        return (self.cuda and not self.p.compress_weight and self.p.weights_disk == 0
+                and m.touched(rows) >= moe_math.STAGE_ALL * m.experts
+                and work <= moe_math.GROUPED_MAX_BYTES)
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
         """(time of the compressed weights' math for the block, parameters left for the
