@@ -478,7 +478,7 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
     with LLM(str(d), device="cpu", policy=pol) as llm:
         outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
         lane = llm.pipeline.experts.stats
-        E, away = llm.spec.num_experts, llm.pipeline.experts.remote
+        away = llm.pipeline.experts.remote
     assert outs == ref
     assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
     if stage_all == 0.0:        # each unit copies each off-device expert once per block

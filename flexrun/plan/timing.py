@@ -82,7 +82,7 @@ def decode_rates(device: torch.device, dtype: torch.dtype, rows: tuple[int, ...]
                 fns = [lambda x, q=q: F.linear(x, q) for q in plain]
             a = torch.randn(m, s, device=device, dtype=dtype)
 
-            def run():
+            def run(fns=fns, a=a):
                 for fn in fns:
                     fn(a)
             # samples of >= 20 ms each: a shared VM's CPU-steal bursts outlast 2 ms ones (the
