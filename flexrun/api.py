@@ -20,7 +20,7 @@ from flexrun.engine.device import default_device, resolve_dtype as _resolve_dtyp
 from flexrun.engine.runstats import RunStats
 from flexrun.plan.auto import AutoPlan, default_workload, plan_for_llm
 from flexrun.plan.footprint import check_budget
-from flexrun.plan.placement import place_weights
+from flexrun.plan.placement import Placed, place_weights
 from flexrun.models.chat import chat_prompt_ids
 from flexrun.models.llama import model_for
 from flexrun.models.loader import open_checkpoint
@@ -116,14 +116,14 @@ class LLM:
                 self.disk = DiskTier(offload_dir)
             self._check_budget(prompt_len=None, gen_len=None)
             self.weights = TieredStore(self.device, self.disk, self.policy.pin_weights)
-            self._place_weights()
+            placed = self._place_weights()
             kind, extra = Pipeline, {"units": self.units}
             if self.dist is not None:
                 from flexrun.parallel.stage_pipeline import StagePipeline
                 kind, extra["comm"] = StagePipeline, self.dist.comm
             self.pipeline = kind(self.spec, model_for(self.spec), self.weights, self.policy,
                                  self.device, self.dtype, self.disk, self.tracer, **extra)
-            if self.pipeline.experts is not None and self._hot_placed:
+            if self.pipeline.experts is not None and placed.hot:
                 self.pipeline.experts.stage_all = False     # off-device experts are cold
         except BaseException:
             self.close()
@@ -192,14 +192,14 @@ class LLM:
         """flag, agreed by every rank of a torchrun launch (True if any rank says so)."""
         return flag if self.dist is None else self.dist.any(flag)
 
-    def _place_weights(self) -> None:
+    def _place_weights(self) -> Placed:
         placed = place_weights(self.ckpt, self.policy, self.weights, self.device, self.dtype,
                                self.units, self.expert_stats)
         self.stats.weights_split = placed.weights_split
-        self._hot_placed = placed.hot
         if self.policy.compress_weight:
             self.stats.weight_quant_s = placed.quant_s
             self.stats.weight_quant_cached = placed.quant_cached
+        return placed
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,

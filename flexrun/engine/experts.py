@@ -24,8 +24,8 @@ import torch
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
-from flexrun.models import moe as moe_math
-from flexrun.models.moe import ExpertGroup, add_expert_outputs, expert, weighted_expert
+from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, touches_nearly_all,
+                                weighted_expert)
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")
@@ -183,13 +183,12 @@ class TieredExperts:
         overlap the GEMMs in the per-expert path) or placed by routing counts."""
         if self.staging is None or self.lanes == "cpu" or not self.stage_all:
             return None
-        E, k = self.spec.num_experts, self.spec.experts_per_token
-        if 1 - (1 - k / E) ** tokens < moe_math.STAGE_ALL:
+        if not touches_nearly_all(self.spec, tokens):
             return None
         remote = self.remote[self._layer]
         if "disk" in remote.values():
             return None
-        fresh = [e for e in range(E) if e not in self.staging.staged]
+        fresh = [e for e in range(self.spec.num_experts) if e not in self.staging.staged]
         for e in fresh:
             if e in remote:
                 self._stage_copy(e)

@@ -135,6 +135,20 @@ def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Te
 # the cost model prices such calls on the copy lane alone)
 STAGE_ALL = 0.9
 
+def touches_nearly_all(spec: ModelSpec, rows: int) -> bool:
+    """Whether a call of `rows` tokens is expected to touch STAGE_ALL of the experts (with
+    routing spread over them: E * (1 - (1 - k/E)^rows) touched)."""
+    E, k = spec.num_experts, spec.experts_per_token
+    return 1 - (1 - k / E) ** rows >= STAGE_ALL
+
+
+def grouped_fits(spec: ModelSpec, rows: int, elem: int) -> bool:
+    """Whether a call of `rows` tokens runs its experts as grouped GEMMs over every routed
+    pair within GROUPED_MAX_BYTES of workspace (longer prefills loop over the experts)."""
+    work = rows * spec.experts_per_token * (3 * spec.expert_ffn_dim + 5 * spec.hidden_size)
+    return work * elem <= GROUPED_MAX_BYTES
+
+
 # above this much workspace (prefill) the outputs are added expert by expert: on a CPU the
 # gather costs more than the launches it saves (fp16, 1024 x 8 x 2048: 27 ms vs 7.5 ms)
 COMBINE_MAX_BYTES = 8 << 20
@@ -180,8 +194,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    small = x2.shape[0] * k * (3 * spec.expert_ffn_dim + 5 * x2.shape[1]) * x2.element_size() \
-        <= GROUPED_MAX_BYTES
+    small = grouped_fits(spec, x2.shape[0], x2.element_size())
     stacked = None
     if small and runner is None:
         stacked = stacked_experts(w, E)
