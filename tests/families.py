@@ -51,6 +51,21 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=3, head_dim=24, query_pre_attn_scalar=32, sliding_window=6,
         attn_logit_softcapping=8.0, final_logit_softcapping=2.0,
         max_position_embeddings=128)),
+    # Gemma-3: q/k norms, its global layers' rope scaled (linear) and the sliding ones' own
+    # base; every 6th layer global (llama.cpp's fixed pattern: the GGUF round trip uses this
+    # one), explicit layer types and a final soft-cap (the real models have none) on the odd
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        max_position_embeddings=128, rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma3-odd": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=24, query_pre_attn_scalar=32, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=2.0, tie_word_embeddings=False,
+        max_position_embeddings=128)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

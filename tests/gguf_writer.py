@@ -10,6 +10,8 @@ map_tensor_name uses) and tensor transformations of the converter's model class
   phi3            Phi3MiniModel: fused attn_qkv and ffn_up ([gate; up]) as HF has them, longrope
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
+  gemma3_text     Gemma3Model: TextModel keys (the global layers' rope), norms + 1, window,
+                  a final soft-cap only when the model has one
   mixtral         LlamaModel (arch llama): as llama, plus each layer's block_sparse_moe.experts.N
                   .w1 / w3 / w2 stacked as ffn_gate_exps / ffn_up_exps / ffn_down_exps, router
                   ffn_gate_inp, expert_count / expert_used_count (TextModel)
@@ -40,8 +42,9 @@ import torch
 from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
-        "phi3": A.PHI3, "gemma2": A.GEMMA2, "mixtral": A.LLAMA, "qwen2_moe": A.QWEN2MOE,
-        "qwen3_moe": A.QWEN3MOE}
+        "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "mixtral": A.LLAMA,
+        "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
+GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
 TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
          "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}
@@ -49,8 +52,8 @@ TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
 
 def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
                               tensor_type: str = "f32") -> Path:
-    """Write `hf_model` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi3 or
-    Gemma2 ForCausalLM) to `path`.
+    """Write `hf_model` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi3,
+    Gemma2 or Gemma3 ForCausalLM) to `path`.
 
     tokenizer_dir: a directory with a byte-level BPE tokenizer.json (e.g. conftest's
     make_tokenizer), embedded as llama.cpp's "gpt2" vocabulary; without it the file holds only
@@ -61,6 +64,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
         raise ValueError(f"no llama.cpp-style GGUF writer for model_type {family!r}")
     hp = cfg.to_dict()
     rope = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention", rope))     # Gemma-3: its global layers' rope
     path = Path(path)
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[ARCH[family]])
     extra = _METADATA[family](w, hp, rope)
@@ -68,7 +72,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     names = gguf.get_tensor_name_map(ARCH[family], hp["num_hidden_layers"])
     heads, kv_heads = hp["num_attention_heads"], hp["num_key_value_heads"]
     for name, t in _stack_experts(checkpoint_tensors(hf_model)):
-        if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family == "gemma2"):
+        if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
         data = t.detach().to(torch.float32).numpy()
         if family in ("llama", "mistral", "mixtral"):
@@ -76,7 +80,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
                 data = permute(data, heads)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 data = permute(data, kv_heads)
-        if family == "gemma2" and name.endswith("norm.weight"):
+        if family in GEMMAS and name.endswith("norm.weight"):
             data = data + 1
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -291,9 +295,19 @@ def _gemma2(w, hp: dict, rope: dict) -> list:
     return []
 
 
+def _gemma3(w, hp: dict, rope: dict) -> list:
+    """Gemma3Model.set_gguf_parameters: TextModel's keys, then head_dim, the global rope
+    base, a final soft-cap where there is one and the window (llama.cpp fixes the pattern)."""
+    _text_model(w, hp, rope)
+    if hp.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    w.add_sliding_window(hp["sliding_window"])
+    return []
+
+
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
-             "phi3": _phi3, "gemma2": _gemma2, "mixtral": _llama, "qwen2_moe": _qwen_moe,
-             "qwen3_moe": _qwen_moe}
+             "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "mixtral": _llama,
+             "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 
 
 # ---- vocabulary -----------------------------------------------------------------------------

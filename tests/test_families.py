@@ -59,6 +59,46 @@ def test_prompt_logits_match_transformers(family):
         assert rel < 1e-4, (name, rel)
 
 
+@pytest.mark.parametrize("naming", ["hub", "state_dict"])
+def test_gemma3_multimodal_checkpoint_runs_its_decoder(naming, tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (the 4B / 12B / 27B on the Hub): its text
+    decoder runs from text_config, the vision tower is left out; the tensor names as the Hub
+    files have them (language_model.model.*) and as transformers 5 holds them in memory
+    (model.language_model.*) give transformers' greedy tokens."""
+    import transformers
+    from safetensors.torch import save_file
+    from conftest import make_tokenizer
+    from families import COMMON
+    text = dict(COMMON, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                query_pre_attn_scalar=16, sliding_window=6, sliding_window_pattern=2,
+                max_position_embeddings=128)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                    mm_tokens_per_image=4)
+    torch.manual_seed(3)
+    m = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    m.save_pretrained(str(tmp_path), safe_serialization=True)
+    if naming == "state_dict":
+        (tmp_path / "model.safetensors").unlink()
+        sd = {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+        assert any(k.startswith("model.language_model.") for k in sd)
+        save_file(sd, str(tmp_path / "model.safetensors"))
+    make_tokenizer(tmp_path)
+    prompts = ragged_prompts(4, seed=5)
+    ref = hf_greedy(tmp_path, prompts, 12)
+    with LLM(str(tmp_path), device="cpu", policy=Policy(gpu_batch_size=2,
+                                                         num_gpu_batches=2)) as llm:
+        assert llm.spec.family == "gemma3" and llm.spec.num_layers == 3
+        outs = llm.generate(prompts, max_new_tokens=12, sampling=GREEDY)
+    assert [o.output_ids for o in outs] == ref
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
     import json
     from flexrun import FlexrunError
@@ -68,7 +108,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         LLM(str(tmp_path), device="cpu")
 
 
-@pytest.mark.parametrize("name", ["gemma2-odd", "qwen3", "phi3", "qwen3_moe-odd"])
+@pytest.mark.parametrize("name", ["gemma2-odd", "gemma3-odd", "qwen3", "phi3", "qwen3_moe-odd"])
 def test_pipeline_stages_match_one_process(name, tmp_path):
     """Two stages (gloo, one process each) give the single process's tokens."""
     d = save_family(name, tmp_path / name)
@@ -81,7 +121,8 @@ def test_pipeline_stages_match_one_process(name, tmp_path):
     assert [o.output_ids for o in outs] == ref
 
 
-@pytest.mark.parametrize("name", ["gemma2", "qwen2-odd", "phi3-odd", "mistral", "qwen2_moe-odd"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2-odd", "phi3-odd", "mistral",
+                                  "qwen2_moe-odd"])
 def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     """4-bit weights and KV on the disk / CPU tiers run for every family; the compressed run
     keeps most greedy tokens of the plain one (compression changes the math)."""
@@ -101,6 +142,7 @@ def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
 
 PRESETS = {"qwen2.5-72b": (72.7e9, "qwen2"), "qwen3-32b": (32.8e9, "qwen3"),
            "phi3-medium": (14.0e9, "phi3"), "gemma2-27b": (27.2e9, "gemma2"),
+           "gemma3-12b": (11.77e9, "gemma3"), "gemma3-27b": (27.01e9, "gemma3"),
            "mistral-7b": (7.24e9, "mistral"), "mixtral-8x7b": (46.7e9, "mixtral"),
            "mixtral-8x22b": (141e9, "mixtral"), "qwen3-30b-a3b": (30.5e9, "qwen3_moe"),
            "qwen2-57b-a14b": (57e9, "qwen2_moe")}
@@ -126,8 +168,8 @@ def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
     assert int(weights[2].rstrip(",")) > 0 and "predicted:" in out
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "mistral",
-                                  "mixtral-odd", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "gemma3",
+                                  "mistral", "mixtral-odd", "qwen2_moe", "qwen3_moe"])
 def test_gguf_round_trip_same_tokens(name, tmp_path):
     """The random model written as llama.cpp's converter writes it (q/k permutation where it
     permutes, Gemma norms +1, Phi-3's fused tensors and rope factors, stacked experts, ...),

@@ -66,6 +66,22 @@ CASES = {
                                                 num_hidden_layers=46, head_dim=16,
                                                 query_pre_attn_scalar=8, sliding_window=16), "f32",
                            ["query_pre_attn_scalar"]),
+    # Gemma-3: llama.cpp makes every 6th layer global (7 layers: one), the sliding layers'
+    # rope base 10000; the global rope scaled (linear) on one case, a final cap on the other
+    "gemma3": ("Gemma3TextConfig", dict(SMALL, num_hidden_layers=7, head_dim=32,
+                                        query_pre_attn_scalar=32, sliding_window=16,
+                                        rope_parameters={
+                                            "full_attention": {"rope_type": "linear",
+                                                               "factor": 4.0, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 1e4}}), "f32",
+               ["query_pre_attn_scalar", "sliding_window", "layer_types",
+                "final_logit_softcapping", "hidden_activation"]),
+    "gemma3-odd-f16-cap": ("Gemma3TextConfig", dict(ODD, num_hidden_layers=6, head_dim=24,
+                                                    query_pre_attn_scalar=24, sliding_window=24,
+                                                    final_logit_softcapping=10.0), "f16",
+                           ["query_pre_attn_scalar", "sliding_window", "layer_types",
+                            "final_logit_softcapping"]),
 }
 # mixtures of experts: id -> (config class, kwargs, tensor type, keys to compare)
 MOE_CASES = {
@@ -91,7 +107,8 @@ MOE_CASES = {
 }
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+            "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMMON = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
@@ -146,7 +163,8 @@ def test_family_roundtrip(tmp_path, case):
     assert cfg["head_dim"] == getattr(hf, "head_dim", None) or hf.hidden_size // \
         hf.num_attention_heads
     assert cfg["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps, rel=1e-6)
-    assert cfg["rope_theta"] == hf.rope_parameters["rope_theta"]
+    rope = hf.rope_parameters.get("full_attention", hf.rope_parameters)   # Gemma-3: global
+    assert cfg["rope_theta"] == rope["rope_theta"]
 
     sd = model.state_dict()
     want = {n: stored_value(t.numpy(), ttype) for n, t in sd.items()

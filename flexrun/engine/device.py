@@ -5,7 +5,7 @@ import torch
 
 from flexrun.config import FlexrunError
 
-BF16_FAMILIES = ("gemma2",)     # their activations overflow fp16 on real checkpoints
+BF16_FAMILIES = ("gemma2", "gemma3")   # their activations overflow fp16 on real checkpoints
 
 
 def default_device() -> str:

@@ -62,7 +62,7 @@ def static_layer(model, w: dict, h: torch.Tensor, s: StepInputs, K: torch.Tensor
                  ) -> torch.Tensor:
     """One decoder layer's decode step with shapes that do not depend on the step: k/v are
     written at cache index s.t of the batch-major slot (K, V: (b, kv_heads, T, hd))."""
-    q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, s.pos))
+    q, k, v = (x.transpose(1, 2) for x in model.pre_attn(w, h, s.pos, layer))
     K.index_copy_(2, s.t, k)
     V.index_copy_(2, s.t, v)
     return model.post_attn(w, h, attend_range(q, K, V, s.start, s.t, opts), layer=layer)

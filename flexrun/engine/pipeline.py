@@ -186,7 +186,8 @@ class Pipeline(HostTransfers, StepInputs):
     def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
-        q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos))  # (b, heads, s, hd)
+        # q, k, v: (b, heads, s, hd)
+        q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos, layer))
         opts = self.spec.attention(layer)
         win = opts.window
         rows, total = b.ids.shape[0], b.valid.shape[1]

@@ -80,7 +80,7 @@ def _layer(spec, model, w: dict, h: torch.Tensor, pos: torch.Tensor, j: int, rec
     local = {n[len(prefix):]: t for n, t in w.items()}
     rec.names = {t.data_ptr(): n for n, t in w.items() if compressible(n, t.shape)}
     with torch.no_grad(), rec:
-        q, k, v = (x.transpose(1, 2) for x in model.pre_attn(local, h, pos))
+        q, k, v = (x.transpose(1, 2) for x in model.pre_attn(local, h, pos, j))
         opts = spec.attention(j)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=opts.scale,
                                            enable_gqa=k.shape[1] != q.shape[1])

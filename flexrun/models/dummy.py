@@ -63,6 +63,18 @@ _FAMILIES = {
                    "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                    "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
                    "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1},
+    # Gemma-3 text decoders (the multimodal checkpoints' language models): 5 sliding layers of
+    # 1024 positions per global one, global rope 1e6 scaled by 8 (linear), local rope 1e4
+    "gemma3-12b": {"model_type": "gemma3_text", "hidden_size": 3840, "num_hidden_layers": 48,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+                   "intermediate_size": 15360, "vocab_size": 262208, "sliding_window": 1024,
+                   "query_pre_attn_scalar": 256, "rope_theta": 1e6,
+                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    "gemma3-27b": {"model_type": "gemma3_text", "hidden_size": 5376, "num_hidden_layers": 62,
+                   "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+                   "intermediate_size": 21504, "vocab_size": 262208, "sliding_window": 1024,
+                   "query_pre_attn_scalar": 168, "rope_theta": 1e6,
+                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
     "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8,
                    "intermediate_size": 14336, "vocab_size": 32000, "rope_theta": 10000.0,

@@ -51,6 +51,7 @@ PHI3_LAYERS = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
 GEMMA2_LAYERS = {**_ATTN_MLP, "post_attention_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm",
                  "post_ffw_norm": "post_feedforward_layernorm"}
+GEMMA3_LAYERS = {**GEMMA2_LAYERS, **_QK_NORMS}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -176,8 +177,28 @@ def _gemma2(m, cfg: dict) -> None:
                tie_word_embeddings=True)   # llama.cpp always reads the head from token_embd
 
 
+def _gemma3(m, cfg: dict) -> None:
+    """Gemma3Model.set_gguf_parameters writes TextModel's keys (rope.freq_base of the global
+    layers, their linear rope scaling), key_length = head_dim, attention.sliding_window and a
+    final soft-cap only where the model has one. llama-model.cpp (LLM_ARCH_GEMMA3) fixes the
+    rest: every 6th layer global (set_swa_pattern(6)), the sliding layers' rope base 10000
+    unscaled, queries scaled as for Gemma-2 with the 62-layer 27B at n_embd / n_head."""
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    pattern = int(m("attention.sliding_window_pattern", 6) or 6)
+    cfg.update(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh",
+               attention_bias=False, tie_word_embeddings=True,
+               query_pre_attn_scalar=cfg["hidden_size"] // heads if layers == 62
+               else cfg["head_dim"],
+               sliding_window=int(m("attention.sliding_window", 4096)),
+               layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention"
+                            for i in range(layers)],
+               rope_local_base_freq=10000.0, attn_logit_softcapping=None)
+    cap = m("final_logit_softcapping")
+    cfg["final_logit_softcapping"] = None if cap is None else float(cap)
+
+
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
-# hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3 and GEMMA2 are
+# hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3, GEMMA2 and GEMMA3 are
 # LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
 # (QWEN2MOE and QWEN3MOE too).
 ARCHS = {
@@ -193,6 +214,10 @@ ARCHS = {
     # GemmaModel / Gemma2Model.modify_tensors: `if name.endswith("norm.weight"): data + 1`
     "gemma2": GGUFArch("Gemma2ForCausalLM", "gemma2", GEMMA2_LAYERS, norm_shift=1.0,
                        extra=_gemma2),
+    # Gemma3Model.modify_tensors: norms + 1 too (norm_shift), token_embd cut to the tokenizer's
+    # real vocabulary (vocab_size reads its rows)
+    "gemma3": GGUFArch("Gemma3ForCausalLM", "gemma3_text", GEMMA3_LAYERS, norm_shift=1.0,
+                       extra=_gemma3),
 }
 
 
@@ -200,5 +225,5 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2)")
+                         "Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]

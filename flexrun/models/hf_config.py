@@ -30,6 +30,53 @@ def rope_params(cfg: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+# Gemma3TextConfig's defaults: Hub configs of the multimodal 4B / 12B / 27B leave most out
+_GEMMA3_TEXT = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                    head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                    max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0,
+                    eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
+                    query_pre_attn_scalar=256, sliding_window=4096)
+
+
+def gemma3_text_config(cfg: dict) -> dict:
+    """A Gemma-3 config (text-only `gemma3_text`, or the multimodal `gemma3` whose decoder is
+    its text_config) with Gemma3TextConfig's defaults filled in; the vision tower is not run."""
+    if cfg.get("model_type") == "gemma3":
+        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
+        cfg = {**top, **(cfg.get("text_config") or {}), "model_type": "gemma3_text"}
+    if cfg.get("use_bidirectional_attention"):
+        raise FlexrunError("Gemma-3 with use_bidirectional_attention (an embedding model) is "
+                           "not a generator: flexrun runs causal decoders only")
+    return {**_GEMMA3_TEXT, **cfg}
+
+
+def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
+    """(global theta, global rope_scaling, local theta) of a Gemma-3 config: transformers 5's
+    rope_parameters per layer type, or 4.x's rope_theta / rope_scaling / rope_local_base_freq."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:
+        theta, scaling = rope_params({"rope_parameters": params["full_attention"]})
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise FlexrunError("Gemma-3 with a scaled rope on its sliding layers is not supported")
+        return theta, scaling, float(local.get("rope_theta", 10_000.0))
+    theta, scaling = rope_params({**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)})
+    return theta, scaling, float(cfg.get("rope_local_base_freq", 10_000.0))
+
+
+def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
+    """The layers of type sliding_attention (layer_types, or Gemma-3's pattern), None when
+    the config names no types."""
+    n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if types:
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if mt == "gemma3_text":             # every sliding_window_pattern-th layer is global
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        return tuple(i for i in range(n) if (i + 1) % pattern)
+    return None
+
+
 def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, the layers it applies to; None: all) as transformers reads them."""
     n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
@@ -38,9 +85,8 @@ def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | 
         return None, None
     if not window or mt in ("llama", "opt"):
         return None, None
-    types = cfg.get("layer_types")
-    if types:
-        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    layers = _sliding_types(cfg, mt)
+    if layers is not None:
         return (int(window), layers) if layers else (None, None)
     if mt == "gemma2":                  # even layers slide (Gemma2DecoderLayer before layer_types)
         return int(window), tuple(range(0, n, 2))
@@ -104,13 +150,18 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
+    gemma3 = mt in ("gemma3", "gemma3_text")
+    if gemma3:
+        cfg, mt = gemma3_text_config(cfg), "gemma3_text"
+        theta, scaling, local_theta = _gemma3_rope(cfg)
+    else:
+        (theta, scaling), local_theta = rope_params(cfg), None
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    theta, scaling = rope_params(cfg)
     window, layers = _windowed_layers(cfg, mt)
-    gemma = mt == "gemma2"
+    gemma = mt in ("gemma2", "gemma3_text")
     return ModelSpec(
-        arch="llama", family=mt, vocab_size=cfg["vocab_size"], hidden_size=h,
-        num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        arch="llama", family="gemma3" if gemma3 else mt, vocab_size=cfg["vocab_size"],
+        hidden_size=h, num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or h // heads, ffn_dim=cfg["intermediate_size"],
         max_positions=cfg.get("max_position_embeddings", 4096),
@@ -119,12 +170,13 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
-        qk_norm=mt in ("qwen3", "qwen3_moe"), mlp_act=_act(cfg),
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"), mlp_act=_act(cfg),
         norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma, embed_scale=gemma,
         query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
         final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
-        sliding_window=window, window_layers=layers,
+        sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
+        local_rope_layers=(_sliding_types(cfg, mt) or ()) if gemma3 else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name, **_moe(cfg, mt))
 

@@ -1,9 +1,11 @@
 """Llama-style decoders as functions of handed-in weights: Llama 2/3, Mistral, Qwen2/2.5,
-Qwen3, Phi-3, Gemma-2, Mixtral, Qwen2-MoE and Qwen3-MoE are one decoder with flags (ModelSpec):
-RMSNorm (Gemma: 1 + weight), RoPE (rope.py), GQA with optional q/k/v biases and per-head q/k
-norms, a gated MLP (SiLU or tanh-GELU) or a mixture of experts (moe.py), Gemma-2's sandwich
-norms, scaled embeddings and final logit soft-capping."""
+Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen2-MoE and Qwen3-MoE are one decoder with flags
+(ModelSpec): RMSNorm (Gemma: 1 + weight), RoPE (rope.py; Gemma-3's sliding layers their own),
+GQA with optional q/k/v biases and per-head q/k norms, a gated MLP (SiLU or tanh-GELU) or a
+mixture of experts (moe.py), Gemma's sandwich norms, scaled embeddings and logit soft-capping."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ class LlamaModel:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.rope = Rope(spec)
+        self.local_rope = None if spec.local_rope_theta is None else Rope(dataclasses.replace(
+            spec, rope_theta=spec.local_rope_theta, rope_scaling=None))
         self.moe_stats = MoEStats(spec.routing, spec.num_layers) if spec.num_experts else None
         E = spec.num_experts
         self.JOINED = self.JOINED + tuple((f"experts.{e}.gate", f"experts.{e}.up")
@@ -52,7 +56,9 @@ class LlamaModel:
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=dtype)
         return x
 
-    def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor):
+    def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor,
+                 layer: int | None = None):
+        """Normed input -> q, k, v (b, s, heads, hd), rotated for decoder layer `layer`."""
         s = self.spec
         x = self._norm(h, w["attn_norm.weight"])
         q, k, v = linear_rows(x, [w["q.weight"], w["k.weight"], w["v.weight"]],
@@ -60,9 +66,9 @@ class LlamaModel:
         q, k, v = (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
                    split_heads(v, s.num_kv_heads))
         if s.qk_norm:
-            q, k = rms_norm(q, w["q_norm.weight"], s.norm_eps), rms_norm(k, w["k_norm.weight"],
-                                                                       s.norm_eps)
-        cos, sin = self.rope.cos_sin(positions, h.dtype)
+            q, k = self._norm(q, w["q_norm.weight"]), self._norm(k, w["k_norm.weight"])
+        rope = self.local_rope if s.uses_local_rope(layer) else self.rope
+        cos, sin = rope.cos_sin(positions, h.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None,

@@ -34,13 +34,17 @@ _OPT_TOP = {"decoder.embed_tokens.weight": "embed.tokens",
             "decoder.final_layer_norm.bias": "head.norm.bias"}
 _LLAMA_TOP = {"embed_tokens.weight": "embed.tokens", "norm.weight": "head.norm.weight"}
 _QK_NORMS = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
+_SANDWICH = {"post_attention_layernorm": "post_attn_norm",
+             "pre_feedforward_layernorm": "mlp_norm",
+             "post_feedforward_layernorm": "post_mlp_norm"}
 _FAMILY_LAYER = {   # what a family names otherwise than Llama
     "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
-    "gemma2": {"post_attention_layernorm": "post_attn_norm",
-               "pre_feedforward_layernorm": "mlp_norm",
-               "post_feedforward_layernorm": "post_mlp_norm"},
+    "gemma2": _SANDWICH, "gemma3": {**_SANDWICH, **_QK_NORMS},
 }
+# the decoder of a multimodal Gemma-3 checkpoint (Gemma3ForConditionalGeneration): Hub files
+# (transformers 4.x) and transformers 5's save_pretrained; its vision tower is left out
+_LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
 _LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 # mixture of experts: Mixtral's block_sparse_moe (w1 gate, w3 up, w2 down) and Qwen's mlp
 # names, as Hub checkpoints and transformers 5's save_pretrained write them
@@ -62,9 +66,10 @@ _FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_mo
 def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
     """Map an HF state-dict key to flexrun's canonical name (None: not a model weight).
     Phi-3's fused qkv / gate_up come out as "qkv" / "gate_up" (split_fused divides them)."""
-    if hf_name == "lm_head.weight":
+    if hf_name in ("lm_head.weight", "language_model.lm_head.weight"):
         return "head.lm_head"
-    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    prefix = next((p for p in _LANGUAGE_MODEL if hf_name.startswith(p)), "model.")
+    name = hf_name[len(prefix):] if hf_name.startswith(prefix) else hf_name
     top = _OPT_TOP if spec.arch == "opt" else _LLAMA_TOP
     if name in top:
         return top[name]

@@ -24,7 +24,8 @@ class OPTModel:
         pos = dense(w["embed.positions"])[positions + POSITION_OFFSET].to(dtype)
         return x + pos
 
-    def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor):
+    def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor,
+                 layer: int | None = None):
         s = self.spec
         x = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps) \
             if s.do_layer_norm_before else h

@@ -12,8 +12,8 @@ from flexrun.config import FlexrunError
 
 # HF model_type values each math runs (README: supported architectures)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-            "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "mixtral": "llama",
-            "qwen2_moe": "llama", "qwen3_moe": "llama"}
+            "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
+            "gemma3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral: softmax over the top-k logits
            "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -53,7 +53,7 @@ class ModelSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
-    family: str = ""              # HF model_type (FAMILIES)
+    family: str = ""              # HF model_type (FAMILIES; Gemma-3 text or multimodal: gemma3)
     qkv_bias: bool = False        # q/k/v biases without an o bias (Qwen2)
     qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (Qwen3)
     norm_offset: float = 0.0      # RMSNorm scales by (offset + weight) in fp32 (Gemma: 1)
@@ -65,6 +65,9 @@ class ModelSpec:
     final_softcap: float | None = None   # final logit soft-capping (Gemma-2)
     sliding_window: int | None = None    # attention window of the windowed layers
     window_layers: tuple[int, ...] | None = None   # the windowed layers (None: every layer)
+    # Gemma-3: the sliding-attention layers rotate by a RoPE of their own base, unscaled
+    local_rope_theta: float | None = None
+    local_rope_layers: tuple[int, ...] = ()
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
     num_experts: int = 0
     experts_per_token: int = 0    # top-k
@@ -103,6 +106,10 @@ class ModelSpec:
             self.window_layers is None or layer in self.window_layers)
         return AttentionOptions(self.query_scale, self.attn_softcap,
                                 self.sliding_window if windowed else None)
+
+    def uses_local_rope(self, layer: int | None) -> bool:
+        """Whether decoder layer `layer` rotates by the local RoPE (local_rope_theta)."""
+        return self.local_rope_theta is not None and layer in self.local_rope_layers
 
     def is_moe(self, layer: int) -> bool:
         """Whether decoder layer `layer` (0-based) has a mixture-of-experts MLP."""
