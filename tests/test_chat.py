@@ -45,6 +45,12 @@ FAMILIES = {
         names={"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
                "pad_token": "<pad>"},
         special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]),
+    # a system message goes before the first user turn; content parts are iterated (openai)
+    "gemma-3-it": dict(
+        names={"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+               "pad_token": "<pad>"},
+        special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                 "<start_of_image>"], format="openai"),
     "smollm2-135m-instruct": dict(
         names={"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
                "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"},
@@ -136,16 +142,18 @@ def test_matches_transformers(families, name):
     conversation, with and without the generation prompt."""
     template, tok, hf = families[name]
     assert hf.special_tokens_map == FAMILIES[name]["names"]
+    fmt = FAMILIES[name].get("format", "string")
+    assert content_format(template) == fmt
     for label, conv, agp in _cases(name):
-        want = hf.apply_chat_template(_for_hf(conv), tokenize=False, add_generation_prompt=agp)
+        hf_conv = _for_hf(conv) if fmt == "string" else conv   # flexrun joins the parts
+        want = hf.apply_chat_template(hf_conv, tokenize=False, add_generation_prompt=agp)
         got = render_chat(template, conv, add_generation_prompt=agp,
                           special_tokens=FAMILIES[name]["names"])
         assert got == want, (name, label, agp)
-        want_ids = hf.apply_chat_template(_for_hf(conv), tokenize=True, return_dict=False,
+        want_ids = hf.apply_chat_template(hf_conv, tokenize=True, return_dict=False,
                                           add_generation_prompt=agp)
         assert chat_ids(tok, got) == want_ids, (name, label, agp)
         assert chat_ids(tok, got) != tok.encode(got).ids     # the BPE's own BOS is left out
-    assert content_format(template) == "string"
 
 
 def test_generation_prompt_default_true(families):
