@@ -66,6 +66,16 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         final_logit_softcapping=2.0, tie_word_embeddings=False,
         max_position_embeddings=128)),
+    # SmolLM3: no RoPE on every 4th layer (or as no_rope_layers says); the odd shape slides
+    # its NoPE layers (use_sliding_window)
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=2e6,
+        max_position_embeddings=128)),
+    "smollm3-odd": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=3, no_rope_layers=[1, 0, 1], use_sliding_window=True,
+        sliding_window=6, tie_word_embeddings=False, max_position_embeddings=128)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

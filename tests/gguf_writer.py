@@ -10,6 +10,7 @@ map_tensor_name uses) and tensor transformations of the converter's model class
   phi3            Phi3MiniModel: fused attn_qkv and ffn_up ([gate; up]) as HF has them, longrope
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
+  smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
   gemma3_text     Gemma3Model: TextModel keys (the global layers' rope), norms + 1, window,
                   a final soft-cap only when the model has one
   mixtral         LlamaModel (arch llama): as llama, plus each layer's block_sparse_moe.experts.N
@@ -42,7 +43,8 @@ import torch
 from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
-        "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "mixtral": A.LLAMA,
+        "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
+        "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -53,7 +55,7 @@ TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
 def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
                               tensor_type: str = "f32") -> Path:
     """Write `hf_model` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi3,
-    Gemma2 or Gemma3 ForCausalLM) to `path`.
+    Gemma2, Gemma3 or SmolLM3 ForCausalLM) to `path`.
 
     tokenizer_dir: a directory with a byte-level BPE tokenizer.json (e.g. conftest's
     make_tokenizer), embedded as llama.cpp's "gpt2" vocabulary; without it the file holds only
@@ -75,7 +77,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
         data = t.detach().to(torch.float32).numpy()
-        if family in ("llama", "mistral", "mixtral"):
+        if family in ("llama", "mistral", "mixtral", "smollm3"):
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = permute(data, heads)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -306,7 +308,8 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 
 
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
-             "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "mixtral": _llama,
+             "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
+             "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 
 

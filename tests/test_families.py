@@ -143,6 +143,7 @@ def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
 PRESETS = {"qwen2.5-72b": (72.7e9, "qwen2"), "qwen3-32b": (32.8e9, "qwen3"),
            "phi3-medium": (14.0e9, "phi3"), "gemma2-27b": (27.2e9, "gemma2"),
            "gemma3-12b": (11.77e9, "gemma3"), "gemma3-27b": (27.01e9, "gemma3"),
+           "smollm3-3b": (3.075e9, "smollm3"),
            "mistral-7b": (7.24e9, "mistral"), "mixtral-8x7b": (46.7e9, "mixtral"),
            "mixtral-8x22b": (141e9, "mixtral"), "qwen3-30b-a3b": (30.5e9, "qwen3_moe"),
            "qwen2-57b-a14b": (57e9, "qwen2_moe")}
@@ -169,7 +170,8 @@ def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "gemma3",
-                                  "mistral", "mixtral-odd", "qwen2_moe", "qwen3_moe"])
+                                  "smollm3", "mistral", "mixtral-odd", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_gguf_round_trip_same_tokens(name, tmp_path):
     """The random model written as llama.cpp's converter writes it (q/k permutation where it
     permutes, Gemma norms +1, Phi-3's fused tensors and rope factors, stacked experts, ...),

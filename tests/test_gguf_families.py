@@ -66,6 +66,10 @@ CASES = {
                                                 num_hidden_layers=46, head_dim=16,
                                                 query_pre_attn_scalar=8, sliding_window=16), "f32",
                            ["query_pre_attn_scalar"]),
+    # SmolLM3: llama.cpp skips RoPE on every 4th layer (5 layers: one NoPE layer)
+    "smollm3": ("SmolLM3Config", dict(SMALL, num_hidden_layers=5, tie_word_embeddings=False,
+                                      rope_theta=2e6), "f32",
+                ["no_rope_layer_interval", "attention_bias", "use_sliding_window"]),
     # Gemma-3: llama.cpp makes every 6th layer global (7 layers: one), the sliding layers'
     # rope base 10000; the global rope scaled (linear) on one case, a final cap on the other
     "gemma3": ("Gemma3TextConfig", dict(SMALL, num_hidden_layers=7, head_dim=32,
@@ -108,6 +112,7 @@ MOE_CASES = {
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
             "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+            "smollm3": "SmolLM3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMMON = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

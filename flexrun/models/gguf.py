@@ -1,7 +1,7 @@
 """Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
-Architectures llama (Llama, Mistral, Mixtral, SmolLM), qwen2, qwen3, qwen2moe, qwen3moe, phi3,
-gemma2 and gemma3; what differs between them is in gguf_arch.py. Only gguf, numpy, torch and
+Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, qwen2, qwen3, qwen2moe, qwen3moe,
+phi3, gemma2 and gemma3; what differs between them is in gguf_arch.py. Only gguf, numpy, torch and
 tokenizers are used. Tensors are memory-mapped by gguf.GGUFReader and dequantized one at a time
 (stacked experts one expert at a time), so the model is never held twice.
 """
@@ -86,8 +86,8 @@ def _architecture(r) -> tuple[str, GGUFArch]:
 
 def gguf_config(path: PathLike) -> dict:
     """The HF config.json dict (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
-    Qwen3Config, Qwen2MoeConfig, Qwen3MoeConfig, Phi3Config, Gemma2Config or Gemma3TextConfig
-    style) built from the GGUF metadata."""
+    Qwen3Config, Qwen2MoeConfig, Qwen3MoeConfig, Phi3Config, Gemma2Config, Gemma3TextConfig or
+    SmolLM3Config style) built from the GGUF metadata."""
     r = _reader(path)
     name, fam = _architecture(r)
     key = _Meta(r, name)

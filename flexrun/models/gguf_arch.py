@@ -197,6 +197,14 @@ def _gemma3(m, cfg: dict) -> None:
     cfg["final_logit_softcapping"] = None if cap is None else float(cap)
 
 
+def _smollm3(m, cfg: dict) -> None:
+    """SmolLM3Model is LlamaModel under its own name (q/k permuted, no extra keys); llama.cpp
+    skips RoPE on every 4th layer (n_no_rope_layer_step, read from no key) and runs no window."""
+    cfg.update(hidden_act="silu", attention_bias="blk.0.attn_q.bias" in m.names,
+               mlp_bias="blk.0.ffn_up.bias" in m.names, no_rope_layer_interval=4,
+               use_sliding_window=False)
+
+
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
 # hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3, GEMMA2 and GEMMA3 are
 # LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
@@ -204,6 +212,8 @@ def _gemma3(m, cfg: dict) -> None:
 ARCHS = {
     "llama": GGUFArch("LlamaForCausalLM", "llama", LLAMA_LAYERS, permute_qk=True,
                       head_dim_from_rope=True, extra=_llama),
+    "smollm3": GGUFArch("SmolLM3ForCausalLM", "smollm3", DENSE_LAYERS, permute_qk=True,
+                        extra=_smollm3),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
     "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "qwen2_moe", QWEN2_MOE_LAYERS,
@@ -225,5 +235,6 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2, Gemma-3)")
+                         "SmolLM3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2, "
+                         "Gemma-3)")
     return ARCHS[name]

@@ -74,13 +74,25 @@ def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
     if mt == "gemma3_text":             # every sliding_window_pattern-th layer is global
         pattern = int(cfg.get("sliding_window_pattern") or 6)
         return tuple(i for i in range(n) if (i + 1) % pattern)
+    if mt == "smollm3":                 # SmolLM3Config: its NoPE layers slide
+        return _nope_layers(cfg)
     return None
+
+
+def _nope_layers(cfg: dict) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: no_rope_layers (1: rotated), else every
+    no_rope_layer_interval-th layer."""
+    n, flags = cfg["num_hidden_layers"], cfg.get("no_rope_layers")
+    if flags is None:
+        every = int(cfg.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    return tuple(i for i, rotated in enumerate(flags) if not rotated)
 
 
 def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, the layers it applies to; None: all) as transformers reads them."""
     n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
-    qwen = mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    qwen = mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "smollm3")
     if qwen and not cfg.get("use_sliding_window", False):
         return None, None
     if not window or mt in ("llama", "opt"):
@@ -177,6 +189,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
         local_rope_layers=(_sliding_types(cfg, mt) or ()) if gemma3 else (),
+        nope_layers=_nope_layers(cfg) if mt == "smollm3" else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name, **_moe(cfg, mt))
 

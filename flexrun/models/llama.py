@@ -1,8 +1,9 @@
 """Llama-style decoders as functions of handed-in weights: Llama 2/3, Mistral, Qwen2/2.5,
-Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen2-MoE and Qwen3-MoE are one decoder with flags
-(ModelSpec): RMSNorm (Gemma: 1 + weight), RoPE (rope.py; Gemma-3's sliding layers their own),
-GQA with optional q/k/v biases and per-head q/k norms, a gated MLP (SiLU or tanh-GELU) or a
-mixture of experts (moe.py), Gemma's sandwich norms, scaled embeddings and logit soft-capping."""
+Qwen3, Phi-3, Gemma-2, Gemma-3, SmolLM3, Mixtral, Qwen2-MoE and Qwen3-MoE are one decoder with
+flags (ModelSpec): RMSNorm (Gemma: 1 + weight), RoPE (rope.py; Gemma-3's sliding layers their
+own, SmolLM3's NoPE layers none), GQA with optional q/k/v biases and per-head q/k norms, a
+gated MLP (SiLU or tanh-GELU) or a mixture of experts (moe.py), Gemma's sandwich norms, scaled
+embeddings and logit soft-capping."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +68,8 @@ class LlamaModel:
                    split_heads(v, s.num_kv_heads))
         if s.qk_norm:
             q, k = self._norm(q, w["q_norm.weight"]), self._norm(k, w["k_norm.weight"])
+        if layer in s.nope_layers:
+            return q, k, v
         rope = self.local_rope if s.uses_local_rope(layer) else self.rope
         cos, sin = rope.cos_sin(positions, h.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

@@ -13,7 +13,8 @@ from flexrun.config import FlexrunError
 # HF model_type values each math runs (README: supported architectures)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
-            "gemma3": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama"}
+            "gemma3": "llama", "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama",
+            "qwen3_moe": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral: softmax over the top-k logits
            "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -68,6 +69,7 @@ class ModelSpec:
     # Gemma-3: the sliding-attention layers rotate by a RoPE of their own base, unscaled
     local_rope_theta: float | None = None
     local_rope_layers: tuple[int, ...] = ()
+    nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
     num_experts: int = 0
     experts_per_token: int = 0    # top-k
