@@ -76,6 +76,19 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         hidden_size=72, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
         num_key_value_heads=3, no_rope_layers=[1, 0, 1], use_sliding_window=True,
         sliding_window=6, tie_word_embeddings=False, max_position_embeddings=128)),
+    # OLMo-2: no pre-norms, norms after attention and after the MLP, q/k norms over all heads;
+    # OLMo-3 adds a window on 3 of 4 layers, their rope apart from the global layers'
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, rope_theta=5e5,
+        max_position_embeddings=128)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=5, num_attention_heads=6,
+        num_key_value_heads=3, sliding_window=6, tie_word_embeddings=True,
+        max_position_embeddings=128, rope_parameters={
+            "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
+                               "original_max_position_embeddings": 32},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

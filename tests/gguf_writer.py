@@ -11,6 +11,8 @@ map_tensor_name uses) and tensor transformations of the converter's model class
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
   smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
+  olmo2, olmo3    Olmo2Model (arch olmo2): TextModel keys, OLMo-3's window and per-layer
+                  sliding_window_pattern
   gemma3_text     Gemma3Model: TextModel keys (the global layers' rope), norms + 1, window,
                   a final soft-cap only when the model has one
   mixtral         LlamaModel (arch llama): as llama, plus each layer's block_sparse_moe.experts.N
@@ -44,7 +46,7 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
-        "mixtral": A.LLAMA,
+        "olmo2": A.OLMO2, "olmo3": A.OLMO2, "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -55,7 +57,7 @@ TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
 def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
                               tensor_type: str = "f32") -> Path:
     """Write `hf_model` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi3,
-    Gemma2, Gemma3 or SmolLM3 ForCausalLM) to `path`.
+    Gemma2, Gemma3, SmolLM3, Olmo2 or Olmo3 ForCausalLM) to `path`.
 
     tokenizer_dir: a directory with a byte-level BPE tokenizer.json (e.g. conftest's
     make_tokenizer), embedded as llama.cpp's "gpt2" vocabulary; without it the file holds only
@@ -297,6 +299,16 @@ def _gemma2(w, hp: dict, rope: dict) -> list:
     return []
 
 
+def _olmo2(w, hp: dict, rope: dict) -> list:
+    """Olmo2Model.set_gguf_parameters (OLMo-2 and OLMo-3): TextModel's keys, and for OLMo-3
+    the window with a per-layer sliding_window_pattern."""
+    _text_model(w, hp, rope)
+    if hp.get("sliding_window"):
+        w.add_sliding_window(hp["sliding_window"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in hp["layer_types"]])
+    return []
+
+
 def _gemma3(w, hp: dict, rope: dict) -> list:
     """Gemma3Model.set_gguf_parameters: TextModel's keys, then head_dim, the global rope
     base, a final soft-cap where there is one and the window (llama.cpp fixes the pattern)."""
@@ -309,6 +321,7 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
+             "olmo2": _olmo2, "olmo3": _olmo2,
              "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 

@@ -70,6 +70,15 @@ CASES = {
     "smollm3": ("SmolLM3Config", dict(SMALL, num_hidden_layers=5, tie_word_embeddings=False,
                                       rope_theta=2e6), "f32",
                 ["no_rope_layer_interval", "attention_bias", "use_sliding_window"]),
+    # OLMo-2 (no pre-norms, q/k norms over all heads); OLMo-3 with its window on 3 of 4
+    # layers and yarn on the global ones (4.x-style keys: the sliding ones at 5e5, unscaled)
+    "olmo2": ("Olmo2Config", dict(SMALL, tie_word_embeddings=False, rope_theta=5e5), "f32",
+              ["attention_bias"]),
+    "olmo3-yarn-f16": ("Olmo3Config", dict(ODD, num_hidden_layers=5, sliding_window=16,
+                                           rope_theta=5e5, rope_scaling={
+                                               "rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 32}),
+                       "f16", ["sliding_window", "layer_types"]),
     # Gemma-3: llama.cpp makes every 6th layer global (7 layers: one), the sliding layers'
     # rope base 10000; the global rope scaled (linear) on one case, a final cap on the other
     "gemma3": ("Gemma3TextConfig", dict(SMALL, num_hidden_layers=7, head_dim=32,
@@ -112,7 +121,8 @@ MOE_CASES = {
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
             "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-            "smollm3": "SmolLM3ForCausalLM",
+            "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "olmo3": "Olmo3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMMON = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

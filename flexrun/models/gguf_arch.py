@@ -52,6 +52,11 @@ GEMMA2_LAYERS = {**_ATTN_MLP, "post_attention_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm",
                  "post_ffw_norm": "post_feedforward_layernorm"}
 GEMMA3_LAYERS = {**GEMMA2_LAYERS, **_QK_NORMS}
+# OLMo-2 / 3: no pre-norms; post_attention_layernorm -> post_attention_norm, post_feedforward_
+# layernorm -> post_ffw_norm, q/k norms over all heads as attn_q_norm / attn_k_norm
+OLMO2_LAYERS = {k: v for k, v in _ATTN_MLP.items() if k != "attn_norm"} | {
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", **_QK_NORMS}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -177,6 +182,19 @@ def _gemma2(m, cfg: dict) -> None:
                tie_word_embeddings=True)   # llama.cpp always reads the head from token_embd
 
 
+def sliding_flags(m, layers: int, period: int) -> list[bool]:
+    """Which layers slide: attention.sliding_window_pattern as a per-layer bool array (OLMo-3)
+    or a period (every period-th layer global), else `period`."""
+    v = m("attention.sliding_window_pattern")
+    if isinstance(v, list):
+        if len(v) != layers:
+            raise ValueError(f"{m.arch}.attention.sliding_window_pattern has {len(v)} entries "
+                             f"for {layers} layers")
+        return [bool(x) for x in v]
+    period = int(v or period)
+    return [bool((i + 1) % period) for i in range(layers)]
+
+
 def _gemma3(m, cfg: dict) -> None:
     """Gemma3Model.set_gguf_parameters writes TextModel's keys (rope.freq_base of the global
     layers, their linear rope scaling), key_length = head_dim, attention.sliding_window and a
@@ -184,14 +202,13 @@ def _gemma3(m, cfg: dict) -> None:
     rest: every 6th layer global (set_swa_pattern(6)), the sliding layers' rope base 10000
     unscaled, queries scaled as for Gemma-2 with the 62-layer 27B at n_embd / n_head."""
     heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    pattern = int(m("attention.sliding_window_pattern", 6) or 6)
     cfg.update(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh",
                attention_bias=False, tie_word_embeddings=True,
                query_pre_attn_scalar=cfg["hidden_size"] // heads if layers == 62
                else cfg["head_dim"],
                sliding_window=int(m("attention.sliding_window", 4096)),
-               layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention"
-                            for i in range(layers)],
+               layer_types=["sliding_attention" if s else "full_attention"
+                            for s in sliding_flags(m, layers, 6)],
                rope_local_base_freq=10000.0, attn_logit_softcapping=None)
     cap = m("final_logit_softcapping")
     cfg["final_logit_softcapping"] = None if cap is None else float(cap)
@@ -205,6 +222,20 @@ def _smollm3(m, cfg: dict) -> None:
                use_sliding_window=False)
 
 
+def _olmo2(m, cfg: dict) -> None:
+    """Olmo2Model (Olmo2ForCausalLM and Olmo3ForCausalLM) writes TextModel's keys and, for
+    OLMo-3, attention.sliding_window with a per-layer sliding_window_pattern: then it reads
+    back as OLMo-3 (its yarn, where there is one, on the global layers as HF's Olmo3Config
+    puts it)."""
+    cfg.update(hidden_act="silu", attention_bias="blk.0.attn_q.bias" in m.names)
+    window = m("attention.sliding_window")
+    if window:
+        cfg.update(model_type="olmo3", architectures=["Olmo3ForCausalLM"],
+                   sliding_window=int(window),
+                   layer_types=["sliding_attention" if s else "full_attention"
+                                for s in sliding_flags(m, cfg["num_hidden_layers"], 4)])
+
+
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
 # hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3, GEMMA2 and GEMMA3 are
 # LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
@@ -214,6 +245,7 @@ ARCHS = {
                       head_dim_from_rope=True, extra=_llama),
     "smollm3": GGUFArch("SmolLM3ForCausalLM", "smollm3", DENSE_LAYERS, permute_qk=True,
                         extra=_smollm3),
+    "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
     "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "qwen2_moe", QWEN2_MOE_LAYERS,
@@ -235,6 +267,6 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "SmolLM3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, Gemma-2, "
-                         "Gemma-3)")
+                         "SmolLM3, OLMo-2/3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, "
+                         "Gemma-2, Gemma-3)")
     return ARCHS[name]

@@ -51,18 +51,23 @@ def gemma3_text_config(cfg: dict) -> dict:
     return {**_GEMMA3_TEXT, **cfg}
 
 
-def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
-    """(global theta, global rope_scaling, local theta) of a Gemma-3 config: transformers 5's
-    rope_parameters per layer type, or 4.x's rope_theta / rope_scaling / rope_local_base_freq."""
+def _layer_type_rope(cfg: dict, mt: str) -> tuple[float, dict | None, float, dict | None]:
+    """(theta, rope_scaling) of the full-attention layers and of the sliding ones, for the
+    families that rotate them apart (Gemma-3, OLMo-3): transformers 5's rope_parameters per
+    layer type, or 4.x's rope_theta / rope_scaling (full layers) / rope_local_base_freq."""
     params = cfg.get("rope_parameters") or {}
     if "full_attention" in params:
         theta, scaling = rope_params({"rope_parameters": params["full_attention"]})
-        local = params.get("sliding_attention") or {}
-        if local.get("rope_type", "default") != "default":
-            raise FlexrunError("Gemma-3 with a scaled rope on its sliding layers is not supported")
-        return theta, scaling, float(local.get("rope_theta", 10_000.0))
-    theta, scaling = rope_params({**cfg, "rope_theta": cfg.get("rope_theta", 1_000_000.0)})
-    return theta, scaling, float(cfg.get("rope_local_base_freq", 10_000.0))
+        local = params.get("sliding_attention") or params["full_attention"]
+        local_theta, local_scaling = rope_params({"rope_parameters": local})
+        return theta, scaling, local_theta, local_scaling
+    default = 1_000_000.0 if mt == "gemma3_text" else 500_000.0
+    theta, scaling = rope_params({**cfg, "rope_theta": cfg.get("rope_theta", default)})
+    if mt == "gemma3_text":     # 4.x: the sliding layers unscaled at rope_local_base_freq
+        return theta, scaling, float(cfg.get("rope_local_base_freq", 10_000.0)), None
+    # Olmo3Config given rope_theta / rope_scaling: both go to the full-attention layers, the
+    # sliding ones keep its default theta, unscaled
+    return theta, scaling, 500_000.0, None
 
 
 def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
@@ -76,6 +81,8 @@ def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
         return tuple(i for i in range(n) if (i + 1) % pattern)
     if mt == "smollm3":                 # SmolLM3Config: its NoPE layers slide
         return _nope_layers(cfg)
+    if mt == "olmo3":                   # Olmo3Config: every 4th layer is global
+        return tuple(i for i in range(n) if (i + 1) % 4)
     return None
 
 
@@ -162,12 +169,13 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
-    gemma3 = mt in ("gemma3", "gemma3_text")
+    gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
-        theta, scaling, local_theta = _gemma3_rope(cfg)
+    if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
+        theta, scaling, local_theta, local_scaling = _layer_type_rope(cfg, mt)
     else:
-        (theta, scaling), local_theta = rope_params(cfg), None
+        (theta, scaling), local_theta, local_scaling = rope_params(cfg), None, None
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     window, layers = _windowed_layers(cfg, mt)
     gemma = mt in ("gemma2", "gemma3_text")
@@ -182,13 +190,15 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
-        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"), mlp_act=_act(cfg),
-        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma, embed_scale=gemma,
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or olmo, qk_norm_whole=olmo,
+        pre_norms=not olmo, norm_fp32_scale=olmo, mlp_act=_act(cfg),
+        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo, embed_scale=gemma,
         query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
         final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
-        local_rope_layers=(_sliding_types(cfg, mt) or ()) if gemma3 else (),
+        local_rope_scaling=local_scaling,
+        local_rope_layers=(_sliding_types(cfg, mt) or ()) if local_theta is not None else (),
         nope_layers=_nope_layers(cfg) if mt == "smollm3" else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name, **_moe(cfg, mt))

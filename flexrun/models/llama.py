@@ -26,7 +26,7 @@ class LlamaModel:
         self.spec = spec
         self.rope = Rope(spec)
         self.local_rope = None if spec.local_rope_theta is None else Rope(dataclasses.replace(
-            spec, rope_theta=spec.local_rope_theta, rope_scaling=None))
+            spec, rope_theta=spec.local_rope_theta, rope_scaling=spec.local_rope_scaling))
         self.moe_stats = MoEStats(spec.routing, spec.num_layers) if spec.num_experts else None
         E = spec.num_experts
         self.JOINED = self.JOINED + tuple((f"experts.{e}.gate", f"experts.{e}.up")
@@ -39,14 +39,18 @@ class LlamaModel:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        if not s.norm_offset:
+        if not s.norm_offset and not s.norm_fp32_scale:
             return rms_norm(x, weight, s.norm_eps)
-        xf = x.float()                  # Gemma: x * (1 + w), all in fp32, then cast
+        xf = x.float()                  # Gemma: x * (1 + w), all in fp32, then cast (OLMo-2: w)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + s.norm_eps)
         return (xf * (s.norm_offset + weight.float())).to(x.dtype)
 
-    def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
-        if not self.spec.norm_offset:
+    def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None):
+        """(h + y, its norm); weight None (no pre-norms): (h + y, h + y)."""
+        if weight is None:
+            h = h + y
+            return h, h
+        if not self.spec.norm_offset and not self.spec.norm_fp32_scale:
             return add_norm(h, y, weight, None, self.spec.norm_eps, True)
         h = h + y
         return h, self._norm(h, weight)
@@ -61,12 +65,14 @@ class LlamaModel:
                  layer: int | None = None):
         """Normed input -> q, k, v (b, s, heads, hd), rotated for decoder layer `layer`."""
         s = self.spec
-        x = self._norm(h, w["attn_norm.weight"])
+        x = self._norm(h, w["attn_norm.weight"]) if s.pre_norms else h
         q, k, v = linear_rows(x, [w["q.weight"], w["k.weight"], w["v.weight"]],
                               [w.get("q.bias"), w.get("k.bias"), w.get("v.bias")])
+        if s.qk_norm_whole:
+            q, k = self._norm(q, w["q_norm.weight"]), self._norm(k, w["k_norm.weight"])
         q, k, v = (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
                    split_heads(v, s.num_kv_heads))
-        if s.qk_norm:
+        if s.qk_norm and not s.qk_norm_whole:
             q, k = self._norm(q, w["q_norm.weight"]), self._norm(k, w["k_norm.weight"])
         if layer in s.nope_layers:
             return q, k, v
@@ -82,7 +88,7 @@ class LlamaModel:
         o = linear(attn, w["o.weight"], w.get("o.bias"))
         if s.sandwich_norms:
             o = self._norm(o, w["post_attn_norm.weight"])
-        h, x = self._add_norm(h, o, w["mlp_norm.weight"])
+        h, x = self._add_norm(h, o, w.get("mlp_norm.weight"))
         if "router.weight" in w:        # a mixture-of-experts layer
             x = moe_mlp(x, w, s, self.moe_stats, experts, layer)
         else:

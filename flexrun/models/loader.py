@@ -41,7 +41,11 @@ _FAMILY_LAYER = {   # what a family names otherwise than Llama
     "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
     "gemma2": _SANDWICH, "gemma3": {**_SANDWICH, **_QK_NORMS},
+    # OLMo-2 / 3: norms after attention and after the MLP only, q/k norms over all heads
+    "olmo2": {"post_attention_layernorm": "post_attn_norm",
+              "post_feedforward_layernorm": "post_mlp_norm", **_QK_NORMS},
 }
+_FAMILY_LAYER["olmo3"] = _FAMILY_LAYER["olmo2"]
 # the decoder of a multimodal Gemma-3 checkpoint (Gemma3ForConditionalGeneration): Hub files
 # (transformers 4.x) and transformers 5's save_pretrained; its vision tower is left out
 _LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")

@@ -13,8 +13,8 @@ from flexrun.config import FlexrunError
 # HF model_type values each math runs (README: supported architectures)
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
-            "gemma3": "llama", "smollm3": "llama", "mixtral": "llama", "qwen2_moe": "llama",
-            "qwen3_moe": "llama"}
+            "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
+            "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral: softmax over the top-k logits
            "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -57,6 +57,9 @@ class ModelSpec:
     family: str = ""              # HF model_type (FAMILIES; Gemma-3 text or multimodal: gemma3)
     qkv_bias: bool = False        # q/k/v biases without an o bias (Qwen2)
     qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (Qwen3)
+    qk_norm_whole: bool = False   # ... over all of q's and all of k's heads at once (OLMo-2)
+    pre_norms: bool = True        # norms before attention and MLP (OLMo-2: none, only after)
+    norm_fp32_scale: bool = False  # RMSNorm scales in fp32, then casts (OLMo-2; Gemma too)
     norm_offset: float = 0.0      # RMSNorm scales by (offset + weight) in fp32 (Gemma: 1)
     sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
     mlp_act: str = "silu"         # gated MLP activation: silu | gelu_tanh
@@ -68,6 +71,7 @@ class ModelSpec:
     window_layers: tuple[int, ...] | None = None   # the windowed layers (None: every layer)
     # Gemma-3: the sliding-attention layers rotate by a RoPE of their own base, unscaled
     local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None     # (OLMo-3: its own rope_parameters)
     local_rope_layers: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
@@ -182,12 +186,15 @@ class ModelSpec:
         s = {"attn_norm.weight": (h,), "q.weight": (q, h), "k.weight": (kv, h),
              "v.weight": (kv, h), "o.weight": (h, q), "mlp_norm.weight": (h,),
              "gate.weight": (f, h), "up.weight": (f, h), "down.weight": (h, f)}
+        if not self.pre_norms:
+            del s["attn_norm.weight"], s["mlp_norm.weight"]
         if self.attention_bias or self.qkv_bias:
             s.update({"q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,)})
         if self.attention_bias:
             s["o.bias"] = (h,)
         if self.qk_norm:
-            s.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
+            s.update({"q_norm.weight": (q,), "k_norm.weight": (kv,)} if self.qk_norm_whole
+                     else {"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
         if self.sandwich_norms:
             s.update({"post_attn_norm.weight": (h,), "post_mlp_norm.weight": (h,)})
         if self.is_moe(layer):
