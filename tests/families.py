@@ -105,6 +105,19 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         hidden_size=72, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=3, sliding_window=6,
         tie_word_embeddings=True, max_position_embeddings=128)),
+    # gpt-oss: attention sinks, q/k/v/o biases, sliding and full layers alternating, yarn;
+    # router and experts with biases, the clamped swiglu (a smaller limit on the odd shape)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, max_position_embeddings=128, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 32, "rope_theta": 1.5e5})),
+    "gpt_oss-odd": ("GptOssConfig", "GptOssForCausalLM", dict(
+        hidden_size=72, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=12, num_local_experts=6, num_experts_per_tok=3,
+        sliding_window=6, swiglu_limit=0.5, tie_word_embeddings=True,
+        max_position_embeddings=128)),
     # all layers sparse with norm_topk_prob as llama.cpp computes them (qwen2moe: not
     # renormalised, qwen3moe: renormalised): the GGUF round trips use these two
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
@@ -145,8 +158,10 @@ def build_model(name: str, seed: int = 0):
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-            if n.endswith("mlp.gate.weight"):       # a router (a dense MLP has gate_proj)
-                p.mul_(5.0)
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):    # a router (a dense
+                p.mul_(5.0)                                            # MLP has gate_proj)
+            if n.endswith("sinks"):                 # gpt-oss: sink logits of either sign
+                p.normal_(0.0, 1.0)
     return m
 
 

@@ -108,7 +108,8 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         LLM(str(tmp_path), device="cpu")
 
 
-@pytest.mark.parametrize("name", ["gemma2-odd", "gemma3-odd", "qwen3", "phi3", "qwen3_moe-odd"])
+@pytest.mark.parametrize("name", ["gemma2-odd", "gemma3-odd", "qwen3", "phi3", "qwen3_moe-odd",
+                                  "gpt_oss-odd"])
 def test_pipeline_stages_match_one_process(name, tmp_path):
     """Two stages (gloo, one process each) give the single process's tokens."""
     d = save_family(name, tmp_path / name)
@@ -122,7 +123,7 @@ def test_pipeline_stages_match_one_process(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2-odd", "phi3-odd", "mistral",
-                                  "qwen2_moe-odd"])
+                                  "qwen2_moe-odd", "gpt_oss"])
 def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     """4-bit weights and KV on the disk / CPU tiers run for every family; the compressed run
     keeps most greedy tokens of the plain one (compression changes the math)."""

@@ -1,6 +1,7 @@
 """Attention with padding and causal masks; q (b, heads, s, hd), k/v (b, kv_heads, T, hd)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -10,6 +11,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flexrun.models.spec import AttentionOptions
 
 PLAIN = AttentionOptions()
+
+
+def layer_options(spec, layer: int, w: dict) -> AttentionOptions:
+    """How decoder layer `layer` attends (ModelSpec.attention), with its sink logits from its
+    weights w where the model has them (gpt-oss)."""
+    opts = spec.attention(layer)
+    sink = w.get("sinks") if spec.attn_sinks else None
+    return opts if sink is None else dataclasses.replace(opts, sink=sink)
 
 
 def prefill_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -41,10 +50,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Grouped-query attention when kv_heads < heads -> (b, s, heads*hd).
 
     mask None means no padding: plain causal (prefill) or full (decode) attention, which
-    lets SDPA pick its fastest kernel. A window must already be in the mask; a soft cap runs
-    as two matmuls (SDPA has none)."""
+    lets SDPA pick its fastest kernel. A window must already be in the mask; a soft cap or
+    sinks run as two matmuls (SDPA has neither)."""
     b, nh, s, hd = q.shape
-    if opts.softcap is not None:
+    if opts.softcap is not None or opts.sink is not None:
         if mask is None and causal:
             mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(
                 k.shape[2] - s)[None, None]
@@ -104,7 +113,7 @@ def attend_slot(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, nh, _, hd = q.shape
     kvh = k.shape[1]
     q = q.reshape(b, kvh, nh // kvh, hd)
-    if opts.softcap is not None or (host_matmul(q) and (
+    if opts.softcap is not None or opts.sink is not None or (host_matmul(q) and (
             q.dtype == torch.float32 or (k.is_contiguous() and v.is_contiguous()))):
         out = _matmul_attention(q, k, v, mask, opts)
     else:
@@ -124,8 +133,10 @@ def host_matmul(q: torch.Tensor) -> bool:
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None, opts: AttentionOptions = PLAIN) -> torch.Tensor:
     """softmax(q k^T * scale) v as HF's eager attention computes it: scores in the run's
-    dtype (soft-capped as Gemma-2's), the softmax in fp32. q (b, h, g, hd) against k / v
-    (b, h, T, hd)."""
+    dtype (soft-capped as Gemma-2's), the softmax in fp32 (with each head's sink logit as
+    one more column, dropped after: gpt-oss). q (b, h, g, hd) against k / v (b, h, T, hd),
+    the g query rows of KV head h being query heads h * G + i (G = heads / kv heads) for
+    their s = g / G positions each."""
     scale = q.shape[-1] ** -0.5 if opts.scale is None else opts.scale
     if opts.softcap is None:
         scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()
@@ -134,7 +145,14 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = (torch.tanh(scores / opts.softcap) * opts.softcap).float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(q.dtype), v)
+    if opts.sink is None:
+        return torch.matmul(scores.softmax(-1).to(q.dtype), v)
+    b, kvh, rows, _ = scores.shape
+    G = opts.sink.numel() // kvh
+    col = opts.sink.to(scores.device, torch.float32).view(1, kvh, G, 1)
+    col = col.expand(b, kvh, G, rows // G).reshape(b, kvh, rows, 1)
+    probs = torch.cat([scores, col], -1).softmax(-1)[..., :-1]
+    return torch.matmul(probs.to(q.dtype), v)
 
 
 def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch.Tensor,
@@ -146,7 +164,7 @@ def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch
     from flexrun.kernels import attention as attn_triton
     if opts.window is not None:                 # a window only moves each row's first key
         start = torch.maximum(start, last - (opts.window - 1))
-    if attn_triton.applies(q, K, V):
+    if opts.sink is None and attn_triton.applies(q, K, V):
         return attn_triton.decode_attention(q, K, V, start, last, opts.scale, opts.softcap)
     pos = torch.arange(K.shape[2], device=K.device)
     mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
@@ -162,7 +180,7 @@ def attend_stored(q: torch.Tensor, slot, t_end: int, key_range: tuple[torch.Tens
     attend_range takes them."""
     from flexrun.kernels import qattention
     planes = slot.quant_planes(t_end, q.device, pinned)
-    if planes is not None and qattention.applies(q, planes):
+    if planes is not None and opts.sink is None and qattention.applies(q, planes):
         start, last = key_range
         if opts.window is not None:             # a window only moves each row's first key
             start = torch.maximum(start, last - (opts.window - 1))

@@ -24,11 +24,11 @@ import torch
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
-from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, touches_nearly_all,
-                                weighted_expert)
+from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, expert_activation,
+                                plain_experts, touches_nearly_all, weighted_expert)
 from flexrun.models.spec import ModelSpec
 
-PARTS = ("gate", "up", "down")
+PARTS = ("gate", "up", "down")      # the weights the staging slots hold
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
 
@@ -77,14 +77,19 @@ class TieredExperts:
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
+        # an expert's tensors (its weights, and biases where the model has them) and its
+        # gated activation
+        self.parts = tuple(f"{p}.weight" for p in PARTS) + (
+            tuple(f"{p}.bias" for p in PARTS) if self.spec.expert_bias else ())
+        self.act = expert_activation(self.spec)
         self.remote: dict[int, dict[int, str]] = {}     # layer -> expert -> tier
         for j in range(self.spec.num_layers):
             if not self.spec.is_moe(j):
                 continue
             for e in range(self.spec.num_experts):
-                if self.name(j, e, "gate") not in self.weights.homes:
+                if self.name(j, e, "gate.weight") not in self.weights.homes:
                     break                                   # another pipeline stage's layer
-                tiers = {self.weights.tier_of(self.name(j, e, p)) for p in PARTS}
+                tiers = {self.weights.tier_of(self.name(j, e, p)) for p in self.parts}
                 if tiers != {"gpu"}:
                     self.remote.setdefault(j, {})[e] = max(tiers, key=("gpu", "cpu",
                                                                        "disk").index)
@@ -103,11 +108,12 @@ class TieredExperts:
 
     def _staging(self) -> ExpertStaging | None:
         """Grouped GEMMs for layers split over tiers, on a GPU (where launches per expert
-        cost most; GROUPED_ON_CPU for tests) with plain (not 4-bit) experts."""
-        if not (self.cuda or GROUPED_ON_CPU):
+        cost most; GROUPED_ON_CPU for tests) with plain (not 4-bit) silu-gated experts
+        without biases."""
+        if not (self.cuda or GROUPED_ON_CPU) or not plain_experts(self.spec):
             return None
         j, es = next(iter(self.remote.items()))
-        sample = self.weights.homes[self.name(j, next(iter(es)), "gate")][1]
+        sample = self.weights.homes[self.name(j, next(iter(es)), "gate.weight")][1]
         h, f = self.spec.hidden_size, self.spec.expert_ffn_dim
         if not ExpertStaging.applies(self.device, self.dtype, h, f, sample):
             return None
@@ -122,8 +128,8 @@ class TieredExperts:
         if at is None:
             return
         self._layer = at[0]
-        w = {f"experts.{at[1]}.{p}.weight": self.weights.read_host(self.name(*at, p))
-             for p in PARTS}
+        w = {f"experts.{at[1]}.{p}": self.weights.read_host(self.name(*at, p))
+             for p in self.parts}
         size = self._nbytes(at[1])
         x = torch.randn(8, self.spec.hidden_size, dtype=self.dtype)
 
@@ -137,21 +143,22 @@ class TieredExperts:
             return min(times)
 
         def copy() -> None:
-            for p in PARTS:
-                self.weights.fetch(self.name(*at, p), host_value=w[f"experts.{at[1]}.{p}.weight"])
+            for p in self.parts:
+                self.weights.fetch(self.name(*at, p), host_value=w[f"experts.{at[1]}.{p}"])
             torch.cuda.synchronize(self.device)
-        cpu_s = best(lambda: expert(x, w, f"experts.{at[1]}."))
+        cpu_s = best(lambda: expert(x, w, f"experts.{at[1]}.", self.act))
         self.rates = LaneRates(copy_bps=size / best(copy), cpu_bps=size / cpu_s,
                                cpu_flops=self.rates.cpu_flops)
         self._layer = None
 
     @staticmethod
     def name(layer: int, e: int, part: str) -> str:
-        return f"layers.{layer}.experts.{e}.{part}.weight"
+        """The tensor name of `part` ("gate.weight", "down.bias", ...) of an expert."""
+        return f"layers.{layer}.experts.{e}.{part}"
 
     def remote_names(self, layer: int) -> set[str]:
-        """The weight names of `layer`'s experts that the unit load leaves out."""
-        return {self.name(layer, e, p) for e in self.remote.get(layer, ()) for p in PARTS}
+        """The tensor names of `layer`'s experts that the unit load leaves out."""
+        return {self.name(layer, e, p) for e in self.remote.get(layer, ()) for p in self.parts}
 
     def begin_unit(self, layer: int | None) -> None:
         """A unit starts on the block's first batch: the previous unit's copies go."""
@@ -226,14 +233,15 @@ class TieredExperts:
             # the experts already on the device first, while this batch's copies land
             ys = self.staging.run(x2, here, copied=False)
         else:
-            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g) for g in here}
+            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g, self.act)
+                  for g in here}
         for e, job in reading.items():
             copy(e, job.result())
             self.stats.disk_reads += 1
         if self.staging is not None:
             ys.update(self.staging.run(x2, to_copy))
         else:
-            ys.update({g.expert: weighted_expert(x2, self._device_w(w, g.expert), g)
+            ys.update({g.expert: weighted_expert(x2, self._device_w(w, g.expert), g, self.act)
                        for g in to_copy})
         if cpu_job is not None:
             for g, y in zip(on_cpu, cpu_job.result()):
@@ -272,22 +280,22 @@ class TieredExperts:
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = sum(nbytes(self.weights.homes[self.name(*key, p)][1])
-                                          for p in PARTS)
+                                          for p in self.parts)
         return size
 
     def _read(self, e: int) -> tuple:
         """Expert e of the current unit in host memory (a disk expert: read into fresh
         buffers, pinned on a GPU run); run by the reader threads too."""
         return tuple(self.weights.read_host(self.name(self._layer, e, p), pinned=self.cuda,
-                                            mapped=self.mapped) for p in PARTS)
+                                            mapped=self.mapped) for p in self.parts)
 
     def _copy(self, e: int, host_parts: tuple | None = None) -> None:
         """Start bringing expert e of the current unit to the device (held for the block),
         from `host_parts` when already read (_read)."""
         dev, ev = {}, None
-        for p, host in zip(PARTS, host_parts or self._read(e)):
+        for p, host in zip(self.parts, host_parts or self._read(e)):
             n = self.name(self._layer, e, p)
-            dev[f"experts.{e}.{p}.weight"] = self.weights.fetch(
+            dev[f"experts.{e}.{p}"] = self.weights.fetch(
                 n, self.weight_stream, self.compute_stream, host) if self.cuda else \
                 self.weights.fetch(n, host_value=host)
         if self.cuda:
@@ -329,9 +337,10 @@ class TieredExperts:
                     else nullcontext():
                 ys, start = [], 0
                 for e, n, wt in zip(experts, sizes, wts):
-                    w = {f"experts.{e}.{p}.weight": self.weights.read_host(
-                        self.name(layer, e, p), mapped=self.mapped) for p in PARTS}
-                    ys.append(expert(xh[start:start + n], w, f"experts.{e}.") * wt[:, None])
+                    w = {f"experts.{e}.{p}": self.weights.read_host(
+                        self.name(layer, e, p), mapped=self.mapped) for p in self.parts}
+                    ys.append(expert(xh[start:start + n], w, f"experts.{e}.", self.act)
+                              * wt[:, None])
                     start += n
             self.stats.cpu_s += time.perf_counter() - t0
             return ys

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.memory.storage import parts
-from flexrun.engine.attention import PLAIN, attend_range
+from flexrun.engine.attention import PLAIN, attend_range, layer_options
 from flexrun.models.moe import grouped_mm_capturable
 from flexrun.models.spec import AttentionOptions
 
@@ -133,7 +133,7 @@ class DecodeGraphs:
         elif u <= L:
             slot = p.kv.slot(u - 1, b.batch_no, b.valid.shape[1], b.ids.shape[0])
             K, V = slot.kv
-            opts = p.spec.attention(u - 1)
+            opts = layer_options(p.spec, u - 1, w)
 
             def fn(x):
                 return static_layer(p.model, w, x, s, K, V, opts, u - 1)

@@ -22,7 +22,8 @@ from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers
 from flexrun.engine.step_inputs import StepInputs
-from flexrun.engine.attention import attend, attend_range, attend_stored, host_matmul
+from flexrun.engine.attention import (attend, attend_range, attend_stored, host_matmul,
+                                     layer_options)
 from flexrun.engine.experts import TieredExperts
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
@@ -188,7 +189,7 @@ class Pipeline(HostTransfers, StepInputs):
         pos = self._positions(b, prefill)
         # q, k, v: (b, heads, s, hd)
         q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos, layer))
-        opts = self.spec.attention(layer)
+        opts = layer_options(self.spec, layer, w)
         win = opts.window
         rows, total = b.ids.shape[0], b.valid.shape[1]
         slot = self.kv.slot(layer, b.batch_no, total, rows)

@@ -83,6 +83,8 @@ def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
         return _nope_layers(cfg)
     if mt == "olmo3":                   # Olmo3Config: every 4th layer is global
         return tuple(i for i in range(n) if (i + 1) % 4)
+    if mt == "gpt_oss":                 # GptOssConfig: sliding and full layers alternate
+        return tuple(range(0, n, 2))
     return None
 
 
@@ -151,6 +153,13 @@ def _moe(cfg: dict, mt: str) -> dict:
         return dict(num_experts=cfg.get("num_local_experts", 8),
                     experts_per_token=cfg.get("num_experts_per_tok", 2),
                     expert_ffn_dim=cfg["intermediate_size"], router_kind="topk_softmax")
+    if mt == "gpt_oss":     # GptOssConfig's defaults
+        return dict(num_experts=cfg.get("num_local_experts", 128),
+                    experts_per_token=cfg.get("num_experts_per_tok", 4),
+                    expert_ffn_dim=cfg["intermediate_size"], router_kind="topk_softmax",
+                    router_bias=True, expert_bias=True, expert_act="swiglu_clamp",
+                    swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                    swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
     if mt not in ("qwen2_moe", "qwen3_moe"):
         return {}
     qwen2 = mt == "qwen2_moe"
@@ -170,6 +179,7 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
+    gpt_oss = mt == "gpt_oss"
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
     if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
@@ -191,7 +201,8 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
         qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or olmo, qk_norm_whole=olmo,
-        pre_norms=not olmo, norm_fp32_scale=olmo, mlp_act=_act(cfg),
+        pre_norms=not olmo, norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
+        mlp_act=_act(cfg),
         norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo, embed_scale=gemma,
         query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,

@@ -52,7 +52,7 @@ _LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")
 _LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 # mixture of experts: Mixtral's block_sparse_moe (w1 gate, w3 up, w2 down) and Qwen's mlp
 # names, as Hub checkpoints and transformers 5's save_pretrained write them
-_MOE_LAYER = {"block_sparse_moe.gate": "router", "mlp.gate": "router",
+_MOE_LAYER = {"block_sparse_moe.gate": "router", "mlp.gate": "router", "mlp.router": "router",
               "mlp.shared_expert.gate_proj": "shared.gate",
               "mlp.shared_expert.up_proj": "shared.up",
               "mlp.shared_expert.down_proj": "shared.down", "mlp.shared_expert_gate": "shared_gate"}
@@ -65,6 +65,12 @@ _EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up
 # ffn); they come out as "experts.gate_up" / "experts.down" and split_fused divides them
 _FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)"
                                r"\.experts\.(gate_up|down)_proj(?:\.weight)?$")
+# gpt-oss: each head's sink logit, and the experts stacked the other way round: gate_up_proj
+# (E, hidden, 2 * ffn) with gate and up interleaved (columns 0::2 / 1::2), down_proj (E, ffn,
+# hidden), each with a bias (E, 2 * ffn) / (E, hidden); they come out as "experts.gate_up_t"
+# / "experts.down_t" (split_fused divides and transposes them)
+_GPT_OSS_RE = re.compile(r"layers\.(\d+)\.(?:self_attn\.(sinks)|mlp\.experts\.(gate_up|down)"
+                         r"_proj(_bias)?)$")
 
 
 def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
@@ -77,6 +83,11 @@ def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
     top = _OPT_TOP if spec.arch == "opt" else _LLAMA_TOP
     if name in top:
         return top[name]
+    if spec.family == "gpt_oss":
+        g = _GPT_OSS_RE.fullmatch(name)
+        if g:
+            return f"layers.{g.group(1)}.sinks" if g.group(2) else \
+                f"layers.{g.group(1)}.experts.{g.group(3)}_t.{'bias' if g.group(4) else 'weight'}"
     m = _LAYER_RE.fullmatch(name)
     table = _OPT_LAYER if spec.arch == "opt" else {**_LLAMA_LAYER,
                                                    **_FAMILY_LAYER.get(spec.family, {})}
@@ -104,8 +115,8 @@ def _fused_parts(spec: ModelSpec, name: str) -> list[str] | None:
     """The canonical names a fused tensor's name splits into (None: not fused)."""
     unit, _, kind = name.rpartition(".")
     prefix, _, part = unit.rpartition(".")
-    if prefix.endswith(".experts") and part in ("gate_up", "down"):     # stacked experts
-        parts = ("gate", "up") if part == "gate_up" else ("down",)
+    if prefix.endswith(".experts") and part in ("gate_up", "down", "gate_up_t", "down_t"):
+        parts = ("gate", "up") if part.startswith("gate_up") else ("down",)   # stacked
         return [f"{prefix}.{e}.{p}.{kind}" for e in range(spec.num_experts) for p in parts]
     return [f"{prefix}.{p}.{kind}" for p in _FUSED[part]] if part in _FUSED else None
 
@@ -114,15 +125,20 @@ def split_fused(spec: ModelSpec, name: str, t: torch.Tensor) -> TensorIter:
     """(name, tensor) as the spec names it: Phi-3's qkv_proj rows split into q, k, v and its
     gate_up_proj into gate (first half) and up, as transformers' Phi3 modules split them;
     stacked experts into one tensor per expert (gate_up_proj: gate first, as transformers'
-    experts chunk it)."""
+    experts chunk it; gpt-oss's columns 0::2 / 1::2, transposed)."""
     parts = _fused_parts(spec, name)
     if parts is None:
         yield name, t
         return
     if ".experts." in name:
-        pieces = [x for y in t for x in (y.chunk(2, 0) if len(parts) > len(t) else (y,))]
-        for n, x in zip(parts, pieces):
-            yield n, x.clone()      # its own storage: the stacked tensor is not kept alive
+        if "_t." in name:                   # gpt-oss: interleaved gate / up, transposed
+            flip = (lambda x: x.transpose(0, 1)) if t.dim() == 3 else (lambda x: x)
+            pieces = [flip(x) for y in t for x in (
+                (y[..., 0::2], y[..., 1::2]) if "gate_up" in name else (y,))]
+        else:
+            pieces = [x for y in t for x in (y.chunk(2, 0) if len(parts) > len(t) else (y,))]
+        for n, x in zip(parts, pieces):     # own storage: the stack is not kept alive
+            yield n, x.clone() if x.is_contiguous() else x.contiguous()
         return
     if len(parts) == 3:
         q = spec.num_heads * spec.head_dim

@@ -94,13 +94,14 @@ def load_expert_tokens(path, spec: ModelSpec) -> list[list[int]]:
     return counts
 
 
-def route(x: torch.Tensor, w_router, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, experts), each (T, k), of the tokens x (T, hidden). The softmax is in fp32;
     Qwen casts the weights back to the run's dtype, Mixtral keeps them fp32 (its expert outputs
-    are scaled in fp32, then cast), as transformers does."""
+    are scaled in fp32, then cast), as transformers does. bias: the router's (gpt-oss)."""
     if spec.routing != "router":
         return drawn_experts(x, spec.num_experts, spec.experts_per_token, spec.routing)
-    probs = torch.softmax(linear(x, w_router).float(), -1)
+    probs = torch.softmax(linear(x, w_router, bias).float(), -1)
     top, idx = probs.topk(spec.experts_per_token, -1)
     if spec.router_kind == "topk_softmax" or spec.norm_topk_prob:
         top = top / top.sum(-1, keepdim=True)
@@ -123,11 +124,12 @@ class ExpertGroup:
             self.n = len(self.rows)
 
 
-def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Tensor) -> None:
+def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Tensor,
+             act: Activation | None = None) -> None:
     """Every expert of `groups` from the weights in w, one GEMM each over all of its tokens,
     weighted and added to out (the engine's runner does the same with experts fetched from
     their tiers, or computed where they live: engine/experts.py)."""
-    add_expert_outputs(out, groups, [weighted_expert(x2, w, g) for g in groups])
+    add_expert_outputs(out, groups, [weighted_expert(x2, w, g, act) for g in groups])
 
 
 # the share of a split layer's experts a call is expected to touch from which all of them are
@@ -172,9 +174,10 @@ def add_expert_outputs(out: torch.Tensor, groups: list[ExpertGroup],
         out.index_add_(0, g.rows, y.to(out.dtype))
 
 
-def weighted_expert(x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
+def weighted_expert(x2: torch.Tensor, w: dict, g: ExpertGroup,
+                    act: Activation | None = None) -> torch.Tensor:
     """Expert g.expert over its tokens' rows of x2, scaled by their routing weights."""
-    return expert(x2[g.rows], w, f"experts.{g.expert}.") * g.weights[:, None]
+    return expert(x2[g.rows], w, f"experts.{g.expert}.", act) * g.weights[:, None]
 
 
 def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None,
@@ -186,7 +189,8 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     stack(w, rows) method may hand back all of the layer's experts stacked instead."""
     x2 = x.reshape(-1, x.shape[-1])
     E, k = spec.num_experts, spec.experts_per_token
-    weight, idx = route(x2, w.get("router.weight"), spec)
+    act = expert_activation(spec)
+    weight, idx = route(x2, w.get("router.weight"), spec, w.get("router.bias"))
     flat = idx.reshape(-1)
     counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(
         0, flat, torch.ones_like(flat))         # no host sync (bincount would take one)
@@ -194,7 +198,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    small = grouped_fits(spec, x2.shape[0], x2.element_size())
+    small = grouped_fits(spec, x2.shape[0], x2.element_size()) and plain_experts(spec)
     stacked = None
     if small and runner is None:
         stacked = stacked_experts(w, E)
@@ -210,7 +214,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         dense = torch.zeros(x2.shape[0], E, dtype=weight.dtype, device=x.device)
         dense.scatter_(1, idx, weight)
         for e in range(E):
-            y = expert(x2, w, f"experts.{e}.")
+            y = expert(x2, w, f"experts.{e}.", act)
             out.add_((y * dense[:, e:e + 1]).to(x.dtype))
     else:
         order = flat.argsort(stable=True)   # (token, slot) pairs grouped by expert
@@ -221,7 +225,10 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
                 groups.append(ExpertGroup(e, tokens[start:start + n],
                                           weights[start:start + n], n))
                 start += n
-        (runner or run_here)(x2, w, groups, out)
+        if runner is None:
+            run_here(x2, w, groups, out, act)
+        else:
+            runner(x2, w, groups, out)
     if spec.shared_expert_ffn_dim:
         gate = torch.sigmoid(linear(x2, w["shared_gate.weight"]))
         out = out + gate * expert(x2, w, "shared.")
@@ -334,10 +341,39 @@ def grouped_mlp(xs: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
     return torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
 
 
-def expert(x: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) of one expert (gate and up in one GEMM when joined)."""
-    g, up = linear_rows(x, [w[prefix + "gate.weight"], w[prefix + "up.weight"]], [None, None])
-    return linear(F.silu(g, inplace=True).mul_(up), w[prefix + "down.weight"])
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(g, inplace=True).mul_(up)
+
+
+def expert_activation(spec: ModelSpec) -> Activation:
+    """The gated activation of the spec's experts (ModelSpec.expert_act): silu(gate) * up, or
+    gpt-oss's (up + 1) * gate * sigmoid(alpha * gate) with gate <= limit, |up| <= limit."""
+    if spec.expert_act == "silu":
+        return silu_mul
+    alpha, limit = spec.swiglu_alpha, spec.swiglu_limit
+
+    def swiglu_clamp(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        g = g.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+    return swiglu_clamp
+
+
+def plain_experts(spec: ModelSpec) -> bool:
+    """Experts the grouped GEMMs run: silu-gated, without biases."""
+    return spec.expert_act == "silu" and not spec.expert_bias
+
+
+def expert(x: torch.Tensor, w: dict, prefix: str, act: Activation | None = None
+           ) -> torch.Tensor:
+    """down(act(gate(x), up(x))) of one expert (gate and up in one GEMM when joined; their
+    biases where the model has them); act: silu(gate) * up unless given."""
+    g, up = linear_rows(x, [w[prefix + "gate.weight"], w[prefix + "up.weight"]],
+                        [w.get(prefix + "gate.bias"), w.get(prefix + "up.bias")])
+    return linear((act or silu_mul)(g, up), w[prefix + "down.weight"],
+                  w.get(prefix + "down.bias"))
 
 
 # ---- drawn experts (dummy models) -----------------------------------------------------------

@@ -14,10 +14,13 @@ from flexrun.config import FlexrunError
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
-            "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama"}
+            "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
-ROUTERS = ("topk_softmax",      # Mixtral: softmax over the top-k logits
+ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
+# the experts' gated activations: silu(gate) * up, or gpt-oss's clamped one
+# (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
+EXPERT_ACTS = ("silu", "swiglu_clamp")
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,14 @@ class AttentionOptions:
     scale: float | None = None      # None: head_dim ** -0.5
     softcap: float | None = None    # scores -> softcap * tanh(scores / softcap) (Gemma-2)
     window: int | None = None       # a query sees the last `window` positions, itself included
+    # gpt-oss: each head's learned sink logit joins the softmax (weighing no value); the
+    # layer's (heads,) tensor, set where the weights are at hand (engine/attention.py)
+    sink: object = field(default=None, compare=False)
 
     @property
     def plain(self) -> bool:
-        return self.scale is None and self.softcap is None and self.window is None
+        return self.scale is None and self.softcap is None and self.window is None \
+            and self.sink is None
 
 
 @dataclass
@@ -74,6 +81,7 @@ class ModelSpec:
     local_rope_scaling: dict | None = None     # (OLMo-3: its own rope_parameters)
     local_rope_layers: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
+    attn_sinks: bool = False             # a learned sink logit per head and layer (gpt-oss)
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
     num_experts: int = 0
     experts_per_token: int = 0    # top-k
@@ -81,6 +89,11 @@ class ModelSpec:
     shared_expert_ffn_dim: int = 0       # Qwen2-MoE's shared expert (0: none)
     norm_topk_prob: bool = False         # softmax_topk: renormalise the top-k weights
     router_kind: str = "topk_softmax"    # ROUTERS
+    router_bias: bool = False            # the router has a bias (gpt-oss)
+    expert_bias: bool = False            # the experts' gate, up and down have biases (gpt-oss)
+    expert_act: str = "silu"             # EXPERT_ACTS
+    swiglu_alpha: float = 1.702          # swiglu_clamp's alpha and limit
+    swiglu_limit: float = 7.0
     moe_layers: tuple[int, ...] | None = None   # the MoE layers (None: every layer); the
     #                                             others keep a dense MLP of ffn_dim
     routing: str = "router"       # router | uniform | zipf:<s> (dummy models' drawn experts)
@@ -97,6 +110,9 @@ class ModelSpec:
         if self.mlp_act not in ("silu", "gelu_tanh"):
             raise FlexrunError(f"MLP activation {self.mlp_act!r} is not supported (silu, "
                                "gelu_pytorch_tanh)")
+        if self.expert_act not in EXPERT_ACTS:
+            raise FlexrunError(f"expert activation {self.expert_act!r} is not one of "
+                               f"{', '.join(EXPERT_ACTS)}")
         if self.router_kind not in ROUTERS:
             raise FlexrunError(f"router {self.router_kind!r} is not one of {', '.join(ROUTERS)}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
@@ -197,6 +213,8 @@ class ModelSpec:
                      else {"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
         if self.sandwich_norms:
             s.update({"post_attn_norm.weight": (h,), "post_mlp_norm.weight": (h,)})
+        if self.attn_sinks:
+            s["sinks"] = (self.num_heads,)
         if self.is_moe(layer):
             for n in ("gate.weight", "up.weight", "down.weight"):
                 del s[n]
@@ -210,9 +228,14 @@ class ModelSpec:
         storage layer places each expert on its tier), the shared expert and its gate."""
         h, f, E = self.hidden_size, self.expert_ffn_dim, self.num_experts
         s = {"router.weight": (E, h)}
+        if self.router_bias:
+            s["router.bias"] = (E,)
         for e in range(E):
             s.update({f"experts.{e}.gate.weight": (f, h), f"experts.{e}.up.weight": (f, h),
                       f"experts.{e}.down.weight": (h, f)})
+            if self.expert_bias:
+                s.update({f"experts.{e}.gate.bias": (f,), f"experts.{e}.up.bias": (f,),
+                          f"experts.{e}.down.bias": (h,)})
         if self.shared_expert_ffn_dim:
             fs = self.shared_expert_ffn_dim
             s.update({"shared.gate.weight": (fs, h), "shared.up.weight": (fs, h),
