@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from flexrun.config import FlexrunError
+from flexrun.models import mxfp4
 from flexrun.models.checkpoint import Checkpoint, TensorIter
 from flexrun.models.hf_config import eos_list, spec_from_config
 from flexrun.models.spec import ModelSpec
@@ -68,9 +69,11 @@ _FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_mo
 # gpt-oss: each head's sink logit, and the experts stacked the other way round: gate_up_proj
 # (E, hidden, 2 * ffn) with gate and up interleaved (columns 0::2 / 1::2), down_proj (E, ffn,
 # hidden), each with a bias (E, 2 * ffn) / (E, hidden); they come out as "experts.gate_up_t"
-# / "experts.down_t" (split_fused divides and transposes them)
+# / "experts.down_t" (split_fused divides and transposes them). The Hub files hold the
+# weights in MXFP4 (*_blocks, *_scales): "experts.gate_up_mx" / "experts.down_mx" (mxfp4.py)
 _GPT_OSS_RE = re.compile(r"layers\.(\d+)\.(?:self_attn\.(sinks)|mlp\.experts\.(gate_up|down)"
-                         r"_proj(_bias)?)$")
+                         r"_proj(_bias|_blocks|_scales)?)$")
+_GPT_OSS_KIND = {None: "_t.weight", "_bias": "_t.bias", "_blocks": "_mx.weight"}
 
 
 def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
@@ -85,9 +88,11 @@ def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
         return top[name]
     if spec.family == "gpt_oss":
         g = _GPT_OSS_RE.fullmatch(name)
-        if g:
-            return f"layers.{g.group(1)}.sinks" if g.group(2) else \
-                f"layers.{g.group(1)}.experts.{g.group(3)}_t.{'bias' if g.group(4) else 'weight'}"
+        if g and g.group(2):
+            return f"layers.{g.group(1)}.sinks"
+        if g:       # (scales are read with their blocks)
+            kind = _GPT_OSS_KIND.get(g.group(4))
+            return f"layers.{g.group(1)}.experts.{g.group(3)}{kind}" if kind else None
     m = _LAYER_RE.fullmatch(name)
     table = _OPT_LAYER if spec.arch == "opt" else {**_LLAMA_LAYER,
                                                    **_FAMILY_LAYER.get(spec.family, {})}
@@ -115,7 +120,8 @@ def _fused_parts(spec: ModelSpec, name: str) -> list[str] | None:
     """The canonical names a fused tensor's name splits into (None: not fused)."""
     unit, _, kind = name.rpartition(".")
     prefix, _, part = unit.rpartition(".")
-    if prefix.endswith(".experts") and part in ("gate_up", "down", "gate_up_t", "down_t"):
+    if prefix.endswith(".experts") and part in ("gate_up", "down", "gate_up_t", "down_t",
+                                                "gate_up_mx", "down_mx"):
         parts = ("gate", "up") if part.startswith("gate_up") else ("down",)   # stacked
         return [f"{prefix}.{e}.{p}.{kind}" for e in range(spec.num_experts) for p in parts]
     return [f"{prefix}.{p}.{kind}" for p in _FUSED[part]] if part in _FUSED else None
@@ -202,13 +208,33 @@ def _iter_safetensors(files: list[Path], spec: ModelSpec, names: set[str] | None
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
+                keys = set(sf.keys())
                 for key in sf.keys():
                     name = canonical_name(spec, key)
-                    if _wanted(spec, name, names):
+                    if not _wanted(spec, name, names):
+                        continue
+                    if "_mx." in name:          # gpt-oss MXFP4 experts, with their scales
+                        scales = key[:-len("blocks")] + "scales"
+                        yield from mxfp4.split_experts(
+                            _fused_parts(spec, name), sf.get_tensor(key),
+                            sf.get_tensor(scales) if scales in keys else
+                            _tensor_elsewhere(files, f, scales), "gate_up" in name)
+                    else:
                         yield from split_fused(spec, name, sf.get_tensor(key))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FlexrunError(f"cannot read shard {f.name} ({str(e).splitlines()[0]}): the file "
                                "is corrupt or truncated; copy it again")
+
+
+def _tensor_elsewhere(files: list[Path], skip: Path, key: str) -> torch.Tensor:
+    """Tensor `key` from whichever shard but `skip` holds it."""
+    from safetensors import safe_open
+    for f in files:
+        if f != skip:
+            with safe_open(str(f), framework="pt") as sf:
+                if key in set(sf.keys()):
+                    return sf.get_tensor(key)
+    raise FlexrunError(f"tensor {key} is missing from the checkpoint: copy it complete")
 
 
 def open_hf_dir(path: str) -> Checkpoint:

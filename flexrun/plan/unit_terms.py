@@ -10,7 +10,7 @@ import math
 
 from flexrun.config import FlexrunError, Policy
 from flexrun.memory.disk import MAP_DISK
-from flexrun.models.moe import grouped_fits, touches_nearly_all
+from flexrun.models.moe import grouped_fits, plain_experts, touches_nearly_all
 from flexrun.models.spec import ModelSpec
 from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
 from flexrun.plan.footprint import (is_compressible, kv_block_nbytes, kv_step_nbytes, numel,
@@ -225,10 +225,12 @@ class UnitTerms:
 
     def _stages_all(self, rows: int) -> bool:
         """Whether the engine stages every expert of a GPU batch of `rows` tokens on the copy
-        lane (engine/experts.py stack): plain experts off disk on a GPU, a call expected to
-        touch STAGE_ALL of them, within the grouped GEMM's workspace."""
+        lane (engine/experts.py stack): plain experts (silu-gated, no biases, not 4-bit) off
+        disk on a GPU, a call expected to touch STAGE_ALL of them, within the grouped GEMM's
+        workspace."""
         return (self.cuda and not self.p.compress_weight and self.p.weights_disk == 0
-                and touches_nearly_all(self.spec, rows) and grouped_fits(self.spec, rows, self.e))
+                and plain_experts(self.spec) and touches_nearly_all(self.spec, rows)
+                and grouped_fits(self.spec, rows, self.e))
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
         """(time of the compressed weights' math for the block, parameters left for the
