@@ -118,6 +118,16 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=2, head_dim=12, num_local_experts=6, num_experts_per_tok=3,
         sliding_window=6, swiglu_limit=0.5, tie_word_embeddings=True,
         max_position_embeddings=128)),
+    # OLMoE: q/k norms over all heads (pre-norm layers), top-k of a softmax over all experts;
+    # q, k and v clamped on the odd shape (clip_qkv)
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    "olmoe-odd": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        hidden_size=72, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True,
+        clip_qkv=0.05, tie_word_embeddings=True, max_position_embeddings=128)),
     # all layers sparse with norm_topk_prob as llama.cpp computes them (qwen2moe: not
     # renormalised, qwen3moe: renormalised): the GGUF round trips use these two
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(

@@ -118,6 +118,11 @@ _FAMILIES = {
                                                "original_max_position_embeddings": 4096},
                            "eos_token_id": 200002}
        for size, layers, experts in (("20b", 24, 32), ("120b", 36, 128))},
+    "olmoe-1b-7b": {"model_type": "olmoe", "hidden_size": 2048, "num_hidden_layers": 16,
+                    "num_attention_heads": 16, "num_key_value_heads": 16,
+                    "intermediate_size": 1024, "num_experts": 64, "num_experts_per_tok": 8,
+                    "vocab_size": 50304, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+                    "tie_word_embeddings": False, "eos_token_id": 50279},
     "qwen2-57b-a14b": {"model_type": "qwen2_moe", "hidden_size": 3584, "num_hidden_layers": 28,
                        "num_attention_heads": 28, "num_key_value_heads": 4,
                        "intermediate_size": 18944, "moe_intermediate_size": 2560,

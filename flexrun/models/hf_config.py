@@ -160,6 +160,11 @@ def _moe(cfg: dict, mt: str) -> dict:
                     router_bias=True, expert_bias=True, expert_act="swiglu_clamp",
                     swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+    if mt == "olmoe":       # OlmoeConfig's defaults: softmax over all, top-k, not renormalised
+        return dict(num_experts=cfg.get("num_experts", 64),
+                    experts_per_token=cfg.get("num_experts_per_tok", 8),
+                    expert_ffn_dim=cfg["intermediate_size"], router_kind="softmax_topk",
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
     if mt not in ("qwen2_moe", "qwen3_moe"):
         return {}
     qwen2 = mt == "qwen2_moe"
@@ -179,6 +184,7 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
+    qk_whole = olmo or mt == "olmoe"
     gpt_oss = mt == "gpt_oss"
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
@@ -200,7 +206,8 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
-        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or olmo, qk_norm_whole=olmo,
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or qk_whole, qk_norm_whole=qk_whole,
+        clip_qkv=cfg.get("clip_qkv") if mt == "olmoe" else None,
         pre_norms=not olmo, norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
         mlp_act=_act(cfg),
         norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo, embed_scale=gemma,

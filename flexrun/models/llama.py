@@ -70,6 +70,8 @@ class LlamaModel:
                               [w.get("q.bias"), w.get("k.bias"), w.get("v.bias")])
         if s.qk_norm_whole:
             q, k = self._norm(q, w["q_norm.weight"]), self._norm(k, w["k_norm.weight"])
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
         q, k, v = (split_heads(q, s.num_heads), split_heads(k, s.num_kv_heads),
                    split_heads(v, s.num_kv_heads))
         if s.qk_norm and not s.qk_norm_whole:

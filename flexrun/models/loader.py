@@ -39,7 +39,7 @@ _SANDWICH = {"post_attention_layernorm": "post_attn_norm",
              "pre_feedforward_layernorm": "mlp_norm",
              "post_feedforward_layernorm": "post_mlp_norm"}
 _FAMILY_LAYER = {   # what a family names otherwise than Llama
-    "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS,
+    "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS, "olmoe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
     "gemma2": _SANDWICH, "gemma3": {**_SANDWICH, **_QK_NORMS},
     # OLMo-2 / 3: norms after attention and after the MLP only, q/k norms over all heads

@@ -14,7 +14,8 @@ from flexrun.config import FlexrunError
 FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama",
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
-            "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama"}
+            "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
+            "olmoe": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -66,6 +67,7 @@ class ModelSpec:
     qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (Qwen3)
     qk_norm_whole: bool = False   # ... over all of q's and all of k's heads at once (OLMo-2)
     pre_norms: bool = True        # norms before attention and MLP (OLMo-2: none, only after)
+    clip_qkv: float | None = None  # q, k and v clamped to +-clip_qkv (OLMoE's option)
     norm_fp32_scale: bool = False  # RMSNorm scales in fp32, then casts (OLMo-2; Gemma too)
     norm_offset: float = 0.0      # RMSNorm scales by (offset + weight) in fp32 (Gemma: 1)
     sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
