@@ -37,10 +37,11 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         original_max_position_embeddings=16, rope_scaling={
             "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 4.0],
             "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 10.0, 13.0]})),
+    # the odd shape rotates half of each head (partial_rotary_factor: Phi-4-mini has 3/4)
     "phi3-odd": ("Phi3Config", "Phi3ForCausalLM", dict(
         hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
-        sliding_window=12)),
+        sliding_window=12, partial_rotary_factor=0.5)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,

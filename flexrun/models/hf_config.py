@@ -25,9 +25,24 @@ def rope_params(cfg: dict) -> tuple[float, dict | None]:
             and cfg.get("original_max_position_embeddings"):
         scaling = {**scaling,
                    "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
-    if scaling is not None and float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise FlexrunError("partial_rotary_factor != 1 is not supported")
     return float(theta), scaling
+
+
+def rotary_dim(cfg: dict, head_dim: int) -> int | None:
+    """The leading dims of each head that RoPE rotates (partial_rotary_factor at the config's
+    top level or in its rope parameters: Phi-4-mini, GLM-4.5); None: all of them."""
+    params = cfg.get("rope_parameters") or {}
+    params = params.get("full_attention", params)
+    frac = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor"))
+    if frac is None and isinstance(cfg.get("rope_scaling"), dict):
+        frac = cfg["rope_scaling"].get("partial_rotary_factor")
+    if frac is None or float(frac) == 1.0:
+        return None
+    dim = int(head_dim * float(frac))
+    if dim <= 0 or dim % 2:
+        raise FlexrunError(f"partial_rotary_factor {frac} rotates {dim} of {head_dim} head "
+                           "dims: it must be an even number above 0")
+    return dim
 
 
 # Gemma3TextConfig's defaults: Hub configs of the multimodal 4B / 12B / 27B leave most out
@@ -193,13 +208,15 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     else:
         (theta, scaling), local_theta, local_scaling = rope_params(cfg), None, None
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
     window, layers = _windowed_layers(cfg, mt)
     gemma = mt in ("gemma2", "gemma3_text")
     return ModelSpec(
         arch="llama", family="gemma3" if gemma3 else mt, vocab_size=cfg["vocab_size"],
         hidden_size=h, num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or h // heads, ffn_dim=cfg["intermediate_size"],
+        head_dim=head_dim, rotary_dim=rotary_dim(cfg, head_dim),
+        ffn_dim=cfg["intermediate_size"],
         max_positions=cfg.get("max_position_embeddings", 4096),
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         attention_bias=cfg.get("attention_bias", False),

@@ -37,7 +37,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _yarn(spec: ModelSpec, sc: dict) -> tuple[torch.Tensor, float]:
     """YaRN (Qwen2.5's long-context configs), as transformers' _compute_yarn_parameters."""
-    hd, base = spec.head_dim, spec.rope_theta
+    hd, base = spec.rotary_dim or spec.head_dim, spec.rope_theta
     orig = float(sc["original_max_position_embeddings"])
     factor = sc.get("factor") or spec.max_positions / orig
     attn = sc.get("attention_factor")
@@ -71,7 +71,7 @@ class Rope:
         sc = spec.rope_scaling or {}
         kind = sc.get("rope_type", sc.get("type", "default"))
         kind = "longrope" if kind == "su" else kind
-        hd, theta = spec.head_dim, spec.rope_theta
+        hd, theta = spec.rotary_dim or spec.head_dim, spec.rope_theta
         self.long_inv, self.switch_at, self.attention_factor = None, None, 1.0
         if kind == "default":
             self.inv = _base_inv(theta, hd)
@@ -119,7 +119,11 @@ class Rope:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (b, s, heads, hd); cos/sin: (b, s, 1, hd). HF's rotate-half convention."""
+    """x: (b, s, heads, hd); cos/sin: (b, s, 1, rd). HF's rotate-half convention over the
+    first rd dims (all of them but with partial_rotary_factor), the rest as they are."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), -1)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin

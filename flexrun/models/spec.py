@@ -59,6 +59,7 @@ class ModelSpec:
     # Llama
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    rotary_dim: int | None = None     # the leading head dims RoPE rotates (None: all)
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
