@@ -119,6 +119,20 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=2, head_dim=12, num_local_experts=6, num_experts_per_tok=3,
         sliding_window=6, swiglu_limit=0.5, tie_word_embeddings=True,
         max_position_embeddings=128)),
+    # GLM-4.5: a dense first layer, sigmoid routing over groups with a choice bias, scaled,
+    # an ungated shared expert, half-rotary heads, q/k/v biases; q/k norms on the odd shape
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, attention_bias=True,
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    "glm4_moe-odd": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=12, moe_intermediate_size=40, n_routed_experts=6,
+        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=0,
+        norm_topk_prob=False, use_qk_norm=True, tie_word_embeddings=True,
+        max_position_embeddings=128)),
     # OLMoE: q/k norms over all heads (pre-norm layers), top-k of a softmax over all experts;
     # q, k and v clamped on the odd shape (clip_qkv)
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
@@ -173,6 +187,9 @@ def build_model(name: str, seed: int = 0):
                 p.mul_(5.0)                                            # MLP has gate_proj)
             if n.endswith("sinks"):                 # gpt-oss: sink logits of either sign
                 p.normal_(0.0, 1.0)
+        for n, b in m.named_buffers():              # GLM-4.5's router's choice bias (0 at
+            if n.endswith("e_score_correction_bias"):   # init: it would change nothing)
+                b.normal_(0.0, 0.3)
     return m
 
 

@@ -28,7 +28,7 @@ def rope_params(cfg: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def rotary_dim(cfg: dict, head_dim: int) -> int | None:
+def rotary_dim(cfg: dict, head_dim: int, default: float = 1.0) -> int | None:
     """The leading dims of each head that RoPE rotates (partial_rotary_factor at the config's
     top level or in its rope parameters: Phi-4-mini, GLM-4.5); None: all of them."""
     params = cfg.get("rope_parameters") or {}
@@ -36,7 +36,8 @@ def rotary_dim(cfg: dict, head_dim: int) -> int | None:
     frac = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor"))
     if frac is None and isinstance(cfg.get("rope_scaling"), dict):
         frac = cfg["rope_scaling"].get("partial_rotary_factor")
-    if frac is None or float(frac) == 1.0:
+    frac = default if frac is None else frac
+    if float(frac) == 1.0:
         return None
     dim = int(head_dim * float(frac))
     if dim <= 0 or dim % 2:
@@ -175,6 +176,17 @@ def _moe(cfg: dict, mt: str) -> dict:
                     router_bias=True, expert_bias=True, expert_act="swiglu_clamp",
                     swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+    if mt == "glm4_moe":    # Glm4MoeConfig's defaults; its first layers keep a dense MLP
+        n, shared = cfg["num_hidden_layers"], int(cfg.get("n_shared_experts", 1) or 0)
+        f = cfg.get("moe_intermediate_size", 1408)
+        return dict(num_experts=cfg.get("n_routed_experts", 128),
+                    experts_per_token=cfg.get("num_experts_per_tok", 8), expert_ffn_dim=f,
+                    shared_expert_ffn_dim=f * shared, shared_expert_gate=False,
+                    router_kind="sigmoid_group", n_group=cfg.get("n_group", 1),
+                    topk_group=cfg.get("topk_group", 1),
+                    routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                    moe_layers=tuple(range(cfg.get("first_k_dense_replace", 1), n)))
     if mt == "olmoe":       # OlmoeConfig's defaults: softmax over all, top-k, not renormalised
         return dict(num_experts=cfg.get("num_experts", 64),
                     experts_per_token=cfg.get("num_experts_per_tok", 8),
@@ -200,7 +212,7 @@ def _moe(cfg: dict, mt: str) -> dict:
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     qk_whole = olmo or mt == "olmoe"
-    gpt_oss = mt == "gpt_oss"
+    gpt_oss, glm = mt == "gpt_oss", mt == "glm4_moe"
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
     if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
@@ -215,15 +227,17 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         arch="llama", family="gemma3" if gemma3 else mt, vocab_size=cfg["vocab_size"],
         hidden_size=h, num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=head_dim, rotary_dim=rotary_dim(cfg, head_dim),
+        head_dim=head_dim, rotary_dim=rotary_dim(cfg, head_dim, 0.5 if glm else 1.0),
         ffn_dim=cfg["intermediate_size"],
         max_positions=cfg.get("max_position_embeddings", 4096),
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        attention_bias=cfg.get("attention_bias", False),
+        attention_bias=cfg.get("attention_bias", False) and not glm,
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
-        qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)),
-        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or qk_whole, qk_norm_whole=qk_whole,
+        qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True))
+        or (glm and cfg.get("attention_bias", False)),
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or qk_whole
+        or (glm and cfg.get("use_qk_norm", False)), qk_norm_whole=qk_whole,
         clip_qkv=cfg.get("clip_qkv") if mt == "olmoe" else None,
         pre_norms=not olmo, norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
         mlp_act=_act(cfg),

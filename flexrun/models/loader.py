@@ -39,7 +39,7 @@ _SANDWICH = {"post_attention_layernorm": "post_attn_norm",
              "pre_feedforward_layernorm": "mlp_norm",
              "post_feedforward_layernorm": "post_mlp_norm"}
 _FAMILY_LAYER = {   # what a family names otherwise than Llama
-    "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS, "olmoe": _QK_NORMS,
+    "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS, "olmoe": _QK_NORMS, "glm4_moe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
     "gemma2": _SANDWICH, "gemma3": {**_SANDWICH, **_QK_NORMS},
     # OLMo-2 / 3: norms after attention and after the MLP only, q/k norms over all heads
@@ -56,7 +56,12 @@ _LAYER_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 _MOE_LAYER = {"block_sparse_moe.gate": "router", "mlp.gate": "router", "mlp.router": "router",
               "mlp.shared_expert.gate_proj": "shared.gate",
               "mlp.shared_expert.up_proj": "shared.up",
-              "mlp.shared_expert.down_proj": "shared.down", "mlp.shared_expert_gate": "shared_gate"}
+              "mlp.shared_expert.down_proj": "shared.down", "mlp.shared_expert_gate": "shared_gate",
+              "mlp.shared_experts.gate_proj": "shared.gate",      # GLM-4.5 (ungated)
+              "mlp.shared_experts.up_proj": "shared.up",
+              "mlp.shared_experts.down_proj": "shared.down"}
+# GLM-4.5's router's choice bias (a buffer saved beside its weight)
+_CORRECTION_RE = re.compile(r"layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$")
 _EXPERT_RE = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
                         r"(w1|w2|w3|gate_proj|up_proj|down_proj)")
 _EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
@@ -93,6 +98,9 @@ def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
         if g:       # (scales are read with their blocks)
             kind = _GPT_OSS_KIND.get(g.group(4))
             return f"layers.{g.group(1)}.experts.{g.group(3)}{kind}" if kind else None
+    c = _CORRECTION_RE.fullmatch(name) if spec.router_kind == "sigmoid_group" else None
+    if c:
+        return f"layers.{c.group(1)}.router.correction"
     m = _LAYER_RE.fullmatch(name)
     table = _OPT_LAYER if spec.arch == "opt" else {**_LLAMA_LAYER,
                                                    **_FAMILY_LAYER.get(spec.family, {})}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from flexrun.config import FlexrunError
-from flexrun.models.common import joined, linear, linear_rows
+from flexrun.models.common import dense, joined, linear, linear_rows
 from flexrun.models.spec import ModelSpec
 
 
@@ -101,6 +101,8 @@ def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None 
     are scaled in fp32, then cast), as transformers does. bias: the router's (gpt-oss)."""
     if spec.routing != "router":
         return drawn_experts(x, spec.num_experts, spec.experts_per_token, spec.routing)
+    if spec.router_kind == "sigmoid_group":
+        return _sigmoid_group(x, w_router, spec, bias)
     probs = torch.softmax(linear(x, w_router, bias).float(), -1)
     top, idx = probs.topk(spec.experts_per_token, -1)
     if spec.router_kind == "topk_softmax" or spec.norm_topk_prob:
@@ -108,6 +110,26 @@ def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None 
     if spec.router_kind == "softmax_topk":
         top = top.to(x.dtype)
     return top, idx
+
+
+def _sigmoid_group(x: torch.Tensor, w_router, spec: ModelSpec, correction: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-4.5's router (DeepSeek-V3's), in fp32: sigmoid scores; the experts chosen by scores
+    + correction, top-k within the topk_group groups whose two best such scores sum highest;
+    their plain scores as weights, renormalised (norm_topk_prob), times routed_scaling."""
+    E, k, G = spec.num_experts, spec.experts_per_token, spec.n_group
+    scores = torch.sigmoid(F.linear(x.float(), dense(w_router).float()))
+    choice = scores + correction.float()
+    if G > 1:
+        groups = choice.view(-1, G, E // G).topk(2, -1).values.sum(-1)
+        keep = torch.zeros_like(groups).scatter_(
+            1, groups.topk(spec.topk_group, -1, sorted=False).indices, 1.0)
+        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // G, 1), float("-inf"))
+    idx = choice.topk(k, -1, sorted=False).indices
+    top = scores.gather(1, idx)
+    if spec.norm_topk_prob:
+        top = top / (top.sum(-1, keepdim=True) + 1e-20)
+    return top * spec.routed_scaling, idx
 
 
 @dataclass
@@ -190,7 +212,8 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     x2 = x.reshape(-1, x.shape[-1])
     E, k = spec.num_experts, spec.experts_per_token
     act = expert_activation(spec)
-    weight, idx = route(x2, w.get("router.weight"), spec, w.get("router.bias"))
+    weight, idx = route(x2, w.get("router.weight"), spec,
+                        w.get("router.correction", w.get("router.bias")))
     flat = idx.reshape(-1)
     counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(
         0, flat, torch.ones_like(flat))         # no host sync (bincount would take one)
@@ -230,8 +253,10 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         else:
             runner(x2, w, groups, out)
     if spec.shared_expert_ffn_dim:
-        gate = torch.sigmoid(linear(x2, w["shared_gate.weight"]))
-        out = out + gate * expert(x2, w, "shared.")
+        shared = expert(x2, w, "shared.")
+        if spec.shared_expert_gate:
+            shared = torch.sigmoid(linear(x2, w["shared_gate.weight"])) * shared
+        out = out + shared
     return out.view(x.shape)
 
 

@@ -15,10 +15,12 @@ FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
             "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
-            "olmoe": "llama"}
+            "olmoe": "llama", "glm4_moe": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
-           "softmax_topk")      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
+           "softmax_topk",      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
+           "sigmoid_group")     # GLM-4.5 (DeepSeek-V3's): sigmoid scores, top-k among the best
+#                                 groups by scores + a correction bias, renormalised, scaled
 # the experts' gated activations: silu(gate) * up, or gpt-oss's clamped one
 # (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
 EXPERT_ACTS = ("silu", "swiglu_clamp")
@@ -90,9 +92,16 @@ class ModelSpec:
     experts_per_token: int = 0    # top-k
     expert_ffn_dim: int = 0
     shared_expert_ffn_dim: int = 0       # Qwen2-MoE's shared expert (0: none)
+    shared_expert_gate: bool = True      # it is scaled by sigmoid(shared_gate(x)) (GLM: not)
     norm_topk_prob: bool = False         # softmax_topk: renormalise the top-k weights
     router_kind: str = "topk_softmax"    # ROUTERS
     router_bias: bool = False            # the router has a bias (gpt-oss)
+    # sigmoid_group: experts in n_group groups, the top-k picked within the topk_group best
+    # groups (a group's score: its two best), weights times routed_scaling; the router's
+    # "router.correction" (E,) biases the choice, not the weights
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
     expert_bias: bool = False            # the experts' gate, up and down have biases (gpt-oss)
     expert_act: str = "silu"             # EXPERT_ACTS
     swiglu_alpha: float = 1.702          # swiglu_clamp's alpha and limit
@@ -233,6 +242,8 @@ class ModelSpec:
         s = {"router.weight": (E, h)}
         if self.router_bias:
             s["router.bias"] = (E,)
+        if self.router_kind == "sigmoid_group":
+            s["router.correction"] = (E,)
         for e in range(E):
             s.update({f"experts.{e}.gate.weight": (f, h), f"experts.{e}.up.weight": (f, h),
                       f"experts.{e}.down.weight": (h, f)})
@@ -242,7 +253,9 @@ class ModelSpec:
         if self.shared_expert_ffn_dim:
             fs = self.shared_expert_ffn_dim
             s.update({"shared.gate.weight": (fs, h), "shared.up.weight": (fs, h),
-                      "shared.down.weight": (h, fs), "shared_gate.weight": (1, h)})
+                      "shared.down.weight": (h, fs)})
+            if self.shared_expert_gate:
+                s["shared_gate.weight"] = (1, h)
         return s
 
     # ---- sizes for the cost model ---------------------------------------------------------
