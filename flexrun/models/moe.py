@@ -94,6 +94,31 @@ def load_expert_tokens(path, spec: ModelSpec) -> list[list[int]]:
     return counts
 
 
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(g, inplace=True).mul_(up)
+
+
+def expert_activation(spec: ModelSpec) -> Activation:
+    """The gated activation of the spec's experts (ModelSpec.expert_act): silu(gate) * up, or
+    gpt-oss's (up + 1) * gate * sigmoid(alpha * gate) with gate <= limit, |up| <= limit."""
+    if spec.expert_act == "silu":
+        return silu_mul
+    alpha, limit = spec.swiglu_alpha, spec.swiglu_limit
+
+    def swiglu_clamp(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        g = g.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+    return swiglu_clamp
+
+
+def plain_experts(spec: ModelSpec) -> bool:
+    """Experts the grouped GEMMs run: silu-gated, without biases."""
+    return spec.expert_act == "silu" and not spec.expert_bias
+
+
 def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, experts), each (T, k), of the tokens x (T, hidden). The softmax is in fp32;
@@ -221,16 +246,17 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
         stats.record(counts, layer)
     out = torch.zeros_like(x2)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    small = grouped_fits(spec, x2.shape[0], x2.element_size()) and plain_experts(spec)
+    small = grouped_fits(spec, x2.shape[0], x2.element_size())
     stacked = None
     if small and runner is None:
         stacked = stacked_experts(w, E)
-    elif small and not capturing and hasattr(runner, "stack") and \
+    elif small and not capturing and hasattr(runner, "stack") and plain_experts(spec) and \
             grouped_mm_works(x.device, x.dtype):
         stacked = runner.stack(w, x2.shape[0])   # every expert staged: no host sync
     if stacked is not None and (grouped_mm_capturable(x.device, x.dtype) if capturing
                                 else grouped_mm_works(x.device, x.dtype)):
-        grouped_experts(x2, stacked, weight, idx, counts, out)
+        grouped_experts(x2, stacked, weight, idx, counts, out, act,
+                        stacked_biases(w, E) if spec.expert_bias else None)
     elif capturing:
         # a CUDA graph cannot wait for the counts: every expert over every token, weighted
         # by its routing weight or 0 (correct, E/k times the work of the grouped path)
@@ -296,6 +322,17 @@ def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return a.view(E, -1, a.shape[-1]), b.view(E, -1, b.shape[-1])
 
 
+def stacked_biases(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((E, 2 ffn) gate/up, (E, hidden) down) biases of a layer's experts, as views where
+    they lie back to back (LlamaModel.JOINED joins them with the weights), else stacked."""
+    gu = [w[f"experts.{e}.{p}.bias"] for e in range(E) for p in ("gate", "up")]
+    down = [w[f"experts.{e}.down.bias"] for e in range(E)]
+    a, b = joined(gu), joined(down)
+    a = torch.cat(gu) if a is None else a
+    b = torch.cat(down) if b is None else b
+    return a.view(E, -1), b.view(E, -1)
+
+
 def rows_aligned(dtype: torch.dtype, hidden: int, ffn: int) -> bool:
     """Whether rows of `hidden` and of `ffn` values are whole 16-byte units (grouped GEMMs
     need their strides so)."""
@@ -341,54 +378,44 @@ def grouped_mm_capturable(device: torch.device, dtype: torch.dtype) -> bool:
 
 def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor],
                     weight: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
-                    out: torch.Tensor) -> None:
+                    out: torch.Tensor, act: Activation | None = None,
+                    biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Every routed expert in two grouped GEMMs (gate/up, then down) over the (token, slot)
     pairs sorted by expert: no loop over experts and no host sync (so a CUDA graph can
-    capture it), the work of the routed tokens only."""
+    capture it), the work of the routed tokens only. act / biases: the experts' own
+    (gpt-oss), each pair's bias rows picked by its expert."""
     W1, W2 = stacked
     T, k = idx.shape
     idx, slot = idx.sort(-1)            # each token's experts in ascending order
     weight = weight.gather(1, slot)
-    order = idx.reshape(-1).argsort(stable=True)
-    y = grouped_mlp(x2[order // k], W1, W2, counts.cumsum(0).to(torch.int32))
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    rows_bias = None
+    if biases is not None:
+        B1, B2 = biases
+        eid = flat[order]               # the pairs' experts, sorted as their rows
+        rows_bias = (B1[eid], B2[eid])
+    y = grouped_mlp(x2[order // k], W1, W2, counts.cumsum(0).to(torch.int32), act, rows_bias)
     y = (y * weight.reshape(-1)[order, None]).to(out.dtype)
     ys = torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)
     for j in range(k):      # expert order per token, as the per-expert loop adds (no atomics)
         out.add_(ys[:, j])
 
 
-def grouped_mlp(xs: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
-                offs: torch.Tensor) -> torch.Tensor:
+def grouped_mlp(xs: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, offs: torch.Tensor,
+                act: Activation | None = None,
+                rows_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) of every expert over its rows of xs (sorted by expert,
     expert e's rows ending at offs[e], int32) in two grouped GEMMs; W1 (E, 2 ffn, hidden)
-    holds each expert's gate then up, W2 (E, hidden, ffn) its down."""
-    g, up = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs).chunk(2, -1)
-    return torch._grouped_mm(F.silu(g).mul_(up), W2.transpose(1, 2), offs=offs)
-
-
-Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(g, inplace=True).mul_(up)
-
-
-def expert_activation(spec: ModelSpec) -> Activation:
-    """The gated activation of the spec's experts (ModelSpec.expert_act): silu(gate) * up, or
-    gpt-oss's (up + 1) * gate * sigmoid(alpha * gate) with gate <= limit, |up| <= limit."""
-    if spec.expert_act == "silu":
-        return silu_mul
-    alpha, limit = spec.swiglu_alpha, spec.swiglu_limit
-
-    def swiglu_clamp(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        g = g.clamp(max=limit)
-        return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
-    return swiglu_clamp
-
-
-def plain_experts(spec: ModelSpec) -> bool:
-    """Experts the grouped GEMMs run: silu-gated, without biases."""
-    return spec.expert_act == "silu" and not spec.expert_bias
+    holds each expert's gate then up, W2 (E, hidden, ffn) its down. act: another gated
+    activation; rows_bias: each row's gate/up and down biases ((rows, 2 ffn), (rows, hidden))."""
+    h = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs)
+    if rows_bias is not None:
+        h = h + rows_bias[0].to(h.dtype)
+    g, up = h.chunk(2, -1)
+    y = torch._grouped_mm(F.silu(g).mul_(up) if act in (None, silu_mul) else
+                          act(g, up).contiguous(), W2.transpose(1, 2), offs=offs)
+    return y if rows_bias is None else y + rows_bias[1].to(y.dtype)
 
 
 def expert(x: torch.Tensor, w: dict, prefix: str, act: Activation | None = None
