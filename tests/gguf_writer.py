@@ -11,6 +11,8 @@ map_tensor_name uses) and tensor transformations of the converter's model class
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
   smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
+  glm4_moe        Glm4MoeModel: experts stacked as Qwen's, shared ones ffn_*_shexp, the
+                  router's e_score_correction_bias as exp_probs_b.bias, MoE keys, rope dims
   olmo2, olmo3    Olmo2Model (arch olmo2): TextModel keys, OLMo-3's window and per-layer
                   sliding_window_pattern
   gemma3_text     Gemma3Model: TextModel keys (the global layers' rope), norms + 1, window,
@@ -46,7 +48,7 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
-        "olmo2": A.OLMO2, "olmo3": A.OLMO2, "mixtral": A.LLAMA,
+        "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -76,6 +78,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     names = gguf.get_tensor_name_map(ARCH[family], hp["num_hidden_layers"])
     heads, kv_heads = hp["num_attention_heads"], hp["num_key_value_heads"]
     for name, t in _stack_experts(checkpoint_tensors(hf_model)):
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # GLM-4.5
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
         data = t.detach().to(torch.float32).numpy()
@@ -299,6 +302,21 @@ def _gemma2(w, hp: dict, rope: dict) -> list:
     return []
 
 
+def _glm4_moe(w, hp: dict, rope: dict) -> list:
+    """Glm4MoeModel.set_gguf_parameters (no NextN layers here)."""
+    _text_model(w, hp, rope)
+    head_dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
+    w.add_expert_count(hp["n_routed_experts"])
+    w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
+    w.add_expert_shared_count(hp["n_shared_experts"])
+    w.add_leading_dense_block_count(hp["first_k_dense_replace"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(hp["routed_scaling_factor"])
+    w.add_expert_weights_norm(hp["norm_topk_prob"])
+    return []
+
+
 def _olmo2(w, hp: dict, rope: dict) -> list:
     """Olmo2Model.set_gguf_parameters (OLMo-2 and OLMo-3): TextModel's keys, and for OLMo-3
     the window with a per-layer sliding_window_pattern."""
@@ -321,7 +339,7 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
-             "olmo2": _olmo2, "olmo3": _olmo2,
+             "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe,
              "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 

@@ -1,7 +1,7 @@
 """Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
-Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, qwen2, qwen3, qwen2moe, qwen3moe,
-phi3, gemma2 and gemma3; what differs between them is in gguf_arch.py. Only gguf, numpy, torch and
+Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, olmo2, qwen2, qwen3, qwen2moe,
+qwen3moe, glm4moe, phi3, gemma2 and gemma3; what differs between them is in gguf_arch.py. Only gguf, numpy, torch and
 tokenizers are used. Tensors are memory-mapped by gguf.GGUFReader and dequantized one at a time
 (stacked experts one expert at a time), so the model is never held twice.
 """
@@ -182,6 +182,8 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     m = _BLK_RE.fullmatch(gguf_name)
     if m:
         sub = gguf_arch(arch).layers.get(m.group(2))
+        if sub == "mlp.gate.e_score_correction":     # GLM-4.5: HF's name has no dot
+            return f"model.layers.{m.group(1)}.{sub}_{m.group(3)}"
         return f"model.layers.{m.group(1)}.{sub}.{m.group(3)}" if sub else None
     base, _, kind = gguf_name.rpartition(".")
     return f"{TOP_NAMES[base]}.{kind}" if base in TOP_NAMES else None

@@ -52,6 +52,14 @@ GEMMA2_LAYERS = {**_ATTN_MLP, "post_attention_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm",
                  "post_ffw_norm": "post_feedforward_layernorm"}
 GEMMA3_LAYERS = {**GEMMA2_LAYERS, **_QK_NORMS}
+# GLM-4.5: post_attention_layernorm -> post_attention_norm; routed experts as Qwen's, shared
+# ones ffn_*_shexp (mlp.shared_experts, ungated), the router's choice bias exp_probs_b.bias
+GLM4_MOE_LAYERS = {**{k: v for k, v in QWEN_EXPERTS.items() if "shexp" not in k},
+                   **_ATTN_MLP, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
+                   "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+                   "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                   "ffn_down_shexp": "mlp.shared_experts.down_proj",
+                   "exp_probs_b": "mlp.gate.e_score_correction"}
 # OLMo-2 / 3: no pre-norms; post_attention_layernorm -> post_attention_norm, post_feedforward_
 # layernorm -> post_ffw_norm, q/k norms over all heads as attn_q_norm / attn_k_norm
 OLMO2_LAYERS = {k: v for k, v in _ATTN_MLP.items() if k != "attn_norm"} | {
@@ -236,6 +244,33 @@ def _olmo2(m, cfg: dict) -> None:
                                 for s in sliding_flags(m, cfg["num_hidden_layers"], 4)])
 
 
+def _glm4_moe(m, cfg: dict) -> None:
+    """Glm4MoeModel.set_gguf_parameters: block_count counts the NextN (MTP) layers too
+    (nextn_predict_layers: dropped here), expert_count the routed experts, expert_shared_count,
+    leading_dense_block_count, expert_weights_scale / _norm, a sigmoid gating function and
+    rope.dimension_count = head_dim * partial_rotary_factor; no expert groups (llama.cpp
+    reads expert_group_count / expert_group_used_count where a file has them)."""
+    n = cfg["num_hidden_layers"] - int(m("nextn_predict_layers", 0) or 0)
+    E, k = int(m("expert_count", 0)), int(m("expert_used_count", 0))
+    if not E or not k:
+        raise ValueError(f"{m.arch} GGUF without {m.arch}.expert_count / expert_used_count")
+    if int(m("expert_gating_func", 2) or 2) != 2:
+        raise ValueError(f"{m.arch} GGUF with a gating function other than sigmoid")
+    rot = int(m("rope.dimension_count") or cfg["head_dim"])
+    cfg.update(num_hidden_layers=n, hidden_act="silu", n_routed_experts=E,
+               num_experts_per_tok=k,
+               moe_intermediate_size=int(m("expert_feed_forward_length")),
+               n_shared_experts=int(m("expert_shared_count", 0) or 0),
+               first_k_dense_replace=int(m("leading_dense_block_count", 0) or 0),
+               routed_scaling_factor=float(m("expert_weights_scale", 1.0) or 1.0),
+               norm_topk_prob=bool(m("expert_weights_norm", True)),
+               n_group=int(m("expert_group_count", 1) or 1),
+               topk_group=int(m("expert_group_used_count", 1) or 1),
+               partial_rotary_factor=rot / cfg["head_dim"],
+               attention_bias="blk.0.attn_q.bias" in m.names,
+               use_qk_norm="blk.0.attn_q_norm.weight" in m.names)
+
+
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
 # hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3, GEMMA2 and GEMMA3 are
 # LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
@@ -246,6 +281,7 @@ ARCHS = {
     "smollm3": GGUFArch("SmolLM3ForCausalLM", "smollm3", DENSE_LAYERS, permute_qk=True,
                         extra=_smollm3),
     "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
+    "glm4moe": GGUFArch("Glm4MoeForCausalLM", "glm4_moe", GLM4_MOE_LAYERS, extra=_glm4_moe),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
     "qwen2moe": GGUFArch("Qwen2MoeForCausalLM", "qwen2_moe", QWEN2_MOE_LAYERS,
@@ -267,6 +303,6 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "SmolLM3, OLMo-2/3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Phi-3, "
-                         "Gemma-2, Gemma-3)")
+                         "SmolLM3, OLMo-2/3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, GLM-4.5, "
+                         "Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]
