@@ -11,6 +11,7 @@ map_tensor_name uses) and tensor transformations of the converter's model class
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
   smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
+  olmoe           OlmoeModel: TextModel keys (expert counts), experts stacked as Qwen's
   glm4_moe        Glm4MoeModel: experts stacked as Qwen's, shared ones ffn_*_shexp, the
                   router's e_score_correction_bias as exp_probs_b.bias, MoE keys, rope dims
   olmo2, olmo3    Olmo2Model (arch olmo2): TextModel keys, OLMo-3's window and per-layer
@@ -48,7 +49,8 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
-        "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "mixtral": A.LLAMA,
+        "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "olmoe": A.OLMOE,
+        "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -339,7 +341,7 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
-             "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe,
+             "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe, "olmoe": _qwen,
              "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 

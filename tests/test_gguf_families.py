@@ -112,6 +112,9 @@ MOE_CASES = {
                      ["num_experts", "num_experts_per_tok", "moe_intermediate_size",
                       "shared_expert_intermediate_size", "norm_topk_prob", "qkv_bias",
                       "mlp_only_layers"]),
+    "olmoe": ("OlmoeConfig", dict(SMALL, num_experts=4, num_experts_per_tok=2,
+                                  norm_topk_prob=False, tie_word_embeddings=False), "f32",
+              ["num_experts", "num_experts_per_tok", "norm_topk_prob"]),
     # GLM-4.5: a dense first layer, 2 shared experts, half-rotary heads, q/k/v biases and
     # q/k norms, sigmoid routing scaled and not renormalised
     "glm4_moe": ("Glm4MoeConfig", dict(SMALL, num_hidden_layers=3, head_dim=16,
@@ -133,7 +136,7 @@ HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
             "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
             "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-            "glm4_moe": "Glm4MoeForCausalLM",
+            "glm4_moe": "Glm4MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "olmo3": "Olmo3ForCausalLM",
             "mixtral": "MixtralForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}

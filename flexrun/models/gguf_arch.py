@@ -41,6 +41,7 @@ _QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm
 QWEN3_LAYERS = {**DENSE_LAYERS, **_QK_NORMS}
 QWEN2_MOE_LAYERS = {**DENSE_LAYERS, **QWEN_EXPERTS}
 QWEN3_MOE_LAYERS = {**QWEN2_MOE_LAYERS, **_QK_NORMS}
+OLMOE_LAYERS = QWEN3_MOE_LAYERS         # (its q/k norms span all heads: same tensor names)
 # Phi-3 keeps HF's fused tensors: qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (holding
 # [gate; up], llama-model.cpp loads it as {n_embd, 2 * n_ff} and runs LLM_FFN_SWIGLU on it)
 PHI3_LAYERS = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -244,6 +245,17 @@ def _olmo2(m, cfg: dict) -> None:
                                 for s in sliding_flags(m, cfg["num_hidden_layers"], 4)])
 
 
+def _olmoe(m, cfg: dict) -> None:
+    """OlmoeModel.set_gguf_parameters: TextModel's keys with expert_count / expert_used_count
+    (feed_forward_length is the experts' width); llama.cpp's olmoe graph does not renormalise
+    the top-k, as OLMoE's norm_topk_prob is off."""
+    E, k = int(m("expert_count", 0)), int(m("expert_used_count", 0))
+    if not E or not k:
+        raise ValueError(f"{m.arch} GGUF without {m.arch}.expert_count / expert_used_count")
+    cfg.update(hidden_act="silu", num_experts=E, num_experts_per_tok=k, norm_topk_prob=False,
+               attention_bias="blk.0.attn_q.bias" in m.names)
+
+
 def _glm4_moe(m, cfg: dict) -> None:
     """Glm4MoeModel.set_gguf_parameters: block_count counts the NextN (MTP) layers too
     (nextn_predict_layers: dropped here), expert_count the routed experts, expert_shared_count,
@@ -281,6 +293,7 @@ ARCHS = {
     "smollm3": GGUFArch("SmolLM3ForCausalLM", "smollm3", DENSE_LAYERS, permute_qk=True,
                         extra=_smollm3),
     "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
+    "olmoe": GGUFArch("OlmoeForCausalLM", "olmoe", OLMOE_LAYERS, extra=_olmoe),
     "glm4moe": GGUFArch("Glm4MoeForCausalLM", "glm4_moe", GLM4_MOE_LAYERS, extra=_glm4_moe),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
@@ -303,6 +316,7 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "SmolLM3, OLMo-2/3, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, GLM-4.5, "
+                         "SmolLM3, OLMo-2/3, OLMoE, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
+                         "GLM-4.5, "
                          "Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]
