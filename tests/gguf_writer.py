@@ -11,6 +11,8 @@ map_tensor_name uses) and tensor transformations of the converter's model class
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
   smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
+  gpt_oss         GptOssModel: experts de-interleaved and transposed into ffn_*_exps (MXFP4
+                  with tensor_type "mxfp4", the rest F32), biases, attn_sinks.weight, yarn
   olmoe           OlmoeModel: TextModel keys (expert counts), experts stacked as Qwen's
   glm4_moe        Glm4MoeModel: experts stacked as Qwen's, shared ones ffn_*_shexp, the
                   router's e_score_correction_bias as exp_probs_b.bias, MoE keys, rope dims
@@ -50,12 +52,13 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
         "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "olmoe": A.OLMOE,
-        "mixtral": A.LLAMA,
+        "gpt_oss": A.GPT_OSS, "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
 TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
-         "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0)}
+         "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
+         "mxfp4": (Q.MXFP4, FT.MOSTLY_MXFP4_MOE)}   # gpt-oss: experts MXFP4, the rest F32
 
 
 def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
@@ -79,7 +82,10 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     w.add_file_type(TYPES[tensor_type][1])
     names = gguf.get_tensor_name_map(ARCH[family], hp["num_hidden_layers"])
     heads, kv_heads = hp["num_attention_heads"], hp["num_key_value_heads"]
-    for name, t in _stack_experts(checkpoint_tensors(hf_model)):
+    tensors = checkpoint_tensors(hf_model)
+    if family == "gpt_oss":
+        tensors = _gpt_oss_tensors(tensors)
+    for name, t in _stack_experts(tensors):
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # GLM-4.5
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
@@ -94,6 +100,8 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise ValueError(f"no GGUF name for {name}")
+        if gname.endswith("attn_sinks"):          # GptOssModel: sinks += ".weight"
+            gname += ".weight"
         _add(w, gname, data, tensor_type)
     for gname, data in extra:
         w.add_tensor(gname, np.asarray(data, dtype=np.float32))
@@ -103,6 +111,27 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gpt_oss_tensors(tensors: dict) -> dict:
+    """GptOssModel.modify_tensors on unquantized experts: gate_up_proj (E, hidden, 2 ffn)
+    transposed and de-interleaved into gate (rows 0::2) and up (1::2), biases alike,
+    down_proj transposed: stacked experts the name map knows."""
+    out = {}
+    for name, t in tensors.items():
+        base = name.rsplit(".", 1)[0] + "."
+        if name.endswith("experts.gate_up_proj"):
+            t = t.transpose(1, 2)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = t[:, 0::2], t[:, 1::2]
+        elif name.endswith("experts.gate_up_proj_bias"):
+            out[base + "gate_proj.bias"], out[base + "up_proj.bias"] = t[:, 0::2], t[:, 1::2]
+        elif name.endswith("experts.down_proj"):
+            out[base + "down_proj.weight"] = t.transpose(1, 2)
+        elif name.endswith("experts.down_proj_bias"):
+            out[base + "down_proj.bias"] = t
+        else:
+            out[name] = t
+    return {n: t.contiguous() for n, t in out.items()}
 
 
 def checkpoint_tensors(hf_model) -> dict[str, torch.Tensor]:
@@ -144,6 +173,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def stored_type(shape, tensor_type: str, name: str = "") -> Q:
     """The GGML type a tensor of this HF shape (and HF or GGUF name) is written as."""
     qtype = TYPES[tensor_type][0]
+    if qtype == Q.MXFP4:                # gpt-oss's converter: only the experts' weights
+        exps = "_exps.weight" in name or ".experts." in name and name.endswith("proj.weight")
+        return Q.MXFP4 if exps and len(shape) > 1 else Q.F32
     if len(shape) <= 1 or name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight",
                                          "shared_expert_gate.weight", "ffn_gate_inp.weight",
                                          "ffn_gate_inp_shexp.weight")):
@@ -319,6 +351,15 @@ def _glm4_moe(w, hp: dict, rope: dict) -> list:
     return []
 
 
+def _gpt_oss(w, hp: dict, rope: dict) -> list:
+    """GptOssModel.set_gguf_parameters: TextModel's keys (yarn), the window, the experts'
+    width."""
+    _text_model(w, hp, rope)
+    w.add_sliding_window(hp["sliding_window"])
+    w.add_expert_feed_forward_length(hp["intermediate_size"])
+    return []
+
+
 def _olmo2(w, hp: dict, rope: dict) -> list:
     """Olmo2Model.set_gguf_parameters (OLMo-2 and OLMo-3): TextModel's keys, and for OLMo-3
     the window with a per-layer sliding_window_pattern."""
@@ -342,6 +383,7 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
              "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe, "olmoe": _qwen,
+             "gpt_oss": _gpt_oss,
              "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 

@@ -132,3 +132,32 @@ def test_sinks_weigh_the_softmax():
     share = torch.sigmoid(lse - sink[None, :, None])                   # Z / (Z + e^sink)
     want = plain.view(2, 3, 4, 8) * share.transpose(1, 2)[..., None]
     torch.testing.assert_close(sunk.view(2, 3, 4, 8), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ttype", ["f32", "mxfp4"])
+def test_gguf_gives_transformers_tokens(tmp_path, ttype):
+    """A GGUF written as llama.cpp's GptOssModel writes it (experts de-interleaved and
+    transposed, MXFP4 where asked, sinks, router and expert biases, yarn): flexrun's tokens
+    from it equal transformers' on the original weights (rounded as the file stores them)."""
+    from flexrun.models.gguf import gguf_config
+    from gguf_writer import stored_value, write_gguf_like_llama_cpp
+    m = _tiny(seed=2)
+    if ttype == "mxfp4":      # the reference holds the experts as the file rounds them
+        with torch.no_grad():
+            for layer in m.model.layers:
+                ex = layer.mlp.experts
+                for name in ("gate_up_proj", "down_proj"):
+                    w = getattr(ex, name).transpose(1, 2)       # (E, out, in) as stored
+                    back = stored_value(w.numpy(), ttype, "blk.0.ffn_gate_exps.weight")
+                    getattr(ex, name).copy_(torch.from_numpy(back).transpose(1, 2))
+    path = write_gguf_like_llama_cpp(m, tmp_path / "g.gguf", tensor_type=ttype)
+    cfg = gguf_config(path)
+    assert cfg["model_type"] == "gpt_oss" and cfg["layer_types"] == m.config.layer_types
+    assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (4, 2)
+    ref_dir = tmp_path / "ref"
+    m.save_pretrained(str(ref_dir), safe_serialization=True)
+    prompts = ragged_prompts(4, seed=9)
+    ref = hf_greedy(ref_dir, prompts, 12)
+    with LLM(str(path), device="cpu", policy="resident") as llm:
+        assert llm.spec.attn_sinks and llm.spec.expert_bias
+        assert [o.output_ids for o in llm.generate(prompts, 12, GREEDY)] == ref

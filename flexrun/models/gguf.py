@@ -1,7 +1,7 @@
 """Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
 Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, olmo2, qwen2, qwen3, qwen2moe,
-qwen3moe, olmoe, glm4moe, phi3, gemma2 and gemma3; what differs between them is in
+qwen3moe, olmoe, glm4moe, gpt-oss, phi3, gemma2 and gemma3; what differs between them is in
 gguf_arch.py. Only gguf, numpy, torch and tokenizers are used. Tensors are memory-mapped by
 gguf.GGUFReader and dequantized one at a time (stacked experts one expert at a time), so the
 model is never held twice.
@@ -296,7 +296,11 @@ def _pre_tokenizer(pre: str | None):
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_PRE:
         return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
-    return byte_level                                            # "gpt2", "default", unknown
+    if pre not in (None, "gpt2", "default"):
+        # another split (gpt-4o's, ...) would tokenize text differently, silently
+        raise ValueError(f"GGUF tokenizer pre-type {pre!r} is not one flexrun rebuilds (gpt2, "
+                         "llama3, qwen2, tekken, smollm and their kin)")
+    return byte_level
 
 
 @functools.lru_cache(maxsize=1)

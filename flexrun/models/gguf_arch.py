@@ -42,6 +42,14 @@ QWEN3_LAYERS = {**DENSE_LAYERS, **_QK_NORMS}
 QWEN2_MOE_LAYERS = {**DENSE_LAYERS, **QWEN_EXPERTS}
 QWEN3_MOE_LAYERS = {**QWEN2_MOE_LAYERS, **_QK_NORMS}
 OLMOE_LAYERS = QWEN3_MOE_LAYERS         # (its q/k norms span all heads: same tensor names)
+# gpt-oss: sinks, the router ffn_gate_inp (with a bias), experts de-interleaved by the converter
+# into ffn_gate_exps / ffn_up_exps / ffn_down_exps (each with a bias), post_attention_norm the
+# norm before the MLP
+GPT_OSS_LAYERS = {**_ATTN_MLP, "post_attention_norm": "post_attention_layernorm",
+                  "attn_sinks": "self_attn.sinks", "ffn_gate_inp": "mlp.router",
+                  "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+                  "ffn_up_exps": "mlp.experts.{e}.up_proj",
+                  "ffn_down_exps": "mlp.experts.{e}.down_proj"}
 # Phi-3 keeps HF's fused tensors: qkv_proj -> attn_qkv, gate_up_proj -> ffn_up (holding
 # [gate; up], llama-model.cpp loads it as {n_embd, 2 * n_ff} and runs LLM_FFN_SWIGLU on it)
 PHI3_LAYERS = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj",
@@ -245,6 +253,27 @@ def _olmo2(m, cfg: dict) -> None:
                                 for s in sliding_flags(m, cfg["num_hidden_layers"], 4)])
 
 
+def _gpt_oss(m, cfg: dict) -> None:
+    """GptOssModel.set_gguf_parameters: TextModel's keys (yarn rope, expert counts),
+    attention.sliding_window and expert_feed_forward_length; llama.cpp slides every other
+    layer (the first) and fixes the SwiGLU's alpha 1.702 and limit 7; HF's yarn for gpt-oss
+    does not truncate its correction range."""
+    E, k = int(m("expert_count", 0)), int(m("expert_used_count", 0))
+    if not E or not k:
+        raise ValueError(f"{m.arch} GGUF without {m.arch}.expert_count / expert_used_count")
+    layers = cfg["num_hidden_layers"]
+    cfg.update(hidden_act="silu", num_local_experts=E, num_experts_per_tok=k,
+               intermediate_size=int(m("expert_feed_forward_length")
+                                     or cfg["intermediate_size"]),
+               sliding_window=int(m("attention.sliding_window", 128)),
+               layer_types=["sliding_attention" if s else "full_attention"
+                            for s in sliding_flags(m, layers, 2)],
+               attention_bias=True, tie_word_embeddings=False)
+    if cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = {"beta_fast": 32.0, "beta_slow": 1.0, **cfg["rope_scaling"],
+                               "truncate": False}
+
+
 def _olmoe(m, cfg: dict) -> None:
     """OlmoeModel.set_gguf_parameters: TextModel's keys with expert_count / expert_used_count
     (feed_forward_length is the experts' width); llama.cpp's olmoe graph does not renormalise
@@ -294,6 +323,7 @@ ARCHS = {
                         extra=_smollm3),
     "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
     "olmoe": GGUFArch("OlmoeForCausalLM", "olmoe", OLMOE_LAYERS, extra=_olmoe),
+    "gpt-oss": GGUFArch("GptOssForCausalLM", "gpt_oss", GPT_OSS_LAYERS, extra=_gpt_oss),
     "glm4moe": GGUFArch("Glm4MoeForCausalLM", "glm4_moe", GLM4_MOE_LAYERS, extra=_glm4_moe),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", DENSE_LAYERS, extra=_qwen2),
     "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", QWEN3_LAYERS, extra=_qwen3),
@@ -317,6 +347,6 @@ def gguf_arch(name: str) -> GGUFArch:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
                          "SmolLM3, OLMo-2/3, OLMoE, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
-                         "GLM-4.5, "
+                         "GLM-4.5, gpt-oss, "
                          "Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]

@@ -76,8 +76,8 @@ _FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_mo
 # hidden), each with a bias (E, 2 * ffn) / (E, hidden); they come out as "experts.gate_up_t"
 # / "experts.down_t" (split_fused divides and transposes them). The Hub files hold the
 # weights in MXFP4 (*_blocks, *_scales): "experts.gate_up_mx" / "experts.down_mx" (mxfp4.py)
-_GPT_OSS_RE = re.compile(r"layers\.(\d+)\.(?:self_attn\.(sinks)|mlp\.experts\.(gate_up|down)"
-                         r"_proj(_bias|_blocks|_scales)?)$")
+_GPT_OSS_RE = re.compile(r"layers\.(\d+)\.(?:self_attn\.(sinks)(?:\.weight)?|mlp\.experts\."
+                         r"(gate_up|down)_proj(_bias|_blocks|_scales)?)$")
 _GPT_OSS_KIND = {None: "_t.weight", "_bias": "_t.bias", "_blocks": "_mx.weight"}
 
 
