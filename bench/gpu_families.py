@@ -1,7 +1,7 @@
-"""GPU rows for every family (dense and mixture of experts): flexrun on CUDA (fp16; Gemma-2
-and Gemma-3 bf16) against transformers on CUDA in the same dtype, token agreement per family;
-and flexrun's own paths on CUDA (offloaded with CPU attention, CUDA graphs off, 4-bit weights)
-against its resident run.
+"""GPU rows for every family (dense and mixture of experts): flexrun on CUDA (fp16; Gemma-2,
+Gemma-3 and gpt-oss bf16) against transformers on CUDA in the same dtype, token agreement per
+family; and flexrun's own paths on CUDA (offloaded with CPU attention, CUDA graphs off, 4-bit
+weights) against its resident run.
 
 python -m bench.gpu_families OUT.json [FAMILY...]   (on the GPU machine; bench.gpu_smoke runs
 it too). Named families are rerun and merged into an existing OUT.json; none names them all.

@@ -5,7 +5,8 @@ import torch
 
 from flexrun.config import FlexrunError
 
-BF16_FAMILIES = ("gemma2", "gemma3")   # their activations overflow fp16 on real checkpoints
+BF16_FAMILIES = ("gemma2", "gemma3", "gpt_oss")  # fp16 overflows on real checkpoints (gpt-oss:
+#                                                   trained and shipped in bf16 with MXFP4)
 
 
 def default_device() -> str:
