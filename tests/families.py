@@ -133,6 +133,21 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=0,
         norm_topk_prob=False, use_qk_norm=True, tie_word_embeddings=True,
         max_position_embeddings=128)),
+    # Llama 4: sigmoid top-k routing that scales the experts' inputs, an ungated shared expert,
+    # MoE layers interleaved with dense ones (intermediate_size_mlp), no RoPE on every 4th
+    # layer, q/k L2-normed after RoPE elsewhere, interleaved RoPE pairs, llama3 rope scaling
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, tie_word_embeddings=False,
+        max_position_embeddings=128, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama4-odd": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        hidden_size=72, intermediate_size=40, intermediate_size_mlp=80, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=3, head_dim=12, num_local_experts=6,
+        num_experts_per_tok=2, no_rope_layers=[1, 0, 1], use_qk_norm=False,
+        tie_word_embeddings=True, max_position_embeddings=128)),
     # OLMoE: q/k norms over all heads (pre-norm layers), top-k of a softmax over all experts;
     # q, k and v clamped on the odd shape (clip_qkv)
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(

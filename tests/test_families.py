@@ -147,6 +147,7 @@ PRESETS = {"qwen2.5-72b": (72.7e9, "qwen2"), "qwen3-32b": (32.8e9, "qwen3"),
            "smollm3-3b": (3.075e9, "smollm3"), "gpt-oss-20b": (20.91e9, "gpt_oss"),
            "gpt-oss-120b": (116.83e9, "gpt_oss"), "olmoe-1b-7b": (6.92e9, "olmoe"),
            "glm-4.5-air": (106.85e9, "glm4_moe"),
+           "llama4-scout": (107.77e9, "llama4"),     # its text decoder (109B with vision)
            "mistral-7b": (7.24e9, "mistral"), "mixtral-8x7b": (46.7e9, "mixtral"),
            "mixtral-8x22b": (141e9, "mixtral"), "qwen3-30b-a3b": (30.5e9, "qwen3_moe"),
            "qwen2-57b-a14b": (57e9, "qwen2_moe")}

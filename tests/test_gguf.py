@@ -194,14 +194,14 @@ def test_synthetic_tensors_roundtrip(tmp_path, heads, kv_heads, tie):
 
 
 def test_unpermute_inverts_llama_cpp_permute():
-    from flexrun.models.gguf import unpermute_qk
+    from flexrun.models.rope import interleaved_to_halves
     w = torch.arange(6 * 8 * 3, dtype=torch.float32).reshape(6 * 8, 3)
     for n_head in (1, 2, 3, 6):
         permuted = torch.from_numpy(permute_like_llama_cpp(w.numpy(), n_head))
-        assert torch.equal(unpermute_qk(permuted, n_head), w)
+        assert torch.equal(interleaved_to_halves(permuted, n_head), w)
         b = torch.arange(48.0)                             # biases are permuted the same way
-        assert torch.equal(unpermute_qk(torch.from_numpy(permute_like_llama_cpp(b.numpy(), n_head)),
-                                        n_head), b)
+        pb = torch.from_numpy(permute_like_llama_cpp(b.numpy(), n_head))
+        assert torch.equal(interleaved_to_halves(pb, n_head), b)
 
 
 def test_unsupported_architecture_rejected(tmp_path):

@@ -110,12 +110,13 @@ def test_stats_count_a_known_routing():
 
 
 LANES = ["copy", "cpu", "staged", "staged-cpu", "read", "staged-read"]
-# gpt-oss's experts (biases, clamped swiglu) take the per-expert route: no staged lanes (and
+# gpt-oss's experts (biases, clamped swiglu) and Llama 4's (input-scaled) take the per-expert
+# route: no staged lanes (and
 # the odd shape's prompts route to no disk expert: no reads to see there)
 SPLITS = [(f, lanes) for f in ("mixtral", "mixtral-odd", "qwen2_moe", "qwen2_moe-odd",
                                "qwen3_moe", "qwen3_moe-odd", "olmoe", "glm4_moe")
           for lanes in LANES] + \
-    [("gpt_oss", lanes) for lanes in ("copy", "cpu", "read")] + \
+    [(f, lanes) for f in ("gpt_oss", "llama4") for lanes in ("copy", "cpu", "read")] + \
     [("gpt_oss-odd", lanes) for lanes in ("copy", "cpu")]
 
 

@@ -25,7 +25,8 @@ from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
 from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, expert_activation,
-                                plain_experts, touches_nearly_all, weighted_expert)
+                                plain_experts, scaled_expert, touches_nearly_all,
+                                weighted_expert)
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")      # the weights the staging slots hold
@@ -233,16 +234,14 @@ class TieredExperts:
             # the experts already on the device first, while this batch's copies land
             ys = self.staging.run(x2, here, copied=False)
         else:
-            ys = {g.expert: weighted_expert(x2, self._device_w(w, g.expert), g, self.act)
-                  for g in here}
+            ys = {g.expert: self._weighted(x2, w, g) for g in here}
         for e, job in reading.items():
             copy(e, job.result())
             self.stats.disk_reads += 1
         if self.staging is not None:
             ys.update(self.staging.run(x2, to_copy))
         else:
-            ys.update({g.expert: weighted_expert(x2, self._device_w(w, g.expert), g, self.act)
-                       for g in to_copy})
+            ys.update({g.expert: self._weighted(x2, w, g) for g in to_copy})
         if cpu_job is not None:
             for g, y in zip(on_cpu, cpu_job.result()):
                 ys[g.expert] = y.pin_memory().to(self.device, non_blocking=True) \
@@ -311,6 +310,11 @@ class TieredExperts:
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
 
+    def _weighted(self, x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
+        """Expert g's weighted output from its weights on the device."""
+        return weighted_expert(x2, self._device_w(w, g.expert), g, self.act,
+                               self.spec.expert_input_scaled)
+
     def _device_w(self, w: dict, e: int) -> dict:
         held = self._held.get(e)
         if held is None:
@@ -339,8 +343,8 @@ class TieredExperts:
                 for e, n, wt in zip(experts, sizes, wts):
                     w = {f"experts.{e}.{p}": self.weights.read_host(
                         self.name(layer, e, p), mapped=self.mapped) for p in self.parts}
-                    ys.append(expert(xh[start:start + n], w, f"experts.{e}.", self.act)
-                              * wt[:, None])
+                    ys.append(scaled_expert(xh[start:start + n], w, f"experts.{e}.", wt,
+                                            self.act, self.spec.expert_input_scaled))
                     start += n
             self.stats.cpu_s += time.perf_counter() - t0
             return ys

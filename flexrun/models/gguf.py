@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from flexrun.models.rope import interleaved_to_halves
 from flexrun.models.gguf_arch import TOP_NAMES, GGUFArch, gguf_arch
 
 PathLike = str | os.PathLike
@@ -190,17 +191,6 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     return f"{TOP_NAMES[base]}.{kind}" if base in TOP_NAMES else None
 
 
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo convert_hf_to_gguf's rotary permutation of q/k rows (weights or biases).
-
-    llama.cpp turns HF's rotate-half layout into interleaved pairs with
-    `w.reshape(n_head, 2, d // 2, *rest).swapaxes(1, 2)`; this applies the inverse.
-    """
-    rows = w.shape[0]
-    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2)
-            .reshape(w.shape))
-
-
 def _dequantize(t, index: int | None = None) -> np.ndarray:
     """The tensor in HF shape (GGUF lists dims innermost-first), or its `index`-th slice along
     the outermost dim (one expert of a stacked tensor: only that slice is read)."""
@@ -254,7 +244,7 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32,
             w = w.reshape(1, -1)         # (1, hidden), also when written 1-D
         proj = name.split(".")[-2]
         if ix.family.permute_qk and proj in ix.heads and ".self_attn." in name:
-            w = unpermute_qk(w, ix.heads[proj])
+            w = interleaved_to_halves(w, ix.heads[proj])
         if ix.family.norm_shift and name.endswith("norm.weight"):
             w -= ix.family.norm_shift    # Gemma: the converter stored w + 1
         yield name, w.to(dtype).contiguous()

@@ -67,6 +67,38 @@ def gemma3_text_config(cfg: dict) -> dict:
     return {**_GEMMA3_TEXT, **cfg}
 
 
+def llama4_text_config(cfg: dict) -> dict:
+    """A Llama 4 config (text-only `llama4_text`, or the multimodal `llama4` whose decoder is
+    its text_config); the vision model is not run."""
+    if cfg.get("model_type") == "llama4":
+        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
+        cfg = {**top, **(cfg.get("text_config") or {}), "model_type": "llama4_text"}
+    return cfg
+
+
+def _llama4(cfg: dict) -> dict:
+    """Llama 4's MoE and attention fields (Llama4TextConfig's defaults): MoE layers every
+    interleave_moe_layer_step-th (dense ones of intermediate_size_mlp), top-k experts of
+    intermediate_size with a sigmoid of their logits scaling their inputs, an ungated shared
+    expert; no RoPE on every 4th layer, q/k L2-normed after RoPE on the others. Its chunked
+    attention (attention_chunk_size) and its query temperature on the NoPE layers (floor_scale)
+    change nothing before position 8192: the positions stop there."""
+    n, step = cfg["num_hidden_layers"], int(cfg.get("interleave_moe_layer_step", 1) or 1)
+    layers = cfg.get("moe_layers")
+    layers = tuple(range(step - 1, n, step)) if layers is None else tuple(layers)
+    f = cfg["intermediate_size"]
+    limit = min(x for x in (cfg.get("max_position_embeddings", 4096 * 32),
+                            cfg.get("attention_chunk_size", 8192) or 1 << 40,
+                            cfg.get("floor_scale", 8192) if cfg.get("attn_temperature_tuning",
+                                                                      True) else 1 << 40))
+    return dict(num_experts=cfg.get("num_local_experts", 16),
+                experts_per_token=cfg.get("num_experts_per_tok", 1), expert_ffn_dim=f,
+                shared_expert_ffn_dim=f, shared_expert_gate=False, router_kind="sigmoid_topk",
+                expert_input_scaled=True, moe_layers=layers if len(layers) < n else None,
+                ffn_dim=cfg.get("intermediate_size_mlp", 16384), max_positions=limit,
+                nope_layers=_nope_layers(cfg), qk_l2_norm=bool(cfg.get("use_qk_norm", True)))
+
+
 def _layer_type_rope(cfg: dict, mt: str) -> tuple[float, dict | None, float, dict | None]:
     """(theta, rope_scaling) of the full-attention layers and of the sliding ones, for the
     families that rotate them apart (Gemma-3, OLMo-3): transformers 5's rope_parameters per
@@ -210,6 +242,8 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
+    if mt in ("llama4", "llama4_text"):
+        cfg, mt = llama4_text_config(cfg), "llama4_text"
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     qk_whole = olmo or mt == "olmoe"
     gpt_oss, glm = mt == "gpt_oss", mt == "glm4_moe"
@@ -223,8 +257,10 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     head_dim = cfg.get("head_dim") or h // heads
     window, layers = _windowed_layers(cfg, mt)
     gemma = mt in ("gemma2", "gemma3_text")
-    return ModelSpec(
-        arch="llama", family="gemma3" if gemma3 else mt, vocab_size=cfg["vocab_size"],
+    extra = _llama4(cfg) if mt == "llama4_text" else _moe(cfg, mt)
+    return ModelSpec(**{**dict(
+        arch="llama", family="gemma3" if gemma3 else "llama4" if extra.get(
+            "expert_input_scaled") else mt, vocab_size=cfg["vocab_size"],
         hidden_size=h, num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=head_dim, rotary_dim=rotary_dim(cfg, head_dim, 0.5 if glm else 1.0),
@@ -250,7 +286,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         local_rope_layers=(_sliding_types(cfg, mt) or ()) if local_theta is not None else (),
         nope_layers=_nope_layers(cfg) if mt == "smollm3" else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"), name=name, **_moe(cfg, mt))
+        pad_token_id=cfg.get("pad_token_id"), name=name), **extra})
 
 
 def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:

@@ -80,7 +80,10 @@ class LlamaModel:
             return q, k, v
         rope = self.local_rope if s.uses_local_rope(layer) else self.rope
         cos, sin = rope.cos_sin(positions, h.dtype)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if s.qk_l2_norm:                # Llama 4: weightless, after RoPE, in fp32
+            q, k = _unit_rms(q, s.norm_eps), _unit_rms(k, s.norm_eps)
+        return q, k, v
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None,
                   layer: int | None = None) -> torch.Tensor:
@@ -116,6 +119,12 @@ class LlamaModel:
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits
+
+
+def _unit_rms(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """t / rms(t) over the head dim, in fp32, cast back (a norm without weights)."""
+    tf = t.float()
+    return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
 
 
 def model_for(spec: ModelSpec):

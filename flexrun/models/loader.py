@@ -17,6 +17,7 @@ from flexrun.config import FlexrunError
 from flexrun.models import mxfp4
 from flexrun.models.checkpoint import Checkpoint, TensorIter
 from flexrun.models.hf_config import eos_list, spec_from_config
+from flexrun.models.rope import interleaved_to_halves
 from flexrun.models.spec import ModelSpec
 
 # ---- HF names -> canonical names ------------------------------------------------------------
@@ -42,6 +43,12 @@ _FAMILY_LAYER = {   # what a family names otherwise than Llama
     "qwen3": _QK_NORMS, "qwen3_moe": _QK_NORMS, "olmoe": _QK_NORMS, "glm4_moe": _QK_NORMS,
     "phi3": {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
     "gemma2": _SANDWICH, "gemma3": {**_SANDWICH, **_QK_NORMS},
+    # Llama 4: MLPs, router and shared expert under feed_forward (experts: _LLAMA4_EXPERTS_RE)
+    "llama4": {"feed_forward.gate_proj": "gate", "feed_forward.up_proj": "up",
+               "feed_forward.down_proj": "down", "feed_forward.router": "router",
+               "feed_forward.shared_expert.gate_proj": "shared.gate",
+               "feed_forward.shared_expert.up_proj": "shared.up",
+               "feed_forward.shared_expert.down_proj": "shared.down"},
     # OLMo-2 / 3: norms after attention and after the MLP only, q/k norms over all heads
     "olmo2": {"post_attention_layernorm": "post_attn_norm",
               "post_feedforward_layernorm": "post_mlp_norm", **_QK_NORMS},
@@ -79,6 +86,9 @@ _FUSED_EXPERTS_RE = re.compile(r"(?:decoder\.)?layers\.(\d+)\.(?:block_sparse_mo
 _GPT_OSS_RE = re.compile(r"layers\.(\d+)\.(?:self_attn\.(sinks)(?:\.weight)?|mlp\.experts\."
                          r"(gate_up|down)_proj(_bias|_blocks|_scales)?)$")
 _GPT_OSS_KIND = {None: "_t.weight", "_bias": "_t.bias", "_blocks": "_mx.weight"}
+# Llama 4's experts: gate_up_proj (E, hidden, 2 * ffn) with gate then up along its columns,
+# down_proj (E, ffn, hidden): "experts.gate_up_h" / "experts.down_t" (split_fused)
+_LLAMA4_EXPERTS_RE = re.compile(r"layers\.(\d+)\.feed_forward\.experts\.(gate_up|down)_proj$")
 
 
 def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
@@ -98,6 +108,11 @@ def canonical_name(spec: ModelSpec, hf_name: str) -> str | None:
         if g:       # (scales are read with their blocks)
             kind = _GPT_OSS_KIND.get(g.group(4))
             return f"layers.{g.group(1)}.experts.{g.group(3)}{kind}" if kind else None
+    if spec.family == "llama4":
+        g = _LLAMA4_EXPERTS_RE.fullmatch(name)
+        if g:
+            kind = "gate_up_h" if g.group(2) == "gate_up" else "down_t"
+            return f"layers.{g.group(1)}.experts.{kind}.weight"
     c = _CORRECTION_RE.fullmatch(name) if spec.router_kind == "sigmoid_group" else None
     if c:
         return f"layers.{c.group(1)}.router.correction"
@@ -129,7 +144,7 @@ def _fused_parts(spec: ModelSpec, name: str) -> list[str] | None:
     unit, _, kind = name.rpartition(".")
     prefix, _, part = unit.rpartition(".")
     if prefix.endswith(".experts") and part in ("gate_up", "down", "gate_up_t", "down_t",
-                                                "gate_up_mx", "down_mx"):
+                                                "gate_up_mx", "down_mx", "gate_up_h"):
         parts = ("gate", "up") if part.startswith("gate_up") else ("down",)   # stacked
         return [f"{prefix}.{e}.{p}.{kind}" for e in range(spec.num_experts) for p in parts]
     return [f"{prefix}.{p}.{kind}" for p in _FUSED[part]] if part in _FUSED else None
@@ -141,8 +156,16 @@ def split_fused(spec: ModelSpec, name: str, t: torch.Tensor) -> TensorIter:
     stacked experts into one tensor per expert (gate_up_proj: gate first, as transformers'
     experts chunk it; gpt-oss's columns 0::2 / 1::2, transposed)."""
     parts = _fused_parts(spec, name)
+    if spec.family == "llama4" and name.endswith((".q.weight", ".k.weight")):
+        heads = spec.num_heads if name.endswith(".q.weight") else spec.num_kv_heads
+        t = interleaved_to_halves(t, heads)     # Llama 4 rotates interleaved pairs
     if parts is None:
         yield name, t
+        return
+    if "gate_up_h." in name:                # Llama 4: gate then up, transposed
+        f = t.shape[-1] // 2
+        for n, x in zip(parts, (x.transpose(0, 1) for y in t for x in (y[:, :f], y[:, f:]))):
+            yield n, x.contiguous()
         return
     if ".experts." in name:
         if "_t." in name:                   # gpt-oss: interleaved gate / up, transposed

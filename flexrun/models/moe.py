@@ -115,8 +115,8 @@ def expert_activation(spec: ModelSpec) -> Activation:
 
 
 def plain_experts(spec: ModelSpec) -> bool:
-    """Experts the grouped GEMMs run: silu-gated, without biases."""
-    return spec.expert_act == "silu" and not spec.expert_bias
+    """Experts the staging slots run: silu-gated, without biases, weighted on their output."""
+    return spec.expert_act == "silu" and not spec.expert_bias and not spec.expert_input_scaled
 
 
 def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None = None
@@ -128,6 +128,9 @@ def route(x: torch.Tensor, w_router, spec: ModelSpec, bias: torch.Tensor | None 
         return drawn_experts(x, spec.num_experts, spec.experts_per_token, spec.routing)
     if spec.router_kind == "sigmoid_group":
         return _sigmoid_group(x, w_router, spec, bias)
+    if spec.router_kind == "sigmoid_topk":       # Llama 4: sigmoid of the top-k logits
+        top, idx = linear(x, w_router).topk(spec.experts_per_token, -1)
+        return torch.sigmoid(top.float()).to(x.dtype), idx
     probs = torch.softmax(linear(x, w_router, bias).float(), -1)
     top, idx = probs.topk(spec.experts_per_token, -1)
     if spec.router_kind == "topk_softmax" or spec.norm_topk_prob:
@@ -172,11 +175,12 @@ class ExpertGroup:
 
 
 def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Tensor,
-             act: Activation | None = None) -> None:
+             act: Activation | None = None, scale_input: bool = False) -> None:
     """Every expert of `groups` from the weights in w, one GEMM each over all of its tokens,
     weighted and added to out (the engine's runner does the same with experts fetched from
     their tiers, or computed where they live: engine/experts.py)."""
-    add_expert_outputs(out, groups, [weighted_expert(x2, w, g, act) for g in groups])
+    add_expert_outputs(out, groups, [weighted_expert(x2, w, g, act, scale_input)
+                                     for g in groups])
 
 
 # the share of a split layer's experts a call is expected to touch from which all of them are
@@ -222,9 +226,18 @@ def add_expert_outputs(out: torch.Tensor, groups: list[ExpertGroup],
 
 
 def weighted_expert(x2: torch.Tensor, w: dict, g: ExpertGroup,
-                    act: Activation | None = None) -> torch.Tensor:
-    """Expert g.expert over its tokens' rows of x2, scaled by their routing weights."""
-    return expert(x2[g.rows], w, f"experts.{g.expert}.", act) * g.weights[:, None]
+                    act: Activation | None = None, scale_input: bool = False) -> torch.Tensor:
+    """Expert g.expert over its tokens' rows of x2, scaled by their routing weights (its
+    output, or with scale_input its input: Llama 4)."""
+    return scaled_expert(x2[g.rows], w, f"experts.{g.expert}.", g.weights, act, scale_input)
+
+
+def scaled_expert(x: torch.Tensor, w: dict, prefix: str, weights: torch.Tensor,
+                  act: Activation | None = None, scale_input: bool = False) -> torch.Tensor:
+    """One expert over the rows x, weighted row by row on its output or its input."""
+    if scale_input:
+        return expert(x * weights[:, None].to(x.dtype), w, prefix, act)
+    return expert(x, w, prefix, act) * weights[:, None]
 
 
 def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = None,
@@ -236,7 +249,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     stack(w, rows) method may hand back all of the layer's experts stacked instead."""
     x2 = x.reshape(-1, x.shape[-1])
     E, k = spec.num_experts, spec.experts_per_token
-    act = expert_activation(spec)
+    act, scale_in = expert_activation(spec), spec.expert_input_scaled
     weight, idx = route(x2, w.get("router.weight"), spec,
                         w.get("router.correction", w.get("router.bias")))
     flat = idx.reshape(-1)
@@ -256,15 +269,15 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     if stacked is not None and (grouped_mm_capturable(x.device, x.dtype) if capturing
                                 else grouped_mm_works(x.device, x.dtype)):
         grouped_experts(x2, stacked, weight, idx, counts, out, act,
-                        stacked_biases(w, E) if spec.expert_bias else None)
+                        stacked_biases(w, E) if spec.expert_bias else None, scale_in)
     elif capturing:
         # a CUDA graph cannot wait for the counts: every expert over every token, weighted
         # by its routing weight or 0 (correct, E/k times the work of the grouped path)
         dense = torch.zeros(x2.shape[0], E, dtype=weight.dtype, device=x.device)
         dense.scatter_(1, idx, weight)
-        for e in range(E):
-            y = expert(x2, w, f"experts.{e}.", act)
-            out.add_((y * dense[:, e:e + 1]).to(x.dtype))
+        for e in range(E):      # (an unrouted expert's input is 0: no output, no biases)
+            y = scaled_expert(x2, w, f"experts.{e}.", dense[:, e], act, scale_in)
+            out.add_(y.to(x.dtype))
     else:
         order = flat.argsort(stable=True)   # (token, slot) pairs grouped by expert
         tokens, weights = order // k, weight.reshape(-1)[order]
@@ -275,7 +288,7 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
                                           weights[start:start + n], n))
                 start += n
         if runner is None:
-            run_here(x2, w, groups, out, act)
+            run_here(x2, w, groups, out, act, scale_in)
         else:
             runner(x2, w, groups, out)
     if spec.shared_expert_ffn_dim:
@@ -379,7 +392,8 @@ def grouped_mm_capturable(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor],
                     weight: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
                     out: torch.Tensor, act: Activation | None = None,
-                    biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                    biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    scale_input: bool = False) -> None:
     """Every routed expert in two grouped GEMMs (gate/up, then down) over the (token, slot)
     pairs sorted by expert: no loop over experts and no host sync (so a CUDA graph can
     capture it), the work of the routed tokens only. act / biases: the experts' own
@@ -395,8 +409,11 @@ def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor]
         B1, B2 = biases
         eid = flat[order]               # the pairs' experts, sorted as their rows
         rows_bias = (B1[eid], B2[eid])
-    y = grouped_mlp(x2[order // k], W1, W2, counts.cumsum(0).to(torch.int32), act, rows_bias)
-    y = (y * weight.reshape(-1)[order, None]).to(out.dtype)
+    xs, pair_w = x2[order // k], weight.reshape(-1)[order, None]
+    if scale_input:                     # Llama 4: the weights scale the experts' inputs
+        xs, pair_w = xs * pair_w.to(xs.dtype), None
+    y = grouped_mlp(xs, W1, W2, counts.cumsum(0).to(torch.int32), act, rows_bias)
+    y = (y if pair_w is None else y * pair_w).to(out.dtype)
     ys = torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)
     for j in range(k):      # expert order per token, as the per-expert loop adds (no atomics)
         out.add_(ys[:, j])

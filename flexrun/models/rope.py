@@ -118,6 +118,16 @@ class Rope:
         return cos.to(dtype), sin.to(dtype)
 
 
+def interleaved_to_halves(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows (weights or biases) of heads rotated in interleaved pairs (Meta's layout:
+    llama.cpp's GGUFs, Llama 4) reordered for rotate-half RoPE: per head the pairs' first
+    elements, then their second ones. q.k is unchanged by the reorder; llama.cpp's converter
+    applies the inverse, `w.reshape(n_head, 2, d // 2, *rest).swapaxes(1, 2)`."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2)
+            .reshape(w.shape))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (b, s, heads, hd); cos/sin: (b, s, 1, rd). HF's rotate-half convention over the
     first rd dims (all of them but with partial_rotary_factor), the rest as they are."""

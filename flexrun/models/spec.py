@@ -15,12 +15,13 @@ FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
             "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
-            "olmoe": "llama", "glm4_moe": "llama"}
+            "olmoe": "llama", "glm4_moe": "llama", "llama4_text": "llama", "llama4": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk",      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
-           "sigmoid_group")     # GLM-4.5 (DeepSeek-V3's): sigmoid scores, top-k among the best
+           "sigmoid_group",     # GLM-4.5 (DeepSeek-V3's): sigmoid scores, top-k among the best
 #                                 groups by scores + a correction bias, renormalised, scaled
+           "sigmoid_topk")      # Llama 4: sigmoid of the top-k logits
 # the experts' gated activations: silu(gate) * up, or gpt-oss's clamped one
 # (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit
 EXPERT_ACTS = ("silu", "swiglu_clamp")
@@ -87,6 +88,7 @@ class ModelSpec:
     local_rope_layers: tuple[int, ...] = ()
     nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
     attn_sinks: bool = False             # a learned sink logit per head and layer (gpt-oss)
+    qk_l2_norm: bool = False      # q and k RMS-normed without weights after RoPE (Llama 4)
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
     num_experts: int = 0
     experts_per_token: int = 0    # top-k
@@ -104,6 +106,8 @@ class ModelSpec:
     routed_scaling: float = 1.0
     expert_bias: bool = False            # the experts' gate, up and down have biases (gpt-oss)
     expert_act: str = "silu"             # EXPERT_ACTS
+    expert_input_scaled: bool = False    # the routing weight scales an expert's input, not
+    #                                      its output (Llama 4)
     swiglu_alpha: float = 1.702          # swiglu_clamp's alpha and limit
     swiglu_limit: float = 7.0
     moe_layers: tuple[int, ...] | None = None   # the MoE layers (None: every layer); the
