@@ -161,3 +161,30 @@ def test_gguf_gives_transformers_tokens(tmp_path, ttype):
     with LLM(str(path), device="cpu", policy="resident") as llm:
         assert llm.spec.attn_sinks and llm.spec.expert_bias
         assert [o.output_ids for o in llm.generate(prompts, 12, GREEDY)] == ref
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_prefill_runs_its_queries_in_chunks(monkeypatch, causal):
+    """Soft-capped or sunk attention (two matmuls, fp32 scores) takes a long prefill's queries
+    a few at a time within MATMUL_SCORES_BYTES: the same output, bit for bit."""
+    from flexrun.engine import attention as A
+    from flexrun.models.spec import AttentionOptions
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 37, 8, generator=g), *torch.randn(2, 2, 2, 37, 8, generator=g)
+    mask = None if causal else (torch.rand(2, 1, 37, 37, generator=g) > 0.3) | torch.eye(
+        37, dtype=torch.bool)
+    for opts in (AttentionOptions(softcap=5.0), AttentionOptions(sink=torch.randn(4, generator=g))):
+        whole = A.attend(q, k, v, mask, causal=causal, opts=opts)
+        monkeypatch.setattr(A, "MATMUL_SCORES_BYTES", 2 * 4 * 37 * 4 * 3 * 5)   # 5 queries
+        assert torch.equal(A.attend(q, k, v, mask, causal=causal, opts=opts), whole)
+        monkeypatch.undo()
+
+
+def test_gguf_pre_tokenizers_split_as_llama_cpp_or_refuse():
+    """GPT-2's split for the pre-types llama.cpp gives it (gpt-2, olmo, mpt, ...); a split
+    flexrun does not rebuild (gpt-4o's) is refused rather than approximated."""
+    from flexrun.models.gguf import _pre_tokenizer
+    for pre in ("gpt-2", "olmo", "mpt", "default", None):
+        assert _pre_tokenizer(pre) is not None
+    with pytest.raises(ValueError, match="pre-type 'gpt-4o'"):
+        _pre_tokenizer("gpt-4o")

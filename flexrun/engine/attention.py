@@ -11,6 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flexrun.models.spec import AttentionOptions
 
 PLAIN = AttentionOptions()
+# the score tensors a soft-capped or sunk attention (two matmuls) holds at once: a long
+# prefill runs its queries in chunks within this
+MATMUL_SCORES_BYTES = 256 << 20
 
 
 def layer_options(spec, layer: int, w: dict) -> AttentionOptions:
@@ -54,13 +57,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     sinks run as two matmuls (SDPA has neither)."""
     b, nh, s, hd = q.shape
     if opts.softcap is not None or opts.sink is not None:
+        T, kvh = k.shape[2], k.shape[1]
         if mask is None and causal:
-            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril(
-                k.shape[2] - s)[None, None]
-        g = nh // k.shape[1]
-        out = _matmul_attention(q.reshape(b, k.shape[1], g * s, hd), k, v,
-                                _fold_mask(mask, g, s), opts)
-        return out.view(b, nh, s, hd).transpose(1, 2).reshape(b, s, nh * hd)
+            mask = torch.ones(s, T, dtype=torch.bool, device=q.device).tril(T - s)[None, None]
+        g = nh // kvh
+        # the fp32 scores (and the softmax's copies of them) of a few queries at a time
+        step = max(1, MATMUL_SCORES_BYTES // (b * nh * T * 4 * 3))
+        outs = []
+        for j in range(0, s, step):
+            qj = q[:, :, j:j + step]
+            sj = qj.shape[2]
+            mj = None if mask is None else mask[..., j:j + sj, :] if mask.shape[2] > 1 else mask
+            outs.append(_matmul_attention(qj.reshape(b, kvh, g * sj, hd), k, v,
+                                          _fold_mask(mj, g, sj), opts).view(b, nh, sj, hd))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        return out.transpose(1, 2).reshape(b, s, nh * hd)
     if s == 1 and not causal and q.device.type == "cpu":
         # decode on the CPU: fold the GQA heads (CPU SDPA with enable_gqa: 151 vs 22 ms fp16,
         # 16 x 64 heads / 8 KV x 544 keys, 2 cores). On CUDA, where flash attention takes GQA

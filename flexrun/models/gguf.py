@@ -274,6 +274,9 @@ _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"}
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # llama.cpp splits each digit off first for these (as SmolLM's tokenizer.json: Digits + ByteLevel)
 _DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+# ... and GPT-2's own split for these (none: llama.cpp's "default")
+_GPT2_PRE = {None, "default", "gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion",
+             "granite-docling"}
 
 
 def _pre_tokenizer(pre: str | None):
@@ -286,9 +289,9 @@ def _pre_tokenizer(pre: str | None):
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_PRE:
         return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
-    if pre not in (None, "gpt2", "default"):
+    if pre not in _GPT2_PRE:
         # another split (gpt-4o's, ...) would tokenize text differently, silently
-        raise ValueError(f"GGUF tokenizer pre-type {pre!r} is not one flexrun rebuilds (gpt2, "
+        raise ValueError(f"GGUF tokenizer pre-type {pre!r} is not one flexrun rebuilds (gpt-2, "
                          "llama3, qwen2, tekken, smollm and their kin)")
     return byte_level
 

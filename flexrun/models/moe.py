@@ -337,13 +337,20 @@ def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def stacked_biases(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor]:
     """((E, 2 ffn) gate/up, (E, hidden) down) biases of a layer's experts, as views where
-    they lie back to back (LlamaModel.JOINED joins them with the weights), else stacked."""
+    they lie back to back (LlamaModel.JOINED joins them with the weights: remembered per
+    buffer, as stacked_experts), else stacked afresh."""
+    first, last = w["experts.0.gate.bias"], w[f"experts.{E - 1}.down.bias"]
+    key = (first.device, first.data_ptr(), last.data_ptr(), E, "bias")
+    if key in _STACKED:
+        return _STACKED[key]
     gu = [w[f"experts.{e}.{p}.bias"] for e in range(E) for p in ("gate", "up")]
     down = [w[f"experts.{e}.down.bias"] for e in range(E)]
     a, b = joined(gu), joined(down)
-    a = torch.cat(gu) if a is None else a
-    b = torch.cat(down) if b is None else b
-    return a.view(E, -1), b.view(E, -1)
+    if a is not None and b is not None:         # views of the live buffers: kept
+        _STACKED[key] = a.view(E, -1), b.view(E, -1)
+        return _STACKED[key]
+    return (torch.cat(gu) if a is None else a).view(E, -1), \
+        (torch.cat(down) if b is None else b).view(E, -1)
 
 
 def rows_aligned(dtype: torch.dtype, hidden: int, ffn: int) -> bool:

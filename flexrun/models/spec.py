@@ -149,6 +149,13 @@ class ModelSpec:
         """Whether decoder layer `layer` rotates by the local RoPE (local_rope_theta)."""
         return self.local_rope_theta is not None and layer in self.local_rope_layers
 
+    def keeps_fp32(self, name: str) -> bool:
+        """Weights held in fp32 whatever the run's dtype: a sigmoid_group router and its
+        choice bias (transformers and llama.cpp keep them so; in bf16 ~2% of tokens would
+        pick other experts)."""
+        return self.router_kind == "sigmoid_group" and name.endswith(
+            (".router.weight", ".router.correction"))
+
     def is_moe(self, layer: int) -> bool:
         """Whether decoder layer `layer` (0-based) has a mixture-of-experts MLP."""
         return self.num_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)

@@ -197,11 +197,12 @@ def weight_layout(spec: ModelSpec, policy: Policy, elem: int, units: range,
            policy.quant_group, spec.num_layers, spec.hidden_size, spec.ffn_dim,
            spec.vocab_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
            spec.num_experts, spec.expert_ffn_dim, tuple(spec.moe_layers or ()),
-           spec.tie_word_embeddings)
+           spec.tie_word_embeddings, spec.router_kind)
     known = spec.__dict__.setdefault("_layouts", {})     # per spec object (not a field)
     if key not in known:
         shapes = unit_set_shapes(spec, units)
-        sizes = [weight_bytes(n, shapes[n], elem, policy) for n in shapes]
+        sizes = [weight_bytes(n, shapes[n], 4 if spec.keeps_fp32(n) else elem, policy)
+                 for n in shapes]
         groups = ExpertGroups.of(list(shapes), sizes) if spec.num_experts else None
         known[key] = (shapes, sizes, groups)
     shapes, sizes, groups = known[key]

@@ -105,7 +105,7 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     slots = JoinedSlots(groups if plain else [], shapes, tier_of, dtype, device)
     waiting = {n: g for g in groups if not slots.covers(g) for n in g}
     for name, t in ckpt.iter_tensors(device_for, set(names)):
-        t = t.to(dtype)
+        t = t.to(torch.float32 if spec.keeps_fp32(name) else dtype)
         if p.compress_weight and is_compressible(name, t.shape):
             t = quant(name, t.to(device))
         elif packs and is_compressible(name, t.shape):
