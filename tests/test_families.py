@@ -109,7 +109,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma2-odd", "gemma3-odd", "qwen3", "phi3", "qwen3_moe-odd",
-                                  "gpt_oss-odd"])
+                                  "gpt_oss-odd", "llama4-odd", "glm4_moe", "olmo3"])
 def test_pipeline_stages_match_one_process(name, tmp_path):
     """Two stages (gloo, one process each) give the single process's tokens."""
     d = save_family(name, tmp_path / name)
@@ -123,7 +123,8 @@ def test_pipeline_stages_match_one_process(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2-odd", "phi3-odd", "mistral",
-                                  "qwen2_moe-odd", "gpt_oss"])
+                                  "qwen2_moe-odd", "gpt_oss", "smollm3-odd", "olmo2", "olmoe-odd",
+                                  "llama4", "glm4_moe-odd"])
 def test_4bit_weights_and_cache_run_offloaded(name, tmp_path):
     """4-bit weights and KV on the disk / CPU tiers run for every family; the compressed run
     keeps most greedy tokens of the plain one (compression changes the math)."""
