@@ -99,6 +99,42 @@ def test_gemma3_multimodal_checkpoint_runs_its_decoder(naming, tmp_path):
     assert [o.output_ids for o in outs] == ref
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_mistral3_image_text_checkpoint_runs_its_decoder(tmp_path, tie):
+    """A Mistral3ForConditionalGeneration checkpoint (Mistral Small 3.x, Magistral): its
+    Mistral text decoder runs from text_config, the vision tower and projector are left out,
+    transformers' greedy tokens (an untied or a tied head)."""
+    import transformers
+    from conftest import make_tokenizer
+    from families import COMMON
+    text = dict(COMMON, model_type="mistral", hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=128, sliding_window=None, tie_word_embeddings=tie)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14, head_dim=16)
+    cfg = transformers.Mistral3Config(text_config=text, vision_config=vision,
+                                      tie_word_embeddings=tie)
+    torch.manual_seed(4)
+    m = transformers.Mistral3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    m.save_pretrained(str(tmp_path), safe_serialization=True)
+    make_tokenizer(tmp_path)
+    prompts = ragged_prompts(4, seed=6)
+    back = transformers.Mistral3ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ref = []
+    for p in prompts:                   # greedy, as conftest.hf_greedy (EOS not stopping it)
+        with torch.no_grad():
+            g = back.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        ref.append(g[0, len(p):].tolist())
+    with LLM(str(tmp_path), device="cpu", policy="resident") as llm:
+        assert llm.spec.family == "mistral" and llm.spec.tie_word_embeddings == tie
+        assert [o.output_ids for o in llm.generate(prompts, 10, GREEDY)] == ref
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
     import json
     from flexrun import FlexrunError

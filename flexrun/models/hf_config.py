@@ -289,9 +289,18 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         pad_token_id=cfg.get("pad_token_id"), name=name), **extra})
 
 
+# image-text checkpoints whose language model is a family flexrun runs (its text_config): only
+# the decoder is loaded (the vision tower and projector are not; prompts are text)
+WRAPPERS = ("mistral3", "llava", "llava_next")
+
+
 def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
     """Build a ModelSpec from an HF config.json dict."""
     mt = cfg.get("model_type", "")
+    if mt in WRAPPERS and isinstance(cfg.get("text_config"), dict):
+        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
+        cfg = {**top, **cfg["text_config"]}
+        mt = cfg.get("model_type", "")
     try:
         if mt == "opt":
             return _opt(cfg, name)
