@@ -90,6 +90,12 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
             "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
                                "original_max_position_embeddings": 32},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # Granite: embeddings, residual branches and logits scaled, attention by its own multiplier
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True,
+        max_position_embeddings=128)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

@@ -246,7 +246,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         cfg, mt = llama4_text_config(cfg), "llama4_text"
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     qk_whole = olmo or mt == "olmoe"
-    gpt_oss, glm = mt == "gpt_oss", mt == "glm4_moe"
+    gpt_oss, glm, granite = mt == "gpt_oss", mt == "glm4_moe", mt == "granite"
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
     if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
@@ -278,7 +278,11 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         pre_norms=not olmo, norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
         mlp_act=_act(cfg),
         norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo, embed_scale=gemma,
-        query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+        query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else
+        float(cfg.get("attention_multiplier", 1.0)) if granite else None,
+        embed_multiplier=float(cfg.get("embedding_multiplier", 1.0)) if granite else 1.0,
+        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)) if granite else 1.0,
+        logits_divisor=float(cfg.get("logits_scaling", 1.0)) if granite else 1.0,
         attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
         final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,

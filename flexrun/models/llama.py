@@ -59,6 +59,8 @@ class LlamaModel:
         x = dense(w["embed.tokens"])[ids].to(dtype)
         if self.spec.embed_scale:       # the normalizer is rounded to the run's dtype, as in HF
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=dtype)
+        if self.spec.embed_multiplier != 1.0:
+            x = x * self.spec.embed_multiplier
         return x
 
     def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor,
@@ -93,6 +95,8 @@ class LlamaModel:
         o = linear(attn, w["o.weight"], w.get("o.bias"))
         if s.sandwich_norms:
             o = self._norm(o, w["post_attn_norm.weight"])
+        if s.residual_multiplier != 1.0:
+            o = o * s.residual_multiplier
         h, x = self._add_norm(h, o, w.get("mlp_norm.weight"))
         if "router.weight" in w:        # a mixture-of-experts layer
             x = moe_mlp(x, w, s, self.moe_stats, experts, layer)
@@ -100,6 +104,8 @@ class LlamaModel:
             x = self._mlp(w, x)
         if s.sandwich_norms:
             x = self._norm(x, w["post_mlp_norm.weight"])
+        if s.residual_multiplier != 1.0:
+            x = x * s.residual_multiplier
         return h + x
 
     def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +122,8 @@ class LlamaModel:
         h = self._norm(h, w["head.norm.weight"])
         lm = w["embed.tokens"] if s.tie_word_embeddings else w["head.lm_head"]
         logits = linear(h, lm)
+        if s.logits_divisor != 1.0:
+            logits = logits / s.logits_divisor
         if s.final_softcap:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
         return logits

@@ -15,7 +15,8 @@ FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"
             "qwen3": "llama", "phi3": "llama", "gemma2": "llama", "gemma3_text": "llama",
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
             "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
-            "olmoe": "llama", "glm4_moe": "llama", "llama4_text": "llama", "llama4": "llama"}
+            "olmoe": "llama", "glm4_moe": "llama", "llama4_text": "llama", "llama4": "llama",
+            "granite": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk",      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -77,6 +78,11 @@ class ModelSpec:
     sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
     mlp_act: str = "silu"         # gated MLP activation: silu | gelu_tanh
     embed_scale: bool = False     # embeddings times sqrt(hidden_size) (Gemma)
+    # Granite's multipliers: embeddings times embed_multiplier, attention and MLP outputs
+    # times residual_multiplier before their residual adds, logits divided by logits_divisor
+    embed_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     query_scale: float | None = None     # attention scale (None: head_dim ** -0.5)
     attn_softcap: float | None = None    # attention logit soft-capping (Gemma-2)
     final_softcap: float | None = None   # final logit soft-capping (Gemma-2)
