@@ -49,6 +49,21 @@ for rows_heads, T in [(1024, 544), (8, 544), (6144, 544), (1, 64), (32, 4000)]:
     S, per = attn_triton.splits(rows_heads, T)
     assert per % attn_triton.BLOCK_N == 0 and (S - 1) * per < T <= S * per, (rows_heads, T)
 assert attn_triton.splits(8, 544)[0] == 9       # few rows: one split per key block
+# sinks (gpt-oss): each head's logit in the denominator, as the matmul route adds it
+from flexrun.models.spec import AttentionOptions
+b, nh, kvh, T, hd, last = 3, 8, 2, 300, 64, 150
+q = torch.randn(b, nh, 1, hd, generator=g).half()
+K, V = (torch.randn(b, kvh, T, hd, generator=g).half() for _ in range(2))
+start = torch.tensor([0, 20, 140])
+sink = torch.tensor([-30.0, 0.0, 2.0, 5.0, -1.0, 0.5, 30.0, 1.0])    # 30: above every score
+pos = torch.arange(T)
+mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
+want = attend_slot(q.float(), K.float(), V.float(), mask, AttentionOptions(sink=sink))
+args = [x.to(dev) for x in (q, K, V, start, torch.tensor([last]))]
+got = attn_triton.decode_attention(*args, sink_logits=sink.to(dev)).float().cpu()
+assert (got - want).abs().max().item() < 3e-3, (got - want).abs().max().item()
+plain = attn_triton.decode_attention(*args).float().cpu()
+assert (plain - got).abs().max().item() > 1e-2
 K24 = torch.zeros(1, 4, 8, 24, dtype=torch.half, device=dev)
 assert not attn_triton.applies(torch.zeros(1, 4, 1, 24, dtype=torch.half, device=dev), K24, K24)
 print("ok")

@@ -72,6 +72,12 @@ for scheme, group, window, sink, b, nh, kvh, hd, P, steps in [
         moved["sink"] = run(q, qa.QuantPlanes(**{**planes.__dict__, "sink_k": s}), start, last)
     for what, out in moved.items():
         assert (out - got).abs().max().item() > 1e-3, (scheme, what)
+# gpt-oss's sink logits (one per head) join the merge's denominator, as on the matmul route
+from flexrun.models.spec import AttentionOptions
+logits = torch.linspace(-3.0, 6.0, nh)
+want = attend_slot(q.float(), Kd.float(), Vd.float(), mask, AttentionOptions(sink=logits))
+got = qa.decode_qattention(q, planes, start, last, sink_logits=logits.to(dev)).float().cpu()
+assert (got - want.float().cpu().view(b, 1, -1)).abs().max().item() < 3e-3
 print("ok")
 """
 

@@ -175,8 +175,9 @@ def attend_range(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch
     from flexrun.kernels import attention as attn_triton
     if opts.window is not None:                 # a window only moves each row's first key
         start = torch.maximum(start, last - (opts.window - 1))
-    if opts.sink is None and attn_triton.applies(q, K, V):
-        return attn_triton.decode_attention(q, K, V, start, last, opts.scale, opts.softcap)
+    if attn_triton.applies(q, K, V):
+        return attn_triton.decode_attention(q, K, V, start, last, opts.scale, opts.softcap,
+                                            opts.sink)
     pos = torch.arange(K.shape[2], device=K.device)
     mask = ((pos >= start[:, None]) & (pos <= last))[:, None, None, :]
     return attend_slot(q, K, V, mask, opts)
@@ -191,11 +192,12 @@ def attend_stored(q: torch.Tensor, slot, t_end: int, key_range: tuple[torch.Tens
     attend_range takes them."""
     from flexrun.kernels import qattention
     planes = slot.quant_planes(t_end, q.device, pinned)
-    if planes is not None and opts.sink is None and qattention.applies(q, planes):
+    if planes is not None and qattention.applies(q, planes):
         start, last = key_range
         if opts.window is not None:             # a window only moves each row's first key
             start = torch.maximum(start, last - (opts.window - 1))
-        return qattention.decode_qattention(q, planes, start, last, opts.scale, opts.softcap)
+        return qattention.decode_qattention(q, planes, start, last, opts.scale, opts.softcap,
+                                            opts.sink)
     K, V = slot.read(t_end, q.device, pinned) if planes is None else \
         slot.read(t_end, q.device, pinned, planes)
     return attend(q, K, V, mask(), opts=opts)

@@ -5,7 +5,8 @@ hd): the keys of a left-padded prompt begin at `start_row`, and `last` (a device
 cache index of the token fed in, so the same launch serves every step of a CUDA graph without
 reading the unused tail of the slot. Each program takes one KV head of one row and one split
 of the keys; the query heads sharing that KV head ride along (GQA reads K/V once). A second
-kernel merges the splits' partial softmaxes. On the H100, SDPA's masked kernel took 162 us per
+kernel merges the splits' partial softmaxes (with gpt-oss's per-head sink logits in the
+denominator). On the H100, SDPA's masked kernel took 162 us per
 OPT-6.7B layer at batch 32 (1.7 TB/s of K/V); see bench/decode_kernels for this one.
 """
 from __future__ import annotations
@@ -69,17 +70,24 @@ if triton is not None:
         tl.store(Opart + (heads * S + sp)[:, None] * HD + d[None, :], acc, mask=keep[:, None])
 
     @triton.jit
-    def _merge_kernel(Opart, Mpart, Lpart, Out, S: tl.constexpr, SP: tl.constexpr,
-                      HD: tl.constexpr):
+    def _merge_kernel(Opart, Mpart, Lpart, Out, Sink, S: tl.constexpr, SP: tl.constexpr,
+                      HD: tl.constexpr, NH: tl.constexpr, SINK: tl.constexpr):
         pid = tl.program_id(0)                  # row * heads + head
         s, d = tl.arange(0, SP), tl.arange(0, HD)
         inside = s < S
         m = tl.load(Mpart + pid * S + s, mask=inside, other=_NEG)
         lsum = tl.load(Lpart + pid * S + s, mask=inside, other=0.0)
-        w = tl.where(inside, tl.exp(m - tl.max(m, 0)), 0.0)
+        top = tl.max(m, 0)
+        if SINK:                                # the head's sink logit joins the denominator
+            sink = tl.load(Sink + pid % NH).to(tl.float32)
+            top = tl.maximum(top, sink)
+        w = tl.where(inside, tl.exp(m - top), 0.0)
         o = tl.load(Opart + (pid * S + s)[:, None] * HD + d[None, :], mask=inside[:, None],
                     other=0.0)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(w * lsum, 0)
+        den = tl.sum(w * lsum, 0)
+        if SINK:
+            den += tl.exp(sink - top)
+        out = tl.sum(o * w[:, None], 0) / den
         tl.store(Out + pid * HD + d, out.to(Out.dtype.element_ty))
 
 
@@ -107,10 +115,12 @@ def splits(rows_heads: int, T: int) -> tuple[int, int]:
 
 def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: torch.Tensor,
                      last: torch.Tensor, scale: float | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, sink_logits: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """q (b, heads, 1, hd); K, V (b, kv_heads, T, hd); start (b,) first key of each row;
     last (1,) the last key (inclusive) -> (b, 1, heads*hd); softmax scale 1/sqrt(hd) unless
-    given, scores soft-capped (softcap * tanh(s / softcap)) when softcap is given."""
+    given, scores soft-capped (softcap * tanh(s / softcap)) when softcap is given;
+    sink_logits (heads,): each head's sink logit in the softmax's denominator (gpt-oss)."""
     b, nh, _, hd = q.shape
     kvh, T = K.shape[1], K.shape[2]
     G = nh // kvh
@@ -125,6 +135,8 @@ def decode_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: t
         V.stride(0), V.stride(1), V.stride(2), CAP=bool(softcap), KVH=kvh, G=G,
         GP=max(16, triton.next_power_of_2(G)), HD=hd, S=S, BN=BLOCK_N, NI=split_len // BLOCK_N,
         num_warps=NUM_WARPS)
-    _merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S, SP=max(2, triton.next_power_of_2(S)),
-                             HD=hd, num_warps=4)
+    _merge_kernel[(b * nh,)](opart, mpart, lpart, out,
+                             mpart if sink_logits is None else sink_logits, S=S,
+                             SP=max(2, triton.next_power_of_2(S)), HD=hd, NH=nh,
+                             SINK=sink_logits is not None, num_warps=4)
     return out.view(b, 1, nh * hd)

@@ -152,9 +152,11 @@ def applies(q: torch.Tensor, planes: QuantPlanes) -> bool:
 
 def decode_qattention(q: torch.Tensor, planes: QuantPlanes, start: torch.Tensor,
                       last: torch.Tensor, scale: float | None = None,
-                      softcap: float | None = None) -> torch.Tensor:
+                      softcap: float | None = None, sink_logits: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """q (b, heads, 1, hd) attending keys [start[row], last] of a compressed slot's planes
-    -> (b, 1, heads*hd), as kernels.attention.decode_attention does over dense K and V."""
+    -> (b, 1, heads*hd), as kernels.attention.decode_attention does over dense K and V
+    (sink_logits: its per-head sink logits, gpt-oss; not the cache's exact sink tokens)."""
     b, nh, _, hd = q.shape
     kvh, T = planes.k_codes.shape[1], planes.capacity
     G = nh // kvh
@@ -182,6 +184,8 @@ def decode_qattention(q: torch.Tensor, planes: QuantPlanes, start: torch.Tensor,
         BN=dense.BLOCK_N, NI=split_len // dense.BLOCK_N, TG=planes.token_group,
         GRP=planes.group, KIVI=planes.kivi, HAS_RING=ring, HAS_SINK=sink,
         num_warps=dense.NUM_WARPS)
-    dense._merge_kernel[(b * nh,)](opart, mpart, lpart, out, S=S,
-                                   SP=max(2, triton.next_power_of_2(S)), HD=hd, num_warps=4)
+    dense._merge_kernel[(b * nh,)](opart, mpart, lpart, out,
+                                   mpart if sink_logits is None else sink_logits, S=S,
+                                   SP=max(2, triton.next_power_of_2(S)), HD=hd, NH=nh,
+                                   SINK=sink_logits is not None, num_warps=4)
     return out.view(b, 1, nh * hd)
