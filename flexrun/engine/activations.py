@@ -82,11 +82,12 @@ class HostTransfers:
             self._host_bufs[key] = buf
         return buf[:n].view(like.shape)
 
-    def _to_host(self, batch_no: int, **xs: torch.Tensor) -> list[torch.Tensor]:
-        """Small GPU tensors to host memory: async copies into pinned buffers, one wait."""
+    def _to_host(self, batch_no: int, **xs: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Small GPU tensors to host memory: async copies into pinned buffers, one wait (a
+        None passes as it is)."""
         if not self.cuda:
             return list(xs.values())
-        out = [self._host_buffer(n, batch_no, x).copy_(x, non_blocking=True)
+        out = [x if x is None else self._host_buffer(n, batch_no, x).copy_(x, non_blocking=True)
                for n, x in xs.items()]
         torch.cuda.current_stream(self.device).synchronize()
         return out

@@ -10,7 +10,7 @@ import sys
 import traceback
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -211,7 +211,9 @@ class Pipeline(HostTransfers, StepInputs):
                     b, self.device, False, win), opts)
         elif host_attn:
             cpu = torch.device("cpu")
-            q, k, v = self._to_host(b.batch_no, q=q, k=k, v=v)
+            # (gpt-oss's sink logits go down with q, k and v)
+            q, k, v, sink = self._to_host(b.batch_no, q=q, k=k, v=v, sink=opts.sink)
+            opts = replace(opts, sink=sink)
             slot.write(k, v, t0)
             with self.tracer.span(f"attn l{layer}", "cpu-attn"):
                 if self._whole_slot(slot, q):
