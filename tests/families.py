@@ -96,6 +96,26 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True,
         max_position_embeddings=128)),
+    # Ministral (8B 2410): sliding and full layers by layer_types; Ministral 3: yarn with the
+    # query scaling past its original context (16 positions here: the prompts pass it); Seed-OSS:
+    # q/k/v biases without an o bias
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        max_position_embeddings=128, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "original_max_position_embeddings": 16,
+            "llama_4_scaling_beta": 0.1, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attention_bias=True, attention_out_bias=False,
+        residual_dropout=0.0, tie_word_embeddings=False,
+        max_position_embeddings=128)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

@@ -99,6 +99,17 @@ def _llama4(cfg: dict) -> dict:
                 nope_layers=_nope_layers(cfg), qk_l2_norm=bool(cfg.get("use_qk_norm", True)))
 
 
+def _llama4_scaling(cfg: dict) -> tuple[float, int] | None:
+    """Ministral 3's query scaling over long contexts: (llama_4_scaling_beta, the rope's
+    original_max_position_embeddings) from its rope parameters; None without a beta."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    beta = params.get("llama_4_scaling_beta")
+    if not beta:
+        return None
+    return float(beta), int(params.get("original_max_position_embeddings")
+                            or cfg["max_position_embeddings"])
+
+
 def _layer_type_rope(cfg: dict, mt: str) -> tuple[float, dict | None, float, dict | None]:
     """(theta, rope_scaling) of the full-attention layers and of the sliding ones, for the
     families that rotate them apart (Gemma-3, OLMo-3): transformers 5's rope_parameters per
@@ -247,6 +258,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     qk_whole = olmo or mt == "olmoe"
     gpt_oss, glm, granite = mt == "gpt_oss", mt == "glm4_moe", mt == "granite"
+    seed = mt == "seed_oss"     # q/k/v biases by attention_bias, o's by attention_out_bias
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
     if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
@@ -267,11 +279,13 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         ffn_dim=cfg["intermediate_size"],
         max_positions=cfg.get("max_position_embeddings", 4096),
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        attention_bias=cfg.get("attention_bias", False) and not glm,
+        attention_bias=cfg.get("attention_out_bias", False) if seed else
+        cfg.get("attention_bias", False) and not glm,
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True))
-        or (glm and cfg.get("attention_bias", False)),
+        or ((glm or seed) and cfg.get("attention_bias", False)),
+        query_pos_scale=_llama4_scaling(cfg) if mt == "ministral3" else None,
         qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or qk_whole
         or (glm and cfg.get("use_qk_norm", False)), qk_norm_whole=qk_whole,
         clip_qkv=cfg.get("clip_qkv") if mt == "olmoe" else None,

@@ -85,6 +85,10 @@ class LlamaModel:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if s.qk_l2_norm:                # Llama 4: weightless, after RoPE, in fp32
             q, k = _unit_rms(q, s.norm_eps), _unit_rms(k, s.norm_eps)
+        if s.query_pos_scale is not None:
+            beta, period = s.query_pos_scale
+            grow = 1 + beta * torch.log1p(torch.floor(positions.float() / period))
+            q = q * grow[..., None, None].to(q.dtype)
         return q, k, v
 
     def post_attn(self, w: dict, h: torch.Tensor, attn: torch.Tensor, experts=None,

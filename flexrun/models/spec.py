@@ -16,7 +16,7 @@ FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
             "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
             "olmoe": "llama", "glm4_moe": "llama", "llama4_text": "llama", "llama4": "llama",
-            "granite": "llama"}
+            "granite": "llama", "ministral": "llama", "ministral3": "llama", "seed_oss": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk",      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
@@ -95,6 +95,9 @@ class ModelSpec:
     nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
     attn_sinks: bool = False             # a learned sink logit per head and layer (gpt-oss)
     qk_l2_norm: bool = False      # q and k RMS-normed without weights after RoPE (Llama 4)
+    # (beta, period): queries times 1 + beta * ln(1 + floor(position / period)) after RoPE
+    # (Ministral 3's long-context scaling; 1 before `period`)
+    query_pos_scale: tuple[float, int] | None = None
     # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
     num_experts: int = 0
     experts_per_token: int = 0    # top-k
