@@ -116,6 +116,16 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=2, head_dim=16, attention_bias=True, attention_out_bias=False,
         residual_dropout=0.0, tie_word_embeddings=False,
         max_position_embeddings=128)),
+    # EXAONE 4: norms after attention and MLP only, per-head q/k norms, sliding layers with
+    # RoPE and global ones without (3 : 1); no window on the odd shape (RoPE everywhere)
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=6, sliding_window_pattern=4,
+        tie_word_embeddings=False, max_position_embeddings=128)),
+    "exaone4-odd": ("Exaone4Config", "Exaone4ForCausalLM", dict(
+        hidden_size=72, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=12, sliding_window=None, tie_word_embeddings=True,
+        layer_types=["full_attention"] * 2, max_position_embeddings=128)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False,

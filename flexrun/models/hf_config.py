@@ -142,6 +142,10 @@ def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
         return _nope_layers(cfg)
     if mt == "olmo3":                   # Olmo3Config: every 4th layer is global
         return tuple(i for i in range(n) if (i + 1) % 4)
+    if mt == "exaone4":                 # Exaone4Config: every sliding_window_pattern-th global
+        pattern = int(cfg.get("sliding_window_pattern") or 4)
+        return tuple(i for i in range(n) if (i + 1) % pattern) if cfg.get("sliding_window") \
+            else ()
     if mt == "gpt_oss":                 # GptOssConfig: sliding and full layers alternate
         return tuple(range(0, n, 2))
     return None
@@ -259,6 +263,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     qk_whole = olmo or mt == "olmoe"
     gpt_oss, glm, granite = mt == "gpt_oss", mt == "glm4_moe", mt == "granite"
     seed = mt == "seed_oss"     # q/k/v biases by attention_bias, o's by attention_out_bias
+    exaone = mt == "exaone4"    # OLMo-2's post-norms with per-head q/k norms, NoPE global layers
     if gemma3:
         cfg, mt = gemma3_text_config(cfg), "gemma3_text"
     if mt in ("gemma3_text", "olmo3"):      # the sliding layers rotate by a rope of their own
@@ -286,12 +291,13 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True))
         or ((glm or seed) and cfg.get("attention_bias", False)),
         query_pos_scale=_llama4_scaling(cfg) if mt == "ministral3" else None,
-        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text") or qk_whole
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text", "exaone4") or qk_whole
         or (glm and cfg.get("use_qk_norm", False)), qk_norm_whole=qk_whole,
         clip_qkv=cfg.get("clip_qkv") if mt == "olmoe" else None,
-        pre_norms=not olmo, norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
+        pre_norms=not (olmo or exaone), norm_fp32_scale=olmo or gpt_oss, attn_sinks=gpt_oss,
         mlp_act=_act(cfg),
-        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo, embed_scale=gemma,
+        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma or olmo or exaone,
+        embed_scale=gemma,
         query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else
         float(cfg.get("attention_multiplier", 1.0)) if granite else None,
         embed_multiplier=float(cfg.get("embedding_multiplier", 1.0)) if granite else 1.0,
@@ -302,7 +308,9 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
         local_rope_layers=(_sliding_types(cfg, mt) or ()) if local_theta is not None else (),
-        nope_layers=_nope_layers(cfg) if mt == "smollm3" else (),
+        nope_layers=_nope_layers(cfg) if mt == "smollm3" else tuple(
+            i for i in range(cfg["num_hidden_layers"]) if i not in (layers or ()))
+        if exaone and window else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name), **extra})
 

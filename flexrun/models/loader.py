@@ -53,7 +53,7 @@ _FAMILY_LAYER = {   # what a family names otherwise than Llama
     "olmo2": {"post_attention_layernorm": "post_attn_norm",
               "post_feedforward_layernorm": "post_mlp_norm", **_QK_NORMS},
 }
-_FAMILY_LAYER["olmo3"] = _FAMILY_LAYER["olmo2"]
+_FAMILY_LAYER["olmo3"] = _FAMILY_LAYER["exaone4"] = _FAMILY_LAYER["olmo2"]
 # the decoder of a multimodal Gemma-3 checkpoint (Gemma3ForConditionalGeneration): Hub files
 # (transformers 4.x) and transformers 5's save_pretrained; its vision tower is left out
 _LANGUAGE_MODEL = ("language_model.model.", "model.language_model.")

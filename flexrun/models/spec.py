@@ -16,7 +16,8 @@ FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"
             "gemma3": "llama", "smollm3": "llama", "olmo2": "llama", "olmo3": "llama",
             "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama", "gpt_oss": "llama",
             "olmoe": "llama", "glm4_moe": "llama", "llama4_text": "llama", "llama4": "llama",
-            "granite": "llama", "ministral": "llama", "ministral3": "llama", "seed_oss": "llama"}
+            "granite": "llama", "ministral": "llama", "ministral3": "llama", "seed_oss": "llama",
+            "exaone4": "llama"}
 # how a router turns logits into the top-k experts' weights (models/moe.py)
 ROUTERS = ("topk_softmax",      # Mixtral, gpt-oss: softmax over the top-k logits
            "softmax_topk",      # Qwen MoE: softmax over all, top-k, renormalised if norm_topk_prob
