@@ -135,6 +135,42 @@ def test_mistral3_image_text_checkpoint_runs_its_decoder(tmp_path, tie):
         assert [o.output_ids for o in llm.generate(prompts, 10, GREEDY)] == ref
 
 
+def test_sparse_configs_take_transformers_defaults():
+    """Configs as the Hub holds them: a llava text_config with only what differs from
+    LlamaConfig's defaults; Llama 4's empty no_rope_layers (every 4th layer without RoPE);
+    EXAONE 4's "LLLG" pattern and default window (RoPE off on its global layers)."""
+    from flexrun.models.hf_config import spec_from_config
+    llava = spec_from_config({"model_type": "llava", "text_config": {
+        "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-5,
+        "vocab_size": 32064}})
+    assert (llava.family, llava.hidden_size, llava.num_layers, llava.ffn_dim,
+            llava.vocab_size) == ("llama", 4096, 32, 11008, 32064)
+    scout = spec_from_config({"model_type": "llama4", "text_config": {
+        "model_type": "llama4_text", "hidden_size": 64, "intermediate_size": 32,
+        "intermediate_size_mlp": 96, "num_hidden_layers": 8, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 320, "no_rope_layers": []}})
+    assert scout.nope_layers == (3, 7) and scout.qk_l2_norm
+    exa = spec_from_config({"model_type": "exaone4", "hidden_size": 64,
+                            "intermediate_size": 96, "num_hidden_layers": 8,
+                            "num_attention_heads": 4, "vocab_size": 320,
+                            "sliding_window_pattern": "LLLG"})
+    assert exa.sliding_window == 4096 and exa.window_layers == (0, 1, 2, 4, 5, 6)
+    assert exa.nope_layers == (3, 7)
+
+
+@pytest.mark.parametrize("method", ["fp8", "awq"])
+def test_quantized_checkpoint_is_refused_in_one_line(tmp_path, method):
+    """FP8 / AWQ / GPTQ safetensors hold scales flexrun does not read: refused, not run."""
+    import json
+    from flexrun import FlexrunError
+    d = save_family("qwen3", tmp_path / "q")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlexrunError, match=f"is a {method}-quantized checkpoint"):
+        LLM(str(d), device="cpu")
+
+
 def test_unsupported_architecture_is_one_line(tmp_path):
     import json
     from flexrun import FlexrunError

@@ -96,7 +96,8 @@ def _llama4(cfg: dict) -> dict:
                 shared_expert_ffn_dim=f, shared_expert_gate=False, router_kind="sigmoid_topk",
                 expert_input_scaled=True, moe_layers=layers if len(layers) < n else None,
                 ffn_dim=cfg.get("intermediate_size_mlp", 16384), max_positions=limit,
-                nope_layers=_nope_layers(cfg), qk_l2_norm=bool(cfg.get("use_qk_norm", True)))
+                nope_layers=_nope_layers(cfg, empty_is_default=True), rope_fp32=True,
+                qk_l2_norm=bool(cfg.get("use_qk_norm", True)))
 
 
 def _llama4_scaling(cfg: dict) -> tuple[float, int] | None:
@@ -142,20 +143,24 @@ def _sliding_types(cfg: dict, mt: str) -> tuple[int, ...] | None:
         return _nope_layers(cfg)
     if mt == "olmo3":                   # Olmo3Config: every 4th layer is global
         return tuple(i for i in range(n) if (i + 1) % 4)
-    if mt == "exaone4":                 # Exaone4Config: every sliding_window_pattern-th global
-        pattern = int(cfg.get("sliding_window_pattern") or 4)
-        return tuple(i for i in range(n) if (i + 1) % pattern) if cfg.get("sliding_window") \
-            else ()
+    if mt == "exaone4":                 # Exaone4Config: every sliding_window_pattern-th global,
+        pattern = cfg.get("sliding_window_pattern") or 4   # or a string of L (local) / G
+        if cfg.get("sliding_window") is None:
+            return ()
+        if isinstance(pattern, str):
+            return tuple(i for i in range(n) if pattern[i % len(pattern)] == "L")
+        return tuple(i for i in range(n) if (i + 1) % int(pattern))
     if mt == "gpt_oss":                 # GptOssConfig: sliding and full layers alternate
         return tuple(range(0, n, 2))
     return None
 
 
-def _nope_layers(cfg: dict) -> tuple[int, ...]:
-    """SmolLM3's layers without RoPE: no_rope_layers (1: rotated), else every
-    no_rope_layer_interval-th layer."""
+def _nope_layers(cfg: dict, empty_is_default: bool = False) -> tuple[int, ...]:
+    """SmolLM3's and Llama 4's layers without RoPE: no_rope_layers (1: rotated), else every
+    no_rope_layer_interval-th layer (Llama4TextConfig takes an empty list for none given, as
+    the Hub's Scout and Maverick configs hold)."""
     n, flags = cfg["num_hidden_layers"], cfg.get("no_rope_layers")
-    if flags is None:
+    if flags is None or (empty_is_default and not flags):
         every = int(cfg.get("no_rope_layer_interval") or 4)
         flags = [int((i + 1) % every != 0) for i in range(n)]
     return tuple(i for i, rotated in enumerate(flags) if not rotated)
@@ -259,6 +264,8 @@ def _moe(cfg: dict, mt: str) -> dict:
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
     if mt in ("llama4", "llama4_text"):
         cfg, mt = llama4_text_config(cfg), "llama4_text"
+    if mt == "exaone4":                 # Exaone4Config's window when the file has none
+        cfg = {"sliding_window": 4096, **cfg}
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
     qk_whole = olmo or mt == "olmoe"
     gpt_oss, glm, granite = mt == "gpt_oss", mt == "glm4_moe", mt == "granite"
@@ -289,7 +296,7 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         mlp_bias=cfg.get("mlp_bias", False),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         qkv_bias=mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True))
-        or ((glm or seed) and cfg.get("attention_bias", False)),
+        or (glm and cfg.get("attention_bias", False)) or (seed and cfg.get("attention_bias", True)),
         query_pos_scale=_llama4_scaling(cfg) if mt == "ministral3" else None,
         qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text", "exaone4") or qk_whole
         or (glm and cfg.get("use_qk_norm", False)), qk_norm_whole=qk_whole,
@@ -308,16 +315,27 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
         local_rope_layers=(_sliding_types(cfg, mt) or ()) if local_theta is not None else (),
-        nope_layers=_nope_layers(cfg) if mt == "smollm3" else tuple(
-            i for i in range(cfg["num_hidden_layers"]) if i not in (layers or ()))
-        if exaone and window else (),
+        nope_layers=_nope_layers(cfg) if mt == "smollm3" else tuple(   # EXAONE: its global
+            i for i in range(cfg["num_hidden_layers"])                  # layers, while it has
+            if i not in (_sliding_types(cfg, mt) or ()))                # a window
+        if exaone and cfg["sliding_window"] is not None else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name), **extra})
 
 
 # image-text checkpoints whose language model is a family flexrun runs (its text_config): only
-# the decoder is loaded (the vision tower and projector are not; prompts are text)
-WRAPPERS = ("mistral3", "llava", "llava_next")
+# the decoder is loaded (the vision tower and projector are not; prompts are text); a
+# text_config saved by transformers 4.x holds only what differs from its class's defaults
+WRAPPERS = {"mistral3": "mistral", "llava": "llama", "llava_next": "llama"}
+_TEXT_DEFAULTS = {      # LlamaConfig's and MistralConfig's (transformers 5.25)
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=4096,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)}
 
 
 def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
@@ -325,8 +343,9 @@ def spec_from_config(cfg: dict, name: str = "") -> ModelSpec:
     mt = cfg.get("model_type", "")
     if mt in WRAPPERS and isinstance(cfg.get("text_config"), dict):
         top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
-        cfg = {**top, **cfg["text_config"]}
-        mt = cfg.get("model_type", "")
+        text = {"model_type": WRAPPERS[mt], **cfg["text_config"]}
+        cfg = {**_TEXT_DEFAULTS.get(text["model_type"], {}), **top, **text}
+        mt = cfg["model_type"]
     try:
         if mt == "opt":
             return _opt(cfg, name)

@@ -81,8 +81,12 @@ class LlamaModel:
         if layer in s.nope_layers:
             return q, k, v
         rope = self.local_rope if s.uses_local_rope(layer) else self.rope
-        cos, sin = rope.cos_sin(positions, h.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if s.rope_fp32:
+            cos, sin = rope.cos_sin(positions, torch.float32)
+            q, k = (apply_rope(t.float(), cos, sin).to(t.dtype) for t in (q, k))
+        else:
+            cos, sin = rope.cos_sin(positions, h.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if s.qk_l2_norm:                # Llama 4: weightless, after RoPE, in fp32
             q, k = _unit_rms(q, s.norm_eps), _unit_rms(k, s.norm_eps)
         if s.query_pos_scale is not None:

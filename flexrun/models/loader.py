@@ -278,6 +278,14 @@ def open_hf_dir(path: str) -> Checkpoint:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise FlexrunError(f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno})")
+    quant = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get(
+        "quantization_config")
+    method = (quant or {}).get("quant_method", "unknown")
+    if quant and method != "mxfp4":     # (gpt-oss's MXFP4 experts: models/mxfp4.py)
+        raise FlexrunError(f"{d.name} is a {method}-quantized checkpoint: flexrun reads "
+                           "unquantized safetensors (fp32 / fp16 / bf16), gpt-oss's MXFP4 "
+                           "experts and GGUF files; use the unquantized checkpoint or a GGUF "
+                           "(--compress-weight quantizes to 4 bits at load)")
     spec = spec_from_config(cfg, name=d.name)
     gen_cfg = d / "generation_config.json"
     if gen_cfg.is_file():

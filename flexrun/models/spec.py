@@ -96,6 +96,7 @@ class ModelSpec:
     nope_layers: tuple[int, ...] = ()    # layers whose q/k are not rotated (SmolLM3: every 4th)
     attn_sinks: bool = False             # a learned sink logit per head and layer (gpt-oss)
     qk_l2_norm: bool = False      # q and k RMS-normed without weights after RoPE (Llama 4)
+    rope_fp32: bool = False       # q and k rotated in fp32, rounded once (Llama 4's complex RoPE)
     # (beta, period): queries times 1 + beta * ln(1 + floor(position / period)) after RoPE
     # (Ministral 3's long-context scaling; 1 before `period`)
     query_pos_scale: tuple[float, int] | None = None
