@@ -11,6 +11,7 @@ map_tensor_name uses) and tensor transformations of the converter's model class
                   as rope_factors_long/short.weight plus rope.scaling.attn_factor
   gemma2          Gemma2Model: every *norm.weight stored + 1, no lm_head, soft-caps, window
   smollm3         SmolLM3Model: LlamaModel under its own arch (q/k permuted)
+  granite         GraniteModel: LlamaModel (no head_dim) with its multipliers as *_scale
   gpt_oss         GptOssModel: experts de-interleaved and transposed into ffn_*_exps (MXFP4
                   with tensor_type "mxfp4", the rest F32), biases, attn_sinks.weight, yarn
   olmoe           OlmoeModel: TextModel keys (expert counts), experts stacked as Qwen's
@@ -52,7 +53,7 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType as FT, MODEL_ARCH as A
 ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3,
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
         "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "olmoe": A.OLMOE,
-        "gpt_oss": A.GPT_OSS, "mixtral": A.LLAMA,
+        "gpt_oss": A.GPT_OSS, "granite": A.GRANITE, "mixtral": A.LLAMA,
         "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
@@ -90,7 +91,7 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
             continue                      # tied: not in the safetensors; Gemma2Model skips it
         data = t.detach().to(torch.float32).numpy()
-        if family in ("llama", "mistral", "mixtral", "smollm3"):
+        if family in ("llama", "mistral", "mixtral", "smollm3", "granite"):
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = permute(data, heads)
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -351,6 +352,19 @@ def _glm4_moe(w, hp: dict, rope: dict) -> list:
     return []
 
 
+def _granite(w, hp: dict, rope: dict) -> list:
+    """GraniteModel.set_gguf_parameters: LlamaModel's keys without head_dim, the multipliers
+    as *_scale where non-zero."""
+    out = _llama(w, {k: v for k, v in hp.items() if k != "head_dim"}, rope)
+    for key, add in (("attention_multiplier", w.add_attention_scale),
+                     ("embedding_multiplier", w.add_embedding_scale),
+                     ("residual_multiplier", w.add_residual_scale),
+                     ("logits_scaling", w.add_logit_scale)):
+        if hp.get(key):
+            add(hp[key])
+    return out
+
+
 def _gpt_oss(w, hp: dict, rope: dict) -> list:
     """GptOssModel.set_gguf_parameters: TextModel's keys (yarn), the window, the experts'
     width."""
@@ -383,7 +397,7 @@ def _gemma3(w, hp: dict, rope: dict) -> list:
 _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
              "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe, "olmoe": _qwen,
-             "gpt_oss": _gpt_oss,
+             "gpt_oss": _gpt_oss, "granite": _granite,
              "mixtral": _llama,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 

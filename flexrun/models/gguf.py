@@ -1,9 +1,9 @@
 """Read llama.cpp GGUF files as HF checkpoints: config dict, dequantized HF tensors, tokenizer.
 
-Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, olmo2, qwen2, qwen3, qwen2moe,
-qwen3moe, olmoe, glm4moe, gpt-oss, phi3, gemma2 and gemma3; what differs between them is in
-gguf_arch.py. Only gguf, numpy, torch and tokenizers are used. Tensors are memory-mapped by
-gguf.GGUFReader and dequantized one at a time (stacked experts one expert at a time), so the
+Architectures llama (Llama, Mistral, Mixtral, SmolLM), smollm3, granite, olmo2, qwen2, qwen3,
+qwen2moe, qwen3moe, olmoe, glm4moe, gpt-oss, phi3, gemma2 and gemma3; what differs between them
+is in gguf_arch.py. Only gguf, numpy, torch and tokenizers are used. Tensors are memory-mapped
+by gguf.GGUFReader and dequantized one at a time (stacked experts one expert at a time), so the
 model is never held twice.
 """
 from __future__ import annotations

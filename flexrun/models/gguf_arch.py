@@ -231,6 +231,18 @@ def _gemma3(m, cfg: dict) -> None:
     cfg["final_logit_softcapping"] = None if cap is None else float(cap)
 
 
+def _granite(m, cfg: dict) -> None:
+    """GraniteModel is LlamaModel (q/k permuted) plus its multipliers, renamed *_scale and
+    written where non-zero: attention.scale, embedding_scale, residual_scale, logit_scale;
+    no head_dim (popped by the converter)."""
+    cfg.update(hidden_act="silu", attention_bias="blk.0.attn_q.bias" in m.names,
+               mlp_bias="blk.0.ffn_up.bias" in m.names,
+               attention_multiplier=float(m("attention.scale", 1.0) or 1.0),
+               embedding_multiplier=float(m("embedding_scale", 1.0) or 1.0),
+               residual_multiplier=float(m("residual_scale", 1.0) or 1.0),
+               logits_scaling=float(m("logit_scale", 1.0) or 1.0))
+
+
 def _smollm3(m, cfg: dict) -> None:
     """SmolLM3Model is LlamaModel under its own name (q/k permuted, no extra keys); llama.cpp
     skips RoPE on every 4th layer (n_no_rope_layer_step, read from no key) and runs no window."""
@@ -321,6 +333,8 @@ ARCHS = {
                       head_dim_from_rope=True, extra=_llama),
     "smollm3": GGUFArch("SmolLM3ForCausalLM", "smollm3", DENSE_LAYERS, permute_qk=True,
                         extra=_smollm3),
+    "granite": GGUFArch("GraniteForCausalLM", "granite", DENSE_LAYERS, permute_qk=True,
+                        head_dim_from_rope=True, extra=_granite),
     "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
     "olmoe": GGUFArch("OlmoeForCausalLM", "olmoe", OLMOE_LAYERS, extra=_olmoe),
     "gpt-oss": GGUFArch("GptOssForCausalLM", "gpt_oss", GPT_OSS_LAYERS, extra=_gpt_oss),
@@ -346,7 +360,8 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "SmolLM3, OLMo-2/3, OLMoE, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
+                         "SmolLM3, Granite, OLMo-2/3, OLMoE, Qwen2/2.5, Qwen3, Qwen2-MoE, "
+                         "Qwen3-MoE, "
                          "GLM-4.5, gpt-oss, "
                          "Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]
