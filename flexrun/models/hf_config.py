@@ -56,24 +56,11 @@ _GEMMA3_TEXT = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216
 
 
 def gemma3_text_config(cfg: dict) -> dict:
-    """A Gemma-3 config (text-only `gemma3_text`, or the multimodal `gemma3` whose decoder is
-    its text_config) with Gemma3TextConfig's defaults filled in; the vision tower is not run."""
-    if cfg.get("model_type") == "gemma3":
-        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
-        cfg = {**top, **(cfg.get("text_config") or {}), "model_type": "gemma3_text"}
+    """A Gemma-3 text decoder's config with Gemma3TextConfig's defaults filled in."""
     if cfg.get("use_bidirectional_attention"):
         raise FlexrunError("Gemma-3 with use_bidirectional_attention (an embedding model) is "
                            "not a generator: flexrun runs causal decoders only")
     return {**_GEMMA3_TEXT, **cfg}
-
-
-def llama4_text_config(cfg: dict) -> dict:
-    """A Llama 4 config (text-only `llama4_text`, or the multimodal `llama4` whose decoder is
-    its text_config); the vision model is not run."""
-    if cfg.get("model_type") == "llama4":
-        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
-        cfg = {**top, **(cfg.get("text_config") or {}), "model_type": "llama4_text"}
-    return cfg
 
 
 def _llama4(cfg: dict) -> dict:
@@ -164,6 +151,11 @@ def _nope_layers(cfg: dict, empty_is_default: bool = False) -> tuple[int, ...]:
         every = int(cfg.get("no_rope_layer_interval") or 4)
         flags = [int((i + 1) % every != 0) for i in range(n)]
     return tuple(i for i, rotated in enumerate(flags) if not rotated)
+
+
+def _global_layers(cfg: dict, windowed: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The layers outside `windowed` (EXAONE 4's NoPE layers: its full-attention ones)."""
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if i not in (windowed or ()))
 
 
 def _windowed_layers(cfg: dict, mt: str) -> tuple[int | None, tuple[int, ...] | None]:
@@ -262,8 +254,8 @@ def _moe(cfg: dict, mt: str) -> dict:
 
 
 def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
-    if mt in ("llama4", "llama4_text"):
-        cfg, mt = llama4_text_config(cfg), "llama4_text"
+    if mt == "llama4":                  # (a multimodal config without a text_config)
+        mt = "llama4_text"
     if mt == "exaone4":                 # Exaone4Config's window when the file has none
         cfg = {"sliding_window": 4096, **cfg}
     gemma3, olmo = mt in ("gemma3", "gemma3_text"), mt in ("olmo2", "olmo3")
@@ -315,18 +307,18 @@ def _llama_style(cfg: dict, mt: str, name: str) -> ModelSpec:
         sliding_window=window, window_layers=layers, local_rope_theta=local_theta,
         local_rope_scaling=local_scaling,
         local_rope_layers=(_sliding_types(cfg, mt) or ()) if local_theta is not None else (),
-        nope_layers=_nope_layers(cfg) if mt == "smollm3" else tuple(   # EXAONE: its global
-            i for i in range(cfg["num_hidden_layers"])                  # layers, while it has
-            if i not in (_sliding_types(cfg, mt) or ()))                # a window
-        if exaone and cfg["sliding_window"] is not None else (),
+        nope_layers=_nope_layers(cfg) if mt == "smollm3" else
+        _global_layers(cfg, layers) if exaone and cfg["sliding_window"] is not None else (),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_list(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"), name=name), **extra})
 
 
-# image-text checkpoints whose language model is a family flexrun runs (its text_config): only
-# the decoder is loaded (the vision tower and projector are not; prompts are text); a
-# text_config saved by transformers 4.x holds only what differs from its class's defaults
-WRAPPERS = {"mistral3": "mistral", "llava": "llama", "llava_next": "llama"}
+# image-text checkpoints whose language model is a family flexrun runs (its text_config, of
+# this model_type unless it names one): only the decoder is loaded (the vision tower and
+# projector are not; prompts are text); a text_config saved by transformers 4.x holds only
+# what differs from its class's defaults
+WRAPPERS = {"mistral3": "mistral", "llava": "llama", "llava_next": "llama",
+            "gemma3": "gemma3_text", "llama4": "llama4_text"}
 _TEXT_DEFAULTS = {      # LlamaConfig's and MistralConfig's (transformers 5.25)
     "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,

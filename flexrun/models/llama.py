@@ -41,9 +41,8 @@ class LlamaModel:
         s = self.spec
         if not s.norm_offset and not s.norm_fp32_scale:
             return rms_norm(x, weight, s.norm_eps)
-        xf = x.float()                  # Gemma: x * (1 + w), all in fp32, then cast (OLMo-2: w)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + s.norm_eps)
-        return (xf * (s.norm_offset + weight.float())).to(x.dtype)
+        # Gemma: x * (1 + w), all in fp32, then cast (OLMo-2: w)
+        return (_rms_fp32(x, s.norm_eps) * (s.norm_offset + weight.float())).to(x.dtype)
 
     def _add_norm(self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None):
         """(h + y, its norm); weight None (no pre-norms): (h + y, h + y)."""
@@ -81,14 +80,11 @@ class LlamaModel:
         if layer in s.nope_layers:
             return q, k, v
         rope = self.local_rope if s.uses_local_rope(layer) else self.rope
-        if s.rope_fp32:
-            cos, sin = rope.cos_sin(positions, torch.float32)
-            q, k = (apply_rope(t.float(), cos, sin).to(t.dtype) for t in (q, k))
-        else:
-            cos, sin = rope.cos_sin(positions, h.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dt = torch.float32 if s.rope_fp32 else h.dtype      # (Llama 4: fp32, rounded once)
+        cos, sin = rope.cos_sin(positions, dt)
+        q, k = (apply_rope(t.to(dt), cos, sin).to(t.dtype) for t in (q, k))
         if s.qk_l2_norm:                # Llama 4: weightless, after RoPE, in fp32
-            q, k = _unit_rms(q, s.norm_eps), _unit_rms(k, s.norm_eps)
+            q, k = (_rms_fp32(t, s.norm_eps).to(t.dtype) for t in (q, k))
         if s.query_pos_scale is not None:
             beta, period = s.query_pos_scale
             grow = 1 + beta * torch.log1p(torch.floor(positions.float() / period))
@@ -137,10 +133,10 @@ class LlamaModel:
         return logits
 
 
-def _unit_rms(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """t / rms(t) over the head dim, in fp32, cast back (a norm without weights)."""
+def _rms_fp32(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """t / rms(t) over the last dim, in fp32 (the weights, where a norm has them, after)."""
     tf = t.float()
-    return (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)
+    return tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def model_for(spec: ModelSpec):
