@@ -111,12 +111,13 @@ def ragged_prompts(n: int = 5, seed: int = 1) -> list[list[int]]:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new: int,
-              dtype: torch.dtype = torch.float32) -> list[list[int]]:
+              dtype: torch.dtype = torch.float32, model_cls=None) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time (no padding involved). EOS
     neither stops it nor is suppressed (min_new_tokens would mask EOS's logit, which
-    ignore_eos does not do), so every new token is the argmax."""
+    ignore_eos does not do), so every new token is the argmax. model_cls: a class
+    AutoModelForCausalLM does not map (image-text checkpoints)."""
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    m = (model_cls or AutoModelForCausalLM).from_pretrained(str(model_dir), dtype=dtype).eval()
     m.generation_config.eos_token_id = None
     outs = []
     for p in prompts:

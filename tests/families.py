@@ -229,7 +229,12 @@ def build_model(name: str, seed: int = 0):
     cfg_cls, model_cls, kw = SHAPES[name]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(**COMMON, **kw)
-    m = getattr(transformers, model_cls)(cfg).eval()
+    return perturb(getattr(transformers, model_cls)(cfg).eval())
+
+
+def perturb(m):
+    """m with its norms and biases perturbed, routers scaled up, sink logits and GLM's
+    choice bias drawn (build_model's doing; for the tests that build models of their own)."""
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n or n.endswith("bias"):

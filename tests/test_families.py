@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, ragged_prompts
-from families import SHAPES, save_family
+from families import SHAPES, perturb, save_family
 from flexrun import LLM, Policy, SamplingParams
 
 NEW = 20        # prompts of up to 16 tokens + 20 new: past every window and longrope switch
@@ -78,11 +78,7 @@ def test_gemma3_multimodal_checkpoint_runs_its_decoder(naming, tmp_path):
     cfg = transformers.Gemma3Config(text_config=text, vision_config=vision,
                                     mm_tokens_per_image=4)
     torch.manual_seed(3)
-    m = transformers.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    m = perturb(transformers.Gemma3ForConditionalGeneration(cfg).eval())
     m.save_pretrained(str(tmp_path), safe_serialization=True)
     if naming == "state_dict":
         (tmp_path / "model.safetensors").unlink()
@@ -115,21 +111,11 @@ def test_mistral3_image_text_checkpoint_runs_its_decoder(tmp_path, tie):
     cfg = transformers.Mistral3Config(text_config=text, vision_config=vision,
                                       tie_word_embeddings=tie)
     torch.manual_seed(4)
-    m = transformers.Mistral3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    m = perturb(transformers.Mistral3ForConditionalGeneration(cfg).eval())
     m.save_pretrained(str(tmp_path), safe_serialization=True)
     make_tokenizer(tmp_path)
     prompts = ragged_prompts(4, seed=6)
-    back = transformers.Mistral3ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
-    ref = []
-    for p in prompts:                   # greedy, as conftest.hf_greedy (EOS not stopping it)
-        with torch.no_grad():
-            g = back.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
-        ref.append(g[0, len(p):].tolist())
+    ref = hf_greedy(tmp_path, prompts, 10, model_cls=transformers.Mistral3ForConditionalGeneration)
     with LLM(str(tmp_path), device="cpu", policy="resident") as llm:
         assert llm.spec.family == "mistral" and llm.spec.tie_word_embeddings == tie
         assert [o.output_ids for o in llm.generate(prompts, 10, GREEDY)] == ref

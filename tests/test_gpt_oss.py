@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy, make_tokenizer, ragged_prompts
+from families import perturb
 from flexrun import LLM, Policy, SamplingParams
 from flexrun.models.mxfp4 import FP4_VALUES, dequantize
 
@@ -53,16 +54,7 @@ def _tiny(seed: int = 0):
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
         max_position_embeddings=128, attention_dropout=0.0)
     torch.manual_seed(seed)
-    m = transformers.GptOssForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            if n.endswith("router.weight"):
-                p.mul_(5.0)
-            if n.endswith("sinks"):
-                p.normal_(0.0, 1.0)
-    return m
+    return perturb(transformers.GptOssForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("split", [False, True])
