@@ -95,6 +95,13 @@ SCENARIOS = {
                               "--batch-size", "16", "--num-prompts", "16"],
            "prompt_len": 128, "gen_len": 32},
 }
+# S1c: S1's budget with compression allowed on both sides (FlexGen: its paper placement)
+SCENARIOS["S1c"] = {
+    "what": "OPT-30B, 4-bit weights and KV cache, 16 GiB GPU / 100 GiB CPU; flexrun's searched "
+            "policy vs FlexGen's paper placement with --compress-weight --compress-cache",
+    "flexrun-auto": SCENARIOS["S1"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
+    "flexgen": SCENARIOS["S1"]["flexgen"] + ["--compress-weight", "--compress-cache"],
+    "floor": "pcie"}
 # S4 with both systems in bfloat16 (CPUs with AVX512-BF16 / AMX run bf16 GEMMs ~3x faster
 # than fp32: 385 vs 125 GFLOP/s at 1024 x 2048 x 8192 on the 2-core CI machine)
 SCENARIOS["S4-bf16"] = {
