@@ -22,6 +22,15 @@ def test_trace_then_png(llama_dir, tmp_path, capsys):
     png = tmp_path / "t.png"
     assert main(["trace-png", str(trace), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from flexrun.cli.trace_png import load_events, step_window
+    spans = load_events(trace)[1]
+    one = step_window(spans, 1)
+    assert {e["name"] for e in one if e["name"].startswith("s")} == \
+        {e["name"] for e in spans if e["name"].startswith("s1 ")}
+    assert len(one) < len(spans)
+    assert main(["trace-png", str(trace), "-o", str(png), "--step", "1"]) == 0
+    assert main(["trace-png", str(trace), "-o", str(png), "--step", "9"]) == 2
+    assert "pass one of those to --step" in capsys.readouterr().err
 
 
 def test_missing_trace_is_one_line_error(tmp_path, capsys):

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace-png", help="render a --trace JSON to a PNG timeline")
     t.add_argument("trace")
     t.add_argument("-o", "--output", required=True)
+    t.add_argument("--step", type=int, default=None,
+                   help="draw only this generation step (0 = prefill, 1 = first decode step)")
     return ap
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return eval_ppl(args)
         if args.cmd == "trace-png":
             from flexrun.cli.trace_png import render
-            render(args.trace, args.output)
+            render(args.trace, args.output, step=args.step)
             return 0
     except FlexrunError as e:
         print(f"flexrun: error: {e}", file=sys.stderr)

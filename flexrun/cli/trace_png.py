@@ -40,9 +40,28 @@ def _kind(name: str) -> str:
     return head if head in COLOURS else ("s" if head[:1] == "s" else "")
 
 
-def render(trace: str | Path, output: str | Path, width: float = 16.0) -> Path:
-    """Draw the timeline of `trace` into the PNG `output`; returns its path."""
+def step_window(spans: list[dict], step: int) -> list[dict]:
+    """The spans overlapping generation step `step` (0 is the prefill): from its first compute
+    span ("s<step> u.. b..") to its last, so one decode step fills the picture."""
+    mine = [e for e in spans if e["name"].startswith(f"s{step} ")]
+    if not mine:
+        have = sorted({int(e["name"].split(" ")[0][1:]) for e in spans
+                       if e["name"].split(" ")[0][1:].isdigit()})
+        raise FlexrunError(f"the trace has no step {step}: it holds steps "
+                           f"{have[0] if have else '-'}..{have[-1] if have else '-'}; "
+                           "pass one of those to --step")
+    lo = min(e["ts"] for e in mine)
+    hi = max(e["ts"] + e["dur"] for e in mine)
+    return [e for e in spans if e["ts"] < hi and e["ts"] + e["dur"] > lo]
+
+
+def render(trace: str | Path, output: str | Path, width: float = 16.0,
+           step: int | None = None) -> Path:
+    """Draw the timeline of `trace` (only generation step `step` when given) into the PNG
+    `output`; returns its path."""
     names, spans = load_events(trace)
+    if step is not None:
+        spans = step_window(spans, step)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -59,7 +78,8 @@ def render(trace: str | Path, output: str | Path, width: float = 16.0) -> Path:
         ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=colours)
     ax.set_yticks(range(len(tids)), [names.get(t, str(t)) for t in tids])
     ax.set_xlabel("ms since the first event")
-    ax.set_title(f"{Path(trace).name}: {len(spans)} events")
+    what = "" if step is None else f", step {step}"
+    ax.set_title(f"{Path(trace).name}{what}: {len(spans)} events")
     fig.tight_layout()
     out = Path(output)
     fig.savefig(out, dpi=110)
