@@ -93,8 +93,11 @@ def prefill_floor(spec: ModelSpec, prompts: int, prompt_len: int, prof: Hardware
                   cuda: bool = True, elem: int = 2) -> float:
     """Seconds of the prefill's matmul work at the profile's peak (prefill) GEMM rate: every
     layer's GEMMs over every prompt token, causal attention (half the score matrix), and
-    the head over each prompt's last token."""
-    layer = sum(numel(sh) for n, sh in spec.unit_shapes(1).items() if len(sh) == 2)
+    the head over each prompt's last token. A routed expert's weights count for the share
+    of tokens routed to it (top-k of E)."""
+    routed = spec.experts_per_token / spec.num_experts if spec.num_experts else 1.0
+    layer = sum(numel(sh) * (routed if ".experts." in n else 1.0)
+                for n, sh in spec.unit_shapes(1).items() if len(sh) == 2)
     head = spec.vocab_size * spec.embed_dim
     q_dim = spec.num_heads * spec.head_dim
     tokens = prompts * prompt_len
@@ -116,14 +119,21 @@ def floor_of_result(r: dict) -> dict | None:
 
 
 def _floor_of_result(r: dict) -> dict:
-    from flexrun.plan.hardware import default_profile
+    from flexrun.plan.hardware import HardwareProfile, PROFILES_DIR, default_profile, \
+        profile_source
     from flexrun.models.dummy import dummy_spec
     cuda = r.get("device", "cpu") != "cpu"
-    spec, prof = dummy_spec(r["model"][len("dummy:"):]), default_profile("cuda" if cuda else "cpu")
+    named = r.get("profile")            # the profile the run predicted with, where it says
+    shipped = named and (PROFILES_DIR.parents[1] / named)
+    prof = (HardwareProfile.load(shipped) if shipped and shipped.is_file()
+            else default_profile("cuda" if cuda else "cpu"))
+    spec = dummy_spec(r["model"][len("dummy:"):])
     elem = ({"float32": 4}.get(r.get("dtype"), 2) if r.get("dtype") else None) or \
         (2 if cuda else 4)
     f = decode_floor(spec, Policy.from_dict(r["policy"]), prof, r["prompt_len"], r["gen_len"],
                      cuda, elem)
+    f["profile"] = named if shipped and shipped.is_file() else \
+        profile_source("cuda" if cuda else "cpu")
     if "decode_step_s" in r:
         f["measured_over_floor"] = r["decode_step_s"] / f["floor_s"]
     n = r.get("num_prompts")

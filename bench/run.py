@@ -136,6 +136,10 @@ SCENARIOS["S7"] = {
             "100 GiB CPU, uniform routing; policy chosen by flexrun's search",
     "flexrun-auto": ["--model", "dummy:qwen3-30b-a3b", "--policy", "auto", "--gpu-mem", "16GiB",
                      "--cpu-mem", "100GiB", "--num-prompts", "256"],
+    # the policy the search picks for this budget at gen 3 on the H100 (64 x 4, 17% of the
+    # weights on the GPU, KV cache and attention on the CPU), fixed
+    "flexrun": ["--model", "dummy:qwen3-30b-a3b", "--policy", "policies/qwen3-30b-a3b-64x4.json",
+                "--gpu-mem", "16GiB", "--cpu-mem", "100GiB", "--num-prompts", "256"],
     # the peer as for S6: transformers' Qwen3-MoE under Accelerate, 3 decode steps extrapolated
     **{f"accelerate{sfx}": ["--model", "qwen3-30b-a3b", "--device", "cuda", "--gpu-mem", "16GiB",
                             "--cpu-mem", "100GiB", "--cut-gen-len", "3", "--batch-size", b]

@@ -91,10 +91,11 @@ def main() -> None:
             "experts": llm.spec.num_experts, "top_k": llm.spec.experts_per_token,
             "lanes": {**lanes.stats.to_dict(), "rates": vars(lanes.rates)},
             "off_device_experts": sum(len(v) for v in lanes.remote.values())}
-        predicted = None
+        predicted, profile = None, None
         try:
             from flexrun.plan.costmodel import predict
-            from flexrun.plan.hardware import default_profile
+            from flexrun.plan.hardware import default_profile, profile_source
+            profile = profile_source(llm.device.type)
             p = predict(llm.spec, llm.policy, default_profile(llm.device.type), a.prompt_len,
                         a.gen_len, num_prompts=n, device=llm.device.type,
                         dtype_bytes=llm.dtype.itemsize)
@@ -113,7 +114,7 @@ def main() -> None:
         "prefill_tok_s": n * a.prompt_len / st.prefill_s,
         "decode_tok_s": n * (a.gen_len - 1) / max(st.decode_s, 1e-9),
         "total_tok_s": n * a.gen_len / total, "peak_gpu_GB": st.peak_gpu_bytes / 1e9,
-        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted,
+        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted, "profile": profile,
         **({"experts": experts} if experts else {})}))
 
 

@@ -561,3 +561,25 @@ def test_bench_floor_share_of_tok_s():
     best = 32 * 32 / (f["prefill_floor_s"] + 31 * f["floor_s"])
     assert abs(f["floor_total_tok_s"] - best) < 1e-6 and f["share_of_floor_tok_s"] == 1000 / best
     assert 0.4 < f["share_of_floor_tok_s"] < 0.6
+
+
+def test_bench_floor_moe_counts_routed_experts_and_names_profile():
+    """A MoE prefill multiplies each token by its top-k experts only (Qwen3-30B-A3B: 8 of 128,
+    about 3.3B of 30.5B parameters), and a result's floor uses the profile the run names."""
+    from bench.floor import floor_of_result, prefill_floor
+    spec = dummy_spec("qwen3-30b-a3b")
+    prof = HardwareProfile.load(PROFILES_DIR / "h100.json")
+    dense = dataclasses.replace(spec, experts_per_token=spec.num_experts)
+    pre, all_experts = prefill_floor(spec, 8, 512, prof), prefill_floor(dense, 8, 512, prof)
+    assert 6 < all_experts / pre < 12, (pre, all_experts)
+    r = {"model": "dummy:qwen3-30b-a3b", "device": "NVIDIA H100 80GB HBM3", "dtype": "float16",
+         "policy": {"gpu_batch_size": 64, "num_gpu_batches": 4, "weights_gpu": 17,
+                    "weights_cpu": 83, "cache_gpu": 0, "cache_cpu": 100, "cpu_attention": True},
+         "prompt_len": 512, "gen_len": 32, "num_prompts": 256, "total_tok_s": 80.0,
+         "decode_step_s": 2.9}
+    floors = {}
+    for name in ("h100.json", "h100-measured.json"):
+        f = floor_of_result({**r, "profile": f"policies/profiles/{name}"})
+        assert f["profile"] == f"policies/profiles/{name}"
+        floors[name] = f["floor_s"]
+    assert floors["h100.json"] != floors["h100-measured.json"]

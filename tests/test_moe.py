@@ -483,11 +483,15 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
         ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
     pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
                  expert_lanes="copy")
-    with LLM(str(d), device="cpu", policy=pol) as llm:
+    trace = tmp_path / "t.json"
+    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
         outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
         lane = llm.pipeline.experts.stats
         away = llm.pipeline.experts.remote
     assert outs == ref
+    import json     # the copies of host experts are a track of the timeline
+    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert any(n.startswith("h2d experts l") for n in spans)
     assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
     if stage_all == 0.0:        # each unit copies each off-device expert once per block
         per_block = sum(len(es) for es in away.values())

@@ -40,13 +40,26 @@ def _kind(name: str) -> str:
     return head if head in COLOURS else ("s" if head[:1] == "s" else "")
 
 
+def _step_of(e: dict) -> int | None:
+    head = e["name"].split(" ")[0]
+    return int(head[1:]) if head[:1] == "s" and head[1:].isdigit() else None
+
+
 def step_window(spans: list[dict], step: int) -> list[dict]:
-    """The spans overlapping generation step `step` (0 is the prefill): from its first compute
-    span ("s<step> u.. b..") to its last, so one decode step fills the picture."""
-    mine = [e for e in spans if e["name"].startswith(f"s{step} ")]
+    """The spans overlapping generation step `step` (0 is the prefill) of the last block the
+    trace holds (a warm-up run comes first): from its first compute span ("s<step> u.. b..")
+    to its last, so one decode step fills the picture."""
+    runs: list[list[dict]] = []         # one per block run (a warm-up, each block): the
+    last = None                          # step number falls back to 0 where one begins
+    for e in sorted((e for e in spans if _step_of(e) is not None), key=lambda e: e["ts"]):
+        if last is None or _step_of(e) < last:
+            runs.append([])
+        runs[-1].append(e)
+        last = _step_of(e)
+    mine = next(([e for e in run if _step_of(e) == step] for run in reversed(runs)
+                 if any(_step_of(e) == step for e in run)), [])
     if not mine:
-        have = sorted({int(e["name"].split(" ")[0][1:]) for e in spans
-                       if e["name"].split(" ")[0][1:].isdigit()})
+        have = sorted({_step_of(e) for e in spans} - {None})
         raise FlexrunError(f"the trace has no step {step}: it holds steps "
                            f"{have[0] if have else '-'}..{have[-1] if have else '-'}; "
                            "pass one of those to --step")

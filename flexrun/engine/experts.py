@@ -197,11 +197,13 @@ class TieredExperts:
         if "disk" in remote.values():
             return None
         fresh = [e for e in range(self.spec.num_experts) if e not in self.staging.staged]
-        for e in fresh:
-            if e in remote:
-                self._stage_copy(e)
-            else:
-                self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"] for p in PARTS))
+        with self._copy_span(sum(e in remote for e in fresh)):
+            for e in fresh:
+                if e in remote:
+                    self._stage_copy(e)
+                else:
+                    self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
+                                                   for p in PARTS))
         self.stats.reused += len(remote) - sum(e in remote for e in fresh)
         return self.staging.ready()
 
@@ -222,9 +224,10 @@ class TieredExperts:
         reading = {g.expert: self._reader.submit(self._read, g.expert) for g in to_copy
                    if self._reader is not None and remote[g.expert] == "disk"}
         copy = self._stage_copy if self.staging is not None else self._copy
-        for g in to_copy:
-            if g.expert not in reading:
-                copy(g.expert)
+        with self._copy_span(len(to_copy) - len(reading)):
+            for g in to_copy:
+                if g.expert not in reading:
+                    copy(g.expert)
         cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
         if self.staging is not None:    # every device expert in two grouped GEMMs
             for g in here:
@@ -303,6 +306,13 @@ class TieredExperts:
         self._held[e] = (dev, ev)
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
+
+    def _copy_span(self, n: int):
+        """A trace span over the copies of n host experts (on the weight stream on a GPU)."""
+        if self.tracer is None or not n:
+            return nullcontext()
+        return self.tracer.span(f"h2d experts l{self._layer} x{n}", "expert-copies",
+                                self.weight_stream if self.cuda else None)
 
     def _stage_copy(self, e: int, host_parts: tuple | None = None) -> None:
         """Copy expert e of the current unit from host memory into its staging slot."""

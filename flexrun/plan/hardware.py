@@ -206,6 +206,17 @@ def cache_path(device: str | torch.device) -> Path:
     return root / "profiles" / f"{slug}-{cores}c-{round(mem / 2**30)}g.json"
 
 
+def profile_source(device: str | torch.device) -> str:
+    """Which profile default_profile(device) loads, as a results file names it: the file of
+    $FLEXRUN_PROFILE, a shipped profile (policies/profiles/<name>) or the cached measurement."""
+    if os.environ.get("FLEXRUN_PROFILE"):
+        return os.environ["FLEXRUN_PROFILE"]
+    path = matching_profile(device)
+    if path is None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        path = profile_path(device)
+    return f"policies/profiles/{path.name}" if path is not None else str(cache_path(device))
+
+
 def default_profile(device: str | torch.device) -> HardwareProfile:
     """$FLEXRUN_PROFILE if set; else the shipped profile of this GPU and host
     (matching_profile); else one measured on this machine before (cache_path); else measure
