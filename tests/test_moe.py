@@ -492,7 +492,35 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
     import json     # the copies of host experts are a track of the timeline
     spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
     assert any(n.startswith("h2d experts l") for n in spans)
+    # staging every expert, the next unit's host experts are copied ahead into the other slots
+    assert any(n.endswith(" ahead") for n in spans) == (stage_all == 0.0)
     assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
     if stage_all == 0.0:        # each unit copies each off-device expert once per block
         per_block = sum(len(es) for es in away.values())
         assert lane.copied % per_block == 0 and lane.copied > 0
+
+
+def test_staging_prefetch_fills_the_other_slots_for_the_next_unit():
+    """ExpertStaging: a prefetch lands in the slots the current unit does not use; the unit
+    it was made for finds its experts staged there; any other unit starts empty and leaves
+    the current unit's slots alone."""
+    from flexrun.engine.expert_staging import ExpertStaging
+    E, h, f = 4, 8, 16
+    st = ExpertStaging(E, h, f, torch.device("cpu"), torch.float32)
+    part = lambda v: (torch.full((f, h), v), torch.full((f, h), v + .5),  # noqa: E731
+                      torch.full((h, f), v + .25))
+    st.begin_unit(1)
+    st.put_resident(0, *part(1.0))
+    first = st.W1
+    assert st.prefetch(2, {1: part(2.0), 3: part(3.0)})
+    assert st.staged == {0} and st.W1 is first and float(st.W1[0, 0, 0]) == 1.0
+    assert not st.prefetch(2, {1: part(2.0), 3: part(3.0)})      # already there
+    st.begin_unit(2)
+    assert st.staged == {1, 3} and st.W1 is not first
+    assert float(st.W1[3, 0, 0]) == 3.0 and float(st.W1[3, f, 0]) == 3.5
+    assert float(st.W2[1, 0, 0]) == 2.25
+    st.begin_unit(5)                    # no prefetch for it: the older slots, emptied
+    assert st.staged == set() and st.W1 is first
+    st.prefetch(7, {2: part(7.0)})
+    st.begin_unit(6)                    # a prefetch made for another unit is dropped
+    assert st.staged == set()

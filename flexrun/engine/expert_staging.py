@@ -7,8 +7,14 @@ layer and GPU batch). ExpertStaging keeps a pair of (E, 2 ffn, hidden) / (E, hid
 buffers: each routed expert of the current unit is put in its slot once per block (a
 resident one copied device to device, an off-device one copied from host memory straight
 into its slot on the weight stream), and the batch's device experts run as two grouped GEMMs.
+
+There are two such pairs: while one unit's experts compute from one, the host experts of the
+next MoE unit can be copied into the other (prefetch), so their copies overlap this unit's
+work instead of following it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,8 +24,21 @@ from flexrun.models.moe import (GROUPED_MAX_BYTES, ExpertGroup, grouped_mlp,
                                 grouped_mm_works, rows_aligned)
 
 
+@dataclass
+class _Slots:
+    """One pair of stacked buffers and what they hold."""
+    W1: torch.Tensor | None = None
+    W2: torch.Tensor | None = None
+    layer: int | None = None            # the unit whose experts are (being) staged here
+    staged: set[int] = field(default_factory=set)
+    free: object = None                 # CUDA: the GEMMs of the unit that last used them end
+    copied: object = None               # CUDA: this batch's host copies are in
+    prefetched: object = None           # CUDA: the copies made ahead of the unit are in
+
+
 class ExpertStaging:
-    """The stacked slots of the current unit's experts on the compute device."""
+    """The stacked slots of the current unit's experts on the compute device (and of the
+    next MoE unit's, once prefetched)."""
 
     def __init__(self, num_experts: int, hidden: int, ffn: int, device: torch.device,
                  dtype: torch.dtype, weight_stream=None, compute_stream=None):
@@ -27,10 +46,8 @@ class ExpertStaging:
         self.device, self.dtype = device, dtype
         self.weight_stream, self.compute_stream = weight_stream, compute_stream
         self.cuda = device.type == "cuda"
-        self.W1 = self.W2 = None
-        self.staged: set[int] = set()
-        self._free = None           # CUDA: the last unit's GEMMs are done with the slots
-        self._copied = None         # CUDA: this batch's host copies are in
+        self._bufs = (_Slots(), _Slots())
+        self._cur = self._bufs[0]
 
     @staticmethod
     def applies(device: torch.device, dtype: torch.dtype, hidden: int, ffn: int,
@@ -39,18 +56,54 @@ class ExpertStaging:
         return (isinstance(sample, (torch.Tensor, DiskRef)) and rows_aligned(dtype, hidden, ffn)
                 and grouped_mm_works(device, dtype))
 
-    def begin_unit(self) -> None:
-        """A new unit: its experts replace the last unit's once those GEMMs are done."""
-        self.staged = set()
-        if self.cuda and self.W1 is not None:
-            self._free = torch.cuda.Event()
-            self._free.record(self.compute_stream)
+    @property
+    def staged(self) -> set[int]:
+        """The experts of the current unit in their slots (copies possibly in flight)."""
+        return self._cur.staged
 
-    def _slots(self) -> None:
-        if self.W1 is None:
-            self.W1 = torch.empty(self.E, 2 * self.f, self.h, dtype=self.dtype,
-                                  device=self.device)
-            self.W2 = torch.empty(self.E, self.h, self.f, dtype=self.dtype, device=self.device)
+    @property
+    def W1(self) -> torch.Tensor | None:
+        return self._cur.W1
+
+    @property
+    def W2(self) -> torch.Tensor | None:
+        return self._cur.W2
+
+    def begin_unit(self, layer: int | None = None) -> None:
+        """A new unit: its experts come from the slots prefetched for it, else replace the
+        older unit's experts once that unit's GEMMs are done."""
+        last = self._cur
+        if self.cuda and last.W1 is not None:
+            last.free = torch.cuda.Event()
+            last.free.record(self.compute_stream)
+        other = self._bufs[1] if last is self._bufs[0] else self._bufs[0]
+        nxt = other if other.layer == layer and layer is not None else \
+            (last if last.layer is None else other)
+        if nxt.layer != layer or layer is None:
+            nxt.layer, nxt.staged = layer, set()
+        self._cur = nxt
+
+    def prefetch(self, layer: int, host: dict[int, tuple]) -> bool:
+        """Start copying `layer`'s host experts ({expert: (gate, up, down)}, pinned on a GPU
+        run) into the slots the current unit does not use; False when they are in use."""
+        cur = self._cur
+        target = self._bufs[1] if cur is self._bufs[0] else self._bufs[0]
+        if target.layer == layer and target.staged >= set(host):
+            return False                # already there
+        target.layer, target.staged = layer, set()
+        self._slots(target)
+        with self._on_weight_stream(target):
+            for e, parts in host.items():
+                self._copy_host(target, e, *parts)
+            if self.cuda:
+                target.prefetched = torch.cuda.Event()
+                target.prefetched.record(self.weight_stream)
+        return True
+
+    def _slots(self, b: _Slots) -> None:
+        if b.W1 is None:
+            b.W1 = torch.empty(self.E, 2 * self.f, self.h, dtype=self.dtype, device=self.device)
+            b.W2 = torch.empty(self.E, self.h, self.f, dtype=self.dtype, device=self.device)
             if self.cuda:   # their blocks may still be in use by the compute stream's queue
                 self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
 
@@ -58,39 +111,63 @@ class ExpertStaging:
                      down: torch.Tensor) -> None:
         """Copy a device expert into its slot (on the compute stream, after the last unit's
         GEMMs there)."""
-        self._slots()
-        self.W1[e, :self.f].copy_(gate)
-        self.W1[e, self.f:].copy_(up)
-        self.W2[e].copy_(down)
-        self.staged.add(e)
+        b = self._cur
+        self._slots(b)
+        if b.prefetched is not None:    # copies made ahead into these slots land first
+            self.compute_stream.wait_event(b.prefetched)
+            b.prefetched = None
+        b.W1[e, :self.f].copy_(gate)
+        b.W1[e, self.f:].copy_(up)
+        b.W2[e].copy_(down)
+        b.staged.add(e)
 
     def put_host(self, e: int, gate: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor) -> None:
         """Copy a host expert (pinned on a GPU run) into its slot on the weight stream, in
         pieces of H2D_CHUNK bytes (one long copy would hold the copy engine from the
         activations' and the CPU lane's small copies)."""
-        self._slots()
+        b = self._cur
+        self._slots(b)
         if not self.cuda:
             return self.put_resident(e, gate, up, down)
-        with torch.cuda.stream(self.weight_stream):
-            if self._free is not None:
-                self.weight_stream.wait_event(self._free)
-                self._free = None
-            for dst, src in ((self.W1[e, :self.f], gate), (self.W1[e, self.f:], up),
-                             (self.W2[e], down)):
-                d, s = dst.reshape(-1), src.reshape(-1)
-                step = max(1, H2D_CHUNK // s.element_size())
-                for i in range(0, s.numel(), step):
-                    d[i:i + step].copy_(s[i:i + step], non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record(self.weight_stream)
-        self.staged.add(e)
+        with self._on_weight_stream(b):
+            self._copy_host(b, e, gate, up, down)
+            b.copied = torch.cuda.Event()
+            b.copied.record(self.weight_stream)
+
+    def _on_weight_stream(self, b: _Slots):
+        """The weight stream (CUDA), once the GEMMs that last read b are done."""
+        if not self.cuda:
+            from contextlib import nullcontext
+            return nullcontext()
+        if b.free is not None:
+            self.weight_stream.wait_event(b.free)
+            b.free = None
+        return torch.cuda.stream(self.weight_stream)
+
+    def _copy_host(self, b: _Slots, e: int, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor) -> None:
+        for dst, src in ((b.W1[e, :self.f], gate), (b.W1[e, self.f:], up), (b.W2[e], down)):
+            d, s = dst.reshape(-1), src.reshape(-1)
+            step = max(1, H2D_CHUNK // s.element_size()) if self.cuda else s.numel()
+            for i in range(0, s.numel(), step):
+                d[i:i + step].copy_(s[i:i + step], non_blocking=self.cuda)
+        b.staged.add(e)
+
+    def _wait(self, copied: bool) -> None:
+        """The compute stream waits for the copies made ahead of this unit, and (copied) for
+        this batch's own."""
+        b = self._cur
+        if b.prefetched is not None:
+            self.compute_stream.wait_event(b.prefetched)
+            b.prefetched = None
+        if copied and b.copied is not None:
+            self.compute_stream.wait_event(b.copied)
+            b.copied = None
 
     def ready(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacked slots (W1, W2), once this batch's host copies are in."""
-        if self._copied is not None:
-            self.compute_stream.wait_event(self._copied)
-            self._copied = None
+        self._wait(True)
         return self.W1, self.W2
 
     def run(self, x2: torch.Tensor, groups: list[ExpertGroup], copied: bool = True
@@ -98,9 +175,7 @@ class ExpertStaging:
         """Each staged expert's weighted output over its tokens, from grouped GEMMs over at
         most GROUPED_MAX_BYTES of workspace at a time (a long prefill runs several).
         copied: some of `groups` came from host memory in this batch (wait for the copies)."""
-        if copied and self._copied is not None:
-            self.compute_stream.wait_event(self._copied)
-            self._copied = None
+        self._wait(copied)
         groups = sorted(groups, key=lambda g: g.expert)     # the order offs counts in
         row_bytes = (3 * self.f + 3 * self.h) * x2.element_size()
         cap = max(1, GROUPED_MAX_BYTES // row_bytes)

@@ -164,8 +164,8 @@ class TieredExperts:
     def begin_unit(self, layer: int | None) -> None:
         """A unit starts on the block's first batch: the previous unit's copies go."""
         self._layer, self._held = layer, {}
-        if self.staging is not None:
-            self.staging.begin_unit()
+        if self.staging is not None and layer in self.remote:
+            self.staging.begin_unit(layer)
 
     def runner(self, layer: int):
         """moe_mlp's runner for `layer` (this object: called with a batch's routed groups,
@@ -205,7 +205,28 @@ class TieredExperts:
                     self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
                                                    for p in PARTS))
         self.stats.reused += len(remote) - sum(e in remote for e in fresh)
+        self._prefetch_next()
         return self.staging.ready()
+
+    def _prefetch_next(self) -> None:
+        """Start copying the host experts of the next MoE unit with off-device experts into
+        the other staging slots, so that they cross the link while this unit computes (its
+        calls stage every expert as this one's do; not past the last one: a step may end the
+        run)."""
+        later = [j for j in self.remote if j > self._layer]
+        if not later:
+            return
+        j = min(later)
+        away = self.remote[j]
+        if "disk" in away.values():
+            return
+        host = {e: tuple(self.weights.read_host(self.name(j, e, p), pinned=self.cuda,
+                                                mapped=self.mapped) for p in self.parts)
+                for e in away}
+        with self._copy_span(len(host), j, " ahead"):
+            if self.staging.prefetch(j, host):
+                self.stats.copied += len(host)
+                self.stats.copy_bytes += sum(self._nbytes(e, j) for e in host)
 
     # ---- one MoE call ---------------------------------------------------------------------
     def _run(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],
@@ -277,8 +298,8 @@ class TieredExperts:
     def elem(self) -> int:
         return self.dtype.itemsize
 
-    def _nbytes(self, e: int) -> int:
-        key = (self._layer, e)
+    def _nbytes(self, e: int, layer: int | None = None) -> int:
+        key = (self._layer if layer is None else layer, e)
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = sum(nbytes(self.weights.homes[self.name(*key, p)][1])
@@ -307,11 +328,12 @@ class TieredExperts:
         self.stats.copied += 1
         self.stats.copy_bytes += self._nbytes(e)
 
-    def _copy_span(self, n: int):
+    def _copy_span(self, n: int, layer: int | None = None, what: str = ""):
         """A trace span over the copies of n host experts (on the weight stream on a GPU)."""
         if self.tracer is None or not n:
             return nullcontext()
-        return self.tracer.span(f"h2d experts l{self._layer} x{n}", "expert-copies",
+        layer = self._layer if layer is None else layer
+        return self.tracer.span(f"h2d experts l{layer} x{n}{what}", "expert-copies",
                                 self.weight_stream if self.cuda else None)
 
     def _stage_copy(self, e: int, host_parts: tuple | None = None) -> None:

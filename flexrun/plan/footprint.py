@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.config import FlexrunError, Policy, format_size
+from flexrun.models.moe import plain_experts
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
 from flexrun.memory.storage import TIERS, assign_tiers
@@ -256,10 +257,11 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
     buffers = 2 * max(streamed) + dense_unit // 4
     if cuda and spec.num_experts and not policy.compress_weight and any(
             tier_of[n] != "gpu" for n in names if expert_of(n) is not None):
-        # engine/expert_staging.py: one MoE layer's experts in stacked slots on the device
+        # engine/expert_staging.py: a MoE layer's experts in stacked slots on the device,
+        # twice (the next MoE layer's are copied ahead) where plain experts are staged
         j = spec.first_moe_layer
         buffers += sum(numel(s) * elem for n, s in spec.unit_shapes(j + 1).items()
-                       if expert_of(n) is not None)
+                       if expert_of(n) is not None) * (2 if plain_experts(spec) else 1)
     cache = {t: 0 for t in TIERS}
     host = max(streamed)
     if prompt_len is not None and gen_len is not None:
