@@ -20,8 +20,9 @@ import torch
 
 from flexrun.memory.pinned import H2D_CHUNK
 from flexrun.memory.disk import DiskRef
-from flexrun.models.moe import (GROUPED_MAX_BYTES, ExpertGroup, grouped_mlp,
-                                grouped_mm_works, rows_aligned)
+from flexrun.models.moe import ExpertGroup
+from flexrun.models.moe_grouped import (GROUPED_MAX_BYTES, grouped_mlp, grouped_mm_works,
+                                        rows_aligned)
 
 
 @dataclass

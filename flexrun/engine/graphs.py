@@ -21,11 +21,11 @@ import torch
 
 from flexrun.memory.storage import parts
 from flexrun.engine.attention import PLAIN, attend_range, layer_options
-from flexrun.models.moe import grouped_mm_capturable
+from flexrun.models.moe_grouped import grouped_mm_capturable
 from flexrun.models.spec import AttentionOptions
 
 STATIC_ON_CPU = False   # tests: run the static decode step eagerly on a CPU run
-# without grouped GEMMs (models/moe.grouped_experts), a captured MoE step runs every expert
+# without grouped GEMMs (models/moe_grouped.grouped_experts), a captured MoE step runs every expert
 # over every row (it cannot wait for the routing): E/k times the expert FLOPs, hidden while
 # a decode GEMM reads its weights (memory bound) up to about this many rows per GPU batch;
 # larger batches run the per-expert loop eagerly

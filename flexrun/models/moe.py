@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from flexrun.config import FlexrunError
-from flexrun.models.common import dense, joined, linear, linear_rows
+from flexrun.models.common import dense, linear, linear_rows
+from flexrun.models.moe_grouped import (GROUPED_MAX_BYTES, Activation, grouped_experts,
+                                        grouped_mm_capturable, grouped_mm_works, silu_mul,
+                                        stacked_biases, stacked_experts)
 from flexrun.models.spec import ModelSpec
 
 
@@ -92,13 +94,6 @@ def load_expert_tokens(path, spec: ModelSpec) -> list[list[int]]:
         raise FlexrunError(f"expert statistics {path} are for another model shape (need "
                            f"{spec.num_layers} layers x {spec.num_experts} experts)")
     return counts
-
-
-Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(g, inplace=True).mul_(up)
 
 
 def expert_activation(spec: ModelSpec) -> Activation:
@@ -297,149 +292,6 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
             shared = torch.sigmoid(linear(x2, w["shared_gate.weight"])) * shared
         out = out + shared
     return out.view(x.shape)
-
-
-# the grouped path holds every (token, slot) pair's gate/up output at once: larger calls (long
-# prefills) run the per-expert loop, whose workspace is one expert's tokens at a time
-GROUPED_MAX_BYTES = 256 << 20
-_STACKED: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
-
-
-def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """((E, 2 ffn, hidden) gate/up, (E, hidden, ffn) down) when a layer's experts lie back to
-    back in two buffers (LlamaModel.JOINED: every expert resident on the device, plain
-    tensors) with the 16-byte strides and alignment grouped GEMMs need, as views; None
-    otherwise. Remembered per buffer pair (checking E tensors each call costs ~1 ms)."""
-    first, last = w.get("experts.0.gate.weight"), w.get(f"experts.{E - 1}.down.weight")
-    if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor)):
-        return None
-    key = (first.device, first.data_ptr(), last.data_ptr(), E, tuple(first.shape))
-    if key not in _STACKED:
-        if len(_STACKED) > 4096:
-            _STACKED.clear()
-        _STACKED[key] = _stack(w, E)
-    return _STACKED[key]
-
-
-def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    gu = [w.get(f"experts.{e}.{p}.weight") for e in range(E) for p in ("gate", "up")]
-    down = [w.get(f"experts.{e}.down.weight") for e in range(E)]
-    if any(not isinstance(t, torch.Tensor) for t in gu + down):
-        return None
-    a, b = joined(gu), joined(down)
-    if a is None or b is None:
-        return None
-    if not rows_aligned(a.dtype, a.shape[-1], b.shape[-1]) or a.data_ptr() % 16 \
-            or b.data_ptr() % 16:
-        return None
-    return a.view(E, -1, a.shape[-1]), b.view(E, -1, b.shape[-1])
-
-
-def stacked_biases(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """((E, 2 ffn) gate/up, (E, hidden) down) biases of a layer's experts, as views where
-    they lie back to back (LlamaModel.JOINED joins them with the weights: remembered per
-    buffer, as stacked_experts), else stacked afresh."""
-    first, last = w["experts.0.gate.bias"], w[f"experts.{E - 1}.down.bias"]
-    key = (first.device, first.data_ptr(), last.data_ptr(), E, "bias")
-    if key in _STACKED:
-        return _STACKED[key]
-    gu = [w[f"experts.{e}.{p}.bias"] for e in range(E) for p in ("gate", "up")]
-    down = [w[f"experts.{e}.down.bias"] for e in range(E)]
-    a, b = joined(gu), joined(down)
-    if a is not None and b is not None:         # views of the live buffers: kept
-        _STACKED[key] = a.view(E, -1), b.view(E, -1)
-        return _STACKED[key]
-    return (torch.cat(gu) if a is None else a).view(E, -1), \
-        (torch.cat(down) if b is None else b).view(E, -1)
-
-
-def rows_aligned(dtype: torch.dtype, hidden: int, ffn: int) -> bool:
-    """Whether rows of `hidden` and of `ffn` values are whole 16-byte units (grouped GEMMs
-    need their strides so)."""
-    step = 16 // dtype.itemsize
-    return hidden % step == 0 and ffn % step == 0
-
-
-_GROUPED: dict[tuple, bool] = {}
-
-
-def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs on this device and dtype and agrees with per-group
-    matmuls (checked once on a small case); FLEXRUN_GROUPED_MM=0 turns it off."""
-    key = (device.type, device.index, dtype)
-    if key not in _GROUPED:
-        ok = os.environ.get("FLEXRUN_GROUPED_MM", "1") != "0" and hasattr(torch, "_grouped_mm")
-        if ok and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False                # probe outside a capture (the eager steps come first)
-        if ok:
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                a = torch.randn(40, 32, generator=g, device=device).to(dtype)
-                b = torch.randn(3, 48, 32, generator=g, device=device).to(dtype)
-                offs = torch.tensor([8, 8, 40], dtype=torch.int32, device=device)
-                y = torch._grouped_mm(a, b.transpose(1, 2), offs=offs)
-                ref = torch.cat([a[:8] @ b[0].T, a[8:] @ b[2].T])
-                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2))
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        _GROUPED[key] = ok
-    return _GROUPED[key]
-
-
-def grouped_mm_capturable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether grouped GEMMs can go into a CUDA graph: torch's CUTLASS kernel (bf16 on sm90 /
-    sm100) runs without a host sync; its fallback (fp16, fp32, other GPUs) copies the group
-    offsets to the host and loops over the groups."""
-    if device.type != "cuda":
-        return grouped_mm_works(device, dtype)
-    return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
-            and grouped_mm_works(device, dtype))
-
-
-def grouped_experts(x2: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor],
-                    weight: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
-                    out: torch.Tensor, act: Activation | None = None,
-                    biases: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    scale_input: bool = False) -> None:
-    """Every routed expert in two grouped GEMMs (gate/up, then down) over the (token, slot)
-    pairs sorted by expert: no loop over experts and no host sync (so a CUDA graph can
-    capture it), the work of the routed tokens only. act / biases: the experts' own
-    (gpt-oss), each pair's bias rows picked by its expert."""
-    W1, W2 = stacked
-    T, k = idx.shape
-    idx, slot = idx.sort(-1)            # each token's experts in ascending order
-    weight = weight.gather(1, slot)
-    flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    rows_bias = None
-    if biases is not None:
-        B1, B2 = biases
-        eid = flat[order]               # the pairs' experts, sorted as their rows
-        rows_bias = (B1[eid], B2[eid])
-    xs, pair_w = x2[order // k], weight.reshape(-1)[order, None]
-    if scale_input:                     # Llama 4: the weights scale the experts' inputs
-        xs, pair_w = xs * pair_w.to(xs.dtype), None
-    y = grouped_mlp(xs, W1, W2, counts.cumsum(0).to(torch.int32), act, rows_bias)
-    y = (y if pair_w is None else y * pair_w).to(out.dtype)
-    ys = torch.empty_like(y).index_copy_(0, order, y).view(T, k, -1)
-    for j in range(k):      # expert order per token, as the per-expert loop adds (no atomics)
-        out.add_(ys[:, j])
-
-
-def grouped_mlp(xs: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, offs: torch.Tensor,
-                act: Activation | None = None,
-                rows_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) of every expert over its rows of xs (sorted by expert,
-    expert e's rows ending at offs[e], int32) in two grouped GEMMs; W1 (E, 2 ffn, hidden)
-    holds each expert's gate then up, W2 (E, hidden, ffn) its down. act: another gated
-    activation; rows_bias: each row's gate/up and down biases ((rows, 2 ffn), (rows, hidden))."""
-    h = torch._grouped_mm(xs, W1.transpose(1, 2), offs=offs)
-    if rows_bias is not None:
-        h = h + rows_bias[0].to(h.dtype)
-    g, up = h.chunk(2, -1)
-    y = torch._grouped_mm(F.silu(g).mul_(up) if act in (None, silu_mul) else
-                          act(g, up).contiguous(), W2.transpose(1, 2), offs=offs)
-    return y if rows_bias is None else y + rows_bias[1].to(y.dtype)
 
 
 def expert(x: torch.Tensor, w: dict, prefix: str, act: Activation | None = None

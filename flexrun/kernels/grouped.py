@@ -1,0 +1,104 @@
+"""Grouped GEMMs in one Triton kernel: y[rows of group e] = x[rows of group e] @ W[e]^T.
+
+torch._grouped_mm runs one CUTLASS kernel only for bf16 on sm90 / sm100; for fp16 (and other
+GPUs) its fallback copies the group offsets to the host and loops over the groups. In a MoE
+decode step that is a host sync and ~3 launches per expert in every (layer, GPU batch) call:
+S7 (Qwen3-30B-A3B, fp16, H100) spent its step waiting on them, the host unable to run ahead
+of the GPU. This kernel reads the offsets on the device: the row blocks of every group are
+laid out by a few tensor ops (no sync), the grid covers the most blocks M rows can make, and
+blocks past the last group's return at once. So fp16 grouped GEMMs run without a host sync
+and can be captured in CUDA graphs. FLEXRUN_TRITON_GROUPED=0 keeps torch's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:             # CPU-only installs: torch's grouped GEMM is used
+    triton = None
+
+from flexrun.kernels.dequant import on_device
+
+if triton is not None:
+    @triton.jit
+    def _grouped_kernel(X, W, Y, BLOCK_GROUP, BLOCK_ROW, ENDS, N, E,
+                        sxm, sxk, swe, swn, swk, sym, syn, K: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(BLOCK_GROUP + pid_b)
+        if e >= E:                      # past the last group's blocks
+            return
+        row0 = tl.load(BLOCK_ROW + pid_b)
+        end = tl.load(ENDS + e)
+        rm = row0 + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rows = rm < end
+        cols = rn < N
+        w_base = W + e.to(tl.int64) * swe
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):      # K constexpr: one compile per width
+            kk = k0 + rk
+            a = tl.load(X + rm[:, None].to(tl.int64) * sxm + kk[None, :] * sxk,
+                        mask=rows[:, None] & (kk[None, :] < K), other=0.0)
+            b = tl.load(w_base + rn[None, :].to(tl.int64) * swn + kk[:, None] * swk,
+                        mask=cols[None, :] & (kk[:, None] < K), other=0.0)
+            acc += tl.dot(a, b)
+        tl.store(Y + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn,
+                 acc.to(Y.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the Triton kernel runs x's grouped GEMM with the stacked weights w."""
+    return (triton is not None and os.environ.get("FLEXRUN_TRITON_GROUPED", "1") == "1"
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and w.dtype == x.dtype and w.device == x.device and x.dim() == 2 and w.dim() == 3)
+
+
+def _block_rows(rows: int, groups: int) -> int:
+    """Rows per block: a decode call gives each expert a few rows, a prefill call many."""
+    per = rows / max(groups, 1)
+    return 16 if per <= 16 else 32 if per <= 48 else 64
+
+
+def block_layout(ends: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group, first row) of each of the cdiv(rows, bm) + E row blocks that `ends` (each
+    group's end row, ascending) can make, on its device and without a host sync; blocks past
+    the last group's get group E."""
+    E = ends.numel()
+    ends = ends.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    blocks = (ends - starts + bm - 1) // bm
+    last_block = torch.cumsum(blocks, 0)
+    first_block = last_block - blocks
+    b = torch.arange((rows + bm - 1) // bm + E, device=ends.device)
+    group = torch.searchsorted(last_block, b, right=True)
+    g = group.clamp(max=E - 1)
+    row = starts[g] + (b - first_block[g]) * bm
+    return group.to(torch.int32), row.to(torch.int32)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (M, K) with its rows sorted by group, w (E, N, K), ends (E,) int32: each group's
+    end row (ascending, the last at most M). The (M, N) result: row r of group e is
+    x[r] @ w[e]^T, accumulated in fp32; rows past ends[-1] are 0. See `applies`."""
+    M, K = x.shape
+    E, N, _ = w.shape
+    y = torch.zeros((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    bm = _block_rows(M, E)
+    bn, bk = (64, 64) if K >= 64 else (64, 32 if K >= 32 else 16)
+    group, row = block_layout(ends, M, bm)
+    grid = (group.numel(), triton.cdiv(N, bn))
+    with on_device(x.device):
+        _grouped_kernel[grid](x, w, y, group, row, ends.to(torch.int32), N, E,
+                              x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                              y.stride(0), y.stride(1), K=K, BM=bm, BN=bn, BK=bk, num_warps=4)
+    return y
