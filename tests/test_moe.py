@@ -524,3 +524,40 @@ def test_staging_prefetch_fills_the_other_slots_for_the_next_unit():
     st.prefetch(7, {2: part(7.0)})
     st.begin_unit(6)                    # a prefetch made for another unit is dropped
     assert st.staged == set()
+
+
+def test_cpu_lane_split_counts_the_block_batches_a_copy_serves():
+    """auto lanes: an expert copied to the device serves the block's later batches, one on the
+    CPU lane is computed again in each batch that routes to it. With one batch per block the
+    CPU lane takes the lightly routed experts; early in a block of 16 it takes fewer (none
+    here); on the block's last batch the choice is the one-batch one again. The cost model
+    prices the same: more batches per block, a smaller CPU lane."""
+    from flexrun.engine.experts import LaneRates, TieredExperts
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.models.moe import ExpertGroup
+    spec = moe_spec("topk_softmax", E=8, k=2)
+    te = object.__new__(TieredExperts)
+    te.spec, te.lanes, te.cuda, te.dtype = spec, "auto", True, torch.float16
+    te.rates = LaneRates(copy_bps=50e9, cpu_bps=20e9, cpu_flops=1e12)
+    te._layer, te._sizes = 0, {(0, e): 100 << 20 for e in range(8)}
+    away = [ExpertGroup(e, torch.arange(n), torch.ones(n)) for e, n in
+            enumerate([1, 1, 2, 9, 12, 14, 20, 40])]
+    picks = {}
+    for batches, at in ((1, 0), (16, 0), (16, 15)):
+        te.block_batches, te._batch = batches, at
+        picks[(batches, at)] = len(te.split(away, rows=16)[0])
+    assert picks[(1, 0)] > 0 and picks[(16, 0)] < picks[(1, 0)]
+    assert picks[(16, 15)] == picks[(1, 0)]
+    # the CPU lane alone: 8 batches of 4 rows compute each expert in ~5.5 of them, one batch
+    # of 32 rows once, for the same moved bytes
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
+    prof = HardwareProfile.load(PROFILES_DIR / "h200-single.json")
+    assert prof.cpu_expert_bw
+    mix = dummy_spec("mixtral-8x7b")
+    step = {}
+    for b, n in ((4, 8), (32, 1)):
+        pol = Policy(gpu_batch_size=b, num_gpu_batches=n, weights_gpu=20, weights_cpu=80,
+                     cache_gpu=100, cache_cpu=0, expert_lanes="cpu")
+        step[n] = predict(mix, pol, prof, 512, 32, 32, "cuda", 2).decode_s
+    assert step[8] > 3 * step[1], step

@@ -75,6 +75,7 @@ class TieredExperts:
     # stage every expert of a call expected to touch nearly all (stack); off when the
     # placement followed routing counts (the off-device experts are the cold ones)
     stage_all: bool = True
+    block_batches: int = 1                  # GPU batches per block (Policy.num_gpu_batches)
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -101,7 +102,7 @@ class TieredExperts:
                                         for t in es.values())
         self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="flexrun-expert-reads") \
             if reads else None
-        self._layer, self._held = None, {}
+        self._layer, self._held, self._batch = None, {}, 0
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
         if self.cuda and self.lanes == "auto":
@@ -163,7 +164,7 @@ class TieredExperts:
 
     def begin_unit(self, layer: int | None) -> None:
         """A unit starts on the block's first batch: the previous unit's copies go."""
-        self._layer, self._held = layer, {}
+        self._layer, self._held, self._batch = layer, {}, 0
         if self.staging is not None and layer in self.remote:
             self.staging.begin_unit(layer)
 
@@ -180,6 +181,7 @@ class TieredExperts:
     def __call__(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],
                  out: torch.Tensor) -> None:
         self._run(x2, w, groups, out)
+        self._batch += 1
 
     def stack(self, w: dict, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every expert of the current unit in the staging slots, for one grouped GEMM over
@@ -238,7 +240,7 @@ class TieredExperts:
         here = [g for g in groups if g.expert not in remote or g.expert in held]
         away = [g for g in groups if g.expert in remote and g.expert not in held]
         self.stats.reused += sum(g.expert in remote for g in here)
-        on_cpu, to_copy = self.split(away)
+        on_cpu, to_copy = self.split(away, x2.shape[0])
         to_copy.sort(key=lambda g: -g.n)    # issued, then computed, busiest first
         # disk experts start reading now; host ones are copied at once, the disk ones once
         # read, after the device experts' GEMMs are queued
@@ -272,27 +274,39 @@ class TieredExperts:
                     if self.cuda else y
         add_expert_outputs(out, groups, [ys.pop(g.expert) for g in groups])
 
-    def split(self, away: list[ExpertGroup]) -> tuple[list[ExpertGroup], list[ExpertGroup]]:
+    def split(self, away: list[ExpertGroup], rows: int = 1
+              ) -> tuple[list[ExpertGroup], list[ExpertGroup]]:
         """(CPU lane, copy lane) of the routed off-device experts. auto: the experts with
-        the fewest tokens go to the CPU lane while that shortens the longer lane (on a CPU
-        run both lanes compute on the host: auto copies)."""
+        the fewest tokens go to the CPU lane while that shortens the block's longer lane: a
+        copied expert stays on the device for the block's later batches, a CPU-lane one is
+        computed again in each batch that routes to it (uses_left: the batches expected to,
+        this one included). On a CPU run both lanes compute on the host: auto copies."""
         if self.lanes == "cpu":
             return away, []
         if self.lanes == "copy" or not self.cuda or not away:
             return [], away
         r = self.rates
+        uses = self.uses_left(rows)
         size = {g.expert: self._nbytes(g.expert) for g in away}
         copy_t = sum(size.values()) / r.copy_bps
         cpu_t, picked = 0.0, set()
         for g in sorted(away, key=lambda g: g.n):
             b = size[g.expert]
-            t = max(b / r.cpu_bps, 2 * b / self.elem * g.n / r.cpu_flops)
+            t = uses * max(b / r.cpu_bps, 2 * b / self.elem * g.n / r.cpu_flops)
             if max(cpu_t + t, copy_t - b / r.copy_bps) >= max(cpu_t, copy_t):
                 break
             cpu_t, copy_t = cpu_t + t, copy_t - b / r.copy_bps
             picked.add(g.expert)
         return ([g for g in away if g.expert in picked],
                 [g for g in away if g.expert not in picked])
+
+    def uses_left(self, rows: int) -> float:
+        """The batches of this block, from the current one on, expected to route to a given
+        expert routed in this one: 1 + (batches after it) x P(a batch of `rows` tokens
+        touches it)."""
+        E, k = self.spec.num_experts, self.spec.experts_per_token
+        after = max(self.block_batches - 1 - self._batch, 0)
+        return 1.0 + after * (1.0 - (1.0 - k / E) ** rows)
 
     @property
     def elem(self) -> int:

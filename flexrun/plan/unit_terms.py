@@ -197,11 +197,14 @@ class UnitTerms:
         dense_b = self.unit_bytes[1] * m.dense_bytes / (m.dense_bytes
                                                         + m.experts * m.expert_bytes)
         exp_b, h2d, cpu, lanes = wb - dense_b, self.h2d_w, self.cpu_lane, self.p.expert_lanes
+        # an expert copied serves the block's every batch; on the CPU lane it is computed
+        # again in each batch that routes to it: `uses` batches of the k on average
+        uses = k * m.touched(rows) / max(m.touched(rows * k), 1e-9)
         if cpu and lanes == "cpu":      # the dense part still crosses the link
-            wc, copied = max(dense_b / h2d, exp_b / cpu), dense_b / h2d
+            wc, copied = max(dense_b / h2d, uses * exp_b / cpu), dense_b / h2d
         elif cpu and lanes == "auto" and not self._stages_all(rows):
             # both lanes busy until they end together
-            wc = copied = max(dense_b / h2d, wb / (h2d + cpu))
+            wc = copied = max(dense_b / h2d, wb / (h2d + cpu / uses))
         else:
             wc = copied = wb / h2d
         terms = self.unit_terms(1, prefill, moe=False)     # then the MoE differences
