@@ -84,13 +84,18 @@ class ExpertStaging:
             nxt.layer, nxt.staged = layer, set()
         self._cur = nxt
 
+    def holds(self, layer: int, experts) -> bool:
+        """Whether the slots the current unit does not use hold (or are receiving) these
+        experts of `layer`."""
+        other = self._bufs[1] if self._cur is self._bufs[0] else self._bufs[0]
+        return other.layer == layer and other.staged >= set(experts)
+
     def prefetch(self, layer: int, host: dict[int, tuple]) -> bool:
         """Start copying `layer`'s host experts ({expert: (gate, up, down)}, pinned on a GPU
         run) into the slots the current unit does not use; False when they are in use."""
-        cur = self._cur
-        target = self._bufs[1] if cur is self._bufs[0] else self._bufs[0]
-        if target.layer == layer and target.staged >= set(host):
-            return False                # already there
+        if self.holds(layer, host):
+            return False
+        target = self._bufs[1] if self._cur is self._bufs[0] else self._bufs[0]
         target.layer, target.staged = layer, set()
         self._slots(target)
         with self._on_weight_stream(target):

@@ -220,7 +220,7 @@ class TieredExperts:
             return
         j = min(later)
         away = self.remote[j]
-        if "disk" in away.values():
+        if "disk" in away.values() or self.staging.holds(j, away):
             return
         host = {e: tuple(self.weights.read_host(self.name(j, e, p), pinned=self.cuda,
                                                 mapped=self.mapped) for p in self.parts)
