@@ -15,7 +15,9 @@ import torch
 from flexrun.kernels import grouped
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator().manual_seed(0)
-for dt in (torch.float16, torch.float32):
+# Triton's CPU interpreter mishandles bf16 loads: bf16 is checked on CUDA only
+for dt in (torch.float16,) + ((torch.bfloat16,) if dev == "cuda" else ()):
+    assert not grouped.applies(torch.ones(2, 2, device=dev), torch.ones(1, 2, 2, device=dev))
     for counts, N, K in [([3, 0, 5, 17, 1], 40, 24), ([0, 0, 70], 64, 96), ([2] * 8, 130, 64),
                          ([0, 1], 16, 16), ([40] * 3, 48, 200)]:
         E, M = len(counts), sum(counts)
@@ -29,7 +31,7 @@ for dt in (torch.float16, torch.float32):
             ref.append(x[s:s + c].float() @ w[e].float().T)
             s += c
         ref = torch.cat(ref)
-        tol = (2e-2 if dt == torch.float16 else 1e-3) * max(1.0, ref.abs().max().item())
+        tol = (2e-2 if dt == torch.float16 else 6e-2) * max(1.0, ref.abs().max().item())
         assert (y.float() - ref).abs().max().item() <= tol, (dt, counts)
         if counts[0] and counts[2]:         # another expert's weights are caught
             bad = grouped.grouped_mm(x, w.flip(0).contiguous(), ends)

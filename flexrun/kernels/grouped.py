@@ -57,7 +57,7 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the Triton kernel runs x's grouped GEMM with the stacked weights w."""
     return (triton is not None and os.environ.get("FLEXRUN_TRITON_GROUPED", "1") == "1"
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.dtype in (torch.float16, torch.bfloat16)     # fp32: tl.dot would be TF32
             and w.dtype == x.dtype and w.device == x.device and x.dim() == 2 and w.dim() == 3)
 
 
