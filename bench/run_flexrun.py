@@ -3,7 +3,8 @@
 python -m bench.run_flexrun --model dummy:opt-30b --policy policies/x.json|auto \
     --prompt-len 512 --gen-len 32 --num-prompts 64 [--gpu-mem 16GiB --cpu-mem 100GiB]
 
-FLEXRUN_BENCH_STACKS=FILE dumps every thread's stack into FILE every 15 s.
+FLEXRUN_BENCH_STACKS=FILE dumps every thread's stack into FILE every 15 s (faulthandler reads
+the other threads' frames while they run: one S7 run died of a segfault with it on).
 """
 from __future__ import annotations
 
