@@ -561,3 +561,23 @@ def test_cpu_lane_split_counts_the_block_batches_a_copy_serves():
                      cache_gpu=100, cache_cpu=0, expert_lanes="cpu")
         step[n] = predict(mix, pol, prof, 512, 32, 32, "cuda", 2).decode_s
     assert step[8] > 3 * step[1], step
+
+
+def test_cost_model_charges_the_routing_sync_of_expert_by_expert_calls():
+    """Decode calls routed expert by expert wait for their routing counts on the host: each
+    costs an eager unit's launch time on top of its GPU work, per GPU batch and MoE layer
+    (scaled by the experts' share off the device); calls that stage every expert do not."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
+    spec = dummy_spec("qwen3-30b-a3b")
+    prof = HardwareProfile.load(PROFILES_DIR / "h100.json")
+    off = dict(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    for (b, n), charged in (((16, 16), True), ((64, 4), False)):
+        pol = Policy(gpu_batch_size=b, num_gpu_batches=n, **off)
+        comp = [predict(spec, pol, replace(prof, gpu_unit_overhead=o), 512, 32, b * n,
+                        "cuda", 2).breakdown["decode"]["compute"] for o in (0.0, 1e-3)]
+        extra = comp[1] - comp[0]
+        want = spec.num_layers * n * 1e-3 * 0.8
+        assert (extra >= want * 0.99) == charged, (b, n, extra, want)

@@ -224,6 +224,12 @@ class UnitTerms:
             plain += k * (gemm(rows, params - all_experts) - gemm(rows, params)
                           + n * gemm(max(int(round(per)), 1), m.expert_params))
         terms["compute"] = add_exprs(terms["compute"], lin_expr(plain))
+        if self.cuda and not prefill and not self._stages_all(rows):
+            # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
+            # the routing counts on the host, so its launches no longer run ahead of the GPU
+            # and cost as an eager unit's do, per GPU batch, where experts are off the device
+            sync = k * self.overhead
+            terms["compute"] = add_exprs(terms["compute"], {"wc": sync, "wd": sync})
         return terms
 
     def _stages_all(self, rows: int) -> bool:
