@@ -54,7 +54,7 @@ ARCH = {"llama": A.LLAMA, "mistral": A.LLAMA, "qwen2": A.QWEN2, "qwen3": A.QWEN3
         "phi3": A.PHI3, "gemma2": A.GEMMA2, "gemma3_text": A.GEMMA3, "smollm3": A.SMOLLM3,
         "olmo2": A.OLMO2, "olmo3": A.OLMO2, "glm4_moe": A.GLM4_MOE, "olmoe": A.OLMOE,
         "gpt_oss": A.GPT_OSS, "granite": A.GRANITE, "mixtral": A.LLAMA,
-        "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE}
+        "qwen2_moe": A.QWEN2MOE, "qwen3_moe": A.QWEN3MOE, "llama4_text": A.LLAMA4}
 GEMMAS = ("gemma2", "gemma3_text")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
 TYPES = {"f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16),
@@ -86,6 +86,8 @@ def write_gguf_like_llama_cpp(hf_model, path, tokenizer_dir=None, *,
     tensors = checkpoint_tensors(hf_model)
     if family == "gpt_oss":
         tensors = _gpt_oss_tensors(tensors)
+    if family == "llama4_text":
+        tensors = _llama4_tensors(tensors)
     for name, t in _stack_experts(tensors):
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # GLM-4.5
         if name == "lm_head.weight" and (hp.get("tie_word_embeddings") or family in GEMMAS):
@@ -130,6 +132,23 @@ def _gpt_oss_tensors(tensors: dict) -> dict:
             out[base + "down_proj.weight"] = t.transpose(1, 2)
         elif name.endswith("experts.down_proj_bias"):
             out[base + "down_proj.bias"] = t
+        else:
+            out[name] = t
+    return {n: t.contiguous() for n, t in out.items()}
+
+
+def _llama4_tensors(tensors: dict) -> dict:
+    """Llama4Model.modify_tensors: gate_up_proj (E, hidden, 2 ffn) transposed and split into
+    gate and up (E, ffn, hidden), down_proj (E, ffn, hidden) transposed: the stacks the name
+    map knows (feed_forward.experts.gate_proj / up_proj / down_proj)."""
+    out = {}
+    for name, t in tensors.items():
+        base = name.rsplit(".", 1)[0] + "."
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = t.transpose(-1, -2).split(t.shape[-1] // 2, dim=-2)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate, up
+        elif name.endswith("experts.down_proj"):
+            out[base + "down_proj.weight"] = t.transpose(-1, -2)
         else:
             out[name] = t
     return {n: t.contiguous() for n, t in out.items()}
@@ -273,6 +292,15 @@ def _llama(w, hp: dict, rope: dict) -> list:
     return [("rope_freqs.weight", factors)]
 
 
+def _llama4(w, hp: dict, rope: dict) -> list:
+    """Llama4Model: intermediate_size_mlp as feed_forward_length, the experts' intermediate_size
+    as expert_feed_forward_length, interleave_moe_layer_step; LlamaModel's keys otherwise."""
+    extra = _llama(w, {**hp, "intermediate_size": hp["intermediate_size_mlp"]}, rope)
+    w.add_interleave_moe_layer_step(hp["interleave_moe_layer_step"])
+    w.add_expert_feed_forward_length(hp["intermediate_size"])
+    return extra
+
+
 def _qwen(w, hp: dict, rope: dict) -> list:
     """Qwen2Model / Qwen3Model.set_gguf_parameters: the TextModel keys only."""
     _text_model(w, hp, rope)
@@ -398,7 +426,7 @@ _METADATA = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen,
              "phi3": _phi3, "gemma2": _gemma2, "gemma3_text": _gemma3, "smollm3": _llama,
              "olmo2": _olmo2, "olmo3": _olmo2, "glm4_moe": _glm4_moe, "olmoe": _qwen,
              "gpt_oss": _gpt_oss, "granite": _granite,
-             "mixtral": _llama,
+             "mixtral": _llama, "llama4_text": _llama4,
              "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe}
 
 

@@ -236,7 +236,7 @@ def test_policy_search_for_a_72b_puts_weights_on_disk(capsys):
 # tests/test_gguf_families.py round-trips OLMo-3 as its converter writes it)
 @pytest.mark.parametrize("name", ["qwen2", "qwen3-odd", "phi3", "gemma2-odd", "gemma3",
                                   "smollm3", "olmo2", "mistral", "mixtral-odd", "qwen2_moe",
-                                  "qwen3_moe", "glm4_moe-odd", "olmoe", "granite"])
+                                  "qwen3_moe", "glm4_moe-odd", "olmoe", "granite", "llama4"])
 def test_gguf_round_trip_same_tokens(name, tmp_path):
     """The random model written as llama.cpp's converter writes it (q/k permutation where it
     permutes, Gemma norms +1, Phi-3's fused tensors and rope factors, stacked experts, ...),

@@ -131,6 +131,20 @@ MOE_CASES = {
                  ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                   "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor",
                   "norm_topk_prob", "attention_bias", "use_qk_norm", "head_dim"]),
+    # Llama 4: MoE layers every 2nd (dense ones of intermediate_size_mlp), a shared expert,
+    # llama3 rope factors, NoPE on the 4th layer and q/k L2 norms as llama.cpp fixes them;
+    # its experts read back stacked, as its checkpoint holds them
+    "llama4": ("Llama4TextConfig", dict(SMALL, num_hidden_layers=4, head_dim=16,
+                                        intermediate_size=32, intermediate_size_mlp=96,
+                                        num_local_experts=4, num_experts_per_tok=1,
+                                        interleave_moe_layer_step=2, tie_word_embeddings=False,
+                                        rope_parameters={
+                                            "rope_type": "llama3", "rope_theta": 5e5,
+                                            "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 16}), "f32",
+               ["num_local_experts", "num_experts_per_tok", "intermediate_size_mlp",
+                "interleave_moe_layer_step", "use_qk_norm", "no_rope_layers", "head_dim"]),
     "qwen3_moe-f16": ("Qwen3MoeConfig", dict(ODD, head_dim=16, num_experts=6, num_experts_per_tok=3,
                                              moe_intermediate_size=40, norm_topk_prob=True,
                                              tie_word_embeddings=True), "f16",
@@ -144,7 +158,7 @@ HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "granite": "GraniteForCausalLM",
             "glm4_moe": "Glm4MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
             "olmo3": "Olmo3ForCausalLM",
-            "mixtral": "MixtralForCausalLM",
+            "mixtral": "MixtralForCausalLM", "llama4_text": "Llama4ForCausalLM",
             "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMMON = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
@@ -242,7 +256,8 @@ def test_moe_family_roundtrip(tmp_path, case):
     want = {n: torch.from_numpy(stored_value(t.numpy(), ttype, n)) for n, t in sd.items()
             if not (n == "lm_head.weight" and hf.tie_word_embeddings)}
     got = dict(iter_gguf_tensors(path))
-    assert set(got) == set(want) and any(".experts.2." in n for n in got)
+    assert set(got) == set(want) and any(".experts.2." in n or "experts.gate_up" in n
+                                         for n in got)
     for name, t in want.items():
         assert got[name].shape == t.shape, name
         assert (got[name] - t).abs().max().item() <= 1e-6, name

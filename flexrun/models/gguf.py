@@ -165,7 +165,9 @@ def _llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> di
     factor = float(factors.max())
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv
-    for old in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+    # the original context: the usual ones first, then any power of two from 16 to 2^20
+    for old in dict.fromkeys((8192, 4096, 2048, 16384, 32768, 65536, 131072,
+                              *(2 ** i for i in range(4, 21)))):
         for lo, hi in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
             smooth = (old / wavelen - lo) / (hi - lo)
             want = np.where(wavelen < old / hi, 1.0, np.where(
@@ -231,9 +233,13 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32,
     layer's stacked experts one expert at a time (HF's per-expert names). index: the file's
     tensor_index, taken before its reader was released."""
     ix = index or tensor_index(path)
+    gates: dict[str, torch.Tensor] = {}     # Llama 4: a layer's gate stack until its up one
     for t in ix.tensors:
         name = hf_tensor_name(t.name, ix.arch)
         if name is None or (name == "lm_head.weight" and ix.tied):
+            continue
+        if ix.family.hf_stacked_experts and ".experts." in name:
+            yield from _hf_stacked(name, torch.from_numpy(_dequantize(t)), gates, dtype)
             continue
         if "{e}" in name:
             for e in range(int(t.shape[-1])):
@@ -248,6 +254,24 @@ def iter_gguf_tensors(path: PathLike, dtype: torch.dtype = torch.float32,
         if ix.family.norm_shift and name.endswith("norm.weight"):
             w -= ix.family.norm_shift    # Gemma: the converter stored w + 1
         yield name, w.to(dtype).contiguous()
+
+
+def _hf_stacked(name: str, w: torch.Tensor, gates: dict, dtype: torch.dtype
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Llama 4's experts as its checkpoint stacks them: gate_up_proj (E, hidden, 2 ffn), gate
+    then up along the columns, from the (E, ffn, hidden) gate and up stacks (Llama4Model split
+    and transposed it); down_proj (E, ffn, hidden) from the (E, hidden, ffn) stack."""
+    base, _, part = name.removesuffix(".weight").rpartition(".")
+    if part == "down_proj":
+        yield f"{base}.down_proj", w.transpose(1, 2).to(dtype).contiguous()
+        return
+    other = "up_proj" if part == "gate_proj" else "gate_proj"
+    if base + other not in gates:
+        gates[base + part] = w
+        return
+    pair = {part: w, other: gates.pop(base + other)}
+    gate_up = torch.cat([pair["gate_proj"], pair["up_proj"]], 1).transpose(1, 2)
+    yield f"{base}.gate_up_proj", gate_up.to(dtype).contiguous()
 
 
 def native_q4_group(path: PathLike) -> int | None:

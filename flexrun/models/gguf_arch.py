@@ -74,6 +74,18 @@ GLM4_MOE_LAYERS = {**{k: v for k, v in QWEN_EXPERTS.items() if "shexp" not in k}
 OLMO2_LAYERS = {k: v for k, v in _ATTN_MLP.items() if k != "attn_norm"} | {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm", **_QK_NORMS}
+# Llama 4 (Llama4Model: LlamaModel's names, q/k not permuted): MLPs, router and shared expert
+# under feed_forward; the experts stacked as its checkpoint stacks them (gguf.py fuses gate and
+# up back into gate_up_proj: GGUFArch.hf_stacked_experts)
+LLAMA4_LAYERS = {**DENSE_LAYERS, **{k: v.replace("mlp.", "feed_forward.") for k, v in
+                                    _ATTN_MLP.items() if k.startswith("ffn_")},
+                 "ffn_gate_inp": "feed_forward.router",
+                 "ffn_gate_exps": "feed_forward.experts.gate_proj",
+                 "ffn_up_exps": "feed_forward.experts.up_proj",
+                 "ffn_down_exps": "feed_forward.experts.down_proj",
+                 "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+                 "ffn_up_shexp": "feed_forward.shared_expert.up_proj",
+                 "ffn_down_shexp": "feed_forward.shared_expert.down_proj"}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -85,6 +97,7 @@ class GGUFArch:
     permute_qk: bool = False      # convert_hf_to_gguf permuted q/k rows (LLAMA_ROPE_TYPE_NORM)
     norm_shift: float = 0.0       # the converter stored every *norm.weight as w + norm_shift
     head_dim_from_rope: bool = False   # old files: rope.dimension_count stands for head_dim
+    hf_stacked_experts: bool = False   # experts read back stacked as HF's checkpoint holds them
     extra: Callable[[object, dict], None] = lambda m, cfg: None   # family-specific config
 
 
@@ -324,6 +337,25 @@ def _glm4_moe(m, cfg: dict) -> None:
                use_qk_norm="blk.0.attn_q_norm.weight" in m.names)
 
 
+def _llama4(m, cfg: dict) -> None:
+    """Llama4Model: feed_forward_length is intermediate_size_mlp (the dense layers'),
+    expert_feed_forward_length the experts' intermediate_size, interleave_moe_layer_step the
+    MoE layers' period. llama.cpp's llama4 graph: no RoPE on every 4th layer and chunked
+    attention (8,192: where flexrun's positions stop) unless attention.sliding_window is 0,
+    q/k L2-normed unless the model has 128 experts (Maverick)."""
+    E, k = int(m("expert_count", 0)), int(m("expert_used_count", 0))
+    if not E or not k:
+        raise ValueError(f"{m.arch} GGUF without {m.arch}.expert_count / expert_used_count")
+    n, window = cfg["num_hidden_layers"], m("attention.sliding_window")
+    chunked = window is None or int(window) != 0
+    cfg.update(hidden_act="silu", intermediate_size_mlp=cfg["intermediate_size"],
+               intermediate_size=int(m("expert_feed_forward_length")),
+               num_local_experts=E, num_experts_per_tok=k,
+               interleave_moe_layer_step=int(m("interleave_moe_layer_step", 1) or 1),
+               use_qk_norm=E != 128, attention_chunk_size=8192 if chunked else None,
+               no_rope_layers=[int(not chunked or (i + 1) % 4 != 0) for i in range(n)])
+
+
 # llama.cpp's llama_model_rope_type: LLM_ARCH_LLAMA is LLAMA_ROPE_TYPE_NORM (interleaved pairs,
 # hence LlamaModel.permute of q/k in the converter); QWEN2, QWEN3, PHI3, GEMMA2 and GEMMA3 are
 # LLAMA_ROPE_TYPE_NEOX, HF's own rotate-half layout, and their converters do not permute
@@ -336,6 +368,10 @@ ARCHS = {
     "granite": GGUFArch("GraniteForCausalLM", "granite", DENSE_LAYERS, permute_qk=True,
                         head_dim_from_rope=True, extra=_granite),
     "olmo2": GGUFArch("Olmo2ForCausalLM", "olmo2", OLMO2_LAYERS, extra=_olmo2),
+    # Llama4Model.undo_permute = False: q/k as HF holds them (interleaved pairs, which the
+    # loader reorders for Llama 4 from either source)
+    "llama4": GGUFArch("Llama4ForCausalLM", "llama4_text", LLAMA4_LAYERS,
+                       hf_stacked_experts=True, extra=_llama4),
     "olmoe": GGUFArch("OlmoeForCausalLM", "olmoe", OLMOE_LAYERS, extra=_olmoe),
     "gpt-oss": GGUFArch("GptOssForCausalLM", "gpt_oss", GPT_OSS_LAYERS, extra=_gpt_oss),
     "glm4moe": GGUFArch("Glm4MoeForCausalLM", "glm4_moe", GLM4_MOE_LAYERS, extra=_glm4_moe),
@@ -360,7 +396,8 @@ def gguf_arch(name: str) -> GGUFArch:
     if name not in ARCHS:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
-                         "SmolLM3, Granite, OLMo-2/3, OLMoE, Qwen2/2.5, Qwen3, Qwen2-MoE, "
+                         "SmolLM3, Granite, OLMo-2/3, OLMoE, Llama 4, Qwen2/2.5, Qwen3, "
+                         "Qwen2-MoE, "
                          "Qwen3-MoE, "
                          "GLM-4.5, gpt-oss, "
                          "Phi-3, Gemma-2, Gemma-3)")
