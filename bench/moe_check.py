@@ -5,8 +5,10 @@ python -m bench.moe_check [--device cuda] [-o OUT.json]
    tokens of a ragged batch with the experts split 30/40/30 over gpu/cpu/disk on each lane
    (copy, cpu, auto) against the resident run on the same device, and the resident run
    against transformers on the same device.
-2. moe_mlp's grouped experts (one GEMM per touched expert over its tokens) against a plain
-   per-token loop, in fp16, and 4-bit experts against the same experts decompressed.
+   Then in half precision with every expert staged (the staging slots, copies made ahead).
+2. moe_mlp's grouped experts (one GEMM per touched expert over its tokens) and the grouped
+   GEMMs over stacked experts (torch's kernel or the Triton one) against a plain per-token
+   loop, in fp16, and 4-bit experts against the same experts decompressed.
 Prints one line per check and writes them as JSON.
 """
 from __future__ import annotations
@@ -56,9 +58,38 @@ def tier_rows(device: str) -> list[dict]:
                     st = llm.pipeline.experts.stats
                 row[f"tiers_{lanes}_same_tokens"] = outs == ref
                 row[f"tiers_{lanes}_copied_cpu_runs"] = [st.copied, st.cpu_runs]
+            row.update(staged_row(d, prompts, device, Path(tmp)))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def staged_row(d: Path, prompts, device: str, tmp: Path) -> dict:
+    """Half precision (fp16 on CUDA), experts 30/70 over gpu/cpu on the copy lane, every
+    expert staged per unit (STAGE_ALL 0): the staging slots, the next unit's copies made ahead
+    and the grouped GEMM kernel of this device and dtype, against the resident run."""
+    from flexrun import LLM, Policy, SamplingParams
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    greedy, dtype = SamplingParams(ignore_eos=True), "float16" if device == "cuda" else \
+        "float32"
+    old = moe.STAGE_ALL, engine_experts.GROUPED_ON_CPU
+    moe.STAGE_ALL, engine_experts.GROUPED_ON_CPU = 0.0, True
+    try:
+        with LLM(str(d), device=device, dtype=dtype, policy=Policy()) as llm:
+            ref = [o.output_ids for o in llm.generate(prompts, 10, greedy)]
+        pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                     expert_lanes="copy")
+        trace = tmp / "staged.json"
+        with LLM(str(d), device=device, dtype=dtype, policy=pol, trace=str(trace)) as llm:
+            outs = [o.output_ids for o in llm.generate(prompts, 10, greedy)]
+            staged = llm.pipeline.experts.staging is not None
+    finally:
+        moe.STAGE_ALL, engine_experts.GROUPED_ON_CPU = old
+    ahead = sum(e.get("name", "").endswith(" ahead")
+                for e in json.loads(trace.read_text())["traceEvents"])
+    return {"staged_dtype": dtype, "staged_same_tokens": outs == ref, "staging": staged,
+            "staged_copies_ahead": ahead}
 
 
 def kernel_rows(device: str) -> list[dict]:
@@ -93,8 +124,22 @@ def kernel_rows(device: str) -> list[dict]:
         wq = {n: compress(t, 4, 64, dim=-1) if ".experts." in n else t for n, t in w.items()}
         wd = {n: t if isinstance(t, torch.Tensor) else decompress(t) for n, t in wq.items()}
         q, dq = moe_mlp(x, wq, spec), moe_mlp(x, wd, spec)
+        # the grouped GEMMs over the experts stacked back to back (a resident layer, the
+        # staging slots): torch's kernel, or the Triton one where torch has none
+        from flexrun.models import moe_grouped
+        stacked = (torch.stack([torch.cat([w[f"experts.{e}.gate.weight"],
+                                           w[f"experts.{e}.up.weight"]]) for e in range(E)]),
+                   torch.stack([w[f"experts.{e}.down.weight"] for e in range(E)]))
+        out = torch.zeros_like(x)
+        weight, sel = torch.softmax(top, -1).to(x.dtype), idx
+        counts = torch.zeros(E, dtype=torch.long, device=device).index_add_(
+            0, sel.reshape(-1), torch.ones_like(sel.reshape(-1)))
+        moe_grouped.grouped_experts(x, stacked, weight, sel, counts, out)
+        kernel = "triton" if moe_grouped._triton_grouped(x, stacked[0]) else "torch"
         row = {"experts": E, "top_k": k, "hidden": h, "ffn": f, "tokens": x.shape[0],
                "grouped_vs_per_token_max_abs": float((grouped.float() - ref).abs().max()),
+               "stacked_grouped_kernel": kernel,
+               "stacked_grouped_vs_per_token_max_abs": float((out.float() - ref).abs().max()),
                "ref_max_abs": float(ref.abs().max()),
                "w4_vs_dequantized_max_abs": float((q.float() - dq.float()).abs().max()),
                "dequantized_max_abs": float(dq.float().abs().max())}
