@@ -581,3 +581,28 @@ def test_cost_model_charges_the_routing_sync_of_expert_by_expert_calls():
         extra = comp[1] - comp[0]
         want = spec.num_layers * n * 1e-3 * 0.8
         assert (extra >= want * 0.99) == charged, (b, n, extra, want)
+
+
+def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkeypatch):
+    """A call that touches nearly every expert but runs expert by expert (a prefill too large
+    for one grouped GEMM: here every call, stack() declined) also starts the next unit's host
+    experts into the other staging slots; the tokens stay the resident run's."""
+    import json
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
+    monkeypatch.setattr(engine_experts.TieredExperts, "stack", lambda self, w, rows: None)
+    from families import save_family
+    d = save_family("qwen3_moe", tmp_path / "m")
+    prompts = ragged_prompts(4, seed=5)
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                 expert_lanes="copy")
+    trace = tmp_path / "t.json"
+    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
+        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    assert outs == ref
+    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert any(n.endswith(" ahead") for n in spans)

@@ -252,6 +252,9 @@ class TieredExperts:
                 if g.expert not in reading:
                     copy(g.expert)
         cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
+        if self.staging is not None and self.stage_all and \
+                touches_nearly_all(self.spec, x2.shape[0]):
+            self._prefetch_next()       # (a prefill call: the next unit's calls touch all)
         if self.staging is not None:    # every device expert in two grouped GEMMs
             for g in here:
                 if g.expert not in self.staging.staged:
