@@ -252,9 +252,6 @@ class TieredExperts:
                 if g.expert not in reading:
                     copy(g.expert)
         cpu_job = self._start_cpu(x2, on_cpu) if on_cpu else None
-        if self.staging is not None and self.stage_all and \
-                touches_nearly_all(self.spec, x2.shape[0]):
-            self._prefetch_next()       # (a prefill call: the next unit's calls touch all)
         if self.staging is not None:    # every device expert in two grouped GEMMs
             for g in here:
                 if g.expert not in self.staging.staged:
@@ -267,6 +264,10 @@ class TieredExperts:
         for e, job in reading.items():
             copy(e, job.result())
             self.stats.disk_reads += 1
+        if self.staging is not None and self.stage_all and self.lanes != "cpu" and \
+                touches_nearly_all(self.spec, x2.shape[0]):
+            self._prefetch_next()       # (a prefill call: the next unit's calls touch all;
+            #                             queued after this batch's own copies)
         if self.staging is not None:
             ys.update(self.staging.run(x2, to_copy))
         else:
