@@ -208,6 +208,7 @@ class TieredExperts:
                                                    for p in PARTS))
         self.stats.reused += len(remote) - sum(e in remote for e in fresh)
         self._prefetch_next()
+        self._batch += 1
         return self.staging.ready()
 
     def _prefetch_next(self) -> None:
