@@ -463,6 +463,25 @@ def test_batched_combine_adds_in_expert_order_bit_for_bit(tokens, monkeypatch):
     assert torch.equal(looped, ref)
 
 
+def _split_qwen3_moe_run(tmp_path):
+    """(tokens with experts 30/70 over gpu/cpu on the copy lane, the resident run's, the trace's
+    span names, the lane stats, the off-device experts) of a random Qwen3-MoE."""
+    import json
+    from families import save_family
+    d = save_family("qwen3_moe", tmp_path / "m")
+    prompts = ragged_prompts(4, seed=5)
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                 expert_lanes="copy")
+    trace = tmp_path / "t.json"
+    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
+        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+        lane, away = llm.pipeline.experts.stats, llm.pipeline.experts.remote
+    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    return outs, ref, spans, lane, away
+
+
 @pytest.mark.parametrize("stage_all", [0.0, 2.0])
 def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage_all):
     """STAGE_ALL 0: every call stages all of the unit's experts (off-device ones copied once
@@ -476,22 +495,9 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
     run = engine_experts.TieredExperts._run
     monkeypatch.setattr(engine_experts.TieredExperts, "_run",
                         lambda self, *a: calls.append(1) or run(self, *a))
-    from families import save_family
-    d = save_family("qwen3_moe", tmp_path / "m")
-    prompts = ragged_prompts(4, seed=5)
-    with LLM(str(d), device="cpu", policy="resident") as llm:
-        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
-    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
-                 expert_lanes="copy")
-    trace = tmp_path / "t.json"
-    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
-        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
-        lane = llm.pipeline.experts.stats
-        away = llm.pipeline.experts.remote
+    outs, ref, spans, lane, away = _split_qwen3_moe_run(tmp_path)
     assert outs == ref
-    import json     # the copies of host experts are a track of the timeline
-    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
-    assert any(n.startswith("h2d experts l") for n in spans)
+    assert any(n.startswith("h2d experts l") for n in spans)    # host expert copies: a track
     # staging every expert, the next unit's host experts are copied ahead into the other slots
     assert any(n.endswith(" ahead") for n in spans) == (stage_all == 0.0)
     assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
@@ -587,22 +593,11 @@ def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkey
     """A call that touches nearly every expert but runs expert by expert (a prefill too large
     for one grouped GEMM: here every call, stack() declined) also starts the next unit's host
     experts into the other staging slots; the tokens stay the resident run's."""
-    import json
     from flexrun.engine import experts as engine_experts
     from flexrun.models import moe
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
     monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
     monkeypatch.setattr(engine_experts.TieredExperts, "stack", lambda self, w, rows: None)
-    from families import save_family
-    d = save_family("qwen3_moe", tmp_path / "m")
-    prompts = ragged_prompts(4, seed=5)
-    with LLM(str(d), device="cpu", policy="resident") as llm:
-        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
-    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
-                 expert_lanes="copy")
-    trace = tmp_path / "t.json"
-    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
-        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
     assert outs == ref
-    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
     assert any(n.endswith(" ahead") for n in spans)
