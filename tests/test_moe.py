@@ -504,6 +504,8 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
     if stage_all == 0.0:        # each unit copies each off-device expert once per block
         per_block = sum(len(es) for es in away.values())
         assert lane.copied % per_block == 0 and lane.copied > 0
+        # and uses it again in the block's other GPU batch (copied ahead or not)
+        assert lane.reused == lane.copied
 
 
 def test_staging_prefetch_fills_the_other_slots_for_the_next_unit():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexrun.engine.expert_lanes import LaneRates, LaneStats, split_lanes, uses_left
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
 from flexrun.memory.storage import TieredStore, nbytes
@@ -32,30 +33,6 @@ from flexrun.models.spec import ModelSpec
 PARTS = ("gate", "up", "down")      # the weights the staging slots hold
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
-
-
-@dataclass
-class LaneRates:
-    """What the auto split predicts lane times with (bytes/s, FLOP/s)."""
-    copy_bps: float = 20e9          # host -> device copy of expert weights
-    cpu_bps: float = 10e9           # weights read by a CPU expert GEMM (small row counts)
-    cpu_flops: float = 200e9        # CPU GEMM rate once rows make it compute bound
-
-
-@dataclass
-class LaneStats:
-    """Routed experts run off the compute device, summed over a run."""
-    copied: int = 0                 # expert copies made (one per block and layer at most)
-    copy_bytes: int = 0
-    disk_reads: int = 0             # of those, experts read from the disk tier by the readers
-    reused: int = 0                 # expert runs served by a copy made for an earlier batch
-    #                                 (a stacked call counts every staged off-device expert)
-    cpu_runs: int = 0               # expert runs on the CPU lane
-    cpu_bytes: int = 0
-    cpu_s: float = 0.0              # time the CPU lane computed
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -103,6 +80,8 @@ class TieredExperts:
         self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="flexrun-expert-reads") \
             if reads else None
         self._layer, self._held, self._batch = None, {}, 0
+        self._ahead: dict[int, set[int]] = {}           # layer -> experts copied ahead
+        self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
         if self.cuda and self.lanes == "auto":
@@ -165,6 +144,8 @@ class TieredExperts:
     def begin_unit(self, layer: int | None) -> None:
         """A unit starts on the block's first batch: the previous unit's copies go."""
         self._layer, self._held, self._batch = layer, {}, 0
+        # experts copied ahead for this unit: their first use in the block is no reuse
+        self._unused_ahead = self._ahead.pop(layer, set()) if layer in self.remote else set()
         if self.staging is not None and layer in self.remote:
             self.staging.begin_unit(layer)
 
@@ -206,7 +187,9 @@ class TieredExperts:
                 else:
                     self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
                                                    for p in PARTS))
-        self.stats.reused += len(remote) - sum(e in remote for e in fresh)
+        self.stats.reused += len(remote) - sum(e in remote for e in fresh) - \
+            len(self._unused_ahead & remote.keys())
+        self._unused_ahead = set()
         self._prefetch_next()
         self._batch += 1
         return self.staging.ready()
@@ -228,6 +211,7 @@ class TieredExperts:
                 for e in away}
         with self._copy_span(len(host), j, " ahead"):
             if self.staging.prefetch(j, host):
+                self._ahead = {j: set(host)}
                 self.stats.copied += len(host)
                 self.stats.copy_bytes += sum(self._nbytes(e, j) for e in host)
 
@@ -240,7 +224,9 @@ class TieredExperts:
         held = self._held if self.staging is None else self.staging.staged
         here = [g for g in groups if g.expert not in remote or g.expert in held]
         away = [g for g in groups if g.expert in remote and g.expert not in held]
-        self.stats.reused += sum(g.expert in remote for g in here)
+        self.stats.reused += sum(g.expert in remote and g.expert not in self._unused_ahead
+                                 for g in here)
+        self._unused_ahead -= {g.expert for g in here}
         on_cpu, to_copy = self.split(away, x2.shape[0])
         to_copy.sort(key=lambda g: -g.n)    # issued, then computed, busiest first
         # disk experts start reading now; host ones are copied at once, the disk ones once
@@ -290,28 +276,13 @@ class TieredExperts:
             return away, []
         if self.lanes == "copy" or not self.cuda or not away:
             return [], away
-        r = self.rates
-        uses = self.uses_left(rows)
         size = {g.expert: self._nbytes(g.expert) for g in away}
-        copy_t = sum(size.values()) / r.copy_bps
-        cpu_t, picked = 0.0, set()
-        for g in sorted(away, key=lambda g: g.n):
-            b = size[g.expert]
-            t = uses * max(b / r.cpu_bps, 2 * b / self.elem * g.n / r.cpu_flops)
-            if max(cpu_t + t, copy_t - b / r.copy_bps) >= max(cpu_t, copy_t):
-                break
-            cpu_t, copy_t = cpu_t + t, copy_t - b / r.copy_bps
-            picked.add(g.expert)
-        return ([g for g in away if g.expert in picked],
-                [g for g in away if g.expert not in picked])
+        return split_lanes(away, size, self.rates, self.uses_left(rows), self.elem)
 
     def uses_left(self, rows: int) -> float:
         """The batches of this block, from the current one on, expected to route to a given
-        expert routed in this one: 1 + (batches after it) x P(a batch of `rows` tokens
-        touches it)."""
-        E, k = self.spec.num_experts, self.spec.experts_per_token
-        after = max(self.block_batches - 1 - self._batch, 0)
-        return 1.0 + after * (1.0 - (1.0 - k / E) ** rows)
+        expert routed in this one (expert_lanes.uses_left)."""
+        return uses_left(self.spec, self.block_batches - self._batch, rows)
 
     @property
     def elem(self) -> int:
