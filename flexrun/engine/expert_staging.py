@@ -141,6 +141,15 @@ class ExpertStaging:
             b.copied = torch.cuda.Event()
             b.copied.record(self.weight_stream)
 
+    def claim(self, ahead: bool = False) -> None:
+        """Make the weight stream wait now until the slots about to be written (the current
+        unit's, or the other pair when copying ahead) are no longer read (no-op off CUDA)."""
+        b = self._cur if not ahead else (self._bufs[1] if self._cur is self._bufs[0]
+                                         else self._bufs[0])
+        if self.cuda and b.free is not None:
+            self.weight_stream.wait_event(b.free)
+            b.free = None
+
     def _on_weight_stream(self, b: _Slots):
         """The weight stream (CUDA), once the GEMMs that last read b are done."""
         if not self.cuda:

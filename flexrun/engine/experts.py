@@ -322,6 +322,8 @@ class TieredExperts:
         """A trace span over the copies of n host experts (on the weight stream on a GPU)."""
         if self.tracer is None or not n:
             return nullcontext()
+        if self.staging is not None:        # the span times the copies, not the wait for
+            self.staging.claim(ahead=bool(what))    # the slots' last GEMMs
         layer = self._layer if layer is None else layer
         return self.tracer.span(f"h2d experts l{layer} x{n}{what}", "expert-copies",
                                 self.weight_stream if self.cuda else None)
