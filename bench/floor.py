@@ -124,16 +124,17 @@ def _floor_of_result(r: dict) -> dict:
     from flexrun.models.dummy import dummy_spec
     cuda = r.get("device", "cpu") != "cpu"
     named = r.get("profile")            # the profile the run predicted with, where it says
-    shipped = named and (PROFILES_DIR.parents[1] / named)
-    prof = (HardwareProfile.load(shipped) if shipped and shipped.is_file()
+    shipped = PROFILES_DIR.parents[1] / named if named else None
+    if shipped is not None and not shipped.is_file():
+        shipped = None
+    prof = (HardwareProfile.load(shipped) if shipped is not None
             else default_profile("cuda" if cuda else "cpu"))
     spec = dummy_spec(r["model"][len("dummy:"):])
     elem = ({"float32": 4}.get(r.get("dtype"), 2) if r.get("dtype") else None) or \
         (2 if cuda else 4)
     f = decode_floor(spec, Policy.from_dict(r["policy"]), prof, r["prompt_len"], r["gen_len"],
                      cuda, elem)
-    f["profile"] = named if shipped and shipped.is_file() else \
-        profile_source("cuda" if cuda else "cpu")
+    f["profile"] = named if shipped is not None else profile_source("cuda" if cuda else "cpu")
     if "decode_step_s" in r:
         f["measured_over_floor"] = r["decode_step_s"] / f["floor_s"]
     n = r.get("num_prompts")

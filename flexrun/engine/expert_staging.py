@@ -63,6 +63,11 @@ class ExpertStaging:
         return self._cur.staged
 
     @property
+    def _other(self) -> _Slots:
+        """The pair the current unit does not use (where the next unit's copies go ahead)."""
+        return self._bufs[1] if self._cur is self._bufs[0] else self._bufs[0]
+
+    @property
     def W1(self) -> torch.Tensor | None:
         return self._cur.W1
 
@@ -77,7 +82,7 @@ class ExpertStaging:
         if self.cuda and last.W1 is not None:
             last.free = torch.cuda.Event()
             last.free.record(self.compute_stream)
-        other = self._bufs[1] if last is self._bufs[0] else self._bufs[0]
+        other = self._other
         nxt = other if other.layer == layer and layer is not None else \
             (last if last.layer is None else other)
         if nxt.layer != layer or layer is None:
@@ -87,7 +92,7 @@ class ExpertStaging:
     def holds(self, layer: int, experts) -> bool:
         """Whether the slots the current unit does not use hold (or are receiving) these
         experts of `layer`."""
-        other = self._bufs[1] if self._cur is self._bufs[0] else self._bufs[0]
+        other = self._other
         return other.layer == layer and other.staged >= set(experts)
 
     def prefetch(self, layer: int, host: dict[int, tuple]) -> bool:
@@ -95,7 +100,7 @@ class ExpertStaging:
         run) into the slots the current unit does not use; False when they are in use."""
         if self.holds(layer, host):
             return False
-        target = self._bufs[1] if self._cur is self._bufs[0] else self._bufs[0]
+        target = self._other
         target.layer, target.staged = layer, set()
         self._slots(target)
         with self._on_weight_stream(target):
@@ -144,8 +149,10 @@ class ExpertStaging:
     def claim(self, ahead: bool = False) -> None:
         """Make the weight stream wait now until the slots about to be written (the current
         unit's, or the other pair when copying ahead) are no longer read (no-op off CUDA)."""
-        b = self._cur if not ahead else (self._bufs[1] if self._cur is self._bufs[0]
-                                         else self._bufs[0])
+        self._wait_free(self._other if ahead else self._cur)
+
+    def _wait_free(self, b: _Slots) -> None:
+        """The weight stream waits for the GEMMs that last read b (once; no-op off CUDA)."""
         if self.cuda and b.free is not None:
             self.weight_stream.wait_event(b.free)
             b.free = None
@@ -155,9 +162,7 @@ class ExpertStaging:
         if not self.cuda:
             from contextlib import nullcontext
             return nullcontext()
-        if b.free is not None:
-            self.weight_stream.wait_event(b.free)
-            b.free = None
+        self._wait_free(b)
         return torch.cuda.stream(self.weight_stream)
 
     def _copy_host(self, b: _Slots, e: int, gate: torch.Tensor, up: torch.Tensor,

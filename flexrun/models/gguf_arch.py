@@ -397,8 +397,5 @@ def gguf_arch(name: str) -> GGUFArch:
         raise ValueError(f"unsupported GGUF architecture {name!r}: flexrun reads "
                          f"{', '.join(ARCHS)} GGUF files (Llama, Mistral, Mixtral, SmolLM, "
                          "SmolLM3, Granite, OLMo-2/3, OLMoE, Llama 4, Qwen2/2.5, Qwen3, "
-                         "Qwen2-MoE, "
-                         "Qwen3-MoE, "
-                         "GLM-4.5, gpt-oss, "
-                         "Phi-3, Gemma-2, Gemma-3)")
+                         "Qwen2-MoE, Qwen3-MoE, GLM-4.5, gpt-oss, Phi-3, Gemma-2, Gemma-3)")
     return ARCHS[name]

@@ -19,7 +19,6 @@ def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(g, inplace=True).mul_(up)
 
 
-
 # the grouped path holds every (token, slot) pair's gate/up output at once: larger calls (long
 # prefills) run the per-expert loop, whose workspace is one expert's tokens at a time
 GROUPED_MAX_BYTES = 256 << 20
