@@ -38,6 +38,25 @@ def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
         llm.generate(block, 2, greedy)
 
 
+def log_steps(llm: LLM) -> None:
+    """Print each step's wall time to stderr as it ends, so a run that times out still shows
+    its prefill and decode step times (steps after the prefill are not synchronised: a figure
+    is when the host finished queueing the step)."""
+    run_block = llm.pipeline.run_block
+
+    def logged(batches, max_new_tokens, sampler, on_step=None):
+        last = [time.perf_counter()]
+
+        def step(s, t=None):
+            if on_step is not None:
+                on_step(s) if t is None else on_step(s, t)
+            now = time.perf_counter()
+            print(f"[bench] step {s}: {now - last[0]:.3f} s", file=sys.stderr, flush=True)
+            last[0] = now
+        run_block(batches, max_new_tokens, sampler, on_step=step)
+    llm.pipeline.run_block = logged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -84,6 +103,7 @@ def main() -> None:
         if moe is not None:
             moe.reset()
             lanes.stats = type(lanes.stats)()
+        log_steps(llm)
         llm.generate(prompts, a.gen_len, greedy)
         st = llm.stats
         experts = None if moe is None else {
