@@ -1,0 +1,97 @@
+"""Expert staging on the copy lane: every off-device expert copied once per block into the
+staging slots, the next unit's host experts copied ahead into the other pair, and the tokens of
+the resident run either way."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ragged_prompts
+from flexrun import LLM, Policy, SamplingParams
+
+GREEDY = SamplingParams(ignore_eos=True)
+
+
+def _split_qwen3_moe_run(tmp_path):
+    """(tokens with experts 30/70 over gpu/cpu on the copy lane, the resident run's, the trace's
+    span names, the lane stats, the off-device experts) of a random Qwen3-MoE."""
+    import json
+    from families import save_family
+    d = save_family("qwen3_moe", tmp_path / "m")
+    prompts = ragged_prompts(4, seed=5)
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                 expert_lanes="copy")
+    trace = tmp_path / "t.json"
+    with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
+        outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
+        lane, away = llm.pipeline.experts.stats, llm.pipeline.experts.remote
+    spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    return outs, ref, spans, lane, away
+
+
+@pytest.mark.parametrize("stage_all", [0.0, 2.0])
+def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage_all):
+    """STAGE_ALL 0: every call stages all of the unit's experts (off-device ones copied once
+    per block) and runs them as one grouped GEMM with no per-expert groups; 2: never. Both
+    give the resident run's tokens."""
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(moe, "STAGE_ALL", stage_all)
+    calls = []
+    run = engine_experts.TieredExperts._run
+    monkeypatch.setattr(engine_experts.TieredExperts, "_run",
+                        lambda self, *a: calls.append(1) or run(self, *a))
+    outs, ref, spans, lane, away = _split_qwen3_moe_run(tmp_path)
+    assert outs == ref
+    assert any(n.startswith("h2d experts l") for n in spans)    # host expert copies: a track
+    # staging every expert, the next unit's host experts are copied ahead into the other slots
+    assert any(n.endswith(" ahead") for n in spans) == (stage_all == 0.0)
+    assert (calls == []) == (stage_all == 0.0) and lane.reused > 0
+    if stage_all == 0.0:        # each unit copies each off-device expert once per block
+        per_block = sum(len(es) for es in away.values())
+        assert lane.copied % per_block == 0 and lane.copied > 0
+        # and uses it again in the block's other GPU batch (copied ahead or not)
+        assert lane.reused == lane.copied
+
+
+def test_staging_prefetch_fills_the_other_slots_for_the_next_unit():
+    """ExpertStaging: a prefetch lands in the slots the current unit does not use; the unit
+    it was made for finds its experts staged there; any other unit starts empty and leaves
+    the current unit's slots alone."""
+    from flexrun.engine.expert_staging import ExpertStaging
+    E, h, f = 4, 8, 16
+    st = ExpertStaging(E, h, f, torch.device("cpu"), torch.float32)
+    part = lambda v: (torch.full((f, h), v), torch.full((f, h), v + .5),  # noqa: E731
+                      torch.full((h, f), v + .25))
+    st.begin_unit(1)
+    st.put_resident(0, *part(1.0))
+    first = st.W1
+    assert st.prefetch(2, {1: part(2.0), 3: part(3.0)})
+    assert st.staged == {0} and st.W1 is first and float(st.W1[0, 0, 0]) == 1.0
+    assert not st.prefetch(2, {1: part(2.0), 3: part(3.0)})      # already there
+    st.begin_unit(2)
+    assert st.staged == {1, 3} and st.W1 is not first
+    assert float(st.W1[3, 0, 0]) == 3.0 and float(st.W1[3, f, 0]) == 3.5
+    assert float(st.W2[1, 0, 0]) == 2.25
+    st.begin_unit(5)                    # no prefetch for it: the older slots, emptied
+    assert st.staged == set() and st.W1 is first
+    st.prefetch(7, {2: part(7.0)})
+    st.begin_unit(6)                    # a prefetch made for another unit is dropped
+    assert st.staged == set()
+
+
+def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkeypatch):
+    """A call that touches nearly every expert but runs expert by expert (a prefill too large
+    for one grouped GEMM: here every call, stack() declined) also starts the next unit's host
+    experts into the other staging slots; the tokens stay the resident run's."""
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
+    monkeypatch.setattr(engine_experts.TieredExperts, "stack", lambda self, w, rows: None)
+    outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
+    assert outs == ref
+    assert any(n.endswith(" ahead") for n in spans)
