@@ -15,10 +15,7 @@ from flexrun.config import parse_size
 from flexrun.plan.costmodel import predict
 from flexrun.plan.search import search
 from flexrun.plan.footprint import check_budget, footprint, numel
-from flexrun.plan import hardware
-from flexrun.plan.hardware import (PROFILES_DIR, HardwareProfile, default_profile, measure,
-                                   profile_path)
-from flexrun.plan.timing import cache_bytes, cpu_has_bf16
+from flexrun.plan.hardware import (PROFILES_DIR, HardwareProfile)
 from flexrun.models.dummy import dummy_spec
 
 H100 = HardwareProfile.load(PROFILES_DIR / "h100.json")
@@ -203,109 +200,6 @@ def test_auto_policy_for_llm(tmp_path):
 
 
 # ---- hardware profiles --------------------------------------------------------------------
-def test_profiles_round_trip_and_defaults(tmp_path, monkeypatch):
-    assert "DESIGN.md" in H100.source and H100.h2d_pinned == 55e9
-    assert CPU.source == "measured" and CPU.command.startswith("flexrun profile")
-    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
-    monkeypatch.setattr(hardware, "host_facts", lambda: (CPU.cpu_cores, CPU.cpu_mem))
-    assert default_profile("cpu") == CPU
-    assert default_profile("cuda") == HardwareProfile.load(profile_path("cuda"))
-    if not torch.cuda.is_available():
-        assert profile_path("cuda").name == "h100.json" and default_profile("cuda") == H100
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert HardwareProfile.load(profile_path("cuda")).device_name == "NVIDIA H200"
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    assert profile_path("cuda").name == "h100.json"      # not h100-measured.json
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
-    assert profile_path("cuda").name == "h100.json"
-    H100.save(tmp_path / "h.json")
-    assert HardwareProfile.load(tmp_path / "h.json") == H100
-    with pytest.raises(FlexrunError, match="not found"):
-        HardwareProfile.load(tmp_path / "missing.json")
-
-
-def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatch, capsys):
-    """The shipped h200.json came from a 32-core, 270 GB host, h200-single.json from the
-    16-core, 125 GiB single-H200 machine: each host gets its own; an H200 on another host
-    (8 cores, 60 GiB) measures its own on first use (one line), keeps it in the user's cache
-    (0600), with the fitted terms of the shipped profile, and loads it from there afterwards."""
-    H200 = HardwareProfile.load(PROFILES_DIR / "h200.json")
-    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
-    monkeypatch.setenv("FLEXRUN_CACHE", str(tmp_path))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setattr(hardware, "host_facts", lambda: (H200.cpu_cores, H200.cpu_mem))
-    assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200.json"
-    monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
-    assert hardware.matching_profile("cuda") == PROFILES_DIR / "h200-single.json"
-    monkeypatch.setattr(hardware, "host_facts", lambda: (8, 60 << 30))
-    monkeypatch.setattr(hardware, "host_memory", lambda: 60 << 30)
-    assert hardware.matching_profile("cuda") is None
-    measured = []
-
-    def fake_measure(kind, command=""):
-        measured.append(kind)
-        return HardwareProfile(device_name="NVIDIA H200", cpu_cores=8, cpu_mem=60 << 30,
-                               h2d_pinned=50e9, gpu_flops_prefill=7e14, gpu_mem_bw=4e12)
-    monkeypatch.setattr(hardware, "measure", fake_measure)
-    first = default_profile("cuda")
-    assert measured == ["cuda"] and "measuring one" in capsys.readouterr().err
-    assert first.cpu_attn_call_s == H200.cpu_attn_call_s and "fitted" in \
-        first.notes["cpu_attn_call_s"]
-    path = hardware.cache_path("cuda")
-    assert path.parent == tmp_path / "profiles" and oct(path.stat().st_mode)[-3:] == "600"
-    assert default_profile("cuda") == first and measured == ["cuda"]
-
-
-def test_profile_cli_writes_json(tmp_path, monkeypatch, capsys):
-    import functools
-    import flexrun.plan.hardware as hw
-    monkeypatch.setattr(hw, "measure", functools.partial(hw.measure, disk_bytes=32 << 20))
-    out = tmp_path / "hw.json"
-    assert cli_main(["profile", "-o", str(out), "--offload-dir", str(tmp_path),
-                     "--device", "cpu"]) == 0
-    p = HardwareProfile.load(out)
-    assert p.command.startswith(f"flexrun profile -o {out}") and p.disk_read > 0
-    assert "CPU GEMM" in capsys.readouterr().out
-    monkeypatch.setenv("FLEXRUN_PROFILE", str(out))
-    assert default_profile("cuda") == p
-
-
-def test_measure_cpu_fills_every_cpu_rate(tmp_path):
-    p = measure("cpu", str(tmp_path), disk_bytes=64 << 20)
-    names = ["disk_read", "disk_write", "disk_read_cached", "disk_map_cached",
-             "cpu_flops_decode", "cpu_flops_decode_small", "cpu_flops_prefill",
-             "cpu_flops_decode_bf16", "cpu_flops_prefill_bf16", "cpu_mem_bw", "cpu_attn_bw",
-             "cpu_unit_overhead"]
-    if cpu_has_bf16():          # without bf16 dot products: one short bf16 shape only
-        names.append("cpu_flops_decode_small_bf16")
-    for name in names:
-        assert getattr(p, name) > 0, name
-    assert p.h2d_pinned is None and p.cpu_mem > 0 and not list(tmp_path.iterdir())
-    assert p.notes["cpu_gemm_stream_bytes"] >= min(2 * cache_bytes(), p.cpu_mem // 8)
-
-
-def test_cpu_gemm_time_between_the_two_decode_rates():
-    """Fewer rows than cpu_decode_m are timed on the line through the rates at
-    cpu_decode_m_small and cpu_decode_m rows; at or above cpu_decode_m, and for a profile
-    without the small-row rate, the one-point model holds (its line to the prefill rate)."""
-    p = dataclasses.replace(CPU, cpu_flops_decode=80e9, cpu_flops_prefill=320e9,
-                            cpu_flops_decode_small=30e9, cpu_decode_m=16, cpu_decode_m_small=4)
-    params = 10 ** 7
-    assert p.gemm_time(4, params, False) == pytest.approx(2 * params * 4 / 30e9)
-    assert p.gemm_time(16, params, False) == pytest.approx(2 * params * 16 / 80e9)
-    mid = (2 * params * 4 / 30e9 + 2 * params * 16 / 80e9) / 2
-    assert p.gemm_time(10, params, False) == pytest.approx(mid)
-    one_point = dataclasses.replace(p, cpu_flops_decode_small=None)
-    for rows in (16, 64, 512):
-        assert p.gemm_time(rows, params, False) == one_point.gemm_time(rows, params, False)
-    assert one_point.gemm_time(4, params, False) == pytest.approx(
-        2 * params * (16 / 80e9 - 12 / 320e9))
-    # a 2-byte run without bf16 rates uses the fp32 ones, the small-row rate included
-    fp32_only = dataclasses.replace(p, cpu_flops_decode_bf16=None, cpu_flops_prefill_bf16=None)
-    assert fp32_only.gemm_time(4, params, False, 2) == pytest.approx(2 * params * 4 / 30e9)
-    assert H100.gemm_time(4, params, True) == H100.gemm_time(4, params, True, 4)   # GPU as before
 
 
 @pytest.mark.parametrize("preset", ["opt-125m", "llama-tiny-embed"])
@@ -469,41 +363,6 @@ def test_fused_4bit_matmul_term_replaces_dequantize_at_decode_only():
     assert saved == pytest.approx(dq - w4, rel=0.15)
 
 
-def test_decode_floor_names_the_binding_link():
-    """bench.floor: S1's searched placement is bound by host DRAM (weights by DMA + KV read by
-    CPU attention, together at most the copy's rate plus the attention's rate beside it; a
-    profile without that pair reads both at its memcpy rate), an all-GPU one by HBM, weights
-    on disk by the disk."""
-    from bench.floor import decode_floor
-    spec = dummy_spec("opt-30b")
-    weights = sum(numel(s) for s in spec.all_shapes().values()) * 2
-    s1 = Policy(gpu_batch_size=64, weights_gpu=0, weights_cpu=100, cache_gpu=20, cache_cpu=80,
-                cpu_attention=True)
-    f = decode_floor(spec, s1, H100, 512, 32)
-    kv = 2 * spec.num_layers * 64 * 528 * spec.kv_dim * 2
-    assert f["pcie_s"] == pytest.approx(weights / H100.h2d_pinned)
-    both = H100.h2d_pinned + H100.cpu_attn_bw_with_h2d
-    assert f["host_dram_s"] == pytest.approx(max(0.8 * kv / H100.cpu_attn_bw,
-                                                 (weights + 0.8 * kv) / both))
-    assert f["bound"] == "host_dram" and f["floor_s"] == f["host_dram_s"]
-    plain = decode_floor(spec, s1, dataclasses.replace(H100, cpu_attn_bw_with_h2d=None), 512, 32)
-    assert plain["host_dram_s"] == pytest.approx((weights + 0.8 * kv) / H100.cpu_mem_bw)
-    alone = decode_floor(spec, s1, dataclasses.replace(H100, cpu_attn_bw=H100.cpu_attn_bw / 100),
-                         512, 32)
-    assert alone["host_dram_s"] == pytest.approx(0.8 * kv / (H100.cpu_attn_bw / 100))
-    gpu = decode_floor(dummy_spec("opt-6.7b"), Policy(gpu_batch_size=32), H100, 512, 32)
-    assert gpu["bound"] == "hbm" and gpu["pcie_s"] == 0
-    big = dummy_spec("opt-175b")            # 350 GB: more than the page cache can hold
-    disk = decode_floor(big, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
-                                    cache_gpu=100), H100, 512, 32)
-    big_weights = sum(numel(s) for s in big.all_shapes().values()) * 2
-    assert disk["bound"] == "disk"
-    assert disk["disk_s"] == pytest.approx(big_weights / H100.disk_read)
-    cached = decode_floor(spec, Policy(gpu_batch_size=8, weights_gpu=0, weights_disk=100,
-                                       cache_gpu=100), H100, 512, 32)
-    assert cached["disk_s"] == pytest.approx(weights / H100.disk_read_cached)
-
-
 def test_graphed_decode_pays_the_replay_floor():
     """An all-GPU decode step replayed from CUDA graphs pays the profile's graph-replay floor
     per unit, not the eager launch floor; eager policies (graphs off, or KV off the GPU, whose
@@ -545,42 +404,3 @@ def test_cpu_bf16_runs_use_the_bf16_rates():
         pytest.approx(predict(spec, pol, none, 128, 8, device="cpu", dtype_bytes=4).prefill_s)
 
 
-def test_bench_floor_share_of_tok_s():
-    """bench.floor's prefill floor counts OPT-6.7B's prefill matmuls (S3: ~0.28 s at the H100
-    profile's 760 TFLOP/s) and the share compares the run's tok/s with the floors'."""
-    from bench.floor import floor_of_result, prefill_floor
-    from flexrun.plan.hardware import default_profile
-    from flexrun.models.dummy import dummy_spec
-    spec, prof = dummy_spec("opt-6.7b"), default_profile("cuda")
-    pre = prefill_floor(spec, 32, 512, prof)
-    assert 0.27 < pre < 0.29, pre
-    assert prefill_floor(spec, 64, 512, prof) > 1.99 * pre
-    r = {"model": "dummy:opt-6.7b", "device": "NVIDIA H100", "dtype": "float16",
-         "policy": {"gpu_batch_size": 32}, "prompt_len": 512, "gen_len": 32,
-         "num_prompts": 32, "total_tok_s": 1000.0, "decode_step_s": 0.01}
-    f = floor_of_result(r)
-    best = 32 * 32 / (f["prefill_floor_s"] + 31 * f["floor_s"])
-    assert abs(f["floor_total_tok_s"] - best) < 1e-6 and f["share_of_floor_tok_s"] == 1000 / best
-    assert 0.4 < f["share_of_floor_tok_s"] < 0.6
-
-
-def test_bench_floor_moe_counts_routed_experts_and_names_profile():
-    """A MoE prefill multiplies each token by its top-k experts only (Qwen3-30B-A3B: 8 of 128,
-    about 3.3B of 30.5B parameters), and a result's floor uses the profile the run names."""
-    from bench.floor import floor_of_result, prefill_floor
-    spec = dummy_spec("qwen3-30b-a3b")
-    prof = HardwareProfile.load(PROFILES_DIR / "h100.json")
-    dense = dataclasses.replace(spec, experts_per_token=spec.num_experts)
-    pre, all_experts = prefill_floor(spec, 8, 512, prof), prefill_floor(dense, 8, 512, prof)
-    assert 6 < all_experts / pre < 12, (pre, all_experts)
-    r = {"model": "dummy:qwen3-30b-a3b", "device": "NVIDIA H100 80GB HBM3", "dtype": "float16",
-         "policy": {"gpu_batch_size": 64, "num_gpu_batches": 4, "weights_gpu": 17,
-                    "weights_cpu": 83, "cache_gpu": 0, "cache_cpu": 100, "cpu_attention": True},
-         "prompt_len": 512, "gen_len": 32, "num_prompts": 256, "total_tok_s": 80.0,
-         "decode_step_s": 2.9}
-    floors = {}
-    for name in ("h100.json", "h100-measured.json"):
-        f = floor_of_result({**r, "profile": f"policies/profiles/{name}"})
-        assert f["profile"] == f"policies/profiles/{name}"
-        floors[name] = f["floor_s"]
-    assert floors["h100.json"] != floors["h100-measured.json"]
