@@ -12,8 +12,6 @@ from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
 from flexrun.models.dummy import dummy_spec
 
 H100 = HardwareProfile.load(PROFILES_DIR / "h100.json")
-CPU = HardwareProfile.load(PROFILES_DIR / "cpu-2core.json")
-GiB = 1 << 30
 
 
 def test_decode_floor_names_the_binding_link():
