@@ -12,17 +12,18 @@ from flexrun import LLM, Policy, SamplingParams
 GREEDY = SamplingParams(ignore_eos=True)
 
 
-def _split_qwen3_moe_run(tmp_path):
+def _split_qwen3_moe_run(tmp_path, batch: int = 2, batches: int = 2):
     """(tokens with experts 30/70 over gpu/cpu on the copy lane, the resident run's, the trace's
-    span names, the lane stats, the off-device experts) of a random Qwen3-MoE."""
+    span names, the lane stats, the off-device experts) of a random Qwen3-MoE, in blocks of
+    `batches` GPU batches of `batch` prompts."""
     import json
     from families import save_family
     d = save_family("qwen3_moe", tmp_path / "m")
-    prompts = ragged_prompts(4, seed=5)
+    prompts = ragged_prompts(batch * batches, seed=5)
     with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
-    pol = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
-                 expert_lanes="copy")
+    pol = Policy(gpu_batch_size=batch, num_gpu_batches=batches, weights_gpu=30,
+                 weights_cpu=70, expert_lanes="copy")
     trace = tmp_path / "t.json"
     with LLM(str(d), device="cpu", policy=pol, trace=str(trace)) as llm:
         outs = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
@@ -95,3 +96,25 @@ def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkey
     outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
     assert outs == ref
     assert any(n.endswith(" ahead") for n in spans)
+
+
+@pytest.mark.parametrize("batches,staged", [(1, False), (10, True)])
+def test_a_block_of_small_batches_that_touches_all_experts_stages_them_all(
+        tmp_path, monkeypatch, batches, staged):
+    """Decode calls of 1 row touch 2 of the random Qwen3-MoE's 8 experts; a block of 10 such
+    GPU batches is expected to touch nearly all (STAGE_ALL: 94%): a staged expert serves the whole
+    block, so each unit's first call stages all of them and every call runs one grouped GEMM
+    (no call routed expert by expert); a block of one batch keeps the per-expert route. The
+    tokens stay the resident run's."""
+    from flexrun.engine import experts as engine_experts
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    rows = []
+    run = engine_experts.TieredExperts._run
+    monkeypatch.setattr(engine_experts.TieredExperts, "_run",
+                        lambda self, x2, *a: rows.append(x2.shape[0]) or run(self, x2, *a))
+    outs, ref, _, lane, away = _split_qwen3_moe_run(tmp_path, batch=1, batches=batches)
+    assert outs == ref
+    decode_calls = [r for r in rows if r == 1]
+    assert (decode_calls == []) == staged and (rows == []) == staged, rows
+    if staged:      # each off-device expert copied once per block and unit
+        assert lane.copied % sum(len(es) for es in away.values()) == 0

@@ -166,15 +166,17 @@ class TieredExperts:
 
     def stack(self, w: dict, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every expert of the current unit in the staging slots, for one grouped GEMM over
-        all routed pairs with no host sync and no per-expert work, when a call of `tokens`
-        rows is expected to touch nearly all experts (E * (1 - (1 - k/E)^tokens) >=
-        STAGE_ALL * E: a decode batch of 64 rows touches 126 of Qwen3-MoE's 128): then the
+        all routed pairs with no host sync and no per-expert work, when the block's calls
+        (`tokens` rows in each of its GPU batches) are expected to touch nearly all experts
+        (E * (1 - (1 - k/E)^rows) >= STAGE_ALL * E: 16 batches of 16 rows touch all of
+        Qwen3-MoE's 128): a staged expert serves every later batch of the block, so the
         unit's first call stages them all, copying every off-device one (the CPU lane sits
-        out). None otherwise: on the CPU lane alone, with experts on disk (their reads
-        overlap the GEMMs in the per-expert path) or placed by routing counts."""
+        out), and the later calls copy nothing. None otherwise: on the CPU lane alone, with
+        experts on disk (their reads overlap the GEMMs in the per-expert path) or placed by
+        routing counts."""
         if self.staging is None or self.lanes == "cpu" or not self.stage_all:
             return None
-        if not touches_nearly_all(self.spec, tokens):
+        if not touches_nearly_all(self.spec, tokens * self.block_batches):
             return None
         remote = self.remote[self._layer]
         if "disk" in remote.values():

@@ -178,9 +178,9 @@ def run_here(x2: torch.Tensor, w: dict, groups: list[ExpertGroup], out: torch.Te
                                      for g in groups])
 
 
-# the share of a split layer's experts a call is expected to touch from which all of them are
-# staged on the device and run as one grouped GEMM (engine/experts.py TieredExperts.stack;
-# the cost model prices such calls on the copy lane alone)
+# the share of a split layer's experts a block's GPU batches are expected to touch from which
+# all of them are staged on the device and run as one grouped GEMM (engine/experts.py
+# TieredExperts.stack; the cost model prices such calls on the copy lane alone)
 STAGE_ALL = 0.9
 
 def touches_nearly_all(spec: ModelSpec, rows: int) -> bool:

@@ -233,12 +233,13 @@ class UnitTerms:
         return terms
 
     def _stages_all(self, rows: int) -> bool:
-        """Whether the engine stages every expert of a GPU batch of `rows` tokens on the copy
+        """Whether the engine stages every expert for GPU batches of `rows` tokens on the copy
         lane (engine/experts.py stack): plain experts (silu-gated, no biases, not 4-bit) off
-        disk on a GPU, a call expected to touch STAGE_ALL of them, within the grouped GEMM's
-        workspace."""
+        disk on a GPU, the block's batches expected to touch STAGE_ALL of them, each call
+        within the grouped GEMM's workspace."""
+        block_rows = rows * self.p.num_gpu_batches
         return (self.cuda and not self.p.compress_weight and self.p.weights_disk == 0
-                and plain_experts(self.spec) and touches_nearly_all(self.spec, rows)
+                and plain_experts(self.spec) and touches_nearly_all(self.spec, block_rows)
                 and grouped_fits(self.spec, rows, self.e))
 
     def _weight_math(self, kind: int, rows: int) -> tuple[Lin, int]:
