@@ -12,14 +12,15 @@ from flexrun import LLM, Policy, SamplingParams
 GREEDY = SamplingParams(ignore_eos=True)
 
 
-def _split_qwen3_moe_run(tmp_path, batch: int = 2, batches: int = 2):
+def _split_qwen3_moe_run(tmp_path, batch: int = 2, batches: int = 2, prompts: int | None = None):
     """(tokens with experts 30/70 over gpu/cpu on the copy lane, the resident run's, the trace's
     span names, the lane stats, the off-device experts) of a random Qwen3-MoE, in blocks of
-    `batches` GPU batches of `batch` prompts."""
+    `batches` GPU batches of `batch` prompts (`prompts` of them: default a whole block)."""
     import json
     from families import save_family
     d = save_family("qwen3_moe", tmp_path / "m")
-    prompts = ragged_prompts(batch * batches, seed=5)
+    prompts = [p for seed in (5, 6) for p in ragged_prompts(8, seed=seed)][:prompts or
+                                                                            batch * batches]
     with LLM(str(d), device="cpu", policy="resident") as llm:
         ref = [o.output_ids for o in llm.generate(prompts, 6, GREEDY)]
     pol = Policy(gpu_batch_size=batch, num_gpu_batches=batches, weights_gpu=30,
@@ -98,21 +99,23 @@ def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkey
     assert any(n.endswith(" ahead") for n in spans)
 
 
-@pytest.mark.parametrize("batches,staged", [(1, False), (10, True)])
+@pytest.mark.parametrize("batches,prompts,staged", [(1, 1, False), (10, 10, True),
+                                                    (10, 8, False)])
 def test_a_block_of_small_batches_that_touches_all_experts_stages_them_all(
-        tmp_path, monkeypatch, batches, staged):
+        tmp_path, monkeypatch, batches, prompts, staged):
     """Decode calls of 1 row touch 2 of the random Qwen3-MoE's 8 experts; a block of 10 such
     GPU batches is expected to touch nearly all (STAGE_ALL: 94%): a staged expert serves the whole
     block, so each unit's first call stages all of them and every call runs one grouped GEMM
-    (no call routed expert by expert); a block of one batch keeps the per-expert route. The
-    tokens stay the resident run's."""
+    (no call routed expert by expert); a block of one batch keeps the per-expert route, and so
+    does a last block of 8 batches (8 rows touch 89.99%: the batches it holds count, not the
+    policy's). The tokens stay the resident run's."""
     from flexrun.engine import experts as engine_experts
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
     rows = []
     run = engine_experts.TieredExperts._run
     monkeypatch.setattr(engine_experts.TieredExperts, "_run",
                         lambda self, x2, *a: rows.append(x2.shape[0]) or run(self, x2, *a))
-    outs, ref, _, lane, away = _split_qwen3_moe_run(tmp_path, batch=1, batches=batches)
+    outs, ref, _, lane, away = _split_qwen3_moe_run(tmp_path, 1, batches, prompts)
     assert outs == ref
     decode_calls = [r for r in rows if r == 1]
     assert (decode_calls == []) == staged and (rows == []) == staged, rows

@@ -52,7 +52,7 @@ class TieredExperts:
     # stage every expert of a call expected to touch nearly all (stack); off when the
     # placement followed routing counts (the off-device experts are the cold ones)
     stage_all: bool = True
-    block_batches: int = 1                  # GPU batches per block (Policy.num_gpu_batches)
+    block_batches: int = 1                  # GPU batches of the block being run
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"

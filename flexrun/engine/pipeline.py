@@ -255,8 +255,7 @@ class Pipeline(HostTransfers, StepInputs):
         U = self.spec.num_units
         for bn, b in enumerate(batches):
             b.batch_no, b.time = bn, b.prompt_len
-        if self.graphs is not None:
-            self.graphs.new_block()
+        self.begin_block(batches)
         loads: dict[int, Future] = {}       # streamed units whose weights are on their way
         w = None
         try:
@@ -297,6 +296,14 @@ class Pipeline(HostTransfers, StepInputs):
             wait(list(loads.values()))
             loads.clear()
             w = None
+
+    def begin_block(self, batches: list[BatchState]) -> None:
+        """Fresh CUDA graph inputs, and the block's GPU batch count for the expert runner (a
+        last block may hold fewer)."""
+        if self.graphs is not None:
+            self.graphs.new_block()
+        if self.experts is not None:
+            self.experts.block_batches = len(batches)
 
     def _start_next(self, task: Task, loads: dict[int, Future], gen_len: int) -> None:
         """Start loading the next streamed unit after task's (in schedule order, the next

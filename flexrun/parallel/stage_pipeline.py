@@ -157,8 +157,7 @@ class StagePipeline(Pipeline):
     def run_block(self, batches: list[BatchState], max_new_tokens: int, sampler: Sampler,
                   on_step=None) -> None:
         run = _BlockRun(self, batches, max_new_tokens, sampler)
-        if self.graphs is not None:
-            self.graphs.new_block()
+        self.begin_block(batches)
         groups = split_groups(len(batches), self.comm.world)
         for step in range(max_new_tokens):
             run.sync_tokens(step)
