@@ -121,3 +121,27 @@ def test_a_block_of_small_batches_that_touches_all_experts_stages_them_all(
     assert (decode_calls == []) == staged and (rows == []) == staged, rows
     if staged:      # each off-device expert copied once per block and unit
         assert lane.copied % sum(len(es) for es in away.values()) == 0
+
+
+def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp_path,
+                                                                            monkeypatch):
+    """Staging every expert: once a unit's host experts were copied ahead, the next unit's
+    copies are queued when the unit starts (begin_unit), before its attention, not at its
+    first MoE call; the first MoE unit of a step (nothing copied ahead) queues them from its
+    first call. The tokens stay the resident run's."""
+    import sys
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
+    callers = []
+    nxt = engine_experts.TieredExperts._prefetch_next
+
+    def spy(self):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return nxt(self)
+    monkeypatch.setattr(engine_experts.TieredExperts, "_prefetch_next", spy)
+    outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
+    assert outs == ref
+    assert "begin_unit" in callers and "stack" in callers
+    assert sum(n.endswith(" ahead") for n in spans) > 0

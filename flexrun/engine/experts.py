@@ -80,6 +80,7 @@ class TieredExperts:
         self._reader = ThreadPoolExecutor(READERS, thread_name_prefix="flexrun-expert-reads") \
             if reads else None
         self._layer, self._held, self._batch = None, {}, 0
+        self._stages_all = False        # the last call staged every expert (or would have)
         self._ahead: dict[int, set[int]] = {}           # layer -> experts copied ahead
         self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
@@ -148,6 +149,10 @@ class TieredExperts:
         self._unused_ahead = self._ahead.pop(layer, set()) if layer in self.remote else set()
         if self.staging is not None and layer in self.remote:
             self.staging.begin_unit(layer)
+            # this unit's host experts already copied ahead: the next unit's copies queue
+            # now, not at the first MoE call (which waits for this unit's attention)
+            if self._stages_all and self.staging.staged >= self.remote[layer].keys():
+                self._prefetch_next()
 
     def runner(self, layer: int):
         """moe_mlp's runner for `layer` (this object: called with a batch's routed groups,
@@ -176,7 +181,8 @@ class TieredExperts:
         routing counts."""
         if self.staging is None or self.lanes == "cpu" or not self.stage_all:
             return None
-        if not touches_nearly_all(self.spec, tokens * self.block_batches):
+        self._stages_all = touches_nearly_all(self.spec, tokens * self.block_batches)
+        if not self._stages_all:
             return None
         remote = self.remote[self._layer]
         if "disk" in remote.values():
@@ -255,6 +261,7 @@ class TieredExperts:
             self.stats.disk_reads += 1
         if self.staging is not None and self.stage_all and self.lanes != "cpu" and \
                 touches_nearly_all(self.spec, x2.shape[0]):
+            self._stages_all = True
             self._prefetch_next()       # (a prefill call: the next unit's calls touch all;
             #                             queued after this batch's own copies)
         if self.staging is not None:
