@@ -8,7 +8,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from flexrun.config import FlexrunError, Policy, SamplingParams, parse_size
-from flexrun.engine.pipeline import BatchState, Pipeline
+from flexrun.engine.batch_state import BatchState
+from flexrun.engine.pipeline import Pipeline
 from flexrun.engine.requests import (RequestOutput, Sample, fit_positions,
                                      forced_requests, make_batch, params_per_prompt,
                                      progress_bar, prompt_logprob_list,

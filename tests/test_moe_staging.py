@@ -145,3 +145,39 @@ def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp
     assert outs == ref
     assert "begin_unit" in callers and "stack" in callers
     assert sum(n.endswith(" ahead") for n in spans) > 0
+
+
+@pytest.mark.parametrize("lanes", ["copy", "cpu"])
+def test_decode_attends_every_batch_before_the_moe_of_a_split_layer(tmp_path, monkeypatch,
+                                                                    lanes):
+    """Decode of a MoE layer with experts off the device: the attention of every GPU batch of
+    the block runs before any batch's MoE (so CPU attention does not wait behind the layer's
+    expert copies); the prefill keeps one batch at a time. The tokens stay the resident
+    run's, on either lane."""
+    from families import save_family
+    from flexrun.engine import pipeline as engine_pipeline
+    monkeypatch.setattr(engine_pipeline, "ATTEND_FIRST_ON_CPU", True)
+    calls = []
+    attention, post = engine_pipeline.Pipeline._attention, engine_pipeline.Pipeline._post_attn
+
+    def spy_attention(self, w, layer, b, prefill):
+        calls.append(("attn", layer, b.batch_no, prefill))
+        return attention(self, w, layer, b, prefill)
+
+    def spy_post(self, w, layer, h, attn):
+        calls.append(("mlp", layer, None, None))
+        return post(self, w, layer, h, attn)
+    monkeypatch.setattr(engine_pipeline.Pipeline, "_attention", spy_attention)
+    monkeypatch.setattr(engine_pipeline.Pipeline, "_post_attn", spy_post)
+    d = save_family("qwen3_moe", tmp_path / "m")
+    prompts = ragged_prompts(6, seed=2)
+    with LLM(str(d), device="cpu", policy="resident") as llm:
+        ref = [o.output_ids for o in llm.generate(prompts, 5, GREEDY)]
+    calls.clear()
+    pol = Policy(gpu_batch_size=2, num_gpu_batches=3, weights_gpu=30, weights_cpu=70,
+                 expert_lanes=lanes)
+    with LLM(str(d), device="cpu", policy=pol) as llm:
+        assert [o.output_ids for o in llm.generate(prompts, 5, GREEDY)] == ref
+    kinds = "".join("a" if c[0] == "attn" else "m" for c in calls)
+    assert "amamam" in kinds            # prefill: one batch at a time
+    assert "aaammm" in kinds            # decode: the block's attention, then its MoE

@@ -85,7 +85,8 @@ def test_key_range_matches_decode_mask():
     from types import SimpleNamespace
 
     from flexrun.engine.attention import decode_mask
-    from flexrun.engine.pipeline import BatchState, Pipeline
+    from flexrun.engine.batch_state import BatchState
+    from flexrun.engine.pipeline import Pipeline
     P, gen, t = 6, 4, 8
     valid = torch.zeros(3, P + gen, dtype=torch.bool)
     for row, pad in enumerate((0, 2, 5)):

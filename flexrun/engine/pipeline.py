@@ -10,7 +10,7 @@ import sys
 import traceback
 from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
@@ -30,54 +30,9 @@ from flexrun.engine.sampling import Sampler
 from flexrun.engine.rows import append_tokens, prompt_logprobs
 from flexrun.engine.schedule import Task, next_unit, zigzag
 from flexrun.engine.trace import Tracer
+from flexrun.engine.batch_state import BatchState
 
-
-@dataclass
-class BatchState:
-    """One GPU batch of the block: left-padded prompts and what has been generated."""
-    indices: list[int]                  # global prompt indices
-    ids: torch.Tensor                   # (b, P) prompt ids, left padded
-    valid: torch.Tensor                 # (b, P + gen) bool: real tokens
-    prompt_len: int
-    next_pos: torch.Tensor              # (b,) position of the next token
-    last: torch.Tensor | None = None    # (b, 1) last sampled token
-    hidden: object = None               # activation between units
-    outputs: list[list[int]] = field(default_factory=list)
-    done: list[bool] = field(default_factory=list)
-    batch_no: int = 0                   # index within the block (selects KV slots)
-    time: int = 0                       # cache index of the token fed in a decode step
-    padded: bool = True                 # some row is left padded (masks needed)
-    masks: dict = field(default_factory=dict)   # attention masks of the current step
-    pending: tuple | None = None        # a CUDA step's ids on their way to the host (_defer)
-    keep_logits: bool = False           # keep every prompt position's logits (scoring)
-    logits: torch.Tensor | None = None
-    finish: list = field(default_factory=list)      # per row: None, "stop" or "length"
-    logprobs: list | None = None        # per row: [(logprob, top ids, top logprobs)] per token
-    fork: torch.Tensor | None = None    # (rows,) the prefill row each row copies (n samples)
-    pre: torch.Tensor | None = None     # (prefill rows,) a row of each distinct prompt
-    prompt_lp_k: int | None = None      # prompt log-probabilities with the top k, if asked
-    prompt_lp: tuple | None = None      # (b, P-1) logprobs, (b, P-1, k) top ids, top logprobs
-
-    def __post_init__(self) -> None:
-        rows = len(self.indices)
-        self.finish = self.finish or [None] * rows
-        if self.logprobs is None:
-            self.logprobs = [[] for _ in range(rows)]
-
-    @property
-    def finished(self) -> bool:
-        return all(self.done)
-
-    def prefill_valid(self) -> torch.Tensor:
-        """valid of the prompt positions of the rows the prefill computes."""
-        v = self.valid[:, :self.prompt_len]
-        return v if self.pre is None else v[self.pre]
-
-    def key_start(self) -> torch.Tensor:
-        """(b,) each row's first key: its prompt begins after the left padding, and every
-        token sampled since is a key too (valid marks them, done rows included)."""
-        P = self.prompt_len
-        return P - self.valid[:, :P].sum(1)
+ATTEND_FIRST_ON_CPU = False     # tests: every batch's attention before the MoE on a CPU run too
 
 
 class Pipeline(HostTransfers, StepInputs):
@@ -186,6 +141,11 @@ class Pipeline(HostTransfers, StepInputs):
 
     # ---- one unit on one batch --------------------------------------------------------------
     def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
+        return self._post_attn(w, layer, *self._attention(w, layer, b, prefill))
+
+    def _attention(self, w: dict, layer: int, b: BatchState, prefill: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's input, its attention output) for batch b."""
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
         # q, k, v: (b, heads, s, hd)
@@ -200,7 +160,7 @@ class Pipeline(HostTransfers, StepInputs):
                 k, v = k.index_select(0, b.fork), v.index_select(0, b.fork)
             # a compressed slot's key groups leave out each row's left padding
             slot.write(k, v, 0, None if isinstance(slot, KVSlot) else b.key_start())
-            return self._post_attn(w, layer, h, attn)
+            return h, attn
         t0 = b.time
         host_attn = slot.on_host and (not self.cuda or self.policy.cpu_attention)
         if slot.tier == "gpu" and not slot.on_host:
@@ -234,7 +194,21 @@ class Pipeline(HostTransfers, StepInputs):
             attn = attend(q, torch.cat([K, k], 2), torch.cat([V, v], 2),
                           self._mask(b, self.device, False, win), opts=opts)
             slot.write(k, v, t0)
-        return self._post_attn(w, layer, h, attn)
+        return h, attn
+
+    def _attend_first(self, w: dict, task: Task, batches: list[BatchState]) -> dict[int, tuple]:
+        """Decode of a MoE layer with experts off the device: every batch's attention first
+        ({batch: (input, attention)}), then each batch's MoE. CPU attention waits for the
+        compute stream, so attention queued behind a MoE call would wait for that layer's
+        expert copies, and the next layer's copies for this layer's attention."""
+        layer = task.unit - 1
+        if task.prefill or self.experts is None or layer not in self.experts.remote or \
+                len(batches) < 2 or not (self.cuda or ATTEND_FIRST_ON_CPU):
+            return {}
+        with self.tracer.span(f"s{task.step} u{task.unit} attention", "compute",
+                              self.compute_stream if self.cuda else None):
+            return {i: self._attention(w, layer, b, False) for i, b in enumerate(batches)
+                    if not b.finished}
 
     def _post_attn(self, w: dict, layer: int, h: torch.Tensor, attn: torch.Tensor):
         runner = self.experts.runner(layer) if self.experts is not None else None
@@ -257,7 +231,7 @@ class Pipeline(HostTransfers, StepInputs):
             b.batch_no, b.time = bn, b.prompt_len
         self.begin_block(batches)
         loads: dict[int, Future] = {}       # streamed units whose weights are on their way
-        w = None
+        w, attended = None, {}
         try:
             for task in zigzag(max_new_tokens, U, len(batches)):
                 if task.first_batch:
@@ -269,11 +243,13 @@ class Pipeline(HostTransfers, StepInputs):
                         self.experts.begin_unit(task.unit - 1)
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
+                    attended = self._attend_first(w, task, batches)
                 b = batches[task.batch]
                 if not b.finished:
                     with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}",
                                           "compute", self.compute_stream if self.cuda else None):
-                        self._unit(w, task.unit, b, task.prefill, sampler)
+                        self._unit(w, task.unit, b, task.prefill, sampler,
+                                   attended.pop(task.batch, None))
                 if task.last_batch:
                     w = None
                     if task.unit == U - 1:
@@ -319,7 +295,8 @@ class Pipeline(HostTransfers, StepInputs):
         if nxt is not None and nxt not in loads and self.unit_tiers[nxt] != {"gpu"}:
             loads[nxt] = self._start_load(nxt)
 
-    def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler) -> None:
+    def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler,
+              attended: tuple | None = None) -> None:
         L = self.spec.num_layers
         if not prefill and self.graphs is not None and self.graphs.covers(u):
             return self._static_unit(w, u, b, sampler)
@@ -327,7 +304,8 @@ class Pipeline(HostTransfers, StepInputs):
             ids = b.last if not prefill else b.ids if b.pre is None else b.ids[b.pre]
             h = self.model.embed(w, ids, self._positions(b, prefill), self.dtype)
         elif u <= L:
-            h = self._layer(w, u - 1, b, prefill)
+            h = self._layer(w, u - 1, b, prefill) if attended is None else \
+                self._post_attn(w, u - 1, *attended)
         else:
             h = self._get_act(b.hidden)
             if prefill and b.keep_logits:

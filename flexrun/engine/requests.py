@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.config import FlexrunError, SamplingParams
-from flexrun.engine.pipeline import BatchState
+from flexrun.engine.batch_state import BatchState
 from flexrun.engine.sampling import Row, cut_at_stop
 
 

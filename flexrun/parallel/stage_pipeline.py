@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from flexrun.memory.storage import new_future
-from flexrun.engine.pipeline import BatchState, Pipeline
+from flexrun.engine.batch_state import BatchState
+from flexrun.engine.pipeline import Pipeline
 from flexrun.engine.sampling import Sampler
 from flexrun.plan.stages import split_groups
 

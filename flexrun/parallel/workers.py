@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from flexrun.config import FlexrunError
-from flexrun.engine.pipeline import BatchState
+from flexrun.engine.batch_state import BatchState
 from flexrun.engine.sampling import Sampler
 from flexrun.memory.disk import remove_stale_runs
 
