@@ -63,8 +63,11 @@ class WorkerGroup:
     def run_block(self, batches: list[BatchState], max_new_tokens: int, sampler: Sampler,
                   on_step=None) -> None:
         msg = ("block", ([_pack(b) for b in batches], max_new_tokens, sampler.config()))
-        for c in self.conns:
-            c.send(msg)
+        for r, c in enumerate(self.conns):
+            try:
+                c.send(msg)
+            except OSError:             # (a broken pipe: the stage is gone)
+                raise self._exited(r) from None
         replies = self._replies()
         for b, (outputs, done, finish, logprobs, prompt_lp, logits) in zip(
                 batches, replies[-1]["batches"]):
@@ -92,17 +95,24 @@ class WorkerGroup:
                 try:
                     kind, body = self.conns[r].recv()
                 except (EOFError, OSError):
-                    self.procs[r].join(1)
-                    raise FlexrunError(f"pipeline stage {r} exited unexpectedly (exit code "
-                                       f"{self.procs[r].exitcode})") from None
+                    raise self._exited(r) from None
                 if kind == "error":
                     self.broken = True
                     message, user_error = body
                     if user_error:
                         raise FlexrunError(message)
+                    # a stage whose peer died fails on the lost connection: name the dead one
+                    dead = [d for d, p in enumerate(self.procs) if d != r and not p.is_alive()]
+                    if dead:
+                        raise self._exited(dead[0]) from None
                     raise RuntimeError(f"pipeline stage {r} failed:\n{message}")
                 out[r] = body
         return out
+
+    def _exited(self, r: int) -> FlexrunError:
+        self.procs[r].join(1)
+        return FlexrunError(f"pipeline stage {r} exited unexpectedly (exit code "
+                            f"{self.procs[r].exitcode})")
 
     def close(self, wait: float = 30.0) -> None:
         """Stop the workers (they remove their offload files); kill any that hang."""
