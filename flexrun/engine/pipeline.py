@@ -203,7 +203,8 @@ class Pipeline(HostTransfers, StepInputs):
         expert copies, and the next layer's copies for this layer's attention."""
         layer = task.unit - 1
         if task.prefill or self.experts is None or layer not in self.experts.remote or \
-                len(batches) < 2 or not (self.cuda or ATTEND_FIRST_ON_CPU):
+                len(batches) < 2 or not (self.cuda or ATTEND_FIRST_ON_CPU) or \
+                (self.graphs is not None and self.graphs.covers(task.unit)):
             return {}
         with self.tracer.span(f"s{task.step} u{task.unit} attention", "compute",
                               self.compute_stream if self.cuda else None):
