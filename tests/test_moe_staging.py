@@ -126,7 +126,7 @@ def test_a_block_of_small_batches_that_touches_all_experts_stages_them_all(
 def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp_path,
                                                                             monkeypatch):
     """Staging every expert: once a unit's host experts were copied ahead, the next unit's
-    copies are queued when the unit starts (begin_unit), before its attention, not at its
+    copies are queued when the unit starts (copy_ahead), before its attention, not at its
     first MoE call; the first MoE unit of a step (nothing copied ahead) queues them from its
     first call. The tokens stay the resident run's."""
     import sys
@@ -143,7 +143,7 @@ def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp
     monkeypatch.setattr(engine_experts.TieredExperts, "_prefetch_next", spy)
     outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
     assert outs == ref
-    assert "begin_unit" in callers and "stack" in callers
+    assert "copy_ahead" in callers and "stack" in callers
     assert sum(n.endswith(" ahead") for n in spans) > 0
 
 

@@ -149,10 +149,15 @@ class TieredExperts:
         self._unused_ahead = self._ahead.pop(layer, set()) if layer in self.remote else set()
         if self.staging is not None and layer in self.remote:
             self.staging.begin_unit(layer)
-            # this unit's host experts already copied ahead: the next unit's copies queue
-            # now, not at the first MoE call (which waits for this unit's attention)
-            if self._stages_all and self.staging.staged >= self.remote[layer].keys():
-                self._prefetch_next()
+
+    def copy_ahead(self) -> None:
+        """Once the current unit's host experts came ahead: queue the next unit's copies now
+        (called as the unit starts, after its own activation and weight loads are queued),
+        not at its first MoE call, which waits for the unit's attention."""
+        layer = self._layer
+        if self.staging is not None and layer in self.remote and self._stages_all and \
+                self.staging.staged >= self.remote[layer].keys():
+            self._prefetch_next()
 
     def runner(self, layer: int):
         """moe_mlp's runner for `layer` (this object: called with a batch's routed groups,

@@ -244,6 +244,8 @@ class Pipeline(HostTransfers, StepInputs):
                         self.experts.begin_unit(task.unit - 1)
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
+                    if self.experts is not None:
+                        self.experts.copy_ahead()
                     attended = self._attend_first(w, task, batches)
                 b = batches[task.batch]
                 if not b.finished:

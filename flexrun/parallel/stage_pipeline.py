@@ -219,6 +219,8 @@ class _BlockRun:
                 live.append(m)
         if not live:
             return
+        if p.experts is not None:   # the group's batches share each unit's staged experts
+            p.experts.block_batches = len(live)
         last = len(p.units) - 1
         for i, u in enumerate(p.units):
             w = p._wait_load(self.weights, u)

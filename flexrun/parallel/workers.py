@@ -98,18 +98,35 @@ class WorkerGroup:
                     raise self._exited(r) from None
                 if kind == "error":
                     self.broken = True
+                    r, body = self._cause(r, body, out)
                     message, user_error = body
                     if user_error:
                         raise FlexrunError(message)
-                    # a stage whose peer died fails on the lost connection: name the dead one
-                    dead = [d for d, p in enumerate(self.procs) if d != r and not p.is_alive()]
-                    if dead:
-                        raise self._exited(dead[0]) from None
                     raise RuntimeError(f"pipeline stage {r} failed:\n{message}")
                 out[r] = body
         return out
 
+    def _cause(self, r: int, body, out: list) -> tuple[int, tuple]:
+        """(stage, error) to report when stage r failed: a stage fails on the connection a
+        failed or dead peer lost, so a peer's own error waiting to be read comes first, then a
+        peer that died without one."""
+        for d, c in enumerate(self.conns):
+            if d != r and out[d] is None and c.poll():
+                try:
+                    kind, reply = c.recv()
+                except (EOFError, OSError):
+                    raise self._exited(d) from None
+                if kind == "error":
+                    return d, reply
+                out[d] = reply
+        dead = [d for d, p in enumerate(self.procs) if d != r and out[d] is None
+                and not p.is_alive()]
+        if dead:
+            raise self._exited(dead[0])
+        return r, body
+
     def _exited(self, r: int) -> FlexrunError:
+        self.broken = True          # the other stages may wait on the dead one: no waiting
         self.procs[r].join(1)
         return FlexrunError(f"pipeline stage {r} exited unexpectedly (exit code "
                             f"{self.procs[r].exitcode})")

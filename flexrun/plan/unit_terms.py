@@ -192,7 +192,8 @@ class UnitTerms:
         CPU lane at once (cpu_lane bytes/s), or the CPU lane alone. q_math, params: the
         layer's compressed-weight math and plain GEMM parameters (_weight_math)."""
         m, k = self.moe, self.p.num_gpu_batches
-        moved = m.moved_share(rows * k)
+        # staging every expert copies each host one, touched or not
+        moved = 1.0 if self._stages_all(rows) else m.moved_share(rows * k)
         wb = self.unit_bytes[1] * moved
         dense_b = self.unit_bytes[1] * m.dense_bytes / (m.dense_bytes
                                                         + m.experts * m.expert_bytes)
