@@ -184,7 +184,7 @@ class TieredExperts:
         out), and the later calls copy nothing. None otherwise: on the CPU lane alone, with
         experts on disk (their reads overlap the GEMMs in the per-expert path) or placed by
         routing counts."""
-        if self.staging is None or self.lanes == "cpu" or not self.stage_all:
+        if not self._can_stage_all:
             return None
         self._stages_all = touches_nearly_all(self.spec, tokens * self.block_batches)
         if not self._stages_all:
@@ -206,6 +206,11 @@ class TieredExperts:
         self._prefetch_next()
         self._batch += 1
         return self.staging.ready()
+
+    @property
+    def _can_stage_all(self) -> bool:
+        """Staging slots, on the copy lane, not placed by routing counts."""
+        return self.staging is not None and self.lanes != "cpu" and self.stage_all
 
     def _prefetch_next(self) -> None:
         """Start copying the host experts of the next MoE unit with off-device experts into
@@ -264,8 +269,7 @@ class TieredExperts:
         for e, job in reading.items():
             copy(e, job.result())
             self.stats.disk_reads += 1
-        if self.staging is not None and self.stage_all and self.lanes != "cpu" and \
-                touches_nearly_all(self.spec, x2.shape[0]):
+        if self._can_stage_all and touches_nearly_all(self.spec, x2.shape[0]):
             self._stages_all = True
             self._prefetch_next()       # (a prefill call: the next unit's calls touch all;
             #                             queued after this batch's own copies)

@@ -70,8 +70,7 @@ class Pipeline(HostTransfers, StepInputs):
         self.experts = TieredExperts(spec, weights, device, dtype, policy.expert_lanes,
                                      tracer=tracer, weight_stream=self.weight_stream,
                                      compute_stream=self.compute_stream,
-                                     mapped=self.maps_disk,
-                                     block_batches=policy.num_gpu_batches) \
+                                     mapped=self.maps_disk) \
             if spec.num_experts else None
         away = set().union(*(self.experts.remote_names(u - 1) for u in self.units)) \
             if self.experts is not None else set()     # routed experts load on demand
