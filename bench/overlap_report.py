@@ -17,6 +17,7 @@ import re
 from collections import defaultdict
 
 _COMPUTE = re.compile(r"s(\d+) u(\d+) b(\d+)$")
+_STEP = re.compile(r"s(\d+) u(\d+) ")
 _H2D = re.compile(r"h2d w(\d+)$")
 
 
@@ -63,7 +64,44 @@ def report(path: str) -> dict:
     units = {u: {"compute_ms": a[0] / a[2], "idle_before_ms": a[1] / a[2],
                  "h2d_ms": sum(copy_of[u]) / len(copy_of[u]) if copy_of[u] else 0.0}
              for u, a in sorted(per_unit.items())}
-    return {"steps": rows, "units": units}
+    return {"steps": rows, "units": units, "tracks": track_busy(path)}
+
+
+def _union_ms(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Time within [lo, hi) covered by at least one span (overlapping spans count once)."""
+    total, end = 0.0, lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in spans if b > lo and a < hi):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def track_busy(path: str) -> list[dict]:
+    """Per decode step of the last block: its wall time and each track's busy time in it
+    (expert copies, CPU attention, CPU experts, compute...): a step near the sum of two
+    tracks' times rather than the larger one runs them one after the other."""
+    ev = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+    marks = sorted((e["ts"], e["ts"] + e["dur"], *map(int, m.groups()))
+                   for e in ev if (m := _STEP.match(e["name"] + " ")))
+    starts = [i for i, c in enumerate(marks) if c[2] == 0 and c[3] == 0]
+    marks = marks[starts[-1]:] if starts else marks
+    windows: dict[int, list[float]] = {}
+    for a, b, step, _ in marks:
+        w = windows.setdefault(step, [a, b])
+        w[0], w[1] = min(w[0], a), max(w[1], b)
+    names = {e["tid"]: e["args"]["name"] for e in json.load(open(path))["traceEvents"]
+             if e.get("ph") == "M"}
+    by_track: dict[str, list] = defaultdict(list)
+    for e in ev:
+        by_track[names.get(e["tid"], str(e["tid"]))].append((e["ts"], e["ts"] + e["dur"]))
+    rows = []
+    for step, (lo, hi) in sorted(windows.items()):
+        if step < 1:
+            continue
+        rows.append({"step": step, "wall_ms": (hi - lo) / 1e3,
+                     **{t: round(_union_ms(sp, lo, hi), 2) for t, sp in sorted(by_track.items())}})
+    return rows
 
 
 def main() -> None:
@@ -79,6 +117,9 @@ def main() -> None:
     print(f"{'unit':>4} {'compute':>9} {'idle before':>12} {'h2d':>9}")
     for u, x in r["units"].items():
         print(f"{u:>4} {x['compute_ms']:>9.3f} {x['idle_before_ms']:>12.3f} {x['h2d_ms']:>9.3f}")
+    for row in r["tracks"]:
+        print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in row.items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)

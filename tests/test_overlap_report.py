@@ -1,0 +1,31 @@
+"""bench.overlap_report: per-step busy time of each track, overlapping spans counted once."""
+import json
+
+from bench.overlap_report import track_busy
+
+
+def _trace(tmp_path, spans):
+    tracks = sorted({t for _, t, _, _ in spans})
+    ev = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": i, "args": {"name": t}}
+          for i, t in enumerate(tracks)]
+    ev += [{"name": n, "ph": "X", "pid": 0, "tid": tracks.index(t), "ts": a, "dur": b - a}
+           for n, t, a, b in spans]
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"traceEvents": ev}))
+    return str(p)
+
+
+def test_track_busy_counts_overlaps_once_per_step(tmp_path):
+    path = _trace(tmp_path, [
+        ("s0 u0 b0", "compute", 0, 1000),                 # prefill: not reported
+        ("s1 u0 attention", "compute", 2000, 3000),
+        ("s1 u0 b0", "compute", 3000, 4000),
+        ("h2d experts l0 x5", "expert-copies", 2000, 3500),
+        ("h2d experts l0 x3 ahead", "expert-copies", 3200, 3800),   # overlaps the one above
+        ("attn l0", "cpu-attn", 9000, 9500),               # outside every step's window
+        ("s2 u0 b0", "compute", 5000, 5500)])
+    rows = track_busy(path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["wall_ms"] == 2.0
+    assert rows[0]["expert-copies"] == 1.8 and rows[0]["compute"] == 2.0
+    assert rows[0]["cpu-attn"] == 0.0 and rows[1]["expert-copies"] == 0.0
