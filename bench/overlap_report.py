@@ -78,7 +78,7 @@ def _union_ms(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
 
 
 def track_busy(path: str) -> list[dict]:
-    """Per decode step of the last block: its wall time and each track's busy time in it
+    """Per step of the last block (0: its prefill): its wall time and each track's busy time in it
     (expert copies, CPU attention, CPU experts, compute...): a step near the sum of two
     tracks' times rather than the larger one runs them one after the other."""
     ev = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
@@ -97,8 +97,6 @@ def track_busy(path: str) -> list[dict]:
         by_track[names.get(e["tid"], str(e["tid"]))].append((e["ts"], e["ts"] + e["dur"]))
     rows = []
     for step, (lo, hi) in sorted(windows.items()):
-        if step < 1:
-            continue
         rows.append({"step": step, "wall_ms": (hi - lo) / 1e3,
                      **{t: round(_union_ms(sp, lo, hi), 2) for t, sp in sorted(by_track.items())}})
     return rows

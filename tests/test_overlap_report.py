@@ -17,7 +17,7 @@ def _trace(tmp_path, spans):
 
 def test_track_busy_counts_overlaps_once_per_step(tmp_path):
     path = _trace(tmp_path, [
-        ("s0 u0 b0", "compute", 0, 1000),                 # prefill: not reported
+        ("s0 u0 b0", "compute", 0, 1000),                 # the prefill
         ("s1 u0 attention", "compute", 2000, 3000),
         ("s1 u0 b0", "compute", 3000, 4000),
         ("h2d experts l0 x5", "expert-copies", 2000, 3500),
@@ -25,7 +25,8 @@ def test_track_busy_counts_overlaps_once_per_step(tmp_path):
         ("attn l0", "cpu-attn", 9000, 9500),               # outside every step's window
         ("s2 u0 b0", "compute", 5000, 5500)])
     rows = track_busy(path)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["wall_ms"] == 2.0
-    assert rows[0]["expert-copies"] == 1.8 and rows[0]["compute"] == 2.0
-    assert rows[0]["cpu-attn"] == 0.0 and rows[1]["expert-copies"] == 0.0
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["wall_ms"] == 1.0 and rows[0]["expert-copies"] == 0.0
+    assert rows[1]["wall_ms"] == 2.0
+    assert rows[1]["expert-copies"] == 1.8 and rows[1]["compute"] == 2.0
+    assert rows[1]["cpu-attn"] == 0.0 and rows[2]["expert-copies"] == 0.0
