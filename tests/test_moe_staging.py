@@ -153,16 +153,24 @@ def test_decode_attends_every_batch_before_the_moe_of_a_split_layer(tmp_path, mo
     """Decode of a MoE layer with experts off the device: the attention of every GPU batch of
     the block runs before any batch's MoE (so CPU attention does not wait behind the layer's
     expert copies); the prefill keeps one batch at a time. The tokens stay the resident
-    run's, on either lane."""
+    run's, on either lane. The next unit's expert copies queue after the attention (an H2D
+    copy of an attention output queued behind them would wait for them)."""
     from families import save_family
+    from flexrun.engine import experts as engine_experts
     from flexrun.engine import pipeline as engine_pipeline
     monkeypatch.setattr(engine_pipeline, "ATTEND_FIRST_ON_CPU", True)
     calls = []
     attention, post = engine_pipeline.Pipeline._attention, engine_pipeline.Pipeline._post_attn
+    ahead = engine_experts.TieredExperts.copy_ahead
 
-    def spy_attention(self, w, layer, b, prefill):
+    def spy_ahead(self):
+        calls.append(("ahead", None, None, None))
+        return ahead(self)
+    monkeypatch.setattr(engine_experts.TieredExperts, "copy_ahead", spy_ahead)
+
+    def spy_attention(self, w, layer, b, prefill, **kw):
         calls.append(("attn", layer, b.batch_no, prefill))
-        return attention(self, w, layer, b, prefill)
+        return attention(self, w, layer, b, prefill, **kw)
 
     def spy_post(self, w, layer, h, attn):
         calls.append(("mlp", layer, None, None))
@@ -178,6 +186,6 @@ def test_decode_attends_every_batch_before_the_moe_of_a_split_layer(tmp_path, mo
                  expert_lanes=lanes)
     with LLM(str(d), device="cpu", policy=pol) as llm:
         assert [o.output_ids for o in llm.generate(prompts, 5, GREEDY)] == ref
-    kinds = "".join("a" if c[0] == "attn" else "m" for c in calls)
-    assert "amamam" in kinds            # prefill: one batch at a time
-    assert "aaammm" in kinds            # decode: the block's attention, then its MoE
+    kinds = "".join({"attn": "a", "mlp": "m", "ahead": "c"}[c[0]] for c in calls)
+    assert "camamam" in kinds           # prefill: one batch at a time
+    assert "aaacmmm" in kinds           # decode: the block's attention, its copies, its MoE

@@ -66,11 +66,26 @@ class HostTransfers:
             value = out
         return value.to(self.device, non_blocking=True)
 
+    def _attn_to_device(self, host: torch.Tensor, aside: bool) -> torch.Tensor:
+        """A CPU attention output back on the GPU. aside (decode of a MoE layer, every batch's
+        attention first): on the attention-output stream, so that the next batch's q/k/v
+        projection does not wait behind this copy, which itself waits behind any expert
+        copies queued before it on the copy engine; the compute stream waits for the
+        attention-output stream before the layer's MoE (Pipeline._attend_first)."""
+        if not aside:
+            return host.to(self.device, non_blocking=True)
+        dev = torch.empty_like(host, device=self.device)    # ordered on the compute stream
+        self.attn_out_stream.wait_stream(self.compute_stream)
+        with torch.cuda.stream(self.attn_out_stream):
+            dev.copy_(host, non_blocking=True)
+        return dev
+
     def _host_buffer(self, name: str, batch_no: int, like: torch.Tensor) -> torch.Tensor:
         """A pinned host buffer shaped like `like`, reused per (name, GPU batch): fresh pinned
         tensors per call cost a pinned-allocator round trip each (~2.5 ms on the H100 host).
         q/k/v and attention-output buffers are written by the host only after `_to_host` has
-        synchronized the compute stream, which holds their previous copies; activation
+        synchronized the compute stream, which holds their previous copies (or waited for
+        the attention-output stream that holds them before the MoE); activation
         buffers are ordered by the streams (see _put_act)."""
         key = (name, batch_no)
         buf = self._host_bufs.get(key)

@@ -152,8 +152,9 @@ class TieredExperts:
 
     def copy_ahead(self) -> None:
         """Once the current unit's host experts came ahead: queue the next unit's copies now
-        (called as the unit starts, after its own activation and weight loads are queued),
-        not at its first MoE call, which waits for the unit's attention."""
+        (called as the unit starts, after its own activation and weight loads and, when its
+        batches attend first, their attention outputs' copies are queued: an H2D copy queued
+        behind ~1 GB of experts waits for them), not at its first MoE call."""
         layer = self._layer
         if self.staging is not None and layer in self.remote and self._stages_all and \
                 self.staging.staged >= self.remote[layer].keys():

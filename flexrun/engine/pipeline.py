@@ -60,6 +60,7 @@ class Pipeline(HostTransfers, StepInputs):
         self._arenas, self._loads = (Arena(), Arena()), 0  # disk weight reads, CPU runs
         sys.setswitchinterval(5e-4)     # hand the GIL to I/O threads promptly
         self.compute_stream = self.weight_stream = self.store_stream = None
+        self.attn_out_stream = None
         if self.cuda:
             # cuDNN's SDPA builds an execution plan for every new key length: one per decode
             # step (~80 ms each on the H100). Flash / memory-efficient kernels need none.
@@ -67,6 +68,7 @@ class Pipeline(HostTransfers, StepInputs):
             self.compute_stream = torch.cuda.current_stream(device)
             self.weight_stream = torch.cuda.Stream(device)
             self.store_stream = torch.cuda.Stream(device)
+            self.attn_out_stream = torch.cuda.Stream(device)
         self.experts = TieredExperts(spec, weights, device, dtype, policy.expert_lanes,
                                      tracer=tracer, weight_stream=self.weight_stream,
                                      compute_stream=self.compute_stream,
@@ -142,9 +144,10 @@ class Pipeline(HostTransfers, StepInputs):
     def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
         return self._post_attn(w, layer, *self._attention(w, layer, b, prefill))
 
-    def _attention(self, w: dict, layer: int, b: BatchState, prefill: bool
+    def _attention(self, w: dict, layer: int, b: BatchState, prefill: bool, aside: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the layer's input, its attention output) for batch b."""
+        """(the layer's input, its attention output) for batch b; aside: a CPU attention
+        output comes back on the attention-output stream (_attend_first)."""
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
         # q, k, v: (b, heads, s, hd)
@@ -183,7 +186,7 @@ class Pipeline(HostTransfers, StepInputs):
                     attn = attend(q, K, V, self._mask(b, cpu, False, win), opts=opts)
             if self.cuda:
                 attn = self._host_buffer("attn", b.batch_no, attn).copy_(attn)
-                attn = attn.to(self.device, non_blocking=True)
+                attn = self._attn_to_device(attn, aside)
         elif not isinstance(slot, KVSlot):  # compressed: the step's write may quantize a
             slot.write(k, v, t0)            # key group, as on the other tiers
             attn = attend_stored(q, slot, t0 + 1, self._key_range(b), lambda: self._mask(
@@ -207,8 +210,11 @@ class Pipeline(HostTransfers, StepInputs):
             return {}
         with self.tracer.span(f"s{task.step} u{task.unit} attention", "compute",
                               self.compute_stream if self.cuda else None):
-            return {i: self._attention(w, layer, b, False) for i, b in enumerate(batches)
-                    if not b.finished}
+            out = {i: self._attention(w, layer, b, False, aside=self.cuda)
+                   for i, b in enumerate(batches) if not b.finished}
+            if self.cuda:
+                self.compute_stream.wait_stream(self.attn_out_stream)
+        return out
 
     def _post_attn(self, w: dict, layer: int, h: torch.Tensor, attn: torch.Tensor):
         runner = self.experts.runner(layer) if self.experts is not None else None
@@ -243,9 +249,9 @@ class Pipeline(HostTransfers, StepInputs):
                         self.experts.begin_unit(task.unit - 1)
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
-                    if self.experts is not None:
-                        self.experts.copy_ahead()
                     attended = self._attend_first(w, task, batches)
+                    if self.experts is not None:    # behind the attention outputs' copies
+                        self.experts.copy_ahead()
                 b = batches[task.batch]
                 if not b.finished:
                     with self.tracer.span(f"s{task.step} u{task.unit} b{task.batch}",
