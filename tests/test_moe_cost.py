@@ -147,3 +147,24 @@ def test_cost_model_charges_the_routing_sync_of_expert_by_expert_calls():
         extra = comp[1] - comp[0]
         want = spec.num_layers * n * 1e-3 * 0.8
         assert (extra >= want * 0.99) == charged, (b, n, extra, want)
+
+
+def test_grouped_expert_rate_bounds_the_experts_gpu_time():
+    """A decode call over staged (or resident) experts runs the grouped GEMMs, which read every
+    touched expert's weights once: with the profile's gpu_expert_bw the call costs at least
+    those bytes over that rate, per GPU batch; calls routed expert by expert do not use it."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
+    spec = dummy_spec("qwen3-30b-a3b")
+    prof = replace(HardwareProfile.load(PROFILES_DIR / "h100.json"), gpu_expert_bw=None)
+    off = dict(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    expert_bytes = 3 * spec.hidden_size * spec.expert_ffn_dim * 2
+    for (b, n), grouped in (((64, 4), True), ((128, 2), True), ((2, 4), False)):
+        pol = Policy(gpu_batch_size=b, num_gpu_batches=n, **off)
+        comp = [predict(spec, pol, replace(prof, gpu_expert_bw=bw), 512, 32, b * n, "cuda",
+                        2).breakdown["decode"]["compute"] for bw in (None, 1e11)]
+        extra = comp[1] - comp[0]
+        floor = spec.num_layers * n * 100 * expert_bytes / 1e11    # >= 100 experts a call
+        assert (extra >= 0.5 * floor) == grouped, (b, n, extra, floor)

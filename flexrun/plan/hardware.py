@@ -51,6 +51,8 @@ class HardwareProfile:
     gpu_graph_unit_overhead: float | None = None  # the same unit replayed from a CUDA graph
     gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
     gpu_w4_flops: float | None = None        # ... plus FLOP/s per row (dequant_triton)
+    gpu_expert_bw: float | None = None       # weight bytes/s of a MoE layer's grouped GEMMs
+    #                                          over every expert at decode rows (4 per expert)
     # CPU compute (fp32; bf16 where measured: CPUs with AVX512-BF16 / AMX run it ~3x faster)
     cpu_flops_decode: float | None = None
     cpu_flops_prefill: float | None = None
@@ -336,6 +338,8 @@ def format_profile(p: HardwareProfile) -> str:
              if p.cpu_attn_bw_with_h2d else "-"),
             ("CPU expert GEMM (fp16, 8 rows)", _fmt(p.cpu_expert_bw, "B/s")
              if p.cpu_expert_bw else "-"),
+            ("GPU grouped expert GEMMs (fp16, 4 rows each)", _fmt(p.gpu_expert_bw, "B/s")
+             if p.gpu_expert_bw else "-"),
             ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "
                                                        f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),

@@ -16,8 +16,8 @@ from flexrun.config import FlexrunError
 from flexrun.engine.budget import cuda_context_bytes, rss_anon
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
                                  decode_rates, disk_rates, dram_shapes, expert_bw, gemm_rates,
-                                 prefill_rate, qattn_bw, read_bw, unit_overhead,
-                                 w4_rates)
+                                 grouped_expert_bw, prefill_rate, qattn_bw, read_bw,
+                                 unit_overhead, w4_rates)
 
 if TYPE_CHECKING:
     from flexrun.plan.hardware import HardwareProfile
@@ -117,6 +117,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     big = dram_shapes(((8, 32, 512, 128),), prof.notes["cpu_gemm_stream_bytes"], 2)[0]
     prof.cpu_attn_bw_with_h2d = attn_bw_with_h2d(dev, prof.cpu_attn_bw, big)
     prof.gpu_w4_bw, prof.gpu_w4_flops = w4_rates(dev) or (None, None)
+    prof.gpu_expert_bw = grouped_expert_bw(dev, sync)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 

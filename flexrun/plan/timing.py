@@ -261,6 +261,22 @@ def expert_bw(dtype: torch.dtype, rows: int = 8, hidden: int = 4096, ffn: int = 
     return (gu.numel() + down.numel()) * gu.element_size() / best_time(run, reps=3)
 
 
+def grouped_expert_bw(device: torch.device, sync, experts: int = 128, hidden: int = 2048,
+                      ffn: int = 768, rows_each: int = 4) -> float:
+    """Weight bytes/s of a MoE layer's two grouped GEMMs (models/moe_grouped.grouped_mlp, the
+    kernel a run picks) over every expert with `rows_each` rows: a decode call of staged or
+    resident experts reads each expert's weights once for a few rows (Qwen3-30B-A3B's shape,
+    64 rows x top-8 over 128 experts)."""
+    from flexrun.models.moe_grouped import grouped_mlp
+    dt = torch.float16
+    w1 = torch.randn(experts, 2 * ffn, hidden, device=device, dtype=dt) * 0.02
+    w2 = torch.randn(experts, hidden, ffn, device=device, dtype=dt) * 0.02
+    xs = torch.randn(experts * rows_each, hidden, device=device, dtype=dt)
+    offs = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * rows_each
+    t = best_time(lambda: grouped_mlp(xs, w1, w2, offs), sync=sync)
+    return (w1.numel() + w2.numel()) * w1.element_size() / t
+
+
 def copy_bw(src: torch.Tensor, dst: torch.Tensor, sync) -> float:
     return src.numel() * src.element_size() / best_time(lambda: dst.copy_(src), sync=sync)
 

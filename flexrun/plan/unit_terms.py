@@ -96,6 +96,7 @@ class UnitTerms:
             and prof.gpu_w4_flops else None
         self.moe = moe_layer(spec, policy, elem)
         # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
+        self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
         self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
             policy.expert_lanes != "copy" else 0.0
 
@@ -221,9 +222,13 @@ class UnitTerms:
         if q:       # the 4-bit math of the dense terms covers every expert: the touched only
             plain -= (1 - n / m.experts) * all_experts / q * q_math
         if params >= all_experts and (not q or params == self.unit_params[1]):
-            # the experts multiply as plain GEMMs: each touched one over its rows
-            plain += k * (gemm(rows, params - all_experts) - gemm(rows, params)
-                          + n * gemm(max(int(round(per)), 1), m.expert_params))
+            # the experts multiply as plain GEMMs: each touched one over its rows; in the
+            # grouped GEMMs (staged or resident experts) at least at the profile's rate of
+            # reading every touched expert's weights once per call
+            experts_s = n * gemm(max(int(round(per)), 1), m.expert_params)
+            if self.expert_bw and not q and (self._stages_all(rows) or self.p.weights_gpu >= 100):
+                experts_s = max(experts_s, n * m.expert_params * self.e / self.expert_bw)
+            plain += k * (gemm(rows, params - all_experts) - gemm(rows, params) + experts_s)
         terms["compute"] = add_exprs(terms["compute"], lin_expr(plain))
         if self.cuda and not prefill and not self._stages_all(rows):
             # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
