@@ -39,70 +39,11 @@ from flexrun import LLM, Policy, SamplingParams
 from flexrun.cli.eval_ppl import decode_terms, perplexity_terms
 from flexrun.models.loader import open_checkpoint, resolve_named
 
+from bench.accuracy_paths import SPLIT, VARIANTS, Variant  # noqa: F401  (re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_ch1.txt"
 BLOCK = dict(gpu_batch_size=4, num_gpu_batches=2)
-SPLIT = dict(weights_gpu=30, weights_cpu=40, weights_disk=30, cache_gpu=30, cache_cpu=40,
-             cache_disk=30, act_gpu=30, act_cpu=40, act_disk=30)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One execution path: Policy overrides on top of BLOCK.
-
-    host_noop: with --device cpu the compute device *is* host memory ("gpu" = "cpu" tier), so
-    this path runs exactly the resident code and is skipped unless --all-paths."""
-    name: str
-    overrides: dict
-    host_noop: bool = False
-
-
-VARIANTS = [
-    Variant("weights on cpu", dict(weights_gpu=0, weights_cpu=100), host_noop=True),
-    Variant("weights on disk", dict(weights_gpu=0, weights_disk=100)),
-    Variant("KV cache on cpu", dict(cache_gpu=0, cache_cpu=100), host_noop=True),
-    Variant("KV cache on cpu + cpu attention", dict(cache_gpu=0, cache_cpu=100,
-                                                    cpu_attention=True), host_noop=True),
-    Variant("KV cache on disk", dict(cache_gpu=0, cache_disk=100)),
-    Variant("activations on cpu", dict(act_gpu=0, act_cpu=100), host_noop=True),
-    Variant("activations on disk", dict(act_gpu=0, act_disk=100)),
-    Variant("weights+KV+act 30/40/30 gpu/cpu/disk", SPLIT),
-    Variant("compress weight, rtn (FlexGen)", dict(compress_weight=True, weight_scheme="rtn")),
-    Variant("compress weight, hqq", dict(compress_weight=True, weight_scheme="hqq")),
-    Variant("compress weight, synth (default)", dict(compress_weight=True,
-                                                     weight_scheme="synth")),
-    # groups of 32 along the input dim = the GGUF's Q4_1 blocks (same min/scale scheme)
-    Variant("compress weight, g32", dict(compress_weight=True, quant_group=32)),
-    # the cache in groups of 64 (the earlier default), then of 32 (the default)
-    Variant("compress cache, per_token (FlexGen), window 0",
-            dict(compress_cache=True, cache_scheme="per_token", cache_group=64, cache_window=0,
-                 cache_sink=0)),
-    Variant("compress cache, per_token, window 64",
-            dict(compress_cache=True, cache_scheme="per_token", cache_group=64,
-                 cache_window=64)),
-    Variant("compress cache, kivi, window 0, no sink",
-            dict(compress_cache=True, cache_group=64, cache_window=0, cache_sink=0)),
-    Variant("compress cache, kivi, window 0",
-            dict(compress_cache=True, cache_group=64, cache_window=0)),
-    Variant("compress cache, kivi, window 32",
-            dict(compress_cache=True, cache_group=64, cache_window=32)),
-    Variant("compress cache, kivi, window 64",
-            dict(compress_cache=True, cache_group=64, cache_window=64)),
-    Variant("compress cache, kivi, window 128",
-            dict(compress_cache=True, cache_group=64, cache_window=128)),
-    Variant("compress cache, kivi g32, window 0",
-            dict(compress_cache=True, cache_group=32, cache_window=0)),
-    Variant("compress cache, kivi g32, window 32 (default)", dict(compress_cache=True)),
-    # how far greedy agreement moves under a far smaller error: 8-bit codes
-    Variant("compress cache, kivi 8-bit, window 0, no sink",
-            dict(compress_cache=True, quant_bits=8, cache_group=64, cache_window=0,
-                 cache_sink=0)),
-    Variant("compress weight + cache, FlexGen (rtn + per_token, window 0)",
-            dict(compress_weight=True, weight_scheme="rtn", compress_cache=True,
-                 cache_scheme="per_token", cache_group=64, cache_window=0, cache_sink=0)),
-    Variant("compress weight + cache (defaults)", dict(compress_weight=True,
-                                                       compress_cache=True)),
-]
 
 
 @dataclass
@@ -208,23 +149,29 @@ def run_path(job: Job, name: str, device: str, dtype: str, overrides: dict,
 
 
 def run_all(job: Job, device: str, dtypes: list[str], all_paths: bool,
-            variants: list[Variant] = VARIANTS) -> tuple[list[Row], list[str]]:
+            variants: list[Variant] = VARIANTS, on_row=None) -> tuple[list[Row], list[str]]:
     """CPU fp32 resident first (the common reference), on CUDA fp16 and bf16 resident, then
     every variant per dtype against the resident run of its device and dtype.
-    Returns the rows and the names of the variants skipped (host_noop on a CPU device)."""
-    cpu_ref = run_path(job, "resident", "cpu", "fp32", {}, None, None)
-    rows, refs = [cpu_ref], {("cpu", "fp32"): cpu_ref}
+    Returns the rows and the names of the variants skipped (host_noop on a CPU device);
+    on_row(rows, skipped) after each row (a run stopped early keeps what it measured)."""
+    skipped = [v.name for v in variants if v.host_noop and device == "cpu" and not all_paths]
+    rows: list[Row] = []
+
+    def add(row: Row) -> Row:
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows, skipped)
+        return row
+    cpu_ref = add(run_path(job, "resident", "cpu", "fp32", {}, None, None))
+    refs = {("cpu", "fp32"): cpu_ref}
     resident = list(dict.fromkeys((["fp16", "bf16"] if device == "cuda" else []) + dtypes))
     for dt in resident:
         if (device, dt) not in refs:
-            refs[(device, dt)] = run_path(job, "resident", device, dt, {}, None, cpu_ref)
-            rows.append(refs[(device, dt)])
-    skipped = [v.name for v in variants if v.host_noop and device == "cpu" and not all_paths]
+            refs[(device, dt)] = add(run_path(job, "resident", device, dt, {}, None, cpu_ref))
     for dt in dtypes:
         for v in variants:
             if v.name not in skipped:
-                rows.append(run_path(job, v.name, device, dt, v.overrides, refs[(device, dt)],
-                                     cpu_ref))
+                add(run_path(job, v.name, device, dt, v.overrides, refs[(device, dt)], cpu_ref))
     return rows, skipped
 
 
@@ -384,27 +331,32 @@ def _run(a: argparse.Namespace, command: str) -> None:
     t0 = time.perf_counter()
     variants = [v for v in VARIANTS if a.only is None or re.search(a.only, v.name)]
     variants += [parse_variant(spec) for spec in a.variant]
-    rows, skipped = run_all(job, a.device, dtypes, a.all_paths, variants)
-    total = time.perf_counter() - t0
-    header = (f"`{command}` on {device_name(a.device)}, torch {torch.__version__}, "
-              f"{total:.0f} s. Model {ckpt.spec.name or a.model}. Perplexity: "
-              f"{_shown(a.text)}, {len(ids)} tokens, window {a.window}, stride {a.stride}; "
-              f"decode path: prefill {a.prefill}, stride {a.window - a.prefill}. Greedy: "
-              f"{len(job.prompts)} prompts of {len(job.prompts[0])} tokens from the text x "
-              f"{a.new_tokens} new tokens (EOS ignored), "
-              f"block {BLOCK['gpu_batch_size']}x{BLOCK['num_gpu_batches']}.")
-    table = markdown(rows, header, skipped)
-    print(table)
     out = Path(a.out or ROOT / "bench" / "results" / f"accuracy-{a.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_compact(json.dumps({
-        "command": command, "device": device_name(a.device), "torch": torch.__version__,
-        "model": a.model, "model_file": Path(model).name, "text": _shown(a.text),
-        "text_tokens": len(ids), "window": a.window, "stride": a.stride,
-        "prefill": a.prefill, "decode_stride": a.window - a.prefill,
-        "prompts": job.prompts, "new_tokens": a.new_tokens, "block": BLOCK,
-        "total_s": round(total, 1), "skipped": skipped,
-        "rows": [asdict(r) for r in rows], "table": table}, indent=1)) + "\n")
+
+    def write(rows: list[Row], skipped: list[str], done: bool) -> str:
+        total = time.perf_counter() - t0
+        header = (f"`{command}` on {device_name(a.device)}, torch {torch.__version__}, "
+                  f"{total:.0f} s{'' if done else ' (stopped early: the rows so far)'}. "
+                  f"Model {ckpt.spec.name or a.model}. Perplexity: "
+                  f"{_shown(a.text)}, {len(ids)} tokens, window {a.window}, stride {a.stride}; "
+                  f"decode path: prefill {a.prefill}, stride {a.window - a.prefill}. Greedy: "
+                  f"{len(job.prompts)} prompts of {len(job.prompts[0])} tokens from the text x "
+                  f"{a.new_tokens} new tokens (EOS ignored), "
+                  f"block {BLOCK['gpu_batch_size']}x{BLOCK['num_gpu_batches']}.")
+        table = markdown(rows, header, skipped)
+        out.write_text(_compact(json.dumps({
+            "command": command, "device": device_name(a.device), "torch": torch.__version__,
+            "model": a.model, "model_file": Path(model).name, "text": _shown(a.text),
+            "text_tokens": len(ids), "window": a.window, "stride": a.stride,
+            "prefill": a.prefill, "decode_stride": a.window - a.prefill,
+            "prompts": job.prompts, "new_tokens": a.new_tokens, "block": BLOCK,
+            "total_s": round(total, 1), "complete": done, "skipped": skipped,
+            "rows": [asdict(r) for r in rows], "table": table}, indent=1)) + "\n")
+        return table
+    rows, skipped = run_all(job, a.device, dtypes, a.all_paths, variants,
+                            on_row=lambda r, s: write(r, s, False))
+    print(write(rows, skipped, True))
     print(f"wrote {out}", file=sys.stderr)
 
 

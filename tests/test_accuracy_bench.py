@@ -38,6 +38,7 @@ def test_end_to_end_tiny_llama(llama_dir, tmp_path, all_paths, capsys):
                    "--new-tokens", "4", "--out", str(out)]
                   + (["--all-paths"] if all_paths else []))
     res = json.loads(out.read_text())
+    assert res["complete"]
     rows = {r["path"]: r for r in res["rows"]}
     noop = [v.name for v in accuracy.VARIANTS if v.host_noop]
     assert res["skipped"] == ([] if all_paths else noop)
@@ -92,3 +93,27 @@ def test_variant_specs():
     assert v.name == "compress_cache=true,cache_window=48,cache_scheme=per_token"
     with pytest.raises(SystemExit):
         accuracy.parse_variant("compress_cache")
+
+
+def test_rows_are_written_as_they_finish(llama_dir, tmp_path, monkeypatch):
+    """A run stopped early (a device call's time limit) keeps every row it finished: the JSON
+    is rewritten after each row, marked incomplete until the end."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
+    out = tmp_path / "acc.json"
+    real, seen = accuracy.run_path, []
+
+    def stop_at_third(job, name, *args):
+        if len(seen) == 2:
+            seen.append(json.loads(out.read_text()))
+            raise KeyboardInterrupt
+        seen.append(name)
+        return real(job, name, *args)
+    monkeypatch.setattr(accuracy, "run_path", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(["--model", str(llama_dir), "--text", str(text), "--window", "24",
+                       "--stride", "16", "--prefill", "8", "--prompts", "2", "--prompt-len",
+                       "12", "--new-tokens", "2", "--out", str(out)])
+    partial = seen[2]
+    assert not partial["complete"] and len(partial["rows"]) == 2
+    assert [r["path"] for r in partial["rows"]] == seen[:2]
