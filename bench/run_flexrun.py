@@ -32,10 +32,22 @@ def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
     block = prompts[:llm.policy.block_size]
     greedy = SamplingParams(ignore_eos=True)
     llm.generate([p[:8] for p in block], 2, greedy)
+    _gpu_peak(llm, "short prompts, 2 tokens")
     stop_all = SamplingParams(stop_token_ids=list(range(llm.spec.vocab_size)))
     llm.generate(block, gen_len, stop_all)
+    _gpu_peak(llm, "measured prompts, prefill only")
     if gen_len >= 2 and llm.device.type == "cuda":
         llm.generate(block, 2, greedy)
+        _gpu_peak(llm, "measured prompts, 2 tokens")
+
+
+def _gpu_peak(llm: LLM, what: str) -> None:
+    """The GPU peak so far (stderr): which warm-up call first took the memory."""
+    if llm.device.type == "cuda":
+        print(f"[bench] GPU peak after warm-up ({what}): allocated "
+              f"{torch.cuda.max_memory_allocated(llm.device) / 1e9:.2f} GB, reserved "
+              f"{torch.cuda.max_memory_reserved(llm.device) / 1e9:.2f} GB", file=sys.stderr,
+              flush=True)
 
 
 def log_steps(llm: LLM) -> None:
