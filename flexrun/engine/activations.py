@@ -74,7 +74,7 @@ class HostTransfers:
         attention-output stream before the layer's MoE (Pipeline._attend_first)."""
         if not aside:
             return host.to(self.device, non_blocking=True)
-        dev = torch.empty_like(host, device=self.device)    # ordered on the compute stream
+        dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)  # compute stream's
         self.attn_out_stream.wait_stream(self.compute_stream)
         with torch.cuda.stream(self.attn_out_stream):
             dev.copy_(host, non_blocking=True)
