@@ -211,6 +211,19 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
     return {"error": (out or ["no output"])[-1], "rc": p.returncode}
 
 
+def _tracks(trace: Path) -> list[dict]:
+    """Each step's busy time per track of a flexrun trace (bench.overlap_report); the trace
+    is kept gzipped beside the result."""
+    import gzip
+    import shutil
+    from bench.overlap_report import track_busy
+    rows = track_busy(str(trace))
+    with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    trace.unlink()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
@@ -221,6 +234,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--note", default=None, help="stored in the result (e.g. 'machine under load')")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--trace", action="store_true", help="flexrun systems record a trace "
+                    "(<out-dir>/<scenario>-<system>.trace.json.gz; CUDA events per span, a few "
+                    "ms per step) and the result gets each step's busy time per track")
     ap.add_argument("--merge", action="store_true", help="keep the systems of the existing "
                     "result file that this run does not run (systems run back to back)")
     a = ap.parse_args()
@@ -246,8 +262,12 @@ def main() -> None:
         if sc.get("drop_caches"):
             from bench.peers.airllm_peer import drop_page_cache
             res.setdefault("page_cache", {})[name] = drop_page_cache()
-        res[name] = _run([sys.executable, "-m", module, *sc[name], *lens], tag,
+        trace = out_dir / f"{a.scenario}-{name}.trace.json"
+        traced = ["--trace", str(trace)] if a.trace and name.startswith("flexrun") else []
+        res[name] = _run([sys.executable, "-m", module, *sc[name], *lens, *traced], tag,
                          out_dir / f"{a.scenario}-{name}.log", a.timeout)
+        if traced and trace.is_file():
+            res[name]["tracks"] = _tracks(trace)
         if name.startswith("flexrun") and "total_tok_s" in res[name]:
             from bench.floor import floor_of_result
             res[name]["floor"] = floor_of_result(res[name])

@@ -30,3 +30,26 @@ def test_track_busy_counts_overlaps_once_per_step(tmp_path):
     assert rows[1]["wall_ms"] == 2.0
     assert rows[1]["expert-copies"] == 1.8 and rows[1]["compute"] == 2.0
     assert rows[1]["cpu-attn"] == 0.0 and rows[2]["expert-copies"] == 0.0
+
+
+def test_bench_run_trace_keeps_the_trace_and_adds_each_steps_tracks(tmp_path, monkeypatch):
+    """`bench.run S --trace`: a flexrun system runs traced, its result gets each step's busy
+    time per track, and the trace stays beside it, gzipped."""
+    import gzip
+    import sys
+
+    from bench import run
+    monkeypatch.setitem(run.SCENARIOS, "T", {
+        "what": "tiny", "prompt_len": 8, "gen_len": 3,
+        "flexrun": ["--model", "dummy:opt-125m", "--policy", "auto", "--num-prompts", "2",
+                    "--device", "cpu"]})
+    monkeypatch.setattr(sys, "argv", ["bench.run", "T", "--only", "flexrun", "--trace",
+                                      "--out-dir", str(tmp_path), "--timeout", "300"])
+    run.main()
+    res = json.loads((tmp_path / "T-cpu.json").read_text())
+    tracks = res["flexrun"]["tracks"]
+    assert [r["step"] for r in tracks] == [0, 1, 2]
+    assert all(r["compute"] > 0 for r in tracks)
+    events = json.load(gzip.open(tmp_path / "T-flexrun.trace.json.gz"))["traceEvents"]
+    assert any(e["name"] == "s2 u0 b0" for e in events)
+    assert not (tmp_path / "T-flexrun.trace.json").exists()
