@@ -168,3 +168,23 @@ def test_grouped_expert_rate_bounds_the_experts_gpu_time():
         extra = comp[1] - comp[0]
         floor = spec.num_layers * n * 100 * expert_bytes / 1e11    # >= 100 experts a call
         assert (extra >= 0.5 * floor) == grouped, (b, n, extra, floor)
+
+
+def test_per_expert_route_costs_a_launch_floor_per_touched_expert():
+    """A call too large for the grouped workspace (a long prefill) loops over its routed
+    experts, each a tiny unit's launches: the call costs at least touched x the profile's
+    unit overhead; a staged decode call (grouped GEMMs) does not."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
+    spec = dummy_spec("qwen3-30b-a3b")
+    prof = HardwareProfile.load(PROFILES_DIR / "h100.json")
+    pol = Policy(gpu_batch_size=64, num_gpu_batches=4, weights_gpu=20, weights_cpu=80,
+                 cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    comp = {o: predict(spec, pol, replace(prof, gpu_unit_overhead=o), 512, 32, 256, "cuda",
+                       2).breakdown for o in (1e-6, 1e-3)}
+    prefill = comp[1e-3]["prefill"]["compute"]
+    assert prefill >= spec.num_layers * 4 * 120 * 1e-3          # >= 120 of 128 experts a call
+    decode_extra = comp[1e-3]["decode"]["compute"] - comp[1e-6]["decode"]["compute"]
+    assert decode_extra < spec.num_layers * 4 * 10 * 1e-3, decode_extra

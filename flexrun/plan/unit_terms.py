@@ -226,10 +226,17 @@ class UnitTerms:
             # grouped GEMMs (staged or resident experts) at least at the profile's rate of
             # reading every touched expert's weights once per call
             experts_s = n * gemm(max(int(round(per)), 1), m.expert_params)
-            if self.expert_bw and not q and (self._stages_all(rows) or self.p.weights_gpu >= 100):
+            if self.expert_bw and not q and self._grouped(rows):
                 experts_s = max(experts_s, n * m.expert_params * self.e / self.expert_bw)
             plain += k * (gemm(rows, params - all_experts) - gemm(rows, params) + experts_s)
         terms["compute"] = add_exprs(terms["compute"], lin_expr(plain))
+        if self.cuda and not self._grouped(rows):
+            # the per-expert route (models/moe.moe_mlp's loop over the routed experts: a
+            # gather, the GEMMs and a scatter each) launches about a tiny unit's kernels per
+            # touched expert: the host's launches, not the GPU, bound the call (S7's H200
+            # prefill: ~30 ms per 64 x 512-row call over 128 experts)
+            c = terms["compute"]
+            c["1"] = max(c.get("1", 0.0), k * n * self.overhead)
         if self.cuda and not prefill and not self._stages_all(rows):
             # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
             # the routing counts on the host, so its launches no longer run ahead of the GPU
@@ -237,6 +244,12 @@ class UnitTerms:
             sync = k * self.overhead
             terms["compute"] = add_exprs(terms["compute"], {"wc": sync, "wd": sync})
         return terms
+
+    def _grouped(self, rows: int) -> bool:
+        """Whether a call of `rows` tokens runs its experts as grouped GEMMs (every expert
+        staged, or all resident and stacked) rather than expert by expert."""
+        return grouped_fits(self.spec, rows, self.e) and (
+            self._stages_all(rows) or (self.p.weights_gpu >= 100 and not self.p.compress_weight))
 
     def _stages_all(self, rows: int) -> bool:
         """Whether the engine stages every expert for GPU batches of `rows` tokens on the copy
