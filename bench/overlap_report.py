@@ -1,6 +1,6 @@
 """Where a decode step's time goes, from a flexrun --trace (Chrome trace JSON).
 
-python -m bench.overlap_report TRACE.json [--json OUT.json]
+python -m bench.overlap_report TRACE.json[.gz] [--json OUT.json]
 
 Takes the last block in the trace (from its prefill on: the last block of the last generate
 call) and, per decode step and
@@ -12,6 +12,7 @@ copies, rather than near the larger of the two, has lost its overlap.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 from collections import defaultdict
@@ -21,16 +22,27 @@ _STEP = re.compile(r"s(\d+) u(\d+) ")
 _H2D = re.compile(r"h2d w(\d+)$")
 
 
-def _spans(path: str) -> tuple[list[tuple], list[tuple]]:
-    ev = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+def _load(path: str) -> list[dict]:
+    """The trace's events (plain JSON, or gzipped as `bench.run --trace` keeps it)."""
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def _last_block(spans: list[tuple]) -> list[tuple]:
+    """Sorted (start, end, step, unit, ...) spans from the last block's prefill on (the last
+    `s0 u0` span)."""
+    starts = [i for i, c in enumerate(spans) if c[2] == 0 and c[3] == 0]
+    return spans[starts[-1]:] if starts else spans
+
+
+def _spans(events: list[dict]) -> tuple[list[tuple], list[tuple]]:
+    ev = [e for e in events if e.get("ph") == "X"]
     compute = []
     for e in ev:
         m = _COMPUTE.match(e["name"])
         if m:
             compute.append((e["ts"], e["ts"] + e["dur"], *map(int, m.groups())))
-    compute.sort()
-    starts = [i for i, c in enumerate(compute) if c[2] == 0 and c[3] == 0]
-    compute = compute[starts[-1]:] if starts else compute   # the last block
+    compute = _last_block(sorted(compute))
     t0 = compute[0][0] if compute else 0.0
     copies = sorted((e["ts"], e["ts"] + e["dur"], int(_H2D.match(e["name"]).group(1)))
                     for e in ev if _H2D.match(e["name"]) and e["ts"] >= t0)
@@ -39,7 +51,8 @@ def _spans(path: str) -> tuple[list[tuple], list[tuple]]:
 
 def report(path: str) -> dict:
     """Per-step and per-unit sums (ms) of the last block's decode steps."""
-    compute, copies = _spans(path)
+    events = _load(path)
+    compute, copies = _spans(events)
     steps: dict[int, list] = defaultdict(list)
     for c in compute:
         if c[2] >= 1:
@@ -64,7 +77,7 @@ def report(path: str) -> dict:
     units = {u: {"compute_ms": a[0] / a[2], "idle_before_ms": a[1] / a[2],
                  "h2d_ms": sum(copy_of[u]) / len(copy_of[u]) if copy_of[u] else 0.0}
              for u, a in sorted(per_unit.items())}
-    return {"steps": rows, "units": units, "tracks": track_busy(path)}
+    return {"steps": rows, "units": units, "tracks": track_busy(path, events)}
 
 
 def _union_ms(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
@@ -77,21 +90,20 @@ def _union_ms(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
     return total / 1e3
 
 
-def track_busy(path: str) -> list[dict]:
+def track_busy(path: str, events: list[dict] | None = None) -> list[dict]:
     """Per step of the last block (0: its prefill): its wall time and each track's busy time in it
     (expert copies, CPU attention, CPU experts, compute...): a step near the sum of two
-    tracks' times rather than the larger one runs them one after the other."""
-    ev = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
-    marks = sorted((e["ts"], e["ts"] + e["dur"], *map(int, m.groups()))
-                   for e in ev if (m := _STEP.match(e["name"] + " ")))
-    starts = [i for i, c in enumerate(marks) if c[2] == 0 and c[3] == 0]
-    marks = marks[starts[-1]:] if starts else marks
+    tracks' times rather than the larger one runs them one after the other (events: the
+    trace's, when already read)."""
+    events = _load(path) if events is None else events
+    ev = [e for e in events if e.get("ph") == "X"]
+    marks = _last_block(sorted((e["ts"], e["ts"] + e["dur"], *map(int, m.groups()))
+                               for e in ev if (m := _STEP.match(e["name"] + " "))))
     windows: dict[int, list[float]] = {}
     for a, b, step, _ in marks:
         w = windows.setdefault(step, [a, b])
         w[0], w[1] = min(w[0], a), max(w[1], b)
-    names = {e["tid"]: e["args"]["name"] for e in json.load(open(path))["traceEvents"]
-             if e.get("ph") == "M"}
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M"}
     by_track: dict[str, list] = defaultdict(list)
     for e in ev:
         by_track[names.get(e["tid"], str(e["tid"]))].append((e["ts"], e["ts"] + e["dur"]))

@@ -53,3 +53,4 @@ def test_bench_run_trace_keeps_the_trace_and_adds_each_steps_tracks(tmp_path, mo
     events = json.load(gzip.open(tmp_path / "T-flexrun.trace.json.gz"))["traceEvents"]
     assert any(e["name"] == "s2 u0 b0" for e in events)
     assert not (tmp_path / "T-flexrun.trace.json").exists()
+    assert track_busy(str(tmp_path / "T-flexrun.trace.json.gz")) == tracks    # read back
