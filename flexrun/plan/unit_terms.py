@@ -95,8 +95,8 @@ class UnitTerms:
         self.w4 = (prof.gpu_w4_bw, prof.gpu_w4_flops) if cuda and prof.gpu_w4_bw \
             and prof.gpu_w4_flops else None
         self.moe = moe_layer(spec, policy, elem)
-        # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
         self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
+        # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
         self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
             policy.expert_lanes != "copy" else 0.0
 
