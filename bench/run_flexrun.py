@@ -5,6 +5,7 @@ python -m bench.run_flexrun --model dummy:opt-30b --policy policies/x.json|auto 
 
 FLEXRUN_BENCH_STACKS=FILE dumps every thread's stack into FILE every 15 s (faulthandler reads
 the other threads' frames while they run: one S7 run died of a segfault with it on).
+FLEXRUN_BENCH_MEMTRACE=FILE writes which code took the warm-up's GPU memory (bench/mem_history.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from bench import mem_history
 from flexrun import LLM, Policy, SamplingParams
 
 
@@ -102,9 +104,15 @@ def main() -> None:
         prompts = torch.randint(10, min(llm.spec.vocab_size, 30000), (n, a.prompt_len),
                                 generator=g).tolist()
         greedy = SamplingParams(ignore_eos=True)
+        memtrace = os.environ.get("FLEXRUN_BENCH_MEMTRACE") if llm.device.type == "cuda" \
+            else None
+        if memtrace:                    # which code took the warm-up's GPU memory
+            mem_history.start()
         t1 = time.perf_counter()
         warm_up(llm, prompts, a.gen_len)            # its wall time is reported as warmup_s
         warmup_s = time.perf_counter() - t1
+        if memtrace:
+            mem_history.report(memtrace)
         print(f"[bench] warmed up in {warmup_s:.1f} s", file=sys.stderr, flush=True)
         split = llm.stats.weights_split
         llm.stats = type(llm.stats)(weights_split=split)

@@ -1,0 +1,77 @@
+"""Which code took a CUDA run's memory: the caching allocator's history replayed.
+
+`start()` turns on torch's allocation history (Python stacks); `report()` replays it and
+prints (1) the live allocations at the allocated peak and (2) the allocations that made the
+allocator reserve new segments (what `max_memory_reserved` counts), each grouped by the
+flexrun source line that asked, largest first. bench.run_flexrun calls both around its
+warm-up when FLEXRUN_BENCH_MEMTRACE names an output file.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+MAX_ENTRIES = 2_000_000
+
+
+def start() -> None:
+    torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES, stacks="python")
+
+
+def _where(frames: list[dict], depth: int = 2) -> str:
+    """The innermost `depth` flexrun frames of a stack, as file:line function."""
+    own = [f for f in frames if "flexrun/" in f.get("filename", "")][:depth]
+    if not own:
+        own = frames[:1]
+    return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+                      for f in own) or "?"
+
+
+def _grouped(entries, top: int) -> list[str]:
+    sums: dict[str, list] = defaultdict(lambda: [0, 0])
+    for e in entries:
+        s = sums[_where(e.get("frames", []))]
+        s[0] += e["size"]
+        s[1] += 1
+    rows = sorted(sums.items(), key=lambda kv: -kv[1][0])[:top]
+    return [f"  {b / 2**30:8.3f} GiB in {n:6d}  {w}" for w, (b, n) in rows]
+
+
+def summarize(trace: list[dict], top: int = 12) -> list[str]:
+    """Report lines from one device's trace entries (torch.cuda.memory._snapshot()'s
+    device_traces[i])."""
+    cur = peak = peak_at = 0
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            cur += e["size"]
+        elif e["action"] == "free_completed":
+            cur -= e["size"]
+        if cur > peak:
+            peak, peak_at = cur, i
+    live: dict[int, dict] = {}
+    for e in trace[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    grown = [e for e in trace if e["action"] == "segment_alloc"]
+    freed = sum(e["size"] for e in trace if e["action"] == "segment_free")
+    return ([f"allocated peak in the recorded window: {peak / 2**30:.3f} GiB "
+             f"(entry {peak_at} of {len(trace)}); live there, by source:"]
+            + _grouped(live.values(), top)
+            + [f"segments reserved in the window: {sum(e['size'] for e in grown) / 2**30:.3f} "
+               f"GiB in {len(grown)} ({freed / 2**30:.3f} GiB released); asked for by:"]
+            + _grouped(grown, top))
+
+
+def report(path: str) -> None:
+    """Write the summary of every device's recorded history to `path` and stop recording."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    lines = []
+    for dev, trace in enumerate(snap.get("device_traces", [])):
+        if trace:
+            lines += [f"device {dev}:"] + summarize(trace)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

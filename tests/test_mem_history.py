@@ -1,0 +1,22 @@
+"""bench.mem_history: the replay of an allocator history finds the peak and who grew it."""
+from bench.mem_history import summarize
+
+
+def _e(action, addr, size, fn="x.py", line=1, name="f"):
+    return {"action": action, "addr": addr, "size": size,
+            "frames": [{"filename": f"/r/flexrun/engine/{fn}", "line": line, "name": name}]}
+
+
+def test_live_at_peak_and_segment_growth_by_source():
+    G = 2**30
+    trace = [_e("segment_alloc", 0, 4 * G, "kvquant.py", 10, "read"),
+             _e("alloc", 0, 3 * G, "kvquant.py", 10, "read"),
+             _e("alloc", 100, 1 * G, "pipeline.py", 5, "attn"),
+             _e("free_completed", 0, 3 * G, "kvquant.py", 10, "read"),
+             _e("alloc", 200, 2 * G, "pipeline.py", 5, "attn")]
+    lines = summarize(trace)
+    assert "4.000 GiB (entry 2 of 5)" in lines[0]
+    assert "3.000 GiB" in lines[1] and "kvquant.py:10 read" in lines[1]
+    assert "1.000 GiB" in lines[2] and "pipeline.py:5 attn" in lines[2]
+    seg = lines.index(next(x for x in lines if x.startswith("segments")))
+    assert "4.000 GiB in 1" in lines[seg] and "kvquant.py:10" in lines[seg + 1]
