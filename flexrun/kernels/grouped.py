@@ -8,6 +8,12 @@ of the GPU. This kernel reads the offsets on the device: the row blocks of every
 laid out by a few tensor ops (no sync), the grid covers the most blocks M rows can make, and
 blocks past the last group's return at once. So fp16 grouped GEMMs run without a host sync
 and can be captured in CUDA graphs. FLEXRUN_TRITON_GROUPED=0 keeps torch's.
+
+On CUDA the column and depth tiles are tuned per (N, K, rows per block) at the first call
+(triton.autotune over TUNE_CONFIGS): a decode call reads each touched expert's weights for a
+few rows each, so its speed is the weight read rate, which the tile shape and the number of
+loads in flight set (S7's 64-row calls read 1.19 GB at 0.47 TB/s with 64 x 64 tiles, HBM is
+~4.8 TB/s). FLEXRUN_GROUPED_TUNE=0 keeps the fixed 64 x 64 tiles.
 """
 from __future__ import annotations
 
@@ -52,6 +58,14 @@ if triton is not None:
         tl.store(Y + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn,
                  acc.to(Y.dtype.element_ty), mask=rows[:, None] & cols[None, :])
 
+    # (BN, BK, warps, stages): the fixed tiles, wider and deeper ones (more bytes per load),
+    # and narrower ones (more programs in flight for a small N)
+    TUNE_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+                    for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                                          (128, 128, 8, 3), (256, 64, 8, 3), (32, 128, 4, 4))]
+    # a call only stores into its output, so rerunning it while tuning changes nothing
+    _grouped_tuned = triton.autotune(TUNE_CONFIGS, key=["N", "K", "BM"])(_grouped_kernel)
+
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the Triton kernel runs x's grouped GEMM with the stacked weights w."""
@@ -94,11 +108,21 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
     if M == 0 or N == 0:
         return y
     bm = _block_rows(M, E)
-    bn, bk = (64, 64) if K >= 64 else (64, 32 if K >= 32 else 16)
     group, row = block_layout(ends, M, bm)
-    grid = (group.numel(), triton.cdiv(N, bn))
+    args = (x, w, y, group, row, ends.to(torch.int32), N, E, x.stride(0), x.stride(1),
+            w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1))
     with on_device(x.device):
-        _grouped_kernel[grid](x, w, y, group, row, ends.to(torch.int32), N, E,
-                              x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                              y.stride(0), y.stride(1), K=K, BM=bm, BN=bn, BK=bk, num_warps=4)
+        if tuned(x, K):
+            _grouped_tuned[lambda meta: (group.numel(), triton.cdiv(N, meta["BN"]))](
+                *args, K=K, BM=bm)
+        else:
+            bn, bk = (64, 64) if K >= 64 else (64, 32 if K >= 32 else 16)
+            _grouped_kernel[(group.numel(), triton.cdiv(N, bn))](*args, K=K, BM=bm, BN=bn,
+                                                                 BK=bk, num_warps=4)
     return y
+
+
+def tuned(x: torch.Tensor, K: int) -> bool:
+    """Whether the call's tiles are tuned (CUDA, K of at least 128 so every config's depth
+    tile fits, FLEXRUN_GROUPED_TUNE not 0); the interpreter runs the fixed tiles."""
+    return x.is_cuda and K >= 128 and os.environ.get("FLEXRUN_GROUPED_TUNE", "1") == "1"
