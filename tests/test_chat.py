@@ -340,7 +340,7 @@ def smollm2_ckpt(smollm2_gguf):
 
 
 def test_smollm2_gguf_template_and_tokens(smollm2_ckpt, hf_gguf_tokenizer):
-    from flexrun.models.gguf import gguf_chat_template
+    from flexrun.models.gguf_tokenizer import gguf_chat_template
     ck = smollm2_ckpt
     assert ck.chat_template == gguf_chat_template(ck.source) == hf_gguf_tokenizer.chat_template
     assert ck.chat_template == (TEMPLATES / "smollm2-135m-instruct.jinja").read_text()

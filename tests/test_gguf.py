@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexrun.models.gguf import (gguf_chat_template, gguf_config, gguf_tokenizer,
-                                 iter_gguf_tensors)
+from flexrun.models.gguf import gguf_config, iter_gguf_tensors
+from flexrun.models.gguf_tokenizer import gguf_chat_template, gguf_tokenizer
 
 TEXTS = [
     "The capital of France is",
@@ -122,7 +122,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", heads: int = 4, kv_heads: i
         getattr(w, k)(v)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
-    from flexrun.models.gguf import _byte_alphabet
+    from flexrun.models.gguf_tokenizer import _byte_alphabet
     toks = ["<s>", "</s>", "<pad>"] + [_byte_alphabet()[b] for b in range(256)] + ["ab"]
     w.add_token_list(toks)
     w.add_token_types([3, 3, 3] + [1] * 257)

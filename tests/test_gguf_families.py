@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexrun.models.gguf import gguf_config, gguf_tokenizer, iter_gguf_tensors
+from flexrun.models.gguf import gguf_config, iter_gguf_tensors
+from flexrun.models.gguf_tokenizer import gguf_tokenizer
 from gguf_writer import checkpoint_tensors, stored_value, write_gguf_like_llama_cpp
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -335,7 +336,7 @@ def test_embedded_tokenizer_and_token_ids_only(tmp_path):
 
 
 def test_qwen2_pre_tokenizer_splits_single_digits():
-    from flexrun.models.gguf import _pre_tokenizer
+    from flexrun.models.gguf_tokenizer import _pre_tokenizer
     split = [p for p, _ in _pre_tokenizer("qwen2").pre_tokenize_str("year 2024, it's")]
     assert split == ["year", "Ġ", "2", "0", "2", "4", ",", "Ġit", "'s"]
     llama3 = [p for p, _ in _pre_tokenizer("llama-bpe").pre_tokenize_str("year 2024")]

@@ -175,7 +175,7 @@ def test_long_prefill_runs_its_queries_in_chunks(monkeypatch, causal):
 def test_gguf_pre_tokenizers_split_as_llama_cpp_or_refuse():
     """GPT-2's split for the pre-types llama.cpp gives it (gpt-2, olmo, mpt, ...); a split
     flexrun does not rebuild (gpt-4o's) is refused rather than approximated."""
-    from flexrun.models.gguf import _pre_tokenizer
+    from flexrun.models.gguf_tokenizer import _pre_tokenizer
     for pre in ("gpt-2", "olmo", "mpt", "default", None):
         assert _pre_tokenizer(pre) is not None
     with pytest.raises(ValueError, match="pre-type 'gpt-4o'"):

@@ -306,7 +306,7 @@ def open_hf_dir(path: str) -> Checkpoint:
 
 
 def open_gguf(path: str) -> Checkpoint:
-    from flexrun.models import gguf
+    from flexrun.models import gguf, gguf_tokenizer
     p = Path(path)
     try:
         cfg = gguf.gguf_config(p)
@@ -314,7 +314,7 @@ def open_gguf(path: str) -> Checkpoint:
         raise FlexrunError(f"{p}: {e}")
     spec = spec_from_config(cfg, name=p.name)
     try:
-        tokenizer = gguf.gguf_tokenizer(p)
+        tokenizer = gguf_tokenizer.gguf_tokenizer(p)
     except ValueError as e:             # e.g. a SentencePiece vocabulary (Gemma-2, Phi-3)
         print(f"flexrun: note: {p.name}: {e}; prompts must be token ids (input_ids)",
               file=sys.stderr)
@@ -327,9 +327,10 @@ def open_gguf(path: str) -> Checkpoint:
         split = (x for n, t in pairs if _wanted(spec, n, names)
                  for x in split_fused(spec, n, t))
         return filter_and_check(spec, split, str(p), names)
-    ckpt = Checkpoint(spec, iter_tensors, tokenizer, gguf.gguf_chat_template(p), source=str(p),
+    ckpt = Checkpoint(spec, iter_tensors, tokenizer, gguf_tokenizer.gguf_chat_template(p),
+                      source=str(p),
                       native_group=gguf.native_q4_group(p),
-                      special_tokens=gguf.gguf_special_tokens(p))
+                      special_tokens=gguf_tokenizer.gguf_special_tokens(p))
     gguf.release_readers()      # the metadata is read: the load keeps the tensor index only
     return ckpt
 
