@@ -102,6 +102,10 @@ SCENARIOS["S1c"] = {
     "flexrun-auto": SCENARIOS["S1"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
     "flexgen": SCENARIOS["S1"]["flexgen"] + ["--compress-weight", "--compress-cache"],
     "floor": "pcie"}
+# S1-kv4: S1's budget and search with the 4-bit KV cache alone (issue 25's speed line)
+SCENARIOS["S1-kv4"] = {
+    "what": "OPT-30B, 4-bit KV cache, 16 GiB GPU / 100 GiB CPU, policy chosen by flexrun's search",
+    "flexrun-auto": SCENARIOS["S1"]["flexrun-auto"] + ["--compress-cache"], "floor": "pcie"}
 # S4 with both systems in bfloat16 (CPUs with AVX512-BF16 / AMX run bf16 GEMMs ~3x faster
 # than fp32: 385 vs 125 GFLOP/s at 1024 x 2048 x 8192 on the 2-core CI machine)
 SCENARIOS["S4-bf16"] = {
