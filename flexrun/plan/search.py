@@ -359,18 +359,18 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
 
 def shape_grid(num_prompts: int | None, cuda: bool, compress_weight: bool,
                compress_cache: bool) -> Iterator[Iterator[list[Policy]]]:
-    """The block shapes a search visits: per compression case, per gpu_batch_size (ascending),
-    the shapes by num_gpu_batches (ascending) with at most num_prompts prompts in a block.
-    A caller stops a row once a larger block cannot help, and a case once a row fits nothing."""
+    """The block shapes a search visits: per gpu_batch_size (ascending), the shapes by
+    num_gpu_batches (ascending) with at most num_prompts prompts in a block, all with the
+    compression asked for (the run applies the flags to whatever is planned, so the plan is
+    made with them). A caller stops a row once a larger block cannot help, and the scan once
+    a row fits nothing."""
     max_block = num_prompts or (4096 if cuda else 256)
     sizes = sorted({2 ** i for i in range(11)} | {3 * 2 ** i for i in range(2, 9)}
                    | ({num_prompts} if num_prompts else set()))   # the whole job in one batch
     batches = [b for b in sizes if b <= min(max_block, 1024 if cuda else 256)]
-    for cw in sorted({False, compress_weight}):
-        for cc in sorted({False, compress_cache}):
-            yield ([Policy(gpu_batch_size=b, num_gpu_batches=k, compress_weight=cw,
-                           compress_cache=cc) for k in (2 ** i for i in range(8))
-                    if b * k <= max_block] for b in batches)
+    yield ([Policy(gpu_batch_size=b, num_gpu_batches=k, compress_weight=compress_weight,
+                   compress_cache=compress_cache) for k in (2 ** i for i in range(8))
+            if b * k <= max_block] for b in batches)
 
 
 REFINED = 4     # block shapes whose CPU-attention plan is retried with gpu_cache_batches
