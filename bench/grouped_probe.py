@@ -1,11 +1,12 @@
-"""The Triton grouped GEMM at MoE decode shapes: fixed 64 x 64 tiles against tuned ones.
+"""The Triton grouped GEMM at MoE decode shapes: its fixed tiles against tuned ones.
 
 python -m bench.grouped_probe [-o OUT.json]      (CUDA)
 One decode MoE call's two grouped GEMMs (gate+up, down) for S7's Qwen3-30B-A3B (64 rows,
 top-8 of 128 experts) and S6's Mixtral-8x7B (64 rows, top-2 of 8), uniform routing, fp16:
-milliseconds per call (CUDA events, median of 20 after the tuning call), the touched experts'
-weight bytes over that time, the tuned configuration, and the largest difference between the
-two results. Prints a table and writes JSON.
+fixed = kernels.grouped.fixed_tiles (FLEXRUN_GROUPED_TUNE=0), tuned = triton.autotune's pick
+(FLEXRUN_GROUPED_TUNE=1); milliseconds per call (CUDA events, median of 20 after the tuning
+call), the touched experts' weight bytes over that time, the tuned configuration, and the
+largest difference between the two results. Prints a table and writes JSON.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The Triton grouped GEMM (kernels/grouped.py) against per-group matmuls: empty groups,
-groups longer than a row block, widths not a multiple of the tiles; and its block layout.
+groups longer than a row block, widths not a multiple of the tiles, a depth past the deep
+tiles' threshold (fixed_tiles); and its block layout.
 
 Runs on CUDA, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1 in a child
 process); skipped where Triton is not installed."""
@@ -17,7 +18,7 @@ g = torch.Generator().manual_seed(0)
 for dt in (torch.float16,) + ((torch.bfloat16,) if dev == "cuda" else ()):
     assert not grouped.applies(torch.ones(2, 2, device=dev), torch.ones(1, 2, 2, device=dev))
     for counts, N, K in [([3, 0, 5, 17, 1], 40, 24), ([0, 0, 70], 64, 96), ([2] * 8, 130, 64),
-                         ([0, 1], 16, 16), ([40] * 3, 48, 200)]:
+                         ([0, 1], 16, 16), ([40] * 3, 48, 200), ([3, 0, 2], 24, 4160)]:
         E, M = len(counts), sum(counts)
         x = torch.randn(M, K, generator=g).to(dt).to(dev)
         w = torch.randn(E, N, K, generator=g).to(dt).to(dev)

@@ -9,11 +9,12 @@ laid out by a few tensor ops (no sync), the grid covers the most blocks M rows c
 blocks past the last group's return at once. So fp16 grouped GEMMs run without a host sync
 and can be captured in CUDA graphs. FLEXRUN_TRITON_GROUPED=0 keeps torch's.
 
-On CUDA the column and depth tiles are tuned per (N, K, rows per block) at the first call
-(triton.autotune over TUNE_CONFIGS): a decode call reads each touched expert's weights for a
-few rows each, so its speed is the weight read rate, which the tile shape and the number of
-loads in flight set (S7's 64-row calls read 1.19 GB at 0.47 TB/s with 64 x 64 tiles, HBM is
-~4.8 TB/s). FLEXRUN_GROUPED_TUNE=0 keeps the fixed 64 x 64 tiles.
+Tiles: 64 x 64 by default; 64 x 128 (depth) with 4 pipeline stages when K >= 4096, which
+read Mixtral-8x7B's decode gate+up weights at 1.99 against 1.52 TB/s and its down weights at
+the same rate (H100, 64 rows; bench.grouped_probe, bench/results/grouped-probe-H100.json).
+FLEXRUN_GROUPED_TUNE=1 tunes the tiles per (N, K, rows per block) at the first call instead
+(triton.autotune over TUNE_CONFIGS); in that probe its pick was faster for both gate+up GEMMs
+but 1.6x slower for Qwen3-30B-A3B's down GEMM (K = 768) than 64 x 64, so it stays opt-in.
 """
 from __future__ import annotations
 
@@ -116,13 +117,20 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
             _grouped_tuned[lambda meta: (group.numel(), triton.cdiv(N, meta["BN"]))](
                 *args, K=K, BM=bm)
         else:
-            bn, bk = (64, 64) if K >= 64 else (64, 32 if K >= 32 else 16)
-            _grouped_kernel[(group.numel(), triton.cdiv(N, bn))](*args, K=K, BM=bm, BN=bn,
-                                                                 BK=bk, num_warps=4)
+            bn, bk, stages = fixed_tiles(K)
+            _grouped_kernel[(group.numel(), triton.cdiv(N, bn))](
+                *args, K=K, BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=stages)
     return y
 
 
+def fixed_tiles(K: int) -> tuple[int, int, int]:
+    """(BN, BK, pipeline stages) of an untuned call: deeper tiles for a deep K."""
+    if K >= 4096:
+        return 64, 128, 4
+    return (64, 64, 3) if K >= 64 else (64, 32 if K >= 32 else 16, 3)
+
+
 def tuned(x: torch.Tensor, K: int) -> bool:
-    """Whether the call's tiles are tuned (CUDA, K of at least 128 so every config's depth
-    tile fits, FLEXRUN_GROUPED_TUNE not 0); the interpreter runs the fixed tiles."""
-    return x.is_cuda and K >= 128 and os.environ.get("FLEXRUN_GROUPED_TUNE", "1") == "1"
+    """Whether the call's tiles are tuned: FLEXRUN_GROUPED_TUNE=1, on CUDA, K of at least 128
+    (every config's depth tile fits); the interpreter runs the fixed tiles."""
+    return x.is_cuda and K >= 128 and os.environ.get("FLEXRUN_GROUPED_TUNE", "0") == "1"
