@@ -13,10 +13,12 @@ def test_live_at_peak_and_segment_growth_by_source():
              _e("alloc", 0, 3 * G, "kvquant.py", 10, "read"),
              _e("alloc", 100, 1 * G, "pipeline.py", 5, "attn"),
              _e("free_completed", 0, 3 * G, "kvquant.py", 10, "read"),
-             _e("alloc", 200, 2 * G, "pipeline.py", 5, "attn")]
+             _e("alloc", 200, 2 * G, "pipeline.py", 5, "attn"),
+             _e("segment_map", 4 * G, 2 * G, "storage.py", 7, "to_dev")]
     lines = summarize(trace)
-    assert "4.000 GiB (entry 2 of 5)" in lines[0]
+    assert "4.000 GiB (entry 2 of 6)" in lines[0]
     assert "3.000 GiB" in lines[1] and "kvquant.py:10 read" in lines[1]
     assert "1.000 GiB" in lines[2] and "pipeline.py:5 attn" in lines[2]
-    seg = lines.index(next(x for x in lines if x.startswith("segments")))
-    assert "4.000 GiB in 1" in lines[seg] and "kvquant.py:10" in lines[seg + 1]
+    seg = lines.index(next(x for x in lines if x.startswith("memory reserved")))
+    assert "6.000 GiB in 2" in lines[seg] and "kvquant.py:10" in lines[seg + 1]
+    assert "storage.py:7 to_dev" in lines[seg + 2]    # expandable segments map pages
