@@ -322,6 +322,13 @@ def main() -> None:
                   f"{pd:>24} {pf:>16}")
         else:
             print(f"{name:12} failed: {r.get('error')}")
+    for name in only:       # flexrun's peaks as its budget check counts them
+        b = res[name].get("peaks_vs_budgets") or {}
+        parts = [f"{w} {b[w + '_peak_GB']:.2f} of {b[w + '_budget_GB']:.2f} GB"
+                 f"{'' if b[w + '_within'] else ' (over)'}" for w in ("gpu", "cpu")
+                 if w + "_peak_GB" in b]
+        if parts:
+            print(f"{name} peaks vs budgets: " + ", ".join(parts))
     for key in sorted(k for k in res if k.startswith("ratio") and "_total_vs_" in k):
         ours = ("flexrun-auto" if key.startswith("ratio_auto") else "flexrun-compressed"
                 if key.startswith("ratio_compressed") else "flexrun")

@@ -71,6 +71,25 @@ def log_steps(llm: LLM) -> None:
     llm.pipeline.run_block = logged
 
 
+def peaks_vs_budgets(llm: LLM) -> dict | None:
+    """The timed run's peaks as the budgets count them (engine/budget.py: GPU reserved + CUDA
+    context, CPU anonymous RSS + pinned), beside --gpu-mem / --cpu-mem; None without budgets."""
+    check = llm.budget
+    if check is None or not check.active:
+        return None
+    p, gb = check.peaks(), 1e9
+    out = {}
+    if check.gpu_mem is not None:
+        out.update(gpu_budget_GB=check.gpu_mem / gb, gpu_peak_GB=p.gpu / gb,
+                   gpu_reserved_GB=p.gpu_reserved / gb, cuda_context_GB=check.context / gb,
+                   gpu_within=p.gpu <= check.gpu_mem)
+    if check.cpu_mem is not None:
+        out.update(cpu_budget_GB=check.cpu_mem / gb, cpu_peak_GB=p.cpu / gb,
+                   cpu_anon_GB=p.cpu_anon / gb, cpu_pinned_GB=p.cpu_pinned / gb,
+                   cpu_within=p.cpu <= check.cpu_mem)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -126,6 +145,7 @@ def main() -> None:
         log_steps(llm)
         llm.generate(prompts, a.gen_len, greedy)
         st = llm.stats
+        budget = peaks_vs_budgets(llm)
         experts = None if moe is None else {
             "routing": moe.routing, "moe_layer_calls": moe.calls,
             "experts_touched_per_call": moe.experts_touched / max(moe.calls, 1),
@@ -155,7 +175,8 @@ def main() -> None:
         "prefill_tok_s": n * a.prompt_len / st.prefill_s,
         "decode_tok_s": n * (a.gen_len - 1) / max(st.decode_s, 1e-9),
         "total_tok_s": n * a.gen_len / total, "peak_gpu_GB": st.peak_gpu_bytes / 1e9,
-        "peak_rss_GB": st.peak_rss_bytes / 1e9, "predicted": predicted, "profile": profile,
+        "peak_rss_GB": st.peak_rss_bytes / 1e9, "peaks_vs_budgets": budget,
+        "predicted": predicted, "profile": profile,
         **({"experts": experts} if experts else {})}))
 
 
