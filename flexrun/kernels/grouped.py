@@ -9,8 +9,9 @@ laid out by a few tensor ops (no sync), the grid covers the most blocks M rows c
 blocks past the last group's return at once. So fp16 grouped GEMMs run without a host sync
 and can be captured in CUDA graphs. FLEXRUN_TRITON_GROUPED=0 keeps torch's.
 
-Tiles: 64 x 64 by default; 64 x 128 (depth) with 4 pipeline stages when K >= 4096, which
-read Mixtral-8x7B's decode gate+up weights at 1.99 against 1.52 TB/s and its down weights at
+Tiles: 64 x 64 by default; 64 x 128 (depth) with 4 pipeline stages when K >= 4096, the
+call's row blocks are of 16 (decode) and the device's shared memory holds the stages (80 KB):
+they read Mixtral-8x7B's decode gate+up weights at 1.99 against 1.52 TB/s and its down weights at
 the same rate (H100, 64 rows; bench.grouped_probe, bench/results/grouped-probe-H100.json).
 FLEXRUN_GROUPED_TUNE=1 tunes the tiles per (N, K, rows per block) at the first call instead
 (triton.autotune over TUNE_CONFIGS); in that probe its pick was faster for both gate+up GEMMs
@@ -117,17 +118,30 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
             _grouped_tuned[lambda meta: (group.numel(), triton.cdiv(N, meta["BN"]))](
                 *args, K=K, BM=bm)
         else:
-            bn, bk, stages = fixed_tiles(K)
+            bn, bk, stages = fixed_tiles(K, bm, x.element_size(), shared_memory(x.device))
             _grouped_kernel[(group.numel(), triton.cdiv(N, bn))](
                 *args, K=K, BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=stages)
     return y
 
 
-def fixed_tiles(K: int) -> tuple[int, int, int]:
-    """(BN, BK, pipeline stages) of an untuned call: deeper tiles for a deep K."""
-    if K >= 4096:
-        return 64, 128, 4
+def fixed_tiles(K: int, bm: int = 64, elem: int = 2, smem: int | None = None
+                ) -> tuple[int, int, int]:
+    """(BN, BK, pipeline stages) of an untuned call: deeper tiles for a deep K in a decode
+    call (row blocks of 16, as measured) where the device's shared memory per block (`smem`,
+    bytes; None: unknown) holds their stages."""
+    bn, bk, stages = 64, 128, 4
+    if K >= 4096 and bm <= 16 and smem is not None and \
+            stages * (bm * bk + bk * bn) * elem <= smem:
+        return bn, bk, stages
     return (64, 64, 3) if K >= 64 else (64, 32 if K >= 32 else 16, 3)
+
+
+def shared_memory(device: torch.device) -> int | None:
+    """Shared memory a block may use on a CUDA device (opt-in maximum), else None."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def tuned(x: torch.Tensor, K: int) -> bool:
