@@ -42,11 +42,14 @@ def summarize(trace: list[dict], top: int = 12) -> list[str]:
     """Report lines from one device's trace entries (torch.cuda.memory._snapshot()'s
     device_traces[i])."""
     cur = peak = peak_at = 0
+    seen: set[int] = set()      # frees of blocks allocated before the window do not count
     for i, e in enumerate(trace):
         if e["action"] == "alloc":
             cur += e["size"]
-        elif e["action"] == "free_completed":
+            seen.add(e["addr"])
+        elif e["action"] == "free_completed" and e["addr"] in seen:
             cur -= e["size"]
+            seen.discard(e["addr"])
         if cur > peak:
             peak, peak_at = cur, i
     live: dict[int, dict] = {}

@@ -72,8 +72,9 @@ def log_steps(llm: LLM) -> None:
 
 
 def peaks_vs_budgets(llm: LLM) -> dict | None:
-    """The timed run's peaks as the budgets count them (engine/budget.py: GPU reserved + CUDA
-    context, CPU anonymous RSS + pinned), beside --gpu-mem / --cpu-mem; None without budgets."""
+    """The peaks as the budget check counts them (engine/budget.py: GPU reserved + CUDA context,
+    over the timed run, its peak reset after the warm-up; CPU anonymous RSS + pinned, since the
+    load), beside --gpu-mem / --cpu-mem; None without budgets."""
     check = llm.budget
     if check is None or not check.active:
         return None

@@ -56,3 +56,12 @@ def test_block_layout_covers_each_group_once():
     # expert 0: 1 block, 2: 2 blocks (rows 3, 19), 3: 1 (20), 4: 1 (36)
     assert used == [(0, 0), (2, 3), (2, 19), (3, 20), (4, 36)]
     assert all(int(g) == E for g in group[len(used):])
+
+
+def test_deep_tiles_only_for_deep_decode_calls_that_fit():
+    from flexrun.kernels.grouped import fixed_tiles
+    assert fixed_tiles(4096, 16, 2, 1 << 20) == (64, 128, 4)
+    assert fixed_tiles(4096, 16, 2, None) == (64, 64, 3)        # shared memory unknown
+    assert fixed_tiles(4096, 16, 2, 64 << 10) == (64, 64, 3)    # 80 KB of stages: no room
+    assert fixed_tiles(4096, 32, 2, 1 << 20) == (64, 64, 3)     # not a decode row block
+    assert fixed_tiles(2048, 16, 2, 1 << 20) == (64, 64, 3)

@@ -9,14 +9,15 @@ def _e(action, addr, size, fn="x.py", line=1, name="f"):
 
 def test_live_at_peak_and_segment_growth_by_source():
     G = 2**30
-    trace = [_e("segment_alloc", 0, 4 * G, "kvquant.py", 10, "read"),
+    trace = [_e("free_completed", 900, 5 * G),      # allocated before the window: not counted
+             _e("segment_alloc", 0, 4 * G, "kvquant.py", 10, "read"),
              _e("alloc", 0, 3 * G, "kvquant.py", 10, "read"),
              _e("alloc", 100, 1 * G, "pipeline.py", 5, "attn"),
              _e("free_completed", 0, 3 * G, "kvquant.py", 10, "read"),
              _e("alloc", 200, 2 * G, "pipeline.py", 5, "attn"),
              _e("segment_map", 4 * G, 2 * G, "storage.py", 7, "to_dev")]
     lines = summarize(trace)
-    assert "4.000 GiB (entry 2 of 6)" in lines[0]
+    assert "4.000 GiB (entry 3 of 7)" in lines[0]
     assert "3.000 GiB" in lines[1] and "kvquant.py:10 read" in lines[1]
     assert "1.000 GiB" in lines[2] and "pipeline.py:5 attn" in lines[2]
     seg = lines.index(next(x for x in lines if x.startswith("memory reserved")))

@@ -1,5 +1,6 @@
 """The compression flags are part of the plan: a search asked for a 4-bit cache or 4-bit
-weights plans every candidate with them, since the run applies them to whatever is chosen."""
+weights plans every candidate with them, since the run applies them to whatever is chosen.
+(The cache-only case is the one a search free to drop the flag got wrong on S1's shape.)"""
 import pytest
 
 from flexrun.models.dummy import dummy_spec

@@ -327,7 +327,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, prompt_len: int, gen_len: 
            compress_weight: bool = False, compress_cache: bool = False,
            cpu_held: int = 0) -> SearchResult:
     """The policy of highest predicted throughput within the budgets: an LP over placement
-    for each (gpu_batch_size, num_gpu_batches, cache case, compression). cpu_held: host bytes
+    for each (gpu_batch_size, num_gpu_batches, cache case). cpu_held: host bytes
     the process holds beyond the profile's baseline (an opened checkpoint's tokenizer)."""
     t0 = time.perf_counter()
     if cpu_held:
@@ -378,7 +378,7 @@ REFINED = 4     # block shapes whose CPU-attention plan is retried with gpu_cach
 
 def _scan(s, num_prompts: int | None, cuda: bool, compress_weight: bool,
           compress_cache: bool):
-    """The best (throughput, policy, prediction) over block shapes and compression cases;
+    """The best (throughput, policy, prediction) over block shapes;
     then the REFINED best shapes planned with CPU attention are retried with the cache of
     some of their GPU batches on the device."""
     best, shapes, host_attn = None, 0, []

@@ -129,7 +129,7 @@ def search_stages(spec: ModelSpec, profile: HardwareProfile, units: list[range],
 
 def _scan(searches: list[_Search], units: list[range], num_prompts: int | None, cuda: bool,
           compress_weight: bool, compress_cache: bool) -> StagePlan | None:
-    """The best plan over block shapes and compression cases (None: nothing fits)."""
+    """The best plan over block shapes (None: nothing fits)."""
     best: StagePlan | None = None
     for rows in shape_grid(num_prompts, cuda, compress_weight, compress_cache):
         for row in rows:
