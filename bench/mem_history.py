@@ -38,26 +38,29 @@ def _grouped(entries, top: int) -> list[str]:
     return [f"  {b / 2**30:8.3f} GiB in {n:6d}  {w}" for w, (b, n) in rows]
 
 
+def _replay(live: dict[int, dict], e: dict) -> int:
+    """Apply one trace entry to the live allocations (address -> entry); the bytes it adds.
+    Frees of blocks allocated before the recorded window are not in `live` and count 0."""
+    if e["action"] == "alloc":
+        live[e["addr"]] = e
+        return e["size"]
+    if e["action"] == "free_completed" and live.pop(e["addr"], None) is not None:
+        return -e["size"]
+    return 0
+
+
 def summarize(trace: list[dict], top: int = 12) -> list[str]:
     """Report lines from one device's trace entries (torch.cuda.memory._snapshot()'s
     device_traces[i])."""
     cur = peak = peak_at = 0
-    seen: set[int] = set()      # frees of blocks allocated before the window do not count
+    live: dict[int, dict] = {}
     for i, e in enumerate(trace):
-        if e["action"] == "alloc":
-            cur += e["size"]
-            seen.add(e["addr"])
-        elif e["action"] == "free_completed" and e["addr"] in seen:
-            cur -= e["size"]
-            seen.discard(e["addr"])
+        cur += _replay(live, e)
         if cur > peak:
             peak, peak_at = cur, i
-    live: dict[int, dict] = {}
+    live = {}
     for e in trace[:peak_at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        elif e["action"] == "free_completed":
-            live.pop(e["addr"], None)
+        _replay(live, e)
     # expandable segments (flexrun's allocator default) map pages instead of new segments
     grown = [e for e in trace if e["action"] in ("segment_alloc", "segment_map")]
     freed = sum(e["size"] for e in trace if e["action"] in ("segment_free", "segment_unmap"))
