@@ -19,6 +19,7 @@ but 1.6x slower for Qwen3-30B-A3B's down GEMM (K = 768) than 64 x 64, so it stay
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -136,8 +137,10 @@ def fixed_tiles(K: int, bm: int = 64, elem: int = 2, smem: int | None = None
     return (64, 64, 3) if K >= 64 else (64, 32 if K >= 32 else 16, 3)
 
 
+@functools.lru_cache(maxsize=None)
 def shared_memory(device: torch.device) -> int | None:
-    """Shared memory a block may use on a CUDA device (opt-in maximum), else None."""
+    """Shared memory a block may use on a CUDA device (opt-in maximum), else None; read once
+    per device (every MoE call asks)."""
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
