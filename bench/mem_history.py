@@ -78,6 +78,22 @@ def summarize(trace: list[dict], top: int = 12) -> list[str]:
             + _grouped(grown, top))
 
 
+def by_stream(segments: list[dict], device: int) -> list[str]:
+    """Reserved and allocated bytes per CUDA stream at the end of the window: each stream has
+    its own pool (and expandable segment), so one stream's cached memory cannot serve another's
+    allocations and max_memory_reserved sums the pools' peaks."""
+    pools: dict[int, list] = defaultdict(lambda: [0, 0, 0])
+    for s in segments:
+        if s.get("device", 0) == device:
+            p = pools[s.get("stream", 0)]
+            p[0] += s.get("total_size", 0)
+            p[1] += s.get("allocated_size", 0)
+            p[2] += 1
+    return [f"reserved at the end, by stream: {len(pools)} stream(s)"] + [
+        f"  stream {k:#x}: reserved {r / 2**30:.3f} GiB, allocated {a / 2**30:.3f} GiB "
+        f"in {n} segment(s)" for k, (r, a, n) in sorted(pools.items(), key=lambda kv: -kv[1][0])]
+
+
 def report(path: str) -> None:
     """Write the summary of every device's recorded history to `path` and stop recording."""
     snap = torch.cuda.memory._snapshot()
@@ -86,5 +102,6 @@ def report(path: str) -> None:
     for dev, trace in enumerate(snap.get("device_traces", [])):
         if trace:
             lines += [f"device {dev}:"] + summarize(trace)
+        lines += by_stream(snap.get("segments", []), dev)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

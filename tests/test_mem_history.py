@@ -1,5 +1,5 @@
 """bench.mem_history: the replay of an allocator history finds the peak and who grew it."""
-from bench.mem_history import summarize
+from bench.mem_history import by_stream, summarize
 
 
 def _e(action, addr, size, fn="x.py", line=1, name="f"):
@@ -23,3 +23,15 @@ def test_live_at_peak_and_segment_growth_by_source():
     seg = lines.index(next(x for x in lines if x.startswith("memory reserved")))
     assert "6.000 GiB in 2" in lines[seg] and "kvquant.py:10" in lines[seg + 1]
     assert "storage.py:7 to_dev" in lines[seg + 2]    # expandable segments map pages
+
+
+def test_reserved_by_stream_sums_each_pool():
+    G = 2**30
+    segs = [{"device": 0, "stream": 0, "total_size": 4 * G, "allocated_size": 3 * G},
+            {"device": 0, "stream": 0x10, "total_size": 6 * G, "allocated_size": 1 * G},
+            {"device": 0, "stream": 0, "total_size": 1 * G, "allocated_size": 0},
+            {"device": 1, "stream": 0, "total_size": 9 * G, "allocated_size": 9 * G}]
+    lines = by_stream(segs, 0)
+    assert "2 stream(s)" in lines[0]
+    assert "stream 0x10: reserved 6.000 GiB, allocated 1.000 GiB in 1" in lines[1]
+    assert "stream 0x0: reserved 5.000 GiB, allocated 3.000 GiB in 2" in lines[2]

@@ -102,8 +102,11 @@ class Pipeline(HostTransfers, StepInputs):
         self._loads += 1
         return self._arenas[self._loads % 2].reset(self.weights.disk_bytes(self.unit_names[u]))
 
-    def _load_unit(self, u: int, arena: Arena | None = None) -> tuple[dict, object]:
-        """Fetch unit u's weights to the compute device; returns (weights, ready event)."""
+    def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False
+                   ) -> tuple[dict, object]:
+        """Fetch unit u's weights to the compute device; returns (weights, ready event).
+        ordered (the thread that enqueues compute only): device buffers from the compute
+        stream's pool (TieredStore.fetch_ordered)."""
         with self.tracer.span(f"load w{u}", "io-thread"):
             host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
                                               mapped=self.maps_disk)
@@ -111,8 +114,10 @@ class Pipeline(HostTransfers, StepInputs):
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
-            out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
-                   for n in host}
+            out = self.weights.fetch_ordered(host, self.weight_stream, self.compute_stream) \
+                if ordered else \
+                {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
+                 for n in host}
         ev = torch.cuda.Event()
         ev.record(self.weight_stream)
         return out, ev
@@ -126,7 +131,7 @@ class Pipeline(HostTransfers, StepInputs):
             return new_future(None)
         if "disk" in self.unit_tiers[u] and not self.maps_disk:
             return self.io.submit(self._load_unit, u, self._arena(u))
-        return new_future(self._load_unit(u))
+        return new_future(self._load_unit(u, ordered=True))
 
     def _wait_load(self, fut: Future, u: int) -> dict:
         res = fut.result()
@@ -278,6 +283,8 @@ class Pipeline(HostTransfers, StepInputs):
             raise
         finally:        # on an error too: a load in flight may still fill a reused buffer
             wait(list(loads.values()))
+            if self.cuda:   # unconsumed copies into compute-pool buffers finish before reuse
+                self.compute_stream.wait_stream(self.weight_stream)
             loads.clear()
             w = None
 

@@ -90,9 +90,16 @@ def h2d_chunked(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     nbytes_ = t.numel() * t.element_size()
     if nbytes_ <= H2D_CHUNK or not t.is_contiguous():
         return t.to(device, non_blocking=True)
-    out = torch.empty(t.shape, dtype=t.dtype, device=device)
-    src, dst = t.view(-1), out.view(-1)
-    step = max(1, H2D_CHUNK // t.element_size())
-    for i in range(0, src.numel(), step):
-        dst[i:i + step].copy_(src[i:i + step], non_blocking=True)
-    return out
+    return copy_chunked(torch.empty(t.shape, dtype=t.dtype, device=device), t)
+
+
+def copy_chunked(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Copy src into the contiguous device tensor dst on the current stream, in pieces of
+    H2D_CHUNK bytes (see h2d_chunked); returns dst."""
+    if src.numel() * src.element_size() <= H2D_CHUNK or not src.is_contiguous():
+        return dst.copy_(src, non_blocking=True)
+    d, s = dst.view(-1), src.view(-1)
+    step = max(1, H2D_CHUNK // src.element_size())
+    for i in range(0, s.numel(), step):
+        d[i:i + step].copy_(s[i:i + step], non_blocking=True)
+    return dst

@@ -14,7 +14,7 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.memory.disk import DiskRef, DiskTier
-from flexrun.memory.pinned import PinnedArena, h2d_chunked
+from flexrun.memory.pinned import PinnedArena, copy_chunked, h2d_chunked
 from flexrun.memory.quant import join_rows
 
 TIERS = ("gpu", "cpu", "disk")
@@ -168,6 +168,31 @@ class TieredStore:
             return d
         with torch.cuda.stream(stream):
             return map_parts(host, to_dev)
+
+    def fetch_ordered(self, host_values: dict, stream, compute_stream) -> dict:
+        """Fetch several values (name -> host value, as read_host gives) with their device
+        buffers taken from `compute_stream`'s pool, in its order: the copies on `stream` wait
+        for the compute stream's work enqueued so far. Buffers freed by that work (the unit
+        before last) are reused at once, so two streamed units are live on the device, not
+        three, and one allocator pool serves the compute and the copies: a copy stream's own
+        pool would stay reserved beside it. Call it from the thread that enqueues compute."""
+        out, copies = {}, []
+        with torch.cuda.stream(compute_stream):
+            for name, host in host_values.items():
+                if self.homes[name][0] == "gpu":
+                    out[name] = self.homes[name][1]
+                    continue
+                out[name] = map_parts(host, lambda t: torch.empty(t.shape, dtype=t.dtype,
+                                                                  device=self.device))
+                copies += zip(parts(out[name]), parts(host))
+        if copies:
+            ready = torch.cuda.Event()
+            ready.record(compute_stream)
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                for dst, src in copies:
+                    copy_chunked(dst, src)
+        return out
 
     def bytes_per_tier(self) -> dict[str, int]:
         out = {t: 0 for t in TIERS}
