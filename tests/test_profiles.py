@@ -122,3 +122,24 @@ def test_cpu_gemm_time_between_the_two_decode_rates():
     fp32_only = dataclasses.replace(p, cpu_flops_decode_bf16=None, cpu_flops_prefill_bf16=None)
     assert fp32_only.gemm_time(4, params, False, 2) == pytest.approx(2 * params * 4 / 30e9)
     assert H100.gemm_time(4, params, True) == H100.gemm_time(4, params, True, 4)   # GPU as before
+
+
+def test_shipped_profile_without_a_fitted_term_takes_it_from_a_sibling(monkeypatch):
+    """h100-measured.json (the 16-core H100 machine) predates cpu_attn_call_s: planned as 0,
+    Qwen3-30B-A3B under 16 GiB got 2 x 128 (6,144 CPU-attention calls per step). The loaded
+    profile takes the term from h100.json, the same GPU's, and says so."""
+    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
+    assert hardware.matching_profile("cuda") == PROFILES_DIR / "h100-measured.json"
+    assert HardwareProfile.load(PROFILES_DIR / "h100-measured.json").cpu_attn_call_s is None
+    prof = default_profile("cuda")
+    assert prof.cpu_attn_call_s == H100.cpu_attn_call_s
+    assert prof.notes["cpu_attn_call_s"].startswith("from h100.json")
+    # a GPU no shipped profile names: a profile of a host like its own lends the term
+    other = HardwareProfile(device_name="NVIDIA L40S", cpu_cores=16, cpu_mem=125 << 30,
+                            h2d_pinned=25e9)
+    assert hardware.fill_fitted(other).cpu_attn_call_s is not None
+    assert hardware.fill_fitted(HardwareProfile(device_name="cpu", cpu_cores=16)).cpu_attn_call_s \
+        is None

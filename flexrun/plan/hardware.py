@@ -228,7 +228,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
         return HardwareProfile.load(os.environ["FLEXRUN_PROFILE"])
     path = matching_profile(device)
     if path is not None:
-        return HardwareProfile.load(path)
+        return fill_fitted(HardwareProfile.load(path), path)
     cuda = torch.device(device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         return HardwareProfile.load(profile_path(device))
@@ -242,7 +242,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
           f"{host_memory() / 2**30:.0f} GiB): measuring one (about 20 s), kept in {cached}",
           file=sys.stderr, flush=True)
     prof = measure(torch.device(device).type, command="flexrun profile (first use)")
-    _fill_fitted(prof, profile_path(device))
+    fill_fitted(prof)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         prof.save(cached)
@@ -252,19 +252,34 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
     return prof
 
 
-def _fill_fitted(prof: HardwareProfile, shipped: Path) -> None:
-    """Terms no micro-benchmark measures (fitted to runs, e.g. cpu_attn_call_s) from the
-    shipped profile of the same device, noted as such."""
-    try:
-        base = HardwareProfile.load(shipped)
-    except FlexrunError:
-        return
-    if base.device_name != prof.device_name and prof.h2d_pinned is not None:
-        return
-    for name in ("cpu_attn_call_s",):
-        if getattr(prof, name) is None and getattr(base, name) is not None:
-            setattr(prof, name, getattr(base, name))
-            prof.notes[name] = f"from {shipped.name} (fitted there, not measured here)"
+FITTED = ("cpu_attn_call_s",)   # terms fitted to runs, which no micro-benchmark measures
+
+
+def fill_fitted(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
+    """prof with the FITTED terms it lacks taken from a shipped profile (not `own`, its own
+    file): one of the same GPU first, else one measured on a host like prof's (the term is a
+    GPU->host->GPU round trip per CPU-attention call, a host's cost); noted in prof.notes. A
+    profile older than a term would otherwise plan as if the term were 0 (an H100 profile
+    without cpu_attn_call_s picked 2 x 128 for Qwen3-30B-A3B: 6,144 calls per step)."""
+    missing = [n for n in FITTED if getattr(prof, n) is None]
+    if not missing or prof.h2d_pinned is None:      # a CPU profile: the terms are GPU runs'
+        return prof
+    shipped = []
+    for path in sorted(PROFILES_DIR.glob("*.json")):
+        try:
+            shipped.append((path, HardwareProfile.load(path)))
+        except FlexrunError:
+            continue
+    ranked = [x for x in shipped if x[1].device_name == prof.device_name] + \
+        [x for x in shipped if x[1].device_name != prof.device_name and x[1].h2d_pinned
+         and same_host(x[1], prof.cpu_cores, prof.cpu_mem)]
+    for name in missing:
+        for path, base in ranked:
+            if path != own and getattr(base, name) is not None:
+                setattr(prof, name, getattr(base, name))
+                prof.notes[name] = f"from {path.name} (fitted there, not measured here)"
+                break
+    return prof
 
 
 # ---- measurement --------------------------------------------------------------------------
