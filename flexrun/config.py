@@ -90,6 +90,10 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+# KV stores (GPU -> host copies) in flight at once, each holding its q/k/v output on the device
+# (engine/kvcache.StoreHold; counted by plan/footprint.py)
+STORES_IN_FLIGHT = 2
+
 _TRIPLES = (("weights_gpu", "weights_cpu", "weights_disk"),
             ("cache_gpu", "cache_cpu", "cache_disk"),
             ("act_gpu", "act_cpu", "act_disk"))

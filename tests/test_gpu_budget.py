@@ -14,9 +14,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GREEDY = SamplingParams(ignore_eos=True)
 # (model, GPU budget, flags): S1 (fp16 weights streamed, KV on the host) and S2-16GiB (4-bit
 # weights) scaled down to OPT-1.3B (2.6 GB in fp16), under budgets just above the planner's
-# minimum (1.04 GiB for the fp16 one: the CUDA context and the process's baseline count)
+# minimum (1.04 GiB for the fp16 one: the CUDA context and the process's baseline count; on
+# the 16-core H100 machine 1.19 GiB for the 4-bit one, whose 1,152 MiB then failed to plan)
 CASES = {"s1": ("dummy:opt-1.3b", 1280 << 20, {}),
-         "s2-16gib": ("dummy:opt-1.3b", 1152 << 20, {"compress_weight": True})}
+         "s2-16gib": ("dummy:opt-1.3b", 1344 << 20, {"compress_weight": True})}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from flexrun.config import STORES_IN_FLIGHT
 from flexrun.memory.pinned import pinned_empty
 from flexrun.memory.disk import DiskTier, offload_error, private_open
 from flexrun.engine.kvquant import CompressedKVSlot
@@ -34,11 +35,36 @@ def _wide_ok(t: torch.Tensor) -> bool:
             and t.storage_offset() % w == 0 and all(st % w == 0 for st in t.stride()[:-1]))
 
 
+class StoreHold:
+    """The device tensors that in-flight stores (GPU -> host copies on the store stream) read,
+    held until their copy has run. record_stream would free them at once in the allocator's
+    books but keep their memory from reuse until the store stream passes the free: the host
+    enqueues a whole prefill ahead of the GPU, so every layer's K and V (views of its q/k/v
+    output) stayed reserved, 19 GB beyond the allocated peak on S1. Held here they count as
+    allocated, and at most STORES_IN_FLIGHT stores are in flight: a later one waits on the
+    host for the oldest (plan/footprint.py counts that many q/k/v outputs)."""
+    limit = STORES_IN_FLIGHT
+
+    def __init__(self):
+        self.held: list[tuple] = []
+
+    def add(self, ev, tensors: tuple) -> None:
+        self.held = [h for h in self.held if not h[0].query()]
+        while len(self.held) >= self.limit:
+            self.held.pop(0)[0].synchronize()
+        self.held.append((ev, tensors))
+
+    def clear(self) -> None:
+        for ev, _ in self.held:
+            ev.synchronize()
+        self.held = []
+
+
 class KVSlot:
     def __init__(self, tier: str, time_major: bool, shape: tuple[int, int, int, int],
                  dtype: torch.dtype, device: torch.device, disk: DiskTier | None, name: str,
                  store_stream=None, io=None, scratch: dict | None = None, plane: str = "",
-                 zero: bool = False):
+                 zero: bool = False, hold: StoreHold | None = None):
         """scratch: reusable read buffers shared by the slots of a CPU run (disk reads into
         fresh tensors pay first-touch page faults); plane: which part of a slot this is;
         zero: zero-fill an in-memory slot (the static decode step of engine/graphs.py may
@@ -47,6 +73,7 @@ class KVSlot:
         self.scratch, self.plane = scratch, plane
         self.tier, self.time_major, self.dtype, self.device = tier, time_major, dtype, device
         self.store_stream, self.io = store_stream, io
+        self.hold = hold if hold is not None else StoreHold()
         self.pending: list = []                 # CUDA events / futures of in-flight stores
         self.max_len, self.rows = shape[2], shape[0]
         self.shape = shape                                       # (b, kv, T, hd)
@@ -119,7 +146,6 @@ class KVSlot:
             for buf, x in zip(self.kv, (k, v)):
                 if x is None:
                     continue
-                x.record_stream(self.store_stream)
                 if self.time_major:
                     buf[t0:t0 + s].copy_(x.permute(2, 0, 1, 3), non_blocking=True)
                 elif t0 == 0 and x.shape[0] == buf.shape[0] and self.plane != "ring":
@@ -133,6 +159,7 @@ class KVSlot:
             ev = torch.cuda.Event()
             ev.record(self.store_stream)
             self.pending.append(ev)
+        self.hold.add(ev, (k, v))
 
     def _settle(self, on_device: bool) -> None:
         """Wait for in-flight stores: on the compute stream if read there, else on the host."""
@@ -240,6 +267,7 @@ class KVCache:
         self.cpu_attention = cpu_attention
         self.store_stream, self.io = store_stream, io
         self.slots: dict[tuple[int, int], KVSlot] = {}
+        self.hold = StoreHold()         # the stores in flight, shared by every slot
         # a CPU run attends right after reading: disk reads can share reused buffers
         self.scratch: dict | None = {} if device.type == "cpu" else None
 
@@ -268,7 +296,7 @@ class KVCache:
                 return KVSlot(tier, self._time_major(tier), shape_, dtype, self.device,
                               self.disk, name + (f".{part}" if part else ""),
                               self.store_stream, self.io, self.scratch, part,
-                              self.zero_fill and tier == "gpu")
+                              self.zero_fill and tier == "gpu", self.hold)
             if self.quant is None:
                 s = make(shape, self.dtype)
             else:
@@ -280,3 +308,4 @@ class KVCache:
         for s in self.slots.values():
             s.close()
         self.slots.clear()
+        self.hold.clear()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexrun.config import FlexrunError, Policy, format_size
+from flexrun.config import STORES_IN_FLIGHT, FlexrunError, Policy, format_size
 from flexrun.models.moe import plain_experts
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
@@ -289,7 +289,12 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         work += b * spec.vocab_size * 4 * 2
         kv_stream = 0 if policy.cpu_attention else (
             2 * b * T * spec.kv_dim * 2 * elem if policy.cache_gpu < 100 else 0)
-        buffers += act + work + kv_stream
+        # the prefill's KV stores to host memory in flight (engine/kvcache.StoreHold), each
+        # holding its batch's q/k/v output (and k after RoPE) until its copy has run: the
+        # current batch's is in `work`, the ones before it here
+        stores = (STORES_IN_FLIGHT - 1) * b * prompt_len * (spec.hidden_size + 3 * spec.kv_dim) * \
+            elem if cuda and policy.cache_cpu > 0 else 0
+        buffers += act + work + kv_stream + stores
         if policy.cpu_attention and policy.cache_gpu < 100:
             host += b * spec.num_heads * T * 4 * 2
     return Footprint(weights, cache, buffers, host)
