@@ -104,9 +104,8 @@ class Pipeline(HostTransfers, StepInputs):
 
     def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False
                    ) -> tuple[dict, object]:
-        """Fetch unit u's weights to the compute device; returns (weights, ready event).
-        ordered (the thread that enqueues compute only): device buffers from the compute
-        stream's pool (TieredStore.fetch_ordered)."""
+        """Unit u's weights on the compute device, and their ready event. ordered: buffers
+        from the compute stream's pool (TieredStore.fetch_ordered; the main thread only)."""
         with self.tracer.span(f"load w{u}", "io-thread"):
             host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
                                               mapped=self.maps_disk)
@@ -115,9 +114,8 @@ class Pipeline(HostTransfers, StepInputs):
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
             out = self.weights.fetch_ordered(host, self.weight_stream, self.compute_stream) \
-                if ordered else \
-                {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
-                 for n in host}
+                if ordered else {n: self.weights.fetch(n, self.weight_stream,
+                                                       self.compute_stream, host[n]) for n in host}
         ev = torch.cuda.Event()
         ev.record(self.weight_stream)
         return out, ev
