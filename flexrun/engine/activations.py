@@ -26,9 +26,9 @@ class HostTransfers:
             self.store_stream.wait_stream(self.compute_stream)
             with torch.cuda.stream(self.store_stream):
                 host.copy_(h, non_blocking=True)
-            h.record_stream(self.store_stream)
             ev = torch.cuda.Event()
             ev.record(self.store_stream)
+            self.kv.hold.add(ev, (h,))      # h held until copied (not record_stream: kvcache)
             return (host, ev)
         path = self.disk.new_path(f"act-u{u}")
         self.disk.write(path, h)
@@ -46,10 +46,16 @@ class HostTransfers:
             host, ev = b.hidden
             if host.is_cuda:
                 continue
+            # the device copy comes from the compute stream's pool, in its order (as
+            # TieredStore.fetch_ordered does for weights): no pool of the weight stream's
+            with torch.cuda.stream(self.compute_stream):
+                dev = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            free = torch.cuda.Event()
+            free.record(self.compute_stream)
             with torch.cuda.stream(self.weight_stream):
                 self.weight_stream.wait_event(ev)
-                dev = host.to(self.device, non_blocking=True)
-            dev.record_stream(self.compute_stream)      # freed after the compute stream's use
+                self.weight_stream.wait_event(free)
+                dev.copy_(host, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.weight_stream)
             b.hidden = (dev, ready)
