@@ -90,9 +90,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-# KV stores (GPU -> host copies) in flight at once, each holding its q/k/v output on the device
-# (engine/kvcache.StoreHold; counted by plan/footprint.py)
-STORES_IN_FLIGHT = 2
+# the device memory that KV and activation stores (GPU -> host copies) in flight may hold, in
+# prefill stores (q/k/v outputs): engine/kvcache.StoreHold; counted by plan/footprint.py
+STORES_IN_FLIGHT = 1
 
 _TRIPLES = (("weights_gpu", "weights_cpu", "weights_disk"),
             ("cache_gpu", "cache_cpu", "cache_disk"),

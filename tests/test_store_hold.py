@@ -1,7 +1,10 @@
 """engine/kvcache.StoreHold: the device tensors of in-flight stores are held until their copy
-has run, at most STORES_IN_FLIGHT at a time (events stand in for CUDA events here)."""
+has run, their storage under STORES_IN_FLIGHT times the largest store's (events stand in for
+CUDA events, CPU tensors for device ones)."""
+import torch
+
 from flexrun.config import STORES_IN_FLIGHT
-from flexrun.engine.kvcache import StoreHold
+from flexrun.engine.kvcache import StoreHold, storage_bytes
 
 
 class FakeEvent:
@@ -16,17 +19,35 @@ class FakeEvent:
         self.done = True
 
 
-def test_holds_at_most_the_limit_and_waits_for_the_oldest():
+def test_holds_the_largest_stores_bound_and_waits_for_the_oldest():
     log: list = []
     hold = StoreHold()
-    evs = [FakeEvent(log, f"e{i}") for i in range(4)]
+    big = [torch.empty(1000, dtype=torch.uint8) for _ in range(STORES_IN_FLIGHT + 2)]
+    evs = [FakeEvent(log, f"e{i}") for i in range(len(big))]
     for i in range(STORES_IN_FLIGHT):
-        hold.add(evs[i], (f"t{i}",))
-    assert log == [] and len(hold.held) == STORES_IN_FLIGHT
-    hold.add(evs[2], ("t2",))               # full: the host waits for the oldest store
-    assert log == ["e0"] and [h[1] for h in hold.held] == [("t1",), ("t2",)]
-    evs[1].done = evs[2].done = True        # copies that have run are let go without a wait
-    hold.add(evs[3], ("t3",))
-    assert log == ["e0"] and [h[1] for h in hold.held] == [("t3",)]
+        hold.add(evs[i], (big[i],))
+    assert log == [] and hold.bytes == STORES_IN_FLIGHT * 1000
+    hold.add(evs[STORES_IN_FLIGHT], (big[STORES_IN_FLIGHT],))   # over: waits for the oldest
+    assert log == ["e0"] and hold.bytes == STORES_IN_FLIGHT * 1000
+    for e in evs[:STORES_IN_FLIGHT + 1]:
+        e.done = True                      # copies that have run are let go without a wait
+    small = [torch.empty(10, dtype=torch.uint8) for _ in range(50)]   # decode-sized stores
+    for t in small:
+        hold.add(FakeEvent(log, "small"), (t,))
+    assert log == ["e0"] and len(hold.held) == 50       # they fit beside each other
     hold.clear()
-    assert log == ["e0", "e3"] and hold.held == []
+    assert hold.held == [] and hold.bytes == 0
+
+
+def test_views_of_one_output_count_once_and_a_group_is_one_store():
+    qkv = torch.empty(3, 64)
+    k, v = qkv[1], qkv[2]
+    assert storage_bytes((k, v, None)) == qkv.numel() * 4
+    log: list = []
+    hold = StoreHold()
+    with hold.group():
+        hold.add(FakeEvent(log, "plane1"), (torch.empty(8),))
+        hold.add(FakeEvent(log, "plane2"), (torch.empty(8),))
+        assert hold.held == []
+    assert len(hold.held) == 1 and hold.held[0][0].name == "plane2"
+    assert hold.bytes == 64

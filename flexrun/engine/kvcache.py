@@ -9,6 +9,7 @@ is one contiguous range.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Mapping
 
 import torch
@@ -41,23 +42,61 @@ class StoreHold:
     books but keep their memory from reuse until the store stream passes the free: the host
     enqueues a whole prefill ahead of the GPU, so every layer's K and V (views of its q/k/v
     output) stayed reserved, 19 GB beyond the allocated peak on S1. Held here they count as
-    allocated, and at most STORES_IN_FLIGHT stores are in flight: a later one waits on the
-    host for the oldest (plan/footprint.py counts that many q/k/v outputs)."""
-    limit = STORES_IN_FLIGHT
+    allocated, and their storage stays under STORES_IN_FLIGHT times the largest store's (a
+    prefill's q/k/v output; plan/footprint.py counts as much): a store over it waits on the
+    host for the oldest ones. A decode step's small stores fit beside each other."""
 
     def __init__(self):
-        self.held: list[tuple] = []
+        self.held: list[tuple] = []         # (event, tensors, storage bytes), oldest first
+        self.bytes = self.cap = 0
+        self._group: list | None = None
+
+    @contextmanager
+    def group(self):
+        """The stores made inside are held as one (a compressed slot's planes of one write:
+        the store stream runs them in order, so the last one's event covers all)."""
+        if self._group is not None:
+            yield
+            return
+        self._group = [None, []]
+        try:
+            yield
+        finally:
+            ev, tensors = self._group
+            self._group = None
+            if ev is not None:
+                self.add(ev, tuple(tensors))
 
     def add(self, ev, tensors: tuple) -> None:
+        if self._group is not None:
+            self._group[0] = ev
+            self._group[1] += tensors
+            return
+        n = storage_bytes(tensors)
+        self.cap = max(self.cap, STORES_IN_FLIGHT * n)
         self.held = [h for h in self.held if not h[0].query()]
-        while len(self.held) >= self.limit:
-            self.held.pop(0)[0].synchronize()
-        self.held.append((ev, tensors))
+        self.bytes = sum(h[2] for h in self.held)
+        while self.held and self.bytes + n > self.cap:
+            old_ev, _, old_n = self.held.pop(0)
+            old_ev.synchronize()
+            self.bytes -= old_n
+        self.held.append((ev, tensors, n))
+        self.bytes += n
 
     def clear(self) -> None:
-        for ev, _ in self.held:
-            ev.synchronize()
-        self.held = []
+        for h in self.held:
+            h[0].synchronize()
+        self.held, self.bytes = [], 0
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages under `tensors` (views of one output count once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 class KVSlot:

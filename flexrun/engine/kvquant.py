@@ -73,7 +73,12 @@ class CompressedKVSlot:
     def write(self, k: torch.Tensor, v: torch.Tensor, t0: int,
               first: torch.Tensor | None = None) -> None:
         """Store k, v (b, kv_heads, s, hd) at positions t0..t0+s (t0 = 0 starts a new block;
-        then positions before `first` (b,) are padding, left out of key groups)."""
+        then positions before `first` (b,) are padding, left out of key groups). The planes'
+        stores to host memory are held as one (kvcache.StoreHold)."""
+        with self.codes.hold.group():
+            self._write(k, v, t0, first)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, t0: int, first) -> None:
         if t0 == 0:
             self.t = self.q = 0
             self.first = first

@@ -129,7 +129,7 @@ class Pipeline(HostTransfers, StepInputs):
             return new_future(None)
         if "disk" in self.unit_tiers[u] and not self.maps_disk:
             return self.io.submit(self._load_unit, u, self._arena(u))
-        return new_future(self._load_unit(u, ordered=True))
+        return new_future(self._load_unit(u, ordered=self.policy.pin_weights))
 
     def _wait_load(self, fut: Future, u: int) -> dict:
         res = fut.result()

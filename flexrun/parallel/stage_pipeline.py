@@ -160,14 +160,18 @@ class StagePipeline(Pipeline):
         run = _BlockRun(self, batches, max_new_tokens, sampler)
         self.begin_block(batches)
         groups = split_groups(len(batches), self.comm.world)
-        for step in range(max_new_tokens):
-            run.sync_tokens(step)
-            if all(run.skip(step, m) for m in range(len(batches))):
-                break
-            for group in groups:
-                run.group(step, group)
-            if on_step is not None:
-                on_step(step)
+        try:
+            for step in range(max_new_tokens):
+                run.sync_tokens(step)
+                if all(run.skip(step, m) for m in range(len(batches))):
+                    break
+                for group in groups:
+                    run.group(step, group)
+                if on_step is not None:
+                    on_step(step)
+        finally:    # the next step's load, never consumed, lands before its buffers are reused
+            if self.cuda:   # (they come from the compute stream's pool: fetch_ordered)
+                self.compute_stream.wait_stream(self.weight_stream)
         run.finish()
 
 

@@ -289,11 +289,12 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         work += b * spec.vocab_size * 4 * 2
         kv_stream = 0 if policy.cpu_attention else (
             2 * b * T * spec.kv_dim * 2 * elem if policy.cache_gpu < 100 else 0)
-        # the prefill's KV stores to host memory in flight (engine/kvcache.StoreHold), each
-        # holding its batch's q/k/v output (and k after RoPE) until its copy has run: the
-        # current batch's is in `work`, the ones before it here
-        stores = (STORES_IN_FLIGHT - 1) * b * prompt_len * (spec.hidden_size + 3 * spec.kv_dim) * \
-            elem if cuda and policy.cache_cpu > 0 else 0
+        # the prefill's KV stores to host memory in flight (engine/kvcache.StoreHold) hold
+        # earlier batches' q/k/v outputs (and k after RoPE) until their copies have run,
+        # beside the current batch's in `work`
+        qkv = spec.num_heads * spec.head_dim + 3 * spec.kv_dim
+        stores = STORES_IN_FLIGHT * b * prompt_len * qkv * elem \
+            if cuda and policy.cache_cpu > 0 else 0
         buffers += act + work + kv_stream + stores
         if policy.cpu_attention and policy.cache_gpu < 100:
             host += b * spec.num_heads * T * 4 * 2
