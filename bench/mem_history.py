@@ -64,11 +64,11 @@ def summarize(trace: list[dict], top: int = 12) -> list[str]:
     # expandable segments (flexrun's allocator default) map pages instead of new segments
     grown = [e for e in trace if e["action"] in ("segment_alloc", "segment_map")]
     freed = sum(e["size"] for e in trace if e["action"] in ("segment_free", "segment_unmap"))
-    by_stream: dict[int, int] = defaultdict(int)
+    grown_by_stream: dict[int, int] = defaultdict(int)
     for e in grown:
-        by_stream[e.get("stream", 0)] += e["size"]
+        grown_by_stream[e.get("stream", 0)] += e["size"]
     streams = ", ".join(f"stream {k}: {v / 2**30:.3f} GiB" for k, v in
-                        sorted(by_stream.items(), key=lambda kv: -kv[1]))
+                        sorted(grown_by_stream.items(), key=lambda kv: -kv[1]))
     return ([f"allocated peak in the recorded window: {peak / 2**30:.3f} GiB "
              f"(entry {peak_at} of {len(trace)}); live there, by source:"]
             + _grouped(live.values(), top)

@@ -48,8 +48,12 @@ class StoreHold:
 
     def __init__(self):
         self.held: list[tuple] = []         # (event, tensors, storage bytes), oldest first
-        self.bytes = self.cap = 0
+        self.cap = 0
         self._group: list | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(h[2] for h in self.held)
 
     @contextmanager
     def group(self):
@@ -75,18 +79,14 @@ class StoreHold:
         n = storage_bytes(tensors)
         self.cap = max(self.cap, STORES_IN_FLIGHT * n)
         self.held = [h for h in self.held if not h[0].query()]
-        self.bytes = sum(h[2] for h in self.held)
         while self.held and self.bytes + n > self.cap:
-            old_ev, _, old_n = self.held.pop(0)
-            old_ev.synchronize()
-            self.bytes -= old_n
+            self.held.pop(0)[0].synchronize()
         self.held.append((ev, tensors, n))
-        self.bytes += n
 
     def clear(self) -> None:
         for h in self.held:
             h[0].synchronize()
-        self.held, self.bytes = [], 0
+        self.held = []
 
 
 def storage_bytes(tensors) -> int:
