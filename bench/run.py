@@ -206,6 +206,9 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
             p.wait()
             return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0,
                     "log_tail": log.read_text(errors="replace").splitlines()[-5:]}
+        except BaseException:       # this process stopped (Ctrl-C, SIGTERM): its own session
+            os.killpg(p.pid, signal.SIGKILL)     # would outlive it and hold the GPU and RAM
+            raise
     out = log.read_text(errors="replace").splitlines()
     for line in out:
         if line.startswith(tag + " "):
@@ -213,6 +216,20 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
             r["wall_s"] = time.time() - t0
             return r
     return {"error": (out or ["no output"])[-1], "rc": p.returncode}
+
+
+def gpu_name() -> str:
+    """The first GPU's name from nvidia-smi (this process keeps no CUDA context), else "cpu"."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out.strip() or "cpu"
+
+
+def _stop_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tracks(trace: Path) -> list[dict]:
@@ -229,6 +246,7 @@ def _tracks(trace: Path) -> list[dict]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop_on_term)    # `timeout` stops the systems too
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
     ap.add_argument("--only", default=",".join(SYSTEMS), help="systems to run (those the "
@@ -278,7 +296,8 @@ def main() -> None:
         print(name, json.dumps(res[name]), flush=True)
     res["scenario_wall_s"] = time.time() - t0
     res["load_avg_end"] = os.getloadavg()             # 1/5/15-min: others' load skews timings
-    device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), "unknown")
+    device = next((r["device"] for r in map(res.get, only) if r and r.get("device")), None)
+    device = device or gpu_name()
     path = out_dir / f"{a.scenario}-{device.replace(' ', '-')}.json"
     if a.merge and path.is_file():           # earlier systems of this scenario, back to back
         old = json.loads(path.read_text())

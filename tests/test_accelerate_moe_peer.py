@@ -119,3 +119,16 @@ def test_gpu_reserve_covers_kv_cache() -> None:
     r4, r16 = (gpu_reserve(spec, b, 512, 32, 2) for b in (4, 16))
     kv16 = spec.kv_bytes_per_token(2) * 16 * 544
     assert r16 > kv16 + SLACK and r4 < r16 < 4 << 30
+
+
+def test_decode_skips_the_gather_that_does_not_fit() -> None:
+    """transformers' decode switch to batched_mm gathers 352 MB of Mixtral weights per token
+    and expert (it ran out of memory at batch 4 under 24 GiB): skipped there, kept for
+    Qwen3-MoE's small experts, and an explicit choice stands."""
+    from bench.peers.accelerate_peer import decode_experts, decode_gather_bytes
+    from flexrun.models.dummy import dummy_spec
+    mixtral, qwen = dummy_spec("mixtral-8x7b"), dummy_spec("qwen3-30b-a3b")
+    assert decode_gather_bytes(mixtral, 4, 2) == 4 * 2 * 3 * 4096 * 14336 * 2
+    assert decode_experts("auto", mixtral, 4, 512, 2) == "keep"
+    assert decode_experts("auto", qwen, 8, 512, 2) == "switch"
+    assert decode_experts("switch", mixtral, 4, 512, 2) == "switch"

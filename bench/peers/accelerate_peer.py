@@ -19,6 +19,13 @@ widest MLP over every prompt token, fp32 attention scores, the last position's l
 0.5 GiB of slack (--gpu-weights-mem sets it instead). Accelerate itself keeps room for its
 largest layer on the GPU when it offloads (it streams offloaded layers through it).
 
+Decode experts. On a GPU, transformers' generate() switches a grouped_mm model's experts to
+`batched_mm` for decode, which gathers each (token, expert) pair's own copy of the expert's
+weights: 352 MB per pair for Mixtral, 2.8 GB at batch 4, beyond a 24 GiB cap beside the
+weights. Where that gather exceeds the reserve's room for the prefill's activations and slack
+(free again at decode), the switch is skipped and decode runs the prefill's forward
+(`--decode-experts keep|switch|auto`; the result says which ran).
+
 Routing. flexrun's dummy MoE presets draw experts from a stated distribution (uniform by
 default, FLEXRUN_DUMMY_ROUTING); the HF model runs its own router over the synthetic router
 weights. Fine for a peer: Accelerate streams every offloaded weight (all experts of a layer
@@ -53,12 +60,34 @@ SLACK = 1 << 29       # 0.5 GiB of the GPU reserve beside the KV cache and activ
 def gpu_reserve(spec: ModelSpec, batch: int, prompt_len: int, gen_len: int, elem: int) -> int:
     """GPU bytes Accelerate needs beside its weights for one batch (see the module doc)."""
     kv = spec.kv_bytes_per_token(elem) * batch * (prompt_len + gen_len)
+    return kv + prefill_act_bytes(spec, batch, prompt_len, elem) + SLACK
+
+
+def prefill_act_bytes(spec: ModelSpec, batch: int, prompt_len: int, elem: int) -> int:
+    """The prefill's activations: hidden states, the widest MLP over every prompt token, fp32
+    attention scores, the last position's logits."""
     tokens = batch * prompt_len
     ffn = max(spec.ffn_dim, spec.expert_ffn_dim, spec.shared_expert_ffn_dim)
-    act = (tokens * (8 * spec.hidden_size + 3 * ffn) * elem
-           + batch * spec.num_heads * prompt_len * prompt_len * 4
-           + 2 * batch * spec.vocab_size * 4)
-    return kv + act + SLACK
+    return (tokens * (8 * spec.hidden_size + 3 * ffn) * elem
+            + batch * spec.num_heads * prompt_len * prompt_len * 4
+            + 2 * batch * spec.vocab_size * 4)
+
+
+def decode_gather_bytes(spec: ModelSpec, batch: int, elem: int) -> int:
+    """GPU bytes of transformers' decode-time experts route (`batched_mm`, which generate()
+    switches to from grouped_mm on a GPU): it gathers every (token, expert) pair's own copy
+    of the expert's gate/up and down weights."""
+    return batch * spec.experts_per_token * 3 * spec.hidden_size * spec.expert_ffn_dim * elem
+
+
+def decode_experts(choice: str, spec: ModelSpec, batch: int, prompt_len: int, elem: int) -> str:
+    """"switch" (generate() moves decode to batched_mm) or "keep" (decode runs the prefill's
+    experts forward); auto switches where the gather fits the reserve's room for the
+    prefill's activations and slack (free again at decode)."""
+    if choice != "auto":
+        return choice
+    room = prefill_act_bytes(spec, batch, prompt_len, elem) + SLACK
+    return "switch" if decode_gather_bytes(spec, batch, elem) <= room else "keep"
 
 
 def placement_summary(device_map: dict, num_layers: int) -> dict:
@@ -144,6 +173,12 @@ def build(a: argparse.Namespace, spec: ModelSpec, dtype: torch.dtype, work: Path
     model = dispatch_model(model, device_map=device_map, offload_dir=str(work))
     model.eval()
     model.generation_config.eos_token_id = None     # exactly max_new_tokens, eos not masked
+    if cuda and spec.num_experts:
+        a.decode_experts = decode_experts(a.decode_experts, spec, a.batch_size, a.prompt_len,
+                                          torch.finfo(dtype).bits // 8)
+        if a.decode_experts == "keep":
+            from contextlib import nullcontext
+            model._optimize_model_for_decode = nullcontext
     return model, device_map, max_memory, placed
 
 
@@ -214,6 +249,7 @@ def run(a: argparse.Namespace) -> dict:
             "routing": "router" if spec.num_experts else None,
             "experts_implementation": getattr(model.config, "_experts_implementation", None)
             if spec.num_experts else None,
+            "decode_experts": a.decode_experts if spec.num_experts and cuda else None,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
             "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
             "first_tokens": first[:8], "args": vars(a)}
@@ -240,6 +276,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--experts-impl", choices=["eager", "grouped_mm", "batched_mm"],
                     default=None, help="transformers' MoE experts forward (default: grouped_mm "
                     "where it runs, else eager)")
+    ap.add_argument("--decode-experts", choices=["auto", "switch", "keep"], default="auto",
+                    help="MoE on CUDA: 'switch' lets generate() move decode to batched_mm (each "
+                    "token's experts gathered: decode_gather_bytes), 'keep' runs decode with the "
+                    "prefill's experts forward; auto: keep where the gather exceeds the reserve")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="default: float16 on CUDA, float32 on the CPU (as flexrun)")
     return ap
