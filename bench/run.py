@@ -228,6 +228,18 @@ def gpu_name() -> str:
     return out.strip() or "cpu"
 
 
+def gpu_processes() -> list[str]:
+    """Compute processes on the GPUs now ("pid name MiB"), from nvidia-smi; [] without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [" ".join(x.strip() for x in line.split(",")) for line in out.splitlines()
+            if line.strip()]
+
+
 def _stop_on_term(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -273,6 +285,10 @@ def main() -> None:
            "command": "python -m bench.run " + shlex.join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "host_cpus": os.cpu_count(),
            "load_avg_start": os.getloadavg()}
+    others = gpu_processes()
+    if others:                  # a stray run on the GPU skews every figure of this one
+        res["gpu_processes_start"] = others
+        print(f"warning: processes on the GPU before the run: {others}", flush=True)
     if a.note:
         res["note"] = a.note
     t0 = time.time()

@@ -62,3 +62,16 @@ def test_no_budget_no_check(llama_dir):
     with LLM(str(llama_dir), device="cpu", policy="resident") as llm:
         assert not llm.budget.active and llm.budget.sampler is None
         assert llm.budget.after_block() == []
+
+
+def test_another_process_on_the_gpu_is_named_at_start(monkeypatch) -> None:
+    """More memory held outside the allocator at start than a CUDA context takes: one warning
+    line that another process shares the GPU (a run beside a stray one measured 23 GB of
+    "context"); a plain context says nothing."""
+    from flexrun.engine import budget
+    said: list[str] = []
+    for held in (560 << 20, 23 << 30):
+        monkeypatch.setattr(budget, "cuda_context_bytes", lambda device, held=held: held)
+        BudgetCheck(torch.device("cuda"), 16 << 30, None, say=said.append)
+    assert len(said) == 1 and "another process is using this GPU" in said[0]
+    assert "23.00GiB" in said[0]

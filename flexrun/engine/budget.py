@@ -54,6 +54,9 @@ def pinned_peak() -> int:
     return int(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0))
 
 
+SHARED_GPU = 2 << 30    # more held outside the allocator at start than a CUDA context takes
+
+
 def cuda_context_bytes(device: torch.device) -> int:
     """The device's used memory not held by this process's allocator: the CUDA context (and
     whatever other processes hold on the same GPU)."""
@@ -109,6 +112,11 @@ class BudgetCheck:
         self.sampler = RssSampler(interval) if cpu_mem is not None else None
         self.warned: set[str] = set()
         self.blocks = 0
+        if self.context > SHARED_GPU:
+            self.say(f"flexrun: warning: {format_size(self.context)} of the GPU is held outside "
+                     "this process's allocator at start (a CUDA context takes about 0.5GiB): "
+                     "another process is using this GPU; its memory counts against --gpu-mem "
+                     "here, and it shares the GPU's time and links")
 
     @property
     def active(self) -> bool:
