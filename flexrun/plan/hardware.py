@@ -228,7 +228,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
         return HardwareProfile.load(os.environ["FLEXRUN_PROFILE"])
     path = matching_profile(device)
     if path is not None:
-        return fill_fitted(HardwareProfile.load(path), path)
+        return fill_missing_terms(HardwareProfile.load(path), path)
     cuda = torch.device(device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         return HardwareProfile.load(profile_path(device))
@@ -242,7 +242,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
           f"{host_memory() / 2**30:.0f} GiB): measuring one (about 20 s), kept in {cached}",
           file=sys.stderr, flush=True)
     prof = measure(torch.device(device).type, command="flexrun profile (first use)")
-    fill_fitted(prof)
+    fill_missing_terms(prof)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         prof.save(cached)
@@ -252,16 +252,21 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
     return prof
 
 
-FITTED = ("cpu_attn_call_s",)   # terms fitted to runs, which no micro-benchmark measures
+# terms a profile may lack (fitted to runs, or measured by a micro-benchmark younger than the
+# profile) and where a shipped profile may lend them from: "host" terms (a GPU->host->GPU round
+# trip per CPU-attention call is the host's cost) from a profile of the same GPU, else of a
+# host like its own; "gpu" terms only from a profile of the same GPU
+LENT_TERMS = {"cpu_attn_call_s": "host", "gpu_graph_unit_overhead": "gpu",
+              "gpu_expert_bw": "gpu"}
 
 
-def fill_fitted(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
-    """prof with the FITTED terms it lacks taken from a shipped profile (not `own`, its own
-    file): one of the same GPU first, else one measured on a host like prof's (the term is a
-    GPU->host->GPU round trip per CPU-attention call, a host's cost); noted in prof.notes. A
-    profile older than a term would otherwise plan as if the term were 0 (an H100 profile
-    without cpu_attn_call_s picked 2 x 128 for Qwen3-30B-A3B: 6,144 calls per step)."""
-    missing = [n for n in FITTED if getattr(prof, n) is None]
+def fill_missing_terms(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
+    """prof with the LENT_TERMS it lacks taken from a shipped profile (not `own`, its own
+    file), noted in prof.notes. A profile older than a term would otherwise plan as if it
+    were 0 (an H100 profile without cpu_attn_call_s picked 2 x 128 for Qwen3-30B-A3B: 6,144
+    calls per step) or absent (without gpu_graph_unit_overhead every graphed unit paid an
+    eager launch: OPT-1.3B's resident decode predicted at 2.4x its measured step)."""
+    missing = [n for n in LENT_TERMS if getattr(prof, n) is None]
     if not missing or prof.h2d_pinned is None:      # a CPU profile: the terms are GPU runs'
         return prof
     shipped = []
@@ -270,14 +275,15 @@ def fill_fitted(prof: HardwareProfile, own: Path | None = None) -> HardwareProfi
             shipped.append((path, HardwareProfile.load(path)))
         except FlexrunError:
             continue
-    ranked = [x for x in shipped if x[1].device_name == prof.device_name] + \
-        [x for x in shipped if x[1].device_name != prof.device_name and x[1].h2d_pinned
-         and same_host(x[1], prof.cpu_cores, prof.cpu_mem)]
+    same_gpu = [x for x in shipped if x[1].device_name == prof.device_name]
+    like_host = [x for x in shipped if x[1].device_name != prof.device_name and x[1].h2d_pinned
+                 and same_host(x[1], prof.cpu_cores, prof.cpu_mem)]
     for name in missing:
-        for path, base in ranked:
+        for path, base in same_gpu + (like_host if LENT_TERMS[name] == "host" else []):
             if path != own and getattr(base, name) is not None:
                 setattr(prof, name, getattr(base, name))
-                prof.notes[name] = f"from {path.name} (fitted there, not measured here)"
+                kind = "fitted" if name != "gpu_graph_unit_overhead" else "measured"
+                prof.notes[name] = f"from {path.name} ({kind} there, not here)"
                 break
     return prof
 
