@@ -165,3 +165,18 @@ def smollm2_hf_dir(hf_gguf_model, hf_gguf_tokenizer, tmp_path_factory) -> Path:
     """hf_gguf_model saved as a plain fp32 safetensors HF directory (converted once)."""
     from hf_from_gguf import save_fp32
     return save_fp32(hf_gguf_model, hf_gguf_tokenizer, tmp_path_factory.mktemp("smollm2_hf"))
+
+
+def same_to_fp32(got, want) -> bool:
+    """Equal JSON values: the same keys, ids, tokens, texts and finish reasons; floats
+    (logprobs) within fp32 rounding (a batch of other rows may round the last bit
+    differently)."""
+    if isinstance(want, float):
+        return isinstance(got, float) and got == pytest.approx(want, abs=1e-5)
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and \
+            all(same_to_fp32(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and \
+            all(same_to_fp32(g, w) for g, w in zip(got, want))
+    return got == want

@@ -12,6 +12,7 @@ import torch
 from flexrun.cli import main
 from flexrun.config import SamplingParams
 from flexrun.jobs import Pieces, derived_seed
+from conftest import same_to_fp32
 from openai_rows import COMPLETIONS, TEMPLATE, req, user, write_lines
 
 
@@ -165,7 +166,8 @@ def test_openai_batch_round_trip_and_resume(tmp_path, opt_dir, llm, hf_logprobs)
     for k in keys:
         if k in lost or k == json.loads(kept[-1])["custom_id"]:
             a, b = got[k]["response"]["body"], again[k]["response"]["body"]
-            assert a["choices"] == b["choices"] and a["usage"] == b["usage"], k
+            # redone in a batch of other rows: logprobs may round their last bit differently
+            assert same_to_fp32(b["choices"], a["choices"]) and a["usage"] == b["usage"], k
         else:
             assert again[k] == got[k]                   # untouched, errors included
     assert run_job(inp, out, opt_dir, "--seed", str(SEED)) == 0       # nothing left to do

@@ -11,7 +11,7 @@ import pytest
 from flexrun.cli import main
 from flexrun.config import Policy
 
-from conftest import ragged_prompts, write_jsonl
+from conftest import ragged_prompts, same_to_fp32, write_jsonl
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -52,20 +52,6 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.open()]
 
 
-def _same(got, want) -> bool:
-    """Equal lines: the same ids, tokens, texts and finish reasons; logprobs within fp32
-    rounding (a batch of other rows may round the last bit differently)."""
-    if isinstance(want, float):
-        return isinstance(got, float) and got == pytest.approx(want, abs=1e-5)
-    if isinstance(want, dict):
-        return isinstance(got, dict) and got.keys() == want.keys() and \
-            all(_same(got[k], want[k]) for k in want)
-    if isinstance(want, list):
-        return isinstance(got, list) and len(got) == len(want) and \
-            all(_same(g, w) for g, w in zip(got, want))
-    return got == want
-
-
 @pytest.fixture(scope="module")
 def single(llama_dir, tmp_path_factory):
     """The job run in one process: (input, policy file, output lines)."""
@@ -84,7 +70,7 @@ def test_cli_ray_matches_single_process(llama_dir, single, tmp_path):
     inp, pol, want = single
     assert main(_cli(llama_dir, inp, tmp_path / "ray.jsonl", pol, *RAY)) == 0
     got = _lines(tmp_path / "ray.jsonl")
-    assert _same(got, want)                 # same lines, same order (the input's)
+    assert same_to_fp32(got, want)                 # same lines, same order (the input's)
     assert len(got) == 7 and len(got[1]["samples"]) == 2 and "logprobs" in got[4]
 
 
@@ -98,7 +84,7 @@ def test_cli_ray_resumes(llama_dir, single, tmp_path):
     got = _lines(out)
     assert [r["id"] for r in got] == [r["id"] for r in want]
     assert got[5]["text"] == "kept"
-    assert _same([r for i, r in enumerate(got) if i != 5],
+    assert same_to_fp32([r for i, r in enumerate(got) if i != 5],
                  [r for i, r in enumerate(want) if i != 5])
 
 
@@ -112,7 +98,7 @@ def test_actor_killed_mid_job_gives_every_id_once(llama_dir, single, tmp_path, m
     assert main(_cli(llama_dir, inp, out, pol, "--ray", "local", "--workers", "2",
                      "--ray-batch-size", "1")) == 0
     assert marker.exists()                  # the fault fired
-    assert _same(_lines(out), want)
+    assert same_to_fp32(_lines(out), want)
 
 
 def test_map_batches_actor_pool(llama_dir):
