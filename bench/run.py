@@ -206,7 +206,7 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
             p.wait()
             return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0,
                     "log_tail": log.read_text(errors="replace").splitlines()[-5:]}
-        except BaseException:       # this process stopped (Ctrl-C, SIGTERM): its own session
+        except BaseException:       # this process stopped (Ctrl-C, SIGTERM): the group it made
             os.killpg(p.pid, signal.SIGKILL)     # would outlive it and hold the GPU and RAM
             raise
     out = log.read_text(errors="replace").splitlines()
