@@ -164,3 +164,31 @@ def test_cuda_search_never_worse(scheme):
     rtn = compress(w, 4, 64, dim=-1)
     use = None if scheme == "hqq" else imp / imp.mean() + 1e-3
     assert (group_err(w, c, use) <= group_err(w, rtn, use) * (1 + 1e-6)).all()
+
+
+def test_grid_kernel_failure_falls_back_to_torch_once(monkeypatch, capsys):
+    """The synth search's Triton kernel failing to build or run (a device it was never run
+    on) leaves torch's search to do the job: the same result, one note, no retry."""
+    from flexrun.kernels import quant_search
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed\nmore")
+    monkeypatch.setattr(quant_search, "applies", lambda g: True)
+    monkeypatch.setattr(quant_search, "grid_search", broken)
+    monkeypatch.setattr(wquant, "_KERNEL_FAILED", [])
+    x = torch.randn(16, 128)
+    want = wquant._grid(*_grouped_weights(x), 4)
+    for _ in range(2):
+        c = wquant.quantize(x, 4, 64, "synth")
+        assert torch.equal(c.mins, want[0]) and torch.equal(c.scales, want[1])
+    assert calls == [1]
+    err = capsys.readouterr().err
+    assert err.count("Triton grid search failed (RuntimeError: PassManager::run failed)") == 1
+
+
+def _grouped_weights(x):
+    from flexrun.memory.quant import grouped
+    g, _ = grouped(x, 64, 1)
+    return g, torch.ones(1, g.shape[1], 64) * (1 + 1e-3)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from flexrun.kernels import quant_search
 from flexrun.memory.quant import (Compressed, compress, decompress, encode, from_codes, grouped,
                                   minmax)
 
@@ -53,6 +54,11 @@ def quantize(x: torch.Tensor, bits: int, group: int, scheme: str,
         if pad:
             imp = torch.cat([imp, imp.new_zeros(pad)])
         w = imp.view(1, -1, group)
+    if scheme == "synth" and quant_search.applies(g):       # one Triton pass on the GPU
+        found = _kernel_search(g, w, bits)
+        if found is not None:
+            return from_codes(encode(g, *found, bits), *found, x.shape, 1, bits, group, pad,
+                              x.dtype)
     mins, scales = minmax(g, bits)
     rows = max(1, (CHUNK_CUDA if x.is_cuda else CHUNK) // max(1, x.shape[1] + pad))
     for r0 in range(0, g.shape[0], rows):
@@ -61,6 +67,24 @@ def quantize(x: torch.Tensor, bits: int, group: int, scheme: str,
         mins[sl], scales[sl] = m, s
     return from_codes(encode(g, mins, scales, bits), mins, scales, x.shape, 1, bits, group,
                       pad, x.dtype)
+
+
+_KERNEL_FAILED: list[str] = []
+
+
+def _kernel_search(g: torch.Tensor, w: torch.Tensor, bits: int):
+    """The grid search's (mins, scales) by the Triton kernel; None (torch's search then
+    runs, said once) where it fails to build or run on this device."""
+    if _KERNEL_FAILED:
+        return None
+    try:
+        return quant_search.grid_search(g, w, GRID, bits)
+    except Exception as e:      # a Triton build error: the load goes on, slower
+        _KERNEL_FAILED.append(repr(e))
+        note(f"weights: the Triton grid search failed ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:120] if str(e) else ''}); torch's search runs instead "
+             "(FLEXRUN_TRITON_QUANT=0 skips the kernel)")
+        return None
 
 
 def _err(g: torch.Tensor, m: torch.Tensor, s: torch.Tensor, bits: int,
