@@ -2,11 +2,12 @@
 
 torch runs the search as ~12 kernels per candidate over each chunk of groups, each reading
 and writing fp32 temporaries: 81 candidates made Mixtral-8x7B's 4-bit load take 289 s on an
-H100. Here each program holds a tile of groups in registers, tries every candidate (RTN
-first, then each end shrunk by GRID's fractions, as _grid does) and keeps a group's best by
-strictly smaller weighted squared error. The error sums run in another order than torch's,
-so of two candidates within an ulp of each other either may win; codes are then encoded by
-torch (quant.encode) from the chosen fp16 (min, scale). FLEXRUN_TRITON_QUANT=0 keeps torch.
+H100 (beside a stray run). Here each program holds a tile of groups in registers, tries every
+candidate (RTN first, then each end shrunk by GRID's fractions, as _grid does) and keeps a
+group's best by strictly smaller weighted squared error. The error sums run in another
+order than torch's, so of two candidates within an ulp of each other either may win; codes
+are then encoded by torch (quant.encode) from the chosen fp16 (min, scale).
+FLEXRUN_TRITON_QUANT=0 keeps torch.
 """
 from __future__ import annotations
 
