@@ -23,6 +23,7 @@ import time
 import torch
 
 from flexrun import LLM, SamplingParams
+from flexrun.config import parse_size
 from flexrun.models.loader import open_checkpoint
 from flexrun.engine.device import resolve_dtype
 from flexrun.plan.hardware import default_profile
@@ -41,6 +42,26 @@ def sync() -> None:
 def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return torch.randint(10, min(vocab, 30000), (n, length), generator=g).tolist()
+
+
+def split_rows(rows: list, cpu_fraction: float, batch: int, cpu_batch: int
+               ) -> tuple[list, list]:
+    """(GPU rows, CPU rows): the GPU takes whole calls of `batch` rows from the start, as the
+    single-process run batches them (all rows where the CPU share is under one CPU call); the
+    CPU actors the rest, about their share rounded to whole GPU calls."""
+    n = len(rows)
+    n_cpu = int(n * cpu_fraction / cpu_batch) * cpu_batch
+    n_gpu = n if n_cpu == 0 else (n - n_cpu) // batch * batch
+    return rows[:n_gpu], rows[n_gpu:]
+
+
+def blocks(rows: list, size: int):
+    """A dataset of one block per `size` rows (map_batches' calls of `size` rows then hold
+    exactly these rows: from_items' block count splits rows evenly, not by size)."""
+    import pandas as pd
+    import ray
+    return ray.data.from_pandas([pd.DataFrame(rows[i:i + size])
+                                 for i in range(0, len(rows), size)])
 
 
 def single_process(a, prompts) -> tuple[float, list[list[int]], str]:
@@ -85,30 +106,27 @@ def ray_job(a, prompts, cpu_fraction: float) -> dict:
              log_to_driver=False)
     try:
         rows = [{"id": str(i), "input_ids": p} for i, p in enumerate(prompts)]
-        # whole calls only, never more than the CPU actors' share
-        n_cpu = int(len(rows) * cpu_fraction / a.cpu_batch_size) * a.cpu_batch_size
-        n_cpu = min(n_cpu, len(rows)) if a.cpu_workers else 0
-        n_gpu = min(len(rows), -(-(len(rows) - n_cpu) // a.batch_size) * a.batch_size)
-        n_cpu = len(rows) - n_gpu           # the GPU's calls as the single-process run's
-        gpu_rows, cpu_rows = rows[:n_gpu], rows[n_gpu:]
-        base = dict(model=a.model, max_new_tokens=a.gen_len, ignore_eos=True, cpu_mem=a.cpu_mem)
+        gpu_rows, cpu_rows = split_rows(rows, cpu_fraction if a.cpu_workers else 0.0,
+                                        a.batch_size, a.cpu_batch_size)
+        k = a.cpu_workers + 1                           # actors on this host
+        host = parse_size(a.cpu_mem)
+        base = dict(model=a.model, max_new_tokens=a.gen_len, ignore_eos=True)
         t0 = time.perf_counter()
-        # one block per call, so that each call holds the single-process run's batch
-        blocks = lambda r, b: ray.data.from_items(r, override_num_blocks=-(-len(r) // b))  # noqa
-        parts = [map_generate(blocks(gpu_rows, a.batch_size),
-                              GenerateConfig(device=GPU, gpu_mem=a.gpu_mem, actors_per_host=1,
-                                             workload=(a.prompt_len, a.gen_len, a.batch_size),
-                                             **base),
-                              workers=1, num_cpus=a.gpu_threads, num_gpus=int(GPU == "cuda"),
-                              batch_size=a.batch_size)]
-        if cpu_rows:
-            parts.append(map_generate(blocks(cpu_rows, a.cpu_batch_size),
-                                      GenerateConfig(device="cpu",
-                                                     actors_per_host=a.cpu_workers + 1,
-                                                     workload=(a.prompt_len, a.gen_len,
-                                                               a.cpu_batch_size), **base),
-                                      workers=a.cpu_workers, num_cpus=a.cpu_threads,
-                                      batch_size=a.cpu_batch_size))
+        parts = []
+        if gpu_rows:        # the GPU actor: the host's links to itself, 1/k of its memory
+            parts.append(map_generate(
+                blocks(gpu_rows, a.batch_size),
+                GenerateConfig(device=GPU, gpu_mem=a.gpu_mem, cpu_mem=host // k,
+                               actors_per_host=1, workload=(a.prompt_len, a.gen_len,
+                                                            a.batch_size), **base),
+                workers=1, num_cpus=a.gpu_threads, num_gpus=int(GPU == "cuda"),
+                batch_size=a.batch_size))
+        if cpu_rows:        # CPU actors: 1/k of the host each
+            parts.append(map_generate(
+                blocks(cpu_rows, a.cpu_batch_size),
+                GenerateConfig(device="cpu", cpu_mem=host, actors_per_host=k,
+                               workload=(a.prompt_len, a.gen_len, a.cpu_batch_size), **base),
+                workers=a.cpu_workers, num_cpus=a.cpu_threads, batch_size=a.cpu_batch_size))
         ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
         out, first = {}, None
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -207,7 +207,10 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
             return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0,
                     "log_tail": log.read_text(errors="replace").splitlines()[-5:]}
         except BaseException:       # this process stopped (Ctrl-C, SIGTERM): the group it made
-            os.killpg(p.pid, signal.SIGKILL)     # would outlive it and hold the GPU and RAM
+            try:                                 # would outlive it and hold the GPU and RAM
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             raise
     out = log.read_text(errors="replace").splitlines()
     for line in out:
@@ -218,26 +221,27 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
     return {"error": (out or ["no output"])[-1], "rc": p.returncode}
 
 
-def gpu_name() -> str:
-    """The first GPU's name from nvidia-smi (this process keeps no CUDA context), else "cpu"."""
+def _smi(*query: str) -> list[str]:
+    """nvidia-smi's CSV lines for the first GPU this process sees (CUDA_VISIBLE_DEVICES'
+    first entry; this process keeps no CUDA context); [] where it is missing or fails."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+        p = subprocess.run(["nvidia-smi", "-i", first, *query, "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out.strip() or "cpu"
+        return []
+    return [ln.strip() for ln in p.stdout.splitlines() if ln.strip()] if p.returncode == 0 else []
+
+
+def gpu_name() -> str:
+    """The GPU's name, else "cpu"."""
+    return (_smi("--query-gpu=name") or ["cpu"])[0]
 
 
 def gpu_processes() -> list[str]:
-    """Compute processes on the GPUs now ("pid name MiB"), from nvidia-smi; [] without it."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [" ".join(x.strip() for x in line.split(",")) for line in out.splitlines()
-            if line.strip()]
+    """Compute processes on the GPU now ("pid name MiB")."""
+    return [" ".join(x.strip() for x in ln.split(","))
+            for ln in _smi("--query-compute-apps=pid,process_name,used_memory")]
 
 
 def _stop_on_term(signum, frame) -> None:

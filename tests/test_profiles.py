@@ -67,7 +67,7 @@ def test_profile_matches_gpu_and_host_else_is_measured_once(tmp_path, monkeypatc
     monkeypatch.setattr(hardware, "measure", fake_measure)
     first = default_profile("cuda")
     assert measured == ["cuda"] and "measuring one" in capsys.readouterr().err
-    assert first.cpu_attn_call_s == H200.cpu_attn_call_s and "fitted" in \
+    assert first.cpu_attn_call_s == H200.cpu_attn_call_s and "not measured here" in \
         first.notes["cpu_attn_call_s"]
     path = hardware.cache_path("cuda")
     assert path.parent == tmp_path / "profiles" and oct(path.stat().st_mode)[-3:] == "600"
@@ -161,7 +161,7 @@ def test_graph_replay_cost_comes_from_the_same_gpus_profile(monkeypatch):
     assert bare.gpu_graph_unit_overhead is None
     prof = default_profile("cuda")
     assert prof.gpu_graph_unit_overhead == H100.gpu_graph_unit_overhead
-    assert prof.notes["gpu_graph_unit_overhead"] == "from h100.json (measured there, not here)"
+    assert prof.notes["gpu_graph_unit_overhead"] == "from h100.json (not measured here)"
     assert prof.gpu_expert_bw is None          # no H100 profile has it: not the H200's
     monkeypatch.undo()                         # (planning for a GPU this machine lacks)
     spec = open_checkpoint("dummy:opt-1.3b").spec

@@ -29,3 +29,29 @@ def test_ray_mixed_smoke(tmp_path) -> None:
     assert r["gpu_rows"] % 8 == 0 and r["gpu_rows"] + r["cpu_rows"] == 44
     assert 0 < r["cpu_rows"] <= 0.3 * 44
     assert r["cpu_actor_token_agreement"] == 1.0        # same device and dtype here
+
+
+def test_split_gives_the_gpu_whole_calls_and_the_cpu_its_share() -> None:
+    from bench.ray_mixed import split_rows
+    rows = list(range(1000))
+    gpu, cpu = split_rows(rows, 0.1, 128, 16)          # 96 rows of share, 7 GPU calls
+    assert (len(gpu), len(cpu)) == (896, 104) and gpu + cpu == rows
+    assert split_rows(rows, 0.01, 128, 16) == (rows, [])      # under one CPU call
+    assert split_rows(rows, 1.0, 128, 16) == ([], rows)
+
+
+def test_blocks_make_calls_of_exactly_their_rows() -> None:
+    """from_items(override_num_blocks=n) splits rows evenly (44 rows in 6 blocks: calls of 8,
+    8, 8, 6, 8, 6); the single-process run's batches are 8 x 5 and 4."""
+    import ray
+    from bench.ray_mixed import blocks
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, object_store_memory=80 << 20)
+    try:
+        rows = [{"id": str(i), "input_ids": [i, i + 1]} for i in range(44)]
+        ds = blocks(rows, 8).map_batches(lambda b: {"first": [b["id"][0]], "n": [len(b["id"])]},
+                                         batch_size=8)
+        calls = sorted((int(r["first"]), int(r["n"])) for r in ds.take_all())
+    finally:
+        ray.shutdown()
+    assert calls == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 8), (40, 4)]

@@ -173,7 +173,10 @@ def build(a: argparse.Namespace, spec: ModelSpec, dtype: torch.dtype, work: Path
     model = dispatch_model(model, device_map=device_map, offload_dir=str(work))
     model.eval()
     model.generation_config.eos_token_id = None     # exactly max_new_tokens, eos not masked
-    if cuda and spec.num_experts:
+    if cuda and spec.num_experts and \
+            getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        a.decode_experts = "n/a"            # generate() switches grouped_mm models only
+    elif cuda and spec.num_experts:
         a.decode_experts = decode_experts(a.decode_experts, spec, a.batch_size, a.prompt_len,
                                           torch.finfo(dtype).bits // 8)
         if a.decode_experts == "keep":

@@ -4,10 +4,12 @@ torch runs the search as ~12 kernels per candidate over each chunk of groups, ea
 and writing fp32 temporaries: 81 candidates made Mixtral-8x7B's 4-bit load take 289 s on an
 H100 (beside a stray run). Here each program holds a tile of groups in registers, tries every
 candidate (RTN first, then each end shrunk by GRID's fractions, as _grid does) and keeps a
-group's best by strictly smaller weighted squared error. The error sums run in another
-order than torch's, so of two candidates within an ulp of each other either may win; codes
-are then encoded by torch (quant.encode) from the chosen fp16 (min, scale).
-FLEXRUN_TRITON_QUANT=0 keeps torch.
+group's best by strictly smaller weighted squared error. Candidates are formed as torch on
+CUDA forms them (a scale is the range times an fp32 reciprocal, no fused multiply-adds, codes
+by round-to-nearest division), but the error sums run in another order, so of two candidates
+within an ulp of each other either may win (torch on the CPU divides exactly: there a few
+groups in a thousand may pick another candidate); codes are then encoded by torch
+(quant.encode) from the chosen fp16 (min, scale). FLEXRUN_TRITON_QUANT=0 keeps torch.
 """
 from __future__ import annotations
 
@@ -37,15 +39,16 @@ if triton is not None:
         """Weighted squared error of each row of g coded with fp32 (m, s) as encode /
         decompress do (a zero scale codes every value 0)."""
         safe = tl.where(s > 0.0, s, 1.0)
-        q = _round_half_even((g - m[:, None]) / safe[:, None])
+        q = _round_half_even(tl.math.div_rn(g - m[:, None], safe[:, None]))   # torch's "/"
         q = tl.minimum(tl.maximum(q, 0.0), LEVELS)
         q = tl.where((s > 0.0)[:, None], q, 0.0)
         d = m[:, None] + q * s[:, None] - g
         return tl.sum(d * d * w, 1)
 
     @triton.jit
-    def _grid_kernel(G, W, GRID, MIN, SCALE, rows, ngroups, LEVELS: tl.constexpr,
-                     NGRID: tl.constexpr, GS: tl.constexpr, BLOCK: tl.constexpr):
+    def _grid_kernel(G, W, GRID, MIN, SCALE, rows, ngroups, inv_levels,
+                     LEVELS: tl.constexpr, NGRID: tl.constexpr, GS: tl.constexpr,
+                     BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = r < rows
         cols = tl.arange(0, GS)
@@ -55,7 +58,7 @@ if triton is not None:
         mn, mx = tl.min(g, 1), tl.max(g, 1)
         rng = mx - mn
         best_m = mn.to(tl.float16)
-        best_s = (rng / LEVELS).to(tl.float16)
+        best_s = (rng * inv_levels).to(tl.float16)   # as torch (CUDA) divides by a scalar
         best = _err(g, w, best_m.to(tl.float32), best_s.to(tl.float32), LEVELS)
         for i in range(NGRID):
             a = tl.load(GRID + i)
@@ -64,7 +67,7 @@ if triton is not None:
                     b = tl.load(GRID + j)
                     lo, hi = mn + a * rng, mx - b * rng
                     m16 = lo.to(tl.float16)
-                    s16 = ((hi - lo) / LEVELS).to(tl.float16)
+                    s16 = ((hi - lo) * inv_levels).to(tl.float16)
                     e = _err(g, w, m16.to(tl.float32), s16.to(tl.float32), LEVELS)
                     better = e < best
                     best = tl.where(better, e, best)
@@ -95,8 +98,10 @@ def grid_search(g: torch.Tensor, w: torch.Tensor, grid: list[float], bits: int
     mins = torch.empty(rows, dtype=torch.float16, device=g.device)
     scales = torch.empty_like(mins)
     block = max(1, min(64, 4096 // gs))
-    with on_device(g.device):
+    levels = 2 ** bits - 1
+    inv = float(torch.tensor(1.0) / torch.tensor(float(levels)))    # an fp32 reciprocal
+    with on_device(g.device):       # no fused multiply-adds: lo and hi round as torch's do
         _grid_kernel[(triton.cdiv(rows, block),)](
-            g2, w2, fracs, mins, scales, rows, ngroups, LEVELS=float(2 ** bits - 1),
-            NGRID=len(grid), GS=gs, BLOCK=block, num_warps=4)
+            g2, w2, fracs, mins, scales, rows, ngroups, inv, LEVELS=float(levels),
+            NGRID=len(grid), GS=gs, BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return mins.view(out, ngroups, 1), scales.view(out, ngroups, 1)

@@ -79,6 +79,8 @@ def _kernel_search(g: torch.Tensor, w: torch.Tensor, bits: int):
         return None
     try:
         return quant_search.grid_search(g, w, GRID, bits)
+    except torch.OutOfMemoryError:
+        raise                   # not the kernel's fault: torch's search needs more memory
     except Exception as e:      # a Triton build error: the load goes on, slower
         _KERNEL_FAILED.append(repr(e))
         note(f"weights: the Triton grid search failed ({type(e).__name__}: "

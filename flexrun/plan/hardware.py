@@ -234,8 +234,8 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
         return HardwareProfile.load(profile_path(device))
     cached = cache_path(device)
     if cached.is_file():
-        try:
-            return HardwareProfile.load(cached)
+        try:        # (cached before a term existed: lent it now)
+            return fill_missing_terms(HardwareProfile.load(cached), cached)
         except FlexrunError:
             pass
     print(f"flexrun: no shipped hardware profile matches this machine ({host_facts()[0]} cores, "
@@ -282,8 +282,7 @@ def fill_missing_terms(prof: HardwareProfile, own: Path | None = None) -> Hardwa
         for path, base in same_gpu + (like_host if LENT_TERMS[name] == "host" else []):
             if path != own and getattr(base, name) is not None:
                 setattr(prof, name, getattr(base, name))
-                kind = "fitted" if name != "gpu_graph_unit_overhead" else "measured"
-                prof.notes[name] = f"from {path.name} ({kind} there, not here)"
+                prof.notes[name] = f"from {path.name} (not measured here)"
                 break
     return prof
 
