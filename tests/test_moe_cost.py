@@ -188,3 +188,26 @@ def test_per_expert_route_costs_a_launch_floor_per_touched_expert():
     assert prefill >= spec.num_layers * 4 * 120 * 1e-3          # >= 120 of 128 experts a call
     decode_extra = comp[1e-3]["decode"]["compute"] - comp[1e-6]["decode"]["compute"]
     assert decode_extra < spec.num_layers * 4 * 10 * 1e-3, decode_extra
+
+
+def test_each_expert_copy_costs_the_profiles_fixed_time():
+    """A host expert crosses as a few copies (Qwen3-MoE: three 3.1 MB tensors; Mixtral: three
+    112 MiB tensors in 16 MiB pieces), each with a fixed cost when issued back to back
+    (h2d_call_s, measured by `flexrun profile`): the decode's weight time grows by moved
+    experts x copies x that cost, scaled by the experts' share off the device; nothing
+    without the term."""
+    from dataclasses import replace
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import PROFILES_DIR, HardwareProfile
+    from flexrun.plan.moe_cost import moe_layer
+    prof = replace(HardwareProfile.load(PROFILES_DIR / "h100.json"), h2d_call_s=None)
+    off = dict(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100, cpu_attention=True)
+    assert moe_layer(dummy_spec("qwen3-30b-a3b"), Policy(), 2).expert_copies == 3
+    assert moe_layer(dummy_spec("mixtral-8x7b"), Policy(), 2).expert_copies == 3 * 7   # 112 MiB
+    spec = dummy_spec("qwen3-30b-a3b")
+    pol = Policy(gpu_batch_size=64, num_gpu_batches=4, **off)      # stages all 128 experts
+    w = [predict(spec, pol, replace(prof, h2d_call_s=c), 512, 32, 256, "cuda",
+                 2).breakdown["decode"]["weights"] for c in (None, 1e-5)]
+    want = spec.num_layers * 128 * 3 * 1e-5 * 0.8
+    assert w[1] - w[0] == pytest.approx(want, rel=0.02)

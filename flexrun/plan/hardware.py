@@ -34,6 +34,8 @@ class HardwareProfile:
     d2h_pinned: float | None = None
     h2d_pageable: float | None = None
     d2h_pageable: float | None = None
+    h2d_call_s: float | None = None          # s each pinned host->GPU copy costs beyond its
+    #                                          bytes, copies issued back to back (1 MB each)
     # disk, large sequential chunks; cold = page cache dropped, cached = read back from it
     disk_read: float = 1.0 * _GB
     disk_write: float = 1.0 * _GB
@@ -257,7 +259,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
 # trip per CPU-attention call is the host's cost) from a profile of the same GPU, else of a
 # host like its own; "gpu" terms only from a profile of the same GPU
 LENT_TERMS = {"cpu_attn_call_s": "host", "gpu_graph_unit_overhead": "gpu",
-              "gpu_expert_bw": "gpu"}
+              "gpu_expert_bw": "gpu", "h2d_call_s": "gpu"}
 
 
 def fill_missing_terms(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
@@ -337,6 +339,7 @@ def format_profile(p: HardwareProfile) -> str:
     rows = [("device", p.device_name),
             ("H2D pinned / pageable", pair(p.h2d_pinned, p.h2d_pageable, "B/s")),
             ("D2H pinned / pageable", pair(p.d2h_pinned, p.d2h_pageable, "B/s")),
+            ("H2D fixed cost per copy (1 MB copies)", ms(p.h2d_call_s)),
             ("disk read cold / write", pair(p.disk_read, p.disk_write, "B/s")),
             ("disk read page cache / into new", pair(p.disk_read_cached,
                                                      p.disk_read_cached_fresh, "B/s")),

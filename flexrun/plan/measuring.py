@@ -16,7 +16,7 @@ from flexrun.config import FlexrunError
 from flexrun.engine.budget import cuda_context_bytes, rss_anon
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
                                  decode_rates, disk_rates, dram_shapes, expert_bw, gemm_rates,
-                                 grouped_expert_bw, prefill_rate, qattn_bw, read_bw,
+                                 grouped_expert_bw, h2d_call_cost, prefill_rate, qattn_bw, read_bw,
                                  unit_overhead, w4_rates)
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     med = statistics.median
     prof.h2d_pinned, prof.d2h_pinned = med(h2d), med(d2h)
     prof.h2d_pageable, prof.d2h_pageable = med(h2d_pg), med(d2h_pg)
+    prof.h2d_call_s = h2d_call_cost(dev, sync)
     x = torch.empty(512 << 20, dtype=torch.float16, device=dev)
     # copy bandwidth counts both the read and the write (HBM traffic)
     prof.gpu_mem_bw = 2 * copy_bw(x, torch.empty_like(x), sync)

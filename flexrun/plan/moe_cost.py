@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexrun.config import Policy
+from flexrun.memory.pinned import H2D_CHUNK
 from flexrun.models.spec import ModelSpec
 from flexrun.plan.footprint import expert_of, numel, weight_bytes
 
@@ -25,6 +26,8 @@ class MoELayer:
     expert_params: int          # one expert's parameters
     dense_bytes: float          # the rest of the layer (attention, norms, router, shared)
     share: float                # MoE layers / decoder layers
+    expert_copies: int = 3      # host->GPU copies that move one expert (its tensors, in
+    #                             pieces of at most H2D_CHUNK bytes; 4-bit: codes, mins, scales)
 
     def touched(self, tokens: float) -> float:
         """Expected experts that `tokens` routed tokens touch."""
@@ -50,7 +53,7 @@ def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
     j = spec.first_moe_layer
     shapes = spec.unit_shapes(j + 1)
     expert, dense = 0.0, 0.0
-    params = 0
+    params = copies = 0
     for n, s in shapes.items():
         b = weight_bytes(n, s, elem, policy)
         if expert_of(n) is None:
@@ -58,6 +61,8 @@ def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
         elif expert_of(n).endswith(".experts.0"):
             expert += b
             params += numel(s)
+            packed = policy.compress_weight and len(s) == 2
+            copies += 3 if packed else -(-int(b) // H2D_CHUNK)
     moe = sum(spec.is_moe(i) for i in range(spec.num_layers))
     return MoELayer(spec.num_experts, spec.experts_per_token, expert, params, dense,
-                    moe / spec.num_layers)
+                    moe / spec.num_layers, max(copies, 1))

@@ -173,6 +173,24 @@ def qattn_bw(device: torch.device, dtype: torch.dtype, nbytes: int, sync=lambda:
     return 2 * b * h * t * d * dtype.itemsize / sec
 
 
+def h2d_call_cost(dev: torch.device, sync, total: int = 256 << 20, piece: int = 1 << 20
+                  ) -> float:
+    """Seconds each pinned host->GPU copy costs beyond its bytes, copies issued back to back
+    from Python as the engine issues them: `total` bytes in copies of `piece` bytes against
+    one copy of them all (a Qwen3-MoE expert crosses as three 3.1 MB tensors)."""
+    src = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=dev)
+    n = total // piece
+    pieces = [(dst[i * piece:(i + 1) * piece], src[i * piece:(i + 1) * piece])
+              for i in range(n)]
+
+    def many() -> None:
+        for d, s in pieces:
+            d.copy_(s, non_blocking=True)
+    one = best_time(lambda: dst.copy_(src, non_blocking=True), reps=5, sync=sync)
+    return max(0.0, (best_time(many, reps=5, sync=sync) - one) / (n - 1))
+
+
 def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20
                          ) -> tuple[float, float, float]:
     """(s alone, s while pinned host->GPU copies loop, the copies' bytes/s meanwhile) of one

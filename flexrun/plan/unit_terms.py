@@ -96,6 +96,7 @@ class UnitTerms:
             and prof.gpu_w4_flops else None
         self.moe = moe_layer(spec, policy, elem)
         self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
+        self.h2d_call = (prof.h2d_call_s or 0.0) if cuda else 0.0  # per expert-tensor copy
         # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
         self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
             policy.expert_lanes != "copy" else 0.0
@@ -202,18 +203,23 @@ class UnitTerms:
         # an expert copied serves the block's every batch; on the CPU lane it is computed
         # again in each batch that routes to it: `uses` batches of the k on average
         uses = k * m.touched(rows) / max(m.touched(rows * k), 1e-9)
+        # each expert crosses as expert_copies copies, each with a fixed cost (h2d_call_s)
+        moved_n = m.experts if self._stages_all(rows) else m.touched(rows * k)
+        calls = moved_n * m.expert_copies * self.h2d_call
         if cpu and lanes == "cpu":      # the dense part still crosses the link
             wc, copied = max(dense_b / h2d, uses * exp_b / cpu), dense_b / h2d
         elif cpu and lanes == "auto" and not self._stages_all(rows):
             # both lanes busy until they end together
-            wc = copied = max(dense_b / h2d, wb / (h2d + cpu / uses))
+            wc = copied = max(dense_b / h2d, wb / (h2d + cpu / uses)) + \
+                calls * h2d / (h2d + cpu / uses)
         else:
-            wc = copied = wb / h2d
+            wc = copied = wb / h2d + calls
         terms = self.unit_terms(1, prefill, moe=False)     # then the MoE differences
-        terms["weights"] = lin_expr(wc=wc, wd=self.unit_read[1] * moved + wb / h2d)
+        terms["weights"] = lin_expr(wc=wc, wd=self.unit_read[1] * moved + wb / h2d + calls)
         # the dense terms count every expert's bytes on the link: swap in the moved ones
         base = self.unit_bytes[1] / h2d
-        terms["link"] = add_exprs(terms["link"], lin_expr(wc=copied - base, wd=wb / h2d - base))
+        terms["link"] = add_exprs(terms["link"], lin_expr(wc=copied - base,
+                                                          wd=wb / h2d + calls - base))
         n, per = m.expert_rows(rows)
         gemm = lambda r, w: self.prof.gemm_time(r, w, self.cuda, self.e)   # noqa: E731
         all_experts = m.experts * m.expert_params
