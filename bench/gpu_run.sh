@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Bench commands on a GPU machine without internet, within a time limit, from the repository
+# root. Each line of stdin is "NAME CAP COMMAND...": the command runs for at most CAP seconds
+# (0: whatever time is left), is skipped when fewer than CAP seconds are left, and logs to
+# OUT/NAME.log. Result files written meanwhile (bench/results, policies) are copied to OUT/.
+#
+#   bench/gpu_run.sh OUT LIMIT_SECONDS <<'EOF'
+#   S7 230 python3 -m bench.run S7 --only flexrun-auto --timeout 220
+#   S6q 0 python3 -m bench.run S6q --only flexrun-auto
+#   EOF
+#
+# Before the commands: the wheels of bench/gpu_wheels.sh found under .whl/ are installed into
+# /tmp/flexrun-site once per machine (on PYTHONPATH); .whl/ray1's part is kept in /tmp, so
+# ray installs once .whl/ray2's has come in a later call; bench processes an earlier call
+# left running are killed (they hold the GPU and skew every figure).
+set -u
+OUT=${1:?OUT}; LIMIT=${2:?LIMIT_SECONDS}
+T0=$(date +%s); SITE=/tmp/flexrun-site
+mkdir -p "$OUT" "$SITE" /tmp/flexrun-ray
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+touch -d "@$T0" /tmp/flexrun-run-start
+for d in .whl/base .whl/peers .whl/raydeps; do
+  tag=$(basename "$d")
+  if [ -d "$d" ] && [ ! -f "$SITE/.done-$tag" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$d"/*.whl && touch "$SITE/.done-$tag"
+  fi
+done
+[ -f .whl/ray1/part.aa ] && cp .whl/ray1/part.aa /tmp/flexrun-ray/
+if [ -f .whl/ray2/part.ab ] && [ -f /tmp/flexrun-ray/part.aa ] && [ ! -f "$SITE/.done-ray" ]; then
+  whl=$(awk '{print $2}' .whl/ray2/SHA256)
+  cat /tmp/flexrun-ray/part.aa .whl/ray2/part.ab > "/tmp/flexrun-ray/$whl"
+  (cd /tmp/flexrun-ray && sha256sum -c "$OLDPWD/.whl/ray2/SHA256") && \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "/tmp/flexrun-ray/$whl" && touch "$SITE/.done-ray"
+fi
+pkill -9 -f "bench[.](run_flexrun|peers|ray_mixed|run )" && sleep 2
+echo "installed: $(cd "$SITE" && ls -A | grep '^.done-' | tr '\n' ' ')"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
+  --format=csv,noheader
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+while read -r name cap cmd; do
+  [ -z "${name:-}" ] && continue
+  if [ "$(left)" -lt "$cap" ] || [ "$(left)" -lt 10 ]; then
+    echo "== $name skipped: $(left) s left"; continue
+  fi
+  budget=$(( $(left) - 5 )); [ "$cap" -gt 0 ] && [ "$cap" -lt "$budget" ] && budget=$cap
+  t=$(date +%s)
+  timeout "$budget" bash -c "$cmd" > "$OUT/$name.log" 2>&1; rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - t )) s"; tail -n 12 "$OUT/$name.log"
+done
+find bench/results policies -type f -newer /tmp/flexrun-run-start -exec cp {} "$OUT/" \; \
+  2>/dev/null
+echo "done in $(( $(date +%s) - T0 )) s"
