@@ -189,3 +189,49 @@ def test_decode_attends_every_batch_before_the_moe_of_a_split_layer(tmp_path, mo
     kinds = "".join({"attn": "a", "mlp": "m", "ahead": "c"}[c[0]] for c in calls)
     assert "camamam" in kinds           # prefill: one batch at a time
     assert "aaacmmm" in kinds           # decode: the block's attention, its copies, its MoE
+
+
+def test_host_experts_laid_out_as_the_slots_cross_in_one_copy_per_run():
+    """A layer's host experts are placed back to back as the staging slots hold them (gate
+    and up of each in expert order, then the downs: placement.host_expert_runs,
+    TieredStore.reserve_host), so a run of experts with consecutive ids is one copy into W1
+    and one into W2; a gap in the ids (an expert on the device) starts a new run; the slots
+    get exactly the experts' values."""
+    from flexrun.engine.expert_staging import ExpertStaging, coalesce
+    from flexrun.memory.storage import TieredStore
+    from flexrun.plan.placement import host_expert_runs
+    E, h, f = 6, 8, 4
+    name = lambda e, p: f"layers.0.experts.{e}.{p}.weight"    # noqa: E731
+    host = [0, 1, 2, 4, 5]                  # expert 3 on the device
+    tier_of = {name(e, p): "cpu" if e in host else "gpu" for e in range(E)
+               for p in ("gate", "up", "down")}
+    shapes = {n: ((h, f) if ".down." in n else (f, h)) for n in tier_of}
+    fake = type("S", (), {"num_layers": 1, "num_experts": E, "is_moe": lambda s, j: True})()
+    (run,) = host_expert_runs(fake, range(1, 2), shapes, tier_of)
+    assert run[:4] == [name(0, "gate"), name(0, "up"), name(1, "gate"), name(1, "up")]
+    assert run[-5:] == [name(e, "down") for e in host]
+    store = TieredStore(torch.device("cpu"), None, pin=False)
+    store.reserve_host(run, [shapes[n] for n in run], torch.float32)
+    vals = {n: torch.randn(shapes[n]) for n in run}
+    for n in reversed(run):                 # any put order: each lands in its place
+        store.put(n, vals[n], "cpu")
+    store.drop_reserved()
+    parts = {e: tuple(store.homes[name(e, p)][1] for p in ("gate", "up", "down"))
+             for e in host}
+    staging = ExpertStaging(E, h, f, torch.device("cpu"), torch.float32)
+    b = staging._cur
+    staging._slots(b)
+    w1, w2 = b.W1.view(-1), b.W2.view(-1)
+    pieces = [p for e in host for p in ((w1, e * 2 * f * h, parts[e][0]),
+                                        (w1, e * 2 * f * h + f * h, parts[e][1]))]
+    pieces += [(w2, e * f * h, parts[e][2]) for e in host]
+    runs = coalesce(pieces)
+    assert [(r[0] is w1, r[1], r[2].numel()) for r in runs] == [
+        (True, 0, 3 * 2 * f * h), (True, 4 * 2 * f * h, 2 * 2 * f * h),
+        (False, 0, 3 * f * h), (False, 4 * f * h, 2 * f * h)]
+    staging.put_host_many([(e, *parts[e]) for e in host])
+    for e in host:
+        assert torch.equal(b.W1[e, :f], vals[name(e, "gate")])
+        assert torch.equal(b.W1[e, f:], vals[name(e, "up")])
+        assert torch.equal(b.W2[e], vals[name(e, "down")])
+    assert staging.staged == set(host)

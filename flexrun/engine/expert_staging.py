@@ -104,8 +104,7 @@ class ExpertStaging:
         target.layer, target.staged = layer, set()
         self._slots(target)
         with self._on_weight_stream(target):
-            for e, parts in host.items():
-                self._copy_host(target, e, *parts)
+            self._copy_host_many(target, [(e, *parts) for e, parts in host.items()])
             if self.cuda:
                 target.prefetched = torch.cuda.Event()
                 target.prefetched.record(self.weight_stream)
@@ -146,6 +145,17 @@ class ExpertStaging:
             b.copied = torch.cuda.Event()
             b.copied.record(self.weight_stream)
 
+    def put_host_many(self, items: list[tuple]) -> None:
+        """put_host for several experts [(e, gate, up, down)], their copies coalesced where
+        the host tensors lie back to back as the slots do (placement.host_expert_runs)."""
+        b = self._cur
+        self._slots(b)
+        with self._on_weight_stream(b):
+            self._copy_host_many(b, items)
+            if self.cuda:
+                b.copied = torch.cuda.Event()
+                b.copied.record(self.weight_stream)
+
     def claim(self, ahead: bool = False) -> None:
         """Make the weight stream wait now until the slots about to be written (the current
         unit's, or the other pair when copying ahead) are no longer read (no-op off CUDA)."""
@@ -167,12 +177,25 @@ class ExpertStaging:
 
     def _copy_host(self, b: _Slots, e: int, gate: torch.Tensor, up: torch.Tensor,
                    down: torch.Tensor) -> None:
-        for dst, src in ((b.W1[e, :self.f], gate), (b.W1[e, self.f:], up), (b.W2[e], down)):
-            d, s = dst.reshape(-1), src.reshape(-1)
-            step = max(1, H2D_CHUNK // s.element_size()) if self.cuda else s.numel()
-            for i in range(0, s.numel(), step):
-                d[i:i + step].copy_(s[i:i + step], non_blocking=self.cuda)
-        b.staged.add(e)
+        self._copy_host_many(b, [(e, gate, up, down)])
+
+    def _copy_host_many(self, b: _Slots, items: list[tuple]) -> None:
+        """Copy host experts [(e, gate, up, down)] into their slots: each run of tensors that
+        lie back to back in host memory as their slots do goes as one copy, in pieces of
+        H2D_CHUNK bytes (Qwen3-MoE: 3 copies of 3 MiB per expert otherwise; each copy issued
+        from Python costs its call beside its bytes)."""
+        fh = self.f * self.h
+        w1, w2 = b.W1.view(-1), b.W2.view(-1)
+        items = sorted(items, key=lambda it: it[0])
+        pieces = [p for e, g, u, _ in items
+                  for p in ((w1, e * 2 * fh, g), (w1, e * 2 * fh + fh, u))]
+        pieces += [(w2, e * fh, d) for e, _, _, d in items]
+        for dst, off, src in coalesce(pieces):
+            d = dst[off:off + src.numel()]
+            step = max(1, H2D_CHUNK // src.element_size()) if self.cuda else src.numel()
+            for i in range(0, src.numel(), step):
+                d[i:i + step].copy_(src[i:i + step], non_blocking=self.cuda)
+        b.staged.update(it[0] for it in items)
 
     def _wait(self, copied: bool) -> None:
         """The compute stream waits for the copies made ahead of this unit, and (copied) for
@@ -219,3 +242,27 @@ class ExpertStaging:
         y = grouped_mlp(x2[torch.cat([g.rows for g in groups])], self.W1, self.W2, offs)
         y = y * torch.cat([g.weights for g in groups])[:, None]
         return dict(zip((g.expert for g in groups), y.split([g.n for g in groups])))
+
+
+def coalesce(pieces: list[tuple]) -> list[tuple]:
+    """[(dst, offset, src)] (dst flat, src a host tensor) with each run of pieces that follow
+    each other both in dst and in one storage joined: [(dst, offset, flat src of the run)]."""
+    runs: list[dict] = []
+    for dst, off, src in pieces:
+        flat = src.reshape(-1)                  # (a copy where src is not contiguous)
+        ptr, start = flat.untyped_storage().data_ptr(), flat.storage_offset()
+        r = runs[-1] if runs else None
+        if r is not None and r["dst"] is dst and r["off"] + r["n"] == off and \
+                r["ptr"] == ptr and r["src"].dtype == flat.dtype and \
+                r["start"] + r["n"] == start:
+            r["n"] += flat.numel()
+            continue
+        runs.append(dict(dst=dst, off=off, n=flat.numel(), src=flat, ptr=ptr, start=start))
+    out = []
+    for r in runs:
+        src = r["src"]
+        if r["n"] != src.numel():               # the run's span of the shared storage
+            src = torch.empty(0, dtype=src.dtype).set_(src.untyped_storage(), r["start"],
+                                                      (r["n"],))
+        out.append((r["dst"], r["off"], src))
+    return out

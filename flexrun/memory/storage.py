@@ -14,7 +14,7 @@ import torch
 
 from flexrun.config import FlexrunError
 from flexrun.memory.disk import DiskRef, DiskTier
-from flexrun.memory.pinned import PinnedArena, copy_chunked, h2d_chunked
+from flexrun.memory.pinned import PinnedArena, copy_chunked, h2d_chunked, pinned_empty
 from flexrun.memory.quant import join_rows
 
 TIERS = ("gpu", "cpu", "disk")
@@ -83,11 +83,18 @@ class TieredStore:
         self.pin = pin and device.type == "cuda"
         self.pinned = PinnedArena() if self.pin else None     # host-tier weights
         self.homes: dict[str, tuple[str, object]] = {}
+        self._host_slots: dict[str, torch.Tensor] = {}        # reserve_host's places
 
     def put(self, name: str, value, tier: str) -> None:
         if tier == "gpu":
             stored = map_parts(value, lambda t: t.to(self.device))
         elif tier == "cpu":
+            slot = self._host_slots.pop(name, None)
+            if slot is not None and isinstance(value, torch.Tensor) and \
+                    value.shape == slot.shape and value.dtype == slot.dtype:
+                self.homes[name] = (tier, slot.copy_(value))
+                return
+
             def to_host(t):
                 t = t.to("cpu")
                 return self.pinned.copy(t) if self.pin else t
@@ -102,6 +109,22 @@ class TieredStore:
                 return ref
             stored = map_parts(value, to_disk)
         self.homes[name] = (tier, stored)
+
+    def reserve_host(self, names: list[str], shapes: list[tuple], dtype: torch.dtype) -> None:
+        """Places back to back, in this order, for host-tier tensors about to be
+        put (a put of that shape and dtype copies into its place): a run of them then crosses
+        to the device in one copy (a MoE layer's host experts, engine/expert_staging.py);
+        page-locked on a GPU run."""
+        if not names:
+            return
+        sizes = [torch.Size(s).numel() for s in shapes]
+        buf = (pinned_empty if self.pin else torch.empty)((sum(sizes),), dtype=dtype)
+        for name, shape, part in zip(names, shapes, buf.split(sizes)):
+            self._host_slots[name] = part.view(shape)
+
+    def drop_reserved(self) -> None:
+        """Forget the places no put took (their buffer goes with the last view in use)."""
+        self._host_slots.clear()
 
     def join(self, names: list[str]) -> bool:
         """Lay resident plain tensors out back to back in one buffer (each name keeps a view

@@ -104,6 +104,9 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     plain = not p.compress_weight and not packs
     slots = JoinedSlots(groups if plain else [], shapes, tier_of, dtype, device)
     waiting = {n: g for g in groups if not slots.covers(g) for n in g}
+    if not p.compress_weight and not packs:     # (4-bit and packed experts keep their own)
+        for layer_names in host_expert_runs(spec, units, shapes, tier_of):
+            weights.reserve_host(layer_names, [shapes[n] for n in layer_names], dtype)
     for name, t in ckpt.iter_tensors(device_for, set(names)):
         t = t.to(torch.float32 if spec.keeps_fp32(name) else dtype)
         if p.compress_weight and is_compressible(name, t.shape):
@@ -117,9 +120,27 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
         group = waiting.get(name)
         if group is not None and all(n in weights.homes for n in group):
             weights.join(group)
+    weights.drop_reserved()
     placed = Placed(split_report(sizes, tiers), hot=hot is not None)
     if quant is not None:
         placed.quant_s, placed.quant_cached = quant.finish(), quant.hit
     if device.type == "cuda":      # the joined tensors' old blocks stay cached
         torch.cuda.empty_cache()
     return placed
+
+
+def host_expert_runs(spec, units, shapes: dict, tier_of: dict) -> list[list[str]]:
+    """Per MoE layer, its host-tier experts' gate and up weights in expert order, then their
+    down weights: the order of the staging slots (engine/expert_staging.py: W1[e] = gate;up,
+    W2[e] = down), so that a run of experts staged together crosses in one copy."""
+    runs = []
+    for j in (u - 1 for u in units if 1 <= u <= spec.num_layers):
+        if not spec.is_moe(j):
+            continue
+        name = lambda e, part: f"layers.{j}.experts.{e}.{part}.weight"  # noqa: E731
+        host = [e for e in range(spec.num_experts)
+                if all(tier_of.get(name(e, q)) == "cpu" for q in ("gate", "up", "down"))]
+        if host:
+            runs.append([name(e, q) for e in host for q in ("gate", "up")] +
+                        [name(e, "down") for e in host])
+    return runs
