@@ -10,6 +10,7 @@ import math
 
 from flexrun.config import FlexrunError, Policy
 from flexrun.memory.disk import MAP_DISK
+from flexrun.memory.pinned import H2D_CHUNK
 from flexrun.models.moe import grouped_fits, plain_experts, touches_nearly_all
 from flexrun.models.spec import ModelSpec
 from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
@@ -203,9 +204,13 @@ class UnitTerms:
         # an expert copied serves the block's every batch; on the CPU lane it is computed
         # again in each batch that routes to it: `uses` batches of the k on average
         uses = k * m.touched(rows) / max(m.touched(rows * k), 1e-9)
-        # each expert crosses as expert_copies copies, each with a fixed cost (h2d_call_s)
-        moved_n = m.experts if self._stages_all(rows) else m.touched(rows * k)
-        calls = moved_n * m.expert_copies * self.h2d_call
+        # each copy has a fixed cost (h2d_call_s): staged all at once, a layer's host experts
+        # lie as their slots do and cross as two runs in H2D_CHUNK pieces; routed one by one,
+        # each crosses as expert_copies copies
+        if self._stages_all(rows):
+            calls = (exp_b / H2D_CHUNK + 2) * self.h2d_call
+        else:
+            calls = m.touched(rows * k) * m.expert_copies * self.h2d_call
         if cpu and lanes == "cpu":      # the dense part still crosses the link
             wc, copied = max(dense_b / h2d, uses * exp_b / cpu), dense_b / h2d
         elif cpu and lanes == "auto" and not self._stages_all(rows):
