@@ -193,7 +193,7 @@ def test_per_expert_route_costs_a_launch_floor_per_touched_expert():
 def test_each_expert_copy_costs_the_profiles_fixed_time():
     """Each host-to-GPU copy has a fixed cost when issued back to back (h2d_call_s, measured
     by `flexrun profile`): experts routed one by one cross as a few copies each (Qwen3-MoE:
-    three 3 MiB tensors; Mixtral: three 112 MiB tensors in 16 MiB pieces), a layer's experts
+    gate;up and down; Mixtral: 224 + 112 MiB in 16 MiB pieces), a layer's experts
     staged at once as runs in 16 MiB pieces; the decode's weight time grows by those copies
     x that cost, scaled by the experts' share off the device; nothing without the term."""
     from dataclasses import replace
@@ -203,13 +203,13 @@ def test_each_expert_copy_costs_the_profiles_fixed_time():
     from flexrun.plan.moe_cost import moe_layer
     prof = replace(HardwareProfile.load(PROFILES_DIR / "h100.json"), h2d_call_s=None)
     off = dict(weights_gpu=20, weights_cpu=80, cache_gpu=0, cache_cpu=100, cpu_attention=True)
-    assert moe_layer(dummy_spec("qwen3-30b-a3b"), Policy(), 2).expert_copies == 3
+    assert moe_layer(dummy_spec("qwen3-30b-a3b"), Policy(), 2).expert_copies == 2  # gate;up
     assert moe_layer(dummy_spec("mixtral-8x7b"), Policy(), 2).expert_copies == 3 * 7   # 112 MiB
     spec = dummy_spec("qwen3-30b-a3b")
     expert = 3 * spec.hidden_size * spec.expert_ffn_dim * 2
     # 64 x 4 stages all 128 experts: laid out as their slots, they cross in 16 MiB pieces;
-    # 2 x 4 routes ~52 experts one by one, three copies each
-    for (b, n), copies in (((64, 4), 128 * expert / (16 << 20) + 2), ((2, 4), 3 * 52)):
+    # 2 x 4 routes ~52 experts one by one, two copies each (gate;up, down)
+    for (b, n), copies in (((64, 4), 128 * expert / (16 << 20) + 2), ((2, 4), 2 * 52)):
         pol = Policy(gpu_batch_size=b, num_gpu_batches=n, **off)
         w = [predict(spec, pol, replace(prof, h2d_call_s=c), 512, 32, b * n, "cuda",
                      2).breakdown["decode"]["weights"] for c in (None, 1e-5)]

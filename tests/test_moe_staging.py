@@ -8,6 +8,7 @@ import torch
 
 from conftest import ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
+from flexrun.plan import placement
 
 GREEDY = SamplingParams(ignore_eos=True)
 
@@ -41,6 +42,7 @@ def test_all_experts_staged_run_as_one_grouped_gemm(tmp_path, monkeypatch, stage
     from flexrun.engine import experts as engine_experts
     from flexrun.models import moe
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(placement, "HOST_RUNS_ON_CPU", True)
     monkeypatch.setattr(moe, "STAGE_ALL", stage_all)
     calls = []
     run = engine_experts.TieredExperts._run
@@ -92,6 +94,7 @@ def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkey
     from flexrun.engine import experts as engine_experts
     from flexrun.models import moe
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(placement, "HOST_RUNS_ON_CPU", True)
     monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
     monkeypatch.setattr(engine_experts.TieredExperts, "stack", lambda self, w, rows: None)
     outs, ref, spans, _, _ = _split_qwen3_moe_run(tmp_path)
@@ -111,6 +114,7 @@ def test_a_block_of_small_batches_that_touches_all_experts_stages_them_all(
     policy's). The tokens stay the resident run's."""
     from flexrun.engine import experts as engine_experts
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(placement, "HOST_RUNS_ON_CPU", True)
     rows = []
     run = engine_experts.TieredExperts._run
     monkeypatch.setattr(engine_experts.TieredExperts, "_run",
@@ -133,6 +137,7 @@ def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp
     from flexrun.engine import experts as engine_experts
     from flexrun.models import moe
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(placement, "HOST_RUNS_ON_CPU", True)
     monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
     callers = []
     nxt = engine_experts.TieredExperts._prefetch_next
@@ -235,3 +240,21 @@ def test_host_experts_laid_out_as_the_slots_cross_in_one_copy_per_run():
         assert torch.equal(b.W1[e, f:], vals[name(e, "up")])
         assert torch.equal(b.W2[e], vals[name(e, "down")])
     assert staging.staged == set(host)
+
+
+def test_reserved_places_come_in_segments(monkeypatch):
+    """reserve_host cuts its places into buffers of at most RESERVE_SEGMENT bytes (a failed
+    cudaHostRegister falls back to pin_memory, which rounds a buffer up to a power of two):
+    each tensor in one buffer, a run breaking only at a buffer's edge, all kept."""
+    from flexrun.memory import storage
+    monkeypatch.setattr(storage, "RESERVE_SEGMENT", 100 * 4)
+    store = storage.TieredStore(torch.device("cpu"), None, pin=False)
+    names = [f"t{i}" for i in range(5)]
+    store.reserve_host(names, [(40,)] * 5, torch.float32)     # 160 bytes each: 2 a buffer
+    assert [b.numel() for b in store._host_bufs] == [80, 80, 40]
+    for n in names:
+        store.put(n, torch.full((40,), float(n[1])), "cpu")
+    got = [store.homes[n][1] for n in names]
+    assert [int(t[0]) for t in got] == list(range(5))
+    assert got[1].data_ptr() == got[0].data_ptr() + 160 and \
+        got[2].untyped_storage().data_ptr() != got[0].untyped_storage().data_ptr()

@@ -196,14 +196,14 @@ class TieredExperts:
         fresh = [e for e in range(self.spec.num_experts) if e not in self.staging.staged]
         host = [e for e in fresh if e in remote]
         with self._copy_span(len(host)):
-            for e in fresh:
-                if e not in remote:
-                    self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
-                                                   for p in PARTS))
             if host:        # one call: runs of experts back to back in host memory coalesce
                 self.staging.put_host_many([(e, *self._read(e)) for e in host])
                 self.stats.copied += len(host)
                 self.stats.copy_bytes += sum(self._nbytes(e) for e in host)
+            for e in fresh:
+                if e not in remote:
+                    self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
+                                                   for p in PARTS))
         self.stats.reused += len(remote) - sum(e in remote for e in fresh) - \
             len(self._unused_ahead & remote.keys())
         self._unused_ahead = set()

@@ -74,6 +74,11 @@ def split_report(sizes: list[int], tiers: list[int]) -> dict[str, float]:
             for t in range(3)}
 
 
+# reserve_host's buffers: at most the pinned arena's chunk (a pin_memory fallback rounds a
+# buffer up to a power of two)
+RESERVE_SEGMENT = 256 << 20
+
+
 class TieredStore:
     """Values (tensors or Compressed) kept on the tier chosen for each, fetched to compute."""
 
@@ -84,6 +89,7 @@ class TieredStore:
         self.pinned = PinnedArena() if self.pin else None     # host-tier weights
         self.homes: dict[str, tuple[str, object]] = {}
         self._host_slots: dict[str, torch.Tensor] = {}        # reserve_host's places
+        self._host_bufs: list[torch.Tensor] = []    # their buffers (pinned: kept registered)
 
     def put(self, name: str, value, tier: str) -> None:
         if tier == "gpu":
@@ -115,15 +121,24 @@ class TieredStore:
         put (a put of that shape and dtype copies into its place): a run of them then crosses
         to the device in one copy (a MoE layer's host experts, engine/expert_staging.py);
         page-locked on a GPU run."""
-        if not names:
-            return
         sizes = [torch.Size(s).numel() for s in shapes]
-        buf = (pinned_empty if self.pin else torch.empty)((sum(sizes),), dtype=dtype)
-        for name, shape, part in zip(names, shapes, buf.split(sizes)):
-            self._host_slots[name] = part.view(shape)
+        seg, start = 0, 0        # buffers of at most RESERVE_SEGMENT bytes (a run breaks there)
+        for i in range(len(names) + 1):
+            if i == len(names) or (i > start and
+                                   (seg + sizes[i]) * dtype.itemsize > RESERVE_SEGMENT):
+                if i > start:
+                    buf = (pinned_empty if self.pin else torch.empty)((seg,), dtype=dtype)
+                    self._host_bufs.append(buf)
+                    for name, shape, part in zip(names[start:i], shapes[start:i],
+                                                 buf.split(sizes[start:i])):
+                        self._host_slots[name] = part.view(shape)
+                seg, start = 0, i
+            if i < len(names):
+                seg += sizes[i]
 
     def drop_reserved(self) -> None:
-        """Forget the places no put took (their buffer goes with the last view in use)."""
+        """Forget the places no put took (a put of another shape or dtype, which the loader
+        does not make: their bytes stay with their buffer's other places)."""
         self._host_slots.clear()
 
     def join(self, names: list[str]) -> bool:

@@ -154,9 +154,10 @@ def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, flo
     routers, shared experts, embeddings, head) goes to the compute device first, as far as
     the policy's GPU share holds it; the experts fill the rest of each tier, each expert
     whole (its gate, up and down on one tier) and every layer's experts split in the same
-    proportions (assign_tiers' error diffusion). hot: tokens routed to each expert of each
-    layer in an earlier run (MoEStats.save): a layer's GPU places go to its busiest experts,
-    then its CPU places, then disk (the bytes per tier do not change). groups: the grouping
+    proportions (assign_tiers' error diffusion), a layer's GPU places to its lowest ids, then
+    its CPU places, then disk. hot: tokens routed to each expert of each layer in an earlier
+    run (MoEStats.save): the GPU places go to its busiest experts instead (the bytes per tier
+    do not change). groups: the grouping
     of names (ExpertGroups.of) when known."""
     grp = groups or ExpertGroups.of(names, sizes)
     dense, dense_bytes, keys, members = grp.dense, grp.dense_bytes, grp.keys, grp.members
@@ -173,14 +174,17 @@ def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, flo
         off = split[1] + split[2]
         sub = (gpu,) + tuple((100.0 - gpu) * x / off if off else 0.0 for x in split[1:])
     tiers = assign_tiers(list(grp.member_bytes), sub)
-    if hot is not None:         # within each layer, the lower tiers to the busier experts
-        by_layer: dict[int, list[int]] = {}
-        for g, key in enumerate(keys):
-            by_layer.setdefault(int(key.split(".")[1]), []).append(g)
-        for j, gs in by_layer.items():
-            order = sorted(gs, key=lambda g: -hot[j][int(keys[g].split(".")[3])])
-            for g, t in zip(order, sorted(tiers[g] for g in gs)):
-                tiers[g] = t
+    # within each layer, the lower tiers to the busier experts (hot), else to the lower ids:
+    # each tier's experts then hold consecutive ids, so the host ones lie, and cross to the
+    # device, as one run (placement.host_expert_runs, expert_staging.coalesce)
+    by_layer: dict[int, list[int]] = {}
+    for g, key in enumerate(keys):
+        by_layer.setdefault(int(key.split(".")[1]), []).append(g)
+    for j, gs in by_layer.items():
+        expert = lambda g: int(keys[g].split(".")[3])     # noqa: E731
+        order = sorted(gs, key=(lambda g: -hot[j][expert(g)]) if hot is not None else expert)
+        for g, t in zip(order, sorted(tiers[g] for g in gs)):
+            tiers[g] = t
     for idx, t in zip(members, tiers):
         for i in idx:
             out[i] = t

@@ -26,8 +26,8 @@ class MoELayer:
     expert_params: int          # one expert's parameters
     dense_bytes: float          # the rest of the layer (attention, norms, router, shared)
     share: float                # MoE layers / decoder layers
-    expert_copies: int = 3      # host->GPU copies that move one expert (its tensors, in
-    #                             pieces of at most H2D_CHUNK bytes; 4-bit: codes, mins, scales)
+    expert_copies: int = 2      # host->GPU copies that move one expert (gate;up and down,
+    #                             in pieces of at most H2D_CHUNK bytes; 4-bit: 3 per tensor)
 
     def touched(self, tokens: float) -> float:
         """Expected experts that `tokens` routed tokens touch."""
@@ -61,8 +61,10 @@ def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
         elif expert_of(n).endswith(".experts.0"):
             expert += b
             params += numel(s)
-            packed = policy.compress_weight and len(s) == 2
-            copies += 3 if packed else -(-int(b) // H2D_CHUNK)
+            if policy.compress_weight and len(s) == 2:
+                copies += 3                 # codes, mins, scales
+            elif not n.endswith(".up.weight"):  # gate and up lie, and cross, as one
+                copies += -(-int(b * (2 if n.endswith(".gate.weight") else 1)) // H2D_CHUNK)
     moe = sum(spec.is_moe(i) for i in range(spec.num_layers))
     return MoELayer(spec.num_experts, spec.experts_per_token, expert, params, dense,
                     moe / spec.num_layers, max(copies, 1))

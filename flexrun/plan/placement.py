@@ -104,7 +104,7 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     plain = not p.compress_weight and not packs
     slots = JoinedSlots(groups if plain else [], shapes, tier_of, dtype, device)
     waiting = {n: g for g in groups if not slots.covers(g) for n in g}
-    if not p.compress_weight and not packs:     # (4-bit and packed experts keep their own)
+    if (weights.pin or HOST_RUNS_ON_CPU) and not p.compress_weight and not packs:
         for layer_names in host_expert_runs(spec, units, shapes, tier_of):
             weights.reserve_host(layer_names, [shapes[n] for n in layer_names], dtype)
     for name, t in ckpt.iter_tensors(device_for, set(names)):
@@ -127,6 +127,9 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     if device.type == "cuda":      # the joined tensors' old blocks stay cached
         torch.cuda.empty_cache()
     return placed
+
+
+HOST_RUNS_ON_CPU = False    # tests: lay host experts out as on a GPU run (staged there only)
 
 
 def host_expert_runs(spec, units, shapes: dict, tier_of: dict) -> list[list[str]]:

@@ -97,7 +97,7 @@ class UnitTerms:
             and prof.gpu_w4_flops else None
         self.moe = moe_layer(spec, policy, elem)
         self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
-        self.h2d_call = (prof.h2d_call_s or 0.0) if cuda else 0.0  # per expert-tensor copy
+        self.h2d_call = (prof.h2d_call_s or 0.0) if cuda else 0.0  # per host->GPU copy
         # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
         self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
             policy.expert_lanes != "copy" else 0.0
