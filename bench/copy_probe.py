@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from flexrun.plan.timing import best_time, h2d_call_cost
+from flexrun.plan.timing import h2d_call_cost, h2d_pieces_s
 
 MB = 1 << 20
 TOTAL = 384 * MB
@@ -20,14 +20,7 @@ TOTAL = 384 * MB
 
 def rate(piece: int, dev: torch.device) -> float:
     """Bytes/s of TOTAL bytes copied as back-to-back copies of `piece` bytes."""
-    src = torch.empty(TOTAL, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device=dev)
-    pairs = [(dst[i:i + piece], src[i:i + piece]) for i in range(0, TOTAL, piece)]
-
-    def run() -> None:
-        for d, s in pairs:
-            d.copy_(s, non_blocking=True)
-    return TOTAL / best_time(run, reps=5, sync=torch.cuda.synchronize)
+    return TOTAL / h2d_pieces_s(dev, torch.cuda.synchronize, TOTAL, piece)
 
 
 def main() -> None:

@@ -86,9 +86,8 @@ def single_process(a, prompts) -> tuple[float, list[list[int]], str]:
     return len(prompts) * a.gen_len / dt, outs, line
 
 
-def predicted(a, device: str, share: HostShare) -> float:
+def predicted(a, spec, device: str, share: HostShare) -> float:
     """The cost model's tok/s for one actor of this kind (its share of the host)."""
-    spec = open_checkpoint(a.model).spec
     prof = shared_profile(default_profile(torch.device(device)), share)
     gpu, cpu, disk = shared_budgets(a.gpu_mem if device == "cuda" else None, a.cpu_mem, None,
                                     share)
@@ -162,8 +161,8 @@ def main() -> None:
     single, ref, line = single_process(a, prompts)
     print(f"single process: {single:.1f} tok/s ({line})", flush=True)
     k = a.cpu_workers + 1
-    gpu_pred = predicted(a, GPU, HostShare(1 if GPU == "cuda" else k))
-    cpu_pred = predicted(a, "cpu", HostShare(k)) if a.cpu_workers else 0.0
+    gpu_pred = predicted(a, spec, GPU, HostShare(1 if GPU == "cuda" else k))
+    cpu_pred = predicted(a, spec, "cpu", HostShare(k)) if a.cpu_workers else 0.0
     frac = a.cpu_fraction
     if frac is None:
         frac = a.cpu_workers * cpu_pred / (a.cpu_workers * cpu_pred + gpu_pred)

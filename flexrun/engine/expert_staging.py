@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexrun.memory.pinned import H2D_CHUNK
+from flexrun.memory.pinned import copy_chunked
 from flexrun.memory.disk import DiskRef
 from flexrun.models.moe import ExpertGroup
 from flexrun.models.moe_grouped import (GROUPED_MAX_BYTES, grouped_mlp, grouped_mm_works,
@@ -133,21 +133,14 @@ class ExpertStaging:
 
     def put_host(self, e: int, gate: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor) -> None:
-        """Copy a host expert (pinned on a GPU run) into its slot on the weight stream, in
-        pieces of H2D_CHUNK bytes (one long copy would hold the copy engine from the
-        activations' and the CPU lane's small copies)."""
-        b = self._cur
-        self._slots(b)
-        if not self.cuda:
-            return self.put_resident(e, gate, up, down)
-        with self._on_weight_stream(b):
-            self._copy_host(b, e, gate, up, down)
-            b.copied = torch.cuda.Event()
-            b.copied.record(self.weight_stream)
+        """Copy a host expert (pinned on a GPU run) into its slot on the weight stream."""
+        self.put_host_many([(e, gate, up, down)])
 
     def put_host_many(self, items: list[tuple]) -> None:
-        """put_host for several experts [(e, gate, up, down)], their copies coalesced where
-        the host tensors lie back to back as the slots do (placement.host_expert_runs)."""
+        """Copy host experts [(e, gate, up, down)] into their slots on the weight stream, the
+        copies coalesced where the host tensors lie back to back as the slots do
+        (placement.host_expert_runs), in pieces of H2D_CHUNK bytes (one long copy would hold
+        the copy engine from the activations' and the CPU lane's small copies)."""
         b = self._cur
         self._slots(b)
         with self._on_weight_stream(b):
@@ -175,10 +168,6 @@ class ExpertStaging:
         self._wait_free(b)
         return torch.cuda.stream(self.weight_stream)
 
-    def _copy_host(self, b: _Slots, e: int, gate: torch.Tensor, up: torch.Tensor,
-                   down: torch.Tensor) -> None:
-        self._copy_host_many(b, [(e, gate, up, down)])
-
     def _copy_host_many(self, b: _Slots, items: list[tuple]) -> None:
         """Copy host experts [(e, gate, up, down)] into their slots: each run of tensors that
         lie back to back in host memory as their slots do goes as one copy, in pieces of
@@ -191,10 +180,7 @@ class ExpertStaging:
                   for p in ((w1, e * 2 * fh, g), (w1, e * 2 * fh + fh, u))]
         pieces += [(w2, e * fh, d) for e, _, _, d in items]
         for dst, off, src in coalesce(pieces):
-            d = dst[off:off + src.numel()]
-            step = max(1, H2D_CHUNK // src.element_size()) if self.cuda else src.numel()
-            for i in range(0, src.numel(), step):
-                d[i:i + step].copy_(src[i:i + step], non_blocking=self.cuda)
+            copy_chunked(dst[off:off + src.numel()], src)
         b.staged.update(it[0] for it in items)
 
     def _wait(self, copied: bool) -> None:

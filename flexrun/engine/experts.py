@@ -204,7 +204,7 @@ class TieredExperts:
                 if e not in remote:
                     self.staging.put_resident(e, *(w[f"experts.{e}.{p}.weight"]
                                                    for p in PARTS))
-        self.stats.reused += len(remote) - sum(e in remote for e in fresh) - \
+        self.stats.reused += len(remote) - len(host) - \
             len(self._unused_ahead & remote.keys())
         self._unused_ahead = set()
         self._prefetch_next()

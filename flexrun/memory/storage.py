@@ -122,19 +122,20 @@ class TieredStore:
         to the device in one copy (a MoE layer's host experts, engine/expert_staging.py);
         page-locked on a GPU run."""
         sizes = [torch.Size(s).numel() for s in shapes]
-        seg, start = 0, 0        # buffers of at most RESERVE_SEGMENT bytes (a run breaks there)
-        for i in range(len(names) + 1):
-            if i == len(names) or (i > start and
-                                   (seg + sizes[i]) * dtype.itemsize > RESERVE_SEGMENT):
-                if i > start:
-                    buf = (pinned_empty if self.pin else torch.empty)((seg,), dtype=dtype)
-                    self._host_bufs.append(buf)
-                    for name, shape, part in zip(names[start:i], shapes[start:i],
-                                                 buf.split(sizes[start:i])):
-                        self._host_slots[name] = part.view(shape)
-                seg, start = 0, i
-            if i < len(names):
-                seg += sizes[i]
+        segments: list[list[int]] = []  # buffers of at most RESERVE_SEGMENT bytes: a run
+        total = 0                       # breaks at a buffer's edge
+        for i, n in enumerate(sizes):
+            if not segments or (total + n) * dtype.itemsize > RESERVE_SEGMENT:
+                segments.append([])
+                total = 0
+            segments[-1].append(i)
+            total += n
+        for seg in segments:
+            buf = (pinned_empty if self.pin else torch.empty)((sum(sizes[i] for i in seg),),
+                                                              dtype=dtype)
+            self._host_bufs.append(buf)
+            for i, part in zip(seg, buf.split([sizes[i] for i in seg])):
+                self._host_slots[names[i]] = part.view(shapes[i])
 
     def drop_reserved(self) -> None:
         """Forget the places no put took (a put of another shape or dtype, which the loader

@@ -157,8 +157,7 @@ def moe_tiers(names: list[str], sizes: list[int], split: tuple[float, float, flo
     proportions (assign_tiers' error diffusion), a layer's GPU places to its lowest ids, then
     its CPU places, then disk. hot: tokens routed to each expert of each layer in an earlier
     run (MoEStats.save): the GPU places go to its busiest experts instead (the bytes per tier
-    do not change). groups: the grouping
-    of names (ExpertGroups.of) when known."""
+    do not change). groups: the grouping of names (ExpertGroups.of) when known."""
     grp = groups or ExpertGroups.of(names, sizes)
     dense, dense_bytes, keys, members = grp.dense, grp.dense_bytes, grp.keys, grp.members
     total = sum(sizes)

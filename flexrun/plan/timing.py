@@ -173,22 +173,25 @@ def qattn_bw(device: torch.device, dtype: torch.dtype, nbytes: int, sync=lambda:
     return 2 * b * h * t * d * dtype.itemsize / sec
 
 
-def h2d_call_cost(dev: torch.device, sync, total: int = 256 << 20, piece: int = 1 << 20
-                  ) -> float:
-    """Seconds each pinned host->GPU copy costs beyond its bytes, copies issued back to back
-    from Python as the engine issues them: `total` bytes in copies of `piece` bytes against
-    one copy of them all (a Qwen3-MoE expert crosses as three 3.1 MB tensors)."""
+def h2d_pieces_s(dev: torch.device, sync, total: int, piece: int) -> float:
+    """Seconds to copy `total` pinned host bytes to the device as copies of `piece` bytes
+    issued back to back from Python, as the engine issues them."""
     src = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device=dev)
-    n = total // piece
-    pieces = [(dst[i * piece:(i + 1) * piece], src[i * piece:(i + 1) * piece])
-              for i in range(n)]
+    pieces = [(dst[i:i + piece], src[i:i + piece]) for i in range(0, total, piece)]
 
-    def many() -> None:
+    def run() -> None:
         for d, s in pieces:
             d.copy_(s, non_blocking=True)
-    one = best_time(lambda: dst.copy_(src, non_blocking=True), reps=5, sync=sync)
-    return max(0.0, (best_time(many, reps=5, sync=sync) - one) / (n - 1))
+    return best_time(run, reps=5, sync=sync)
+
+
+def h2d_call_cost(dev: torch.device, sync, total: int = 256 << 20, piece: int = 1 << 20
+                  ) -> float:
+    """Seconds each pinned host->GPU copy costs beyond its bytes: `total` bytes in copies of
+    `piece` bytes against one copy of them all (a Qwen3-MoE expert's tensors are 3 MiB)."""
+    many, one = h2d_pieces_s(dev, sync, total, piece), h2d_pieces_s(dev, sync, total, total)
+    return max(0.0, (many - one) / (total // piece - 1))
 
 
 def attention_beside_h2d(dev: torch.device, attn, copy_bytes: int = 256 << 20

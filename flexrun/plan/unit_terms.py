@@ -195,8 +195,9 @@ class UnitTerms:
         CPU lane at once (cpu_lane bytes/s), or the CPU lane alone. q_math, params: the
         layer's compressed-weight math and plain GEMM parameters (_weight_math)."""
         m, k = self.moe, self.p.num_gpu_batches
+        stages_all = self._stages_all(rows)
         # staging every expert copies each host one, touched or not
-        moved = 1.0 if self._stages_all(rows) else m.moved_share(rows * k)
+        moved = 1.0 if stages_all else m.moved_share(rows * k)
         wb = self.unit_bytes[1] * moved
         dense_b = self.unit_bytes[1] * m.dense_bytes / (m.dense_bytes
                                                         + m.experts * m.expert_bytes)
@@ -207,13 +208,13 @@ class UnitTerms:
         # each copy has a fixed cost (h2d_call_s): staged all at once, a layer's host experts
         # lie as their slots do and cross as two runs in H2D_CHUNK pieces; routed one by one,
         # each crosses as expert_copies copies
-        if self._stages_all(rows):
+        if stages_all:
             calls = (exp_b / H2D_CHUNK + 2) * self.h2d_call
         else:
             calls = m.touched(rows * k) * m.expert_copies * self.h2d_call
         if cpu and lanes == "cpu":      # the dense part still crosses the link
             wc, copied = max(dense_b / h2d, uses * exp_b / cpu), dense_b / h2d
-        elif cpu and lanes == "auto" and not self._stages_all(rows):
+        elif cpu and lanes == "auto" and not stages_all:
             # both lanes busy until they end together
             wc = copied = max(dense_b / h2d, wb / (h2d + cpu / uses)) + \
                 calls * h2d / (h2d + cpu / uses)
@@ -248,7 +249,7 @@ class UnitTerms:
             # prefill: ~30 ms per 64 x 512-row call over 128 experts)
             c = terms["compute"]
             c["1"] = max(c.get("1", 0.0), k * n * self.overhead)
-        if self.cuda and not prefill and not self._stages_all(rows):
+        if self.cuda and not prefill and not stages_all:
             # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
             # the routing counts on the host, so its launches no longer run ahead of the GPU
             # and cost as an eager unit's do, per GPU batch, where experts are off the device
