@@ -34,7 +34,9 @@ if [ -f .whl/ray2/part.ab ] && [ -f /tmp/flexrun-ray/part.aa ] && [ ! -f "$SITE/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" "/tmp/flexrun-ray/$whl" && touch "$SITE/.done-ray"
 fi
-pkill -9 -f "bench[.](run_flexrun|peers|ray_mixed|run )" && sleep 2
+for pid in $(pgrep -f "bench[.](run_flexrun|peers|ray_mixed|run )"); do   # not this call's own
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q gpu_run || { kill -9 "$pid"; sleep 2; }
+done
 echo "installed: $(cd "$SITE" && ls -A | grep '^.done-' | tr '\n' ' ')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
   --format=csv,noheader

@@ -44,14 +44,14 @@ def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 30000), (n, length), generator=g).tolist()
 
 
-def split_rows(rows: list, cpu_fraction: float, batch: int, cpu_batch: int
-               ) -> tuple[list, list]:
+def split_rows(rows: list, cpu_fraction: float, batch: int) -> tuple[list, list]:
     """(GPU rows, CPU rows): the GPU takes whole calls of `batch` rows from the start, as the
-    single-process run batches them (all rows where the CPU share is under one CPU call); the
-    CPU actors the rest, about their share rounded to whole GPU calls."""
+    single-process run batches them, and the CPU actors the rest; the number of GPU calls is
+    the one that leaves the CPU actors nearest their share (rounding up to a whole GPU call
+    instead would make the slow CPU actors the job's tail)."""
     n = len(rows)
-    n_cpu = int(n * cpu_fraction / cpu_batch) * cpu_batch
-    n_gpu = n if n_cpu == 0 else (n - n_cpu) // batch * batch
+    calls = round(n * (1.0 - cpu_fraction) / batch)
+    n_gpu = min(n, calls * batch)
     return rows[:n_gpu], rows[n_gpu:]
 
 
@@ -106,7 +106,7 @@ def ray_job(a, prompts, cpu_fraction: float) -> dict:
     try:
         rows = [{"id": str(i), "input_ids": p} for i, p in enumerate(prompts)]
         gpu_rows, cpu_rows = split_rows(rows, cpu_fraction if a.cpu_workers else 0.0,
-                                        a.batch_size, a.cpu_batch_size)
+                                        a.batch_size)
         k = a.cpu_workers + 1                           # actors on this host
         host = parse_size(a.cpu_mem)
         base = dict(model=a.model, max_new_tokens=a.gen_len, ignore_eos=True)
