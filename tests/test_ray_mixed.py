@@ -34,10 +34,13 @@ def test_ray_mixed_smoke(tmp_path) -> None:
 def test_split_gives_the_gpu_whole_calls_and_the_cpu_its_share() -> None:
     from bench.ray_mixed import split_rows
     rows = list(range(1000))
-    gpu, cpu = split_rows(rows, 0.1, 128, 16)          # 96 rows of share, 7 GPU calls
+    gpu, cpu = split_rows(rows, 0.1, 128)          # 100 rows of share: 7 GPU calls
     assert (len(gpu), len(cpu)) == (896, 104) and gpu + cpu == rows
-    assert split_rows(rows, 0.01, 128, 16) == (rows, [])      # under one CPU call
-    assert split_rows(rows, 1.0, 128, 16) == ([], rows)
+    assert split_rows(rows, 0.01, 128) == (rows, [])      # nearest: 8 calls, all rows
+    assert split_rows(rows, 1.0, 128) == ([], rows)
+    # 16,384 prompts, a 0.26% share (42 rows): rounding up to a whole GPU call would give the
+    # CPU actors 128 rows, three times their share; the nearest split gives them none
+    assert split_rows(list(range(16384)), 0.0026, 128) == (list(range(16384)), [])
 
 
 def test_blocks_make_calls_of_exactly_their_rows() -> None:
