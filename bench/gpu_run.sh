@@ -11,8 +11,8 @@
 #
 # Before the commands: the wheels of bench/gpu_wheels.sh found under .whl/ are installed into
 # /tmp/flexrun-site once per machine (on PYTHONPATH); .whl/ray1's part is kept in /tmp, so
-# ray installs once .whl/ray2's has come in a later call; bench processes an earlier call
-# left running are killed (they hold the GPU and skew every figure).
+# ray installs once .whl/ray2's has come in a later call; an earlier call's script and bench
+# processes still running are killed (they hold the GPU and skew every figure).
 set -u
 OUT=${1:?OUT}; LIMIT=${2:?LIMIT_SECONDS}
 T0=$(date +%s); SITE=/tmp/flexrun-site
@@ -34,8 +34,17 @@ if [ -f .whl/ray2/part.ab ] && [ -f /tmp/flexrun-ray/part.aa ] && [ ! -f "$SITE/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" "/tmp/flexrun-ray/$whl" && touch "$SITE/.done-ray"
 fi
-for pid in $(pgrep -f "bench[.](run_flexrun|peers|ray_mixed|run )"); do   # not this call's own
-  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q gpu_run || { kill -9 "$pid"; sleep 2; }
+# an earlier call's script may still run: its wrapper was stopped, not the script (it would
+# go on starting its commands beside this call's); then its bench processes, and any other
+# "python -m bench." process, except this call's own wrapper (its command line holds gpu_run)
+old=$(cat /tmp/flexrun-gpu-run.pid 2>/dev/null)
+if [ -n "$old" ] && [ "$old" != "$$" ] && tr '\0' ' ' < "/proc/$old/cmdline" 2>/dev/null \
+    | grep -q "gpu_run[.]sh"; then
+  kill -9 "$old"; echo "stopped an earlier call's script ($old)"
+fi
+echo $$ > /tmp/flexrun-gpu-run.pid
+for pid in $(pgrep -f -- "-m bench[.]"); do
+  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q gpu_run || { kill -9 "$pid"; sleep 1; }
 done
 echo "installed: $(cd "$SITE" && ls -A | grep '^.done-' | tr '\n' ' ')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total \
