@@ -152,6 +152,29 @@ def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp
     assert sum(n.endswith(" ahead") for n in spans) > 0
 
 
+def test_the_last_moe_unit_copies_the_first_ahead_while_a_step_follows(tmp_path, monkeypatch):
+    """Staging every expert: the block's last MoE unit starts the first one's host experts
+    into the other slots for the next step, in every step but the block's last (a step may
+    end the run there), so the first MoE unit of a decode step finds them staged; the tokens
+    stay the resident run's."""
+    from flexrun.engine import experts as engine_experts
+    from flexrun.models import moe
+    monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
+    monkeypatch.setattr(placement, "HOST_RUNS_ON_CPU", True)
+    monkeypatch.setattr(moe, "STAGE_ALL", 0.0)
+    outs, ref, spans, _, away = _split_qwen3_moe_run(tmp_path)
+    assert outs == ref
+    first, last = min(away), max(away)
+    assert first < last
+    copies = [n.split()[2] for n in spans if n.startswith("h2d experts l")]
+    wraps = [i for i, n in enumerate(spans) if n.startswith(f"h2d experts l{first} x")
+             and n.endswith(" ahead")]
+    # 6 new tokens: steps 0-5, each with a following step but the last; the prefill stages
+    # (and so copies ahead) too
+    assert len(wraps) == 5, copies
+    assert copies[-1] != f"l{first}"         # nothing copied past the block's last step
+
+
 @pytest.mark.parametrize("lanes", ["copy", "cpu"])
 def test_decode_attends_every_batch_before_the_moe_of_a_split_layer(tmp_path, monkeypatch,
                                                                     lanes):
