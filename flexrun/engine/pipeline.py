@@ -254,7 +254,10 @@ class Pipeline(HostTransfers, StepInputs):
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
                     attended = self._attend_first(w, task, batches)
-                    if self.experts is not None:    # behind the attention outputs' copies
+                    if self.experts is not None:    # behind the attention outputs' copies:
+                        if attended and self.cuda:  # queued while the copy engine is busy,
+                            # they landed after copies queued later (S7's H100 trace)
+                            self.weight_stream.wait_stream(self.attn_out_stream)
                         self.experts.copy_ahead()
                 b = batches[task.batch]
                 if not b.finished:
