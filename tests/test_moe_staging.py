@@ -87,6 +87,29 @@ def test_staging_prefetch_fills_the_other_slots_for_the_next_unit():
     assert st.staged == set()
 
 
+def test_staging_keeps_a_layers_coalesced_copies_and_copies_current_values():
+    """The copies of a set of host experts are worked out once per slot pair and reused the
+    next time the same tensors go to the same slots; they read the tensors' values at each
+    copy, and a lone expert (possibly fresh buffers of a disk read) is not kept."""
+    from flexrun.engine.expert_staging import ExpertStaging
+    E, h, f = 4, 8, 16
+    st = ExpertStaging(E, h, f, torch.device("cpu"), torch.float32)
+    host = {e: (torch.full((f, h), e + 1.0), torch.full((f, h), e + 1.5),
+                torch.full((h, f), e + 1.25)) for e in (1, 2)}
+    lone = lambda: {3: (torch.zeros(f, h), torch.zeros(f, h), torch.zeros(h, f))}  # noqa: E731
+    st.begin_unit(1)
+    for rnd in range(3):            # layer 2 goes to pair B, then A, then A again
+        assert st.prefetch(2, host)
+        st.begin_unit(2)
+        assert st.staged == {1, 2} and float(st.W1[2, 0, 0]) == (3.0 if rnd == 0 else 7.0)
+        assert float(st.W1[1, f, 0]) == 2.5 and float(st.W2[2, 0, 0]) == 3.25
+        for layer in (3, 4) if rnd == 0 else (3, 4, 5):    # lone experts: copied, not kept
+            st.prefetch(layer, lone())
+            st.begin_unit(layer)
+        assert len(st._runs) == min(rnd + 1, 2)
+        host[2][0].fill_(7.0)       # the kept copies read the tensors' values at each copy
+
+
 def test_calls_routed_expert_by_expert_copy_the_next_unit_ahead(tmp_path, monkeypatch):
     """A call that touches nearly every expert but runs expert by expert (a prefill too large
     for one grouped GEMM: here every call, stack() declined) also starts the next unit's host
