@@ -176,10 +176,11 @@ def test_next_units_copies_queue_when_a_unit_starts_whose_experts_came_ahead(tmp
 
 
 def test_the_last_moe_unit_copies_the_first_ahead_while_a_step_follows(tmp_path, monkeypatch):
-    """Staging every expert: the block's last MoE unit starts the first one's host experts
-    into the other slots for the next step, in every step but the block's last (a step may
-    end the run there), so the first MoE unit of a decode step finds them staged; the tokens
-    stay the resident run's."""
+    """Staging every expert: in decode the block's last MoE unit starts the first one's host
+    experts into the other slots for the next step, in every step but the block's last (a
+    step may end the run there), so the first MoE unit of a decode step finds them staged;
+    not from the prefill (it may stage every expert where decode routes expert by expert).
+    The tokens stay the resident run's."""
     from flexrun.engine import experts as engine_experts
     from flexrun.models import moe
     monkeypatch.setattr(engine_experts, "GROUPED_ON_CPU", True)
@@ -192,9 +193,8 @@ def test_the_last_moe_unit_copies_the_first_ahead_while_a_step_follows(tmp_path,
     copies = [n.split()[2] for n in spans if n.startswith("h2d experts l")]
     wraps = [i for i, n in enumerate(spans) if n.startswith(f"h2d experts l{first} x")
              and n.endswith(" ahead")]
-    # 6 new tokens: steps 0-5, each with a following step but the last; the prefill stages
-    # (and so copies ahead) too
-    assert len(wraps) == 5, copies
+    # 6 new tokens: the prefill (step 0) and decode steps 1-5, of which 1-4 have a next step
+    assert len(wraps) == 4, copies
     assert copies[-1] != f"l{first}"         # nothing copied past the block's last step
 
 

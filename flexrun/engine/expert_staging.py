@@ -181,7 +181,8 @@ class ExpertStaging:
         # once per slot pair (about 1 ms of host time per layer for 123 experts otherwise)
         key = (id(b), tuple((e, g.data_ptr(), u.data_ptr(), d.data_ptr())
                             for e, g, u, d in items))
-        runs = self._runs.get(key) if len(items) > 1 else None
+        keep = len(items) > 1 and all(t.is_contiguous() for it in items for t in it[1:])
+        runs = self._runs.get(key) if keep else None
         if runs is None:
             fh = self.f * self.h
             w1, w2 = b.W1.view(-1), b.W2.view(-1)
@@ -189,7 +190,7 @@ class ExpertStaging:
                       for p in ((w1, e * 2 * fh, g), (w1, e * 2 * fh + fh, u))]
             pieces += [(w2, e * fh, d) for e, _, _, d in items]
             runs = [(dst[off:off + src.numel()], src) for dst, off, src in coalesce(pieces)]
-            if len(items) > 1:      # (a lone expert may be a disk read's fresh buffers)
+            if keep:    # (not a lone expert: maybe a disk read's fresh buffers; not a copy)
                 if len(self._runs) >= RUNS_KEPT:
                     self._runs.clear()
                 self._runs[key] = runs

@@ -53,7 +53,7 @@ class TieredExperts:
     # placement followed routing counts (the off-device experts are the cold ones)
     stage_all: bool = True
     block_batches: int = 1                  # GPU batches of the block being run
-    steps_follow: bool = False              # another step of the block comes after this one
+    steps_follow: bool = False              # a decode step of the block comes after this one
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -220,9 +220,9 @@ class TieredExperts:
     def _prefetch_next(self) -> None:
         """Start copying the host experts of the next MoE unit with off-device experts into
         the other staging slots, so that they cross the link while this unit computes (its
-        calls stage every expert as this one's do). From the last one, the first one's of
-        the next step when one follows in the block (steps_follow), so that the step's first
-        MoE unit does not wait for its own copies after its attention."""
+        calls stage every expert as this one's do). From the last one in decode, the first
+        one's of the next step when one follows in the block (steps_follow), so that the
+        step's first MoE unit does not wait for its own copies after its attention."""
         later = [j for j in self.remote if j > self._layer] or \
             [j for j in self.remote if j < self._layer and self.steps_follow]
         if not later:

@@ -250,7 +250,8 @@ class Pipeline(HostTransfers, StepInputs):
                                         self._start_load(task.unit), task.unit)
                     if self.experts is not None:    # the last unit's expert copies go
                         self.experts.begin_unit(task.unit - 1)
-                        self.experts.steps_follow = task.step + 1 < max_new_tokens
+                        # (decode steps stage alike; a prefill may stage where decode won't)
+                        self.experts.steps_follow = 0 < task.step < max_new_tokens - 1
                     self._prefetch_acts(batches, task.unit)     # ahead of the next copy
                     self._start_next(task, loads, max_new_tokens)
                     attended = self._attend_first(w, task, batches)
