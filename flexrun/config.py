@@ -121,6 +121,10 @@ class Policy:
     # device and attend there, whatever cache_* say; the others follow cache_* (off the
     # device with cpu_attention: attended on the host): part of each layer's keys at HBM rate
     gpu_cache_batches: int = 0
+    # streamed units whose weights load ahead of the one computing on a GPU: 1 double-buffers;
+    # 2 holds one more unit's weights on the device, so that a unit slower than its copy
+    # (CPU attention) lends its slack to a later one faster than its copy (KV on the device)
+    weights_ahead: int = 1
     overlap: bool = True
     cuda_graphs: bool = True        # replay captured decode steps of GPU-resident units
     cpu_attention: bool = False
@@ -185,6 +189,9 @@ class Policy:
         if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= self.num_gpu_batches:
             raise FlexrunError(f"policy: gpu_cache_batches must be an integer in 0.."
                                f"{self.num_gpu_batches} (num_gpu_batches), got {g!r}")
+        a = self.weights_ahead
+        if not isinstance(a, int) or isinstance(a, bool) or not 1 <= a <= 3:
+            raise FlexrunError(f"policy: weights_ahead must be an integer in 1..3, got {a!r}")
         if not isinstance(self.cache_group, int) or isinstance(self.cache_group, bool) \
                 or self.cache_group < 1:
             raise FlexrunError(f"policy: cache_group must be an integer >= 1, got "

@@ -156,3 +156,48 @@ def test_some_batches_keep_their_cache_on_the_device(model_and_ref, tmp_path, ca
     prof = HardwareProfile.load(PROFILES_DIR / "h200.json")
     pa, pb = (predict(spec, x, prof, 512, 32, device="cuda") for x in (off, half))
     assert pb.decode_s < pa.decode_s        # half the KV read at HBM rate instead of DRAM
+
+
+@pytest.mark.parametrize("mapped,ahead", [(True, 1), (True, 2), (True, 3), (False, 2)])
+def test_streamed_units_load_weights_ahead(model_and_ref, tmp_path, monkeypatch, mapped, ahead):
+    """Policy.weights_ahead streamed units load ahead of the unit computing, across steps
+    too, never one twice at a time; a CPU run reading disk weights into its two buffers
+    (FLEXRUN_MAP_DISK=0) keeps one ahead. The resident run's tokens every way."""
+    import flexrun.engine.pipeline as pipeline_mod
+    from flexrun.engine.unit_loads import UnitLoads
+    d, prompts, ref = model_and_ref
+    monkeypatch.setattr(pipeline_mod, "MAP_DISK", mapped)
+    held = []
+    start_next = UnitLoads._start_next
+
+    def spy(self, task, loads, gen_len):
+        start_next(self, task, loads, gen_len)
+        held.append(sorted(loads))
+    monkeypatch.setattr(UnitLoads, "_start_next", spy)
+    pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=40, weights_cpu=30,
+                 weights_disk=30, weights_ahead=ahead)
+    with LLM(str(d), device="cpu", policy=pol, offload_dir=str(tmp_path)) as llm:
+        assert [o.output_ids for o in llm.generate(prompts, NEW, GREEDY)] == ref
+        streamed = len(llm.pipeline.streamed)
+    want = min(ahead if mapped else 1, streamed)
+    assert streamed >= 3 and max(len(h) for h in held) == want
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_ahead_is_checked_and_counted():
+    """weights_ahead must be 1..3; on a GPU the footprint holds one streamed unit more per
+    unit ahead (on a CPU run loads map the page cache or use the two read buffers)."""
+    from flexrun.config import FlexrunError
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.footprint import footprint
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(FlexrunError, match="weights_ahead"):
+            Policy(weights_ahead=bad)
+    spec = dummy_spec("opt-1.3b")
+    pols = [Policy(weights_gpu=50, weights_cpu=50, weights_ahead=a) for a in (1, 2, 3)]
+    gpu = [footprint(spec, p, 2, 128, 32, cuda=True).buffers for p in pols]
+    cpu = [footprint(spec, p, 4, 128, 32).buffers for p in pols]
+    # the largest streamed unit (about half of the 50272 x 2048 fp16 embedding) per unit ahead
+    assert gpu[1] - gpu[0] == gpu[2] - gpu[1] > 0.45 * 50272 * 2048 * 2
+    assert cpu[0] == cpu[1] == cpu[2]
+    assert Policy.from_dict(pols[1].to_dict()).weights_ahead == 2

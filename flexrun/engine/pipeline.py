@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from bisect import bisect_right
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 
@@ -17,25 +16,26 @@ import torch
 from flexrun.config import Policy
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.disk import MAP_DISK, DiskTier
-from flexrun.memory.storage import Arena, TieredStore, assign_tiers, new_future
+from flexrun.memory.storage import Arena, TieredStore, assign_tiers
 from flexrun.engine import graphs as decode_graphs
 from flexrun.kernels import attention as attn_triton
 from flexrun.engine.activations import HostTransfers
 from flexrun.engine.step_inputs import StepInputs
+from flexrun.engine.unit_loads import UnitLoads
 from flexrun.engine.attention import (attend, attend_range, attend_stored, host_matmul,
                                      layer_options)
 from flexrun.engine.experts import TieredExperts
 from flexrun.engine.kvcache import KVCache, KVSlot
 from flexrun.engine.sampling import Sampler
 from flexrun.engine.rows import append_tokens, prompt_logprobs
-from flexrun.engine.schedule import Task, next_unit, zigzag
+from flexrun.engine.schedule import Task, zigzag
 from flexrun.engine.trace import Tracer
 from flexrun.engine.batch_state import BatchState
 
 ATTEND_FIRST_ON_CPU = False     # tests: every batch's attention before the MoE on a CPU run too
 
 
-class Pipeline(HostTransfers, StepInputs):
+class Pipeline(HostTransfers, StepInputs, UnitLoads):
     """Runs units `units` (default: all) of a model; a pipeline stage runs a contiguous slice,
     placing its layers' KV cache and its units' activations per the policy over that slice."""
     defers_ids = True       # greedy ids reach the host a step late (_defer); not on a stage
@@ -81,6 +81,8 @@ class Pipeline(HostTransfers, StepInputs):
         self.unit_tiers = {u: {weights.tier_of(n) for n in names}
                            for u, names in self.unit_names.items()}
         self.streamed = [u for u in self.units if self.unit_tiers[u] != {"gpu"}]
+        # (a CPU run's disk reads into its two arenas allow one unit ahead)
+        self.weights_ahead = policy.weights_ahead if self.cuda or self.maps_disk else 1
         static = policy.cuda_graphs and (self.cuda or decode_graphs.STATIC_ON_CPU)
         self.kv = KVCache(self.cache_tiers, device, dtype, disk, spec.num_kv_heads, spec.head_dim,
                           policy.cpu_attention, self.store_stream if policy.overlap else None,
@@ -90,58 +92,6 @@ class Pipeline(HostTransfers, StepInputs):
                           zero_fill=static or not self.cuda,   # whole-slot attention reads all
                           gpu_batches=policy.gpu_cache_batches)
         self.graphs = decode_graphs.DecodeGraphs(self, capture=self.cuda) if static else None
-
-    # ---- weights ----------------------------------------------------------------------------
-    def _arena(self, u: int) -> Arena | None:
-        """The host buffer unit u's disk weights are read into on a CPU run: two, used in
-        turn, so the next unit loads while this one computes (CPU compute is synchronous, so
-        the unit before is done with its buffer). GPU runs read into pinned tensors; CPU runs
-        map the page cache (no buffer) unless FLEXRUN_MAP_DISK=0."""
-        if self.cuda or self.maps_disk or "disk" not in self.unit_tiers[u]:
-            return None
-        self._loads += 1
-        return self._arenas[self._loads % 2].reset(self.weights.disk_bytes(self.unit_names[u]))
-
-    def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False
-                   ) -> tuple[dict, object]:
-        """Unit u's weights on the compute device, and their ready event. ordered: buffers
-        from the compute stream's pool (TieredStore.fetch_ordered; the main thread only)."""
-        with self.tracer.span(f"load w{u}", "io-thread"):
-            host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
-                                              mapped=self.maps_disk)
-                    for n in self.unit_names[u]}
-        if not self.cuda or not self.policy.overlap:
-            return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
-        with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
-            out = self.weights.fetch_ordered(host, self.weight_stream, self.compute_stream) \
-                if ordered else {n: self.weights.fetch(n, self.weight_stream,
-                                                       self.compute_stream, host[n]) for n in host}
-        ev = torch.cuda.Event()
-        ev.record(self.weight_stream)
-        return out, ev
-
-    def _start_load(self, u: int) -> Future:
-        """Start fetching unit u: disk reads go to an I/O thread; host->GPU copies are issued
-        at once on the weight stream; resident units need nothing (and wait for no copy)."""
-        if self.unit_tiers[u] == {"gpu"}:
-            return new_future(({n: self.weights.fetch(n) for n in self.unit_names[u]}, None))
-        if not self.policy.overlap:
-            return new_future(None)
-        if "disk" in self.unit_tiers[u] and not self.maps_disk:
-            return self.io.submit(self._load_unit, u, self._arena(u))
-        return new_future(self._load_unit(u, ordered=self.policy.pin_weights))
-
-    def _wait_load(self, fut: Future, u: int) -> dict:
-        res = fut.result()
-        if res is None:  # no overlap: load now, synchronously
-            res = self._load_unit(u, self._arena(u))
-        w, ev = res
-        if ev is not None:
-            self.compute_stream.wait_event(ev)
-        if u == 0 or u == self.spec.num_units - 1:
-            return w
-        prefix = f"layers.{u - 1}."
-        return {n[len(prefix):]: t for n, t in w.items()}
 
     # ---- one unit on one batch --------------------------------------------------------------
     def _layer(self, w: dict, layer: int, b: BatchState, prefill: bool) -> torch.Tensor:
@@ -298,20 +248,6 @@ class Pipeline(HostTransfers, StepInputs):
             self.graphs.new_block()
         if self.experts is not None:
             self.experts.block_batches = len(batches)
-
-    def _start_next(self, task: Task, loads: dict[int, Future], gen_len: int) -> None:
-        """Start loading the next streamed unit after task's (in schedule order, the next
-        step's included) unless it is on its way: a copy overlaps the compute of every
-        resident unit before its own, and at most two streamed units are held at a time.
-        With activations offloaded, only the next unit's: their copies back (_prefetch_acts)
-        must not queue behind a later unit's weights on the weight stream."""
-        nxt = next_unit(task, gen_len, self.spec.num_units)
-        if nxt is not None and self.unit_tiers[nxt] == {"gpu"} and self.acts_resident:
-            later = bisect_right(self.streamed, task.unit)
-            nxt = self.streamed[later] if later < len(self.streamed) else \
-                self.streamed[0] if self.streamed and task.step + 1 < gen_len else None
-        if nxt is not None and nxt not in loads and self.unit_tiers[nxt] != {"gpu"}:
-            loads[nxt] = self._start_load(nxt)
 
     def _unit(self, w: dict, u: int, b: BatchState, prefill: bool, sampler: Sampler,
               attended: tuple | None = None) -> None:
