@@ -106,6 +106,16 @@ SCENARIOS["S1c"] = {
 SCENARIOS["S1-kv4"] = {
     "what": "OPT-30B, 4-bit KV cache, 16 GiB GPU / 100 GiB CPU, policy chosen by flexrun's search",
     "flexrun-auto": SCENARIOS["S1"]["flexrun-auto"] + ["--compress-cache"], "floor": "pcie"}
+# S1-ahead: S1's searched shape (64x1) with one and two streamed units' weights loading ahead
+# (Policy.weights_ahead), each with the most GPU cache its footprint fits in 16 GiB: whether the
+# device-cache layers' copies take the slack of the CPU-attention layers (costmodel.md, gaps)
+SCENARIOS["S1-ahead"] = {
+    "what": "OPT-30B, 16 GiB GPU / 100 GiB CPU, 64x1, weights streamed, CPU attention; one or "
+            "two units' weights loading ahead",
+    **{f"flexrun-ahead{a}": ["--model", "dummy:opt-30b", "--policy",
+                             f"policies/opt-30b-64x1-ahead{a}.json", "--gpu-mem", "16GiB",
+                             "--cpu-mem", "100GiB", "--num-prompts", "64"] for a in (1, 2)},
+    "deepspeed": SCENARIOS["S1"]["deepspeed"], "floor": "pcie"}
 # S4 with both systems in bfloat16 (CPUs with AVX512-BF16 / AMX run bf16 GEMMs ~3x faster
 # than fp32: 385 vs 125 GFLOP/s at 1024 x 2048 x 8192 on the 2-core CI machine)
 SCENARIOS["S4-bf16"] = {
@@ -177,6 +187,8 @@ SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "accelerate-b2": ("bench.peers.accelerate_peer", "ACCELERATE_RESULT"),
            "flexgen-compressed": ("bench.peers.flexgen_peer", "FLEXGEN_RESULT"),
            "flexrun-compressed": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "flexrun-ahead1": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "flexrun-ahead2": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "deepspeed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
            "deepspeed-compressed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
            "airllm": ("bench.peers.airllm_peer", "AIRLLM_RESULT")}
