@@ -179,9 +179,9 @@ class ExpertStaging:
         items = sorted(items, key=lambda it: it[0])
         # a layer's host experts are the same tensors every step: their runs are worked out
         # once per slot pair (about 1 ms of host time per layer for 123 experts otherwise)
-        key = (id(b), tuple((e, g.data_ptr(), u.data_ptr(), d.data_ptr())
-                            for e, g, u, d in items))
         keep = len(items) > 1 and all(t.is_contiguous() for it in items for t in it[1:])
+        key = (id(b), tuple((e, g.data_ptr(), u.data_ptr(), d.data_ptr())
+                            for e, g, u, d in items)) if keep else None
         runs = self._runs.get(key) if keep else None
         if runs is None:
             fh = self.f * self.h
