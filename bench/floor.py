@@ -18,7 +18,8 @@ P + gen/2, with the placement fractions of the policy:
             the CPU fp32, or bf16 where the profile has bf16 rates)
 A mixture-of-experts model moves only the experts its block's tokens touch (plan/moe_cost.py)
 and multiplies k of them per token; with the CPU lane (expert_lanes auto/cpu) its off-device
-weights are served by the copy and the CPU expert GEMMs together (h2d + cpu_expert_bw).
+weights are served by the copy and the CPU expert GEMMs together (h2d + cpu_expert_bw over
+the number of the block's batches that read each expert again, as plan/unit_terms.py says).
 """
 from __future__ import annotations
 
@@ -62,7 +63,11 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
         weights -= expert_bytes * (1 - moved)
         gemm_params -= int(layers * (moe.experts - moe.top_k) * moe.expert_params)
         if cuda and policy.expert_lanes != "copy" and prof.cpu_expert_bw:
-            off_rate = prof.h2d_pinned + prof.cpu_expert_bw     # copy and CPU lanes
+            # copy and CPU lanes; an expert on the CPU lane is read again by each of the
+            # block's batches that routes to it (`uses` of them), a copy serves them all
+            b, k = policy.gpu_batch_size, policy.num_gpu_batches
+            uses = k * moe.touched(b) / max(moe.touched(rows), 1e-9)
+            off_rate = prof.h2d_pinned + prof.cpu_expert_bw / uses
     t = {}
     if cuda or elem == 4 or (prof.cpu_flops_decode_bf16 and prof.cpu_flops_prefill_bf16):
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda

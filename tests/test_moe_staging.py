@@ -304,3 +304,42 @@ def test_reserved_places_come_in_segments(monkeypatch):
     assert [int(t[0]) for t in got] == list(range(5))
     assert got[1].data_ptr() == got[0].data_ptr() + 160 and \
         got[2].untyped_storage().data_ptr() != got[0].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("family,compress", [("qwen3_moe", False), ("mixtral", False),
+                                             ("mixtral", True)])
+def test_unstaged_experts_of_the_next_unit_are_copied_ahead(tmp_path, monkeypatch, family,
+                                                            compress):
+    """The per-expert route (no staging slots: a CPU run here, 4-bit or biased experts on a
+    GPU): once a unit's calls copied all of its host experts, the next MoE unit's are copied
+    ahead as it starts and held for that unit's block ("ahead" spans), which then copies none
+    of its own. The tokens are those of the run without copies ahead (the resident run's,
+    uncompressed)."""
+    import json
+    from families import save_family
+    from flexrun.engine import experts as engine_experts
+    d = save_family(family, tmp_path / "m")
+    prompts = [p for seed in (5, 6) for p in ragged_prompts(8, seed=seed)][:8]
+    pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
+                 expert_lanes="copy", compress_weight=compress)
+
+    def run(ahead: bool, policy=pol):
+        monkeypatch.setattr(engine_experts, "HELD_AHEAD_ON_CPU", ahead)
+        trace = tmp_path / f"t{ahead}.json"
+        with LLM(str(d), device="cpu", policy=policy, trace=str(trace)) as llm:
+            outs = [o.output_ids for o in llm.generate(prompts, 5, GREEDY)]
+            lane = llm.pipeline.experts.stats
+        spans = [e["name"] for e in json.loads(trace.read_text())["traceEvents"]
+                 if e["ph"] == "X" and e["name"].startswith("h2d experts")]
+        return outs, spans, lane
+    outs, spans, lane = run(True)
+    plain, plain_spans, plain_lane = run(False, "resident" if not compress else pol)
+    assert outs == plain
+    assert not any(n.endswith(" ahead") for n in plain_spans)
+    ahead = [n for n in spans if n.endswith(" ahead")]
+    assert ahead, spans
+    # a unit whose experts came ahead copies none in its calls: each layer's spans of a
+    # step are one "ahead" span or the unit's own copies, not both
+    assert len(spans) < 2 * len(ahead) + 2 * len({n.split()[2] for n in spans})
+    if compress:
+        assert lane.copied == plain_lane.copied

@@ -7,7 +7,9 @@ counted once per batch expected to route to it (uses_left).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from flexrun.models.moe import ExpertGroup
 from flexrun.models.spec import ModelSpec
@@ -60,3 +62,20 @@ def split_lanes(away: list[ExpertGroup], size: dict[int, int], r: LaneRates, use
         picked.add(g.expert)
     return ([g for g in away if g.expert in picked],
             [g for g in away if g.expert not in picked])
+
+
+def measure_rates(copy: Callable[[], None], compute: Callable[[], object], nbytes: int,
+                  cpu_flops: float) -> LaneRates:
+    """LaneRates from one expert of `nbytes`: `copy` brings it to the device (and waits),
+    `compute` runs its GEMMs on the host over a few rows; each the best of two after one
+    warm-up."""
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return LaneRates(copy_bps=nbytes / best(copy), cpu_bps=nbytes / best(compute),
+                     cpu_flops=cpu_flops)

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexrun.engine.expert_lanes import LaneRates, LaneStats, split_lanes, uses_left
+from flexrun.engine.expert_copies import ExpertCopies
+from flexrun.engine.expert_lanes import (LaneRates, LaneStats, measure_rates, split_lanes,
+                                         uses_left)
 from flexrun.engine.expert_staging import ExpertStaging
 from flexrun.engine.trace import Tracer
-from flexrun.memory.storage import TieredStore, nbytes
+from flexrun.memory.storage import TieredStore
 from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, expert_activation,
                                 plain_experts, scaled_expert, touches_nearly_all,
                                 weighted_expert)
@@ -33,10 +35,11 @@ from flexrun.models.spec import ModelSpec
 PARTS = ("gate", "up", "down")      # the weights the staging slots hold
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
+HELD_AHEAD_ON_CPU = False   # tests: copy the next unit's experts ahead on a CPU run too
 
 
 @dataclass
-class TieredExperts:
+class TieredExperts(ExpertCopies):
     """The off-device experts of a pipeline's MoE layers and the runner of their tokens."""
     spec: ModelSpec
     weights: TieredStore
@@ -83,6 +86,9 @@ class TieredExperts:
         self._layer, self._held, self._batch = None, {}, 0
         self._stages_all = False        # the last call staged every expert (or would have)
         self._ahead: dict[int, set[int]] = {}           # layer -> experts copied ahead
+        # unstaged experts (4-bit ones...) copied ahead: layer -> expert -> (weights, event)
+        self._held_ahead: dict[int, dict[int, tuple]] = {}
+        self._copies_all = False        # the last unstaged MoE unit copied all its experts
         self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
@@ -110,29 +116,16 @@ class TieredExperts:
                    if t == "cpu"), None)
         if at is None:
             return
-        self._layer = at[0]
         w = {f"experts.{at[1]}.{p}": self.weights.read_host(self.name(*at, p))
              for p in self.parts}
-        size = self._nbytes(at[1])
-        x = torch.randn(8, self.spec.hidden_size, dtype=self.dtype)
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
 
         def copy() -> None:
             for p in self.parts:
                 self.weights.fetch(self.name(*at, p), host_value=w[f"experts.{at[1]}.{p}"])
             torch.cuda.synchronize(self.device)
-        cpu_s = best(lambda: expert(x, w, f"experts.{at[1]}.", self.act))
-        self.rates = LaneRates(copy_bps=size / best(copy), cpu_bps=size / cpu_s,
-                               cpu_flops=self.rates.cpu_flops)
-        self._layer = None
+        x = torch.randn(8, self.spec.hidden_size, dtype=self.dtype)
+        self.rates = measure_rates(copy, lambda: expert(x, w, f"experts.{at[1]}.", self.act),
+                                   self._nbytes(*reversed(at)), self.rates.cpu_flops)
 
     @staticmethod
     def name(layer: int, e: int, part: str) -> str:
@@ -144,8 +137,12 @@ class TieredExperts:
         return {self.name(layer, e, p) for e in self.remote.get(layer, ()) for p in self.parts}
 
     def begin_unit(self, layer: int | None) -> None:
-        """A unit starts on the block's first batch: the previous unit's copies go."""
-        self._layer, self._held, self._batch = layer, {}, 0
+        """A unit starts on the block's first batch: the previous unit's copies go (those
+        copied ahead for this one stay)."""
+        if self._layer in self.remote and self.staging is None:
+            self._copies_all = len(self._held) >= len(self.remote[self._layer])
+        self._layer, self._batch = layer, 0
+        self._held = self._held_ahead.pop(layer, {})
         # experts copied ahead for this unit: their first use in the block is no reuse
         self._unused_ahead = self._ahead.pop(layer, set()) if layer in self.remote else set()
         if self.staging is not None and layer in self.remote:
@@ -160,6 +157,9 @@ class TieredExperts:
         if self.staging is not None and layer in self.remote and self._stages_all and \
                 self.staging.staged >= self.remote[layer].keys():
             self._prefetch_next()
+        elif self.staging is None and layer in self.remote and self._copies_all and \
+                self.lanes != "cpu" and (self.cuda or HELD_AHEAD_ON_CPU):
+            self._hold_next()
 
     def runner(self, layer: int):
         """moe_mlp's runner for `layer` (this object: called with a batch's routed groups,
@@ -216,29 +216,6 @@ class TieredExperts:
     def _can_stage_all(self) -> bool:
         """Staging slots, on the copy lane, not placed by routing counts."""
         return self.staging is not None and self.lanes != "cpu" and self.stage_all
-
-    def _prefetch_next(self) -> None:
-        """Start copying the host experts of the next MoE unit with off-device experts into
-        the other staging slots, so that they cross the link while this unit computes (its
-        calls stage every expert as this one's do). From the last one in decode, the first
-        one's of the next step when one follows in the block (steps_follow), so that the
-        step's first MoE unit does not wait for its own copies after its attention."""
-        later = [j for j in self.remote if j > self._layer] or \
-            [j for j in self.remote if j < self._layer and self.steps_follow]
-        if not later:
-            return
-        j = min(later)
-        away = self.remote[j]
-        if "disk" in away.values() or self.staging.holds(j, away):
-            return
-        host = {e: tuple(self.weights.read_host(self.name(j, e, p), pinned=self.cuda,
-                                                mapped=self.mapped) for p in self.parts)
-                for e in away}
-        with self._copy_span(len(host), j, " ahead"):
-            if self.staging.prefetch(j, host):
-                self._ahead = {j: set(host)}
-                self.stats.copied += len(host)
-                self.stats.copy_bytes += sum(self._nbytes(e, j) for e in host)
 
     # ---- one MoE call ---------------------------------------------------------------------
     def _run(self, x2: torch.Tensor, w: dict, groups: list[ExpertGroup],
@@ -313,52 +290,6 @@ class TieredExperts:
     def elem(self) -> int:
         return self.dtype.itemsize
 
-    def _nbytes(self, e: int, layer: int | None = None) -> int:
-        key = (self._layer if layer is None else layer, e)
-        size = self._sizes.get(key)
-        if size is None:
-            size = self._sizes[key] = sum(nbytes(self.weights.homes[self.name(*key, p)][1])
-                                          for p in self.parts)
-        return size
-
-    def _read(self, e: int) -> tuple:
-        """Expert e of the current unit in host memory (a disk expert: read into fresh
-        buffers, pinned on a GPU run); run by the reader threads too."""
-        return tuple(self.weights.read_host(self.name(self._layer, e, p), pinned=self.cuda,
-                                            mapped=self.mapped) for p in self.parts)
-
-    def _copy(self, e: int, host_parts: tuple | None = None) -> None:
-        """Start bringing expert e of the current unit to the device (held for the block),
-        from `host_parts` when already read (_read)."""
-        dev, ev = {}, None
-        for p, host in zip(self.parts, host_parts or self._read(e)):
-            n = self.name(self._layer, e, p)
-            dev[f"experts.{e}.{p}"] = self.weights.fetch(
-                n, self.weight_stream, self.compute_stream, host) if self.cuda else \
-                self.weights.fetch(n, host_value=host)
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(self.weight_stream)
-        self._held[e] = (dev, ev)
-        self.stats.copied += 1
-        self.stats.copy_bytes += self._nbytes(e)
-
-    def _copy_span(self, n: int, layer: int | None = None, what: str = ""):
-        """A trace span over the copies of n host experts (on the weight stream on a GPU)."""
-        if self.tracer is None or not n:
-            return nullcontext()
-        if self.staging is not None:        # the span times the copies, not the wait for
-            self.staging.claim(ahead=bool(what))    # the slots' last GEMMs
-        layer = self._layer if layer is None else layer
-        return self.tracer.span(f"h2d experts l{layer} x{n}{what}", "expert-copies",
-                                self.weight_stream if self.cuda else None)
-
-    def _stage_copy(self, e: int, host_parts: tuple | None = None) -> None:
-        """Copy expert e of the current unit from host memory into its staging slot."""
-        self.staging.put_host(e, *(host_parts or self._read(e)))
-        self.stats.copied += 1
-        self.stats.copy_bytes += self._nbytes(e)
-
     def _weighted(self, x2: torch.Tensor, w: dict, g: ExpertGroup) -> torch.Tensor:
         """Expert g's weighted output from its weights on the device."""
         return weighted_expert(x2, self._device_w(w, g.expert), g, self.act,
@@ -403,4 +334,4 @@ class TieredExperts:
         self._cpu.shutdown(wait=True)
         if self._reader is not None:
             self._reader.shutdown(wait=True)
-        self._held = {}
+        self._held, self._held_ahead = {}, {}

@@ -1,0 +1,107 @@
+"""How a MoE pipeline's off-device experts reach the compute device: host reads (disk
+experts into fresh buffers), copies held for the block (the per-expert route), copies into the
+staging slots, and the next MoE unit's copies started ahead while this one computes
+(TieredExperts, engine/experts.py, holds the state these use)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from flexrun.memory.storage import nbytes
+
+
+class ExpertCopies:
+    """TieredExperts' expert copies (a mixin: the runner holds the weights, streams, staging
+    slots, tiers and stats these use)."""
+
+    def _prefetch_next(self) -> None:
+        """Start copying the host experts of the next MoE unit with off-device experts into
+        the other staging slots, so that they cross the link while this unit computes (its
+        calls stage every expert as this one's do). From the last one in decode, the first
+        one's of the next step when one follows in the block (steps_follow), so that the
+        step's first MoE unit does not wait for its own copies after its attention."""
+        j = self._next_remote()
+        away = self.remote.get(j, {})
+        if j is None or "disk" in away.values() or self.staging.holds(j, away):
+            return
+        host = {e: tuple(self.weights.read_host(self.name(j, e, p), pinned=self.cuda,
+                                                mapped=self.mapped) for p in self.parts)
+                for e in away}
+        with self._copy_span(len(host), j, " ahead"):
+            if self.staging.prefetch(j, host):
+                self._ahead = {j: set(host)}
+                self.stats.copied += len(host)
+                self.stats.copy_bytes += sum(self._nbytes(e, j) for e in host)
+
+    def _next_remote(self) -> int | None:
+        """The next MoE unit with off-device experts: a later one, else (steps_follow) the
+        first one of the next decode step."""
+        later = [j for j in self.remote if j > self._layer] or \
+            [j for j in self.remote if j < self._layer and self.steps_follow]
+        return min(later) if later else None
+
+    def _hold_next(self) -> None:
+        """Unstaged experts (4-bit, or with biases): once a unit's calls copied every one of
+        its host experts (they touch them all), copy the next MoE unit's host experts to the
+        device now, to be held for its block, so that they cross the link while this unit
+        computes instead of after the next one's routing (S6q's H100 trace: 11 ms of copies
+        then the GEMMs, per layer)."""
+        j = self._next_remote()
+        away = self.remote.get(j, {})
+        if j is None or j == self._layer or j in self._held_ahead or "disk" in away.values():
+            return
+        with self._copy_span(len(away), j, " ahead"):
+            self._held_ahead[j] = {e: self._device_copy(j, e) for e in away}
+        self._ahead[j] = set(away)
+
+    def _nbytes(self, e: int, layer: int | None = None) -> int:
+        key = (self._layer if layer is None else layer, e)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = sum(nbytes(self.weights.homes[self.name(*key, p)][1])
+                                          for p in self.parts)
+        return size
+
+    def _read(self, e: int, layer: int | None = None) -> tuple:
+        """Expert e of the current unit (or `layer`) in host memory (a disk expert: read into
+        fresh buffers, pinned on a GPU run); run by the reader threads too."""
+        layer = self._layer if layer is None else layer
+        return tuple(self.weights.read_host(self.name(layer, e, p), pinned=self.cuda,
+                                            mapped=self.mapped) for p in self.parts)
+
+    def _copy(self, e: int, host_parts: tuple | None = None) -> None:
+        """Start bringing expert e of the current unit to the device (held for the block),
+        from `host_parts` when already read (_read)."""
+        self._held[e] = self._device_copy(self._layer, e, host_parts)
+
+    def _device_copy(self, layer: int, e: int, host_parts: tuple | None = None) -> tuple:
+        """(expert e of `layer`'s weights on the device, the event its copies end with)."""
+        dev, ev = {}, None
+        for p, host in zip(self.parts, host_parts or self._read(e, layer)):
+            n = self.name(layer, e, p)
+            dev[f"experts.{e}.{p}"] = self.weights.fetch(
+                n, self.weight_stream, self.compute_stream, host) if self.cuda else \
+                self.weights.fetch(n, host_value=host)
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(self.weight_stream)
+        self.stats.copied += 1
+        self.stats.copy_bytes += self._nbytes(e, layer)
+        return dev, ev
+
+    def _copy_span(self, n: int, layer: int | None = None, what: str = ""):
+        """A trace span over the copies of n host experts (on the weight stream on a GPU)."""
+        if self.tracer is None or not n:
+            return nullcontext()
+        if self.staging is not None:        # the span times the copies, not the wait for
+            self.staging.claim(ahead=bool(what))    # the slots' last GEMMs
+        layer = self._layer if layer is None else layer
+        return self.tracer.span(f"h2d experts l{layer} x{n}{what}", "expert-copies",
+                                self.weight_stream if self.cuda else None)
+
+    def _stage_copy(self, e: int, host_parts: tuple | None = None) -> None:
+        """Copy expert e of the current unit from host memory into its staging slot."""
+        self.staging.put_host(e, *(host_parts or self._read(e)))
+        self.stats.copied += 1
+        self.stats.copy_bytes += self._nbytes(e)
