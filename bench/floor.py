@@ -62,7 +62,8 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
         expert_bytes = layers * moe.experts * moe.expert_bytes
         weights -= expert_bytes * (1 - moved)
         gemm_params -= int(layers * (moe.experts - moe.top_k) * moe.expert_params)
-        if cuda and policy.expert_lanes != "copy" and prof.cpu_expert_bw:
+        if cuda and policy.expert_lanes != "copy" and prof.cpu_expert_bw and not (
+                policy.compress_weight and policy.expert_lanes == "auto"):  # (unit_terms.py)
             # copy and CPU lanes; an expert on the CPU lane is read again by each of the
             # block's batches that routes to it (`uses` of them), a copy serves them all
             b, k = policy.gpu_batch_size, policy.num_gpu_batches

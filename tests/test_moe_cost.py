@@ -215,3 +215,48 @@ def test_each_expert_copy_costs_the_profiles_fixed_time():
                      2).breakdown["decode"]["weights"] for c in (None, 1e-5)]
         want = spec.num_layers * copies * 1e-5 * 0.8
         assert w[1] - w[0] == pytest.approx(want, rel=0.05), (b, n)
+
+
+def test_four_bit_experts_pay_their_launches_and_leave_the_cpu_lane_out():
+    """4-bit experts run expert by expert (no grouped 4-bit GEMM): each decode batch of a MoE
+    layer pays gpu_w4_expert_call_s per touched expert beyond its routing sync, resident or
+    not; auto lanes leave them to the copies (the host dequantizes them first), so auto and
+    copy price alike. The floor drops the CPU lane for them too."""
+    from dataclasses import replace
+    from pathlib import Path
+    from bench.floor import decode_floor
+    from flexrun.models.dummy import dummy_spec
+    from flexrun.plan.costmodel import predict
+    from flexrun.plan.hardware import HardwareProfile
+    from flexrun.plan.moe_cost import moe_layer
+    spec = dummy_spec("mixtral-8x7b")
+    prof = HardwareProfile.load(Path(__file__).parents[1] / "policies/profiles/h200.json")
+    prof = replace(prof, cpu_expert_bw=50e9)
+    q = dict(compress_weight=True, compress_cache=True, cache_gpu=100, cache_cpu=0)
+    resident = Policy(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=100, weights_cpu=0,
+                      cuda_graphs=False, **q)
+    steps = [predict(spec, resident, replace(prof, gpu_w4_expert_call_s=c), 512, 8).decode_s
+             for c in (1e-3, 2e-3)]
+    touched = moe_layer(spec, resident, 2).touched(32)
+    assert steps[1] - steps[0] == pytest.approx(spec.num_layers * 2 * touched * 1e-3, rel=1e-6)
+    split = dict(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=30, weights_cpu=70, **q)
+    w = {lanes: predict(spec, Policy(expert_lanes=lanes, **split), prof, 512, 8
+                        ).breakdown["decode"]["weights"] for lanes in ("copy", "auto")}
+    assert w["auto"] == pytest.approx(w["copy"])
+    # fp16 experts, batches touching few of them (not all staged on the copy lane)
+    plain = {k: v for k, v in split.items() if k not in ("compress_weight", "compress_cache")}
+    plain["gpu_batch_size"] = 1
+    fp16 = {lanes: predict(spec, Policy(expert_lanes=lanes, **plain), prof, 512, 8
+                           ).breakdown["decode"]["weights"] for lanes in ("copy", "auto")}
+    assert fp16["auto"] < fp16["copy"]          # fp16 experts: the CPU lane helps
+    floors = [decode_floor(spec, Policy(expert_lanes="auto", **s), prof, 512, 8)["pcie_s"] /
+              decode_floor(spec, Policy(expert_lanes="copy", **s), prof, 512, 8)["pcie_s"]
+              for s in (split, plain)]
+    assert floors[0] == pytest.approx(1.0) and floors[1] < 1.0
+
+
+def test_the_four_bit_expert_call_is_timed():
+    """flexrun profile's timing of one routed 4-bit expert (its launches on a GPU) runs the
+    per-expert route's own code and gives a positive time."""
+    from flexrun.plan.timing import w4_expert_call
+    assert w4_expert_call(torch.device("cpu"), rows=4) > 0

@@ -146,24 +146,21 @@ def test_shipped_profile_without_a_fitted_term_takes_it_from_a_sibling(monkeypat
     assert cpu.cpu_attn_call_s is None
 
 
-def test_graph_replay_cost_comes_from_the_same_gpus_profile(monkeypatch):
-    """h100-measured.json predates the graphed-unit benchmark: every unit of a resident
-    decode was priced as an eager launch (0.45 ms), OPT-1.3B's step at 11.7 ms where the H100
-    ran it in about 4 ms. The loaded profile takes h100.json's measured replay cost (same
-    GPU), never another GPU's, and the resident prediction drops."""
+def test_graph_replay_cost_comes_from_the_same_gpus_profile():
+    """A profile older than the graphed-unit benchmark (as h100-measured.json once was)
+    priced every unit of a resident decode as an eager launch (0.45 ms): OPT-1.3B's step at
+    11.7 ms where the H100 ran it in about 4 ms. Such a profile takes h100.json's measured
+    replay cost (same GPU), never another GPU's, and the resident prediction drops."""
     from flexrun.models.loader import open_checkpoint
+    from flexrun.plan.hardware import fill_missing_terms
     from flexrun.plan.search import search
-    monkeypatch.delenv("FLEXRUN_PROFILE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(hardware, "host_facts", lambda: (16, 125 << 30))
-    bare = HardwareProfile.load(PROFILES_DIR / "h100-measured.json")
-    assert bare.gpu_graph_unit_overhead is None
-    prof = default_profile("cuda")
+    own = PROFILES_DIR / "h100-measured.json"
+    bare = dataclasses.replace(HardwareProfile.load(own), gpu_graph_unit_overhead=None,
+                               gpu_expert_bw=None, notes={})
+    prof = fill_missing_terms(dataclasses.replace(bare, notes={}), own=own)
     assert prof.gpu_graph_unit_overhead == H100.gpu_graph_unit_overhead
     assert prof.notes["gpu_graph_unit_overhead"] == "from h100.json (not measured here)"
-    assert prof.gpu_expert_bw is None          # no H100 profile has it: not the H200's
-    monkeypatch.undo()                         # (planning for a GPU this machine lacks)
+    assert prof.gpu_expert_bw is None          # h100.json lacks it: not the H200's
     spec = open_checkpoint("dummy:opt-1.3b").spec
     step = [search(spec, p, 128, 32, 70 << 30, 100 << 30, None, "cuda", 2,
                    num_prompts=128).prediction.decode_s for p in (bare, prof)]

@@ -54,6 +54,7 @@ class HardwareProfile:
     gpu_w4_bw: float | None = None           # fused 4-bit matmul: packed bytes/s ...
     gpu_w4_flops: float | None = None        # ... plus FLOP/s per row (dequant_triton)
     gpu_expert_bw: float | None = None       # weight bytes/s of a MoE layer's grouped GEMMs
+    gpu_w4_expert_call_s: float | None = None   # s per routed 4-bit expert, per-expert route
     #                                          over every expert at decode rows (4 per expert)
     # CPU compute (fp32; bf16 where measured: CPUs with AVX512-BF16 / AMX run it ~3x faster)
     cpu_flops_decode: float | None = None
@@ -259,7 +260,7 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
 # trip per CPU-attention call is the host's cost) from a profile of the same GPU, else of a
 # host like its own; "gpu" terms only from a profile of the same GPU
 LENT_TERMS = {"cpu_attn_call_s": "host", "gpu_graph_unit_overhead": "gpu",
-              "gpu_expert_bw": "gpu", "h2d_call_s": "gpu"}
+              "gpu_expert_bw": "gpu", "h2d_call_s": "gpu", "gpu_w4_expert_call_s": "gpu"}
 
 
 def fill_missing_terms(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
@@ -363,6 +364,7 @@ def format_profile(p: HardwareProfile) -> str:
              if p.cpu_expert_bw else "-"),
             ("GPU grouped expert GEMMs (fp16, 4 rows each)", _fmt(p.gpu_expert_bw, "B/s")
              if p.gpu_expert_bw else "-"),
+            ("GPU 4-bit expert call, per-expert route", ms(p.gpu_w4_expert_call_s)),
             ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "
                                                        f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),

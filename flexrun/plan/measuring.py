@@ -17,7 +17,7 @@ from flexrun.engine.budget import cuda_context_bytes, rss_anon
 from flexrun.plan.timing import (attn_bw, attn_bw_with_h2d, cache_bytes, copy_bw, cpu_has_bf16,
                                  decode_rates, disk_rates, dram_shapes, expert_bw, gemm_rates,
                                  grouped_expert_bw, h2d_call_cost, prefill_rate, qattn_bw, read_bw,
-                                 unit_overhead, w4_rates)
+                                 unit_overhead, w4_expert_call, w4_rates)
 
 if TYPE_CHECKING:
     from flexrun.plan.hardware import HardwareProfile
@@ -119,6 +119,7 @@ def _measure_cuda(prof: HardwareProfile) -> None:
     prof.cpu_attn_bw_with_h2d = attn_bw_with_h2d(dev, prof.cpu_attn_bw, big)
     prof.gpu_w4_bw, prof.gpu_w4_flops = w4_rates(dev) or (None, None)
     prof.gpu_expert_bw = grouped_expert_bw(dev, sync)
+    prof.gpu_w4_expert_call_s = w4_expert_call(dev)
     prof.notes["gpu_dtype"] = "float16"
     torch.cuda.empty_cache()
 

@@ -384,3 +384,24 @@ def w4_rates(device: torch.device) -> tuple[float, float] | None:
     if per_row <= 0 or fixed <= 0:      # the two tile shapes did not fit one line
         return None
     return c.nbytes / fixed, 2 * 28672 * 8192 / per_row
+
+
+def w4_expert_call(device: torch.device, rows: int = 8) -> float | None:
+    """Seconds of one routed 4-bit expert over `rows` tokens on the per-expert route
+    (models/moe.weighted_expert: the gather, the fused 4-bit gate, up and down, the
+    activation, the routing weight) at a small shape, where its launches, not its bytes, set
+    the time: after such a call's host sync on the routing counts the GPU waits for them
+    (S6q's H100 trace: ~3.1 ms per call of 8 experts). None on CUDA without Triton."""
+    from flexrun.models.moe import ExpertGroup, weighted_expert
+    if device.type == "cuda" and not dequant.enabled():
+        return None
+    h, f = 1024, 2048
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    w = {f"experts.0.{p}.weight": compress(torch.randn(*shape, device=device, dtype=dtype),
+                                           4, 64, -1)
+         for p, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f)))}
+    x = torch.randn(4 * rows, h, device=device, dtype=dtype)
+    g = ExpertGroup(0, torch.arange(0, 4 * rows, 4, device=device),
+                    torch.rand(rows, device=device, dtype=dtype), rows)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
+    return best_time(lambda: weighted_expert(x, w, g), sync=sync)

@@ -98,9 +98,12 @@ class UnitTerms:
         self.moe = moe_layer(spec, policy, elem)
         self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
         self.h2d_call = (prof.h2d_call_s or 0.0) if cuda else 0.0  # per host->GPU copy
-        # a MoE run's CPU lane computes host experts where they live (engine/experts.py)
+        # a MoE run's CPU lane computes host experts where they live (engine/experts.py);
+        # auto leaves 4-bit experts to the copies (the host dequantizes them first: 0.5 GB/s
+        # of codes against 54 GB/s copied on the H100 host, S6q), as the engine's split does
         self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
-            policy.expert_lanes != "copy" else 0.0
+            policy.expert_lanes != "copy" and not (policy.compress_weight and
+                                                   policy.expert_lanes == "auto") else 0.0
 
     def read_s(self, nbytes: float, parts: int = 1) -> float:
         """Seconds to read nbytes (in `parts` equal tensors) from the disk tier to host."""
@@ -249,7 +252,14 @@ class UnitTerms:
             # prefill: ~30 ms per 64 x 512-row call over 128 experts)
             c = terms["compute"]
             c["1"] = max(c.get("1", 0.0), k * n * self.overhead)
-        if self.cuda and not prefill and not stages_all:
+        call = self.prof.gpu_w4_expert_call_s if self.p.compress_weight else None
+        if self.cuda and not prefill and call and self._graphed_share(False) < 1:
+            # 4-bit experts always go expert by expert (no grouped 4-bit GEMM), resident or
+            # not: each GPU batch waits for its routing counts on the host, then for the
+            # launches of each touched expert (S6q's H100 trace: 3.1 ms per 128-row batch)
+            terms["compute"] = add_exprs(terms["compute"],
+                                         lin_expr(k * (self.overhead + n * call)))
+        elif self.cuda and not prefill and not stages_all:
             # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
             # the routing counts on the host, so its launches no longer run ahead of the GPU
             # and cost as an eager unit's do, per GPU batch, where experts are off the device
