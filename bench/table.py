@@ -16,6 +16,11 @@ from pathlib import Path
 OURS = ("flexrun", "flexrun-auto", "flexrun-compressed")
 
 
+def _ours(key: str) -> bool:
+    """A flexrun system of a scenario (flexrun, flexrun-auto, flexrun-ahead2, ...)."""
+    return key == "flexrun" or key.startswith("flexrun-")
+
+
 def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
     """A row per (scenario, device, flexrun system, peer) with both throughputs."""
     out = []
@@ -31,12 +36,12 @@ def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
             continue
         ran = {k: v for k, v in res.items() if isinstance(v, dict) and "total_tok_s" in v}
         best = res.get("accelerate_best")
-        if not any(k in ran for k in OURS):     # the peer ran, flexrun not (yet, or failed)
+        if not any(_ours(k) for k in ran):      # the peer ran, flexrun not (yet, or failed)
             tried = next((res[k] for k in OURS if isinstance(res.get(k), dict)), None)
             ran = {**ran, "flexrun": {"missing": tried.get("error", "failed") if tried
                                       else "not run"}}
-        for ours in (k for k in OURS if k in ran):
-            peers = [k for k in ran if k not in OURS and not k.startswith("earlier")
+        for ours in (k for k in ran if _ours(k)):
+            peers = [k for k in ran if not _ours(k) and not k.startswith("earlier")
                      and (best is None or not k.startswith("accelerate") or k == best)]
             for peer in peers or [None]:
                 r, p = ran[ours], ran.get(peer) or {}
