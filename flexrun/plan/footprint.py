@@ -257,7 +257,9 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
                 for u in units]
     dense_unit = max((sum(numel(s) * elem for s in spec.unit_shapes(u).values())
                       for u in layers), default=0) if policy.compress_weight else 0
-    # the unit computing and those loading ahead (Policy.weights_ahead; engine/pipeline.py)
+    # the unit computing and those loading ahead (Policy.weights_ahead; engine/pipeline.py);
+    # a MoE unit's unstaged (4-bit) host experts are left out of its load and held apart: this
+    # unit's and the next one's copied ahead (engine/expert_copies.py) fit the same room
     buffers = (1 + (policy.weights_ahead if cuda else 1)) * max(streamed) + dense_unit // 4
     if cuda and spec.num_experts and not policy.compress_weight and any(
             tier_of[n] != "gpu" for n in names if expert_of(n) is not None):
