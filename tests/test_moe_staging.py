@@ -343,3 +343,26 @@ def test_unstaged_experts_of_the_next_unit_are_copied_ahead(tmp_path, monkeypatc
     assert len(spans) < 2 * len(ahead) + 2 * len({n.split()[2] for n in spans})
     if compress:
         assert lane.copied == plain_lane.copied
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_fetched_rows_lie_in_one_buffer_and_multiply_as_one(compress):
+    """TieredStore.fetch_rows (a held expert's gate and up on the per-expert route): the values
+    land as consecutive row blocks of one buffer per part, equal to the host ones, so
+    linear_rows multiplies them as one matrix with the separate products' values; values
+    whose parts do not stack are refused."""
+    from flexrun.memory.quant import compress as quantize
+    from flexrun.memory.storage import TieredStore
+    from flexrun.models.common import joined, linear, linear_rows
+    torch.manual_seed(0)
+    hosts = [torch.randn(6, 64), torch.randn(10, 64)]
+    if compress:
+        hosts = [quantize(h, 4, 32, -1) for h in hosts]
+    store = TieredStore(torch.device("cpu"), None, pin=False)
+    got = store.fetch_rows(hosts)
+    assert joined(got) is not None and joined(hosts) is None
+    x = torch.randn(3, 64)
+    ys = linear_rows(x, got, [None, None])
+    for y, h in zip(ys, hosts):
+        assert torch.equal(y, linear(x, h))
+    assert store.fetch_rows([torch.randn(4, 64), torch.randn(4, 32)]) is None

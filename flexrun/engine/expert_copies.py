@@ -78,11 +78,19 @@ class ExpertCopies:
     def _device_copy(self, layer: int, e: int, host_parts: tuple | None = None) -> tuple:
         """(expert e of `layer`'s weights on the device, the event its copies end with)."""
         dev, ev = {}, None
-        for p, host in zip(self.parts, host_parts or self._read(e, layer)):
-            n = self.name(layer, e, p)
-            dev[f"experts.{e}.{p}"] = self.weights.fetch(
-                n, self.weight_stream, self.compute_stream, host) if self.cuda else \
-                self.weights.fetch(n, host_value=host)
+        host = dict(zip(self.parts, host_parts or self._read(e, layer)))
+        if self.cuda:       # gate and up as one matrix: one GEMM (4-bit: one launch) for both
+            for pair in (("gate.weight", "up.weight"), ("gate.bias", "up.bias")):
+                if all(p in host for p in pair):
+                    got = self.weights.fetch_rows([host[p] for p in pair], self.weight_stream,
+                                                  self.compute_stream)
+                    dev.update(zip((f"experts.{e}.{p}" for p in pair), got or ()))
+        for p, value in host.items():
+            n, key = self.name(layer, e, p), f"experts.{e}.{p}"
+            if key not in dev:
+                dev[key] = self.weights.fetch(n, self.weight_stream, self.compute_stream,
+                                              value) if self.cuda else \
+                    self.weights.fetch(n, host_value=value)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.weight_stream)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext as _null
 from concurrent.futures import Future
 from typing import Callable
 
@@ -207,6 +208,36 @@ class TieredStore:
             return d
         with torch.cuda.stream(stream):
             return map_parts(host, to_dev)
+
+    def fetch_rows(self, hosts: list, stream=None, compute_stream=None) -> list | None:
+        """Host values (plain tensors, or compressed weights part by part) copied to the
+        device as consecutive row blocks of one buffer per part, each value a view of its
+        rows: `models.common.linear_rows` then multiplies them as one matrix (a MoE expert's
+        gate and up in one GEMM); None when their parts do not stack (other dtypes or
+        trailing shapes). Copies go on `stream` when given, marked as used by
+        `compute_stream`."""
+        split = [parts(h) for h in hosts]
+        if len({len(ps) for ps in split}) != 1 or any(
+                p.dtype != q.dtype or p.shape[1:] != q.shape[1:] or p.dim() == 0
+                for ps in zip(*split) for p, q in zip(ps, ps[1:])):
+            return None
+        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        joined = []
+        with ctx:
+            for ps in zip(*split):
+                buf = torch.empty((sum(p.shape[0] for p in ps),) + tuple(ps[0].shape[1:]),
+                                  dtype=ps[0].dtype, device=self.device)
+                views = buf.split([p.shape[0] for p in ps])
+                for v, p in zip(views, ps):
+                    copy_chunked(v, p)
+                if compute_stream is not None:
+                    buf.record_stream(compute_stream)
+                joined.append(views)
+        out = []
+        for i, h in enumerate(hosts):
+            it = iter(views[i] for views in joined)
+            out.append(map_parts(h, lambda _t: next(it)))
+        return out
 
     def fetch_ordered(self, host_values: dict, stream, compute_stream) -> dict:
         """Fetch several values (name -> host value, as read_host gives) with their device
