@@ -2,7 +2,8 @@
 # Bench commands on a GPU machine without internet, within a time limit, from the repository
 # root. Each line of stdin is "NAME CAP COMMAND...": the command runs for at most CAP seconds
 # (0: whatever time is left), is skipped when fewer than CAP seconds are left, and logs to
-# OUT/NAME.log. Result files written meanwhile (bench/results, policies) are copied to OUT/.
+# OUT/NAME.log. Result files written meanwhile (bench/results, policies) are copied to OUT/;
+# at the end every log under OUT goes into OUT/logs.tgz.
 #
 #   bench/gpu_run.sh OUT LIMIT_SECONDS <<'EOF'
 #   S7 230 python3 -m bench.run S7 --only flexrun-auto --timeout 220
@@ -62,4 +63,7 @@ while read -r name cap cmd; do
 done
 find bench/results policies -type f -newer /tmp/flexrun-run-start -exec cp {} "$OUT/" \; \
   2>/dev/null
+# the device tool brings back a few files a call: the logs go as one archive, so the result
+# JSONs and traces are not left out
+( cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log )
 echo "done in $(( $(date +%s) - T0 )) s"
