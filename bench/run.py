@@ -144,6 +144,10 @@ SCENARIOS["S6q"] = {
     "what": "Mixtral-8x7B, 4-bit weights and KV cache, prompt 512, gen 256, 256 prompts, 24 GiB "
             "GPU, 100 GiB CPU; policy chosen by flexrun's search",
     "flexrun-auto": SCENARIOS["S6"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
+    # fewer, larger GPU batches (each pays a fixed attention cost the model under-prices)
+    "flexrun-128x2": ["--model", "dummy:mixtral-8x7b", "--policy",
+                      "policies/mixtral-8x7b-w4kv4-128x2.json", "--gpu-mem", "24GiB",
+                      "--cpu-mem", "100GiB", "--num-prompts", "256"],
     "prompt_len": 512, "gen_len": 256, "floor": "pcie"}
 SCENARIOS["S7"] = {
     "what": "Qwen3-30B-A3B (128 experts, top-8), prompt 512, gen 32, 256 prompts, 16 GiB GPU, "
@@ -189,6 +193,7 @@ SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexrun-compressed": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexrun-ahead1": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "flexrun-ahead2": ("bench.run_flexrun", "FLEXRUN_RESULT"),
+           "flexrun-128x2": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "deepspeed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
            "deepspeed-compressed": ("bench.peers.deepspeed_peer", "DEEPSPEED_RESULT"),
            "airllm": ("bench.peers.airllm_peer", "AIRLLM_RESULT")}

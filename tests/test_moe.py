@@ -290,6 +290,7 @@ def test_grouped_gemm_experts_match_the_per_expert_loop(dtype, monkeypatch):
     grouped GEMMs with no host sync; the per-expert loop gives the same output."""
     from flexrun.models import moe
     from flexrun.models.common import joined
+    from flexrun.models.moe_grouped import grouped_mm_works
     spec = moe_spec("topk_softmax", E=6, k=2)
     w = {n: t.to(dtype) for n, t in moe_weights(spec).items()}
     gu = torch.cat([w[f"experts.{e}.{p}.weight"] for e in range(6) for p in ("gate", "up")])
@@ -303,7 +304,7 @@ def test_grouped_gemm_experts_match_the_per_expert_loop(dtype, monkeypatch):
     assert moe.stacked_experts(w, 6) is None and moe.stacked_experts(stacked, 6) is not None
     assert joined([stacked["experts.0.gate.weight"], stacked["experts.0.up.weight"]]) is not None
     x = torch.randn(11, spec.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
-    assert moe.grouped_mm_works(x.device, dtype)     # probed before counting the calls
+    assert grouped_mm_works(x.device, dtype)     # probed before counting the calls
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))

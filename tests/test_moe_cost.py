@@ -218,10 +218,13 @@ def test_each_expert_copy_costs_the_profiles_fixed_time():
 
 
 def test_four_bit_experts_pay_their_launches_and_leave_the_cpu_lane_out():
-    """4-bit experts run expert by expert (no grouped 4-bit GEMM): each decode batch of a MoE
-    layer pays gpu_w4_expert_call_s per touched expert beyond its routing sync, resident or
-    not; auto lanes leave them to the copies (the host dequantizes them first), so auto and
-    copy price alike. The floor drops the CPU lane for them too."""
+    """4-bit experts run expert by expert where a block touches few of them: each decode
+    batch of a MoE layer pays gpu_w4_expert_call_s per touched expert beyond its routing
+    sync; all resident, or the block touching nearly all, they run as grouped 4-bit GEMMs
+    over the resident ones and the copies held for the block (kernels/grouped4.py) and pay
+    none. Auto lanes leave 4-bit
+    experts to the copies (the host dequantizes them first), so auto and copy price alike.
+    The floor drops the CPU lane for them too."""
     from dataclasses import replace
     from pathlib import Path
     from bench.floor import decode_floor
@@ -233,13 +236,19 @@ def test_four_bit_experts_pay_their_launches_and_leave_the_cpu_lane_out():
     prof = HardwareProfile.load(Path(__file__).parents[1] / "policies/profiles/h200.json")
     prof = replace(prof, cpu_expert_bw=50e9)
     q = dict(compress_weight=True, compress_cache=True, cache_gpu=100, cache_cpu=0)
-    resident = Policy(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=100, weights_cpu=0,
-                      cuda_graphs=False, **q)
-    steps = [predict(spec, resident, replace(prof, gpu_w4_expert_call_s=c), 512, 8).decode_s
-             for c in (1e-3, 2e-3)]
-    touched = moe_layer(spec, resident, 2).touched(32)
-    assert steps[1] - steps[0] == pytest.approx(spec.num_layers * 2 * touched * 1e-3, rel=1e-6)
     split = dict(gpu_batch_size=32, num_gpu_batches=2, weights_gpu=30, weights_cpu=70, **q)
+    resident = dict(split, weights_gpu=100, weights_cpu=0, cuda_graphs=False)
+
+    def compute(pol: dict, call: float) -> float:
+        return predict(spec, Policy(expert_lanes="copy", **pol),
+                       replace(prof, gpu_w4_expert_call_s=call), 512, 8
+                       ).breakdown["decode"]["compute"]
+    few = dict(split, gpu_batch_size=1)         # 2 rows a block: ~3.5 of 8 experts
+    touched = moe_layer(spec, Policy(**few), 2).touched(1)
+    assert compute(few, 2e-3) - compute(few, 1e-3) == pytest.approx(
+        spec.num_layers * 2 * touched * 1e-3, rel=1e-6)
+    for pol in (resident, split):
+        assert compute(pol, 2e-3) == pytest.approx(compute(pol, 1e-3))
     w = {lanes: predict(spec, Policy(expert_lanes=lanes, **split), prof, 512, 8
                         ).breakdown["decode"]["weights"] for lanes in ("copy", "auto")}
     assert w["auto"] == pytest.approx(w["copy"])

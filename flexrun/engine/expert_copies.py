@@ -8,7 +8,18 @@ from contextlib import nullcontext
 
 import torch
 
+from flexrun.kernels import grouped4
+from flexrun.memory.quant import Compressed
 from flexrun.memory.storage import nbytes
+from flexrun.models.common import joined
+from flexrun.models.moe import touches_nearly_all
+
+TABLES_KEPT = 64        # grouped 4-bit address tables kept (a unit's, each block's copies)
+
+
+def _as_on_gpu() -> bool:
+    from flexrun.engine import experts     # (its test flag)
+    return experts.HELD_AHEAD_ON_CPU
 
 
 class ExpertCopies:
@@ -55,6 +66,48 @@ class ExpertCopies:
             self._held_ahead[j] = {e: self._device_copy(j, e) for e in away}
         self._ahead[j] = set(away)
 
+    def _held_stack(self, w: dict, tokens: int) -> tuple | None:
+        """4-bit experts (no staging slots) on the copy lane, when the block's calls are
+        expected to touch nearly all of the unit's experts: every host one not yet held is
+        copied now (most came ahead: _hold_next) and held for the block, and the address
+        tables of all of them, resident or held, go back for two grouped 4-bit GEMMs
+        (kernels/grouped4.py) with no host sync and no per-expert work. None where those do
+        not apply (experts on disk or plain, resident ones not joined): the per-expert route."""
+        layer, E = self._layer, self.spec.num_experts
+        remote = self.remote[layer]
+        if not ((self.cuda or _as_on_gpu()) and grouped4.enabled() and self.lanes != "cpu"
+                and self.stage_all and "disk" not in remote.values()
+                and touches_nearly_all(self.spec, tokens * self.block_batches)):
+            return None
+        resident = [joined([w[f"experts.{e}.gate.weight"], w[f"experts.{e}.up.weight"]])
+                    for e in range(E) if e not in remote]
+        sample = self.weights.homes[self.name(layer, next(iter(remote)), "gate.weight")][1]
+        if not isinstance(sample, Compressed) or None in resident:
+            return None
+        missing = [e for e in remote if e not in self._held]
+        with self._copy_span(len(missing)):
+            for e in missing:
+                self._copy(e)
+        ws = [self._device_w(w, e) for e in range(E)]     # (held copies: their events)
+        gu = [joined([d[f"experts.{e}.gate.weight"], d[f"experts.{e}.up.weight"]])
+              for e, d in enumerate(ws)]
+        down = [d[f"experts.{e}.down.weight"] for e, d in enumerate(ws)]
+        if None in gu:
+            return None
+        key = tuple(c.data.data_ptr() for c in gu + down)
+        if key not in self._tables:
+            if len(self._tables) >= TABLES_KEPT:
+                self._tables.pop(next(iter(self._tables)))
+            pair = (grouped4.experts4(gu), grouped4.experts4(down))
+            self._tables[key] = None if None in pair else pair
+        if self._tables[key] is None:
+            return None
+        self.stats.reused += len(remote) - len(missing) - \
+            len(self._unused_ahead & remote.keys())
+        self._unused_ahead = set()
+        self._batch += 1
+        return self._tables[key]
+
     def _nbytes(self, e: int, layer: int | None = None) -> int:
         key = (self._layer if layer is None else layer, e)
         size = self._sizes.get(key)
@@ -79,7 +132,7 @@ class ExpertCopies:
         """(expert e of `layer`'s weights on the device, the event its copies end with)."""
         dev, ev = {}, None
         host = dict(zip(self.parts, host_parts or self._read(e, layer)))
-        if self.cuda:       # gate and up as one matrix: one GEMM (4-bit: one launch) for both
+        if self.cuda or _as_on_gpu():   # gate and up as one matrix: one GEMM for both
             for pair in (("gate.weight", "up.weight"), ("gate.bias", "up.bias")):
                 if all(p in host for p in pair):
                     got = self.weights.fetch_rows([host[p] for p in pair], self.weight_stream,

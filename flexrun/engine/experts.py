@@ -30,12 +30,14 @@ from flexrun.memory.storage import TieredStore
 from flexrun.models.moe import (ExpertGroup, add_expert_outputs, expert, expert_activation,
                                 plain_experts, scaled_expert, touches_nearly_all,
                                 weighted_expert)
+from flexrun.models.moe_grouped import grouped_mm_works
 from flexrun.models.spec import ModelSpec
 
 PARTS = ("gate", "up", "down")      # the weights the staging slots hold
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
-HELD_AHEAD_ON_CPU = False   # tests: copy the next unit's experts ahead on a CPU run too
+HELD_AHEAD_ON_CPU = False   # tests: unstaged experts' copies as on a GPU run (joined gate and
+#                             up, copied ahead, grouped 4-bit GEMMs) on a CPU run too
 
 
 @dataclass
@@ -89,6 +91,7 @@ class TieredExperts(ExpertCopies):
         # unstaged experts (4-bit ones...) copied ahead: layer -> expert -> (weights, event)
         self._held_ahead: dict[int, dict[int, tuple]] = {}
         self._copies_all = False        # the last unstaged MoE unit copied all its experts
+        self._tables: dict[tuple, tuple] = {}   # grouped 4-bit address tables, by addresses
         self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
@@ -186,7 +189,9 @@ class TieredExperts(ExpertCopies):
         out), and the later calls copy nothing. None otherwise: on the CPU lane alone, with
         experts on disk (their reads overlap the GEMMs in the per-expert path) or placed by
         routing counts."""
-        if not self._can_stage_all:
+        if self.staging is None:        # 4-bit experts: held copies, grouped 4-bit GEMMs
+            return self._held_stack(w, tokens)
+        if not self._can_stage_all or not grouped_mm_works(self.device, self.dtype):
             return None
         self._stages_all = touches_nearly_all(self.spec, tokens * self.block_batches)
         if not self._stages_all:

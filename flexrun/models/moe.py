@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from flexrun.config import FlexrunError
 from flexrun.models.common import dense, linear, linear_rows
 from flexrun.models.moe_grouped import (GROUPED_MAX_BYTES, Activation, grouped_experts,
-                                        grouped_mm_capturable, grouped_mm_works, silu_mul,
+                                        grouped_ready, silu_mul,
                                         stacked_biases, stacked_experts)
 from flexrun.models.spec import ModelSpec
 
@@ -258,11 +258,9 @@ def moe_mlp(x: torch.Tensor, w: dict, spec: ModelSpec, stats: MoEStats | None = 
     stacked = None
     if small and runner is None:
         stacked = stacked_experts(w, E)
-    elif small and not capturing and hasattr(runner, "stack") and plain_experts(spec) and \
-            grouped_mm_works(x.device, x.dtype):
-        stacked = runner.stack(w, x2.shape[0])   # every expert staged: no host sync
-    if stacked is not None and (grouped_mm_capturable(x.device, x.dtype) if capturing
-                                else grouped_mm_works(x.device, x.dtype)):
+    elif small and not capturing and hasattr(runner, "stack") and plain_experts(spec):
+        stacked = runner.stack(w, x2.shape[0])   # every expert staged or held: no host sync
+    if grouped_ready(stacked, x2, capturing):
         grouped_experts(x2, stacked, weight, idx, counts, out, act,
                         stacked_biases(w, E) if spec.expert_bias else None, scale_in)
     elif capturing:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from flexrun.kernels import grouped as grouped_triton
+from flexrun.kernels.grouped4 import Experts4, grouped4_mm, stack4
+from flexrun.memory.quant import Compressed
 from flexrun.models.common import joined
 
 Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,6 +33,8 @@ def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None
     tensors) with the 16-byte strides and alignment grouped GEMMs need, as views; None
     otherwise. Remembered per buffer pair (checking E tensors each call costs ~1 ms)."""
     first, last = w.get("experts.0.gate.weight"), w.get(f"experts.{E - 1}.down.weight")
+    if isinstance(first, Compressed) and isinstance(last, Compressed):     # 4-bit experts
+        first, last = first.data, last.data
     if not (isinstance(first, torch.Tensor) and isinstance(last, torch.Tensor)):
         return None
     key = (first.device, first.data_ptr(), last.data_ptr(), E, tuple(first.shape))
@@ -44,6 +48,10 @@ def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None
 def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     gu = [w.get(f"experts.{e}.{p}.weight") for e in range(E) for p in ("gate", "up")]
     down = [w.get(f"experts.{e}.down.weight") for e in range(E)]
+    if all(isinstance(c, Compressed) and c.dtype == torch.float16 for c in gu + down):
+        a, b = joined(gu), joined(down)         # 4-bit: the grouped 4-bit kernel's stacks
+        pair = (stack4(a, E), stack4(b, E)) if a is not None and b is not None else ()
+        return pair if pair and None not in pair else None
     if any(not isinstance(t, torch.Tensor) for t in gu + down):
         return None
     a, b = joined(gu), joined(down)
@@ -148,9 +156,23 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
     """Row r of group e (x's rows sorted by group, ends: each group's end row, int32) times
     w[e]^T, w (E, N, K): torch's CUTLASS kernel where it has one, the Triton kernel on other
     CUDA cases (kernels/grouped.py: no host sync), torch's grouped GEMM on the CPU."""
+    if isinstance(w, Experts4):         # 4-bit experts (kernels/grouped4.py)
+        return grouped4_mm(x, w, ends)
     if _triton_grouped(x, w):
         return grouped_triton.grouped_mm(x, w, ends)
     return torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+
+
+def grouped_ready(stacked, x: torch.Tensor, capturing: bool) -> bool:
+    """Whether the stacked experts' grouped GEMMs run for x now: 4-bit stacks on fp16 inputs
+    outside a CUDA graph capture (their Triton kernel is not captured), plain ones where
+    grouped_mm works (or, capturing, where it is capturable)."""
+    if stacked is None:
+        return False
+    if isinstance(stacked[0], Experts4):
+        return not capturing and x.dtype == torch.float16
+    return grouped_mm_capturable(x.device, x.dtype) if capturing \
+        else grouped_mm_works(x.device, x.dtype)
 
 
 def grouped_mm_capturable(device: torch.device, dtype: torch.dtype) -> bool:

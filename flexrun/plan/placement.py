@@ -103,7 +103,11 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
     # compute device): each tensor is copied straight into its rows, no join copies later
     plain = not p.compress_weight and not packs
     slots = JoinedSlots(groups if plain else [], shapes, tier_of, dtype, device)
-    waiting = {n: g for g in groups if not slots.covers(g) for n in g}
+    waiting: dict[str, list] = {}       # a name's groups (an expert's gate and up, then the
+    for g in groups:                    # layer's experts all together): each joined in turn
+        if not slots.covers(g):
+            for n in g:
+                waiting.setdefault(n, []).append(g)
     if (weights.pin or HOST_RUNS_ON_CPU) and not p.compress_weight and not packs:
         for layer_names in host_expert_runs(spec, units, shapes, tier_of):
             weights.reserve_host(layer_names, [shapes[n] for n in layer_names], dtype)
@@ -117,9 +121,9 @@ def place_weights(ckpt, policy: Policy, weights: TieredStore, device: torch.devi
             t = slots.fill(name, t)
         weights.put(name, t, tier_of[name])
         del t
-        group = waiting.get(name)
-        if group is not None and all(n in weights.homes for n in group):
-            weights.join(group)
+        for group in waiting.get(name, ()):
+            if all(n in weights.homes for n in group):
+                weights.join(group)
     weights.drop_reserved()
     placed = Placed(split_report(sizes, tiers), hot=hot is not None)
     if quant is not None:

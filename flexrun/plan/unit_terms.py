@@ -253,13 +253,14 @@ class UnitTerms:
             c = terms["compute"]
             c["1"] = max(c.get("1", 0.0), k * n * self.overhead)
         call = self.prof.gpu_w4_expert_call_s if self.p.compress_weight else None
-        if self.cuda and not prefill and call and self._graphed_share(False) < 1:
-            # 4-bit experts always go expert by expert (no grouped 4-bit GEMM), resident or
-            # not: each GPU batch waits for its routing counts on the host, then for the
+        if self.cuda and not prefill and call and self._graphed_share(False) < 1 and \
+                not self._grouped(rows):
+            # 4-bit experts go expert by expert unless all resident (kernels/grouped4.py):
+            # each GPU batch waits for its routing counts on the host, then for the
             # launches of each touched expert (S6q's H100 trace: 3.1 ms per 128-row batch)
             terms["compute"] = add_exprs(terms["compute"],
                                          lin_expr(k * (self.overhead + n * call)))
-        elif self.cuda and not prefill and not stages_all:
+        elif self.cuda and not prefill and not self._grouped(rows):
             # routed expert by expert (models/moe.moe_mlp's runner route): the call waits for
             # the routing counts on the host, so its launches no longer run ahead of the GPU
             # and cost as an eager unit's do, per GPU batch, where experts are off the device
@@ -269,9 +270,20 @@ class UnitTerms:
 
     def _grouped(self, rows: int) -> bool:
         """Whether a call of `rows` tokens runs its experts as grouped GEMMs (every expert
-        staged, or all resident and stacked) rather than expert by expert."""
+        staged, all resident and stacked, or 4-bit ones resident and held) rather than expert
+        by expert."""
+        from flexrun.kernels.dequant import fused_applies
+        from flexrun.kernels.grouped4 import GROUPS
+        p = self.p
+        # 4-bit experts: grouped 4-bit GEMMs over the resident ones and the copies held for
+        # the block, when all are resident or the block touches nearly all (no disk ones)
+        four_bit = p.compress_weight and fused_applies(p.quant_bits, p.quant_group, self.e) \
+            and p.quant_group in GROUPS and (p.weights_gpu >= 100 or (
+                self.cuda and p.weights_disk == 0 and p.expert_lanes != "cpu" and
+                touches_nearly_all(self.spec, rows * p.num_gpu_batches)))
         return grouped_fits(self.spec, rows, self.e) and (
-            self._stages_all(rows) or (self.p.weights_gpu >= 100 and not self.p.compress_weight))
+            self._stages_all(rows) or four_bit or
+            (p.weights_gpu >= 100 and not p.compress_weight))
 
     def _stages_all(self, rows: int) -> bool:
         """Whether the engine stages every expert for GPU batches of `rows` tokens on the copy
