@@ -62,6 +62,38 @@ def enabled() -> bool:
     return triton is not None and os.environ.get("FLEXRUN_TRITON_GROUPED", "1") == "1"
 
 
+_WORKS: dict[tuple, bool] = {}
+
+
+def works(device: torch.device) -> bool:
+    """Whether the kernel compiles, runs and agrees with dequantized per-expert matmuls on
+    `device` (checked once, on a small case; never inside a CUDA graph capture). A failed
+    check leaves MoE calls on the per-expert route, with one line on stderr."""
+    key = (device.type, device.index)
+    if key in _WORKS:
+        return _WORKS[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    from flexrun.memory.quant import compress, decompress_plain
+    ok = False
+    try:
+        g = torch.Generator().manual_seed(0)
+        ws = [compress((torch.randn(40, 128, generator=g) * 0.05).half().to(device), 4, 64, -1)
+              for _ in range(2)]
+        x = torch.randn(21, 128, generator=g).half().to(device)
+        ends = torch.tensor([5, 21], dtype=torch.int32, device=device)
+        y = grouped4_mm(x, _tables(ws), ends).float()
+        ref = torch.cat([x[:5].float() @ decompress_plain(ws[0], torch.float16).float().T,
+                         x[5:].float() @ decompress_plain(ws[1], torch.float16).float().T])
+        ok = bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2))
+    except Exception as e:     # (a kernel that does not compile or launch here: not used)
+        import sys
+        print(f"flexrun: the grouped 4-bit kernel failed on {device} ({type(e).__name__}): "
+              "4-bit experts run expert by expert", file=sys.stderr)
+    _WORKS[key] = ok
+    return ok
+
+
 def _table(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     host = torch.tensor(rows, dtype=torch.int64)
     if device.type != "cuda":
@@ -74,8 +106,13 @@ def experts4(ws: list) -> Experts4 | None:
     """The address tables of experts' 4-bit weights (quant.Compressed, alike in shape), each
     stored in one buffer per part; None where the kernel does not handle them."""
     if not ws or not enabled() or not all(_fits(c) and c.shape == ws[0].shape and
-                                          c.group_size == ws[0].group_size for c in ws):
+                                          c.group_size == ws[0].group_size for c in ws) \
+            or not works(ws[0].data.device):
         return None
+    return _tables(ws)
+
+
+def _tables(ws: list) -> Experts4:
     rows = [[c.data.data_ptr() for c in ws], [c.mins.data_ptr() for c in ws],
             [c.scales.data_ptr() for c in ws]]
     table, host = _table(rows, ws[0].data.device)
@@ -87,7 +124,7 @@ def stack4(joined, E: int) -> Experts4 | None:
     per part (quant.Compressed of shape (E * N, K), TieredStore.join); None where the kernel
     does not handle them."""
     c = joined
-    if not (enabled() and _fits(c) and c.shape[0] % E == 0):
+    if not (enabled() and _fits(c) and c.shape[0] % E == 0 and works(c.data.device)):
         return None
     n, k = c.shape[0] // E, c.shape[1]
     per = [c.data.numel() // E, c.mins.numel() // E, c.scales.numel() // E]
