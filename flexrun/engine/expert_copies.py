@@ -94,7 +94,7 @@ class ExpertCopies:
         down = [d[f"experts.{e}.down.weight"] for e, d in enumerate(ws)]
         if None in gu:
             return None
-        key = tuple(c.data.data_ptr() for c in gu + down)
+        key = tuple(t.data_ptr() for c in gu + down for t in (c.data, c.mins, c.scales))
         if key not in self._tables:
             if len(self._tables) >= TABLES_KEPT:
                 self._tables.pop(next(iter(self._tables)))
