@@ -14,8 +14,6 @@ from flexrun.memory.storage import nbytes
 from flexrun.models.common import joined
 from flexrun.models.moe import touches_nearly_all
 
-TABLES_KEPT = 64        # grouped 4-bit address tables kept (a unit's, each block's copies)
-
 
 def _as_on_gpu() -> bool:
     from flexrun.engine import experts     # (its test flag)
@@ -82,7 +80,8 @@ class ExpertCopies:
         resident = [joined([w[f"experts.{e}.gate.weight"], w[f"experts.{e}.up.weight"]])
                     for e in range(E) if e not in remote]
         sample = self.weights.homes[self.name(layer, next(iter(remote)), "gate.weight")][1]
-        if not isinstance(sample, Compressed) or None in resident:
+        if not isinstance(sample, Compressed) or None in resident or \
+                not grouped4.handles(sample, self.device):      # (before copying any)
             return None
         missing = [e for e in remote if e not in self._held]
         with self._copy_span(len(missing)):
@@ -94,19 +93,19 @@ class ExpertCopies:
         down = [d[f"experts.{e}.down.weight"] for e, d in enumerate(ws)]
         if None in gu:
             return None
+        # the unit's tables, kept for its block's later calls only: they hold the held copies
+        # (and their addresses must not outlive them)
         key = tuple(t.data_ptr() for c in gu + down for t in (c.data, c.mins, c.scales))
-        if key not in self._tables:
-            if len(self._tables) >= TABLES_KEPT:
-                self._tables.pop(next(iter(self._tables)))
+        if self._tables is None or self._tables[0] != key:
             pair = (grouped4.experts4(gu), grouped4.experts4(down))
-            self._tables[key] = None if None in pair else pair
-        if self._tables[key] is None:
+            self._tables = (key, None if None in pair else pair)
+        if self._tables[1] is None:
             return None
         self.stats.reused += len(remote) - len(missing) - \
             len(self._unused_ahead & remote.keys())
         self._unused_ahead = set()
         self._batch += 1
-        return self._tables[key]
+        return self._tables[1]
 
     def _nbytes(self, e: int, layer: int | None = None) -> int:
         key = (self._layer if layer is None else layer, e)

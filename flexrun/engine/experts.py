@@ -91,7 +91,7 @@ class TieredExperts(ExpertCopies):
         # unstaged experts (4-bit ones...) copied ahead: layer -> expert -> (weights, event)
         self._held_ahead: dict[int, dict[int, tuple]] = {}
         self._copies_all = False        # the last unstaged MoE unit copied all its experts
-        self._tables: dict[tuple, tuple] = {}   # grouped 4-bit address tables, by addresses
+        self._tables: tuple | None = None       # this unit's grouped 4-bit address tables
         self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None
@@ -144,7 +144,7 @@ class TieredExperts(ExpertCopies):
         copied ahead for this one stay)."""
         if self._layer in self.remote and self.staging is None:
             self._copies_all = len(self._held) >= len(self.remote[self._layer])
-        self._layer, self._batch = layer, 0
+        self._layer, self._batch, self._tables = layer, 0, None
         self._held = self._held_ahead.pop(layer, {})
         # experts copied ahead for this unit: their first use in the block is no reuse
         self._unused_ahead = self._ahead.pop(layer, set()) if layer in self.remote else set()
@@ -339,4 +339,4 @@ class TieredExperts(ExpertCopies):
         self._cpu.shutdown(wait=True)
         if self._reader is not None:
             self._reader.shutdown(wait=True)
-        self._held, self._held_ahead = {}, {}
+        self._held, self._held_ahead, self._tables = {}, {}, None

@@ -48,12 +48,23 @@ class Experts4:
         return self.table.shape[1], self.N, self.K
 
 
-def _fits(c) -> bool:
+def _layout(c) -> bool:
     return (c.bits == 4 and c.pad == 0 and c.dim == 1 and len(c.shape) == 2
             and c.group_size in GROUPS and c.shape[1] % c.group_size == 0
-            and c.dtype == torch.float16
-            and (c.data.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and c.dtype == torch.float16)
+
+
+def _fits(c) -> bool:
+    return (_layout(c) and (c.data.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and all(t.is_contiguous() for t in (c.data, c.mins, c.scales)))
+
+
+def handles(c, device: torch.device) -> bool:
+    """Whether the kernel runs weights compressed as `c` (wherever `c` lies now) once they
+    are on `device`."""
+    return (enabled() and _layout(c)
+            and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+            and works(device))
 
 
 def enabled() -> bool:

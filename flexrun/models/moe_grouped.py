@@ -41,7 +41,10 @@ def stacked_experts(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None
     if key not in _STACKED:
         if len(_STACKED) > 4096:
             _STACKED.clear()
-        _STACKED[key] = _stack(w, E)
+        stacked = _stack(w, E)
+        if stacked is None and first.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None         # (4-bit stacks are not checked inside a capture: not kept)
+        _STACKED[key] = stacked
     return _STACKED[key]
 
 

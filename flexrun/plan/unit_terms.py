@@ -278,7 +278,8 @@ class UnitTerms:
         # 4-bit experts: grouped 4-bit GEMMs over the resident ones and the copies held for
         # the block, when all are resident or the block touches nearly all (no disk ones)
         four_bit = p.compress_weight and fused_applies(p.quant_bits, p.quant_group, self.e) \
-            and p.quant_group in GROUPS and (p.weights_gpu >= 100 or (
+            and p.quant_group in GROUPS and plain_experts(self.spec) and (
+                p.weights_gpu >= 100 or (
                 self.cuda and p.weights_disk == 0 and p.expert_lanes != "cpu" and
                 touches_nearly_all(self.spec, rows * p.num_gpu_batches)))
         return grouped_fits(self.spec, rows, self.e) and (
