@@ -97,9 +97,9 @@ import torch
 from families import save_family
 from conftest import ragged_prompts
 from flexrun import LLM, Policy, SamplingParams
-from flexrun.engine import experts as engine_experts
+from flexrun.engine import expert_copies
 from flexrun.kernels import grouped4
-engine_experts.HELD_AHEAD_ON_CPU = True         # the copies as on a GPU run
+expert_copies.HELD_AHEAD_ON_CPU = True          # the copies as on a GPU run
 # OLMoE: 8 experts, top-3, hidden 64 and expert FFN 32: groups of 32 fit both GEMMs
 d = save_family("olmoe", pathlib.Path(tempfile.mkdtemp()) / "m")
 prompts = [p for seed in (5, 6) for p in ragged_prompts(8, seed=seed)][:8]

@@ -317,14 +317,14 @@ def test_unstaged_experts_of_the_next_unit_are_copied_ahead(tmp_path, monkeypatc
     uncompressed)."""
     import json
     from families import save_family
-    from flexrun.engine import experts as engine_experts
+    from flexrun.engine import expert_copies
     d = save_family(family, tmp_path / "m")
     prompts = [p for seed in (5, 6) for p in ragged_prompts(8, seed=seed)][:8]
     pol = Policy(gpu_batch_size=4, num_gpu_batches=2, weights_gpu=30, weights_cpu=70,
                  expert_lanes="copy", compress_weight=compress)
 
     def run(ahead: bool, policy=pol):
-        monkeypatch.setattr(engine_experts, "HELD_AHEAD_ON_CPU", ahead)
+        monkeypatch.setattr(expert_copies, "HELD_AHEAD_ON_CPU", ahead)
         trace = tmp_path / f"t{ahead}.json"
         with LLM(str(d), device="cpu", policy=policy, trace=str(trace)) as llm:
             outs = [o.output_ids for o in llm.generate(prompts, 5, GREEDY)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexrun.engine import expert_copies
 from flexrun.engine.expert_copies import ExpertCopies
 from flexrun.engine.expert_lanes import (LaneRates, LaneStats, measure_rates, split_lanes,
                                          uses_left)
@@ -36,8 +37,6 @@ from flexrun.models.spec import ModelSpec
 PARTS = ("gate", "up", "down")      # the weights the staging slots hold
 GROUPED_ON_CPU = False      # tests: stage and group the device experts on a CPU run too
 READERS = 2                 # threads reading a call's disk experts from the offload files
-HELD_AHEAD_ON_CPU = False   # tests: unstaged experts' copies as on a GPU run (joined gate and
-#                             up, copied ahead, grouped 4-bit GEMMs) on a CPU run too
 
 
 @dataclass
@@ -161,7 +160,7 @@ class TieredExperts(ExpertCopies):
                 self.staging.staged >= self.remote[layer].keys():
             self._prefetch_next()
         elif self.staging is None and layer in self.remote and self._copies_all and \
-                self.lanes != "cpu" and (self.cuda or HELD_AHEAD_ON_CPU):
+                self.lanes != "cpu" and (self.cuda or expert_copies.HELD_AHEAD_ON_CPU):
             self._hold_next()
 
     def runner(self, layer: int):

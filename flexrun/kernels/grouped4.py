@@ -76,6 +76,16 @@ def enabled() -> bool:
 _WORKS: dict[tuple, bool] = {}
 
 
+@dataclass
+class _Probe:
+    """A 40 x 128 weight as quant.Compressed stores it (groups of 64), for `works`."""
+    data: torch.Tensor
+    mins: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple = (40, 128)
+    group_size: int = 64
+
+
 def works(device: torch.device) -> bool:
     """Whether the kernel compiles, runs and agrees with dequantized per-expert matmuls on
     `device` (checked once, on a small case; never inside a CUDA graph capture). A failed
@@ -85,17 +95,23 @@ def works(device: torch.device) -> bool:
         return _WORKS[key]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    from flexrun.memory.quant import compress, decompress_plain
     ok = False
     try:
         g = torch.Generator().manual_seed(0)
-        ws = [compress((torch.randn(40, 128, generator=g) * 0.05).half().to(device), 4, 64, -1)
-              for _ in range(2)]
+        ws, dense = [], []
+        for _ in range(2):      # 40 x 128 weights, groups of 64: codes, fp16 mins and scales
+            codes = torch.randint(0, 16, (40, 128), generator=g, dtype=torch.uint8)
+            mins = (torch.randn(40, 2, 1, generator=g) * 0.1).half()
+            scales = (torch.rand(40, 2, 1, generator=g) * 0.02).half()
+            dense.append((codes.view(40, 2, 64).float() * scales.float() + mins.float())
+                         .half().float().view(40, 128))
+            packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(-1)
+            ws.append(_Probe(packed.to(device), mins.to(device), scales.to(device)))
         x = torch.randn(21, 128, generator=g).half().to(device)
         ends = torch.tensor([5, 21], dtype=torch.int32, device=device)
-        y = grouped4_mm(x, _tables(ws), ends).float()
-        ref = torch.cat([x[:5].float() @ decompress_plain(ws[0], torch.float16).float().T,
-                         x[5:].float() @ decompress_plain(ws[1], torch.float16).float().T])
+        y = grouped4_mm(x, _tables(ws), ends).float().cpu()
+        xf = x.float().cpu()
+        ref = torch.cat([xf[:5] @ dense[0].T, xf[5:] @ dense[1].T])
         ok = bool(torch.allclose(y, ref, rtol=2e-2, atol=2e-2))
     except Exception as e:     # (a kernel that does not compile or launch here: not used)
         import sys
