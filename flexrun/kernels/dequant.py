@@ -132,6 +132,27 @@ if triton is not None:
         return (code | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
 
     @triton.jit
+    def w4_tile(codes, mins, scales, rn, n_in, k0, HALF_K, NG, G: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr):
+        """The (BN, BK) fp16 tile of a 4-bit weight (rows rn, columns k0..k0+BK; codes two
+        a byte, low nibble first, half_k bytes a row; NG fp16 mins and scales a row),
+        dequantized as decompress does: fp32 q * scale + min, rounded to fp16."""
+        rkb = tl.arange(0, BK // 2)
+        rg = tl.arange(0, BK // G)
+        kb_in = (k0 // 2 + rkb) < HALF_K
+        byte = tl.load(codes + rn[:, None] * HALF_K + (k0 // 2 + rkb)[None, :],
+                       mask=n_in[:, None] & kb_in[None, :], other=0).to(tl.int32)
+        lo = (byte & 0xF).to(tl.float32)
+        hi = (byte >> 4).to(tl.float32)
+        q = tl.reshape(tl.join(lo, hi), (BN, BK // G, G))
+        g_in = n_in[:, None] & ((k0 // G + rg) < NG)[None, :]
+        gofs = rn[:, None] * NG + (k0 // G + rg)[None, :]
+        mn = tl.load(mins + gofs, mask=g_in, other=0.0).to(tl.float32)
+        sc = tl.load(scales + gofs, mask=g_in, other=0.0).to(tl.float32)
+        w = (q * sc[:, :, None] + mn[:, :, None]).to(tl.float16)
+        return tl.reshape(w, (BN, BK))
+
+    @triton.jit
     def _w4_matmul_kernel(x_ptr, data_ptr, mins_ptr, scales_ptr, bias_ptr, y_ptr, M, N,
                           K: tl.constexpr,
                           G: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -140,27 +161,15 @@ if triton is not None:
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rkb = tl.arange(0, BLOCK_K // 2)
         rk = tl.arange(0, BLOCK_K)
-        rg = tl.arange(0, BLOCK_K // G)
         m_in = rm < M
         n_in = rn < N
         half_k = K // 2
         ngroups = K // G
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):      # K constexpr: one compile per width
-            kb_in = (k0 // 2 + rkb) < half_k
-            byte = tl.load(data_ptr + rn[:, None] * half_k + (k0 // 2 + rkb)[None, :],
-                           mask=n_in[:, None] & kb_in[None, :], other=0).to(tl.int32)
-            lo = (byte & 0xF).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
-            q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K // G, G))
-            g_in = n_in[:, None] & ((k0 // G + rg) < ngroups)[None, :]
-            gofs = rn[:, None] * ngroups + (k0 // G + rg)[None, :]
-            mn = tl.load(mins_ptr + gofs, mask=g_in, other=0.0).to(tl.float32)
-            sc = tl.load(scales_ptr + gofs, mask=g_in, other=0.0).to(tl.float32)
-            w = (q * sc[:, :, None] + mn[:, :, None]).to(tl.float16)
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+            w = w4_tile(data_ptr, mins_ptr, scales_ptr, rn, n_in, k0, half_k, ngroups, G,
+                        BLOCK_N, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :],
                         mask=m_in[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)

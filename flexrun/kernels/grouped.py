@@ -34,6 +34,12 @@ from flexrun.kernels.dequant import on_device
 
 if triton is not None:
     @triton.jit
+    def block_rows(BLOCK_ROW, ENDS, pid_b, e, BM: tl.constexpr):
+        """The BM rows of row block pid_b, and which of them are its group e's."""
+        rm = tl.load(BLOCK_ROW + pid_b) + tl.arange(0, BM)
+        return rm, rm < tl.load(ENDS + e)
+
+    @triton.jit
     def _grouped_kernel(X, W, Y, BLOCK_GROUP, BLOCK_ROW, ENDS, N, E,
                         sxm, sxk, swe, swn, swk, sym, syn, K: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -42,12 +48,9 @@ if triton is not None:
         e = tl.load(BLOCK_GROUP + pid_b)
         if e >= E:                      # past the last group's blocks
             return
-        row0 = tl.load(BLOCK_ROW + pid_b)
-        end = tl.load(ENDS + e)
-        rm = row0 + tl.arange(0, BM)
+        rm, rows = block_rows(BLOCK_ROW, ENDS, pid_b, e, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        rows = rm < end
         cols = rn < N
         w_base = W + e.to(tl.int64) * swe
         acc = tl.zeros((BM, BN), dtype=tl.float32)

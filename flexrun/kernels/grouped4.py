@@ -26,6 +26,9 @@ except ImportError:             # CPU-only installs: the per-expert route is use
 
 from flexrun.kernels.dequant import on_device
 from flexrun.kernels.grouped import _block_rows, block_layout
+if triton is not None:
+    from flexrun.kernels.dequant import w4_tile
+    from flexrun.kernels.grouped import block_rows
 
 GROUPS = (32, 64, 128)          # group sizes the kernel handles (its depth tile, 128, holds
 #                                 whole groups)
@@ -171,15 +174,10 @@ if triton is not None:
         e = tl.load(BLOCK_GROUP + pid_b)
         if e >= E:                      # past the last group's blocks
             return
-        row0 = tl.load(BLOCK_ROW + pid_b)
-        end = tl.load(ENDS + e)
-        rm = row0 + tl.arange(0, BM)
+        rm, rows = block_rows(BLOCK_ROW, ENDS, pid_b, e, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        rkb = tl.arange(0, BK // 2)
-        rk = tl.arange(0, BK)
-        rg = tl.arange(0, BK // G)
-        rows = rm < end
         cols = rn < N
+        rk = tl.arange(0, BK)
         HALF_K: tl.constexpr = K // 2
         NG: tl.constexpr = K // G
         codes = tl.load(TABLE + e).to(tl.pointer_type(tl.uint8))
@@ -187,17 +185,8 @@ if triton is not None:
         SCALES = tl.load(TABLE + 2 * E + e).to(tl.pointer_type(tl.float16))
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):      # K constexpr: one compile per width
-            kb_in = (k0 // 2 + rkb) < HALF_K
-            byte = tl.load(codes + rn[:, None].to(tl.int64) * HALF_K + (k0 // 2 + rkb)[None, :],
-                           mask=cols[:, None] & kb_in[None, :], other=0).to(tl.int32)
-            lo = (byte & 0xF).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
-            q = tl.reshape(tl.join(lo, hi), (BN, BK // G, G))
-            g_in = cols[:, None] & ((k0 // G + rg) < NG)[None, :]
-            gofs = rn[:, None].to(tl.int64) * NG + (k0 // G + rg)[None, :]
-            mn = tl.load(MINS + gofs, mask=g_in, other=0.0).to(tl.float32)
-            sc = tl.load(SCALES + gofs, mask=g_in, other=0.0).to(tl.float32)
-            w = tl.reshape((q * sc[:, :, None] + mn[:, :, None]).to(tl.float16), (BN, BK))
+            w = w4_tile(codes, MINS, SCALES, rn.to(tl.int64), cols, k0, HALF_K, NG, G, BN,
+                        BK)
             a = tl.load(X + rm[:, None].to(tl.int64) * sxm + (k0 + rk)[None, :],
                         mask=rows[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(w), acc)
