@@ -8,7 +8,9 @@ python -m bench.moe_check [--device cuda] [-o OUT.json]
    Then in half precision with every expert staged (the staging slots, copies made ahead).
 2. moe_mlp's grouped experts (one GEMM per touched expert over its tokens) and the grouped
    GEMMs over stacked experts (torch's kernel or the Triton one) against a plain per-token
-   loop, in fp16, and 4-bit experts against the same experts decompressed.
+   loop, in fp16, and 4-bit experts against the same experts decompressed; the 4-bit experts
+   joined as a resident layer's run as grouped 4-bit GEMMs (kernels/grouped4.py) against
+   their per-expert route.
 Prints one line per check and writes them as JSON.
 """
 from __future__ import annotations
@@ -121,9 +123,19 @@ def kernel_rows(device: str) -> list[dict]:
                 gate, up = w[f"experts.{e}.gate.weight"], w[f"experts.{e}.up.weight"]
                 y = F.silu(v @ gate.T) * (v @ up.T)
                 ref[t] += p[t, j] * (y @ w[f"experts.{e}.down.weight"].T).float()[0]
-        wq = {n: compress(t, 4, 64, dim=-1) if ".experts." in n else t for n, t in w.items()}
+        wq = {n: compress(t, 4, 64, dim=-1) if n.startswith("experts.") else t
+              for n, t in w.items()}
         wd = {n: t if isinstance(t, torch.Tensor) else decompress(t) for n, t in wq.items()}
         q, dq = moe_mlp(x, wq, spec), moe_mlp(x, wd, spec)
+        # the same 4-bit experts joined as a resident layer's are (TieredStore.join): the
+        # grouped 4-bit GEMMs (kernels/grouped4.py) against the per-expert route above
+        from flexrun.memory.quant import join_rows
+        from flexrun.models.moe_grouped import stacked_experts
+        wj = dict(wq)
+        for names in ([f"experts.{e}.{p}.weight" for e in range(E) for p in ("gate", "up")],
+                      [f"experts.{e}.down.weight" for e in range(E)]):
+            wj.update(zip(names, join_rows([wq[n] for n in names])))
+        q_grouped = moe_mlp(x, wj, spec)
         # the grouped GEMMs over the experts stacked back to back (a resident layer, the
         # staging slots): torch's kernel, or the Triton one where torch has none
         from flexrun.models import moe_grouped
@@ -142,6 +154,9 @@ def kernel_rows(device: str) -> list[dict]:
                "stacked_grouped_vs_per_token_max_abs": float((out.float() - ref).abs().max()),
                "ref_max_abs": float(ref.abs().max()),
                "w4_vs_dequantized_max_abs": float((q.float() - dq.float()).abs().max()),
+               "w4_grouped": stacked_experts(wj, E) is not None,
+               "w4_grouped_vs_per_expert_max_abs": float((q_grouped.float() - q.float())
+                                                         .abs().max()),
                "dequantized_max_abs": float(dq.float().abs().max())}
         rows.append(row)
         print(json.dumps(row), flush=True)
