@@ -28,7 +28,7 @@ from flexrun.plan.costmodel import reads_page_cache
 from flexrun.plan.footprint import kv_block_nbytes
 from flexrun.plan.footprint import numel, weight_bytes
 from flexrun.plan.hardware import HardwareProfile
-from flexrun.plan.moe_cost import moe_layer
+from flexrun.plan.moe_cost import cpu_lane_bps, moe_layer
 from flexrun.models.spec import ModelSpec
 
 
@@ -62,13 +62,10 @@ def decode_floor(spec: ModelSpec, policy: Policy, prof: HardwareProfile, prompt_
         expert_bytes = layers * moe.experts * moe.expert_bytes
         weights -= expert_bytes * (1 - moved)
         gemm_params -= int(layers * (moe.experts - moe.top_k) * moe.expert_params)
-        if cuda and policy.expert_lanes != "copy" and prof.cpu_expert_bw and not (
-                policy.compress_weight and policy.expert_lanes == "auto"):  # (unit_terms.py)
-            # copy and CPU lanes; an expert on the CPU lane is read again by each of the
-            # block's batches that routes to it (`uses` of them), a copy serves them all
-            b, k = policy.gpu_batch_size, policy.num_gpu_batches
-            uses = k * moe.touched(b) / max(moe.touched(rows), 1e-9)
-            off_rate = prof.h2d_pinned + prof.cpu_expert_bw / uses
+        cpu_lane = cpu_lane_bps(policy, prof, cuda)
+        if cpu_lane:    # copy and CPU lanes; a CPU-lane expert is read again by each batch
+            uses = moe.uses(policy.gpu_batch_size, policy.num_gpu_batches)
+            off_rate = prof.h2d_pinned + cpu_lane / uses
     t = {}
     if cuda or elem == 4 or (prof.cpu_flops_decode_bf16 and prof.cpu_flops_prefill_bf16):
         t["compute"] = 2 * gemm_params * rows / (prof.gpu_flops_prefill if cuda

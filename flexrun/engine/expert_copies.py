@@ -20,10 +20,6 @@ from flexrun.models.moe import touches_nearly_all
 HELD_AHEAD_ON_CPU = False
 
 
-def _as_on_gpu() -> bool:
-    return HELD_AHEAD_ON_CPU
-
-
 class ExpertCopies:
     """TieredExperts' expert copies (a mixin: the runner holds the weights, streams, staging
     slots, tiers and stats these use)."""
@@ -38,9 +34,7 @@ class ExpertCopies:
         away = self.remote.get(j, {})
         if j is None or "disk" in away.values() or self.staging.holds(j, away):
             return
-        host = {e: tuple(self.weights.read_host(self.name(j, e, p), pinned=self.cuda,
-                                                mapped=self.mapped) for p in self.parts)
-                for e in away}
+        host = {e: self._read(e, j) for e in away}
         with self._copy_span(len(host), j, " ahead"):
             if self.staging.prefetch(j, host):
                 self._ahead = {j: set(host)}
@@ -70,14 +64,30 @@ class ExpertCopies:
 
     def _held_stack(self, w: dict, tokens: int) -> tuple | None:
         """4-bit experts (no staging slots) on the copy lane, when the block's calls are
-        expected to touch nearly all of the unit's experts: every host one not yet held is
-        copied now (most came ahead: _hold_next) and held for the block, and the address
-        tables of all of them, resident or held, go back for two grouped 4-bit GEMMs
-        (kernels/grouped4.py) with no host sync and no per-expert work. None where those do
-        not apply (experts on disk or plain, resident ones not joined): the per-expert route."""
+        expected to touch nearly all of the unit's experts: the unit's first call copies every
+        host one not yet held (most came ahead: _hold_next), held for the block, and the
+        address tables of all of them, resident or held, serve its calls' two grouped 4-bit
+        GEMMs (kernels/grouped4.py) with no host sync and no per-expert work. None where those
+        do not apply (experts on disk or plain, resident ones not joined): the per-expert
+        route."""
+        remote = self.remote[self._layer]
+        copied = 0
+        if self._tables is None:        # the unit's first call: its tables, for the block
+            before = self.stats.copied
+            self._tables = self._held_tables(w, remote, tokens) or False
+            copied = self.stats.copied - before
+        if not self._tables:
+            return None
+        self.stats.reused += len(remote) - copied - len(self._unused_ahead & remote.keys())
+        self._unused_ahead = set()
+        self._batch += 1
+        return self._tables
+
+    def _held_tables(self, w: dict, remote: dict, tokens: int) -> tuple | None:
+        """_held_stack's checks, the unit's missing host experts copied, and the tables (they
+        hold the held copies: they go with the unit, begin_unit)."""
         layer, E = self._layer, self.spec.num_experts
-        remote = self.remote[layer]
-        if not ((self.cuda or _as_on_gpu()) and grouped4.enabled() and self.lanes != "cpu"
+        if not ((self.cuda or HELD_AHEAD_ON_CPU) and grouped4.enabled() and self.lanes != "cpu"
                 and self.stage_all and "disk" not in remote.values()
                 and touches_nearly_all(self.spec, tokens * self.block_batches)):
             return None
@@ -94,22 +104,11 @@ class ExpertCopies:
         ws = [self._device_w(w, e) for e in range(E)]     # (held copies: their events)
         gu = [joined([d[f"experts.{e}.gate.weight"], d[f"experts.{e}.up.weight"]])
               for e, d in enumerate(ws)]
-        down = [d[f"experts.{e}.down.weight"] for e, d in enumerate(ws)]
         if None in gu:
             return None
-        # the unit's tables, kept for its block's later calls only: they hold the held copies
-        # (and their addresses must not outlive them)
-        key = tuple(t.data_ptr() for c in gu + down for t in (c.data, c.mins, c.scales))
-        if self._tables is None or self._tables[0] != key:
-            pair = (grouped4.experts4(gu), grouped4.experts4(down))
-            self._tables = (key, None if None in pair else pair)
-        if self._tables[1] is None:
-            return None
-        self.stats.reused += len(remote) - len(missing) - \
-            len(self._unused_ahead & remote.keys())
-        self._unused_ahead = set()
-        self._batch += 1
-        return self._tables[1]
+        pair = (grouped4.experts4(gu),
+                grouped4.experts4([d[f"experts.{e}.down.weight"] for e, d in enumerate(ws)]))
+        return None if None in pair else pair
 
     def _nbytes(self, e: int, layer: int | None = None) -> int:
         key = (self._layer if layer is None else layer, e)
@@ -135,18 +134,16 @@ class ExpertCopies:
         """(expert e of `layer`'s weights on the device, the event its copies end with)."""
         dev, ev = {}, None
         host = dict(zip(self.parts, host_parts or self._read(e, layer)))
-        if self.cuda or _as_on_gpu():   # gate and up as one matrix: one GEMM for both
+        if self.cuda or HELD_AHEAD_ON_CPU:  # gate and up as one matrix: one GEMM for both
             for pair in (("gate.weight", "up.weight"), ("gate.bias", "up.bias")):
                 if all(p in host for p in pair):
                     got = self.weights.fetch_rows([host[p] for p in pair], self.weight_stream,
                                                   self.compute_stream)
                     dev.update(zip((f"experts.{e}.{p}" for p in pair), got or ()))
-        for p, value in host.items():
-            n, key = self.name(layer, e, p), f"experts.{e}.{p}"
-            if key not in dev:
-                dev[key] = self.weights.fetch(n, self.weight_stream, self.compute_stream,
-                                              value) if self.cuda else \
-                    self.weights.fetch(n, host_value=value)
+        for p, value in host.items():       # (a CPU run's fetch hands back the host value)
+            if f"experts.{e}.{p}" not in dev:
+                dev[f"experts.{e}.{p}"] = self.weights.fetch(
+                    self.name(layer, e, p), self.weight_stream, self.compute_stream, value)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.weight_stream)

@@ -90,7 +90,8 @@ class TieredExperts(ExpertCopies):
         # unstaged experts (4-bit ones...) copied ahead: layer -> expert -> (weights, event)
         self._held_ahead: dict[int, dict[int, tuple]] = {}
         self._copies_all = False        # the last unstaged MoE unit copied all its experts
-        self._tables: tuple | None = None       # this unit's grouped 4-bit address tables
+        # this unit's grouped 4-bit address tables (False: its calls go expert by expert)
+        self._tables: tuple | bool | None = None
         self._unused_ahead: set[int] = set()
         self._sizes: dict[tuple[int, int], int] = {}     # (layer, expert) -> bytes
         self.staging = self._staging() if self.remote else None

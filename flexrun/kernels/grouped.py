@@ -34,22 +34,22 @@ from flexrun.kernels.dequant import on_device
 
 if triton is not None:
     @triton.jit
-    def block_rows(BLOCK_ROW, ENDS, pid_b, e, BM: tl.constexpr):
-        """The BM rows of row block pid_b, and which of them are its group e's."""
+    def row_block(BLOCK_GROUP, BLOCK_ROW, ENDS, E, BM: tl.constexpr):
+        """This program's row block (axis 0): its group e (E for a block past the last
+        group's: nothing to do), its BM rows and which of them are the group's."""
+        pid_b = tl.program_id(0)
+        e = tl.load(BLOCK_GROUP + pid_b)
         rm = tl.load(BLOCK_ROW + pid_b) + tl.arange(0, BM)
-        return rm, rm < tl.load(ENDS + e)
+        return e, rm, rm < tl.load(ENDS + e, mask=e < E, other=0)
 
     @triton.jit
     def _grouped_kernel(X, W, Y, BLOCK_GROUP, BLOCK_ROW, ENDS, N, E,
                         sxm, sxk, swe, swn, swk, sym, syn, K: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_b = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.load(BLOCK_GROUP + pid_b)
+        e, rm, rows = row_block(BLOCK_GROUP, BLOCK_ROW, ENDS, E, BM)
         if e >= E:                      # past the last group's blocks
             return
-        rm, rows = block_rows(BLOCK_ROW, ENDS, pid_b, e, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         cols = rn < N
         w_base = W + e.to(tl.int64) * swe

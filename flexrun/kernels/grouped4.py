@@ -28,7 +28,7 @@ from flexrun.kernels.dequant import on_device
 from flexrun.kernels.grouped import _block_rows, block_layout
 if triton is not None:
     from flexrun.kernels.dequant import w4_tile
-    from flexrun.kernels.grouped import block_rows
+    from flexrun.kernels.grouped import row_block
 
 GROUPS = (32, 64, 128)          # group sizes the kernel handles (its depth tile, 128, holds
 #                                 whole groups)
@@ -169,13 +169,10 @@ if triton is not None:
     def _grouped4_kernel(X, TABLE, Y, BLOCK_GROUP, BLOCK_ROW, ENDS, N, E,
                          sxm, sym, K: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
                          BN: tl.constexpr, BK: tl.constexpr):
-        pid_b = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.load(BLOCK_GROUP + pid_b)
+        e, rm, rows = row_block(BLOCK_GROUP, BLOCK_ROW, ENDS, E, BM)
         if e >= E:                      # past the last group's blocks
             return
-        rm, rows = block_rows(BLOCK_ROW, ENDS, pid_b, e, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
         cols = rn < N
         rk = tl.arange(0, BK)
         HALF_K: tl.constexpr = K // 2

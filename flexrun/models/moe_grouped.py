@@ -53,8 +53,10 @@ def _stack(w: dict, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     down = [w.get(f"experts.{e}.down.weight") for e in range(E)]
     if all(isinstance(c, Compressed) and c.dtype == torch.float16 for c in gu + down):
         a, b = joined(gu), joined(down)         # 4-bit: the grouped 4-bit kernel's stacks
-        pair = (stack4(a, E), stack4(b, E)) if a is not None and b is not None else ()
-        return pair if pair and None not in pair else None
+        if a is None or b is None:
+            return None
+        pair = (stack4(a, E), stack4(b, E))
+        return None if None in pair else pair
     if any(not isinstance(t, torch.Tensor) for t in gu + down):
         return None
     a, b = joined(gu), joined(down)

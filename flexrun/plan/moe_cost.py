@@ -40,6 +40,12 @@ class MoELayer:
         total = self.dense_bytes + self.experts * self.expert_bytes
         return (self.dense_bytes + self.touched(tokens) * self.expert_bytes) / total
 
+    def uses(self, rows: int, batches: int) -> float:
+        """Of a block of `batches` GPU batches of `rows` tokens, the batches that read each
+        touched expert on average: a copy serves them all, the CPU lane computes it again in
+        each."""
+        return batches * self.touched(rows) / max(self.touched(rows * batches), 1e-9)
+
     def expert_rows(self, rows: int) -> tuple[float, float]:
         """(experts touched, rows per touched expert) of one GPU batch of `rows` tokens."""
         n = self.touched(rows)
@@ -68,3 +74,14 @@ def moe_layer(spec: ModelSpec, policy: Policy, elem: int) -> MoELayer | None:
     moe = sum(spec.is_moe(i) for i in range(spec.num_layers))
     return MoELayer(spec.num_experts, spec.experts_per_token, expert, params, dense,
                     moe / spec.num_layers, max(copies, 1))
+
+
+def cpu_lane_bps(policy: Policy, prof, cuda: bool) -> float:
+    """Weight bytes/s of the CPU lane beside the copies (engine/experts.py computes host
+    experts where they live): 0 on a CPU run, on the copy lane alone, and under auto for
+    4-bit experts, which the host dequantizes first (0.5 GB/s of codes against 54 GB/s
+    copied on the H100 host, S6q), as the engine's split does."""
+    if not cuda or policy.expert_lanes == "copy" or (policy.compress_weight and
+                                                     policy.expert_lanes == "auto"):
+        return 0.0
+    return prof.cpu_expert_bw or 0.0

@@ -17,7 +17,7 @@ from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
 from flexrun.plan.footprint import (is_compressible, kv_block_nbytes, kv_step_nbytes, numel,
                                    streams_whole_units, weight_bytes)
 from flexrun.plan.hardware import HardwareProfile
-from flexrun.plan.moe_cost import moe_layer
+from flexrun.plan.moe_cost import cpu_lane_bps, moe_layer
 
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
 # decode attention over a 4-bit cache against a dense one, per dense byte, for profiles that
@@ -98,12 +98,7 @@ class UnitTerms:
         self.moe = moe_layer(spec, policy, elem)
         self.expert_bw = prof.gpu_expert_bw if cuda else None   # grouped expert GEMMs
         self.h2d_call = (prof.h2d_call_s or 0.0) if cuda else 0.0  # per host->GPU copy
-        # a MoE run's CPU lane computes host experts where they live (engine/experts.py);
-        # auto leaves 4-bit experts to the copies (the host dequantizes them first: 0.5 GB/s
-        # of codes against 54 GB/s copied on the H100 host, S6q), as the engine's split does
-        self.cpu_lane = (prof.cpu_expert_bw or 0.0) if cuda and \
-            policy.expert_lanes != "copy" and not (policy.compress_weight and
-                                                   policy.expert_lanes == "auto") else 0.0
+        self.cpu_lane = cpu_lane_bps(policy, prof, cuda)    # MoE: CPU expert GEMMs
 
     def read_s(self, nbytes: float, parts: int = 1) -> float:
         """Seconds to read nbytes (in `parts` equal tensors) from the disk tier to host."""
@@ -207,7 +202,7 @@ class UnitTerms:
         exp_b, h2d, cpu, lanes = wb - dense_b, self.h2d_w, self.cpu_lane, self.p.expert_lanes
         # an expert copied serves the block's every batch; on the CPU lane it is computed
         # again in each batch that routes to it: `uses` batches of the k on average
-        uses = k * m.touched(rows) / max(m.touched(rows * k), 1e-9)
+        uses = m.uses(rows, k)
         # each copy has a fixed cost (h2d_call_s): staged all at once, a layer's host experts
         # lie as their slots do and cross as two runs in H2D_CHUNK pieces; routed one by one,
         # each crosses as expert_copies copies
@@ -255,9 +250,10 @@ class UnitTerms:
         call = self.prof.gpu_w4_expert_call_s if self.p.compress_weight else None
         if self.cuda and not prefill and call and self._graphed_share(False) < 1 and \
                 not self._grouped(rows):
-            # 4-bit experts go expert by expert unless all resident (kernels/grouped4.py):
-            # each GPU batch waits for its routing counts on the host, then for the
-            # launches of each touched expert (S6q's H100 trace: 3.1 ms per 128-row batch)
+            # 4-bit experts go expert by expert unless grouped (all resident, or the block
+            # touching nearly all: kernels/grouped4.py): each GPU batch waits for its routing
+            # counts on the host, then for the launches of each touched expert (S6q's H100
+            # trace: 3.1 ms per 128-row batch)
             terms["compute"] = add_exprs(terms["compute"],
                                          lin_expr(k * (self.overhead + n * call)))
         elif self.cuda and not prefill and not self._grouped(rows):
