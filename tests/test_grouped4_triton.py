@@ -100,6 +100,7 @@ from flexrun import LLM, Policy, SamplingParams
 from flexrun.engine import expert_copies
 from flexrun.kernels import grouped4
 expert_copies.HELD_AHEAD_ON_CPU = True          # the copies as on a GPU run
+device = "cuda" if torch.cuda.is_available() else "cpu"     # (else Triton's interpreter)
 # OLMoE: 8 experts, top-3, hidden 64 and expert FFN 32: groups of 32 fit both GEMMs
 d = save_family("olmoe", pathlib.Path(tempfile.mkdtemp()) / "m")
 prompts = [p for seed in (5, 6) for p in ragged_prompts(8, seed=seed)][:8]
@@ -117,7 +118,7 @@ for grouped in (True, False):
     import os
     os.environ["FLEXRUN_TRITON_GROUPED"] = "1" if grouped else "0"
     calls.clear()
-    with LLM(str(d), device="cpu", policy=pol, dtype="float16") as llm:
+    with LLM(str(d), device=device, policy=pol, dtype="float16") as llm:
         out[grouped] = ([o.output_ids for o in llm.generate(prompts, 5,
                                                                SamplingParams(ignore_eos=True))],
                         llm.prompt_logits(prompts[:2]))

@@ -13,6 +13,9 @@ def profile_command(args) -> int:
     if args.offload_dir:
         cmd += f" --offload-dir {args.offload_dir}"
     prof = measure(device, args.offload_dir, command=cmd)
+    if device == "cuda":            # the engine's own layers (above the plan package)
+        from flexrun.cli.layer_calls import measure_layer_calls
+        prof.gpu_layer_calls = measure_layer_calls(device)
     prof.save(args.output)
     print(format_profile(prof))
     print(f"profile written to {args.output}")

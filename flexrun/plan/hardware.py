@@ -56,6 +56,10 @@ class HardwareProfile:
     gpu_expert_bw: float | None = None       # weight bytes/s of a MoE layer's grouped GEMMs
     gpu_w4_expert_call_s: float | None = None   # s per routed 4-bit expert, per-expert route
     #                                          over every expert at decode rows (4 per expert)
+    # s of host time per eager decode layer call (one GPU batch) by layer_kind, at tiny sizes:
+    # the engine's own layers (cli/layer_calls.py), ~170 launches for a 4-bit MoE layer
+    # over a 4-bit cache against gpu_unit_overhead's ~16
+    gpu_layer_calls: dict | None = None
     # CPU compute (fp32; bf16 where measured: CPUs with AVX512-BF16 / AMX run it ~3x faster)
     cpu_flops_decode: float | None = None
     cpu_flops_prefill: float | None = None
@@ -260,7 +264,14 @@ def default_profile(device: str | torch.device) -> HardwareProfile:
 # trip per CPU-attention call is the host's cost) from a profile of the same GPU, else of a
 # host like its own; "gpu" terms only from a profile of the same GPU
 LENT_TERMS = {"cpu_attn_call_s": "host", "gpu_graph_unit_overhead": "gpu",
-              "gpu_expert_bw": "gpu", "h2d_call_s": "gpu", "gpu_w4_expert_call_s": "gpu"}
+              "gpu_expert_bw": "gpu", "h2d_call_s": "gpu", "gpu_w4_expert_call_s": "gpu",
+              "gpu_layer_calls": "host"}
+
+
+def layer_kind(moe: bool, w4: bool, kv4: bool) -> str:
+    """The key of a decoder layer's eager call in gpu_layer_calls: dense or moe, with _w4
+    for 4-bit weights and _kv4 for a 4-bit KV cache."""
+    return ("moe" if moe else "dense") + ("_w4" if w4 else "") + ("_kv4" if kv4 else "")
 
 
 def fill_missing_terms(prof: HardwareProfile, own: Path | None = None) -> HardwareProfile:
@@ -365,6 +376,8 @@ def format_profile(p: HardwareProfile) -> str:
             ("GPU grouped expert GEMMs (fp16, 4 rows each)", _fmt(p.gpu_expert_bw, "B/s")
              if p.gpu_expert_bw else "-"),
             ("GPU 4-bit expert call, per-expert route", ms(p.gpu_w4_expert_call_s)),
+            ("GPU eager layer call by kind", ", ".join(
+                f"{k} {ms(v)}" for k, v in (p.gpu_layer_calls or {}).items()) or "-"),
             ("unit call overhead GPU / graphed / CPU", f"{ms(p.gpu_unit_overhead)} / "
                                                        f"{ms(p.gpu_graph_unit_overhead)} / "
                                              f"{ms(p.cpu_unit_overhead)}"),

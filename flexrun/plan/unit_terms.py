@@ -16,7 +16,7 @@ from flexrun.models.spec import ModelSpec
 from flexrun.plan.cost_types import Lin, Workload, add_exprs, lin_expr
 from flexrun.plan.footprint import (is_compressible, kv_block_nbytes, kv_step_nbytes, numel,
                                    streams_whole_units, weight_bytes)
-from flexrun.plan.hardware import HardwareProfile
+from flexrun.plan.hardware import HardwareProfile, layer_kind
 from flexrun.plan.moe_cost import cpu_lane_bps, moe_layer
 
 MMAP_MAX = 32 << 20        # glibc's largest mmap threshold: bigger tensors are fresh mappings
@@ -72,6 +72,12 @@ class UnitTerms:
             else self.qattn_cpu
         self.flops_pre = prof.gpu_flops_prefill if cuda else prof.cpu_rates(elem)[1]
         self.overhead = (prof.gpu_unit_overhead if cuda else prof.cpu_unit_overhead) or 0.0
+        # an eager decoder layer's host time per GPU batch, dense and MoE layers (the
+        # engine's own layers at tiny sizes: cli/layer_calls.py); else the tiny unit's floor
+        calls = (prof.gpu_layer_calls or {}) if cuda else {}
+        w4, kv4 = policy.compress_weight, policy.compress_cache
+        self.layer_call = {moe: max(self.overhead, calls.get(layer_kind(moe, w4, kv4), 0.0))
+                           for moe in (False, True)}
         # per unit kind (embed, layer, head, dense layer among MoE ones): stored bytes, GEMM
         # parameters, compressed params
         self.unit_bytes, self.unit_read, self.unit_params, self.unit_qparams = [], [], [], []
@@ -131,7 +137,8 @@ class UnitTerms:
             comp["1"] += k * (gemm(rows, dense, cuda) + 2 * rows * s.hidden_size
                               * e / self.mem_bw if kind == 0 else gemm(b, dense,
                               cuda) + 4 * b * s.vocab_size / self.mem_bw)
-            return {"compute": self._floor(comp, prefill), "weights": weights, "link": link}
+            return {"compute": self._floor(comp, prefill, kind), "weights": weights,
+                    "link": link}
         misc = rows * (12 * s.hidden_size + 3 * s.ffn_dim) * e / self.mem_bw  # norms, adds..
         comp["1"] += k * (gemm(rows, dense, cuda) + misc)
         t_avg = P if prefill else P + self.wl.gen_len / 2.0    # keys of an average step
@@ -181,7 +188,7 @@ class UnitTerms:
             link = add_exprs(link, {"ac": act / self.h2d_pg, "ad": act / self.h2d_pg})
         else:
             act_in, act_out = {"ad": self.read_s(act, k)}, {"ad": act / self.disk_w}
-        return {"compute": self._floor(comp, prefill), "weights": weights,
+        return {"compute": self._floor(comp, prefill, kind), "weights": weights,
                 **{name: add_exprs(lin_expr(), t) for name, t in (
                     ("cache_load", load), ("cache_store", store), ("act_load", act_in),
                     ("act_store", act_out), ("host_mem", host_mem), ("link", link))}}
@@ -307,13 +314,15 @@ class UnitTerms:
         return (lin_expr(k * q * (self.e + self.p.quant_bits / 8) / self.mem_bw),
                 self.unit_params[kind])
 
-    def _floor(self, comp: Lin, prefill: bool) -> Lin:
+    def _floor(self, comp: Lin, prefill: bool, kind: int = 0) -> Lin:
         """Add the per-call dispatch floor of the k batches: on a GPU kernels launch ahead
         asynchronously, so the device work only shows when it exceeds the launch time. Units
-        whose decode step replays from a CUDA graph pay the replay floor instead."""
+        whose decode step replays from a CUDA graph pay the replay floor instead; eager
+        decoder layers (kind 1 and 3) their measured layer call."""
         share = self._graphed_share(prefill)
-        per_call = share * (self.prof.gpu_graph_unit_overhead or 0.0) + \
-            (1 - share) * self.overhead
+        eager = self.layer_call[kind == 1 and self.moe is not None] if kind in (1, 3) \
+            else self.overhead
+        per_call = share * (self.prof.gpu_graph_unit_overhead or 0.0) + (1 - share) * eager
         floor = self.p.num_gpu_batches * per_call
         comp["1"] = max(comp["1"], floor) if self.cuda else comp["1"] + floor
         return comp
