@@ -29,6 +29,7 @@ PAPER_T4 = {"accelerate": (25.12, 0.62, 0.01), "deepspeed": (9.28, 0.60, 0.01),
 # table row: (label, paper key, systems of the H-* scenarios standing for it: best one counts)
 ROWS = [("HF Accelerate", "accelerate", ("accelerate", "accelerate-b2", "accelerate-b8")),
         ("DeepSpeed ZeRO-Inference", "deepspeed", ("deepspeed",)),
+        ("DeepSpeed ZeRO-Inference (c)", None, ("deepspeed-compressed",)),
         ("Petals", "petals", ()),
         ("FlexGen", "flexgen", ("flexgen",)),
         ("FlexGen (c)", "flexgen-compressed", ("flexgen-compressed",)),
@@ -38,6 +39,7 @@ PETALS = "not run: needs a swarm of servers"
 # OPT-30B rows measured by S1 / S2-16GiB with the same arguments: used where H-opt-30b has none
 FROM_SCENARIOS = {"opt-30b": {"flexrun-auto": ("S1", "flexrun-auto"), "flexgen": ("S1", "flexgen"),
                               "accelerate": ("S1", "accelerate"), "deepspeed": ("S1", "deepspeed"),
+                              "deepspeed-compressed": ("S1", "deepspeed-compressed"),
                               "flexgen-compressed": ("S2-16GiB", "flexgen"),
                               "flexrun-compressed": ("S2-16GiB", "flexrun")}}
 
@@ -54,6 +56,8 @@ HEADLINE_SCENARIOS = {
         "accelerate-b2": ["--model", "opt-6.7b", *_ACC, "--batch-size", "2"],
         "accelerate-b8": ["--model", "opt-6.7b", *_ACC, "--batch-size", "8"],
         "deepspeed": ["--model", "opt-6.7b", "--gpu-mem", "16GiB", "--batch-size", "auto"],
+        "deepspeed-compressed": ["--model", "opt-6.7b", "--gpu-mem", "16GiB", "--batch-size",
+                                 "auto", "--quant-bits", "4"],
         "flexgen": ["--model", "opt-6.7b", *_FG_GPU, "--gpu-batch-size", "2"],
         "flexgen-compressed": ["--model", "opt-6.7b", *_FG_GPU, "--gpu-batch-size", "72", *_C],
         "flexrun-auto": ["--model", "dummy:opt-6.7b", "--policy", "auto", *_B],
@@ -115,7 +119,9 @@ def cell(res: dict | None, systems: tuple[str, ...], model: str, compressed: boo
     if done:
         s, r = max(done, key=lambda sr: sr[1]["total_tok_s"])
         note = [f"batch {r['batch_size']}"] if r.get("batch_size") else []
-        note += ["decode extrapolated"] if r.get("extrapolated") else []
+        cut = (r.get("args") or {}).get("cut_gen_len")
+        cut = cut is not None and cut < (r.get("args") or {}).get("gen_len", cut)
+        note += ["decode extrapolated"] if r.get("extrapolated") or cut else []
         note += [f"from {r['from']}"] if r.get("from") else []
         return f"{r['total_tok_s']:.2f}" + (f" ({', '.join(note)})" if note else "")
     errors = [f"{s}: {r['error']}" for s, r in runs if isinstance(r, dict) and "error" in r]

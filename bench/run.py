@@ -138,13 +138,14 @@ SCENARIOS["S6"] = {
     "flexrun-auto": ["--model", "dummy:mixtral-8x7b", "--policy", "auto", "--gpu-mem", "24GiB",
                      "--cpu-mem", "100GiB", "--num-prompts", "256"],
     "floor": "pcie"}
-# S6q: 256 prompts in a block of the search's choosing (64 x 4 with h200-single.json): predicted
-# decode 865 tok/s; unbounded it picks ~1500 prompts, whose 256 steps take ~6 min
+# S6q: 256 prompts in a block of the search's choosing (64 x 4 with h100-measured.json and its
+# measured layer calls: predicted decode 669 tok/s, 474 measured); unbounded it picks ~1500
+# prompts, whose 256 steps take ~6 min
 SCENARIOS["S6q"] = {
     "what": "Mixtral-8x7B, 4-bit weights and KV cache, prompt 512, gen 256, 256 prompts, 24 GiB "
             "GPU, 100 GiB CPU; policy chosen by flexrun's search",
     "flexrun-auto": SCENARIOS["S6"]["flexrun-auto"] + ["--compress-weight", "--compress-cache"],
-    # fewer, larger GPU batches (each pays a fixed attention cost the model under-prices)
+    # fewer, larger GPU batches (each layer call's host launches weigh less)
     "flexrun-128x2": ["--model", "dummy:mixtral-8x7b", "--policy",
                       "policies/mixtral-8x7b-w4kv4-128x2.json", "--gpu-mem", "24GiB",
                       "--cpu-mem", "100GiB", "--num-prompts", "256"],

@@ -224,3 +224,13 @@ def test_scenarios_name_known_systems():
         assert sc["flexrun"][1].endswith(sc["prepare"][sc["prepare"].index("--model") + 1])
     for m in headline.MODELS:
         assert f"H-{m}" in run.SCENARIOS
+
+
+def test_deepspeed_gets_an_arch_list_it_can_parse():
+    """The GPU image's TORCH_CUDA_ARCH_LIST=9.0a stopped DeepSpeed's 4-bit kernel build
+    (int('0a')); the peer passes it on without the arch-specific suffixes."""
+    from bench.peers.deepspeed_peer import plain_arch_list
+    assert plain_arch_list("9.0a") == "9.0"
+    assert plain_arch_list("8.0;9.0a;9.0") == "8.0 9.0"
+    assert plain_arch_list("9.0+PTX") == "9.0+PTX"
+    assert plain_arch_list(None) is None

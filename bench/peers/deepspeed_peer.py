@@ -304,8 +304,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def plain_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST without arch-specific suffixes ("9.0a" -> "9.0"): DeepSpeed
+    0.19.8's op builder parses each entry as int.int and fails on the GPU image's "9.0a"
+    (ValueError: invalid literal for int() with base 10: '0a') before its 4-bit dequantize
+    kernel builds."""
+    if not value:
+        return value
+    parts = value.replace(";", " ").split()
+    return " ".join(dict.fromkeys(p.rstrip("af").removesuffix("+PTX") + ("+PTX" if
+                                  p.endswith("+PTX") else "") for p in parts))
+
+
 def main() -> None:
     a = parser().parse_args()
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
 
     def said() -> dict:
         out = {"left_out": LEFT_OUT, "ds_config": getattr(a, "ds_config", None),
