@@ -18,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.table import extrapolated
+
 GB = 1e9
 HOST_RAM = 125 * 2**30          # the H200 machine (DESIGN.md section 5)
 HOST_DISK = 64 * 2**30
@@ -119,9 +121,7 @@ def cell(res: dict | None, systems: tuple[str, ...], model: str, compressed: boo
     if done:
         s, r = max(done, key=lambda sr: sr[1]["total_tok_s"])
         note = [f"batch {r['batch_size']}"] if r.get("batch_size") else []
-        cut = (r.get("args") or {}).get("cut_gen_len")
-        cut = cut is not None and cut < (r.get("args") or {}).get("gen_len", cut)
-        note += ["decode extrapolated"] if r.get("extrapolated") or cut else []
+        note += ["decode extrapolated"] if extrapolated(r) else []
         note += [f"from {r['from']}"] if r.get("from") else []
         return f"{r['total_tok_s']:.2f}" + (f" ({', '.join(note)})" if note else "")
     errors = [f"{s}: {r['error']}" for s, r in runs if isinstance(r, dict) and "error" in r]

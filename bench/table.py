@@ -21,6 +21,14 @@ def _ours(key: str) -> bool:
     return key == "flexrun" or key.startswith("flexrun-")
 
 
+def extrapolated(result: dict) -> bool:
+    """Whether a peer's decode was timed over fewer steps than it reports (its own flag, or
+    FlexGen's --cut-gen-len below the generation length)."""
+    args = result.get("args") or {}
+    cut = args.get("cut_gen_len")
+    return bool(result.get("extrapolated")) or (cut is not None and cut < args.get("gen_len", cut))
+
+
 def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
     """A row per (scenario, device, flexrun system, peer) with both throughputs."""
     out = []
@@ -32,6 +40,8 @@ def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
         if not isinstance(res, dict) or "scenario" not in res:
             continue
         device = path.stem[len(res["scenario"]) + 1:]
+        if "NVIDIA" in device and not device.startswith("NVIDIA"):
+            continue                    # a variant's file (S1-fetch-ab-...): not a row
         if devices and device not in devices:
             continue
         ran = {k: v for k, v in res.items() if isinstance(v, dict) and "total_tok_s" in v}
@@ -52,7 +62,7 @@ def rows(results: Path, devices: list[str] | None = None) -> list[dict]:
                             "peer": peer,
                             "peer_tok_s": p.get("total_tok_s"),
                             "peer_decode": p.get("decode_tok_s"),
-                            "extrapolated": bool(p.get("extrapolated")),
+                            "extrapolated": extrapolated(p),
                             "peaks": [_peak(x, device) for x in (r, p)]})
     return out
 

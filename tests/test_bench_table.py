@@ -32,3 +32,19 @@ def test_a_peer_without_flexrun_is_listed_with_the_reason(tmp_path):
     assert "| S8 | NVIDIA-H200 | None/None | not run | airllm | 0.50 (0.40) | - |" in text
     assert ("| S9 | NVIDIA-H200 | 512/32 | timed out after 185 s | accelerate-b8 | 1.50 (2.00) "
             "| - |") in text
+
+
+def test_variant_files_are_skipped_and_cut_runs_are_extrapolated(tmp_path):
+    """A variant's file (S9-ab-<device>.json, its scenario S9) is no row of its own; a peer cut
+    short by FlexGen's --cut-gen-len counts as extrapolated."""
+    from bench.table import extrapolated
+    res = {"scenario": "S9", "prompt_len": 512, "gen_len": 32,
+           "flexrun": {"total_tok_s": 30.0, "decode_tok_s": 40.0},
+           "flexgen": {"total_tok_s": 3.0, "decode_tok_s": 4.0,
+                       "args": {"gen_len": 32, "cut_gen_len": 8}}}
+    (tmp_path / "S9-NVIDIA-H200.json").write_text(json.dumps(res))
+    (tmp_path / "S9-ab-NVIDIA-H200.json").write_text(json.dumps(res))
+    table = rows(tmp_path)
+    assert [r["device"] for r in table] == ["NVIDIA-H200"] and table[0]["extrapolated"]
+    assert not extrapolated({"args": {"gen_len": 32, "cut_gen_len": 32}})
+    assert not extrapolated({"args": {"gen_len": 32, "cut_gen_len": None}})
