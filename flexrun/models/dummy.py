@@ -93,12 +93,6 @@ _FAMILIES = {
                    "intermediate_size": 512, "vocab_size": 1024, "rope_theta": 10000.0,
                    "max_position_embeddings": 2048, "tie_word_embeddings": False,
                    "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
-    "mixtral-tiny": {"model_type": "mixtral", "hidden_size": 256, "num_hidden_layers": 8,
-                     "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "intermediate_size": 512, "num_local_experts": 8,
-                     "num_experts_per_tok": 2, "vocab_size": 1024, "rope_theta": 1e6,
-                     "max_position_embeddings": 2048, "tie_word_embeddings": False,
-                     "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2},
     # mixtures of experts
     "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -164,6 +158,8 @@ _FAMILIES = {
                        "max_position_embeddings": 32768, "tie_word_embeddings": False,
                        "rms_norm_eps": 1e-6, "eos_token_id": 151643},
 }
+_FAMILIES["mixtral-tiny"] = {**_FAMILIES["llama-tiny"], "model_type": "mixtral",
+                             "num_local_experts": 8, "num_experts_per_tok": 2}
 ROUTING_ENV = "FLEXRUN_DUMMY_ROUTING"
 PRESETS = sorted(_OPT) + sorted(_LLAMA) + sorted(_FAMILIES)
 _PATTERN = 1 << 16
