@@ -116,8 +116,9 @@ def main() -> None:
 
 
 def _profile_decode(llm: LLM, prompts: list[list[int]], out: Path, gen: int = 4) -> None:
-    """torch.profiler tables of the decode steps alone (it starts once the prefill step
-    ended), sorted by host time and by device time."""
+    """torch.profiler tables of one block's decode steps alone (it starts once the prefill
+    step ended), sorted by host time and by device time. One process (the on_step callback
+    of a multi-GPU run fires after its block)."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                      else [])
     prof = profile(activities=acts)
@@ -132,9 +133,12 @@ def _profile_decode(llm: LLM, prompts: list[list[int]], out: Path, gen: int = 4)
         run_block(batches, max_new_tokens, sampler, on_step=step)
     llm.pipeline.run_block = started
     t0 = time.perf_counter()
-    llm.generate(prompts, gen, SamplingParams(ignore_eos=True))
-    prof.stop()
-    llm.pipeline.run_block = run_block
+    try:
+        llm.generate(prompts[:llm.policy.block_size], gen, SamplingParams(ignore_eos=True))
+    finally:
+        llm.pipeline.run_block = run_block
+        if prof.profiler is not None:           # (started: step 0 ended)
+            prof.stop()
     with open(out, "w") as f:
         f.write(f"{gen} tokens in {time.perf_counter() - t0:.2f} s (profiled from step 1)\n")
         for key in ("self_cpu_time_total", "self_device_time_total", "device_time_total"):

@@ -25,8 +25,8 @@ def extrapolated(result: dict) -> bool:
     """Whether a peer's decode was timed over fewer steps than it reports (its own flag, or
     FlexGen's --cut-gen-len below the generation length)."""
     args = result.get("args") or {}
-    cut = args.get("cut_gen_len")
-    return bool(result.get("extrapolated")) or (cut is not None and cut < args.get("gen_len", cut))
+    cut, gen = args.get("cut_gen_len"), args.get("gen_len")
+    return bool(result.get("extrapolated")) or (cut is not None and gen is not None and cut < gen)
 
 
 def rows(results: Path, devices: list[str] | None = None) -> list[dict]:

@@ -233,4 +233,5 @@ def test_deepspeed_gets_an_arch_list_it_can_parse():
     assert plain_arch_list("9.0a") == "9.0"
     assert plain_arch_list("8.0;9.0a;9.0") == "8.0 9.0"
     assert plain_arch_list("9.0+PTX") == "9.0+PTX"
+    assert plain_arch_list("9.0a+PTX") == "9.0+PTX"
     assert plain_arch_list(None) is None

@@ -311,9 +311,10 @@ def plain_arch_list(value: str | None) -> str | None:
     kernel builds."""
     if not value:
         return value
-    parts = value.replace(";", " ").split()
-    return " ".join(dict.fromkeys(p.rstrip("af").removesuffix("+PTX") + ("+PTX" if
-                                  p.endswith("+PTX") else "") for p in parts))
+    def plain(entry: str) -> str:
+        ptx = entry.endswith("+PTX")
+        return entry.removesuffix("+PTX").rstrip("af") + ("+PTX" if ptx else "")
+    return " ".join(dict.fromkeys(plain(p) for p in value.replace(";", " ").split()))
 
 
 def main() -> None:

@@ -63,6 +63,8 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                       "gpu_layer_calls": calls, "s": time.perf_counter() - t0}))
     path = matching_profile(a.device) if a.update == "matching" else a.update
+    if a.update == "matching" and path is None:
+        print("no shipped profile matches this GPU and host: pass --update PROFILE.json")
     if path:
         print(f"written into {path}")
         prof = HardwareProfile.load(path)

@@ -269,6 +269,8 @@ class UnitTerms:
             # and cost as an eager unit's do, per GPU batch, where experts are off the device
             sync = k * self.overhead
             terms["compute"] = add_exprs(terms["compute"], {"wc": sync, "wd": sync})
+        if self.cuda:   # the touched experts' compute may undercut the layer calls' floor
+            terms["compute"] = self._floor(terms["compute"], prefill, 1)
         return terms
 
     def _grouped(self, rows: int) -> bool:
