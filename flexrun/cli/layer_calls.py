@@ -58,6 +58,8 @@ def main() -> None:
                     help="profile JSON to write them into (matching: this GPU's shipped one)")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
+    if a.update and not a.device.startswith("cuda"):
+        raise SystemExit("layer_calls: --update writes a GPU profile's term: pass --device cuda")
     t0 = time.perf_counter()
     calls = measure_layer_calls(a.device)
     print(json.dumps({"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
