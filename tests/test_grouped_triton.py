@@ -65,3 +65,18 @@ def test_deep_tiles_only_for_deep_decode_calls_that_fit():
     assert fixed_tiles(4096, 16, 2, 64 << 10) == (64, 64, 3)    # 80 KB of stages: no room
     assert fixed_tiles(4096, 32, 2, 1 << 20) == (64, 64, 3)     # not a decode row block
     assert fixed_tiles(2048, 16, 2, 1 << 20) == (64, 64, 3)
+
+
+def test_a_calls_second_gemm_reuses_the_block_layout():
+    """The two grouped GEMMs of a MoE call pass the same ends: the second reuses the first's
+    layout; ends changed in place, other rows or another tensor get their own."""
+    from flexrun.kernels.grouped import block_layout
+    ends = torch.tensor([3, 3, 20, 41], dtype=torch.int32)
+    first = block_layout(ends, 41, 16)
+    assert block_layout(ends, 41, 16) is first
+    assert block_layout(ends.clone(), 41, 16) is not first
+    again = block_layout(ends, 41, 16)
+    ends[1] = 10                                    # in place: its version moves
+    moved = block_layout(ends, 41, 16)
+    assert moved is not again and not torch.equal(moved[1], again[1])
+    assert block_layout(ends, 40, 16) is not moved

@@ -87,10 +87,26 @@ def _block_rows(rows: int, groups: int) -> int:
     return 16 if per <= 16 else 32 if per <= 48 else 64
 
 
+_LAST_LAYOUT: list = []         # [(ends, (version, rows, bm), layout)]: the last one made
+
+
 def block_layout(ends: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(group, first row) of each of the cdiv(rows, bm) + E row blocks that `ends` (each
     group's end row, ascending) can make, on its device and without a host sync; blocks past
-    the last group's get group E."""
+    the last group's get group E. A MoE call's two grouped GEMMs pass the same `ends`: the
+    second reuses the first's layout (~15 small kernels), unless `ends` changed in place or
+    a CUDA graph is being captured."""
+    key = (ends._version, rows, bm)
+    capturing = ends.is_cuda and torch.cuda.is_current_stream_capturing()
+    if _LAST_LAYOUT and _LAST_LAYOUT[0][0] is ends and _LAST_LAYOUT[0][1] == key \
+            and not capturing:
+        return _LAST_LAYOUT[0][2]
+    layout = _layout(ends, rows, bm)
+    _LAST_LAYOUT[:] = [] if capturing else [(ends, key, layout)]
+    return layout
+
+
+def _layout(ends: torch.Tensor, rows: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
     E = ends.numel()
     ends = ends.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
