@@ -104,7 +104,8 @@ class Pipeline(HostTransfers, StepInputs, UnitLoads):
         h = self._get_act(b.hidden)
         pos = self._positions(b, prefill)
         # q, k, v: (b, heads, s, hd)
-        q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos, layer))
+        tables = None if prefill else self._per_step(b, (b.time, "rope"), dict)
+        q, k, v = (x.transpose(1, 2) for x in self.model.pre_attn(w, h, pos, layer, tables))
         opts = layer_options(self.spec, layer, w)
         win = opts.window
         rows, total = b.ids.shape[0], b.valid.shape[1]

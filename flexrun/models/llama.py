@@ -63,8 +63,9 @@ class LlamaModel:
         return x
 
     def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor,
-                 layer: int | None = None):
-        """Normed input -> q, k, v (b, s, heads, hd), rotated for decoder layer `layer`."""
+                 layer: int | None = None, rope_cache: dict | None = None):
+        """Normed input -> q, k, v (b, s, heads, hd), rotated for decoder layer `layer`;
+        rope_cache: the RoPE tables of `positions` kept across the layers of one step."""
         s = self.spec
         x = self._norm(h, w["attn_norm.weight"]) if s.pre_norms else h
         q, k, v = linear_rows(x, [w["q.weight"], w["k.weight"], w["v.weight"]],
@@ -81,7 +82,13 @@ class LlamaModel:
             return q, k, v
         rope = self.local_rope if s.uses_local_rope(layer) else self.rope
         dt = torch.float32 if s.rope_fp32 else h.dtype      # (Llama 4: fp32, rounded once)
-        cos, sin = rope.cos_sin(positions, dt)
+        key = (id(rope), dt)
+        tables = None if rope_cache is None else rope_cache.get(key)
+        if tables is None:
+            tables = rope.cos_sin(positions, dt)
+            if rope_cache is not None:
+                rope_cache[key] = tables
+        cos, sin = tables
         q, k = (apply_rope(t.to(dt), cos, sin).to(t.dtype) for t in (q, k))
         if s.qk_l2_norm:                # Llama 4: weightless, after RoPE, in fp32
             q, k = (_rms_fp32(t, s.norm_eps).to(t.dtype) for t in (q, k))

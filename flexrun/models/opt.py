@@ -25,7 +25,8 @@ class OPTModel:
         return x + pos
 
     def pre_attn(self, w: dict, h: torch.Tensor, positions: torch.Tensor,
-                 layer: int | None = None):
+                 layer: int | None = None, rope_cache: dict | None = None):
+        """Normed input -> q, k, v (b, s, heads, hd); learned positions (no RoPE tables)."""
         s = self.spec
         x = layer_norm(h, w["attn_norm.weight"], w["attn_norm.bias"], s.norm_eps) \
             if s.do_layer_norm_before else h
