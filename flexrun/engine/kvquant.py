@@ -110,12 +110,9 @@ class CompressedKVSlot:
     def _per_token(self, x: torch.Tensor):
         """codes (b, kv, s, hd*bits/8), mins and scales (b, kv, s, hd/g): groups along hd."""
         if token_quant.applies(x, self.group, self.bits):     # one launch (CUDA)
-            try:
-                return token_quant.quantize_tokens(x, self.group)
-            except Exception as e:      # (a Triton build failure): the torch ops
-                if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                    raise
-                token_quant.disable(e)
+            out = token_quant.FALLBACK.run(lambda: token_quant.quantize_tokens(x, self.group), x)
+            if out is not None:
+                return out
         b, kv, s, hd = x.shape
         g = x.float().view(b, kv, s, hd // self.group, self.group)
         mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)

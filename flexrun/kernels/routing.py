@@ -12,7 +12,6 @@ FLEXRUN_TRITON_ROUTING=0 keeps the torch ops.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -23,6 +22,7 @@ except ImportError:             # CPU-only installs: the torch ops are used
     triton = None
 
 from flexrun.kernels.dequant import on_device
+from flexrun.kernels.fallback import Fallback
 
 MASK = 0xFFFFFFFF
 HEAD = 16                       # hidden values hashed per token
@@ -53,20 +53,12 @@ if triton is not None:
         tl.store(OUT + t * E + ids, scores, mask=ids < E)
 
 
-_disabled: list[str] = []      # why the kernel stopped being used in this process
-
-
-def disable(err: Exception) -> None:
-    """Keep the torch ops from now on, after the kernel failed (say so once)."""
-    if not _disabled:
-        print(f"flexrun: drawn-routing kernel failed ({type(err).__name__}: {err}); using "
-              "torch ops", file=sys.stderr, flush=True)
-    _disabled.append(str(err))
+FALLBACK = Fallback("drawn-routing")
 
 
 def applies(x: torch.Tensor, E: int) -> bool:
     """Whether the kernel may draw for hidden states x (tokens, hidden)."""
-    return (triton is not None and not _disabled
+    return (triton is not None and FALLBACK.on
             and os.environ.get("FLEXRUN_TRITON_ROUTING", "1") == "1"
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dim() == 2
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)

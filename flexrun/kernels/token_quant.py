@@ -11,7 +11,6 @@ FLEXRUN_TRITON_TOKEN_QUANT=0 keeps the torch ops.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -22,6 +21,7 @@ except ImportError:             # CPU-only installs: the torch ops are used
     triton = None
 
 from flexrun.kernels.dequant import on_device
+from flexrun.kernels.fallback import Fallback
 
 if triton is not None:
     from flexrun.kernels.quant_search import _round_half_even
@@ -56,21 +56,13 @@ if triton is not None:
         tl.store(SC + row * (HD // GROUP) + groups, sc16)
 
 
-_disabled: list[str] = []      # why the kernel stopped being used in this process
-
-
-def disable(err: Exception) -> None:
-    """Keep the torch ops from now on, after the kernel failed (say so once)."""
-    if not _disabled:
-        print(f"flexrun: token quantization kernel failed ({type(err).__name__}: {err}); "
-              "using torch ops", file=sys.stderr, flush=True)
-    _disabled.append(str(err))
+FALLBACK = Fallback("token quantization")
 
 
 def applies(x: torch.Tensor, group: int, bits: int) -> bool:
     """Whether the kernel may quantize x (..., hd) in groups of `group` along hd."""
     hd = x.shape[-1]
-    return (triton is not None and not _disabled
+    return (triton is not None and FALLBACK.on
             and os.environ.get("FLEXRUN_TRITON_TOKEN_QUANT", "1") == "1"
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and bits == 4
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -336,13 +336,11 @@ def drawn_experts(x: torch.Tensor, E: int, k: int, routing: str, seed: int = 0
     of the token's hidden state and `seed`: Gumbel top-k (sampling without replacement)."""
     s = parse_routing(routing)
     if routing_kernel.applies(x, E):        # one launch instead of ~50 (kernels/routing.py)
-        try:
-            idx = routing_kernel.drawn_scores(x, E, seed, s).topk(k, -1).indices
+        scores = routing_kernel.FALLBACK.run(lambda: routing_kernel.drawn_scores(x, E, seed, s),
+                                             x)
+        if scores is not None:
+            idx = scores.topk(k, -1).indices
             return torch.full(idx.shape, 1.0 / k, device=x.device), idx
-        except Exception as e:              # (a Triton build failure): the torch ops
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise
-            routing_kernel.disable(e)
     n = min(x.shape[-1], 16)
     head = x[:, :n].contiguous()
     bits = head.view(torch.int32 if head.element_size() == 4 else torch.int16).long() & _MASK
