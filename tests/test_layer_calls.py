@@ -24,8 +24,12 @@ def test_layer_kinds_name_every_combination():
 
 
 def test_a_layer_call_is_timed_with_the_engine_on_the_cpu():
+    """It runs the engine's 4-bit MoE layers and gives a time (no bound on it: CI tests
+    compare no duration with a threshold)."""
+    import math
     from flexrun.cli.layer_calls import layer_call_s
-    assert 0 < layer_call_s("mixtral-tiny", True, True, device="cpu", steps=4, reps=1) < 1
+    t = layer_call_s("mixtral-tiny", True, True, device="cpu", steps=4, reps=1)
+    assert isinstance(t, float) and math.isfinite(t) and t > 0
 
 
 def test_many_small_batches_are_floored_at_the_measured_layer_call():
