@@ -123,22 +123,33 @@ def cell(res: dict | None, systems: tuple[str, ...], model: str, compressed: boo
         note = [f"batch {r['batch_size']}"] if r.get("batch_size") else []
         note += ["decode extrapolated"] if extrapolated(r) else []
         note += [f"from {r['from']}"] if r.get("from") else []
+        note += [f"on {r['on']}"] if r.get("on") else []
         return f"{r['total_tok_s']:.2f}" + (f" ({', '.join(note)})" if note else "")
     errors = [f"{s}: {r['error']}" for s, r in runs if isinstance(r, dict) and "error" in r]
     return "failed: " + "; ".join(errors)[:200] if errors else "not run yet"
 
 
 def table(results: Path, device: str) -> str:
-    """The markdown table from bench/results/H-<model>-<device>.json."""
-    def load(name: str) -> dict:
-        p = results / f"{name}-{device}.json"
+    """The markdown table from bench/results/H-<model>-<device>.json. `device` may name several,
+    comma-separated: a cell the first lacks is taken from the next that has it, marked "on X"."""
+    devices = device.split(",")
+
+    def load(name: str, dev: str) -> dict:
+        p = results / f"{name}-{dev}.json"
         return json.loads(p.read_text()) if p.is_file() else {}
-    res = {}
-    for m in MODELS:
-        res[m] = load(f"H-{m}")
-        for system, (scenario, key) in FROM_SCENARIOS.get(m, {}).items():
-            if system not in res[m] and key in load(scenario):
-                res[m][system] = {**load(scenario)[key], "from": scenario}
+    res = {m: {} for m in MODELS}
+    for i, dev in enumerate(devices):
+        mark = {"on": dev} if i else {}
+        for m in MODELS:
+            found = {s: r for s, r in load(f"H-{m}", dev).items() if isinstance(r, dict)}
+            for system, (scenario, key) in FROM_SCENARIOS.get(m, {}).items():
+                r = load(scenario, dev).get(key)
+                if system not in found and isinstance(r, dict):
+                    found[system] = {**r, "from": scenario}
+            for system, r in found.items():     # a run fills a gap or replaces a failure
+                old = res[m].get(system)
+                if old is None or ("total_tok_s" in r and "total_tok_s" not in old):
+                    res[m][system] = {**r, **mark}
     head = "| system | " + " | ".join(f"{m.upper()} here | {m.upper()} paper (T4)"
                                        for m in MODELS) + " |"
     lines = [head, "|---" * (1 + 2 * len(MODELS)) + "|"]
@@ -155,7 +166,8 @@ def table(results: Path, device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--device", default=None, help="as in the file names, e.g. NVIDIA-H200 "
+    ap.add_argument("--device", default=None, help="as in the file names, e.g. NVIDIA-H200; "
+                    "several, comma-separated, fill the first's gaps from the next "
                     "(default: the first device with an H-opt-30b result)")
     a = ap.parse_args()
     results = Path(a.results)

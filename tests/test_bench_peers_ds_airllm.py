@@ -210,6 +210,15 @@ def test_headline_arithmetic_and_table(tmp_path):
     assert row["Petals"][1].startswith("not run")
     assert "does not fit" in row["flexrun"][5] and row["flexrun (c)"][5] == "not run yet"
     assert row["flexrun"][3] == "40.00 (from S1)"            # S1's run stands for H-opt-30b
+    # a second device fills the first's gaps and failures, marked; never its results
+    (tmp_path / "H-opt-175b-GPU2.json").write_text(json.dumps({
+        "flexrun-compressed": {"total_tok_s": 9.0, "batch_size": 24}}))
+    (tmp_path / "H-opt-30b-GPU2.json").write_text(json.dumps({
+        "flexgen": {"total_tok_s": 12.0}, "accelerate": {"total_tok_s": 2.0}}))
+    t = headline.table(tmp_path, "GPU,GPU2")
+    row = {ln.split(" | ")[0].strip("| "): ln.split(" | ") for ln in t.splitlines()[2:]}
+    assert row["flexrun (c)"][5] == "9.00 (batch 24, on GPU2)"
+    assert row["FlexGen"][3] == "12.00 (on GPU2)" and row["HF Accelerate"][3] == "1.00"
 
 
 def test_scenarios_name_known_systems():
