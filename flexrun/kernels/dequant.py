@@ -273,3 +273,10 @@ def linear4(x: torch.Tensor, c, bias: torch.Tensor | None = None,
 def on_device(device: torch.device):
     """Launch on `device` whatever the current CUDA device is (a no-op off CUDA)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def inv_levels(bits: int) -> float:
+    """1 / (2**bits - 1) rounded to fp32: a group's scale is (max - min) times it, on every
+    device and in every kernel (CUDA's `tensor / scalar` multiplies by this reciprocal, the
+    CPU's divides: one definition keeps the two, and the Triton kernels, bit for bit alike)."""
+    return float(torch.tensor(1.0) / torch.tensor(float(2 ** bits - 1)))

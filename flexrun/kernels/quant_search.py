@@ -23,7 +23,7 @@ try:
 except ImportError:             # CPU-only installs: torch's search is used
     triton = None
 
-from flexrun.kernels.dequant import on_device
+from flexrun.kernels.dequant import inv_levels, on_device
 
 if triton is not None:
     @triton.jit
@@ -58,7 +58,7 @@ if triton is not None:
         mn, mx = tl.min(g, 1), tl.max(g, 1)
         rng = mx - mn
         best_m = mn.to(tl.float16)
-        best_s = (rng * inv_levels).to(tl.float16)   # as torch (CUDA) divides by a scalar
+        best_s = (rng * inv_levels).to(tl.float16)   # as memory/quant.py's scale_of
         best = _err(g, w, best_m.to(tl.float32), best_s.to(tl.float32), LEVELS)
         for i in range(NGRID):
             a = tl.load(GRID + i)
@@ -99,7 +99,7 @@ def grid_search(g: torch.Tensor, w: torch.Tensor, grid: list[float], bits: int
     scales = torch.empty_like(mins)
     block = max(1, min(64, 4096 // gs))
     levels = 2 ** bits - 1
-    inv = float(torch.tensor(1.0) / torch.tensor(float(levels)))    # an fp32 reciprocal
+    inv = inv_levels(bits)
     with on_device(g.device):       # no fused multiply-adds: lo and hi round as torch's do
         _grid_kernel[(triton.cdiv(rows, block),)](
             g2, w2, fracs, mins, scales, rows, ngroups, inv, LEVELS=float(levels),

@@ -20,7 +20,7 @@ try:
 except ImportError:             # CPU-only installs: the torch ops are used
     triton = None
 
-from flexrun.kernels.dequant import on_device
+from flexrun.kernels.dequant import inv_levels, on_device
 from flexrun.kernels.fallback import Fallback
 
 if triton is not None:
@@ -33,7 +33,7 @@ if triton is not None:
         return tl.where(zero[:, None], 0.0, q).to(tl.uint8)
 
     @triton.jit
-    def _token_quant_kernel(X, C, MN, SC, HD: tl.constexpr, GROUP: tl.constexpr):
+    def _token_quant_kernel(X, C, MN, SC, inv, HD: tl.constexpr, GROUP: tl.constexpr):
         """One row of HD values: even and odd positions loaded apart, so that each byte's
         low nibble (even) and high nibble (odd) come out in place."""
         row = tl.program_id(0).to(tl.int64)
@@ -45,7 +45,7 @@ if triton is not None:
         mn = tl.minimum(tl.min(lo, 1), tl.min(hi, 1))
         mx = tl.maximum(tl.max(lo, 1), tl.max(hi, 1))
         mn16 = mn.to(tl.float16)
-        sc16 = tl.math.div_rn(mx - mn, tl.full(mn.shape, 15.0, tl.float32)).to(tl.float16)
+        sc16 = ((mx - mn) * inv).to(tl.float16)       # as memory/quant.py's scale_of
         mnf, scf = mn16.to(tl.float32), sc16.to(tl.float32)
         zero = scf == 0.0
         safe = tl.where(zero, 1.0, scf)
@@ -78,7 +78,7 @@ def quantize_tokens(x: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     mins = torch.empty(rows.shape[0], hd // group, dtype=torch.float16, device=x.device)
     scales = torch.empty_like(mins)
     with on_device(x.device):
-        _token_quant_kernel[(rows.shape[0],)](rows, codes, mins, scales, HD=hd, GROUP=group,
-                                              num_warps=1 if hd <= 128 else 2)
+        _token_quant_kernel[(rows.shape[0],)](rows, codes, mins, scales, inv_levels(4), HD=hd,
+                                              GROUP=group, num_warps=1 if hd <= 128 else 2)
     lead = x.shape[:-1]
     return codes.view(*lead, hd // 2), mins.view(*lead, -1), scales.view(*lead, -1)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexrun.kernels.dequant import inv_levels
+
 BITS = (4, 8)
 
 
@@ -98,7 +100,13 @@ def minmax(g: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, tor
     (max - min) / (2**bits - 1)), kept dims."""
     mn = g.amin(dim=dim, keepdim=True)
     mx = g.amax(dim=dim, keepdim=True)
-    return mn.half(), ((mx - mn) / (2 ** bits - 1)).half()
+    return mn.half(), scale_of(mx - mn, bits)
+
+
+def scale_of(span: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 scales of fp32 group ranges (max - min): span times the fp32 reciprocal of
+    2**bits - 1, the same on the CPU, on CUDA and in the Triton kernels."""
+    return (span * inv_levels(bits)).half()
 
 
 def encode(g: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from flexrun.kernels import quant_search
 from flexrun.memory.quant import (Compressed, compress, decompress, encode, from_codes, grouped,
-                                  minmax)
+                                  minmax, scale_of)
 
 CHUNK = 1 << 22                 # values per chunk of groups searched at once (CPU)
 CHUNK_CUDA = 1 << 24            # on a GPU: fewer launches, ~0.5 GB of fp32 temporaries
@@ -107,7 +107,7 @@ def _keep_better(best: list, g, m, s, bits, w) -> None:
 def _grid(g: torch.Tensor, w: torch.Tensor | None, bits: int):
     """fp16 (min, scale) per group: the best clipped range of the grid (RTN first)."""
     mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    rng, levels = mx - mn, 2 ** bits - 1
+    rng = mx - mn
     m0, s0 = minmax(g, bits)
     best = [_err(g, m0, s0, bits, w), m0, s0]
     if not bool((best[0] > 0).any()):       # every group exact already
@@ -116,7 +116,7 @@ def _grid(g: torch.Tensor, w: torch.Tensor | None, bits: int):
         for b in GRID:
             if a or b:
                 lo, hi = mn + a * rng, mx - b * rng
-                _keep_better(best, g, lo.half(), ((hi - lo) / levels).half(), bits, w)
+                _keep_better(best, g, lo.half(), scale_of(hi - lo, bits), bits, w)
     return best[1], best[2]
 
 
