@@ -118,6 +118,13 @@ def main() -> None:
               trace=a.trace, workload=(a.prompt_len, a.gen_len, a.num_prompts))
     load_s = time.perf_counter() - t0
     print(f"[bench] loaded in {load_s:.1f} s: {llm.policy.to_dict()}", file=sys.stderr, flush=True)
+    load_peak = {}
+    if llm.device.type == "cuda":       # the load's own peak (quantizing on the device), apart
+        load_peak = {"load_peak_gpu_GB": torch.cuda.max_memory_allocated(llm.device) / 1e9,
+                     "load_peak_reserved_GB": torch.cuda.max_memory_reserved(llm.device) / 1e9}
+        print(f"[bench] GPU peak of the load: allocated {load_peak['load_peak_gpu_GB']:.2f} GB,"
+              f" reserved {load_peak['load_peak_reserved_GB']:.2f} GB", file=sys.stderr)
+        torch.cuda.reset_peak_memory_stats(llm.device)
     with llm:
         n = a.num_prompts or llm.policy.block_size
         g = torch.Generator().manual_seed(0)
@@ -170,7 +177,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
         "policy": llm.policy.to_dict(), "weights_split": st.weights_split,
         "prompt_len": a.prompt_len, "gen_len": a.gen_len, "num_prompts": n, "load_s": load_s,
-        "warmup_s": warmup_s,
+        **load_peak, "warmup_s": warmup_s,
         "prefill_s": st.prefill_s, "decode_s": st.decode_s,
         "decode_step_s": st.decode_s / max(a.gen_len - 1, 1),
         "prefill_tok_s": n * a.prompt_len / st.prefill_s,

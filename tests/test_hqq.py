@@ -62,6 +62,30 @@ def test_exact_groups_are_kept(scheme):
     assert torch.equal(decompress(c)[:16], w)
 
 
+@pytest.mark.parametrize("scheme", ["rtn", "hqq", "synth"])
+def test_quantizing_by_rows_gives_the_whole_tensors_result(scheme, monkeypatch):
+    """A large weight is quantized a block of rows at a time at load (bounded temporaries):
+    the parts joined are bit for bit the whole's, exact rows kept beside searched ones."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (24, 256), generator=g).float()
+    codes[:, ::64], codes[:, 1::64] = 0, 15
+    w = torch.cat([weight(40, 256), codes * 0.25 - 1.0, weight(17, 256, seed=4)], 0)
+    imp = torch.rand(256, generator=g) + 0.1
+
+    def run(values):
+        monkeypatch.setattr(wquant, "LOAD_CHUNK", values)
+        q = wquant.WeightQuantizer("", 4, 64, scheme, torch.float32)
+        q.importance = {"w": imp}
+        q.stats = lambda: {"w": imp}
+        return q("w", w), q.count
+    (whole, n_whole), (parts, n_parts) = run(1 << 30), run(10 * 256)   # 10 rows at a time
+    assert n_whole == n_parts == (scheme != "rtn")
+    for f in ("data", "mins", "scales"):
+        assert torch.equal(getattr(whole, f), getattr(parts, f)), f
+    assert (whole.shape, whole.pad, whole.dim) == (parts.shape, parts.pad, parts.dim)
+    assert torch.equal(decompress(parts)[40:64], codes * 0.25 - 1.0)
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "quant"

@@ -16,6 +16,7 @@ cached per checkpoint (WeightCache) so only the first load pays for the search.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -33,6 +34,7 @@ from flexrun.memory.quant import (Compressed, compress, decompress, encode, from
 
 CHUNK = 1 << 22                 # values per chunk of groups searched at once (CPU)
 CHUNK_CUDA = 1 << 24            # on a GPU: fewer launches, ~0.5 GB of fp32 temporaries
+LOAD_CHUNK = 1 << 26            # values of one weight quantized at once at load (by_rows)
 GRID = torch.linspace(0.0, 0.2, 9).tolist()    # shrink of each end, fractions of the range
 HQQ = dict(p=0.7, beta=10.0, kappa=1.01, iters=20)
 VERSION = 1                     # of the searches and the cache layout (part of the key)
@@ -290,6 +292,23 @@ class WeightCache:
             self._mm = None
 
 
+def by_rows(t: torch.Tensor, fn, values: int | None = None) -> Compressed:
+    """fn(t) for a 2-D t quantized along its rows, a block of whole rows at a time: groups
+    never cross rows, so the parts joined are fn(t) itself (the search keeps a part's exact
+    round-to-nearest groups as it keeps the whole's), while the temporaries (~15 bytes a
+    value: fp32 groups, codes, the RTN try) are bounded by `values`, not by the tensor.
+    OPT-175B's fc2 (604M values) held 8.8 GB of them on the GPU at once."""
+    rows = max(1, (values or LOAD_CHUNK) // max(1, t.shape[-1]))
+    if t.dim() != 2 or t.shape[0] <= rows:
+        return fn(t)
+    parts = [fn(t[r:r + rows]) for r in range(0, t.shape[0], rows)]
+
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(c, field) for c in parts])
+    return dataclasses.replace(parts[0], data=cat("data"), mins=cat("mins"),
+                               scales=cat("scales"), shape=tuple(t.shape))
+
+
 class WeightQuantizer:
     """Quantizes a checkpoint's compressible weights at load by the policy's scheme, from
     its cache when the checkpoint was quantized before, into it otherwise.
@@ -312,10 +331,19 @@ class WeightQuantizer:
         t0 = time.perf_counter()
         c = self.cache.get(name, t.shape, t.dtype) if self.hit else None
         if c is None:
-            c = compress(t, self.bits, self.group, dim=-1)
-            # a tensor round-to-nearest keeps exactly (a Q4 GGUF at its own group) stays so
-            if self.scheme != "rtn" and t.dim() == 2 and not torch.equal(decompress(c), t):
-                c = quantize(t, self.bits, self.group, self.scheme, self._importance(name))
+            searched = []
+
+            def one(x: torch.Tensor) -> Compressed:
+                c = compress(x, self.bits, self.group, dim=-1)
+                # rows round-to-nearest keeps exactly (a Q4 GGUF at its own group) stay so
+                if self.scheme != "rtn" and x.dim() == 2 and not torch.equal(decompress(c), x):
+                    c = None                    # freed before the search's temporaries
+                    c = quantize(x, self.bits, self.group, self.scheme,
+                                 self._importance(name))
+                    searched.append(True)
+                return c
+            c = by_rows(t, one)
+            if searched:
                 if not self.count and not self.hit:
                     self.cache.open_write(self.need_bytes)
                 self.count += 1

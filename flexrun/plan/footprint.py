@@ -9,7 +9,7 @@ import torch
 from flexrun.config import STORES_IN_FLIGHT, FlexrunError, Policy, format_size
 from flexrun.models.moe import plain_experts
 from flexrun.models.spec import ModelSpec
-from flexrun.memory.quant import kv_groups, kv_ring_len, kv_slot_nbytes
+from flexrun.memory.quant import compressed_nbytes, kv_groups, kv_ring_len, kv_slot_nbytes
 from flexrun.memory.storage import TIERS, assign_tiers
 
 
@@ -46,10 +46,12 @@ class Footprint:
     cache: dict
     buffers: int        # double-buffered weights + activations + workspace on the device
     host: int           # host-side staging (pinned reads, CPU attention workspace)
+    load: int = 0       # the load's device transient beside the device's weights (4-bit)
 
     def total(self, tier: str) -> int:
         extra = self.buffers if tier == "gpu" else self.host if tier == "cpu" else 0
-        return self.weights[tier] + self.cache[tier] + extra
+        run = self.weights[tier] + self.cache[tier] + extra
+        return max(run, self.weights["gpu"] + self.load) if tier == "gpu" else run
 
 
 def unit_set_shapes(spec: ModelSpec, units: range | None) -> dict[str, tuple[int, ...]]:
@@ -304,7 +306,25 @@ def footprint(spec: ModelSpec, policy: Policy, elem: int, prompt_len: int | None
         buffers += act + work + kv_stream + stores
         if policy.cpu_attention and policy.cache_gpu < 100:
             host += b * spec.num_heads * T * 4 * 2
-    return Footprint(weights, cache, buffers, host)
+    return Footprint(weights, cache, buffers, host, load_transient(shapes, policy, elem, cuda))
+
+
+def load_transient(shapes: dict, policy: Policy, elem: int, cuda: bool) -> int:
+    """Device bytes the load holds beside the weights already placed there: 4-bit weights
+    are quantized on the compute device whatever their tier (plan/placement.py), the
+    largest one arriving whole in the compute dtype and quantized a block of rows at a
+    time (memory/wquant.by_rows: fp32 groups, codes, the round-to-nearest try, ~16 bytes
+    a value), its parts and their join. OPT-175B's fc2 unchunked held 8.8 GB."""
+    if not (cuda and policy.compress_weight):
+        return 0
+    from flexrun.memory.wquant import LOAD_CHUNK
+    big = max((s for n, s in shapes.items() if is_compressible(n, s)), key=numel,
+              default=None)
+    if big is None:
+        return 0
+    n = numel(big)
+    return n * elem + min(n, LOAD_CHUNK) * 16 + 2 * compressed_nbytes(
+        big, policy.quant_bits, policy.quant_group)
 
 
 def check_budget(spec: ModelSpec, policy: Policy, device: torch.device, dtype: torch.dtype,

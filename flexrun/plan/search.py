@@ -137,8 +137,10 @@ class _Search:
         cpu = lin_expr(fp0.host + unit + self.base["cpu"], wg=-unit, wc=W, cc=C)
         if not self.cuda:
             gpu, cpu = lin_expr(), add_exprs(gpu, cpu)
-        return ({"gpu": gpu, "cpu": cpu, "disk": lin_expr(wd=W, cd=C)},
-                W + C + fixed + fp0.buffers + fp0.host)
+        mem = {"gpu": gpu, "cpu": cpu, "disk": lin_expr(wd=W, cd=C)}
+        if self.cuda and fp0.load:          # the load's peak: weights placed + its transient
+            mem["gpu_load"] = lin_expr(fp0.load + self.base["gpu"], wg=W)
+        return mem, W + C + fixed + fp0.buffers + fp0.host
 
     def solve(self, shape: Policy, caps: dict, minimize: str | None = None):
         """Optimal fractions (dict) of the LP, or None when infeasible."""
@@ -157,7 +159,8 @@ class _Search:
             lp += x[v] == 0        # host memory is the compute tier: "cpu" only adds buffers
         if shape.cache_gpu >= 100:
             lp += x["cg"] == 1
-        for tier, e in mem.items():
+        for key, e in mem.items():
+            tier = key.removesuffix("_load")
             if tier != minimize and len(e) > 1 and math.isfinite(caps[tier]):
                 lp += expr(e) <= caps[tier]
         objective = []
