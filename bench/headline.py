@@ -86,6 +86,9 @@ HEADLINE_SCENARIOS = {
                                "100", "--gpu-batch-size", "12", "--num-gpu-batches", "2",
                                "--pin-weight", "0", "--cut-gen-len", "4", *_C],
         "flexrun-compressed": ["--model", "dummy:opt-175b", "--policy", "auto", *_B, *_C],
+        # ZeRO-3 streams all ~98 GB of 4-bit weights each step: a few steps, extrapolated
+        "deepspeed-compressed": ["--model", "opt-175b", "--gpu-mem", "16GiB", "--batch-size",
+                                 "auto", "--quant-bits", "4", "--cut-gen-len", "3"],
         "floor": "pcie"},
 }
 
