@@ -29,7 +29,7 @@ import torch
 from flexrun.kernels import token_quant
 from flexrun.kernels.qattention import QuantPlanes
 from flexrun.memory.quant import (Compressed, decompress, encode, kv_groups, kv_ring_len,
-                                  pack, scale_of, unpack)
+                                  minmax, pack, scale_of, unpack)
 
 CHUNK_VALUES = 1 << 20      # values a CPU read dequantizes at a time (4 MB of fp32)
 
@@ -115,8 +115,7 @@ class CompressedKVSlot:
                 return out
         b, kv, s, hd = x.shape
         g = x.float().view(b, kv, s, hd // self.group, self.group)
-        mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        mins, scales = mn.half(), scale_of(mx - mn, self.bits)
+        mins, scales = minmax(g, self.bits)
         q = encode(g, mins, scales, self.bits).view(b, kv, s, hd)
         return pack(q, self.bits), mins[..., 0], scales[..., 0]
 

@@ -11,6 +11,7 @@ rounding differs from torch's by an ulp) falls back to the plain path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -275,6 +276,7 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)         # called per decode-step quantization: computed once
 def inv_levels(bits: int) -> float:
     """1 / (2**bits - 1) rounded to fp32: a group's scale is (max - min) times it, on every
     device and in every kernel (CUDA's `tensor / scalar` multiplies by this reciprocal, the

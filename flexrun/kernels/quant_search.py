@@ -46,7 +46,7 @@ if triton is not None:
         return tl.sum(d * d * w, 1)
 
     @triton.jit
-    def _grid_kernel(G, W, GRID, MIN, SCALE, rows, ngroups, inv_levels,
+    def _grid_kernel(G, W, GRID, MIN, SCALE, rows, ngroups, inv,
                      LEVELS: tl.constexpr, NGRID: tl.constexpr, GS: tl.constexpr,
                      BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -58,7 +58,7 @@ if triton is not None:
         mn, mx = tl.min(g, 1), tl.max(g, 1)
         rng = mx - mn
         best_m = mn.to(tl.float16)
-        best_s = (rng * inv_levels).to(tl.float16)   # as memory/quant.py's scale_of
+        best_s = (rng * inv).to(tl.float16)   # as memory/quant.py's scale_of
         best = _err(g, w, best_m.to(tl.float32), best_s.to(tl.float32), LEVELS)
         for i in range(NGRID):
             a = tl.load(GRID + i)
@@ -67,7 +67,7 @@ if triton is not None:
                     b = tl.load(GRID + j)
                     lo, hi = mn + a * rng, mx - b * rng
                     m16 = lo.to(tl.float16)
-                    s16 = ((hi - lo) * inv_levels).to(tl.float16)
+                    s16 = ((hi - lo) * inv).to(tl.float16)
                     e = _err(g, w, m16.to(tl.float32), s16.to(tl.float32), LEVELS)
                     better = e < best
                     best = tl.where(better, e, best)

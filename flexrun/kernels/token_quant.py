@@ -4,8 +4,9 @@ A decode step appends one token's values (and, per the scheme, keys) to each lay
 cache: in torch that is ~20 small kernels per call (min, max, the fp16 parameters, the
 division, rounding, clamping, packing), part of the ~170 launches that make a 4-bit MoE layer
 call host-bound (S6q's H100 profile). This kernel computes the same codes, fp16 mins and fp16
-scales as engine/kvquant.py's `_per_token` (memory/quant.py encode/pack: round half to even,
-IEEE division, a zero scale coding 0), one program per row of head_dim values.
+scales as engine/kvquant.py's `_per_token` (memory/quant.py minmax/encode/pack: the scale as
+`scale_of`, codes by IEEE division rounded half to even, a zero scale coding 0), one program
+per row of head_dim values.
 FLEXRUN_TRITON_TOKEN_QUANT=0 keeps the torch ops.
 """
 from __future__ import annotations
