@@ -11,6 +11,7 @@ from flexrun.models.moe import plain_experts
 from flexrun.models.spec import ModelSpec
 from flexrun.memory.quant import compressed_nbytes, kv_groups, kv_ring_len, kv_slot_nbytes
 from flexrun.memory.storage import TIERS, assign_tiers
+from flexrun.memory.wquant import LOAD_CHUNK
 
 
 def numel(shape) -> int:
@@ -317,7 +318,6 @@ def load_transient(shapes: dict, policy: Policy, elem: int, cuda: bool) -> int:
     a value), its parts and their join. OPT-175B's fc2 unchunked held 8.8 GB."""
     if not (cuda and policy.compress_weight):
         return 0
-    from flexrun.memory.wquant import LOAD_CHUNK
     big = max((s for n, s in shapes.items() if is_compressible(n, s)), key=numel,
               default=None)
     if big is None:
