@@ -21,6 +21,7 @@ import torch
 
 from bench import mem_history
 from flexrun import LLM, Policy, SamplingParams
+from flexrun.engine.budget import settled_rss
 
 
 def warm_up(llm: LLM, prompts: list[list[int]], gen_len: int) -> None:
@@ -50,6 +51,32 @@ def _gpu_peak(llm: LLM, what: str) -> None:
               f"{torch.cuda.max_memory_allocated(llm.device) / 1e9:.2f} GB, reserved "
               f"{torch.cuda.max_memory_reserved(llm.device) / 1e9:.2f} GB", file=sys.stderr,
               flush=True)
+
+
+def memory_record(llm: LLM, a, host_rss: dict) -> dict:
+    """Where the memory went, beside the peaks: the planner's footprint per tier and part, the
+    host's anonymous RSS (settled: freed heap trimmed) after each phase, and on a GPU the
+    allocator's reserved bytes per stream at the end (one stream's cached blocks cannot serve
+    another's allocations)."""
+    from flexrun.plan.footprint import footprint
+    fp = footprint(llm.spec, llm.policy, llm.dtype.itemsize, a.prompt_len, a.gen_len,
+                   cuda=llm.device.type == "cuda")
+    gb = lambda x: round(x / 1e9, 3)    # noqa: E731
+    out = {"footprint_GB": {
+        **{t: gb(fp.total(t)) for t in ("gpu", "cpu", "disk")},
+        "weights": {t: gb(v) for t, v in fp.weights.items()},
+        "cache": {t: gb(v) for t, v in fp.cache.items()},
+        "buffers": gb(fp.buffers), "host": gb(fp.host), "load": gb(fp.load)},
+        "host_rss_GB": {k: gb(v) for k, v in host_rss.items()}}
+    if llm.device.type == "cuda":
+        streams: dict[str, list] = {}
+        for seg in torch.cuda.memory_snapshot():
+            r = streams.setdefault(hex(seg.get("stream", 0)), [0, 0])
+            r[0] += seg.get("total_size", 0)
+            r[1] += seg.get("allocated_size", 0)
+        out["reserved_by_stream_GB"] = {k: {"reserved": gb(r), "allocated": gb(al)}
+                                        for k, (r, al) in streams.items()}
+    return out
 
 
 def log_steps(llm: LLM) -> None:
@@ -111,6 +138,7 @@ def main() -> None:
         faulthandler.dump_traceback_later(15, repeat=True,
                                           file=open(os.environ["FLEXRUN_BENCH_STACKS"], "w"))
     policy = a.policy if a.policy in (None, "auto") else Policy.load(a.policy)
+    host_rss = {"start": settled_rss()}
     t0 = time.perf_counter()
     llm = LLM(a.model, device=a.device, policy=policy, gpu_mem=a.gpu_mem, cpu_mem=a.cpu_mem,
               offload_dir=a.offload_dir or tempfile.mkdtemp(prefix="flexrun-bench-"),
@@ -118,6 +146,7 @@ def main() -> None:
               trace=a.trace, workload=(a.prompt_len, a.gen_len, a.num_prompts))
     load_s = time.perf_counter() - t0
     print(f"[bench] loaded in {load_s:.1f} s: {llm.policy.to_dict()}", file=sys.stderr, flush=True)
+    host_rss["loaded"] = settled_rss()
     load_peak = {}
     if llm.device.type == "cuda":       # the load's own peak (quantizing on the device), apart
         load_peak = {"load_peak_gpu_GB": torch.cuda.max_memory_allocated(llm.device) / 1e9,
@@ -141,6 +170,7 @@ def main() -> None:
         if memtrace:
             mem_history.report(memtrace)
         print(f"[bench] warmed up in {warmup_s:.1f} s", file=sys.stderr, flush=True)
+        host_rss["warmed_up"] = settled_rss()
         split = llm.stats.weights_split
         llm.stats = type(llm.stats)(weights_split=split)
         if llm.device.type == "cuda":
@@ -154,6 +184,8 @@ def main() -> None:
         llm.generate(prompts, a.gen_len, greedy)
         st = llm.stats
         budget = peaks_vs_budgets(llm)
+        host_rss["run"] = settled_rss()
+        memory = memory_record(llm, a, host_rss)
         experts = None if moe is None else {
             "routing": moe.routing, "moe_layer_calls": moe.calls,
             "experts_touched_per_call": moe.experts_touched / max(moe.calls, 1),
@@ -183,7 +215,7 @@ def main() -> None:
         "prefill_tok_s": n * a.prompt_len / st.prefill_s,
         "decode_tok_s": n * (a.gen_len - 1) / max(st.decode_s, 1e-9),
         "total_tok_s": n * a.gen_len / total, "peak_gpu_GB": st.peak_gpu_bytes / 1e9,
-        "peak_rss_GB": st.peak_rss_bytes / 1e9, "peaks_vs_budgets": budget,
+        "peak_rss_GB": st.peak_rss_bytes / 1e9, "peaks_vs_budgets": budget, **memory,
         "predicted": predicted, "profile": profile,
         **({"experts": experts} if experts else {})}))
 

@@ -29,7 +29,9 @@ class UnitLoads:
     def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False
                    ) -> tuple[dict, object]:
         """Unit u's weights on the compute device, and their ready event. ordered: buffers
-        from the compute stream's pool (TieredStore.fetch_ordered; the main thread only)."""
+        from the compute stream's pool (TieredStore.fetch_ordered). From an I/O thread too:
+        a buffer it takes was freed after its last use was enqueued, and the copies wait
+        for an event recorded after that, so the order holds across threads."""
         with self.tracer.span(f"load w{u}", "io-thread"):
             host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
                                               mapped=self.maps_disk)
@@ -52,7 +54,9 @@ class UnitLoads:
         if not self.policy.overlap:
             return new_future(None)
         if "disk" in self.unit_tiers[u] and not self.maps_disk:
-            return self.io.submit(self._load_unit, u, self._arena(u))
+            # ordered: not the weight stream's own pool, whose blocks record_stream keeps
+            # from reuse until that stream passes their free (reserved beside allocated)
+            return self.io.submit(self._load_unit, u, self._arena(u), self.cuda)
         return new_future(self._load_unit(u, ordered=self.policy.pin_weights))
 
     def _wait_load(self, fut: Future, u: int) -> dict:
