@@ -213,7 +213,7 @@ def child_env() -> dict:
 def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
     """Run one system's process with its output streamed into `log` (kept when it times out:
     the process group is killed, helpers holding its pipes included); its result line."""
-    t0 = time.time()
+    t0, up0 = time.time(), uptime()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
                              env=child_env(), start_new_session=True)
@@ -236,7 +236,41 @@ def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
             r = json.loads(line[len(tag) + 1:])
             r["wall_s"] = time.time() - t0
             return r
-    return {"error": (out or ["no output"])[-1], "rc": p.returncode}
+    err = {"error": (out or ["no output"])[-1], "rc": p.returncode}
+    if p.returncode == -signal.SIGKILL:     # killed from outside: the kernel's OOM killer?
+        err.update(oom_kills(up0))
+    return err
+
+
+def uptime() -> float:
+    """Seconds since boot (the kernel log's clock); 0 where /proc/uptime is missing."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def oom_kills(since: float, log: str | None = None) -> dict:
+    """The kernel log's out-of-memory kill lines stamped after `since` (uptime seconds: the
+    killed process's memory at its death), as {"error": ..., "oom_kill": [...]}; {} where there
+    are none or the log cannot be read. log: the kernel log's text (default: dmesg's)."""
+    if log is None:
+        try:
+            log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+    lines = []
+    for ln in log.splitlines():
+        stamp = ln.partition("]")[0].lstrip("[ ")
+        try:
+            after = float(stamp) >= since
+        except ValueError:
+            after = True                        # a log without stamps: every kill line
+        if "Killed process" in ln and after:
+            lines.append(ln.strip())
+    return {"error": "killed by the kernel's out-of-memory killer (host memory)",
+            "oom_kill": lines} if lines else {}
 
 
 def _smi(*query: str) -> list[str]:
