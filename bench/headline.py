@@ -86,9 +86,12 @@ HEADLINE_SCENARIOS = {
                                "100", "--gpu-batch-size", "12", "--num-gpu-batches", "2",
                                "--pin-weight", "0", "--cut-gen-len", "4", *_C],
         "flexrun-compressed": ["--model", "dummy:opt-175b", "--policy", "auto", *_B, *_C],
-        # ZeRO-3 streams all ~98 GB of 4-bit weights each step: a few steps, extrapolated
+        # ZeRO-3 streams all ~98 GB of 4-bit weights each step: a few steps, extrapolated;
+        # unpinned as DeepSpeed's OPT-175B script runs it (pinned, its parameters' pinned
+        # buffers took 127.5 GB of the 128 GiB host and the OOM killer stopped it)
         "deepspeed-compressed": ["--model", "opt-175b", "--gpu-mem", "16GiB", "--batch-size",
-                                 "auto", "--quant-bits", "4", "--cut-gen-len", "3"],
+                                 "auto", "--quant-bits", "4", "--cut-gen-len", "3",
+                                 "--no-pin-memory"],
         "floor": "pcie"},
 }
 
