@@ -46,3 +46,17 @@ def test_a_failing_kernel_leaves_the_torch_ops(case, monkeypatch, capsys):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not kernel.applies(*applies_args(x))
     assert said in capsys.readouterr().err
+
+
+def test_out_of_memory_is_raised_and_the_kernel_kept():
+    """An allocation failure is the moment's, not the kernel's: it propagates (the caller's
+    out-of-memory handling sees it) and the kernel stays on."""
+    from flexrun.kernels.fallback import Fallback
+    fb = Fallback("test")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):
+        fb.run(oom, torch.zeros(1))
+    assert fb.on
+    assert fb.run(lambda: 7, torch.zeros(1)) == 7

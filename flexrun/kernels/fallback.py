@@ -24,9 +24,11 @@ class Fallback:
     def run(self, launch: Callable[[], T], x: torch.Tensor) -> T | None:
         """launch() on x's device; None once it raised (outside a CUDA graph capture, which
         cannot fall back): the kernel stays off for the process, the caller runs the torch
-        ops."""
+        ops. Running out of memory says nothing of the kernel: it is raised, the kernel kept."""
         try:
             return launch()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise
