@@ -12,10 +12,11 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.system_proc import gpu_name, gpu_processes, run_system
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,102 +201,6 @@ SYSTEMS = {"flexrun": ("bench.run_flexrun", "FLEXRUN_RESULT"),
            "airllm": ("bench.peers.airllm_peer", "AIRLLM_RESULT")}
 
 
-def child_env() -> dict:
-    """The environment for a system's process: the user's, without the CUDA allocator default
-    that importing flexrun sets (it must not reach the peers)."""
-    import flexrun
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if flexrun.ALLOC_CONF_SET_BY_FLEXRUN:
-        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    return env
-
-
-def _run(cmd: list[str], tag: str, log: Path, timeout: int) -> dict:
-    """Run one system's process with its output streamed into `log` (kept when it times out:
-    the process group is killed, helpers holding its pipes included); its result line."""
-    t0, up0 = time.time(), uptime()
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
-                             env=child_env(), start_new_session=True)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return {"error": f"timed out after {timeout} s", "wall_s": time.time() - t0,
-                    "log_tail": log.read_text(errors="replace").splitlines()[-5:]}
-        except BaseException:       # this process stopped (Ctrl-C, SIGTERM): the group it made
-            try:                                 # would outlive it and hold the GPU and RAM
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            raise
-    out = log.read_text(errors="replace").splitlines()
-    for line in out:
-        if line.startswith(tag + " "):
-            r = json.loads(line[len(tag) + 1:])
-            r["wall_s"] = time.time() - t0
-            return r
-    err = {"error": (out or ["no output"])[-1], "rc": p.returncode}
-    if p.returncode == -signal.SIGKILL:     # killed from outside: the kernel's OOM killer?
-        err.update(oom_kills(up0))
-    return err
-
-
-def uptime() -> float:
-    """Seconds since boot (the kernel log's clock); 0 where /proc/uptime is missing."""
-    try:
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def oom_kills(since: float, log: str | None = None) -> dict:
-    """The kernel log's out-of-memory kill lines stamped after `since` (uptime seconds: the
-    killed process's memory at its death), as {"error": ..., "oom_kill": [...]}; {} where there
-    are none or the log cannot be read. log: the kernel log's text (default: dmesg's)."""
-    if log is None:
-        try:
-            log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return {}
-    lines = []
-    for ln in log.splitlines():
-        stamp = ln.partition("]")[0].lstrip("[ ")
-        try:
-            after = float(stamp) >= since
-        except ValueError:
-            after = True                        # a log without stamps: every kill line
-        if "Killed process" in ln and after:
-            lines.append(ln.strip())
-    return {"error": "killed by the kernel's out-of-memory killer (host memory)",
-            "oom_kill": lines} if lines else {}
-
-
-def _smi(*query: str) -> list[str]:
-    """nvidia-smi's CSV lines for the first GPU this process sees (CUDA_VISIBLE_DEVICES'
-    first entry; this process keeps no CUDA context); [] where it is missing or fails."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    try:
-        p = subprocess.run(["nvidia-smi", "-i", first, *query, "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [ln.strip() for ln in p.stdout.splitlines() if ln.strip()] if p.returncode == 0 else []
-
-
-def gpu_name() -> str:
-    """The GPU's name, else "cpu"."""
-    return (_smi("--query-gpu=name") or ["cpu"])[0]
-
-
-def gpu_processes() -> list[str]:
-    """Compute processes on the GPU now ("pid name MiB")."""
-    return [" ".join(x.strip() for x in ln.split(","))
-            for ln in _smi("--query-compute-apps=pid,process_name,used_memory")]
-
-
 def _stop_on_term(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -349,8 +254,8 @@ def main() -> None:
         res["note"] = a.note
     t0 = time.time()
     if only and sc.get("prepare"):           # e.g. a checkpoint both systems read
-        res["prepare"] = _run([sys.executable, *sc["prepare"]], "AIRLLM_RESULT",
-                              out_dir / f"{a.scenario}-prepare.log", a.timeout)
+        res["prepare"] = run_system([sys.executable, *sc["prepare"]], "AIRLLM_RESULT",
+                                    out_dir / f"{a.scenario}-prepare.log", a.timeout, ROOT)
     for name in only:
         module, tag = SYSTEMS[name]
         if sc.get("drop_caches"):
@@ -358,8 +263,8 @@ def main() -> None:
             res.setdefault("page_cache", {})[name] = drop_page_cache()
         trace = out_dir / f"{a.scenario}-{name}.trace.json"
         traced = ["--trace", str(trace)] if a.trace and name.startswith("flexrun") else []
-        res[name] = _run([sys.executable, "-m", module, *sc[name], *lens, *traced], tag,
-                         out_dir / f"{a.scenario}-{name}.log", a.timeout)
+        res[name] = run_system([sys.executable, "-m", module, *sc[name], *lens, *traced],
+                               tag, out_dir / f"{a.scenario}-{name}.log", a.timeout, ROOT)
         if traced and trace.is_file():
             res[name]["tracks"] = _tracks(trace)
         if name.startswith("flexrun") and "total_tok_s" in res[name]:

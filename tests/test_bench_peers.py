@@ -34,7 +34,7 @@ def test_peers_do_not_inherit_flexruns_allocator_default(monkeypatch) -> None:
     """bench.run imports flexrun, which defaults PYTORCH_CUDA_ALLOC_CONF; peer processes get
     the user's environment (their own value kept, flexrun's default dropped)."""
     import flexrun
-    from bench.run import child_env
+    from bench.system_proc import child_env
     monkeypatch.setattr(flexrun, "ALLOC_CONF_SET_BY_FLEXRUN", True)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in child_env()

@@ -249,7 +249,7 @@ def test_deepspeed_gets_an_arch_list_it_can_parse():
 def test_oom_kill_lines_after_the_start_are_the_error():
     """A peer killed by the kernel's OOM killer (rc -9, no output) gets the kill line of its
     run, not an earlier one, as its error text."""
-    from bench.run import oom_kills
+    from bench.system_proc import oom_kills
     log = ("[  100.5] Out of memory: Killed process 11 (python3) anon-rss:1kB\n"
            "[  430.0] Out of memory: Killed process 809 (python3) total-vm:50kB, "
            "shmem-rss:127520256kB\n"
