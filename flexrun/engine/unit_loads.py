@@ -26,12 +26,12 @@ class UnitLoads:
         self._loads += 1
         return self._arenas[self._loads % 2].reset(self.weights.disk_bytes(self.unit_names[u]))
 
-    def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False
-                   ) -> tuple[dict, object]:
+    def _load_unit(self, u: int, arena: Arena | None = None, ordered: bool = False,
+                   into: tuple | None = None) -> tuple[dict, object]:
         """Unit u's weights on the compute device, and their ready event. ordered: buffers
-        from the compute stream's pool (TieredStore.fetch_ordered). From an I/O thread too:
-        a buffer it takes was freed after its last use was enqueued, and the copies wait
-        for an event recorded after that, so the order holds across threads."""
+        from the compute stream's pool (TieredStore.fetch_ordered; the main thread only).
+        into: those buffers and their event, reserved by the main thread when the load
+        started (TieredStore.reserve_ordered), for a load on an I/O thread."""
         with self.tracer.span(f"load w{u}", "io-thread"):
             host = {n: self.weights.read_host(n, pinned=self.cuda, arena=arena,
                                               mapped=self.maps_disk)
@@ -39,9 +39,13 @@ class UnitLoads:
         if not self.cuda or not self.policy.overlap:
             return {n: self.weights.fetch(n, host_value=host[n]) for n in host}, None
         with self.tracer.span(f"h2d w{u}", "weight-stream", self.weight_stream):
-            out = self.weights.fetch_ordered(host, self.weight_stream, self.compute_stream) \
-                if ordered else {n: self.weights.fetch(n, self.weight_stream,
-                                                       self.compute_stream, host[n]) for n in host}
+            if into is not None:
+                out = self.weights.copy_ordered(*into, host, self.weight_stream)
+            elif ordered:
+                out = self.weights.fetch_ordered(host, self.weight_stream, self.compute_stream)
+            else:
+                out = {n: self.weights.fetch(n, self.weight_stream, self.compute_stream, host[n])
+                       for n in host}
         ev = torch.cuda.Event()
         ev.record(self.weight_stream)
         return out, ev
@@ -54,9 +58,12 @@ class UnitLoads:
         if not self.policy.overlap:
             return new_future(None)
         if "disk" in self.unit_tiers[u] and not self.maps_disk:
-            # ordered: not the weight stream's own pool, whose blocks record_stream keeps
-            # from reuse until that stream passes their free (reserved beside allocated)
-            return self.io.submit(self._load_unit, u, self._arena(u), self.cuda)
+            # buffers from the compute stream's pool, in its order as of now (the copies
+            # overlap this unit's compute), not the weight stream's own pool, whose blocks
+            # record_stream keeps from reuse until that stream passes their free
+            into = self.weights.reserve_ordered(self.unit_names[u], self.compute_stream) \
+                if self.cuda else None
+            return self.io.submit(self._load_unit, u, self._arena(u), into=into)
         return new_future(self._load_unit(u, ordered=self.policy.pin_weights))
 
     def _wait_load(self, fut: Future, u: int) -> dict:

@@ -246,18 +246,36 @@ class TieredStore:
         before last) are reused at once, so two streamed units are live on the device, not
         three, and one allocator pool serves the compute and the copies: a copy stream's own
         pool would stay reserved beside it. Call it from the thread that enqueues compute."""
-        out, copies = {}, []
+        out, ready = self.reserve_ordered(host_values, compute_stream)
+        return self.copy_ordered(out, ready, host_values, stream)
+
+    def reserve_ordered(self, names, compute_stream) -> tuple[dict, object]:
+        """fetch_ordered's first half, before any read: device buffers for `names` (shaped as
+        stored) from `compute_stream`'s pool, and an event recorded there after them (None
+        when all are on the device already). Call it from the thread that enqueues compute;
+        copy_ordered may then run on another (an I/O thread, once its disk reads are in)."""
+        out, off = {}, False
         with torch.cuda.stream(compute_stream):
-            for name, host in host_values.items():
-                if self.homes[name][0] == "gpu":
-                    out[name] = self.homes[name][1]
+            for name in names:
+                tier, stored = self.homes[name]
+                if tier == "gpu":
+                    out[name] = stored
                     continue
-                out[name] = map_parts(host, lambda t: torch.empty(t.shape, dtype=t.dtype,
-                                                                  device=self.device))
-                copies += zip(parts(out[name]), parts(host))
+                out[name] = map_parts(stored, lambda t: torch.empty(t.shape, dtype=t.dtype,
+                                                                    device=self.device))
+                off = True
+        if not off:
+            return out, None
+        ready = torch.cuda.Event()
+        ready.record(compute_stream)
+        return out, ready
+
+    def copy_ordered(self, out: dict, ready, host_values: dict, stream) -> dict:
+        """fetch_ordered's second half: the host values copied on `stream` into the buffers
+        reserve_ordered gave, once the compute stream has passed `ready`."""
+        copies = [c for name, host in host_values.items() if self.homes[name][0] != "gpu"
+                  for c in zip(parts(out[name]), parts(host))]
         if copies:
-            ready = torch.cuda.Event()
-            ready.record(compute_stream)
             stream.wait_event(ready)
             with torch.cuda.stream(stream):
                 for dst, src in copies:
