@@ -78,17 +78,24 @@ def summarize(trace: list[dict], top: int = 12) -> list[str]:
             + _grouped(grown, top))
 
 
-def by_stream(segments: list[dict], device: int) -> list[str]:
-    """Reserved and allocated bytes per CUDA stream at the end of the window: each stream has
-    its own pool (and expandable segment), so one stream's cached memory cannot serve another's
-    allocations and max_memory_reserved sums the pools' peaks."""
-    pools: dict[int, list] = defaultdict(lambda: [0, 0, 0])
+def stream_pools(segments: list[dict], device: int) -> dict[int, list[int]]:
+    """Reserved bytes, allocated bytes and segments per CUDA stream of `device`, from
+    torch.cuda.memory_snapshot()'s segments: each stream has its own pool (and expandable
+    segment), so one stream's cached memory cannot serve another's allocations and
+    max_memory_reserved sums the pools' peaks."""
+    pools: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
     for s in segments:
         if s.get("device", 0) == device:
             p = pools[s.get("stream", 0)]
             p[0] += s.get("total_size", 0)
             p[1] += s.get("allocated_size", 0)
             p[2] += 1
+    return dict(pools)
+
+
+def by_stream(segments: list[dict], device: int) -> list[str]:
+    """Reserved and allocated bytes per CUDA stream at the end of the window (stream_pools)."""
+    pools = stream_pools(segments, device)
     return [f"reserved at the end, by stream: {len(pools)} stream(s)"] + [
         f"  stream {k:#x}: reserved {r / 2**30:.3f} GiB, allocated {a / 2**30:.3f} GiB "
         f"in {n} segment(s)" for k, (r, a, n) in sorted(pools.items(), key=lambda kv: -kv[1][0])]

@@ -69,13 +69,10 @@ def memory_record(llm: LLM, a, host_rss: dict) -> dict:
         "buffers": gb(fp.buffers), "host": gb(fp.host), "load": gb(fp.load)},
         "host_rss_GB": {k: gb(v) for k, v in host_rss.items()}}
     if llm.device.type == "cuda":
-        streams: dict[str, list] = {}
-        for seg in torch.cuda.memory_snapshot():
-            r = streams.setdefault(hex(seg.get("stream", 0)), [0, 0])
-            r[0] += seg.get("total_size", 0)
-            r[1] += seg.get("allocated_size", 0)
-        out["reserved_by_stream_GB"] = {k: {"reserved": gb(r), "allocated": gb(al)}
-                                        for k, (r, al) in streams.items()}
+        dev = llm.device.index if llm.device.index is not None else torch.cuda.current_device()
+        pools = mem_history.stream_pools(torch.cuda.memory_snapshot(), dev)
+        out["reserved_by_stream_GB"] = {hex(k): {"reserved": gb(r), "allocated": gb(al)}
+                                        for k, (r, al, _) in pools.items()}
     return out
 
 

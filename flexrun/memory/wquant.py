@@ -110,7 +110,7 @@ def _grid(g: torch.Tensor, w: torch.Tensor | None, bits: int):
     """fp16 (min, scale) per group: the best clipped range of the grid (RTN first)."""
     mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     rng = mx - mn
-    m0, s0 = minmax(g, bits)
+    m0, s0 = mn.half(), scale_of(rng, bits)       # minmax(g, bits), its extrema reused
     best = [_err(g, m0, s0, bits, w), m0, s0]
     if not bool((best[0] > 0).any()):       # every group exact already
         return m0, s0
